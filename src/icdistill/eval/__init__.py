@@ -1,0 +1,1 @@
+"""Experiments, baselines, metrics, reports and plots."""

@@ -1,0 +1,1 @@
+"""Model backends behind the Student, Teacher and Embedder protocols, and the spec registry."""

@@ -1,0 +1,135 @@
+"""One registry that turns model spec strings into Student, Teacher and Embedder backends.
+
+Spec grammar: ``scheme:target[?key=value&key=value]``. Examples: ``local:smollm2``,
+``reference``, ``reference:noise=0.2``, ``hf:HuggingFaceTB/SmolVLM-256M-Instruct?dtype=bfloat16``,
+``openai:gpt-4o@https://api.openai.com/v1``, ``local:conse`` (embedder).
+Backends are imported lazily so that a missing optional dependency only affects its own scheme.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from icdistill.types import SpecError
+
+Role = Literal["student", "teacher", "embedder"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    raw: str
+    scheme: str
+    target: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def opt(self, key: str, default: Any = None, cast: Callable[[str], Any] = str) -> Any:
+        if key not in self.options:
+            return default
+        try:
+            return cast(self.options[key])
+        except ValueError as e:
+            raise SpecError(f"spec {self.raw!r}: option {key}={self.options[key]!r} is not valid ({e})") from e
+
+
+def _parse_options(text: str, raw: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in text.replace(",", "&").split("&"):
+        if not part:
+            continue
+        if "=" not in part:
+            raise SpecError(f"spec {raw!r}: option {part!r} must be key=value")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def parse_spec(raw: str) -> Spec:
+    raw = raw.strip()
+    if not raw:
+        raise SpecError("empty model spec")
+    scheme, _, body = raw.partition(":")
+    target, options = body, {}
+    if "?" in body:
+        target, qs = body.rsplit("?", 1)
+        options = _parse_options(qs, raw)
+    elif "=" in body and "/" not in body and "@" not in body:
+        # ``reference:noise=0.2``: the body is all options
+        target, options = "", _parse_options(body, raw)
+    return Spec(raw=raw, scheme=scheme.strip().lower(), target=target.strip(), options=options)
+
+
+@dataclass
+class ModelContext:
+    """Objects shared between backends resolved for one run (e.g. one image tagger and its cache)."""
+
+    shared: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def get_or_create(self, key: str, factory: Callable[[], Any]) -> Any:
+        if key not in self.shared:
+            self.shared[key] = factory()
+        return self.shared[key]
+
+
+# scheme -> (module, function, roles it can fill, one-line description)
+_BACKENDS: dict[str, tuple[str, str, tuple[Role, ...], str]] = {
+    "local": (
+        "icdistill.models.local",
+        "from_spec",
+        ("student", "embedder"),
+        "shipped offline models: local:smollm2 (student), local:conse (embedder)",
+    ),
+    "reference": (
+        "icdistill.models.reference",
+        "from_spec",
+        ("teacher",),
+        "the dataset's labels as teacher (an oracle or human annotator); reference:noise=P flips labels",
+    ),
+    "hf": (
+        "icdistill.models.hf_vlm",
+        "from_spec",
+        ("student", "teacher"),
+        "a Hugging Face VLM (SmolVLM/Idefics3, Qwen2-VL, LLaVA-OneVision) from a repo id or folder",
+    ),
+    "openai": (
+        "icdistill.models.openai_api",
+        "from_spec",
+        ("student", "teacher"),
+        "an OpenAI-compatible chat API: openai:<model>@<base_url> (OpenAI, vLLM, Ollama, llama.cpp)",
+    ),
+}
+
+
+def schemes() -> dict[str, tuple[tuple[Role, ...], str]]:
+    return {k: (v[2], v[3]) for k, v in _BACKENDS.items()}
+
+
+def resolve(raw: str, role: Role, ctx: ModelContext | None = None) -> Any:
+    """Build the backend a spec names for ``role``; raise ``SpecError`` with a clear reason otherwise."""
+    spec = parse_spec(raw)
+    if spec.scheme not in _BACKENDS:
+        known = ", ".join(sorted(_BACKENDS))
+        raise SpecError(f"unknown model spec {raw!r}: scheme {spec.scheme!r} is not one of {known}")
+    module_name, func, roles, _ = _BACKENDS[spec.scheme]
+    if role not in roles:
+        raise SpecError(f"spec {raw!r} cannot be used as {role} (scheme {spec.scheme!r} serves {', '.join(roles)})")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SpecError(f"spec {raw!r} needs a package that is not installed: {e}") from e
+    return getattr(module, func)(spec, role, ctx or ModelContext())
+
+
+def resolve_student(raw: str, ctx: ModelContext | None = None) -> Any:
+    return resolve(raw, "student", ctx)
+
+
+def resolve_teacher(raw: str, ctx: ModelContext | None = None) -> Any:
+    return resolve(raw, "teacher", ctx)
+
+
+def resolve_embedder(raw: str, ctx: ModelContext | None = None) -> Any:
+    return resolve(raw, "embedder", ctx)

@@ -1,0 +1,76 @@
+"""Deterministic offline fakes of every protocol; each passes the same conformance checks as real backends."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from icdistill.types import IMAGE, IMAGE_TEXT, TEXT, Demo, Prediction, Query, TeacherError, TeacherResponse, Usage
+
+
+def _text_vec(text: str, dim: int = 16) -> np.ndarray:
+    seed = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16)
+    v = np.random.default_rng(seed).standard_normal(dim)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+class FakeEmbedder:
+    """Image vector = mean RGB (plus a constant), text vector = a hash-seeded random unit vector."""
+
+    def embed_query(self, query: Query) -> dict[str, np.ndarray]:
+        out = {TEXT: _text_vec(query.prompt)}
+        if query.image is not None:
+            rgb = np.asarray(query.image.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(0) / 255.0
+            out[IMAGE] = np.concatenate([rgb, [0.05]]).astype(np.float32)
+            out[IMAGE_TEXT] = _text_vec(f"colour {int(rgb.argmax())}")
+        return out
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([_text_vec(t) for t in texts])
+
+
+class FakeStudent:
+    """Copies the answer of its first demo (the most similar one); without demos it is unsure."""
+
+    name = "fake-student"
+
+    def __init__(self, confident: float = 2.0) -> None:
+        self.confident = confident
+        self.calls = 0
+
+    def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        self.calls += 1
+        options = query.options or ("yes", "no")
+        scores = {o: 0.0 for o in options}
+        if demos and demos[0].answer in scores:
+            scores[demos[0].answer] = self.confident
+        answer = max(scores, key=scores.__getitem__)
+        if query.options is None:
+            return Prediction(answer=answer, token_logprobs=[-0.1], token_entropies=[0.5 if demos else 2.0])
+        return Prediction(answer=answer, option_scores=scores)
+
+
+class FakeTeacher:
+    """Answers with the query's label; ``wrong_every`` makes every k-th sample wrong; ``fail`` raises."""
+
+    def __init__(self, wrong_every: int = 0, fail: bool = False, name: str = "fake-teacher") -> None:
+        self.name = name
+        self.wrong_every = wrong_every
+        self.fail = fail
+        self.samples = 0
+
+    def sample(self, query: Query, n: int) -> TeacherResponse:
+        if self.fail:
+            raise TeacherError("fake teacher is down")
+        out = []
+        for _ in range(n):
+            self.samples += 1
+            wrong = self.wrong_every and self.samples % self.wrong_every == 0
+            opts = list(query.options or ())
+            label = query.label or ""
+            if wrong and opts:
+                label = next(o for o in opts if o != query.label)
+            out.append(label)
+        return TeacherResponse(answers=out, usage=Usage(calls=1, completion_tokens=n))
