@@ -7,7 +7,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from icdistill.types import IMAGE, IMAGE_TEXT, TEXT, Demo, Prediction, Query, TeacherError, TeacherResponse, Usage
+from icdistill.types import (
+    IMAGE,
+    IMAGE_TEXT,
+    TEXT,
+    Demo,
+    Prediction,
+    Query,
+    TeacherError,
+    TeacherResponse,
+    Usage,
+)
 
 
 def _text_vec(text: str, dim: int = 16) -> np.ndarray:
@@ -74,3 +84,18 @@ class FakeTeacher:
                 label = next(o for o in opts if o != query.label)
             out.append(label)
         return TeacherResponse(answers=out, usage=Usage(calls=1, completion_tokens=n))
+
+
+def colour_folder(root, n_per_class: int = 8, size: int = 16, seed: int = 0):
+    """A folder dataset of noisy solid-colour images, one sub-folder per colour name."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200), "yellow": (220, 210, 40)}
+    for name, rgb in colours.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{i}.png")
+    return root

@@ -45,7 +45,10 @@ def sample_queries() -> list[Query]:
 
 def sample_demos(queries: Sequence[Query] | None = None) -> list[Demo]:
     qs = list(queries or sample_queries())
-    return [Demo(id=i + 1, query_id=q.id, image=q.image, prompt=q.prompt, answer=q.label or "") for i, q in enumerate(qs)]
+    return [
+        Demo(id=i + 1, query_id=q.id, image=q.image, prompt=q.prompt, answer=q.label or "")
+        for i, q in enumerate(qs)
+    ]
 
 
 def check_student(student: Student, queries: Sequence[Query] | None = None) -> None:
@@ -64,7 +67,9 @@ def check_student(student: Student, queries: Sequence[Query] | None = None) -> N
                 assert all(math.isfinite(v) for v in p.option_scores.values()), "option scores must be finite"
                 assert p.answer in q.options, "answer must be one of the options"
                 best = max(p.option_scores, key=p.option_scores.__getitem__)
-                assert p.option_scores[p.answer] == p.option_scores[best], "answer must be the best-scored option"
+                assert p.option_scores[p.answer] == p.option_scores[best], (
+                    "answer must be the best-scored option"
+                )
             assert p.seconds >= 0
 
 

@@ -31,7 +31,9 @@ class Spec:
         try:
             return cast(self.options[key])
         except ValueError as e:
-            raise SpecError(f"spec {self.raw!r}: option {key}={self.options[key]!r} is not valid ({e})") from e
+            raise SpecError(
+                f"spec {self.raw!r}: option {key}={self.options[key]!r} is not valid ({e})"
+            ) from e
 
 
 def _parse_options(text: str, raw: str) -> dict[str, str]:
@@ -115,7 +117,9 @@ def resolve(raw: str, role: Role, ctx: ModelContext | None = None) -> Any:
         raise SpecError(f"unknown model spec {raw!r}: scheme {spec.scheme!r} is not one of {known}")
     module_name, func, roles, _ = _BACKENDS[spec.scheme]
     if role not in roles:
-        raise SpecError(f"spec {raw!r} cannot be used as {role} (scheme {spec.scheme!r} serves {', '.join(roles)})")
+        raise SpecError(
+            f"spec {raw!r} cannot be used as {role} (scheme {spec.scheme!r} serves {', '.join(roles)})"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

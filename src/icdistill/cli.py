@@ -1,0 +1,202 @@
+"""The ``icd`` command: run ICD on a dataset, list models, serve a model over an OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from icdistill.types import ICDError, SpecError
+
+
+def _none_or_int(s: str) -> int | None:
+    return None if s.lower() in ("none", "all", "0") else int(s)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    from icdistill.runner import RunConfig
+
+    d = RunConfig()
+    g = p.add_argument_group("models")
+    g.add_argument("--student", default=d.student, help="student spec (default: %(default)s)")
+    g.add_argument(
+        "--teacher",
+        default=d.teacher,
+        help="teacher spec, e.g. reference, reference:noise=0.2, openai:gpt-4o@URL",
+    )
+    g.add_argument("--embedder", default=d.embedder, help="retrieval embedder spec (default: %(default)s)")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="fashion-mnist, a folder (one sub-folder per class) or a .jsonl manifest",
+    )
+    g.add_argument("--split", default=d.split, help="split of built-in datasets (default: %(default)s)")
+    g.add_argument(
+        "--n",
+        type=_none_or_int,
+        default=d.n,
+        help="stream length; 'all' for the whole dataset (default: %(default)s)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=d.seed, help="stream order and sampling seed (default: %(default)s)"
+    )
+    g.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the dataset's order")
+    g = p.add_argument_group("demonstrations")
+    g.add_argument(
+        "--shots", type=int, default=d.shots, help="demonstrations per query (default: %(default)s)"
+    )
+    g.add_argument(
+        "--selector",
+        default=d.selector,
+        help="random, image, text, image-text, cross-modal (default: %(default)s)",
+    )
+    g.add_argument("--k-tt", type=int, default=d.k_tt, help="cross-modal stage 1 size (text-text)")
+    g.add_argument("--k-it", type=int, default=d.k_it, help="cross-modal stage 2 size (image-answer text)")
+    g.add_argument("--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos")
+    g = p.add_argument_group("gate")
+    g.add_argument("--gate", default=d.gate, help="budget, threshold, always, never (default: %(default)s)")
+    g.add_argument(
+        "--budget",
+        type=float,
+        default=d.budget,
+        help="target teacher-call rate for --gate budget (default: %(default)s)",
+    )
+    g.add_argument(
+        "--delta",
+        type=float,
+        default=d.delta,
+        help="uncertainty threshold for --gate threshold (default: %(default)s)",
+    )
+    g.add_argument(
+        "--warmup", type=int, default=d.warmup, help="budget gate: ask while the pool is smaller than this"
+    )
+    g.add_argument("--max-calls", type=int, default=None, help="hard cap on teacher calls")
+    g.add_argument(
+        "--max-cost", dest="max_cost_usd", type=float, default=None, help="hard cap on teacher cost in USD"
+    )
+    g.add_argument(
+        "--uncertainty", default=d.uncertainty, help="entropy, margin, token-entropy (default: %(default)s)"
+    )
+    g = p.add_argument_group("teacher")
+    g.add_argument(
+        "--samples", type=int, default=d.samples, help="teacher samples per annotation (test-time scaling)"
+    )
+    g.add_argument(
+        "--agreement",
+        type=float,
+        default=d.agreement,
+        help="reject annotations whose vote agreement is below this",
+    )
+    g.add_argument(
+        "--answer",
+        default=d.answer,
+        choices=["student", "forward"],
+        help="after a teacher call: re-run the student or forward the teacher's answer",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import time
+    from dataclasses import fields
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from icdistill.report import print_summary, progress_callbacks
+    from icdistill.runner import RunConfig, build_parts, run_icd, stored_config
+
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out, the folder of the run to continue")
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        cfg = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+    except ICDError as e:
+        raise UsageError(str(e)) from e
+    if args.resume:
+        cfg = stored_config(out)
+    console = Console(stderr=True)
+    with console.status("loading models", spinner="dots"):
+        try:
+            parts = build_parts(cfg)
+        except SpecError as e:
+            raise UsageError(str(e)) from e
+    with progress_callbacks(console, disabled=args.quiet) as (on_start, on_record):
+        summary = run_icd(cfg, out, resume=args.resume, parts=parts, on_start=on_start, on_record=on_record)
+    print_summary(summary, out, Console())
+    return 0
+
+
+class UsageError(ICDError):
+    """A bad command line: exit code 2."""
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from icdistill.models.availability import availability
+
+    table = Table(title="model specs")
+    for col in ("spec", "roles", "available here", "notes"):
+        table.add_column(col)
+    for row in availability():
+        table.add_row(row["spec"], row["roles"], "yes" if row["ok"] else "no", row["notes"])
+    Console().print(table)
+    return 0
+
+
+def _cmd_serve_model(args: argparse.Namespace) -> int:
+    from icdistill.serve_model import main as serve
+
+    serve(args.spec, host=args.host, port=args.port, faults=args.faults)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="icd", description="Online in-context distillation for vision-language models."
+    )
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser(
+        "run",
+        help="stream a dataset through online ICD",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_run_args(run)
+    run.set_defaults(func=_cmd_run)
+    models = sub.add_parser("models", help="list model specs and whether they work on this machine")
+    models.set_defaults(func=_cmd_models)
+    serve = sub.add_parser("serve-model", help="serve a backend as an OpenAI-compatible chat API")
+    serve.add_argument("spec", help="backend spec, e.g. local:smollm2")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--faults", default=None, help="fault plan for drills, e.g. 'slow:3,500,429:1,garbage,wrong_n'"
+    )
+    serve.set_defaults(func=_cmd_serve_model)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except (UsageError, SpecError) as e:
+        print(f"icd: error: {e}", file=sys.stderr)
+        return 2
+    except ICDError as e:
+        print(f"icd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("icd: interrupted; continue with --resume --out <folder>", file=sys.stderr)
+        return 130

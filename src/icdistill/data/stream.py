@@ -1,0 +1,317 @@
+"""Datasets of image queries and the reproducible streams drawn from them.
+
+``load_dataset`` resolves a source (``fashion-mnist``, a class-per-folder directory, a ``.jsonl``
+manifest); ``stream`` yields its items as ``Query`` objects in a seeded order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from icdistill.types import DataError, Query
+
+DEFAULT_PROMPT = "What is shown in this image?"
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+FASHION_MNIST_NAMES = frozenset({"fashion-mnist", "fashion_mnist", "fashionmnist"})
+
+# Decoded images are kept per dataset so a query seen again (demo pool, re-scoring, resume) is not
+# decoded twice; both bounds apply, the byte bound guards against folders of large photos.
+CACHE_ITEMS = 20_000
+CACHE_BYTES = 512 * 1024 * 1024
+
+
+class _ImageCache:
+    """A thread-safe LRU of decoded images bounded by count and by (approximate) bytes."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[int, Image.Image] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(image: Image.Image) -> int:
+        return image.width * image.height * len(image.getbands())
+
+    def get(self, key: int) -> Image.Image | None:
+        with self._lock:
+            image = self._items.get(key)
+            if image is not None:
+                self._items.move_to_end(key)
+            return image
+
+    def put(self, key: int, image: Image.Image) -> None:
+        size = self._size(image)
+        if self.max_items <= 0 or size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= self._size(old)
+            self._items[key] = image
+            self._bytes += size
+            while len(self._items) > self.max_items or self._bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= self._size(evicted)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Dataset:
+    """A finite, indexable collection of image queries; subclasses supply metadata and decoding.
+
+    Images are decoded lazily on ``item(i)`` and cached; the returned image is a copy, so callers
+    may modify it without corrupting the cache.
+    """
+
+    name: str
+    options: tuple[str, ...] | None
+
+    def __init__(
+        self,
+        name: str,
+        options: tuple[str, ...] | None,
+        *,
+        cache_items: int = CACHE_ITEMS,
+        cache_bytes: int = CACHE_BYTES,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self._cache = _ImageCache(cache_items, cache_bytes)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        n_opts = "open" if self.options is None else f"{len(self.options)} options"
+        return f"{type(self).__name__}({self.name!r}, {len(self)} items, {n_opts})"
+
+    def _query(self, i: int) -> Query:
+        """The query for item ``i`` without its image (``image=None``)."""
+        raise NotImplementedError
+
+    def _decode(self, i: int) -> Image.Image:
+        """Decode item ``i``'s image as RGB or L; raise DataError naming the source if unreadable."""
+        raise NotImplementedError
+
+    def labels(self) -> list[str]:
+        """Per-item ground-truth labels aligned with indices ("" for an unlabelled item); no decoding."""
+        return [self._query(i).label or "" for i in range(len(self))]
+
+    def image(self, i: int) -> Image.Image:
+        self._check_index(i)
+        cached = self._cache.get(i)
+        if cached is None:
+            cached = self._decode(i)
+            self._cache.put(i, cached)
+        return cached.copy()
+
+    def item(self, i: int) -> Query:
+        self._check_index(i)
+        return dataclasses.replace(self._query(i), image=self.image(i))
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.name}: index {i} out of range 0..{len(self) - 1}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One file-backed item: where its image is and what is asked about it."""
+
+    id: str
+    path: Path
+    prompt: str
+    label: str | None = None
+    options: tuple[str, ...] | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+class FileDataset(Dataset):
+    """Items whose images are files on disk (class folders, manifests)."""
+
+    def __init__(self, name: str, records: Sequence[Record], options: tuple[str, ...] | None, **cache: int):
+        super().__init__(name, options, **cache)
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _query(self, i: int) -> Query:
+        r = self.records[i]
+        return Query(
+            id=r.id,
+            image=None,
+            prompt=r.prompt,
+            options=r.options,
+            label=r.label,
+            image_ref=str(r.path),
+            meta={"dataset": self.name, "index": i, **r.meta},
+        )
+
+    def _decode(self, i: int) -> Image.Image:
+        return open_image(self.records[i].path)
+
+    def labels(self) -> list[str]:
+        return [r.label or "" for r in self.records]
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode an image file to RGB or L (EXIF rotation applied, alpha flattened onto white)."""
+    try:
+        with Image.open(path) as im:
+            # exif_transpose returns a loaded copy, so the result outlives the closed file.
+            return normalise_mode(ImageOps.exif_transpose(im))
+    except DataError:
+        raise
+    # Broad on purpose: decoders raise assorted types (OSError, SyntaxError, struct.error...) on bad files.
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def normalise_mode(image: Image.Image) -> Image.Image:
+    """Bring any Pillow mode to RGB (colour) or L (grayscale), the two modes models accept."""
+    mode = image.mode
+    if mode in ("RGB", "L"):
+        return image
+    if mode == "1":
+        return image.convert("L")
+    if mode.startswith("I;16"):
+        arr = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    if mode in ("I", "F"):
+        # No fixed range for 32-bit data: stretch what is there.
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(scaled.astype(np.uint8))
+    has_alpha = "A" in mode or "a" in mode or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        grey = mode in ("LA", "La") or (mode == "PA" and _palette_is_grey(image))
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat = Image.alpha_composite(white, rgba).convert("RGB")
+        return flat.convert("L") if grey else flat
+    return image.convert("RGB")
+
+
+def _palette_is_grey(image: Image.Image) -> bool:
+    palette = image.getpalette() or []
+    return all(palette[k] == palette[k + 1] == palette[k + 2] for k in range(0, len(palette) - 2, 3))
+
+
+def load_dataset(
+    source: str | os.PathLike[str], *, split: str = "test", prompt: str | None = None
+) -> Dataset:
+    """Open a dataset: ``fashion-mnist`` (``split`` test or train), a folder of class folders, or a
+    ``.jsonl`` manifest. ``prompt`` replaces the default question (a manifest line's own prompt wins).
+
+    The name ``fashion-mnist`` always means the packaged dataset; write ``./fashion-mnist`` for a
+    folder of that name.
+    """
+    # Imported here because those modules build on the classes above.
+    from icdistill.data.fashion_mnist import load_fashion_mnist
+    from icdistill.data.folder import load_folder
+    from icdistill.data.manifest import load_manifest
+
+    text = os.fspath(source)
+    if text.strip().lower() in FASHION_MNIST_NAMES:
+        return load_fashion_mnist(split=split, prompt=prompt)
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".jsonl":
+        return load_manifest(path, prompt=prompt)
+    if path.is_dir():
+        return load_folder(path, prompt=prompt)
+    if path.exists():
+        raise DataError(f"unsupported dataset file {text!r}: expected a .jsonl manifest or a folder")
+    raise DataError(
+        f"no dataset {text!r}: expected 'fashion-mnist', a folder with one sub-folder per class, "
+        "or a .jsonl manifest"
+    )
+
+
+def stream_order(length: int, n: int | None = None, seed: int = 0, shuffle: bool = True) -> list[int]:
+    """Item indices in stream order: the first ``n`` of a seeded permutation (or of 0..length-1).
+
+    The same seed gives the same permutation whatever ``n``, so a shorter stream is a prefix of a
+    longer one.
+    """
+    if n is not None and n < 0:
+        raise DataError(f"stream length must be >= 0, got {n}")
+    count = length if n is None else min(n, length)
+    if count <= 0:
+        raise DataError(f"empty stream: dataset has {length} items, n={n}")
+    if not shuffle:
+        return list(range(count))
+    perm = np.random.default_rng(seed).permutation(length)
+    return perm[:count].tolist()
+
+
+class QueryStream(Iterator[Query]):
+    """Iterator over a dataset in stream order, with ``Query.position`` set to the stream index.
+
+    Unlike a generator it survives a raised DataError (an unreadable image): the failed position is
+    consumed and the next ``next()`` continues with the following one. With ``on_error`` set such
+    items are reported to it and skipped, so a plain ``for`` loop runs through.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        order: list[int],
+        start: int = 0,
+        on_error: Callable[[int, DataError], None] | None = None,
+    ) -> None:
+        if start < 0:
+            raise DataError(f"stream start must be >= 0, got {start}")
+        self.dataset = dataset
+        self.order = order
+        self.position = start  # the next position to yield
+        self.on_error = on_error
+
+    def __len__(self) -> int:
+        """Positions left to yield."""
+        return max(0, len(self.order) - self.position)
+
+    def __next__(self) -> Query:
+        while self.position < len(self.order):
+            pos = self.position
+            self.position += 1  # advance first so a raise leaves the stream usable
+            try:
+                query = self.dataset.item(self.order[pos])
+            except DataError as e:
+                if self.on_error is None:
+                    raise
+                self.on_error(pos, e)
+                continue
+            return dataclasses.replace(query, position=pos)
+        raise StopIteration
+
+
+def stream(
+    dataset: Dataset,
+    n: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    start: int = 0,
+    on_error: Callable[[int, DataError], None] | None = None,
+) -> QueryStream:
+    """Reproducible stream of ``dataset``'s queries; ``start`` resumes at that position (positions
+    keep their values). Unreadable items raise DataError, or go to ``on_error(position, error)``."""
+    return QueryStream(dataset, stream_order(len(dataset), n, seed, shuffle), start, on_error)

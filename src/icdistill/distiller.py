@@ -1,0 +1,211 @@
+"""The online in-context distillation loop: select, predict, gate, annotate, pool, answer. Knows only protocols."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from icdistill.gate import uncertainty_measure
+from icdistill.protocols import Embedder, Gate, Selector, Student
+from icdistill.runlog import RunLog
+from icdistill.teacher import TestTimeScaling
+from icdistill.types import (
+    ANSWER,
+    Annotation,
+    DataError,
+    Demo,
+    Embeddings,
+    GateContext,
+    ICDError,
+    Query,
+    TeacherError,
+)
+
+AnswerPolicy = Literal["student", "forward"]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    shots: int = 2
+    answer: AnswerPolicy = "student"
+    uncertainty: str = "entropy"
+
+    def __post_init__(self) -> None:
+        if self.shots < 0:
+            raise ICDError(f"shots must be >= 0, got {self.shots}")
+        if self.answer not in ("student", "forward"):
+            raise ICDError(f"answer policy must be 'student' or 'forward', got {self.answer!r}")
+        uncertainty_measure(self.uncertainty)
+
+
+class Distiller:
+    """Runs queries through the six steps of online ICD and logs one record per query."""
+
+    def __init__(
+        self,
+        student: Student,
+        annotator: TestTimeScaling,
+        embedder: Embedder,
+        selector: Selector,
+        gate: Gate,
+        pool: Any,  # icdistill.pool.SQLitePool or any Pool with add()/annotation_for()
+        config: LoopConfig | None = None,
+        log: RunLog | None = None,
+    ) -> None:
+        self.student = student
+        self.annotator = annotator
+        self.embedder = embedder
+        self.selector = selector
+        self.gate = gate
+        self.pool = pool
+        self.config = config or LoopConfig()
+        self.log = log
+        self._measure = uncertainty_measure(self.config.uncertainty)
+        self.teacher_calls = 0
+        self.records: list[dict[str, Any]] = []
+        if log is not None:
+            self._replay(log.records)
+
+    # ------------------------------------------------------------------ resume
+    def _replay(self, records: list[dict[str, Any]]) -> None:
+        """Restore counters and the gate's state from an earlier run's log."""
+        for r in records:
+            self.records.append(r)
+            if r.get("event") != "query":
+                continue
+            ctx = GateContext(r["position"], r["ctx_teacher_calls"], r["ctx_pool_size"])
+            self.gate.observe(r["uncertainty"], ctx, r["teacher_asked"])
+            self.teacher_calls += int(r["teacher_asked"])
+            if r.get("annotation"):
+                self._charge(r["annotation"]["usage"]["cost_usd"])
+
+    def _charge(self, cost_usd: float) -> None:
+        add_cost = getattr(self.gate, "add_cost", None)  # cost-capped gates track spend
+        if add_cost is not None:
+            add_cost(cost_usd)
+
+    def next_position(self) -> int:
+        return max((r["position"] for r in self.records), default=-1) + 1
+
+    # ------------------------------------------------------------------ the loop
+    def _select(self, query: Query, emb: Embeddings) -> list[Demo]:
+        # never show a query its own annotation (matters on resume, when it may already be pooled)
+        demos = self.selector.select(query, emb, self.pool, self.config.shots + 1)
+        return [d for d in demos if d.query_id != query.id][: self.config.shots]
+
+    def step(self, query: Query) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        emb = self.embedder.embed_query(query)
+        t_embed = time.perf_counter() - t0
+
+        demos = self._select(query, emb)  # 1. select demonstrations
+        first = self.student.predict(query, demos)  # 2. student pass
+        u = self._measure(first)
+        ctx = GateContext(query.position, self.teacher_calls, len(self.pool))
+        stored = self.pool.annotation_for(query.id)
+        decision = self.gate.decide(u, ctx)  # 3. gate
+        asked = decision.ask or stored is not None
+        reason = "recovered from pool after a crash" if stored is not None else decision.reason
+        self.gate.observe(u, ctx, asked)
+
+        annotation: Annotation | None = None
+        teacher_error: str | None = None
+        pool_status: str | None = None
+        if asked:
+            self.teacher_calls += 1
+            try:
+                annotation = stored or self.annotator.annotate(query)  # 4. teacher test-time scaling
+            except TeacherError as e:
+                teacher_error = str(e)
+            if annotation is not None:
+                if stored is None:
+                    self._charge(annotation.usage.cost_usd)
+                answer_emb = self.embedder.embed_texts([annotation.answer or " "])[0]
+                _, pool_status = self.pool.add(
+                    query, annotation, {**emb, ANSWER: answer_emb}
+                )  # 5. pool update
+
+        final, answered_by, final_demos = first, "student", demos  # 6. answer
+        if annotation is not None and annotation.accepted:
+            if self.config.answer == "forward":
+                answered_by = "teacher"
+            else:
+                final_demos = self.selector.select(query, emb, self.pool, self.config.shots)
+                final = self.student.predict(query, final_demos)
+                answered_by = "student+new-demo"
+        answer = annotation.answer if answered_by == "teacher" and annotation else final.answer
+
+        rec: dict[str, Any] = {
+            "event": "query",
+            "position": query.position,
+            "query_id": query.id,
+            "label": query.label,
+            "answer": answer,
+            "correct": (answer == query.label) if query.label is not None else None,
+            "first_answer": first.answer,
+            "first_correct": (first.answer == query.label) if query.label is not None else None,
+            "answered_by": answered_by,
+            "uncertainty": u,
+            "teacher_asked": asked,
+            "gate_reason": reason,
+            "gate_threshold": decision.threshold,
+            "ctx_teacher_calls": ctx.teacher_calls,
+            "ctx_pool_size": ctx.pool_size,
+            "annotation": _annotation_record(annotation),
+            "teacher_error": teacher_error,
+            "pool_status": pool_status,
+            "pool_size": len(self.pool),
+            "demo_ids": [d.id for d in demos],
+            "demo_answers": [d.answer for d in demos],
+            "demo_accuracy": _demo_accuracy(demos, query.label),
+            "final_demo_ids": [d.id for d in final_demos],
+            "option_probs": first.option_probs() or None,
+            "seconds": {
+                "embed": t_embed,
+                "student": first.seconds + (final.seconds if final is not first else 0.0),
+                "teacher": annotation.seconds if annotation and stored is None else 0.0,
+                "total": time.perf_counter() - t0,
+            },
+        }
+        return rec
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        if self.log is not None:
+            self.log.append(rec)
+
+    def run(
+        self,
+        queries: Iterable[Query | DataError],
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Process a stream. A ``DataError`` item (e.g. a corrupt image) is logged and skipped."""
+        for item in queries:
+            if isinstance(item, DataError):
+                rec: dict[str, Any] = {
+                    "event": "bad_input",
+                    "position": getattr(item, "position", self.next_position()),
+                    "error": str(item),
+                }
+            else:
+                rec = self.step(item)
+            self._write(rec)
+            if on_record is not None:
+                on_record(rec)
+        return self.records
+
+
+def _demo_accuracy(demos: list[Demo], label: str | None) -> float | None:
+    if not demos or label is None:
+        return None
+    return sum(d.answer == label for d in demos) / len(demos)
+
+
+def _annotation_record(a: Annotation | None) -> dict[str, Any] | None:
+    if a is None:
+        return None
+    d = asdict(a)
+    d["usage"] = asdict(a.usage)
+    return d

@@ -1,0 +1,726 @@
+"""``openai:<model>@<base_url>``: a teacher and student over any OpenAI-compatible Chat Completions API.
+
+Works with OpenAI (GPT-4o), vLLM, Ollama, llama.cpp and ``icd serve-model``; async, retried, cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import difflib
+import email.utils
+import io
+import logging
+import math
+import os
+import re
+import threading
+import time
+import unicodedata
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Coroutine, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import httpx
+from PIL import Image
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+from icdistill.models.registry import ModelContext, Spec
+from icdistill.models.response_cache import CACHE_FILE, ResponseCache, cache_key, default_cache_dir
+from icdistill.types import Demo, Prediction, Query, SpecError, TeacherError, TeacherResponse, Usage, image_digest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+OPTIONS_PREFIX = "Answer with one of:"
+ANSWER_ONLY = "Reply with the answer only."
+
+# USD per 1M (input, output) tokens; a dated snapshot falls back to its family by longest prefix.
+PRICES: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {
+        "gpt-4o": (2.5, 10.0),
+        "gpt-4o-2024-05-13": (5.0, 15.0),
+        "gpt-4o-mini": (0.15, 0.6),
+        "gpt-4.1": (2.0, 8.0),
+        "gpt-4.1-mini": (0.4, 1.6),
+        "gpt-4.1-nano": (0.1, 0.4),
+        "gpt-4-turbo": (10.0, 30.0),
+    }
+)
+
+
+def model_price(model: str) -> tuple[float, float]:
+    """(input, output) USD per 1M tokens for a known model, else (0, 0) (local servers are free)."""
+    if model in PRICES:
+        return PRICES[model]
+    family = [k for k in PRICES if model.startswith(k + "-")]
+    return PRICES[max(family, key=len)] if family else (0.0, 0.0)
+
+
+# --- prompts and answers -------------------------------------------------------------------------
+
+
+def format_prompt(prompt: str, options: Sequence[str] | None) -> str:
+    """The user text of a turn; ``serve_model`` parses the options line back with ``parse_prompt``."""
+    if not options:
+        return prompt
+    return f"{prompt}\n{OPTIONS_PREFIX} {', '.join(options)}.\n{ANSWER_ONLY}"
+
+
+def parse_prompt(text: str) -> tuple[str, tuple[str, ...] | None]:
+    """Inverse of ``format_prompt``: (prompt without the instruction lines, options or None)."""
+    kept: list[str] = []
+    options: tuple[str, ...] | None = None
+    for line in text.split("\n"):
+        s = line.strip()
+        if options is None and s.startswith(OPTIONS_PREFIX):
+            body = s[len(OPTIONS_PREFIX) :].strip().removesuffix(".")
+            options = tuple(o.strip() for o in body.split(", ") if o.strip()) or None
+        elif s != ANSWER_ONLY:
+            kept.append(line)
+    return "\n".join(kept).strip(), options
+
+
+_STRIP = " \t\r\n\"'`.,;:!?()[]{}*_"
+
+
+def normalise(text: str) -> str:
+    """Case-, width- and whitespace-insensitive form used to compare answers with options."""
+    s = unicodedata.normalize("NFKC", text).casefold()
+    return re.sub(r"\s+", " ", s).strip(_STRIP)
+
+
+def closest_option(answer: str, options: Sequence[str]) -> str | None:
+    """The option ``answer`` most plausibly names, or None when no option is close enough."""
+    a = normalise(answer)
+    norms = {o: normalise(o) for o in options}
+    for o, n in norms.items():
+        if n == a:
+            return o
+    squash = re.sub(r"[\W_]+", "", a)
+    for o, n in norms.items():
+        if squash and re.sub(r"[\W_]+", "", n) == squash:
+            return o
+    # "The answer is red." -> red; an option inside a longer named option does not count twice.
+    inside = [o for o, n in norms.items() if n and re.search(rf"(?<!\w){re.escape(n)}(?!\w)", a)]
+    inside = [o for o in inside if not any(o != p and norms[o] in norms[p] for p in inside)]
+    if len(inside) == 1:
+        return inside[0]
+    close = difflib.get_close_matches(a, list(norms.values()), n=1, cutoff=0.6)
+    if close:
+        return next(o for o, n in norms.items() if n == close[0])
+    return None
+
+
+def token_entropy(entry: Mapping[str, Any]) -> float:
+    """Entropy (nats) of one generated token over its top alternatives, renormalised."""
+    lps = [lp for _, lp in entry.get("top") or []]
+    if len(lps) >= 2:
+        m = max(lps)
+        ps = [math.exp(lp - m) for lp in lps]
+        z = sum(ps)
+        return float(-sum(p / z * math.log(p / z) for p in ps if p > 0))
+    # No alternatives reported: treat "not this token" as one outcome (a lower bound).
+    p = min(max(math.exp(entry["logprob"]), 1e-12), 1 - 1e-12)
+    return float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+
+
+def first_token_scores(entries: Sequence[Mapping[str, Any]], options: Sequence[str]) -> dict[str, float] | None:
+    """Option log-probabilities from the first informative token's top_logprobs.
+
+    None when the generated first token does not name exactly one option (e.g. options sharing a
+    first token, or a chatty "The answer is ..."): the caller then scores by sampled votes.
+    Options absent from the top list get the unreported mass, capped by the least likely listed
+    token, so every score is finite.
+    """
+    norms = {o: normalise(o) for o in options}
+
+    def targets(token: str) -> list[str]:
+        t = normalise(token)
+        if not t:
+            return []
+        exact = [o for o, n in norms.items() if n == t]
+        return exact or [o for o, n in norms.items() if n.startswith(t)]
+
+    entry = next((e for e in entries if normalise(e["token"])), None)
+    if entry is None or len(targets(entry["token"])) != 1:
+        return None
+    tops = list(entry.get("top") or [])
+    if not any(tok == entry["token"] for tok, _ in tops):
+        tops.append((entry["token"], entry["logprob"]))
+    mass = dict.fromkeys(options, 0.0)
+    for tok, lp in tops:
+        ts = targets(tok)
+        for o in ts:
+            mass[o] += math.exp(lp) / len(ts)
+    listed = [math.exp(lp) for _, lp in tops]
+    unmatched = [o for o in options if mass[o] <= 0]
+    fill = min(max(0.0, 1.0 - sum(listed)) / len(unmatched), min(listed)) if unmatched else 0.0
+    return {o: math.log(max(mass[o] if mass[o] > 0 else fill, 1e-12)) for o in options}
+
+
+def vote_scores(answers: Sequence[str], options: Sequence[str], alpha: float = 0.5) -> dict[str, float]:
+    """Log of the add-``alpha`` smoothed vote share of each option (finite even with no votes)."""
+    votes = Counter(o for o in (closest_option(a, options) for a in answers) if o is not None)
+    total = sum(votes.values()) + alpha * len(options)
+    return {o: math.log((votes[o] + alpha) / total) for o in options}
+
+
+def _best(scores: Mapping[str, float], prefer: str | None) -> str:
+    top = max(scores.values())
+    return prefer if prefer in scores and scores[prefer] == top else max(scores, key=scores.__getitem__)
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+def encode_image(image: Image.Image, max_side: int = 768, fmt: str = "auto", quality: int = 90) -> str:
+    """A base64 data URI of ``image`` shrunk to ``max_side``; JPEG unless it has transparency (or fmt=png)."""
+    img = image
+    if max(img.size) > max_side:
+        img = img.copy()
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    has_alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
+    use_png = fmt == "png" or (fmt == "auto" and has_alpha)
+    buf = io.BytesIO()
+    if use_png:
+        img.save(buf, format="PNG")
+        mime = "image/png"
+    else:
+        img.convert("RGB").save(buf, format="JPEG", quality=quality)
+        mime = "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+# --- transport -----------------------------------------------------------------------------------
+
+
+class _Retryable(Exception):
+    """A failed attempt worth retrying; ``retry_after`` is the server's requested delay in seconds."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class _LogprobsRejected(Exception):
+    """The server refused the logprobs parameters (HTTP 400); the student retries without them."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        err = resp.json().get("error")
+        msg = err.get("message") if isinstance(err, dict) else err
+    except (ValueError, AttributeError):
+        msg = resp.text
+    return " ".join(str(msg or resp.reason_phrase).split())[:200]
+
+
+def _finite(x: Any) -> float:
+    v = float(x)
+    return v if math.isfinite(v) else -1e4
+
+
+def _parse_choice(raw: Any) -> dict[str, Any]:
+    """The parts of one API choice we use, in a compact JSON-able form (also the cache value)."""
+    msg = raw["message"]
+    content = msg.get("content")
+    if isinstance(content, list):  # some servers return content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    entries = None
+    lp = raw.get("logprobs")
+    if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+        entries = [
+            {
+                "token": str(e["token"]),
+                "logprob": _finite(e["logprob"]),
+                "top": [[str(t["token"]), _finite(t["logprob"])] for t in e.get("top_logprobs") or []],
+            }
+            for e in lp["content"]
+        ]
+    return {"content": content if isinstance(content, str) else "", "logprobs": entries}
+
+
+class _LoopThread:
+    """A private event loop in a daemon thread, so sync callers work with or without their own loop."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("called from inside the client's own event loop")
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop()))
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("called from inside the client's own event loop")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop()).result()
+
+    def stop(self) -> None:
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+            if not loop.is_running():
+                loop.close()
+
+
+# --- the backend ---------------------------------------------------------------------------------
+
+
+class OpenAIChatModel:
+    """Teacher (``sample``) and Student (``predict``) over an OpenAI-compatible chat API.
+
+    ``usage`` accumulates every request of this object; each ``TeacherResponse.usage`` covers only
+    its own call. ``calls`` counts real HTTP answers: a fully cached call reports ``calls == 0``
+    (see ``cache_hits``). ``faults`` counts failed attempts (timeouts, 429, 5xx, malformed replies,
+    wrong number of choices).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        concurrency: int = 4,
+        retries: int = 4,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        temperature: float = 0.7,
+        max_tokens: int = 128,
+        logprobs: bool = True,
+        top_logprobs: int = 5,
+        samples: int = 5,
+        price_in: float | None = None,
+        price_out: float | None = None,
+        max_side: int = 768,
+        image_format: str = "auto",
+        jpeg_quality: int = 90,
+        detail: str | None = None,
+        seed: int | None = None,
+        system: str | None = None,
+        send_options: bool = False,
+        cache: ResponseCache | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not model:
+            raise SpecError("openai backend needs a model name: openai:<model>@<base_url>")
+        if image_format not in ("auto", "jpeg", "png"):
+            raise SpecError(f"image_format must be auto, jpeg or png, not {image_format!r}")
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.name = name or (f"openai:{model}" if self.base_url == DEFAULT_BASE_URL else f"openai:{model}@{self.base_url}")
+        self.timeout = timeout
+        self.concurrency = max(1, concurrency)
+        self.retries = max(0, retries)
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.logprobs = logprobs
+        self.top_logprobs = min(max(top_logprobs, 0), 20)  # the API's limit
+        self.samples = max(1, samples)
+        default_in, default_out = model_price(model)
+        self.price_in = default_in if price_in is None else price_in
+        self.price_out = default_out if price_out is None else price_out
+        self.max_side = max_side
+        self.image_format = image_format
+        self.jpeg_quality = jpeg_quality
+        self.detail = detail
+        self.seed = seed
+        self.system = system
+        self.send_options = send_options
+        self.cache = cache
+        self.usage = Usage()
+        self.cache_hits = 0
+        self._api_key = api_key or None  # only ever sent as a header; kept out of repr and cache keys
+        self._lock = threading.Lock()
+        self._images: OrderedDict[str, str] = OrderedDict()
+        self._server_n: bool | None = None  # learnt: does the server honour ``n``?
+        self._server_logprobs: bool | None = None  # learnt: does it return logprobs?
+        self._client: httpx.AsyncClient | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._jitter = wait_exponential_jitter(initial=backoff, max=max_backoff, jitter=backoff)
+        self._loop = _LoopThread(f"icdistill-{model}")
+        self._finalizer = weakref.finalize(self, self._loop.stop)
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatModel(model={self.model!r}, base_url={self.base_url!r}, auth={'yes' if self._api_key else 'no'})"
+
+    # -- public sync API
+
+    def sample(self, query: Query, n: int) -> TeacherResponse:
+        """``n`` zero-shot answers (mapped onto ``query.options`` when possible); raises TeacherError."""
+        return self._loop.run(self._asample(query, self.build_messages(query, []), n))
+
+    def sample_many(self, queries: Sequence[Query], n: int) -> list[TeacherResponse | TeacherError]:
+        """``sample`` for many queries at once (bounded by ``concurrency``); failures are returned, not raised."""
+        messages = [self.build_messages(q, []) for q in queries]
+
+        async def run_all() -> list[TeacherResponse | TeacherError]:
+            async def one(q: Query, m: list[dict[str, Any]]) -> TeacherResponse | TeacherError:
+                try:
+                    return await self._asample(q, m, n)
+                except TeacherError as e:
+                    return e
+
+            return list(await asyncio.gather(*(one(q, m) for q, m in zip(queries, messages, strict=True))))
+
+        return self._loop.run(run_all())
+
+    async def asample(self, query: Query, n: int) -> TeacherResponse:
+        """``sample`` for callers that are themselves async (any event loop)."""
+        return await self._loop.submit(self._asample(query, self.build_messages(query, []), n))
+
+    def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        """Greedy answer with token logprobs when the server gives them, else scores from sampled votes."""
+        t0 = time.perf_counter()
+        pred = self._loop.run(self._apredict(query, self.build_messages(query, demos)))
+        pred.seconds = time.perf_counter() - t0
+        return pred
+
+    def close(self) -> None:
+        """Close the HTTP connections and the private event loop (the object can be used again)."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                self._loop.run(client.aclose())
+            except RuntimeError:
+                pass
+        self._sem = None
+        self._loop.stop()
+
+    def __enter__(self) -> OpenAIChatModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- messages
+
+    def _image_uri(self, image: Image.Image) -> str:
+        key = image_digest(image)
+        with self._lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key]
+        uri = encode_image(image, self.max_side, self.image_format, self.jpeg_quality)
+        with self._lock:
+            self._images[key] = uri
+            while len(self._images) > 256:  # demos repeat across queries; bound the memory
+                self._images.popitem(last=False)
+        return uri
+
+    def _user_turn(self, image: Image.Image | None, text: str) -> dict[str, Any]:
+        if image is None:
+            return {"role": "user", "content": text}
+        url: dict[str, Any] = {"url": self._image_uri(image)}
+        if self.detail:
+            url["detail"] = self.detail
+        return {"role": "user", "content": [{"type": "image_url", "image_url": url}, {"type": "text", "text": text}]}
+
+    def build_messages(self, query: Query, demos: Sequence[Demo]) -> list[dict[str, Any]]:
+        """system?, then (user image+prompt, assistant answer) per demo, then the query's user turn."""
+        messages: list[dict[str, Any]] = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system})
+        for d in demos:
+            messages.append(self._user_turn(d.image, format_prompt(d.prompt, query.options)))
+            messages.append({"role": "assistant", "content": d.answer})
+        messages.append(self._user_turn(query.image, format_prompt(query.prompt, query.options)))
+        return messages
+
+    # -- async core (runs on the private loop)
+
+    def _account(self, usage: Usage) -> None:
+        with self._lock:
+            self.usage.add(usage)
+
+    async def _asample(self, query: Query, messages: list[dict[str, Any]], n: int) -> TeacherResponse:
+        usage = Usage()
+        try:
+            params = self._params(query, self.temperature)
+            choices = await self._complete(messages, params, n, usage)
+        finally:
+            self._account(usage)
+        answers = [c["content"].strip() for c in choices]
+        if query.options:
+            answers = [closest_option(a, query.options) or a for a in answers]
+        return TeacherResponse(answers=answers, usage=usage)
+
+    async def _apredict(self, query: Query, messages: list[dict[str, Any]]) -> Prediction:
+        usage = Usage()
+        try:
+            return await self._predict_core(query, messages, usage)
+        finally:
+            self._account(usage)
+
+    async def _predict_core(self, query: Query, messages: list[dict[str, Any]], usage: Usage) -> Prediction:
+        greedy: str | None = None
+        if self.logprobs and self._server_logprobs is not False:
+            params = self._params(query, 0.0) | {"logprobs": True, "top_logprobs": self.top_logprobs}
+            try:
+                (choice,) = await self._complete(messages, params, 1, usage)
+            except _LogprobsRejected:
+                self._server_logprobs = False
+                log.info("%s: server rejects logprobs; scoring by sampled votes", self.name)
+            else:
+                greedy = choice["content"].strip()
+                entries = choice["logprobs"]
+                if entries:
+                    self._server_logprobs = True
+                    pred = self._from_logprobs(query, greedy, entries)
+                    if pred is not None:
+                        return pred
+                elif entries is None and self._server_logprobs is None:
+                    self._server_logprobs = False  # silently ignored: don't ask again
+        # Fallback: uncertainty from the disagreement of sampled answers.
+        choices = await self._complete(messages, self._params(query, self.temperature), self.samples, usage)
+        answers = [c["content"].strip() for c in choices] + ([greedy] if greedy is not None else [])
+        if query.options:
+            scores = vote_scores(answers, query.options)
+            prefer = closest_option(greedy, query.options) if greedy is not None else None
+            return Prediction(answer=_best(scores, prefer), option_scores=scores)
+        counts = Counter(normalise(a) for a in answers)
+        total = sum(counts.values())
+        h = -sum(c / total * math.log(c / total) for c in counts.values())
+        if greedy is None:
+            top = counts.most_common(1)[0][0]
+            greedy = next(a for a in answers if normalise(a) == top)
+        return Prediction(answer=greedy, token_entropies=[float(h)])
+
+    def _from_logprobs(self, query: Query, answer: str, entries: list[dict[str, Any]]) -> Prediction | None:
+        logprobs = [e["logprob"] for e in entries]
+        entropies = [token_entropy(e) for e in entries]
+        if not query.options:
+            return Prediction(answer=answer, token_logprobs=logprobs, token_entropies=entropies)
+        scores = first_token_scores(entries, query.options)
+        if scores is None:
+            return None
+        best = _best(scores, closest_option(answer, query.options))
+        return Prediction(answer=best, option_scores=scores, token_logprobs=logprobs, token_entropies=entropies)
+
+    def _params(self, query: Query, temperature: float) -> dict[str, Any]:
+        params: dict[str, Any] = {"temperature": temperature, "max_tokens": self.max_tokens}
+        if self.seed is not None:
+            params["seed"] = self.seed
+        if self.send_options and query.options:
+            params["options"] = list(query.options)
+        return params
+
+    async def _complete(
+        self, messages: list[dict[str, Any]], params: dict[str, Any], n: int, usage: Usage
+    ) -> list[dict[str, Any]]:
+        """``n`` parsed choices: cached ones by sample index, the rest requested (filled up if short)."""
+        keys = [cache_key(self.model, self.base_url, messages, params, i) for i in range(n)] if self.cache else []
+        got: list[dict[str, Any] | None] = [None] * n
+        if self.cache is not None:
+            for i, k in enumerate(keys):
+                got[i] = self.cache.get(k)
+            hits = sum(c is not None for c in got)
+            with self._lock:
+                self.cache_hits += hits
+        missing = [i for i, c in enumerate(got) if c is None]
+        while missing:
+            if len(missing) == 1 or self._server_n is False:
+                results = await asyncio.gather(
+                    *(self._request(messages, params, 1, usage, i) for i in missing), return_exceptions=True
+                )
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
+                pairs = [(i, r[0]) for i, r in zip(missing, results, strict=True) if not isinstance(r, BaseException)]
+            else:
+                choices = await self._request(messages, params, len(missing), usage, missing[0])
+                if len(choices) == 1:
+                    if self._server_n is None:
+                        log.info("%s: server ignores n; sampling with one request per answer", self.name)
+                    self._server_n = False
+                elif len(choices) == len(missing):
+                    self._server_n = True
+                pairs = list(zip(missing, choices, strict=False))
+            for i, c in pairs:
+                got[i] = c
+                if self.cache is not None:
+                    self.cache.put(keys[i], c)
+            missing = [i for i, c in enumerate(got) if c is None]
+        return [c for c in got if c is not None]
+
+    async def _request(
+        self, messages: list[dict[str, Any]], params: dict[str, Any], k: int, usage: Usage, index: int
+    ) -> list[dict[str, Any]]:
+        """One logical request for ``k`` choices, retried; at least one choice or TeacherError."""
+        body: dict[str, Any] = {"model": self.model, "messages": messages, **params}
+        if k > 1:
+            body["n"] = k
+        elif "seed" in params:
+            body["seed"] = params["seed"] + index  # repeated single samples must not be identical
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_Retryable),
+            stop=stop_after_attempt(self.retries + 1),
+            wait=self._wait,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt(body, k, usage)
+        except _Retryable as e:
+            raise TeacherError(f"{self.name}: no answer after {self.retries + 1} attempts: {e.reason}") from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        after = getattr(exc, "retry_after", None)
+        if after is not None:
+            return min(float(after), self.max_backoff)
+        return float(self._jitter(state))
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "%s: %s; retry %d/%d in %.2fs", self.name, getattr(exc, "reason", exc), state.attempt_number, self.retries, wait
+        )
+
+    def _fault(self, usage: Usage, reason: str, retry_after: float | None = None) -> _Retryable:
+        usage.faults += 1
+        return _Retryable(reason, retry_after)
+
+    async def _attempt(self, body: dict[str, Any], k: int, usage: Usage) -> list[dict[str, Any]]:
+        if self._client is None or self._sem is None:
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url + "/",
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
+                limits=httpx.Limits(max_connections=self.concurrency),
+            )
+            self._sem = asyncio.Semaphore(self.concurrency)
+        async with self._sem:
+            try:
+                resp = await self._client.post("chat/completions", json=body)
+            except httpx.TimeoutException:
+                raise self._fault(usage, f"timed out after {self.timeout:g}s") from None
+            except httpx.HTTPError as e:
+                raise self._fault(usage, f"connection failed ({type(e).__name__})") from None
+        code = resp.status_code
+        if code in (408, 409, 429) or code >= 500:
+            raise self._fault(usage, f"HTTP {code}: {_error_text(resp)}", _retry_after(resp.headers.get("retry-after")))
+        if code >= 400:
+            text = _error_text(resp)
+            if code == 400 and "logprobs" in body and "logprob" in text.lower():
+                raise _LogprobsRejected(text)
+            hint = " (check the key in the api_key_env variable)" if code in (401, 403) else ""
+            raise TeacherError(f"{self.name}: HTTP {code}: {text}{hint}")
+        try:
+            data = resp.json()
+            choices = [_parse_choice(c) for c in data["choices"]]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise self._fault(usage, "malformed response (not chat-completion JSON)") from None
+        usage.calls += 1
+        u = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        pt, ct = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+        usage.prompt_tokens += pt
+        usage.completion_tokens += ct
+        usage.cost_usd += (pt * self.price_in + ct * self.price_out) / 1e6
+        if len(choices) != k:
+            usage.faults += 1  # counted; what did come back is used and the rest requested again
+            if not choices:
+                raise _Retryable(f"{k} choices asked, none returned")
+            log.info("%s: asked for %d choices, got %d", self.name, k, len(choices))
+        return choices[:k]
+
+
+def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
+    """``openai:<model>[@<base_url>][?api_key_env=..&timeout=..&concurrency=..&retries=..&cache=0|1&...]``."""
+    model, _, base_url = spec.target.partition("@")
+    model = model.strip()
+    base_url = base_url.strip() or DEFAULT_BASE_URL
+    if not model:
+        raise SpecError(f"spec {spec.raw!r}: expected openai:<model>@<base_url>")
+    known = {
+        "api_key_env", "timeout", "concurrency", "retries", "backoff", "max_backoff", "temperature",
+        "max_tokens", "logprobs", "top_logprobs", "samples", "price_in", "price_out", "max_side",
+        "image_format", "jpeg_quality", "detail", "seed", "system", "send_options", "cache", "cache_dir",
+    }  # fmt: skip
+    unknown = sorted(set(spec.options) - known)
+    if unknown:
+        raise SpecError(f"spec {spec.raw!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+    def flag(key: str, default: bool) -> bool:
+        return spec.opt(key, default, lambda v: v.strip().lower() not in ("0", "false", "no", "off"))
+
+    key_env = spec.opt("api_key_env", "OPENAI_API_KEY")
+    cache: ResponseCache | None = None
+    if flag("cache", True):
+        root = spec.opt("cache_dir", None)
+        path = (Path(root).expanduser() if root else default_cache_dir()) / CACHE_FILE
+        cache = ctx.get_or_create(f"openai-response-cache:{path}", lambda: ResponseCache(path))
+    seed = spec.opt("seed", None, int)
+    return OpenAIChatModel(
+        model,
+        base_url,
+        api_key=os.environ.get(key_env),
+        timeout=spec.opt("timeout", 60.0, float),
+        concurrency=spec.opt("concurrency", 4, int),
+        retries=spec.opt("retries", 4, int),
+        backoff=spec.opt("backoff", 1.0, float),
+        max_backoff=spec.opt("max_backoff", 60.0, float),
+        temperature=spec.opt("temperature", 0.7, float),
+        max_tokens=spec.opt("max_tokens", 128, int),
+        logprobs=flag("logprobs", True),
+        top_logprobs=spec.opt("top_logprobs", 5, int),
+        samples=spec.opt("samples", 5, int),
+        price_in=spec.opt("price_in", None, float),
+        price_out=spec.opt("price_out", None, float),
+        max_side=spec.opt("max_side", 768, int),
+        image_format=spec.opt("image_format", "auto"),
+        jpeg_quality=spec.opt("jpeg_quality", 90, int),
+        detail=spec.opt("detail", None),
+        seed=seed,
+        system=spec.opt("system", None),
+        send_options=flag("send_options", False),
+        cache=cache,
+    )

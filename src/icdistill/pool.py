@@ -1,0 +1,323 @@
+"""The demonstration pool: every teacher annotation in a SQLite file (WAL), with an in-memory vector index.
+
+Each annotation is committed in its own transaction before the loop moves on, so a killed run loses
+no accepted annotation; the index is rebuilt from the file on open.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from icdistill.types import (
+    Annotation,
+    Demo,
+    Embeddings,
+    ICDError,
+    Query,
+    Usage,
+    image_digest,
+    image_to_png,
+    png_to_image,
+)
+
+AddStatus = Literal["added", "rejected", "duplicate", "exists"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS annotations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    query_id TEXT NOT NULL UNIQUE,
+    position INTEGER NOT NULL,
+    image_png BLOB,
+    image_ref TEXT,
+    image_digest TEXT,
+    prompt TEXT NOT NULL,
+    options TEXT,
+    answer TEXT NOT NULL,
+    accepted INTEGER NOT NULL,
+    in_pool INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    teacher TEXT,
+    samples TEXT,
+    votes TEXT,
+    agreement REAL,
+    usage TEXT,
+    seconds REAL,
+    created REAL
+);
+CREATE INDEX IF NOT EXISTS annotations_dedup ON annotations (image_digest, prompt) WHERE in_pool = 1;
+CREATE TABLE IF NOT EXISTS embeddings (
+    demo_id INTEGER NOT NULL REFERENCES annotations(id),
+    key TEXT NOT NULL,
+    vec BLOB NOT NULL,
+    PRIMARY KEY (demo_id, key)
+);
+"""
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32).ravel()
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+class _Index:
+    """Per-key matrices of unit vectors, appended to as demos arrive and rebuilt lazily."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, list[int]] = {}
+        self._rows: dict[str, list[np.ndarray]] = {}
+        self._mat: dict[str, np.ndarray] = {}
+
+    def add(self, demo_id: int, embeddings: Embeddings) -> None:
+        for key, vec in embeddings.items():
+            self._ids.setdefault(key, []).append(demo_id)
+            self._rows.setdefault(key, []).append(_unit(vec))
+            self._mat.pop(key, None)
+
+    def remove(self, demo_id: int) -> None:
+        for key in list(self._ids):
+            ids = self._ids[key]
+            if demo_id in ids:
+                i = ids.index(demo_id)
+                del ids[i]
+                del self._rows[key][i]
+                self._mat.pop(key, None)
+
+    def get(self, key: str) -> tuple[list[int], np.ndarray]:
+        ids = self._ids.get(key, [])
+        if not ids:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        if key not in self._mat:
+            self._mat[key] = np.stack(self._rows[key])
+        return list(ids), self._mat[key]
+
+
+class SQLitePool:
+    """A crash-safe demonstration pool.
+
+    ``path=None`` keeps it in memory (for experiments). ``max_size`` caps the number of demos in the
+    pool by evicting the oldest (the annotation stays on disk, marked evicted). Accepted annotations
+    of an image+prompt already in the pool are kept on disk but not indexed twice (dedup).
+    """
+
+    def __init__(self, path: str | Path | None = None, max_size: int | None = None) -> None:
+        if max_size is not None and max_size < 1:
+            raise ICDError("pool max size must be >= 1")
+        self.path = Path(path) if path is not None else None
+        self.max_size = max_size
+        try:
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path) if self.path else ":memory:", isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise ICDError(f"cannot open pool {self.path}: {e}") from e
+        if check != "ok":
+            raise ICDError(f"pool {self.path} is corrupt: {check}")
+        self._demos: dict[int, Demo] = {}
+        self._index = _Index()
+        self._load()
+
+    # ------------------------------------------------------------------ reading
+    def _load(self) -> None:
+        vecs: dict[int, Embeddings] = {}
+        for demo_id, key, blob in self._db.execute(
+            "SELECT e.demo_id, e.key, e.vec FROM embeddings e JOIN annotations a ON a.id = e.demo_id WHERE a.in_pool = 1"
+        ):
+            vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
+        for row in self._db.execute(
+            "SELECT id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement "
+            "FROM annotations WHERE in_pool = 1 ORDER BY id"
+        ):
+            demo = self._row_to_demo(row, vecs.get(row[0], {}))
+            self._demos[demo.id] = demo
+            self._index.add(demo.id, demo.embeddings)
+
+    @staticmethod
+    def _row_to_demo(row: tuple[Any, ...], embeddings: Embeddings) -> Demo:
+        demo_id, query_id, position, png, image_ref, prompt, answer, teacher, votes, agreement = row
+        return Demo(
+            id=demo_id,
+            query_id=query_id,
+            image=png_to_image(png) if png is not None else None,
+            prompt=prompt,
+            answer=answer,
+            embeddings=embeddings,
+            provenance={
+                "teacher": teacher,
+                "votes": json.loads(votes) if votes else {},
+                "agreement": agreement,
+                "position": position,
+                "image_ref": image_ref,
+            },
+        )
+
+    def __len__(self) -> int:
+        return len(self._demos)
+
+    def demos(self) -> list[Demo]:
+        return list(self._demos.values())
+
+    def get(self, demo_id: int) -> Demo:
+        return self._demos[demo_id]
+
+    def vectors(self, key: str) -> tuple[list[int], np.ndarray]:
+        return self._index.get(key)
+
+    def answers(self) -> dict[str, int]:
+        """How many pooled demos carry each answer (label coverage)."""
+        out: dict[str, int] = {}
+        for d in self._demos.values():
+            out[d.answer] = out.get(d.answer, 0) + 1
+        return out
+
+    def annotation_for(self, query_id: str) -> Annotation | None:
+        """A stored annotation of this query (for resume: a write that landed before a crash)."""
+        row = self._db.execute(
+            "SELECT answer, samples, votes, agreement, accepted, teacher, usage, seconds FROM annotations WHERE query_id = ?",
+            (query_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        answer, samples, votes, agreement, accepted, teacher, usage, seconds = row
+        return Annotation(
+            answer=answer,
+            samples=json.loads(samples or "[]"),
+            votes=json.loads(votes or "{}"),
+            agreement=agreement or 0.0,
+            accepted=bool(accepted),
+            teacher=teacher or "",
+            usage=Usage(**json.loads(usage or "{}")),
+            seconds=seconds or 0.0,
+        )
+
+    def demo_for(self, query_id: str) -> Demo | None:
+        for d in self._demos.values():
+            if d.query_id == query_id:
+                return d
+        return None
+
+    def stats(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT status, COUNT(*) FROM annotations GROUP BY status").fetchall()
+        out = {k: 0 for k in ("added", "rejected", "duplicate", "evicted")}
+        out.update(dict(rows))
+        out["pool_size"] = len(self)
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def add(
+        self, query: Query, annotation: Annotation, embeddings: Embeddings
+    ) -> tuple[Demo | None, AddStatus]:
+        """Store an annotation (always) and index it as a demo (when accepted and new). One transaction."""
+        existing = self._db.execute("SELECT id FROM annotations WHERE query_id = ?", (query.id,)).fetchone()
+        if existing is not None:
+            return self._demos.get(existing[0]), "exists"
+        digest = image_digest(query.image) if query.image is not None else None
+        status: AddStatus = "added" if annotation.accepted else "rejected"
+        if status == "added" and digest is not None:
+            dup = self._db.execute(
+                "SELECT id FROM annotations WHERE in_pool = 1 AND image_digest = ? AND prompt = ?",
+                (digest, query.prompt),
+            ).fetchone()
+            if dup is not None:
+                status = "duplicate"
+        in_pool = status == "added"
+        u = annotation.usage
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                "INSERT INTO annotations (query_id, position, image_png, image_ref, image_digest, prompt, options, answer, "
+                "accepted, in_pool, status, teacher, samples, votes, agreement, usage, seconds, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    query.id,
+                    query.position,
+                    image_to_png(query.image) if query.image is not None else None,
+                    query.image_ref,
+                    digest,
+                    query.prompt,
+                    json.dumps(list(query.options)) if query.options else None,
+                    annotation.answer,
+                    int(annotation.accepted),
+                    int(in_pool),
+                    status,
+                    annotation.teacher,
+                    json.dumps(annotation.samples),
+                    json.dumps(annotation.votes),
+                    annotation.agreement,
+                    json.dumps(
+                        {
+                            "calls": u.calls,
+                            "prompt_tokens": u.prompt_tokens,
+                            "completion_tokens": u.completion_tokens,
+                            "cost_usd": u.cost_usd,
+                            "faults": u.faults,
+                        }
+                    ),
+                    annotation.seconds,
+                    time.time(),
+                ),
+            )
+            demo_id = int(cur.lastrowid or 0)
+            if in_pool:
+                self._db.executemany(
+                    "INSERT INTO embeddings (demo_id, key, vec) VALUES (?, ?, ?)",
+                    [(demo_id, k, _unit(v).tobytes()) for k, v in embeddings.items()],
+                )
+            evicted = self._evict_for_one_more() if in_pool else []
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise ICDError(f"could not write to pool {self.path}: {e}") from e
+        for old in evicted:
+            self._demos.pop(old, None)
+            self._index.remove(old)
+        if not in_pool:
+            return None, status
+        demo = Demo(
+            id=demo_id,
+            query_id=query.id,
+            image=query.image,
+            prompt=query.prompt,
+            answer=annotation.answer,
+            embeddings={k: _unit(v) for k, v in embeddings.items()},
+            provenance={
+                "teacher": annotation.teacher,
+                "votes": annotation.votes,
+                "agreement": annotation.agreement,
+                "position": query.position,
+                "image_ref": query.image_ref,
+            },
+        )
+        self._demos[demo_id] = demo
+        self._index.add(demo_id, demo.embeddings)
+        return demo, status
+
+    def _evict_for_one_more(self) -> list[int]:
+        if self.max_size is None or len(self._demos) < self.max_size:
+            return []
+        n_out = len(self._demos) - self.max_size + 1
+        oldest = sorted(self._demos)[:n_out]
+        self._db.executemany(
+            "UPDATE annotations SET in_pool = 0, status = 'evicted' WHERE id = ?", [(i,) for i in oldest]
+        )
+        return oldest
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SQLitePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
