@@ -99,3 +99,21 @@ def colour_folder(root, n_per_class: int = 8, size: int = 16, seed: int = 0):
             arr = np.clip(np.array(rgb) + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(d / f"{i}.png")
     return root
+
+
+class RecordingStudent(FakeStudent):
+    """A FakeStudent that records what it was asked; ``count_answers`` makes open answers differ per call."""
+
+    name = "recording-student"
+
+    def __init__(self, confident: float = 2.0, count_answers: bool = False) -> None:
+        super().__init__(confident)
+        self.count_answers = count_answers
+        self.seen: list[tuple[Query, list[Demo]]] = []
+
+    def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        self.seen.append((query, list(demos)))
+        pred = super().predict(query, demos)
+        if self.count_answers and query.options is None:
+            pred.answer = f"answer {self.calls}"
+        return pred

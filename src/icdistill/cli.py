@@ -108,7 +108,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from icdistill.report import print_summary, progress_callbacks
-    from icdistill.runner import RunConfig, build_parts, run_icd, stored_config
+    from icdistill.runner import RunConfig, build_parts, preflight, run_icd
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out, the folder of the run to continue")
@@ -117,8 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
     except ICDError as e:
         raise UsageError(str(e)) from e
-    if args.resume:
-        cfg = stored_config(out)
+    cfg, dataset = preflight(cfg, out, args.resume)
     console = Console(stderr=True)
     with console.status("loading models", spinner="dots"):
         try:
@@ -126,7 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except SpecError as e:
             raise UsageError(str(e)) from e
     with progress_callbacks(console, disabled=args.quiet) as (on_start, on_record):
-        summary = run_icd(cfg, out, resume=args.resume, parts=parts, on_start=on_start, on_record=on_record)
+        summary = run_icd(cfg, out, resume=args.resume, parts=parts, dataset=dataset, on_start=on_start, on_record=on_record)
     print_summary(summary, out, Console())
     return 0
 

@@ -124,6 +124,18 @@ def stored_config(out: str | Path) -> RunConfig:
         raise ICDError(f"cannot read {cfg_path}: {e}") from e
 
 
+def preflight(cfg: RunConfig, out: str | Path, resume: bool) -> tuple[RunConfig, Dataset]:
+    """Cheap checks before any model loads: the output folder and the dataset."""
+    out = Path(out)
+    if resume:
+        cfg = stored_config(out)
+    elif (out / "log.jsonl").exists() or (out / "pool.sqlite").exists():
+        raise ICDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    dataset = load_dataset(cfg.dataset, split=cfg.split)
+    stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)  # raises on an empty stream
+    return cfg, dataset
+
+
 def check_output_dir(out: Path, cfg: RunConfig, resume: bool) -> RunConfig:
     """Refuse to mix runs: a fresh run needs an empty folder; --resume continues the stored config."""
     if resume:
@@ -142,13 +154,14 @@ def run_icd(
     *,
     resume: bool = False,
     parts: Parts | None = None,
+    dataset: Dataset | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ICD over the configured stream; returns the summary written to summary.json."""
     out = Path(out)
     cfg = check_output_dir(out, cfg, resume)
-    dataset = load_dataset(cfg.dataset, split=cfg.split)
+    dataset = dataset or load_dataset(cfg.dataset, split=cfg.split)
     order = stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)
     parts = parts or build_parts(cfg)
     t0 = time.perf_counter()

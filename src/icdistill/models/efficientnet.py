@@ -238,7 +238,8 @@ class ImageTagger:
     def model(self) -> EfficientNetLite0:
         with self._lock:
             if self._model is None:
-                self._model = load_efficientnet_lite0(self.weights_path)
+                # channels-last runs the depthwise convs about 1.3x faster on CPU (oneDNN)
+                self._model = load_efficientnet_lite0(self.weights_path).to(memory_format=torch.channels_last)
             return self._model
 
     def tag(self, image: Image.Image) -> Tags:
@@ -276,7 +277,7 @@ class ImageTagger:
             self._cache.popitem(last=False)
 
     def _run(self, images: Sequence[Image.Image]) -> list[Tags]:
-        batch = torch.stack([preprocess(img) for img in images])
+        batch = torch.stack([preprocess(img) for img in images]).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             logits, feats = self.model.forward_with_features(batch)
             probs = logits.float().softmax(dim=-1)

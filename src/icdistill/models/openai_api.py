@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import difflib
 import email.utils
 import io
@@ -31,7 +32,16 @@ from tenacity.wait import wait_exponential_jitter
 
 from icdistill.models.registry import ModelContext, Spec
 from icdistill.models.response_cache import CACHE_FILE, ResponseCache, cache_key, default_cache_dir
-from icdistill.types import Demo, Prediction, Query, SpecError, TeacherError, TeacherResponse, Usage, image_digest
+from icdistill.types import (
+    Demo,
+    Prediction,
+    Query,
+    SpecError,
+    TeacherError,
+    TeacherResponse,
+    Usage,
+    image_digest,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,7 +140,9 @@ def token_entropy(entry: Mapping[str, Any]) -> float:
     return float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
 
 
-def first_token_scores(entries: Sequence[Mapping[str, Any]], options: Sequence[str]) -> dict[str, float] | None:
+def first_token_scores(
+    entries: Sequence[Mapping[str, Any]], options: Sequence[str]
+) -> dict[str, float] | None:
     """Option log-probabilities from the first informative token's top_logprobs.
 
     None when the generated first token does not name exactly one option (e.g. options sharing a
@@ -349,7 +361,9 @@ class OpenAIChatModel:
             raise SpecError(f"image_format must be auto, jpeg or png, not {image_format!r}")
         self.model = model
         self.base_url = base_url.rstrip("/")
-        self.name = name or (f"openai:{model}" if self.base_url == DEFAULT_BASE_URL else f"openai:{model}@{self.base_url}")
+        self.name = name or (
+            f"openai:{model}" if self.base_url == DEFAULT_BASE_URL else f"openai:{model}@{self.base_url}"
+        )
         self.timeout = timeout
         self.concurrency = max(1, concurrency)
         self.retries = max(0, retries)
@@ -423,10 +437,8 @@ class OpenAIChatModel:
         """Close the HTTP connections and the private event loop (the object can be used again)."""
         if self._client is not None:
             client, self._client = self._client, None
-            try:
+            with contextlib.suppress(RuntimeError):  # called from the loop itself: nothing to close with
                 self._loop.run(client.aclose())
-            except RuntimeError:
-                pass
         self._sem = None
         self._loop.stop()
 
@@ -457,7 +469,10 @@ class OpenAIChatModel:
         url: dict[str, Any] = {"url": self._image_uri(image)}
         if self.detail:
             url["detail"] = self.detail
-        return {"role": "user", "content": [{"type": "image_url", "image_url": url}, {"type": "text", "text": text}]}
+        return {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": url}, {"type": "text", "text": text}],
+        }
 
     def build_messages(self, query: Query, demos: Sequence[Demo]) -> list[dict[str, Any]]:
         """system?, then (user image+prompt, assistant answer) per demo, then the query's user turn."""
@@ -538,7 +553,9 @@ class OpenAIChatModel:
         if scores is None:
             return None
         best = _best(scores, closest_option(answer, query.options))
-        return Prediction(answer=best, option_scores=scores, token_logprobs=logprobs, token_entropies=entropies)
+        return Prediction(
+            answer=best, option_scores=scores, token_logprobs=logprobs, token_entropies=entropies
+        )
 
     def _params(self, query: Query, temperature: float) -> dict[str, Any]:
         params: dict[str, Any] = {"temperature": temperature, "max_tokens": self.max_tokens}
@@ -552,7 +569,11 @@ class OpenAIChatModel:
         self, messages: list[dict[str, Any]], params: dict[str, Any], n: int, usage: Usage
     ) -> list[dict[str, Any]]:
         """``n`` parsed choices: cached ones by sample index, the rest requested (filled up if short)."""
-        keys = [cache_key(self.model, self.base_url, messages, params, i) for i in range(n)] if self.cache else []
+        keys = (
+            [cache_key(self.model, self.base_url, messages, params, i) for i in range(n)]
+            if self.cache
+            else []
+        )
         got: list[dict[str, Any] | None] = [None] * n
         if self.cache is not None:
             for i, k in enumerate(keys):
@@ -569,7 +590,11 @@ class OpenAIChatModel:
                 for r in results:
                     if isinstance(r, BaseException):
                         raise r
-                pairs = [(i, r[0]) for i, r in zip(missing, results, strict=True) if not isinstance(r, BaseException)]
+                pairs = [
+                    (i, r[0])
+                    for i, r in zip(missing, results, strict=True)
+                    if not isinstance(r, BaseException)
+                ]
             else:
                 choices = await self._request(messages, params, len(missing), usage, missing[0])
                 if len(choices) == 1:
@@ -621,7 +646,12 @@ class OpenAIChatModel:
         exc = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
         log.warning(
-            "%s: %s; retry %d/%d in %.2fs", self.name, getattr(exc, "reason", exc), state.attempt_number, self.retries, wait
+            "%s: %s; retry %d/%d in %.2fs",
+            self.name,
+            getattr(exc, "reason", exc),
+            state.attempt_number,
+            self.retries,
+            wait,
         )
 
     def _fault(self, usage: Usage, reason: str, retry_after: float | None = None) -> _Retryable:
@@ -647,7 +677,9 @@ class OpenAIChatModel:
                 raise self._fault(usage, f"connection failed ({type(e).__name__})") from None
         code = resp.status_code
         if code in (408, 409, 429) or code >= 500:
-            raise self._fault(usage, f"HTTP {code}: {_error_text(resp)}", _retry_after(resp.headers.get("retry-after")))
+            raise self._fault(
+                usage, f"HTTP {code}: {_error_text(resp)}", _retry_after(resp.headers.get("retry-after"))
+            )
         if code >= 400:
             text = _error_text(resp)
             if code == 400 and "logprobs" in body and "logprob" in text.lower():
@@ -687,7 +719,9 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
     }  # fmt: skip
     unknown = sorted(set(spec.options) - known)
     if unknown:
-        raise SpecError(f"spec {spec.raw!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise SpecError(
+            f"spec {spec.raw!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
 
     def flag(key: str, default: bool) -> bool:
         return spec.opt(key, default, lambda v: v.strip().lower() not in ("0", "false", "no", "off"))
