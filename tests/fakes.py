@@ -117,3 +117,70 @@ class RecordingStudent(FakeStudent):
         if self.count_answers and query.options is None:
             pred.answer = f"answer {self.calls}"
         return pred
+
+
+class LocalServer:
+    """``with LocalServer(app) as base_url``: uvicorn on 127.0.0.1 (a free port) in a background thread."""
+
+    def __init__(self, app) -> None:
+        import socket
+
+        import uvicorn
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = None
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._sock.close()
+
+
+class FakeTags:
+    """Tagger output: ``describe(k)`` renders the top-k labels like ``"sandal 90%, clog 5%"``."""
+
+    def __init__(self, labels: Sequence[tuple[str, float]]) -> None:
+        self.labels = sorted(labels, key=lambda lp: -lp[1])
+
+    def describe(self, k: int = 5) -> str:
+        return ", ".join(f"{name} {p:.0%}" for name, p in self.labels[:k])
+
+
+class FakeTagger:
+    """Stand-in for the EfficientNet tagger: tags by the image's dominant colour (red/green/blue), or
+    by a fixed ``table`` of labels keyed by ``icdistill.types.image_digest``."""
+
+    def __init__(self, table: dict[str, Sequence[tuple[str, float]]] | None = None) -> None:
+        self.table = dict(table or {})
+        self.calls = 0
+
+    def tag(self, image) -> FakeTags:
+        from icdistill.types import image_digest
+
+        self.calls += 1
+        fixed = self.table.get(image_digest(image))
+        if fixed is not None:
+            return FakeTags(fixed)
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(0) / 255.0
+        p = np.exp(8 * rgb) / np.exp(8 * rgb).sum()
+        return FakeTags(list(zip(("red", "green", "blue"), p.tolist(), strict=True)))

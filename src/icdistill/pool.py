@@ -261,6 +261,7 @@ class SQLitePool:
                             "completion_tokens": u.completion_tokens,
                             "cost_usd": u.cost_usd,
                             "faults": u.faults,
+                            "cached": u.cached,
                         }
                     ),
                     annotation.seconds,

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import binascii
 import io
+import logging
 import math
 import threading
 import time
@@ -26,6 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from icdistill.models.openai_api import parse_prompt
 from icdistill.protocols import Student
 from icdistill.types import Demo, Prediction, Query, SpecError
+
+log = logging.getLogger(__name__)
 
 FAULT_KINDS = ("slow", "500", "429", "garbage", "wrong_n")
 MAX_N = 128
@@ -266,7 +269,7 @@ def create_app(
             return _error(400, "stream=true is not supported")
         try:
             query, demos = parse_messages(body.get("messages"), body.get("options"))
-            n = int(body.get("n") or 1)
+            n = 1 if body.get("n") is None else int(body["n"])
             t = body.get("temperature")
             temperature = 1.0 if t is None else float(t)  # the OpenAI default
             top = int(body.get("top_logprobs") or 0)
@@ -323,12 +326,16 @@ def main(
     ignore_n: bool = False,
     seed: int = 0,
 ) -> None:
-    """Resolve ``spec`` as a student and serve it until interrupted."""
+    """Resolve ``spec`` as a student, warm it up, and serve it until interrupted."""
     import uvicorn
 
+    from icdistill.conformance import sample_queries
     from icdistill.models.registry import ModelContext, resolve_student
 
+    plan = FaultPlan.parse(faults) if faults else None  # a typo fails before a slow model load
     student = resolve_student(spec, ModelContext(seed=seed))
-    plan = FaultPlan.parse(faults) if faults else None
+    # Backends load weights lazily; pay that before listening so first clients don't time out.
+    log.info("warming up %s", spec)
+    student.predict(sample_queries()[0], [])
     app = create_app(student, plan, ignore_n=ignore_n, model_name=getattr(student, "name", spec), seed=seed)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -105,8 +105,10 @@ class Usage:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     faults: int = 0  # retried or failed requests (timeouts, 5xx, 429, malformed replies)
+    cached: int = 0  # answers served from a response cache (no request, no cost)
 
     def add(self, other: Usage) -> None:
+        self.cached += other.cached
         self.calls += other.calls
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens

@@ -17,7 +17,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     asked = [r for r in qs if r["teacher_asked"]]
     anns = [r["annotation"] for r in asked if r.get("annotation")]
     not_asked = [r for r in labelled if not r["teacher_asked"]]
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "faults": 0, "requests": 0}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "faults": 0, "requests": 0, "cached": 0}
     for a in anns:
         u = a.get("usage") or {}
         usage["prompt_tokens"] += u.get("prompt_tokens", 0)
@@ -25,6 +25,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         usage["cost_usd"] += u.get("cost_usd", 0.0)
         usage["faults"] += u.get("faults", 0)
         usage["requests"] += u.get("calls", 0)
+        usage["cached"] += u.get("cached", 0)
     demo_acc = [r["demo_accuracy"] for r in qs if r.get("demo_accuracy") is not None]
     n = len(qs)
     return {

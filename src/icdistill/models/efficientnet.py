@@ -56,7 +56,9 @@ class Conv2dSame(nn.Conv2d):
         pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
         if pad_h % 2 == 0 and pad_w % 2 == 0:
             # symmetric case (every stride-1 layer): let the conv pad, avoiding a padded copy
-            return F.conv2d(x, self.weight, self.bias, self.stride, (pad_h // 2, pad_w // 2), self.dilation, self.groups)
+            return F.conv2d(
+                x, self.weight, self.bias, self.stride, (pad_h // 2, pad_w // 2), self.dilation, self.groups
+            )
         x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
@@ -153,7 +155,9 @@ def load_efficientnet_lite0(weights_path: str | Path | None = None) -> Efficient
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet-1k class names in class-index order (short readable names)."""
-    text = importlib.resources.files("icdistill").joinpath("resources/imagenet_classes.txt").read_text("utf-8")
+    text = (
+        importlib.resources.files("icdistill").joinpath("resources/imagenet_classes.txt").read_text("utf-8")
+    )
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != NUM_CLASSES:
         raise SpecError(f"resources/imagenet_classes.txt has {len(names)} names, expected {NUM_CLASSES}")
@@ -203,7 +207,9 @@ class Tags:
 
     def describe(self, k: int = 5) -> str:
         """E.g. ``"sandal 41%, running shoe 20%, clog 9%"``."""
-        return ", ".join(f"{label} {p * 100:.0f}%" for label, p in zip(self.labels[:k], self.probs[:k], strict=True))
+        return ", ".join(
+            f"{label} {p * 100:.0f}%" for label, p in zip(self.labels[:k], self.probs[:k], strict=True)
+        )
 
 
 class ImageTagger:

@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import random
 import re
 import threading
 import time
@@ -28,7 +29,6 @@ from typing import Any, TypeVar
 import httpx
 from PIL import Image
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_exponential_jitter
 
 from icdistill.models.registry import ModelContext, Spec
 from icdistill.models.response_cache import CACHE_FILE, ResponseCache, cache_key, default_cache_dir
@@ -225,7 +225,13 @@ class _LogprobsRejected(Exception):
     """The server refused the logprobs parameters (HTTP 400); the student retries without them."""
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """The server's requested delay: ``retry-after-ms`` (OpenAI), else ``Retry-After`` seconds or date."""
+    try:
+        return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    except (KeyError, ValueError):
+        pass
+    value = headers.get("retry-after")
     if not value:
         return None
     try:
@@ -394,7 +400,7 @@ class OpenAIChatModel:
         self._server_logprobs: bool | None = None  # learnt: does it return logprobs?
         self._client: httpx.AsyncClient | None = None
         self._sem: asyncio.Semaphore | None = None
-        self._jitter = wait_exponential_jitter(initial=backoff, max=max_backoff, jitter=backoff)
+        self._rng = random.Random()  # jitter only: spreads retries of concurrent requests apart
         self._loop = _LoopThread(f"icdistill-{model}")
         self._finalizer = weakref.finalize(self, self._loop.stop)
 
@@ -409,16 +415,19 @@ class OpenAIChatModel:
 
     def sample_many(self, queries: Sequence[Query], n: int) -> list[TeacherResponse | TeacherError]:
         """``sample`` for many queries at once (bounded by ``concurrency``); failures are returned, not raised."""
-        messages = [self.build_messages(q, []) for q in queries]
 
         async def run_all() -> list[TeacherResponse | TeacherError]:
-            async def one(q: Query, m: list[dict[str, Any]]) -> TeacherResponse | TeacherError:
-                try:
-                    return await self._asample(q, m, n)
-                except TeacherError as e:
-                    return e
+            # Messages (base64 images) are built just in time, so a long list never sits in memory at once.
+            window = asyncio.Semaphore(2 * self.concurrency)
 
-            return list(await asyncio.gather(*(one(q, m) for q, m in zip(queries, messages, strict=True))))
+            async def one(q: Query) -> TeacherResponse | TeacherError:
+                async with window:
+                    try:
+                        return await self._asample(q, self.build_messages(q, []), n)
+                    except TeacherError as e:
+                        return e
+
+            return list(await asyncio.gather(*(one(q) for q in queries)))
 
         return self._loop.run(run_all())
 
@@ -571,7 +580,7 @@ class OpenAIChatModel:
         """``n`` parsed choices: cached ones by sample index, the rest requested (filled up if short)."""
         keys = (
             [cache_key(self.model, self.base_url, messages, params, i) for i in range(n)]
-            if self.cache
+            if self.cache is not None
             else []
         )
         got: list[dict[str, Any] | None] = [None] * n
@@ -579,6 +588,7 @@ class OpenAIChatModel:
             for i, k in enumerate(keys):
                 got[i] = self.cache.get(k)
             hits = sum(c is not None for c in got)
+            usage.cached += hits
             with self._lock:
                 self.cache_hits += hits
         missing = [i for i, c in enumerate(got) if c is None]
@@ -640,7 +650,8 @@ class OpenAIChatModel:
         after = getattr(exc, "retry_after", None)
         if after is not None:
             return min(float(after), self.max_backoff)
-        return float(self._jitter(state))
+        delay = self.backoff * 2 ** (state.attempt_number - 1) + self._rng.uniform(0, self.backoff)
+        return min(delay, self.max_backoff)
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -677,9 +688,7 @@ class OpenAIChatModel:
                 raise self._fault(usage, f"connection failed ({type(e).__name__})") from None
         code = resp.status_code
         if code in (408, 409, 429) or code >= 500:
-            raise self._fault(
-                usage, f"HTTP {code}: {_error_text(resp)}", _retry_after(resp.headers.get("retry-after"))
-            )
+            raise self._fault(usage, f"HTTP {code}: {_error_text(resp)}", _retry_after(resp.headers))
         if code >= 400:
             text = _error_text(resp)
             if code == 400 and "logprobs" in body and "logprob" in text.lower():

@@ -111,7 +111,9 @@ def score_token_ids(
             # prefix cache itself, earlier ones work on a copy.
             cache = prefix_cache if ci == len(chunks) - 1 else copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(b)
-            mask = torch.cat([torch.ones((b, n_prefix), dtype=torch.long, device=device), valid.long()], dim=1)
+            mask = torch.cat(
+                [torch.ones((b, n_prefix), dtype=torch.long, device=device), valid.long()], dim=1
+            )
             positions = (n_prefix + torch.arange(width, device=device)).unsqueeze(0).expand(b, width)
             out, _ = _forward(model, inputs, cache=cache, attention_mask=mask, position_ids=positions)
             logp = torch.log_softmax(out.float(), dim=-1)
@@ -169,7 +171,9 @@ def score_continuations_naive(
 ) -> list[float]:
     """``score_continuations`` with one full forward per continuation (same token ids): for tests and benchmarks."""
     prefix_ids = encode_prefix(tokenizer, prefix)
-    return score_token_ids_naive(model, prefix_ids, [encode_continuation(tokenizer, c) for c in continuations])
+    return score_token_ids_naive(
+        model, prefix_ids, [encode_continuation(tokenizer, c) for c in continuations]
+    )
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

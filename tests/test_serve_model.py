@@ -1,0 +1,192 @@
+"""``serve-model``: the OpenAI-compatible server over a Student, its request parsing and fault plans."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from fakes import FakeStudent, RecordingStudent
+from icdistill import serve_model
+from icdistill.conformance import sample_queries
+from icdistill.models import registry
+from icdistill.models.openai_api import format_prompt
+from icdistill.serve_model import Fault, FaultPlan, create_app, parse_messages
+from icdistill.types import SpecError
+
+OPTIONS = sample_queries()[0].options
+
+
+def data_uri(colour: tuple[int, int, int], size: tuple[int, int] = (16, 16)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(text: str, colour: tuple[int, int, int] | None = None) -> dict:
+    if colour is None:
+        return {"role": "user", "content": text}
+    return {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(colour)}},
+            {"type": "text", "text": text},
+        ],
+    }
+
+
+def chat(c: TestClient, messages: list[dict], **kw) -> dict:
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": messages, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_models_endpoint() -> None:
+    c = TestClient(create_app(FakeStudent()))
+    data = c.get("/v1/models").json()
+    assert data["object"] == "list" and data["data"][0]["id"] == "fake-student"
+
+
+def test_demos_query_and_options_are_parsed() -> None:
+    student = RecordingStudent()
+    c = TestClient(create_app(student))
+    prompt = format_prompt("Which colour is this image?", OPTIONS)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        user(prompt, (200, 0, 0)),
+        {"role": "assistant", "content": "red"},
+        user(prompt, (0, 0, 200)),
+        {"role": "assistant", "content": "blue"},
+        user(prompt, (0, 200, 0)),
+    ]
+    out = chat(c, messages)
+    q, demos = student.seen[-1]
+    assert q.prompt == "Which colour is this image?" and q.options == OPTIONS
+    assert q.image is not None and q.image.convert("RGB").getpixel((0, 0)) == (0, 200, 0)
+    assert [d.answer for d in demos] == ["red", "blue"] and demos[1].image.getpixel((0, 0)) == (0, 0, 200)
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "red"}
+    assert out["usage"]["completion_tokens"] == 1
+    assert out["usage"]["prompt_tokens"] == 2 + 3 * len(prompt.split()) + 2  # whitespace words
+    # the non-standard ``options`` field wins over the prompt line; no line at all means an open answer
+    chat(c, [user("Pick one.")], options=["cat", "dog"])
+    assert student.seen[-1][0].options == ("cat", "dog")
+    out = chat(c, [user("Describe it.")])
+    assert student.seen[-1][0].options is None and out["choices"][0]["message"]["content"] == "yes"
+
+
+def test_n_choices_sampled_with_temperature_and_seed() -> None:
+    c = TestClient(create_app(FakeStudent(confident=1.0), seed=1))
+    demo = [user("Colour?", (9, 9, 9)), {"role": "assistant", "content": "green"}]
+    msgs = [*demo, user(format_prompt("Colour?", OPTIONS))]
+    answers = [ch["message"]["content"] for ch in chat(c, msgs, n=60, temperature=1.0)["choices"]]
+    assert len(answers) == 60 and set(answers) <= set(OPTIONS) and len(set(answers)) > 1
+    assert answers.count("green") > 20  # p(green) = e / (e + 2) = 0.58
+    assert {ch["message"]["content"] for ch in chat(c, msgs, n=5, temperature=0)["choices"]} == {"green"}
+    a = chat(c, msgs, n=8, seed=7)["choices"]
+    b = chat(c, msgs, n=8, seed=7)["choices"]
+    assert a == b
+    open_answers = chat(c, [user("Describe.")], n=3)["choices"]
+    assert [ch["message"]["content"] for ch in open_answers] == ["yes"] * 3
+
+
+def test_logprobs_from_option_probabilities() -> None:
+    c = TestClient(create_app(FakeStudent()))
+    msgs = [
+        user("Colour?"),
+        {"role": "assistant", "content": "blue"},
+        user(format_prompt("Colour?", OPTIONS)),
+    ]
+    ch = chat(c, msgs, logprobs=True, top_logprobs=2)["choices"][0]
+    (entry,) = ch["logprobs"]["content"]
+    assert entry["token"] == "blue" and math.isclose(math.exp(entry["logprob"]), math.e**2 / (math.e**2 + 2))
+    assert [t["token"] for t in entry["top_logprobs"]][0] == "blue" and len(entry["top_logprobs"]) == 2
+    assert chat(c, msgs)["choices"][0]["logprobs"] is None
+    (tok,) = chat(c, [user("Describe.")], logprobs=True, top_logprobs=3)["choices"][0]["logprobs"]["content"]
+    assert tok["logprob"] == -0.1 and len(tok["top_logprobs"]) == 3
+    assert math.isclose(sum(math.exp(t["logprob"]) for t in tok["top_logprobs"]), 1.0)
+
+
+def test_bad_requests_are_400() -> None:
+    c = TestClient(create_app(FakeStudent()))
+    post = lambda body: c.post("/v1/chat/completions", json=body)  # noqa: E731
+    assert post({"model": "m", "messages": []}).status_code == 400
+    assert post({"model": "m", "messages": [{"role": "assistant", "content": "x"}]}).status_code == 400
+    remote = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
+    r = post({"model": "m", "messages": [remote]})
+    assert r.status_code == 400 and "data URI" in r.json()["error"]["message"]
+    assert post({"model": "m", "messages": [user("x")], "stream": True}).status_code == 400
+    assert post({"model": "m", "messages": [user("x")], "n": 0}).status_code == 400
+    assert post({"model": "m", "messages": [user("x")], "options": "a"}).status_code == 400
+    assert c.post("/v1/chat/completions", content=b"{nope").status_code == 400
+
+
+def test_fault_plan_parse() -> None:
+    plan = FaultPlan.parse("slow:3, 500,429:2,garbage,wrong_n,500*2")
+    assert len(plan) == 7
+    got = [plan.next() for _ in range(8)]
+    assert got[:3] == [Fault("slow", 3.0), Fault("500"), Fault("429", 2.0)]
+    assert got[-3:] == [Fault("500"), Fault("500"), None]
+    assert FaultPlan.parse("429").next() == Fault("429", 1.0)
+    with pytest.raises(SpecError, match="unknown fault"):
+        FaultPlan.parse("503")
+    with pytest.raises(SpecError):
+        FaultPlan.parse("slow:soon")
+
+
+def test_faults_at_the_http_level() -> None:
+    app = create_app(FakeStudent(), FaultPlan.parse("500,429:2,garbage,wrong_n,slow:0.3"))
+    c = TestClient(app)
+    body = {"model": "m", "messages": [user("x")], "n": 3}
+    assert c.post("/v1/chat/completions", json=body).status_code == 500
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 429 and r.headers["retry-after"] == "2"
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    with pytest.raises(ValueError):
+        r.json()
+    assert len(c.post("/v1/chat/completions", json=body).json()["choices"]) == 2
+    t0 = time.monotonic()
+    assert len(c.post("/v1/chat/completions", json=body).json()["choices"]) == 3
+    assert time.monotonic() - t0 >= 0.3
+    assert len(c.post("/v1/chat/completions", json=body).json()["choices"]) == 3  # healthy afterwards
+    assert app.state.requests == 6 and len(app.state.faults) == 0
+
+
+def test_ignore_n_and_student_errors() -> None:
+    c = TestClient(create_app(FakeStudent(), ignore_n=True))
+    assert len(chat(c, [user("x")], n=4)["choices"]) == 1
+
+    class Broken(FakeStudent):
+        def predict(self, query, demos):
+            raise RuntimeError("boom")
+
+    r = TestClient(create_app(Broken())).post(
+        "/v1/chat/completions", json={"model": "m", "messages": [user("x")]}
+    )
+    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+
+
+def test_parse_messages_pairs_only_user_assistant() -> None:
+    q, demos = parse_messages([user("a"), user("b"), {"role": "assistant", "content": "B"}, user("c")])
+    assert q.prompt == "c" and [(d.prompt, d.answer) for d in demos] == [("b", "B")]
+
+
+def test_main_resolves_spec_and_runs_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict = {}
+    student = FakeStudent()
+    monkeypatch.setattr(
+        registry, "resolve_student", lambda spec, ctx=None: calls.setdefault("spec", spec) and student
+    )
+    import uvicorn
+
+    monkeypatch.setattr(
+        uvicorn, "run", lambda app, host, port, **kw: calls.update(app=app, host=host, port=port)
+    )
+    serve_model.main("fake:x", port=8123, faults="500,garbage")
+    assert calls["spec"] == "fake:x" and calls["host"] == "127.0.0.1" and calls["port"] == 8123
+    assert len(calls["app"].state.faults) == 2 and student.calls == 1  # warmed up before serving
