@@ -97,7 +97,8 @@ def test_batched_scores_equal_naive_on_real_prompt(lm):
     prompt = build_prompt(
         "sandal 38%, clog 25%, running shoe 9%, loafer 5%, sock 3%", QUESTION, demos, FASHION
     )
-    conts = [option_continuation(o) for o in FASHION]
+    # five options of 2 to 6 tokens keep the ten-forward reference affordable
+    conts = [option_continuation(o) for o in ("T-shirt/top", "Sandal", "Bag", "Ankle boot", "Pullover")]
     assert len({len(encode_continuation(tok, c)) for c in conts}) >= 3  # options of different token lengths
     fast = score_continuations(model, tok, prompt, conts)
     slow = score_continuations_naive(model, tok, prompt, conts)
@@ -181,14 +182,20 @@ def test_in_context_demos_move_the_answer(lm):
         image_digest(images["q"]): [("sandal", 0.88)],
     }
     student = SmolLM2Student(FakeTagger(table), lm=lm)
-    answers = {"a": "Sandal", "b": "Pullover", "c": "Sandal"}
-    demos = [
-        Demo(id=i, query_id=k, image=images[k], prompt=QUESTION, answer=a)
-        for i, (k, a) in enumerate(answers.items())
-    ]
     q = Query(id="q", image=images["q"], prompt=QUESTION, options=("Sandal", "Pullover"))
-    assert "Image: sandal 88%" in student.prompt_for(q, demos)
-    p = student.predict(q, demos)
-    assert p.option_scores is not None
-    assert p.option_scores["Sandal"] > p.option_scores["Pullover"]
-    assert p.answer == "Sandal"
+
+    def margin(answers: dict[str, str]) -> float:
+        demos = [
+            Demo(id=i, query_id=k, image=images[k], prompt=QUESTION, answer=a)
+            for i, (k, a) in enumerate(answers.items())
+        ]
+        p = student.predict(q, demos)
+        assert p.option_scores is not None
+        return p.option_scores["Sandal"] - p.option_scores["Pullover"]
+
+    assert "Image: sandal 88%" in student.prompt_for(q, [])
+    right = margin({"a": "Sandal", "b": "Pullover", "c": "Sandal"})
+    assert right > 0
+    # demos that label the tags the other way round pull the answer towards Pullover
+    swapped = margin({"a": "Pullover", "b": "Sandal", "c": "Pullover"})
+    assert swapped < right
