@@ -56,7 +56,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k-it", type=int, default=d.k_it, help="cross-modal stage 2 size (image-answer text)")
     g.add_argument("--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos")
     g = p.add_argument_group("gate")
-    g.add_argument("--gate", default=d.gate, help="budget, threshold, always, never (default: %(default)s)")
+    g.add_argument("--gate", default=d.gate, help="budget, threshold, always, never, random (default: %(default)s)")
     g.add_argument(
         "--budget",
         type=float,

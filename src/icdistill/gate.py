@@ -115,7 +115,7 @@ class BudgetGate:
     """
 
     def __init__(
-        self, rate: float, warmup: int = 10, horizon: int = 100, min_history: int = 20, window: int = 500
+        self, rate: float, warmup: int = 5, horizon: int = 100, min_history: int = 20, window: int = 500
     ) -> None:
         if not 0.0 < rate <= 1.0:
             raise ICDError(f"budget rate must be in (0, 1], got {rate}")
@@ -168,6 +168,34 @@ class BudgetGate:
                 del self.history_[bisect.bisect_left(self.history_, old)]
 
 
+class RandomGate:
+    """A baseline: asks at random at the target rate (same warm-up as ``BudgetGate``), ignoring uncertainty.
+
+    Compared with ``BudgetGate`` at the same rate it measures what uncertainty-based gating buys.
+    """
+
+    def __init__(self, rate: float, warmup: int = 5, seed: int = 0) -> None:
+        if not 0.0 < rate <= 1.0:
+            raise ICDError(f"budget rate must be in (0, 1], got {rate}")
+        self.rate = rate
+        self.warmup = warmup
+        self.seed = seed
+
+    def decide(self, uncertainty: float, ctx: GateContext) -> GateDecision:
+        allowance = self.rate * (ctx.position + 1)
+        if ctx.pool_size < self.warmup:
+            ask = ctx.teacher_calls < max(self.warmup, allowance)
+            return GateDecision(ask, f"warm-up: pool {ctx.pool_size} < {self.warmup}")
+        if ctx.teacher_calls >= allowance + 1.0:
+            return GateDecision(False, "over budget")
+        # seeded by position so a resumed run draws the same coin
+        draw = float(np.random.default_rng([self.seed, ctx.position]).random())
+        return GateDecision(draw < self.rate, f"random draw {draw:.3f} vs rate {self.rate:.3f}")
+
+    def observe(self, uncertainty: float, ctx: GateContext, asked: bool) -> None:
+        pass
+
+
 class CappedGate:
     """Wraps a gate with a hard cap on teacher calls (and optionally on spent dollars)."""
 
@@ -191,7 +219,7 @@ class CappedGate:
         self.inner.observe(uncertainty, ctx, asked)
 
 
-GATES = ("budget", "threshold", "always", "never")
+GATES = ("budget", "threshold", "always", "never", "random")
 
 
 def make_gate(
@@ -199,9 +227,10 @@ def make_gate(
     *,
     budget: float = 0.05,
     delta: float = 0.5,
-    warmup: int = 10,
+    warmup: int = 5,
     max_calls: int | None = None,
     max_cost_usd: float | None = None,
+    seed: int = 0,
 ) -> Gate:
     """Build a gate from CLI-level settings (validated here, once)."""
     inner: Gate
@@ -213,6 +242,8 @@ def make_gate(
         inner = AlwaysGate()
     elif kind == "never":
         inner = NeverGate()
+    elif kind == "random":
+        inner = RandomGate(budget, warmup=warmup, seed=seed)
     else:
         raise ICDError(f"unknown gate {kind!r}; choose one of {', '.join(GATES)}")
     if max_calls is not None or max_cost_usd is not None:

@@ -38,7 +38,7 @@ class RunConfig:
     gate: str = "budget"
     budget: float = 0.05
     delta: float = 0.5
-    warmup: int = 10
+    warmup: int = 5
     max_calls: int | None = None
     max_cost_usd: float | None = None
     samples: int = 1
@@ -178,6 +178,7 @@ def run_icd(
                 warmup=cfg.warmup,
                 max_calls=cfg.max_calls,
                 max_cost_usd=cfg.max_cost_usd,
+                seed=cfg.seed,
             ),
             pool=pool,
             config=LoopConfig(shots=cfg.shots, answer=cfg.answer, uncertainty=cfg.uncertainty),  # type: ignore[arg-type]

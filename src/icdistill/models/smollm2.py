@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from icdistill.models.scoring import generate_with_entropy, score_continuations
+from icdistill.models.scoring import PrefixCache, encode_prefix, generate_with_entropy, score_continuations
 from icdistill.types import Demo, Prediction, Query, SpecError, image_digest
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,8 @@ class SmolLM2Student:
         self._load_lock = threading.Lock()
         self._tags_lock = threading.Lock()
         self._tags: OrderedDict[str, str] = OrderedDict()
+        self._heads = PrefixCache(size=4)
+        self._heads_lock = threading.Lock()
 
     def lm(self) -> tuple[Any, Any]:
         """``(model, tokenizer)``, loaded on first use."""
@@ -249,7 +251,12 @@ class SmolLM2Student:
         prompt = self.prompt_for(query, demos)
         if query.options:
             options = list(dict.fromkeys(query.options))
-            scores = score_continuations(model, tokenizer, prompt, [option_continuation(o) for o in options])
+            # the instruction line is the same for every query of a stream: its KV cache is reused
+            with self._heads_lock:
+                self._heads.add(model, encode_prefix(tokenizer, instruction(query.options) + "\n\n"))
+            scores = score_continuations(
+                model, tokenizer, prompt, [option_continuation(o) for o in options], prefix_cache=self._heads
+            )
             option_scores = dict(zip(options, scores, strict=True))
             answer = max(options, key=option_scores.__getitem__)
             return Prediction(answer=answer, option_scores=option_scores, seconds=time.perf_counter() - start)
