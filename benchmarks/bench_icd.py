@@ -56,7 +56,9 @@ SUITES: dict[str, tuple[list[Arm], str]] = {
     "noise": (
         [
             Arm("noise 0.3, 1 sample", {"teacher": "reference:noise=0.3", "budget": 0.10}),
-            Arm("noise 0.3, 5 samples vote", {"teacher": "reference:noise=0.3", "samples": 5, "budget": 0.10}),
+            Arm(
+                "noise 0.3, 5 samples vote", {"teacher": "reference:noise=0.3", "samples": 5, "budget": 0.10}
+            ),
             Arm(
                 "noise 0.3, 5 samples, agreement>=0.6",
                 {"teacher": "reference:noise=0.3", "samples": 5, "agreement": 0.6, "budget": 0.10},
@@ -97,7 +99,9 @@ def main() -> int:
         save_results(results, RESULTS / f"{suite}.json")
         table = markdown_table(results, baseline=baseline)
         (RESULTS / f"{suite}.md").write_text(table + "\n")
-        plot_tradeoff(results, RESULTS / f"{suite}.png", title=f"Fashion-MNIST, n={args.n}, seeds {args.seeds}: {suite}")
+        plot_tradeoff(
+            results, RESULTS / f"{suite}.png", title=f"Fashion-MNIST, n={args.n}, seeds {args.seeds}: {suite}"
+        )
         print(table, flush=True)
     return 0
 

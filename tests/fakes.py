@@ -184,3 +184,26 @@ class FakeTagger:
         rgb = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(0) / 255.0
         p = np.exp(8 * rgb) / np.exp(8 * rgb).sum()
         return FakeTags(list(zip(("red", "green", "blue"), p.tolist(), strict=True)))
+
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200), "yellow": (220, 210, 40)}
+
+
+class ColourStudent:
+    """Knows colours: scores each option by how close the image's mean RGB is to that colour name's RGB.
+
+    Served behind ``serve_model`` it plays a competent teacher for ``colour_folder`` data.
+    """
+
+    name = "colour-expert"
+
+    def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        rgb = np.asarray(query.image.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(0)
+        options = query.options or tuple(COLOURS)
+        scores = {
+            o: -float(np.linalg.norm(rgb - np.array(COLOURS.get(o, (128, 128, 128))))) / 20.0 for o in options
+        }
+        answer = max(scores, key=scores.__getitem__)
+        if query.options is None:
+            return Prediction(answer=answer, token_logprobs=[-0.1], token_entropies=[0.2])
+        return Prediction(answer=answer, option_scores=scores)

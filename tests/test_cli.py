@@ -3,15 +3,17 @@ import subprocess
 import sys
 
 import pytest
-from fakes import FakeEmbedder, FakeStudent, colour_folder
 
+from fakes import FakeEmbedder, FakeStudent, colour_folder
 from icdistill.cli import main
 from icdistill.models.reference import ReferenceTeacher
 from icdistill.runner import Parts, RunConfig, run_icd
 
 
 def icd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "icdistill", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "icdistill", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -37,7 +39,17 @@ def test_cli_unknown_spec_exit_2(tmp_path):
     root = colour_folder(tmp_path / "c", n_per_class=2)
     r = icd("run", "--dataset", str(root), "--student", "nope:thing", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "unknown model spec 'nope:thing'" in r.stderr and "Traceback" not in r.stderr
-    r = icd("run", "--dataset", str(root), "--teacher", "local:smollm2", "--student", "reference", "--out", str(tmp_path / "o2"))
+    r = icd(
+        "run",
+        "--dataset",
+        str(root),
+        "--teacher",
+        "local:smollm2",
+        "--student",
+        "reference",
+        "--out",
+        str(tmp_path / "o2"),
+    )
     assert r.returncode == 2 and "cannot be used as student" in r.stderr
 
 
@@ -62,19 +74,40 @@ def test_run_writes_log_summary_and_resumes(tmp_path):
     parts = Parts(student=FakeStudent(), teacher=ReferenceTeacher(), embedder=FakeEmbedder())
     out = tmp_path / "run"
     s = run_icd(cfg, out, parts=parts)
-    for key in ("n_queries", "accuracy", "teacher_calls", "teacher_call_rate", "rejected_annotations", "pool_size",
-                "demonstration_accuracy", "student_seconds", "teacher_seconds", "config"):
+    for key in (
+        "n_queries",
+        "accuracy",
+        "teacher_calls",
+        "teacher_call_rate",
+        "rejected_annotations",
+        "pool_size",
+        "demonstration_accuracy",
+        "student_seconds",
+        "teacher_seconds",
+        "config",
+    ):
         assert key in s
     assert s["n_queries"] == 20 and json.loads((out / "summary.json").read_text())["n_queries"] == 20
     lines = (out / "log.jsonl").read_text().splitlines()
     assert len(lines) == 20
     rec = json.loads(lines[0])
-    for key in ("answer", "correct", "uncertainty", "teacher_asked", "gate_reason", "demo_ids", "seconds", "annotation"):
+    for key in (
+        "answer",
+        "correct",
+        "uncertainty",
+        "teacher_asked",
+        "gate_reason",
+        "demo_ids",
+        "seconds",
+        "annotation",
+    ):
         assert key in rec
     # tear the log mid-line and cut it back to 11 complete lines: resume finishes the other 9
     torn = "\n".join(lines[:11]) + "\n" + lines[11][:25]
     (out / "log.jsonl").write_text(torn)
-    s2 = run_icd(RunConfig(), out, resume=True, parts=Parts(FakeStudent(), ReferenceTeacher(), FakeEmbedder()))
+    s2 = run_icd(
+        RunConfig(), out, resume=True, parts=Parts(FakeStudent(), ReferenceTeacher(), FakeEmbedder())
+    )
     assert s2["n_queries"] == 20 and s2["resumed_at"] == 11
     positions = [json.loads(x)["position"] for x in (out / "log.jsonl").read_text().splitlines()]
     assert positions == list(range(20))

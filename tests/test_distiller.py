@@ -1,6 +1,6 @@
 import pytest
-from fakes import FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
 
+from fakes import FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
 from icdistill.data.stream import load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.eval.metrics import summarize
@@ -73,7 +73,9 @@ def test_teacher_failure_is_logged_not_fatal(dataset):
 
 
 def test_rejected_annotations_counted_not_pooled(dataset):
-    recs = make(AlwaysGate(), teacher=FakeTeacher(wrong_every=2), samples=2, agreement=0.9).run(stream(dataset, n=6))
+    recs = make(AlwaysGate(), teacher=FakeTeacher(wrong_every=2), samples=2, agreement=0.9).run(
+        stream(dataset, n=6)
+    )
     s = summarize(recs)
     assert s["rejected_annotations"] == 6 and s["pool_size"] == 0 and s["teacher_calls"] == 6
 

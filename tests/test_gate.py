@@ -50,7 +50,9 @@ def test_margin_and_token_entropy():
     assert 0 < margin(gen) < 1
 
 
-@pytest.mark.parametrize("gate", [AlwaysGate(), NeverGate(), ThresholdGate(0.5), BudgetGate(0.1), CappedGate(AlwaysGate(), 3)])
+@pytest.mark.parametrize(
+    "gate", [AlwaysGate(), NeverGate(), ThresholdGate(0.5), BudgetGate(0.1), CappedGate(AlwaysGate(), 3)]
+)
 def test_conformance(gate):
     check_gate(gate)
 

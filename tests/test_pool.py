@@ -14,11 +14,20 @@ from icdistill.types import ANSWER, IMAGE, Annotation, ICDError, Query
 
 def make_query(i: int, colour=None) -> Query:
     img = Image.new("RGB", (8, 8), colour or (i % 256, (3 * i) % 256, 7))
-    return Query(id=f"q{i}", image=img, prompt="what?", options=("a", "b"), label="a", position=i, image_ref=f"ref{i}")
+    return Query(
+        id=f"q{i}", image=img, prompt="what?", options=("a", "b"), label="a", position=i, image_ref=f"ref{i}"
+    )
 
 
 def ann(answer="a", accepted=True, agreement=1.0) -> Annotation:
-    return Annotation(answer=answer, samples=[answer], votes={answer: 1}, agreement=agreement, accepted=accepted, teacher="t")
+    return Annotation(
+        answer=answer,
+        samples=[answer],
+        votes={answer: 1},
+        agreement=agreement,
+        accepted=accepted,
+        teacher="t",
+    )
 
 
 def emb(i: int) -> dict:

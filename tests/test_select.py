@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from fakes import FakeEmbedder
 
+from fakes import FakeEmbedder
 from icdistill.conformance import check_selector
 from icdistill.pool import SQLitePool
 from icdistill.select import CrossModalSelector, RandomSelector, SimilaritySelector, make_selector
@@ -14,7 +14,9 @@ def unit(*xs):
 
 
 def ann(answer):
-    return Annotation(answer=answer, samples=[answer], votes={answer: 1}, agreement=1.0, accepted=True, teacher="t")
+    return Annotation(
+        answer=answer, samples=[answer], votes={answer: 1}, agreement=1.0, accepted=True, teacher="t"
+    )
 
 
 @pytest.fixture()
@@ -68,7 +70,9 @@ def test_cross_modal_keeps_ties_in_filter_stages():
     p = SQLitePool(None)
     for i in range(10):
         im = unit(1, 0) if i == 9 else unit(0, 1)
-        p.add(Query(id=f"d{i}", image=None, prompt="same", position=i), ann("x"), {TEXT: unit(1, 1), IMAGE: im})
+        p.add(
+            Query(id=f"d{i}", image=None, prompt="same", position=i), ann("x"), {TEXT: unit(1, 1), IMAGE: im}
+        )
     got = CrossModalSelector(k_tt=2, k_it=2).select(Q, {TEXT: unit(1, 1), IMAGE: unit(1, 0)}, p, 1)
     assert got[0].query_id == "d9"
 

@@ -1,6 +1,6 @@
 import pytest
-from fakes import FakeTeacher
 
+from fakes import FakeTeacher
 from icdistill.conformance import check_teacher, sample_queries
 from icdistill.models.reference import ReferenceTeacher
 from icdistill.models.registry import resolve_teacher

@@ -56,7 +56,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k-it", type=int, default=d.k_it, help="cross-modal stage 2 size (image-answer text)")
     g.add_argument("--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos")
     g = p.add_argument_group("gate")
-    g.add_argument("--gate", default=d.gate, help="budget, threshold, always, never, random (default: %(default)s)")
+    g.add_argument(
+        "--gate", default=d.gate, help="budget, threshold, always, never, random (default: %(default)s)"
+    )
     g.add_argument(
         "--budget",
         type=float,
@@ -125,7 +127,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except SpecError as e:
             raise UsageError(str(e)) from e
     with progress_callbacks(console, disabled=args.quiet) as (on_start, on_record):
-        summary = run_icd(cfg, out, resume=args.resume, parts=parts, dataset=dataset, on_start=on_start, on_record=on_record)
+        summary = run_icd(
+            cfg, out, resume=args.resume, parts=parts, dataset=dataset, on_start=on_start, on_record=on_record
+        )
     print_summary(summary, out, Console())
     return 0
 

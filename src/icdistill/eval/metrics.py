@@ -17,7 +17,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     asked = [r for r in qs if r["teacher_asked"]]
     anns = [r["annotation"] for r in asked if r.get("annotation")]
     not_asked = [r for r in labelled if not r["teacher_asked"]]
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "faults": 0, "requests": 0, "cached": 0}
+    usage = {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cost_usd": 0.0,
+        "faults": 0,
+        "requests": 0,
+        "cached": 0,
+    }
     for a in anns:
         u = a.get("usage") or {}
         usage["prompt_tokens"] += u.get("prompt_tokens", 0)

@@ -13,7 +13,13 @@ from typing import Any
 from icdistill.models.registry import ModelContext
 from icdistill.runner import Parts, RunConfig, build_parts, run_icd
 
-METRICS = ("accuracy", "teacher_call_rate", "demonstration_accuracy", "seconds_per_query", "first_pass_accuracy")
+METRICS = (
+    "accuracy",
+    "teacher_call_rate",
+    "demonstration_accuracy",
+    "seconds_per_query",
+    "first_pass_accuracy",
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,9 @@ def markdown_table(results: dict[str, Any], baseline: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot_tradeoff(results: dict[str, Any], path: str | Path, title: str = "ICD: accuracy vs teacher-call rate") -> None:
+def plot_tradeoff(
+    results: dict[str, Any], path: str | Path, title: str = "ICD: accuracy vs teacher-call rate"
+) -> None:
     """Accuracy against teacher-call rate, one point per arm (median) with min-max bars."""
     import matplotlib
 

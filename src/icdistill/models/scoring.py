@@ -95,7 +95,11 @@ class PrefixCache:
         best = None
         for key in self._heads:
             # keep one token outside the head: its logits are needed to score the first option token
-            if len(key) < len(ids) and tuple(ids[: len(key)]) == key and (best is None or len(key) > len(best)):
+            if (
+                len(key) < len(ids)
+                and tuple(ids[: len(key)]) == key
+                and (best is None or len(key) > len(best))
+            ):
                 best = key
         if best is None:
             return None
