@@ -42,7 +42,8 @@ class FakeEmbedder:
 
 
 class FakeStudent:
-    """Copies the answer of its first demo (the most similar one); without demos it is unsure."""
+    """Copies the answer of the demo nearest the query (the last one: the most similar by default);
+    without demos it is unsure."""
 
     name = "fake-student"
 
@@ -54,8 +55,8 @@ class FakeStudent:
         self.calls += 1
         options = query.options or ("yes", "no")
         scores = {o: 0.0 for o in options}
-        if demos and demos[0].answer in scores:
-            scores[demos[0].answer] = self.confident
+        if demos and demos[-1].answer in scores:
+            scores[demos[-1].answer] = self.confident
         answer = max(scores, key=scores.__getitem__)
         if query.options is None:
             return Prediction(answer=answer, token_logprobs=[-0.1], token_entropies=[0.5 if demos else 2.0])

@@ -54,6 +54,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--k-tt", type=int, default=d.k_tt, help="cross-modal stage 1 size (text-text)")
     g.add_argument("--k-it", type=int, default=d.k_it, help="cross-modal stage 2 size (image-answer text)")
+    g.add_argument(
+        "--demo-order",
+        default=d.demo_order,
+        choices=["best-last", "best-first"],
+        help="where the most similar demo goes in the prompt",
+    )
     g.add_argument("--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos")
     g = p.add_argument_group("gate")
     g.add_argument(

@@ -24,6 +24,7 @@ from icdistill.types import (
 )
 
 AnswerPolicy = Literal["student", "forward"]
+DemoOrder = Literal["best-last", "best-first"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class LoopConfig:
     shots: int = 2
     answer: AnswerPolicy = "student"
     uncertainty: str = "entropy"
+    # prompt order of the selected demos: small LMs lean on the demo nearest the query, so the most
+    # similar one goes last by default
+    demo_order: DemoOrder = "best-last"
 
     def __post_init__(self) -> None:
         if self.shots < 0:
@@ -38,6 +42,8 @@ class LoopConfig:
         if self.answer not in ("student", "forward"):
             raise ICDError(f"answer policy must be 'student' or 'forward', got {self.answer!r}")
         uncertainty_measure(self.uncertainty)
+        if self.demo_order not in ("best-last", "best-first"):
+            raise ICDError(f"demo order must be 'best-last' or 'best-first', got {self.demo_order!r}")
 
 
 class Distiller:
@@ -90,10 +96,14 @@ class Distiller:
         return max((r["position"] for r in self.records), default=-1) + 1
 
     # ------------------------------------------------------------------ the loop
-    def _select(self, query: Query, emb: Embeddings) -> list[Demo]:
-        # never show a query its own annotation (matters on resume, when it may already be pooled)
-        demos = self.selector.select(query, emb, self.pool, self.config.shots + 1)
-        return [d for d in demos if d.query_id != query.id][: self.config.shots]
+    def _select(self, query: Query, emb: Embeddings, exclude_self: bool = True) -> list[Demo]:
+        """The prompt's demos, in prompt order. The first pass never shows a query its own annotation
+        (it may already be pooled on resume); the re-run after a teacher call does."""
+        demos = self.selector.select(query, emb, self.pool, self.config.shots + int(exclude_self))
+        if exclude_self:
+            demos = [d for d in demos if d.query_id != query.id]
+        demos = demos[: self.config.shots]
+        return demos[::-1] if self.config.demo_order == "best-last" else demos
 
     def step(self, query: Query) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -132,7 +142,7 @@ class Distiller:
             if self.config.answer == "forward":
                 answered_by = "teacher"
             else:
-                final_demos = self.selector.select(query, emb, self.pool, self.config.shots)
+                final_demos = self._select(query, emb, exclude_self=False)
                 final = self.student.predict(query, final_demos)
                 answered_by = "student+new-demo"
         answer = annotation.answer if answered_by == "teacher" and annotation else final.answer

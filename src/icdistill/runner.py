@@ -45,6 +45,7 @@ class RunConfig:
     agreement: float = 0.0
     answer: str = "student"
     uncertainty: str = "entropy"
+    demo_order: str = "best-last"
     pool_max: int | None = None
     seed: int = 0
     shuffle: bool = True
@@ -66,7 +67,15 @@ class RunConfig:
             raise ICDError(f"--samples must be >= 1, got {self.samples}")
         if not 0 <= self.agreement <= 1:
             raise ICDError(f"--agreement must be in [0, 1], got {self.agreement}")
-        LoopConfig(shots=self.shots, answer=self.answer, uncertainty=self.uncertainty)  # type: ignore[arg-type]
+        self.loop_config()
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(
+            shots=self.shots,
+            answer=self.answer,  # type: ignore[arg-type]
+            uncertainty=self.uncertainty,
+            demo_order=self.demo_order,  # type: ignore[arg-type]
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -181,7 +190,7 @@ def run_icd(
                 seed=cfg.seed,
             ),
             pool=pool,
-            config=LoopConfig(shots=cfg.shots, answer=cfg.answer, uncertainty=cfg.uncertainty),  # type: ignore[arg-type]
+            config=cfg.loop_config(),
             log=log,
         )
         start = distiller.next_position()

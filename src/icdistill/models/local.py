@@ -23,9 +23,16 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> Any:
             raise SpecError(f"unknown local student {spec.target!r}; available: {', '.join(STUDENTS)}")
         from icdistill.models.smollm2 import SmolLM2Student
 
-        kwargs = {}
+        unknown = set(spec.options) - {"max_tags", "score"}
+        if unknown:
+            raise SpecError(
+                f"spec {spec.raw!r}: unknown option(s) {', '.join(sorted(unknown))}; known: max_tags, score"
+            )
+        kwargs: dict[str, Any] = {}
         if "max_tags" in spec.options:
             kwargs["max_tags"] = spec.opt("max_tags", cast=int)
+        if "score" in spec.options:
+            kwargs["score"] = spec.opt("score")
         return ctx.get_or_create(f"student:{spec.raw}", lambda: SmolLM2Student(shared_tagger(ctx), **kwargs))
     if spec.target != "conse":
         raise SpecError(f"unknown local embedder {spec.target!r}; available: {', '.join(EMBEDDERS)}")

@@ -116,8 +116,9 @@ def score_token_ids(
     pad_id: int = 0,
     max_batch: int = DEFAULT_MAX_BATCH,
     prefix_cache: PrefixCache | None = None,
+    normalise: bool = True,
 ) -> list[float]:
-    """Mean per-token log-likelihood of each continuation after the prefix (token-id level).
+    """Mean (``normalise``, else total) per-token log-likelihood of each continuation after the prefix (token-id level).
 
     One forward of the prefix fills a KV cache; its last logits score every continuation's first
     token. The rest of all continuations goes through one batched forward (per ``max_batch`` chunk)
@@ -166,7 +167,9 @@ def score_token_ids(
             logp = torch.log_softmax(out.float(), dim=-1)
             picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             sums = sums + (picked * valid).sum(dim=1).double()
-        totals.extend((sums / torch.tensor([len(c) for c in chunk], device=device)).tolist())
+        if normalise:
+            sums = sums / torch.tensor([len(c) for c in chunk], device=device)
+        totals.extend(sums.tolist())
     return totals
 
 
@@ -203,8 +206,10 @@ def score_continuations(
     continuations: Sequence[str],
     max_batch: int = DEFAULT_MAX_BATCH,
     prefix_cache: PrefixCache | None = None,
+    normalise: bool = True,
 ) -> list[float]:
-    """Length-normalised (mean per token) log-likelihood of each continuation after ``prefix``.
+    """Length-normalised (mean per token; total with ``normalise=False``) log-likelihood of each
+    continuation after ``prefix``.
 
     Prefix and continuations are tokenized separately and their ids concatenated, so the caller
     decides the boundary (e.g. prefix ``"Answer:"``, continuations ``" Sandal\\n"``).
@@ -212,7 +217,13 @@ def score_continuations(
     prefix_ids = encode_prefix(tokenizer, prefix)
     ids = [encode_continuation(tokenizer, c) for c in continuations]
     return score_token_ids(
-        model, prefix_ids, ids, pad_id=_pad_id(tokenizer), max_batch=max_batch, prefix_cache=prefix_cache
+        model,
+        prefix_ids,
+        ids,
+        pad_id=_pad_id(tokenizer),
+        max_batch=max_batch,
+        prefix_cache=prefix_cache,
+        normalise=normalise,
     )
 
 
