@@ -2,7 +2,7 @@
 
 Usage: ``.venv/bin/python benchmarks/bench_icd.py [suite ...] [--n 200] [--seeds 0,1,2]``.
 Suites: ``budget`` (zero-shot vs ICD at several budgets), ``selectors`` (demo selection at one budget),
-``answer`` (re-run the student vs forward the teacher), ``noise`` (noisy teacher, voting, agreement floor).
+``ablations`` (forward the teacher, random gate, demo order), ``noise`` (noisy teacher, voting, agreement floor).
 Each suite writes ``benchmarks/results/<suite>.json`` (medians over seeds with min-max) and a plot.
 Seeds change the stream order (and the noise draws), so the spread covers both.
 """
@@ -31,7 +31,6 @@ SUITES: dict[str, tuple[list[Arm], str]] = {
             Arm("ICD budget 5%", {"budget": 0.05}),
             Arm("ICD budget 10%", {"budget": 0.10}),
             Arm("ICD budget 20%", {"budget": 0.20}),
-            Arm("random gate 10%", {"gate": "random", "budget": 0.10}),
         ],
         "zero-shot (gate never)",
     ),
@@ -46,10 +45,12 @@ SUITES: dict[str, tuple[list[Arm], str]] = {
         ],
         "random demos",
     ),
-    "answer": (
+    "ablations": (
         [
             Arm("re-run student (default)", {"answer": "student", "budget": 0.10}),
             Arm("forward teacher answer", {"answer": "forward", "budget": 0.10}),
+            Arm("random gate at same rate", {"gate": "random", "budget": 0.10}),
+            Arm("best demo first in prompt", {"demo_order": "best-first", "budget": 0.10}),
         ],
         "re-run student (default)",
     ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +110,7 @@ def query_stream(dataset: Dataset, order: list[int], start: int = 0) -> Iterator
             e.position = pos  # type: ignore[attr-defined]
             yield e
             continue
-        yield Query(
-            id=q.id,
-            image=q.image,
-            prompt=q.prompt,
-            options=q.options,
-            label=q.label,
-            position=pos,
-            image_ref=q.image_ref,
-            meta=q.meta,
-        )
+        yield replace(q, position=pos)
 
 
 def stored_config(out: str | Path) -> RunConfig:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from fakes import FakeTagger
 from icdistill.conformance import check_student
+from icdistill.data.fashion_mnist import LABELS
 from icdistill.models import smollm2
 from icdistill.models.scoring import (
     encode_continuation,
@@ -22,18 +23,7 @@ from icdistill.models.scoring import (
 from icdistill.models.smollm2 import SmolLM2Student, build_prompt, load_smollm2, option_continuation
 from icdistill.types import Demo, Query, SpecError, image_digest
 
-FASHION = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
+FASHION = LABELS
 QUESTION = "What item of clothing is shown?"
 
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from icdistill.models.registry import ModelContext, Spec
+from icdistill.models.scoring import continuation_batch
 from icdistill.teacher import match_option
 from icdistill.types import DataError, Demo, ICDError, Prediction, Query, SpecError, TeacherResponse, Usage
 
@@ -490,15 +491,7 @@ class HFVisionLanguageModel:
             width = max(len(c) for c in chunk) - 1
             if width > 0:
                 b = len(chunk)
-                ids = torch.full((b, width), self._pad_id(), dtype=torch.long, device=device)
-                targets = torch.zeros((b, width), dtype=torch.long, device=device)
-                valid = torch.zeros((b, width), dtype=torch.bool, device=device)
-                for row, c in enumerate(chunk):
-                    k = len(c) - 1
-                    if k:
-                        ids[row, :k] = torch.tensor(c[:-1], device=device)
-                        targets[row, :k] = torch.tensor(c[1:], device=device)
-                        valid[row, :k] = True
+                ids, targets, valid = continuation_batch(chunk, self._pad_id(), device)
                 # The forward appends to the cache it gets: the last chunk may consume the prefix cache.
                 cache = prefix_cache if ci == len(chunks) - 1 else copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(b)

@@ -68,6 +68,27 @@ def _check_inputs(prefix_ids: Sequence[int], continuation_ids: Sequence[Sequence
             raise ValueError(f"continuation {i} encodes to no tokens; its mean log-likelihood is undefined")
 
 
+def continuation_batch(
+    chunk: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (inputs, targets, valid) for continuations fed after a cached prefix.
+
+    A continuation's first token is scored by the prefix's last logits and its last token is only a
+    target, so row i feeds ``c[:-1]`` and predicts ``c[1:]``.
+    """
+    width = max(len(c) for c in chunk) - 1
+    inputs = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=device)
+    targets = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+    valid = torch.zeros((len(chunk), width), dtype=torch.bool, device=device)
+    for row, c in enumerate(chunk):
+        n = len(c) - 1
+        if n:
+            inputs[row, :n] = torch.tensor(list(c[:-1]), device=device)
+            targets[row, :n] = torch.tensor(list(c[1:]), device=device)
+            valid[row, :n] = True
+    return inputs, targets, valid
+
+
 class PrefixCache:
     """KV caches of prompt heads shared by many prompts (e.g. the instruction line of every query).
 
@@ -146,15 +167,7 @@ def score_token_ids(
         width = max(len(c) for c in chunk) - 1
         if width > 0:
             b = len(chunk)
-            inputs = torch.full((b, width), pad_id, dtype=torch.long, device=device)
-            targets = torch.zeros((b, width), dtype=torch.long, device=device)
-            valid = torch.zeros((b, width), dtype=torch.bool, device=device)
-            for row, c in enumerate(chunk):
-                n = len(c) - 1
-                if n:
-                    inputs[row, :n] = torch.tensor(c[:-1], device=device)
-                    targets[row, :n] = torch.tensor(c[1:], device=device)
-                    valid[row, :n] = True
+            inputs, targets, valid = continuation_batch(chunk, pad_id, device)
             # The batched forward appends to the cache it is given; the last chunk may consume the
             # prefix cache itself, earlier ones work on a copy.
             cache = prefix_kv if ci == len(chunks) - 1 else copy.deepcopy(prefix_kv)
