@@ -7,6 +7,8 @@ import pytest
 from fakes import FakeEmbedder, FakeStudent, colour_folder
 from icdistill.cli import main
 from icdistill.models.reference import ReferenceTeacher
+from icdistill.report import plot_run
+from icdistill.runlog import read_records
 from icdistill.runner import Parts, RunConfig, run_icd
 
 
@@ -111,3 +113,6 @@ def test_run_writes_log_summary_and_resumes(tmp_path):
     assert s2["n_queries"] == 20 and s2["resumed_at"] == 11
     positions = [json.loads(x)["position"] for x in (out / "log.jsonl").read_text().splitlines()]
     assert positions == list(range(20))
+    assert len(read_records(out / "log.jsonl")) == 20
+    png = plot_run(read_records(out / "log.jsonl"), tmp_path / "run.png")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"

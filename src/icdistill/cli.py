@@ -115,7 +115,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from icdistill.report import print_summary, progress_callbacks
+    from icdistill.report import plot_run, print_summary, progress_callbacks
+    from icdistill.runlog import read_records
     from icdistill.runner import RunConfig, build_parts, preflight, run_icd
 
     if args.resume and not args.out:
@@ -137,6 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             cfg, out, resume=args.resume, parts=parts, dataset=dataset, on_start=on_start, on_record=on_record
         )
     print_summary(summary, out, Console())
+    plot_run(read_records(out / "log.jsonl"), out / "run.png")
     return 0
 
 

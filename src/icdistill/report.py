@@ -92,3 +92,38 @@ def print_summary(summary: dict[str, Any], out: str | Path, console: Console) ->
     console.print(
         f"log: {Path(out) / 'log.jsonl'}   summary: {Path(out) / 'summary.json'}   pool: {Path(out) / 'pool.sqlite'}"
     )
+
+
+def plot_run(records: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Running accuracy (ICD and the student's first pass) and cumulative teacher calls along the stream."""
+    qs = [r for r in records if r.get("event") == "query" and r.get("correct") is not None]
+    if not qs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pos = np.array([r["position"] for r in qs])
+    n = np.arange(1, len(qs) + 1)
+    acc = np.cumsum([r["correct"] for r in qs]) / n
+    first = np.cumsum([r["first_correct"] for r in qs]) / n
+    calls = np.cumsum([r["teacher_asked"] for r in qs])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(pos, acc, label="accuracy (ICD answer)")
+    ax.plot(pos, first, label="accuracy (student before teacher)", alpha=0.7)
+    ax.set_xlabel("stream position")
+    ax.set_ylabel("running accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(pos, calls, color="tab:red", linestyle="--", label="teacher calls")
+    ax2.set_ylabel("teacher calls (cumulative)")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [str(line.get_label()) for line in lines], loc="lower right", fontsize=8)
+    ax.set_title(f"ICD run: {len(qs)} queries, {int(calls[-1])} teacher calls")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

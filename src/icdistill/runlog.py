@@ -60,6 +60,19 @@ class RunLog:
         self.close()
 
 
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The complete records of a run log (a torn last line is ignored, the file is not changed)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
 def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
