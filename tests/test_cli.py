@@ -116,3 +116,8 @@ def test_run_writes_log_summary_and_resumes(tmp_path):
     assert len(read_records(out / "log.jsonl")) == 20
     png = plot_run(read_records(out / "log.jsonl"), tmp_path / "run.png")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_model_unknown_spec_is_a_usage_error():
+    r = icd("serve-model", "nope:thing", "--port", "0")
+    assert r.returncode == 2 and "unknown model spec" in r.stderr and "Traceback" not in r.stderr
