@@ -69,7 +69,7 @@ def test_demos_query_and_options_are_parsed() -> None:
     assert q.prompt == "Which colour is this image?" and q.options == OPTIONS
     assert q.image is not None and q.image.convert("RGB").getpixel((0, 0)) == (0, 200, 0)
     assert [d.answer for d in demos] == ["red", "blue"] and demos[1].image.getpixel((0, 0)) == (0, 0, 200)
-    assert out["choices"][0]["message"] == {"role": "assistant", "content": "red"}
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "blue"}  # copies the last demo
     assert out["usage"]["completion_tokens"] == 1
     assert out["usage"]["prompt_tokens"] == 2 + 3 * len(prompt.split()) + 2  # whitespace words
     # the non-standard ``options`` field wins over the prompt line; no line at all means an open answer

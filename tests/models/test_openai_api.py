@@ -163,7 +163,7 @@ def test_images_are_data_uris_and_demos_are_turns(server) -> None:
     assert [d.answer for d in seen_demos] == ["red", "green"] and all(
         d.image.size == (32, 32) for d in seen_demos
     )
-    assert pred.answer == "red"  # FakeStudent copies its first demo
+    assert pred.answer == "green"  # FakeStudent copies the demo nearest the query (the last)
 
 
 def test_predict_uses_logprobs(server) -> None:
