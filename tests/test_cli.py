@@ -25,6 +25,8 @@ def icd(*args: str) -> subprocess.CompletedProcess:
         (["run", "--gate", "sometimes"], 2, "unknown gate"),
         (["run", "--budget", "1.5"], 2, "--budget"),
         (["run", "--shots", "-1"], 2, "shots"),
+        (["run", "--warmup", "-1"], 2, "--warmup"),
+        (["run", "--selector", "cross-modal", "--k-tt", "0"], 2, "K_tt"),
         (["run", "--n", "x"], 2, "invalid"),
         (["run", "--resume"], 2, "--resume needs --out"),
         (["run", "--dataset", "/no/such/folder"], 1, "/no/such/folder"),

@@ -57,6 +57,13 @@ class RunConfig:
             raise ICDError(f"unknown selector {self.selector!r}; choose one of {', '.join(SELECTORS)}")
         if self.gate not in GATES:
             raise ICDError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
+        if self.warmup < 0:
+            raise ICDError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.pool_max is not None and self.pool_max < 1:
+            raise ICDError(f"--pool-max must be >= 1, got {self.pool_max}")
+        if self.max_calls is not None and self.max_calls < 0:
+            raise ICDError(f"--max-calls must be >= 0, got {self.max_calls}")
+        make_selector(self.selector, seed=self.seed, k_tt=self.k_tt, k_it=self.k_it)  # validates K_tt, K_it
         if self.uncertainty not in UNCERTAINTY:
             raise ICDError(
                 f"unknown uncertainty {self.uncertainty!r}; choose one of {', '.join(UNCERTAINTY)}"
