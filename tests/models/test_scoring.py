@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from icdistill.models.scoring import (
     _cut_at_stop,
+    encode_continuation,
     generate_with_entropy,
     sample_generations,
     score_continuations,
@@ -146,3 +147,12 @@ def test_sampling_is_reproducible_by_seed(tiny):
     greedy = generate_with_entropy(model, tok, PREFIX, max_new_tokens=6, stop=[])[0]
     cold = sample_generations(model, tok, PREFIX, n=3, temperature=0.0, max_new_tokens=6, seed=0, stop=[])
     assert cold == [greedy] * 3
+
+
+def test_unnormalised_scores_are_sums(tiny):
+    model, tok = tiny
+    mean = score_continuations(model, tok, PREFIX, OPTIONS)
+    total = score_continuations(model, tok, PREFIX, OPTIONS, normalise=False)
+    lengths = [len(encode_continuation(tok, o)) for o in OPTIONS]
+    assert all(abs(t - m * n) < 1e-4 for t, m, n in zip(total, mean, lengths, strict=True))
+    assert any(n > 1 for n in lengths)

@@ -89,46 +89,6 @@ def continuation_batch(
     return inputs, targets, valid
 
 
-class PrefixCache:
-    """KV caches of prompt heads shared by many prompts (e.g. the instruction line of every query).
-
-    ``lookup`` returns the longest stored head that the given ids start with; ``score_token_ids``
-    then only runs the rest of the prefix. Holds at most ``size`` heads (least recently used out).
-    """
-
-    def __init__(self, size: int = 4) -> None:
-        self.size = size
-        self._heads: dict[tuple[int, ...], Any] = {}
-        self.hits = 0
-
-    @torch.inference_mode()
-    def add(self, model: Any, head_ids: Sequence[int]) -> None:
-        key = tuple(head_ids)
-        if key in self._heads or not key:
-            return
-        _, cache = _forward(model, torch.tensor([list(key)], device=_device(model)), logits_to_keep=1)
-        self._heads[key] = cache
-        while len(self._heads) > self.size:
-            self._heads.pop(next(iter(self._heads)))
-
-    def lookup(self, ids: Sequence[int]) -> tuple[int, Any] | None:
-        """(number of cached tokens, a private copy of their cache) for the longest matching head."""
-        best = None
-        for key in self._heads:
-            # keep one token outside the head: its logits are needed to score the first option token
-            if (
-                len(key) < len(ids)
-                and tuple(ids[: len(key)]) == key
-                and (best is None or len(key) > len(best))
-            ):
-                best = key
-        if best is None:
-            return None
-        self.hits += 1
-        self._heads[best] = self._heads.pop(best)  # most recently used last
-        return len(best), copy.deepcopy(self._heads[best])
-
-
 @torch.inference_mode()
 def score_token_ids(
     model: Any,
@@ -136,7 +96,6 @@ def score_token_ids(
     continuation_ids: Sequence[Sequence[int]],
     pad_id: int = 0,
     max_batch: int = DEFAULT_MAX_BATCH,
-    prefix_cache: PrefixCache | None = None,
     normalise: bool = True,
 ) -> list[float]:
     """Mean (``normalise``, else total) per-token log-likelihood of each continuation after the prefix (token-id level).
@@ -151,13 +110,7 @@ def score_token_ids(
         return []
     device = _device(model)
     n_prefix = len(prefix_ids)
-    head = prefix_cache.lookup(prefix_ids) if prefix_cache is not None else None
-    if head is None:
-        logits, prefix_kv = _forward(model, torch.tensor([list(prefix_ids)], device=device), logits_to_keep=1)
-    else:
-        n_head, head_kv = head
-        rest = torch.tensor([list(prefix_ids[n_head:])], device=device)
-        logits, prefix_kv = _forward(model, rest, cache=head_kv, logits_to_keep=1)
+    logits, prefix_kv = _forward(model, torch.tensor([list(prefix_ids)], device=device), logits_to_keep=1)
     first = torch.log_softmax(logits[0, -1].float(), dim=-1)
 
     totals: list[float] = []
@@ -218,7 +171,6 @@ def score_continuations(
     prefix: str,
     continuations: Sequence[str],
     max_batch: int = DEFAULT_MAX_BATCH,
-    prefix_cache: PrefixCache | None = None,
     normalise: bool = True,
 ) -> list[float]:
     """Length-normalised (mean per token; total with ``normalise=False``) log-likelihood of each
@@ -235,7 +187,6 @@ def score_continuations(
         ids,
         pad_id=_pad_id(tokenizer),
         max_batch=max_batch,
-        prefix_cache=prefix_cache,
         normalise=normalise,
     )
 
