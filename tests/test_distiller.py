@@ -138,3 +138,21 @@ def test_loop_config_validation():
         LoopConfig(answer="teacher")  # type: ignore[arg-type]
     with pytest.raises(ICDError):
         LoopConfig(uncertainty="vibes")
+
+
+def test_demo_order_puts_best_demo_nearest_the_query(dataset):
+    def first_pass_demos(order):
+        d = Distiller(
+            student=FakeStudent(),
+            annotator=TestTimeScaling(FakeTeacher()),
+            embedder=FakeEmbedder(),
+            selector=make_selector("image"),
+            gate=AlwaysGate(),
+            pool=SQLitePool(None),
+            config=LoopConfig(shots=3, demo_order=order),
+        )
+        return [r["demo_ids"] for r in d.run(stream(dataset, n=12))]
+
+    last, first = first_pass_demos("best-last"), first_pass_demos("best-first")
+    assert any(len(x) == 3 for x in last)
+    assert all(a == b[::-1] for a, b in zip(last, first, strict=True))
