@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from icdistill.models.registry import ModelContext
+from icdistill.models.registry import ModelContext, resolve_teacher
 from icdistill.runner import Parts, RunConfig, build_parts, run_icd
 
 METRICS = (
@@ -44,9 +44,11 @@ def run_sweep(
     *,
     out_dir: str | Path | None = None,
     ctx: ModelContext | None = None,
+    parts: Parts | None = None,
     on_run: Callable[[str, int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every arm for every seed; models are resolved once per distinct spec through ``ctx``."""
+    """Run every arm for every seed; models are resolved once per distinct spec through ``ctx``
+    (or ``parts`` is used for every run, e.g. fakes in tests)."""
     ctx = ctx or ModelContext(seed=base.seed)
     parts_cache: dict[tuple[str, str, str], Parts] = {}
     results: dict[str, Any] = {"base": asdict(base), "seeds": list(seeds), "arms": {}}
@@ -56,14 +58,18 @@ def run_sweep(
             runs = []
             for seed in seeds:
                 cfg = replace(base, **arm.changes, seed=seed)
-                key = (cfg.student, cfg.teacher, cfg.embedder)
-                if key not in parts_cache:
-                    parts_cache[key] = build_parts(cfg, ctx)
-                parts = parts_cache[key]
-                # a fresh teacher per run keeps the reference noise draws independent of run order
-                if cfg.teacher.startswith("reference"):
-                    parts = replace(parts, teacher=build_parts(cfg, ModelContext(seed=seed)).teacher)
-                summary = run_icd(cfg, root / f"{arm.name}-seed{seed}", parts=parts)
+                run_parts = parts
+                if run_parts is None:
+                    key = (cfg.student, cfg.teacher, cfg.embedder)
+                    if key not in parts_cache:
+                        parts_cache[key] = build_parts(cfg, ctx)
+                    run_parts = parts_cache[key]
+                    # a fresh teacher per run keeps the reference noise draws independent of run order
+                    if cfg.teacher.startswith("reference"):
+                        run_parts = replace(
+                            run_parts, teacher=resolve_teacher(cfg.teacher, ModelContext(seed=seed))
+                        )
+                summary = run_icd(cfg, root / f"{arm.name}-seed{seed}", parts=run_parts)
                 runs.append({k: summary[k] for k in (*METRICS, "teacher_calls", "pool_size", "n_queries")})
                 if on_run is not None:
                     on_run(arm.name, seed, summary)
