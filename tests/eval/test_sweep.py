@@ -25,5 +25,6 @@ def test_sweep_medians_table_and_plot(tmp_path):
     assert icd["accuracy"]["median"] > never["accuracy"]["median"]
     table = markdown_table(res, baseline="never")
     assert "| icd 25% |" in table and "x |" in table
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
     plot_tradeoff(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

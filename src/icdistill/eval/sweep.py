@@ -91,7 +91,7 @@ def markdown_table(results: dict[str, Any], baseline: str | None = None) -> str:
     head = "| arm | accuracy (median [min-max]) | teacher-call rate | demo accuracy | s/query |"
     sep = "|---|---|---|---|---|"
     if baseline:
-        head = head[:-1] + f" accuracy / {baseline} |"
+        head += f" accuracy / {baseline} |"
         sep += "---|"
     lines = [head, sep]
     base_acc = results["arms"].get(baseline, {}).get("accuracy", {}).get("median") if baseline else None
