@@ -2,6 +2,7 @@
 
 Usage: ``.venv/bin/python benchmarks/bench_icd.py [suite ...] [--n 200] [--seeds 0,1,2]``.
 Suites: ``budget`` (zero-shot vs ICD at several budgets), ``selectors`` (demo selection at one budget),
+``shots`` (1, 2, 4 demonstrations),
 ``ablations`` (forward the teacher, random gate, demo order), ``noise`` (noisy teacher, voting, agreement floor).
 Each suite writes ``benchmarks/results/<suite>.json`` (medians over seeds with min-max) and a plot.
 Seeds change the stream order (and the noise draws), so the spread covers both.
@@ -40,8 +41,6 @@ SUITES: dict[str, tuple[list[Arm], str]] = {
             Arm("image-image", {"selector": "image", "budget": 0.10}),
             Arm("image-answer text (ConSE)", {"selector": "image-text", "budget": 0.10}),
             Arm("cross-modal staged", {"selector": "cross-modal", "budget": 0.10}),
-            Arm("image-image, 1 shot", {"selector": "image", "shots": 1, "budget": 0.10}),
-            Arm("image-image, 4 shots", {"selector": "image", "shots": 4, "budget": 0.10}),
         ],
         "random demos",
     ),
@@ -53,6 +52,14 @@ SUITES: dict[str, tuple[list[Arm], str]] = {
             Arm("best demo first in prompt", {"demo_order": "best-first", "budget": 0.10}),
         ],
         "re-run student (default)",
+    ),
+    "shots": (
+        [
+            Arm("image-image, 1 shot", {"selector": "image", "shots": 1, "budget": 0.10}),
+            Arm("image-image, 2 shots", {"selector": "image", "shots": 2, "budget": 0.10}),
+            Arm("image-image, 4 shots", {"selector": "image", "shots": 4, "budget": 0.10}),
+        ],
+        "image-image, 2 shots",
     ),
     "noise": (
         [
