@@ -13,7 +13,6 @@ from PIL import Image
 
 from icdistill.protocols import Embedder, Gate, Pool, Selector, Student, Teacher
 from icdistill.types import (
-    ANSWER,
     Demo,
     GateContext,
     GateDecision,
@@ -115,8 +114,6 @@ def check_selector(selector: Selector, pool: Pool, queries: Sequence[Query], emb
             assert len(set(ids)) == len(ids), "selected the same demo twice"
             assert set(ids) <= pool_ids, "selected a demo that is not in the pool"
             assert all(isinstance(d, Demo) for d in got)
-    # an empty pool gives no demos and no error
-    assert ANSWER  # keys are importable for implementations
 
 
 def check_gate(gate: Gate, uncertainties: Sequence[float] | None = None) -> None:

@@ -200,12 +200,6 @@ class SQLitePool:
             seconds=seconds or 0.0,
         )
 
-    def demo_for(self, query_id: str) -> Demo | None:
-        for d in self._demos.values():
-            if d.query_id == query_id:
-                return d
-        return None
-
     def stats(self) -> dict[str, int]:
         rows = self._db.execute("SELECT status, COUNT(*) FROM annotations GROUP BY status").fetchall()
         out = {k: 0 for k in ("added", "rejected", "duplicate", "evicted")}

@@ -131,13 +131,18 @@ def stored_config(out: str | Path) -> RunConfig:
         raise ICDError(f"cannot read {cfg_path}: {e}") from e
 
 
+def _refuse_existing_run(out: Path) -> None:
+    if (out / "log.jsonl").exists() or (out / "pool.sqlite").exists():
+        raise ICDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
 def preflight(cfg: RunConfig, out: str | Path, resume: bool) -> tuple[RunConfig, Dataset]:
     """Cheap checks before any model loads: the output folder and the dataset."""
     out = Path(out)
     if resume:
         cfg = stored_config(out)
-    elif (out / "log.jsonl").exists() or (out / "pool.sqlite").exists():
-        raise ICDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    else:
+        _refuse_existing_run(out)
     dataset = load_dataset(cfg.dataset, split=cfg.split)
     stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)  # raises on an empty stream
     return cfg, dataset
@@ -148,8 +153,7 @@ def check_output_dir(out: Path, cfg: RunConfig, resume: bool) -> RunConfig:
     if resume:
         return stored_config(out)
     cfg_path = out / "config.json"
-    if (out / "log.jsonl").exists() or (out / "pool.sqlite").exists():
-        raise ICDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    _refuse_existing_run(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg_path, asdict(cfg))
     return cfg

@@ -105,10 +105,6 @@ _BACKENDS: dict[str, tuple[str, str, tuple[Role, ...], str]] = {
 }
 
 
-def schemes() -> dict[str, tuple[tuple[Role, ...], str]]:
-    return {k: (v[2], v[3]) for k, v in _BACKENDS.items()}
-
-
 def resolve(raw: str, role: Role, ctx: ModelContext | None = None) -> Any:
     """Build the backend a spec names for ``role``; raise ``SpecError`` with a clear reason otherwise."""
     spec = parse_spec(raw)
