@@ -18,7 +18,9 @@ from icdistill.types import (
     Demo,
     Embeddings,
     GateContext,
+    GateDecision,
     ICDError,
+    Prediction,
     Query,
     TeacherError,
 )
@@ -44,6 +46,24 @@ class LoopConfig:
         uncertainty_measure(self.uncertainty)
         if self.demo_order not in ("best-last", "best-first"):
             raise ICDError(f"demo order must be 'best-last' or 'best-first', got {self.demo_order!r}")
+
+
+@dataclass
+class Draft:
+    """What ``Distiller.answer_now`` decided for one query, before any teacher call (steps 1-3)."""
+
+    query: Query
+    embeddings: Embeddings
+    demos: list[Demo]
+    first: Prediction
+    uncertainty: float
+    ctx: GateContext
+    decision: GateDecision
+    stored: Annotation | None  # an annotation of this query already in the pool (resume)
+    asked: bool
+    reason: str
+    t0: float
+    t_embed: float
 
 
 class Distiller:
@@ -106,6 +126,14 @@ class Distiller:
         return demos[::-1] if self.config.demo_order == "best-last" else demos
 
     def step(self, query: Query) -> dict[str, Any]:
+        """One query through the whole loop: ``annotate_later(answer_now(query))``."""
+        return self.annotate_later(self.answer_now(query))
+
+    def answer_now(self, query: Query) -> Draft:
+        """Steps 1-3 (select, student pass, gate): what a service can answer before any teacher call.
+
+        The gate observes the query and a teacher call is counted here, so queries answered while an
+        annotation is still pending see the spend."""
         t0 = time.perf_counter()
         emb = self.embedder.embed_query(query)
         t_embed = time.perf_counter() - t0
@@ -119,33 +147,53 @@ class Distiller:
         asked = decision.ask or stored is not None
         reason = "recovered from pool after a crash" if stored is not None else decision.reason
         self.gate.observe(u, ctx, asked)
-
-        annotation: Annotation | None = None
-        teacher_error: str | None = None
-        pool_status: str | None = None
         if asked:
             self.teacher_calls += 1
+        return Draft(query, emb, demos, first, u, ctx, decision, stored, asked, reason, t0, t_embed)
+
+    def ask_teacher(self, draft: Draft) -> Annotation:
+        """Step 4 (teacher test-time scaling), or the annotation already stored for this query.
+
+        Touches neither the pool nor the gate, so a service may run it off the loop's thread.
+        Raises ``TeacherError``."""
+        return draft.stored or self.annotator.annotate(draft.query)
+
+    def annotate_later(
+        self,
+        draft: Draft,
+        annotation: Annotation | None = None,
+        teacher_error: str | None = None,
+        rerun: bool = True,
+    ) -> dict[str, Any]:
+        """Steps 4-6 (teacher, pool update, answer) for a query ``answer_now`` sent to the teacher, and
+        its log record. Without ``annotation`` or ``teacher_error`` the teacher is asked here; a service
+        passes the annotation it got elsewhere (a background call, a person). ``rerun=False`` skips the
+        student's second pass (nobody waits for it) and answers with the first."""
+        query, emb, demos, first, stored = draft.query, draft.embeddings, draft.demos, draft.first, draft.stored
+        pool_status: str | None = None
+        if draft.asked and annotation is None and teacher_error is None:
             try:
-                annotation = stored or self.annotator.annotate(query)  # 4. teacher test-time scaling
+                annotation = self.ask_teacher(draft)  # 4. teacher test-time scaling
             except TeacherError as e:
                 teacher_error = str(e)
-            if annotation is not None:
-                if stored is None:
-                    self._charge(annotation.usage.cost_usd)
-                answer_emb = self.embedder.embed_texts([annotation.answer or " "])[0]
-                _, pool_status = self.pool.add(
-                    query, annotation, {**emb, ANSWER: answer_emb}
-                )  # 5. pool update
+        if not draft.asked:
+            annotation = None
+        if annotation is not None:
+            if annotation is not stored:
+                self._charge(annotation.usage.cost_usd)
+            answer_emb = self.embedder.embed_texts([annotation.answer or " "])[0]
+            _, pool_status = self.pool.add(query, annotation, {**emb, ANSWER: answer_emb})  # 5. pool update
 
         final, answered_by, final_demos = first, "student", demos  # 6. answer
         if annotation is not None and annotation.accepted:
             if self.config.answer == "forward":
                 answered_by = "teacher"
-            else:
+            elif rerun:
                 final_demos = self._select(query, emb, exclude_self=False)
                 final = self.student.predict(query, final_demos)
                 answered_by = "student+new-demo"
         answer = annotation.answer if answered_by == "teacher" and annotation else final.answer
+        u, ctx, decision = draft.uncertainty, draft.ctx, draft.decision
 
         rec: dict[str, Any] = {
             "event": "query",
@@ -158,8 +206,8 @@ class Distiller:
             "first_correct": (first.answer == query.label) if query.label is not None else None,
             "answered_by": answered_by,
             "uncertainty": u,
-            "teacher_asked": asked,
-            "gate_reason": reason,
+            "teacher_asked": draft.asked,
+            "gate_reason": draft.reason,
             "gate_threshold": decision.threshold,
             "ctx_teacher_calls": ctx.teacher_calls,
             "ctx_pool_size": ctx.pool_size,
@@ -173,10 +221,10 @@ class Distiller:
             "final_demo_ids": [d.id for d in final_demos],
             "option_probs": first.option_probs() or None,
             "seconds": {
-                "embed": t_embed,
+                "embed": draft.t_embed,
                 "student": first.seconds + (final.seconds if final is not first else 0.0),
                 "teacher": annotation.seconds if annotation and stored is None else 0.0,
-                "total": time.perf_counter() - t0,
+                "total": time.perf_counter() - draft.t0,
             },
         }
         return rec
