@@ -77,3 +77,55 @@ def test_reference_spec():
         resolve_teacher("reference:noise=2")
     with pytest.raises(TeacherError):
         ReferenceTeacher().sample(sample_queries()[0].__class__(id="x", image=None, prompt="p"), 1)
+
+
+FASHION = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("answer", ["T-shirt", "a t-shirt", "tshirt", "t shirt", "T-shirts", "top"])
+def test_match_option_t_shirt_is_not_shirt(answer):
+    # "t shirt" contains "shirt": a containment match put T-shirts into the pool as "Shirt"
+    assert match_option(answer, FASHION) == "T-shirt/top"
+
+
+def test_match_option_whole_phrases_both_ways_and_ambiguity():
+    assert match_option("a shirt", FASHION) == "Shirt"
+    assert match_option("It is a sneaker.", FASHION) == "Sneaker"
+    assert match_option("boot", FASHION) == "Ankle boot"  # answer inside one option
+    assert match_option("sandals", FASHION) == "Sandal"
+    assert match_option("shirt or coat", FASHION) is None  # names two options: not forced onto one
+    assert match_option("sneakr", FASHION) == "Sneaker"
+
+
+def test_empty_or_article_only_answer_matches_nothing():
+    for text in ("", "  ", "the", "a.", "An"):
+        assert match_option(text, ["B", "C", "D"]) is None
+    assert match_option("", ["A", "B"]) is None and match_option("the", list("ABCD")) is None
+    assert match_option("A", list("ABCD")) == "A" and match_option("(b)", list("ABCD")) == "B"
+    assert match_option("a shirt", list("ABCD")) is None
+    ans, votes, agr = vote(["", "", "B"], options="ABCD")
+    assert ans == "B" and votes == {"B": 1} and agr == pytest.approx(1 / 3)
+
+
+def test_vote_ties_and_empty_answers():
+    ans, votes, agr = vote(["cat", "dog"])  # a 1-1 tie has no winner
+    assert ans == "" and votes == {"cat": 1, "dog": 1} and agr == pytest.approx(0.5)
+    assert vote(["red", "blue"], options=["red", "blue"])[0] == ""
+    assert vote(["", "", "cat"]) == ("cat", {"cat": 1}, pytest.approx(1 / 3))  # "" never wins
+    assert vote(["", " "]) == ("", {}, 0.0)
+    long = vote(["", "a dog runs on the grass", "a dog running on grass"], long_form=True)
+    assert long[0] != ""
+
+
+def test_tts_rejects_ties_even_with_a_half_floor():
+    class Split(FakeTeacher):
+        def sample(self, query, n):
+            resp = super().sample(query, n)
+            resp.answers = [query.options[0], query.options[1]]
+            return resp
+
+    q = sample_queries()[0]
+    ann = TestTimeScaling(Split(), n=2, agreement_floor=0.5).annotate(q)
+    assert not ann.accepted and ann.answer == ""

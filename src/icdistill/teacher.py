@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import string
 import time
@@ -22,17 +23,97 @@ def normalise_answer(text: str) -> str:
     return " ".join(t.split())
 
 
+def _plain(text: str) -> str:
+    """Lower case, no punctuation, single spaces; articles kept (an option may be the letter "A")."""
+    return " ".join(text.strip().lower().translate(_PUNCT).split())
+
+
+def _stem(token: str) -> str:
+    # plurals name the same class ("sandals", "boots"); applied to both sides, so "dress" is harmless
+    return token[:-1] if len(token) > 3 and token.endswith("s") and not token.endswith("ss") else token
+
+
+def _phrases(option: str) -> list[tuple[str, ...]]:
+    """Token forms an option goes by: the whole option and each '/'-separated alternative ("T-shirt/top")."""
+    out: list[tuple[str, ...]] = []
+    for part in [option, *re.split(r"[/|]", option)]:
+        toks = tuple(_stem(t) for t in normalise_answer(part).split())
+        if toks and toks not in out:
+            out.append(toks)
+    return out
+
+
+def _spans(tokens: Sequence[str], phrase: tuple[str, ...]) -> list[tuple[int, int]]:
+    """Where ``phrase`` occurs in ``tokens`` as whole words; a compound ("tshirt") matches its parts."""
+    squashed = "".join(phrase)
+    hits = []
+    for i in range(len(tokens)):
+        joined = ""
+        for j in range(i, len(tokens)):
+            joined += tokens[j]
+            if tuple(tokens[i : j + 1]) == phrase or joined == squashed:
+                hits.append((i, j + 1))
+            if len(joined) >= len(squashed):
+                break
+    return hits
+
+
 def match_option(text: str, options: Sequence[str]) -> str | None:
-    """The option a free-text answer names: exact normalised match, else a unique containment."""
-    norm = normalise_answer(text)
-    by_norm = {normalise_answer(o): o for o in options}
-    if norm in by_norm:
-        return by_norm[norm]
-    hits = [o for n, o in by_norm.items() if n and (n in norm.split() or f" {n} " in f" {norm} ")]
-    if len(hits) == 1:
-        return hits[0]
-    starts = [o for n, o in by_norm.items() if n and norm.startswith(n)]
-    return starts[0] if len(starts) == 1 else None
+    """The option a free-text answer names, or None when it names none or is ambiguous.
+
+    In order: the same normal form (letters such as "A" compared with articles kept); the longest
+    whole-phrase occurrence of an option (or of one of its '/' alternatives) inside the answer, so
+    "a t-shirt" names "T-shirt/top" and not "Shirt" (a phrase lying inside another option's longer
+    match does not count); the answer's words forming part of exactly one option ("boot" ->
+    "Ankle boot"); a close spelling of exactly one option ("gren" -> "green"). An empty answer names
+    nothing, and so does one whose best matches tie between options.
+    """
+    plain = _plain(text)
+    if not plain:
+        return None
+    # 1. the same normal form (with and without articles)
+    same = [o for o in options if _plain(o) == plain]
+    if not same:
+        norm = normalise_answer(text)
+        same = [o for o in options if norm and normalise_answer(o) == norm]
+    if not same:
+        squashed = "".join(_stem(t) for t in normalise_answer(text).split())
+        same = [o for o in options if squashed and any("".join(p) == squashed for p in _phrases(o))]
+    if len(set(same)) == 1:
+        return same[0]
+    if len(set(same)) > 1:
+        return None
+    tokens = [_stem(t) for t in normalise_answer(text).split()]
+    if not tokens:
+        return None
+    # 2. an option named inside the answer: longest non-nested phrase occurrences win
+    spans = {o: [s for p in _phrases(o) for s in _spans(tokens, p)] for o in options}
+    spans = {o: s for o, s in spans.items() if s}
+
+    def nested(a: tuple[int, int], other: str) -> bool:
+        return any(b[0] <= a[0] and a[1] <= b[1] and b != a for b in spans[other])
+
+    named = [o for o, ss in spans.items() if any(not any(nested(s, p) for p in spans if p != o) for s in ss)]
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        return None
+    # 3. the answer is part of exactly one option
+    part_of = [o for o in options if any(_spans(p, tuple(tokens)) for p in _phrases(o))]
+    if len(part_of) == 1:
+        return part_of[0]
+    if len(part_of) > 1:
+        return None
+    # 4. a typo of exactly one option (compared squashed, so spacing does not matter)
+    squashed = "".join(tokens)
+    ratios = {
+        o: max(difflib.SequenceMatcher(None, squashed, "".join(p)).ratio() for p in _phrases(o)) for o in options
+        if _phrases(o)
+    }
+    close = sorted(((r, o) for o, r in ratios.items() if r >= 0.8), reverse=True)
+    if close and (len(close) == 1 or close[0][0] - close[1][0] >= 0.1):
+        return close[0][1]
+    return None
 
 
 def _token_f1(a: str, b: str) -> float:
@@ -52,19 +133,25 @@ def vote(
     """Aggregate N teacher samples into (answer, votes, agreement in [0, 1]).
 
     Short answers: majority over normalised forms (mapped onto ``options`` when given; a sample
-    naming no option votes for nothing). Long answers (captions): the medoid, the sample with the
-    highest mean token-F1 to the others; agreement is that mean.
+    naming no option, or an empty one, votes for nothing but still counts in the agreement's
+    denominator). A tie for the most votes has no winner: the answer is "" (the annotation is
+    rejected) rather than whichever sample came first. Long answers (captions): the medoid of the
+    non-empty samples, the one with the highest mean token-F1 to the others; agreement is that mean.
     """
     if not samples:
         return "", {}, 0.0
     if long_form and not options:
+        keep = [i for i, s in enumerate(samples) if normalise_answer(s)]
+        if not keep:
+            return "", {}, 0.0
         if len(samples) == 1:
             return samples[0], {samples[0]: 1}, 1.0
-        means = [
-            sum(_token_f1(s, o) for j, o in enumerate(samples) if j != i) / (len(samples) - 1)
-            for i, s in enumerate(samples)
-        ]
-        best = max(range(len(samples)), key=lambda i: (means[i], -i))
+        # empty samples are disagreement: they stay among the others a medoid is compared with
+        means = {
+            i: sum(_token_f1(samples[i], o) for j, o in enumerate(samples) if j != i) / (len(samples) - 1)
+            for i in keep
+        }
+        best = max(keep, key=lambda i: (means[i], -i))
         return samples[best], {samples[best]: 1}, float(means[best])
     counts: Counter[str] = Counter()
     shown: dict[str, str] = {}
@@ -77,14 +164,17 @@ def vote(
         else:
             key = normalise_answer(s)
             surface = s.strip()
+            if not key:
+                continue
         counts[key] += 1
         shown.setdefault(key, surface)
-    if not counts:
-        return "", {}, 0.0
-    # ties go to the answer seen first, so the vote is deterministic
-    order = {k: i for i, k in enumerate(shown)}
-    winner = max(counts, key=lambda k: (counts[k], -order[k]))
     votes = {shown[k]: c for k, c in counts.items()}
+    if not counts:
+        return "", votes, 0.0
+    ranked = counts.most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        return "", votes, ranked[0][1] / len(samples)  # a tie names no answer
+    winner = ranked[0][0]
     return shown[winner], votes, counts[winner] / len(samples)
 
 

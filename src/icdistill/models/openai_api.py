@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import difflib
 import email.utils
 import io
 import logging
@@ -50,26 +49,60 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 OPTIONS_PREFIX = "Answer with one of:"
 ANSWER_ONLY = "Reply with the answer only."
 
-# USD per 1M (input, output) tokens; a dated snapshot falls back to its family by longest prefix.
+# USD per 1M (input, output) tokens, list prices of the common models (checked 2026-11); a dated
+# snapshot falls back to its family by longest prefix. Unlisted models need price_in/price_out.
 PRICES: Mapping[str, tuple[float, float]] = MappingProxyType(
     {
         "gpt-4o": (2.5, 10.0),
         "gpt-4o-2024-05-13": (5.0, 15.0),
         "gpt-4o-mini": (0.15, 0.6),
+        "chatgpt-4o-latest": (5.0, 15.0),
         "gpt-4.1": (2.0, 8.0),
         "gpt-4.1-mini": (0.4, 1.6),
         "gpt-4.1-nano": (0.1, 0.4),
         "gpt-4-turbo": (10.0, 30.0),
+        "gpt-5": (1.25, 10.0),
+        "gpt-5-chat-latest": (1.25, 10.0),
+        "gpt-5-mini": (0.25, 2.0),
+        "gpt-5-nano": (0.05, 0.4),
+        "o1": (15.0, 60.0),
+        "o1-mini": (1.1, 4.4),
+        "o1-pro": (150.0, 600.0),
+        "o3": (2.0, 8.0),
+        "o3-mini": (1.1, 4.4),
+        "o3-pro": (20.0, 80.0),
+        "o4-mini": (1.1, 4.4),
     }
 )
+# Hosted APIs that bill per token: an unknown model there must not be counted as free.
+PAID_HOSTS = ("api.openai.com", ".openai.azure.com", "openrouter.ai", "api.together.xyz", "api.groq.com",
+              "api.fireworks.ai", "api.deepseek.com", "api.mistral.ai", "generativelanguage.googleapis.com")  # fmt: skip
+# Reasoning models take max_completion_tokens (which also pays the hidden reasoning) and only the
+# default temperature.
+_REASONING = re.compile(r"^(o\d+|gpt-5)(?!-chat)([-.].*)?$")
+
+
+def known_price(model: str) -> tuple[float, float] | None:
+    """(input, output) USD per 1M tokens of a listed model (or a dated snapshot of one), else None."""
+    if model in PRICES:
+        return PRICES[model]
+    family = [k for k in PRICES if model.startswith(k + "-")]
+    return PRICES[max(family, key=len)] if family else None
 
 
 def model_price(model: str) -> tuple[float, float]:
     """(input, output) USD per 1M tokens for a known model, else (0, 0) (local servers are free)."""
-    if model in PRICES:
-        return PRICES[model]
-    family = [k for k in PRICES if model.startswith(k + "-")]
-    return PRICES[max(family, key=len)] if family else (0.0, 0.0)
+    return known_price(model) or (0.0, 0.0)
+
+
+def is_reasoning_model(model: str) -> bool:
+    """OpenAI o-series and gpt-5 models (not gpt-5-chat): no max_tokens, no custom temperature."""
+    return bool(_REASONING.match(model.rsplit("/", 1)[-1]))
+
+
+def is_paid_endpoint(base_url: str) -> bool:
+    host = (httpx.URL(base_url).host or "").lower()
+    return any(host == h or (h.startswith(".") and host.endswith(h)) for h in PAID_HOSTS)
 
 
 # --- prompts and answers -------------------------------------------------------------------------
@@ -106,25 +139,10 @@ def normalise(text: str) -> str:
 
 
 def closest_option(answer: str, options: Sequence[str]) -> str | None:
-    """The option ``answer`` most plausibly names, or None when no option is close enough."""
-    a = normalise(answer)
-    norms = {o: normalise(o) for o in options}
-    for o, n in norms.items():
-        if n == a:
-            return o
-    squash = re.sub(r"[\W_]+", "", a)
-    for o, n in norms.items():
-        if squash and re.sub(r"[\W_]+", "", n) == squash:
-            return o
-    # "The answer is red." -> red; an option inside a longer named option does not count twice.
-    inside = [o for o, n in norms.items() if n and re.search(rf"(?<!\w){re.escape(n)}(?!\w)", a)]
-    inside = [o for o in inside if not any(o != p and norms[o] in norms[p] for p in inside)]
-    if len(inside) == 1:
-        return inside[0]
-    close = difflib.get_close_matches(a, list(norms.values()), n=1, cutoff=0.6)
-    if close:
-        return next(o for o, n in norms.items() if n == close[0])
-    return None
+    """The option ``answer`` most plausibly names, or None when none (or several) is close enough."""
+    from icdistill.teacher import match_option  # one matcher for every backend and the vote
+
+    return match_option(answer, options)
 
 
 def token_entropy(entry: Mapping[str, Any]) -> float:
