@@ -135,7 +135,7 @@ class SQLitePool:
         ):
             vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
         for row in self._db.execute(
-            "SELECT id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement "
+            "SELECT id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement, options "
             "FROM annotations WHERE in_pool = 1 ORDER BY id"
         ):
             demo = self._row_to_demo(row, vecs.get(row[0], {}))
@@ -144,7 +144,7 @@ class SQLitePool:
 
     @staticmethod
     def _row_to_demo(row: tuple[Any, ...], embeddings: Embeddings) -> Demo:
-        demo_id, query_id, position, png, image_ref, prompt, answer, teacher, votes, agreement = row
+        demo_id, query_id, position, png, image_ref, prompt, answer, teacher, votes, agreement, options = row
         return Demo(
             id=demo_id,
             query_id=query_id,
@@ -158,6 +158,7 @@ class SQLitePool:
                 "agreement": agreement,
                 "position": position,
                 "image_ref": image_ref,
+                "options": json.loads(options) if options else None,
             },
         )
 
@@ -292,6 +293,7 @@ class SQLitePool:
                 "agreement": annotation.agreement,
                 "position": query.position,
                 "image_ref": query.image_ref,
+                "options": list(query.options) if query.options else None,
             },
         )
         self._demos[demo_id] = demo

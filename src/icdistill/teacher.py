@@ -107,7 +107,8 @@ def match_option(text: str, options: Sequence[str]) -> str | None:
     # 4. a typo of exactly one option (compared squashed, so spacing does not matter)
     squashed = "".join(tokens)
     ratios = {
-        o: max(difflib.SequenceMatcher(None, squashed, "".join(p)).ratio() for p in _phrases(o)) for o in options
+        o: max(difflib.SequenceMatcher(None, squashed, "".join(p)).ratio() for p in _phrases(o))
+        for o in options
         if _phrases(o)
     }
     close = sorted(((r, o) for o, r in ratios.items() if r >= 0.8), reverse=True)
