@@ -23,6 +23,7 @@ from icdistill.models.openai_api import (
     closest_option,
     first_token_scores,
     format_prompt,
+    known_price,
     model_price,
     parse_prompt,
     token_entropy,
@@ -108,6 +109,7 @@ def test_spec_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert (t.price_in, t.price_out, t.temperature, t.max_side) == (1.0, 10.0, 0.3, 64)
     assert t.cache is not None and t.cache.path == tmp_path / CACHE_FILE
     assert t.name == "openai:gpt-4o@http://127.0.0.1:9/v1"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-xyz")
     d = resolve_student("openai:gpt-4o-mini?cache=0", ModelContext())
     assert (d.base_url, d.cache, d.price_in, d.name) == (
         "https://api.openai.com/v1",
@@ -367,3 +369,258 @@ def test_server_rejecting_logprobs_falls_back_to_votes() -> None:
         t.predict(QS[1], [])  # learnt: logprobs are not asked again
     assert ["logprobs" in b for b in bodies] == [True, False, False]
     assert bodies[1]["n"] == 3 and t.usage.calls == 2 and t.usage.prompt_tokens == 0
+
+
+# --- real servers' quirks, answered the way each server does --------------------------------------
+
+
+def chat_server(reply):
+    """An app whose /v1/chat/completions answers ``reply(body) -> (status, json)``; bodies are kept."""
+    app = FastAPI()
+    app.state.bodies = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict) -> JSONResponse:
+        app.state.bodies.append(body)
+        status, data = reply(body)
+        return JSONResponse(data, status_code=status)
+
+    return app
+
+
+def ok(texts, finish="stop", **msg) -> tuple[int, dict]:
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": t, **msg}, "finish_reason": finish}
+        for i, t in enumerate(texts)
+    ]
+    return 200, {
+        "object": "chat.completion",
+        "choices": choices,
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2},
+    }
+
+
+def openai_reasoning_reply(body: dict) -> tuple[int, dict]:
+    """OpenAI's o-series / gpt-5 answers to max_tokens, a non-default temperature and logprobs."""
+    if "max_tokens" in body:
+        return 400, {"error": {
+            "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}  # fmt: skip
+    if body.get("temperature", 1) != 1:
+        return 400, {"error": {
+            "message": f"Unsupported value: 'temperature' does not support {body['temperature']} with this "
+            "model. Only the default (1) value is supported.",
+            "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}}  # fmt: skip
+    if "logprobs" in body:
+        return 400, {"error": {
+            "message": "Unsupported parameter: 'logprobs' is not supported with this model.",
+            "type": "invalid_request_error", "param": "logprobs", "code": "unsupported_parameter"}}  # fmt: skip
+    return ok(["green"] * body.get("n", 1))
+
+
+def test_reasoning_model_adapts_once_to_max_completion_tokens_and_default_temperature() -> None:
+    app = chat_server(openai_reasoning_reply)
+    with LocalServer(app) as base:
+        t = OpenAIChatModel("my-proxy-reasoner", base + "/v1", cache=None, backoff=0.01)
+        r = t.sample(QS[0], 3)
+        assert r.answers == ["green"] * 3 and r.usage.faults == 0
+        n_adapt = len(app.state.bodies)
+        assert n_adapt == 3  # max_tokens refused, temperature refused, then the answer
+        assert t.sample(QS[1], 2).answers == ["green"] * 2
+        assert len(app.state.bodies) == n_adapt + 1  # learnt: no more 400s
+        last = app.state.bodies[-1]
+        assert "max_tokens" not in last and last["max_completion_tokens"] == 128 and "temperature" not in last
+        p = t.predict(QS[0], [])  # logprobs refused too: votes
+        assert p.answer == "green"
+
+
+def test_known_reasoning_model_is_asked_right_the_first_time() -> None:
+    app = chat_server(openai_reasoning_reply)
+    with LocalServer(app) as base:
+        t = resolve_teacher(f"openai:o4-mini@{base}/v1?cache=0")
+        assert t.sample(QS[0], 2).answers == ["green", "green"]
+        (body,) = app.state.bodies
+        assert body["max_completion_tokens"] == 4096 and "temperature" not in body
+        g = resolve_teacher(
+            f"openai:gpt-5-mini@{base}/v1?cache=0&temperature=none&max_tokens=64&reasoning_effort=low"
+        )
+        g.sample(QS[0], 1)
+        assert app.state.bodies[-1]["reasoning_effort"] == "low"
+        assert app.state.bodies[-1]["max_completion_tokens"] == 64
+    assert OpenAIChatModel("gpt-5-chat-latest", cache=None).max_tokens != 4096
+
+
+@pytest.mark.parametrize("status", [400, 500])  # llama.cpp server: 400 now, 500 in older builds
+def test_llama_cpp_refusing_n_switches_to_one_request_per_sample(status: int) -> None:
+    def llama_cpp(body: dict) -> tuple[int, dict]:
+        if body.get("n", 1) != 1:
+            kind = "invalid_request_error" if status == 400 else "server_error"
+            return status, {
+                "error": {"code": status, "message": "Only one completion choice is allowed", "type": kind}
+            }
+        return ok(["blue"])
+
+    app = chat_server(llama_cpp)
+    with LocalServer(app) as base:
+        t = client(base, retries=3)
+        r = t.sample(QS[0], 3)
+        assert r.answers == ["blue"] * 3 and len(app.state.bodies) == 4  # one refusal, then 3 singles
+        t.sample(QS[1], 2)
+        assert len(app.state.bodies) == 6 and all("n" not in b for b in app.state.bodies[1:])
+        p = client(base, logprobs=False, samples=3).predict(QS[0], [])  # the vote fallback works too
+        assert p.answer == "blue"
+        app.state.bodies.clear()
+        off = resolve_teacher(f"openai:llama@{base}/v1?cache=0&n=0")
+        assert off.sample(QS[0], 2).answers == ["blue", "blue"]
+        assert len(app.state.bodies) == 2 and all("n" not in b for b in app.state.bodies)
+
+
+def test_prices_of_current_models_and_unknown_paid_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    for model in ("gpt-5", "gpt-5-mini", "o3", "o4-mini", "chatgpt-4o-latest", "o4-mini-2025-04-16"):
+        assert known_price(model) is not None and model_price(model)[1] > 0, model
+    assert known_price("gpt-5-mini") != known_price("gpt-5")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    assert resolve_teacher("openai:gpt-5?cache=0").price_known
+    unknown = resolve_teacher("openai:gpt-7-preview?cache=0")
+    assert not unknown.price_known and unknown.price_out == 0
+    assert resolve_teacher("openai:gpt-7-preview?cache=0&price_in=1&price_out=2").price_known
+    assert resolve_teacher("openai:my-model@http://127.0.0.1:9/v1?cache=0").price_known  # a local server
+
+
+def test_missing_key_for_a_paid_endpoint_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(SpecError, match="OPENAI_API_KEY"):
+        resolve_teacher("openai:gpt-4o")
+    with pytest.raises(SpecError, match="MY_KEY"):
+        resolve_teacher("openai:gpt-4o@https://api.openai.com/v1?api_key_env=MY_KEY")
+    assert resolve_teacher("openai:qwen@http://127.0.0.1:9/v1?cache=0").name  # local: no key needed
+
+
+def test_first_token_prefix_is_not_a_confident_option() -> None:
+    def brown(body: dict) -> tuple[int, dict]:
+        if body.get("logprobs"):
+            lp = {"content": [
+                {"token": "b", "logprob": -0.05, "top_logprobs": [{"token": "b", "logprob": -0.05},
+                                                                   {"token": "g", "logprob": -3.5}]},
+                {"token": "rown", "logprob": -0.01, "top_logprobs": [{"token": "rown", "logprob": -0.01}]},
+            ]}  # fmt: skip
+            status, data = ok(["brown"])
+            data["choices"][0]["logprobs"] = lp
+            return status, data
+        return ok(["brown"] * body.get("n", 1))
+
+    app = chat_server(brown)
+    with LocalServer(app) as base:
+        p = client(base, samples=4).predict(QS[0], [])
+    probs = p.option_probs()
+    assert max(probs.values()) < 0.5  # no vote names an option: not {'blue': 0.95}
+    assert len(app.state.bodies) == 2  # the greedy answer was checked and votes were asked
+
+
+def test_refusals_filtered_and_truncated_answers_are_failed_samples(tmp_path: Path) -> None:
+    replies = iter([
+        ok([None], refusal="I can't help with that."),
+        ok(["gre"], finish="length"),
+        ok(["green"]),
+        ok(["red"], finish="content_filter"),
+    ])  # fmt: skip
+
+    def server(body: dict) -> tuple[int, dict]:
+        return next(replies)
+
+    app = chat_server(server)
+    open_q = Query(id="o", image=QS[0].image, prompt="Describe the image.")
+    with LocalServer(app) as base:
+        t = client(base, cache=ResponseCache(tmp_path / "c.sqlite"), use_n=False)
+        r = t.sample(open_q, 4)
+        assert r.answers == ["", "", "green", ""] and r.usage.faults == 3 and r.usage.calls == 4
+        assert len(ResponseCache(tmp_path / "c.sqlite")) == 1  # only the real answer is kept
+    app2 = chat_server(lambda body: ok([None], refusal="No."))
+    with LocalServer(app2) as base, pytest.raises(TeacherError, match="refused"):
+        client(base).sample(QS[0], 2)
+
+
+def test_old_vllm_top_level_errors_are_read() -> None:
+    def old_vllm(body: dict) -> tuple[int, dict]:
+        if "logprobs" in body:  # vLLM < 0.6 error shape
+            return 400, {"object": "error", "message": "top_logprobs must be at most 0 (logprobs disabled)",
+                         "type": "BadRequestError", "param": None, "code": 400}  # fmt: skip
+        if body["model"] == "missing":
+            return 404, {"object": "error", "message": "The model `missing` does not exist.",
+                         "type": "NotFoundError", "param": None, "code": 404}  # fmt: skip
+        return ok(["red"] * body.get("n", 1))
+
+    app = chat_server(old_vllm)
+    with LocalServer(app) as base:
+        p = client(base, samples=2).predict(QS[0], [])
+        assert p.answer == "red" and "logprobs" not in app.state.bodies[-1]
+        with pytest.raises(TeacherError, match="The model `missing` does not exist"):
+            OpenAIChatModel("missing", base + "/v1", cache=None).sample(QS[0], 1)
+
+
+def test_used_up_quota_and_a_url_without_scheme_fail_at_once() -> None:
+    quota = {"error": {"message": "You exceeded your current quota, please check your plan and billing details.",
+                       "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}  # fmt: skip
+    app = chat_server(lambda body: (429, quota))
+    with LocalServer(app) as base, pytest.raises(TeacherError, match="quota"):
+        client(base, retries=4).sample(QS[0], 1)
+    assert len(app.state.bodies) == 1
+    with pytest.raises(SpecError, match="scheme"):
+        OpenAIChatModel("m", "127.0.0.1:8000/v1")
+
+
+def test_redirect_fails_at_once_with_the_new_address() -> None:
+    app = FastAPI()
+    hits: list[int] = []
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> JSONResponse:
+        hits.append(1)
+        return JSONResponse(
+            {}, status_code=301, headers={"location": "https://api.example.test/v1/chat/completions"}
+        )
+
+    with LocalServer(app) as base, pytest.raises(TeacherError, match="https://api.example.test"):
+        client(base, retries=4).sample(QS[0], 1)
+    assert len(hits) == 1
+
+
+def test_deadline_bounds_a_request_with_all_its_retries() -> None:
+    app, srv = faulty("slow:0.5*50")
+    with srv as base:
+        t = client(base, timeout=0.2, retries=50, deadline=1.0)
+        with pytest.raises(TeacherError, match="deadline"):
+            t.sample(QS[0], 1)
+    assert app.state.requests < 51  # stopped by the deadline, not by running out of retries
+
+
+def test_palette_images_with_different_palettes_get_different_uris(server) -> None:
+    base, _, _ = server
+    a = Image.new("P", (8, 8), 0)
+    a.putpalette([255, 0, 0] * 256)
+    b = Image.new("P", (8, 8), 0)
+    b.putpalette([0, 0, 255] * 256)
+    t = client(base)
+    ua = t.build_messages(Query(id="a", image=a, prompt="x"), [])[0]["content"][0]["image_url"]["url"]
+    ub = t.build_messages(Query(id="b", image=b, prompt="x"), [])[0]["content"][0]["image_url"]["url"]
+    assert ua != ub
+    pix = Image.open(io.BytesIO(base64.b64decode(ub.split(",", 1)[1]))).convert("RGB").getpixel((0, 0))
+    assert pix[2] > 200 and pix[0] < 50
+
+
+def test_run_seed_is_part_of_the_sample_key_unless_seed_is_pinned(tmp_path: Path) -> None:
+    student = RecordingStudent(count_answers=True)
+    app = create_app(student, ignore_n=True)
+    q = Query(id="o", image=QS[0].image, prompt="Describe the image.")
+    with LocalServer(app) as base:
+        spec = f"openai:fake@{base}/v1?cache_dir={tmp_path}&backoff=0.01"
+        first = resolve_teacher(spec, ModelContext(seed=1)).sample(q, 2)
+        same = resolve_teacher(spec, ModelContext(seed=1)).sample(q, 2)
+        other = resolve_teacher(spec, ModelContext(seed=2)).sample(q, 2)
+        assert same.answers == first.answers and same.usage.calls == 0
+        assert other.usage.calls == 2 and set(other.answers).isdisjoint(first.answers)
+        pinned = spec + "&seed=5"
+        resolve_teacher(pinned, ModelContext(seed=1)).sample(q, 2)
+        again = resolve_teacher(pinned, ModelContext(seed=2)).sample(q, 2)
+        assert again.usage.calls == 0  # a pinned seed replays across run seeds

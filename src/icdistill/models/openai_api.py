@@ -9,7 +9,9 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -21,6 +23,7 @@ import unicodedata
 import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_TEMPERATURE = 0.7
 OPTIONS_PREFIX = "Answer with one of:"
 ANSWER_ONLY = "Reply with the answer only."
 
@@ -227,6 +231,16 @@ def encode_image(image: Image.Image, max_side: int = 768, fmt: str = "auto", qua
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
+def image_key(image: Image.Image) -> str:
+    """A key for the data URI of ``image``: pixels plus the palette and transparency that
+    ``image_digest`` (pixel indices only) leaves out, so two palettes never share a URI."""
+    if image.mode not in ("P", "PA"):
+        return image_digest(image)
+    extra = hashlib.sha1(bytes(image.getpalette() or []))
+    extra.update(repr(image.info.get("transparency")).encode())
+    return f"{image_digest(image)}:{extra.hexdigest()}"
+
+
 # --- transport -----------------------------------------------------------------------------------
 
 
@@ -241,6 +255,18 @@ class _Retryable(Exception):
 
 class _LogprobsRejected(Exception):
     """The server refused the logprobs parameters (HTTP 400); the student retries without them."""
+
+
+class _NRejected(Exception):
+    """The server refuses ``n`` > 1 (llama.cpp: "Only one completion choice is allowed")."""
+
+
+class _Unsupported(Exception):
+    """HTTP 400 naming a parameter the model does not take (OpenAI reasoning models)."""
+
+    def __init__(self, param: str, text: str) -> None:
+        super().__init__(text)
+        self.param = param
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -263,13 +289,66 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _error_text(resp: httpx.Response) -> str:
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An error reply's fields, from OpenAI's ``{"error": {...}}``, vLLM's older top-level
+    ``{"object": "error", "message": ...}``, FastAPI's ``{"detail": ...}`` or a plain-text body."""
+
+    message: str
+    code: str = ""
+    param: str = ""
+    type: str = ""
+
+
+def error_info(resp: httpx.Response) -> ErrorInfo:
     try:
-        err = resp.json().get("error")
-        msg = err.get("message") if isinstance(err, dict) else err
-    except (ValueError, AttributeError):
-        msg = resp.text
-    return " ".join(str(msg or resp.reason_phrase).split())[:200]
+        data = resp.json()
+    except ValueError:
+        data = None
+    src: Any = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            src = err
+        elif isinstance(err, str):
+            src = {"message": err, **{k: data.get(k) for k in ("code", "param", "type")}}
+        elif "message" in data:
+            src = data
+        elif "detail" in data:
+            src = {
+                "message": json.dumps(data["detail"])
+                if not isinstance(data["detail"], str)
+                else data["detail"]
+            }
+    if src is None:
+        src = {"message": resp.text}
+
+    def text(key: str) -> str:
+        value = src.get(key)
+        return "" if value is None else " ".join(str(value).split())
+
+    return ErrorInfo(
+        message=text("message")[:300] or resp.reason_phrase,
+        code=text("code"),
+        param=text("param"),
+        type=text("type"),
+    )
+
+
+_PARAM_IN_TEXT = re.compile(r"unsupported (?:parameter|value): '(\w+)'", re.IGNORECASE)
+
+
+def _unsupported_param(info: ErrorInfo) -> str | None:
+    """The parameter a 400 says the model does not take, if it says so."""
+    if info.code in ("unsupported_parameter", "unsupported_value") and info.param:
+        return info.param
+    m = _PARAM_IN_TEXT.search(info.message)
+    return m.group(1) if m else None
+
+
+def _refuses_n(info: ErrorInfo) -> bool:
+    msg = info.message.lower()
+    return "only one completion choice" in msg or info.param == "n"
 
 
 def _finite(x: Any) -> float:
@@ -278,7 +357,11 @@ def _finite(x: Any) -> float:
 
 
 def _parse_choice(raw: Any) -> dict[str, Any]:
-    """The parts of one API choice we use, in a compact JSON-able form (also the cache value)."""
+    """The parts of one API choice we use, in a compact JSON-able form (also the cache value).
+
+    ``failed`` is set for a choice that is no answer: a refusal, a content-filter block, an answer cut
+    at the token limit, or no content at all. Such choices are counted, never cached or pooled.
+    """
     msg = raw["message"]
     content = msg.get("content")
     if isinstance(content, list):  # some servers return content parts
@@ -294,7 +377,17 @@ def _parse_choice(raw: Any) -> dict[str, Any]:
             }
             for e in lp["content"]
         ]
-    return {"content": content if isinstance(content, str) else "", "logprobs": entries}
+    out: dict[str, Any] = {"content": content if isinstance(content, str) else "", "logprobs": entries}
+    refusal, finish = msg.get("refusal"), raw.get("finish_reason")
+    if isinstance(refusal, str) and refusal.strip():
+        out["failed"] = f"refused ({' '.join(refusal.split())[:80]})"
+    elif finish == "content_filter":
+        out["failed"] = "blocked by the content filter"
+    elif finish == "length":
+        out["failed"] = "cut off at the token limit (raise max_tokens)"
+    elif not isinstance(content, str):
+        out["failed"] = "no answer text in the reply"
+    return out
 
 
 class _LoopThread:
@@ -348,7 +441,11 @@ class OpenAIChatModel:
     ``usage`` accumulates every request of this object; each ``TeacherResponse.usage`` covers only
     its own call. ``calls`` counts real HTTP answers: a fully cached call reports ``calls == 0``
     (see ``cache_hits``). ``faults`` counts failed attempts (timeouts, 429, 5xx, malformed replies,
-    wrong number of choices).
+    wrong number of choices) and failed samples (refusals, filtered or truncated answers).
+
+    Learnt once per object and then kept: the server ignores or refuses ``n`` (one request per
+    sample), rejects logprobs (votes instead), or the model takes ``max_completion_tokens`` and only
+    its default temperature (OpenAI reasoning models; known ones get this from the start).
     """
 
     def __init__(
@@ -362,8 +459,13 @@ class OpenAIChatModel:
         retries: int = 4,
         backoff: float = 1.0,
         max_backoff: float = 60.0,
-        temperature: float = 0.7,
-        max_tokens: int = 128,
+        temperature: float | None = DEFAULT_TEMPERATURE,
+        max_tokens: int | None = None,
+        token_param: str = "auto",
+        use_n: bool = True,
+        deadline: float | None = 180.0,
+        reasoning_effort: str | None = None,
+        run_seed: int = 0,
         logprobs: bool = True,
         top_logprobs: int = 5,
         samples: int = 5,
@@ -383,6 +485,13 @@ class OpenAIChatModel:
             raise SpecError("openai backend needs a model name: openai:<model>@<base_url>")
         if image_format not in ("auto", "jpeg", "png"):
             raise SpecError(f"image_format must be auto, jpeg or png, not {image_format!r}")
+        if token_param not in ("auto", "max_tokens", "max_completion_tokens"):
+            raise SpecError(
+                f"token_param must be auto, max_tokens or max_completion_tokens, not {token_param!r}"
+            )
+        if not base_url.startswith(("http://", "https://")):
+            raise SpecError(f"base URL {base_url!r} needs a scheme: http://host:port/v1 or https://...")
+        reasoning = is_reasoning_model(model)
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.name = name or (
@@ -393,14 +502,32 @@ class OpenAIChatModel:
         self.retries = max(0, retries)
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.temperature = temperature
-        self.max_tokens = max_tokens
+        # Reasoning models reject a non-default temperature and spend tokens thinking before answering.
+        self.temperature = None if reasoning and temperature == DEFAULT_TEMPERATURE else temperature
+        self.max_tokens = max_tokens if max_tokens is not None else (4096 if reasoning else 128)
+        self.use_n = use_n
+        self.deadline = deadline
+        self.reasoning_effort = reasoning_effort
+        self.run_seed = run_seed
         self.logprobs = logprobs
         self.top_logprobs = min(max(top_logprobs, 0), 20)  # the API's limit
         self.samples = max(1, samples)
-        default_in, default_out = model_price(model)
+        listed = known_price(model)
+        default_in, default_out = listed or (0.0, 0.0)
         self.price_in = default_in if price_in is None else price_in
         self.price_out = default_out if price_out is None else price_out
+        self.paid = is_paid_endpoint(self.base_url)
+        # False only where a bill is sure but its size unknown: a cost cap could not hold.
+        self.price_known = (
+            not self.paid or listed is not None or (price_in is not None and price_out is not None)
+        )
+        if not self.price_known:
+            log.warning(
+                "%s: no price known for %r; its cost is counted as 0 USD (pass price_in= and price_out=, "
+                "USD per 1M tokens)",
+                self.name,
+                model,
+            )
         self.max_side = max_side
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
@@ -416,6 +543,10 @@ class OpenAIChatModel:
         self._images: OrderedDict[str, str] = OrderedDict()
         self._server_n: bool | None = None  # learnt: does the server honour ``n``?
         self._server_logprobs: bool | None = None  # learnt: does it return logprobs?
+        if token_param == "auto":
+            token_param = "max_completion_tokens" if reasoning else "max_tokens"
+        self._token_param = token_param  # learnt from a 400 unsupported_parameter too
+        self._send_temperature = self.temperature is not None
         self._client: httpx.AsyncClient | None = None
         self._sem: asyncio.Semaphore | None = None
         self._rng = random.Random()  # jitter only: spreads retries of concurrent requests apart
@@ -478,7 +609,7 @@ class OpenAIChatModel:
     # -- messages
 
     def _image_uri(self, image: Image.Image) -> str:
-        key = image_digest(image)
+        key = image_key(image)
         with self._lock:
             if key in self._images:
                 self._images.move_to_end(key)
@@ -523,12 +654,24 @@ class OpenAIChatModel:
         try:
             params = self._params(query, self.temperature)
             choices = await self._complete(messages, params, n, usage)
+            failed = self._count_failed(choices, usage)
         finally:
             self._account(usage)
-        answers = [c["content"].strip() for c in choices]
+        if len(failed) == len(choices):
+            raise TeacherError(f"{self.name}: no usable answer among {n}: {failed[0]}")
+        # A failed sample stays in place as an empty answer: it votes for nothing, so it lowers the
+        # agreement instead of vanishing, and an empty answer is never pooled.
+        answers = ["" if c.get("failed") else c["content"].strip() for c in choices]
         if query.options:
-            answers = [closest_option(a, query.options) or a for a in answers]
+            answers = [(closest_option(a, query.options) or a) if a else a for a in answers]
         return TeacherResponse(answers=answers, usage=usage)
+
+    def _count_failed(self, choices: list[dict[str, Any]], usage: Usage) -> list[str]:
+        failed = [str(c["failed"]) for c in choices if c.get("failed")]
+        if failed:
+            usage.faults += len(failed)
+            log.warning("%s: %d of %d answers unusable: %s", self.name, len(failed), len(choices), failed[0])
+        return failed
 
     async def _apredict(self, query: Query, messages: list[dict[str, Any]]) -> Prediction:
         usage = Usage()
@@ -547,18 +690,23 @@ class OpenAIChatModel:
                 self._server_logprobs = False
                 log.info("%s: server rejects logprobs; scoring by sampled votes", self.name)
             else:
-                greedy = choice["content"].strip()
-                entries = choice["logprobs"]
-                if entries:
-                    self._server_logprobs = True
-                    pred = self._from_logprobs(query, greedy, entries)
-                    if pred is not None:
-                        return pred
-                elif entries is None and self._server_logprobs is None:
-                    self._server_logprobs = False  # silently ignored: don't ask again
+                if not self._count_failed([choice], usage):
+                    greedy = choice["content"].strip()
+                    entries = choice["logprobs"]
+                    if entries:
+                        self._server_logprobs = True
+                        pred = self._from_logprobs(query, greedy, entries)
+                        if pred is not None:
+                            return pred
+                    elif entries is None and self._server_logprobs is None:
+                        self._server_logprobs = False  # silently ignored: don't ask again
         # Fallback: uncertainty from the disagreement of sampled answers.
         choices = await self._complete(messages, self._params(query, self.temperature), self.samples, usage)
-        answers = [c["content"].strip() for c in choices] + ([greedy] if greedy is not None else [])
+        failed = self._count_failed(choices, usage)
+        answers = [c["content"].strip() for c in choices if not c.get("failed")]
+        answers += [greedy] if greedy is not None else []
+        if not answers:
+            raise TeacherError(f"{self.name}: no usable answer among {len(choices)}: {failed[0]}")
         if query.options:
             scores = vote_scores(answers, query.options)
             prefer = closest_option(greedy, query.options) if greedy is not None else None
@@ -577,27 +725,73 @@ class OpenAIChatModel:
         if not query.options:
             return Prediction(answer=answer, token_logprobs=logprobs, token_entropies=entropies)
         scores = first_token_scores(entries, query.options)
-        if scores is None:
+        named = closest_option(answer, query.options)
+        # The first token only matches options by prefix ("b" of "brown" -> blue): its scores count
+        # only when the whole answer names the option they favour.
+        if scores is None or named is None or max(scores, key=scores.__getitem__) != named:
             return None
-        best = _best(scores, closest_option(answer, query.options))
+        best = _best(scores, named)
         return Prediction(
             answer=best, option_scores=scores, token_logprobs=logprobs, token_entropies=entropies
         )
 
-    def _params(self, query: Query, temperature: float) -> dict[str, Any]:
-        params: dict[str, Any] = {"temperature": temperature, "max_tokens": self.max_tokens}
+    def _params(self, query: Query, temperature: float | None) -> dict[str, Any]:
+        """What determines the answer (also the cache key); ``_body`` maps it onto this server's names."""
+        params: dict[str, Any] = {"max_tokens": self.max_tokens}
+        if temperature is not None:
+            params["temperature"] = temperature
         if self.seed is not None:
             params["seed"] = self.seed
+        if self.reasoning_effort:
+            params["reasoning_effort"] = self.reasoning_effort
         if self.send_options and query.options:
             params["options"] = list(query.options)
         return params
+
+    def _key_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        # Without a pinned seed, runs with different --seed must draw fresh samples; run seed 0 adds
+        # nothing, so caches written before the run seed was part of the key stay valid.
+        if self.seed is None and self.run_seed:
+            return params | {"run_seed": self.run_seed}
+        return params
+
+    def _body(
+        self, messages: list[dict[str, Any]], params: dict[str, Any], k: int, index: int
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        for key, value in params.items():
+            if key == "max_tokens":
+                body[self._token_param] = value
+            elif key != "temperature" or self._send_temperature:
+                body[key] = value
+        if k > 1:
+            body["n"] = k
+        elif "seed" in params:
+            body["seed"] = params["seed"] + index  # repeated single samples must not be identical
+        return body
+
+    def _adapt(self, param: str) -> bool:
+        """Stop sending what the model refuses (once; later requests know). False: nothing to change."""
+        if param == "max_tokens" and self._token_param == "max_tokens":
+            self._token_param = "max_completion_tokens"
+        elif param == "max_completion_tokens" and self._token_param == "max_completion_tokens":
+            self._token_param = "max_tokens"
+        elif param == "temperature" and self._send_temperature:
+            self._send_temperature = False
+            log.warning("%s: the model takes only its default temperature; sampling at that", self.name)
+            return True
+        else:
+            return False
+        log.info("%s: the model takes %s", self.name, self._token_param)
+        return True
 
     async def _complete(
         self, messages: list[dict[str, Any]], params: dict[str, Any], n: int, usage: Usage
     ) -> list[dict[str, Any]]:
         """``n`` parsed choices: cached ones by sample index, the rest requested (filled up if short)."""
+        key_params = self._key_params(params)
         keys = (
-            [cache_key(self.model, self.base_url, messages, params, i) for i in range(n)]
+            [cache_key(self.model, self.base_url, messages, key_params, i) for i in range(n)]
             if self.cache is not None
             else []
         )
@@ -611,7 +805,7 @@ class OpenAIChatModel:
                 self.cache_hits += hits
         missing = [i for i, c in enumerate(got) if c is None]
         while missing:
-            if len(missing) == 1 or self._server_n is False:
+            if len(missing) == 1 or self._server_n is False or not self.use_n:
                 results = await asyncio.gather(
                     *(self._request(messages, params, 1, usage, i) for i in missing), return_exceptions=True
                 )
@@ -624,7 +818,12 @@ class OpenAIChatModel:
                     if not isinstance(r, BaseException)
                 ]
             else:
-                choices = await self._request(messages, params, len(missing), usage, missing[0])
+                try:
+                    choices = await self._request(messages, params, len(missing), usage, missing[0])
+                except _NRejected:
+                    log.info("%s: server refuses n > 1; sampling with one request per answer", self.name)
+                    self._server_n = False
+                    continue
                 if len(choices) == 1:
                     if self._server_n is None:
                         log.info("%s: server ignores n; sampling with one request per answer", self.name)
@@ -634,7 +833,7 @@ class OpenAIChatModel:
                 pairs = list(zip(missing, choices, strict=False))
             for i, c in pairs:
                 got[i] = c
-                if self.cache is not None:
+                if self.cache is not None and not c.get("failed"):
                     self.cache.put(keys[i], c)
             missing = [i for i, c in enumerate(got) if c is None]
         return [c for c in got if c is not None]
@@ -642,12 +841,22 @@ class OpenAIChatModel:
     async def _request(
         self, messages: list[dict[str, Any]], params: dict[str, Any], k: int, usage: Usage, index: int
     ) -> list[dict[str, Any]]:
-        """One logical request for ``k`` choices, retried; at least one choice or TeacherError."""
-        body: dict[str, Any] = {"model": self.model, "messages": messages, **params}
-        if k > 1:
-            body["n"] = k
-        elif "seed" in params:
-            body["seed"] = params["seed"] + index  # repeated single samples must not be identical
+        """One logical request for ``k`` choices, retried within ``deadline``; >= 1 choice or TeacherError."""
+        try:
+            async with asyncio.timeout(self.deadline):
+                while True:
+                    body = self._body(messages, params, k, index)
+                    try:
+                        return await self._retried(body, k, usage)
+                    except _Unsupported as e:
+                        if not self._adapt(e.param):
+                            raise TeacherError(f"{self.name}: HTTP 400: {e}") from None
+        except TimeoutError:
+            raise TeacherError(
+                f"{self.name}: no answer within the deadline of {self.deadline:g}s (spec option deadline=)"
+            ) from None
+
+    async def _retried(self, body: dict[str, Any], k: int, usage: Usage) -> list[dict[str, Any]]:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Retryable),
             stop=stop_after_attempt(self.retries + 1),
@@ -705,14 +914,14 @@ class OpenAIChatModel:
             except httpx.HTTPError as e:
                 raise self._fault(usage, f"connection failed ({type(e).__name__})") from None
         code = resp.status_code
-        if code in (408, 409, 429) or code >= 500:
-            raise self._fault(usage, f"HTTP {code}: {_error_text(resp)}", _retry_after(resp.headers))
+        if 300 <= code < 400:
+            # POSTs are not followed (they would turn into GETs); the address is wrong, not the server busy.
+            where = resp.headers.get("location", "elsewhere")
+            raise TeacherError(
+                f"{self.name}: HTTP {code}: the server redirects to {where}; use that address as the base URL"
+            )
         if code >= 400:
-            text = _error_text(resp)
-            if code == 400 and "logprobs" in body and "logprob" in text.lower():
-                raise _LogprobsRejected(text)
-            hint = " (check the key in the api_key_env variable)" if code in (401, 403) else ""
-            raise TeacherError(f"{self.name}: HTTP {code}: {text}{hint}")
+            self._raise_for_error(resp, body, usage)
         try:
             data = resp.json()
             choices = [_parse_choice(c) for c in data["choices"]]
@@ -731,9 +940,37 @@ class OpenAIChatModel:
             log.info("%s: asked for %d choices, got %d", self.name, k, len(choices))
         return choices[:k]
 
+    def _raise_for_error(self, resp: httpx.Response, body: dict[str, Any], usage: Usage) -> None:
+        code = resp.status_code
+        info = error_info(resp)
+        text = info.message
+        if body.get("n", 1) > 1 and code in (400, 500) and _refuses_n(info):
+            raise _NRejected(text)  # llama.cpp: 400, or 500 in older versions
+        if code == 429 and "insufficient_quota" in (info.code, info.type):
+            raise TeacherError(
+                f"{self.name}: HTTP 429: the account's quota is used up ({text}); retrying cannot help"
+            )
+        if code in (408, 409, 429) or code >= 500:
+            raise self._fault(usage, f"HTTP {code}: {text}", _retry_after(resp.headers))
+        param = _unsupported_param(info) if code in (400, 422) else None
+        if (
+            "logprobs" in body
+            and code in (400, 422)
+            and ("logprob" in text.lower() or param in ("logprobs", "top_logprobs"))
+        ):
+            raise _LogprobsRejected(text)
+        if param:
+            raise _Unsupported(param, text)
+        hint = " (check the key in the api_key_env variable)" if code in (401, 403) else ""
+        raise TeacherError(f"{self.name}: HTTP {code}: {text}{hint}")
+
 
 def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
-    """``openai:<model>[@<base_url>][?api_key_env=..&timeout=..&concurrency=..&retries=..&cache=0|1&...]``."""
+    """``openai:<model>[@<base_url>][?api_key_env=..&timeout=..&concurrency=..&retries=..&cache=0|1&...]``.
+
+    ``temperature=none`` sends no temperature, ``n=0`` one request per sample, ``deadline=S`` bounds a
+    request with all its retries, ``token_param=max_completion_tokens`` for servers that want it.
+    """
     model, _, base_url = spec.target.partition("@")
     model = model.strip()
     base_url = base_url.strip() or DEFAULT_BASE_URL
@@ -743,6 +980,7 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
         "api_key_env", "timeout", "concurrency", "retries", "backoff", "max_backoff", "temperature",
         "max_tokens", "logprobs", "top_logprobs", "samples", "price_in", "price_out", "max_side",
         "image_format", "jpeg_quality", "detail", "seed", "system", "send_options", "cache", "cache_dir",
+        "token_param", "n", "deadline", "reasoning_effort",
     }  # fmt: skip
     unknown = sorted(set(spec.options) - known)
     if unknown:
@@ -754,6 +992,17 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
         return spec.opt(key, default, lambda v: v.strip().lower() not in ("0", "false", "no", "off"))
 
     key_env = spec.opt("api_key_env", "OPENAI_API_KEY")
+    api_key = os.environ.get(key_env) or None
+    if api_key is None and is_paid_endpoint(base_url):
+        # Fail before a run starts instead of retrying every teacher call into a 401.
+        raise SpecError(
+            f"spec {spec.raw!r}: {base_url} needs an API key; set the {key_env} environment variable "
+            f"(or name another with api_key_env=)"
+        )
+
+    def optional_float(v: str) -> float | None:
+        return None if v.strip().lower() in ("", "none", "default") else float(v)
+
     cache: ResponseCache | None = None
     if flag("cache", True):
         root = spec.opt("cache_dir", None)
@@ -763,14 +1012,19 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
     return OpenAIChatModel(
         model,
         base_url,
-        api_key=os.environ.get(key_env),
+        api_key=api_key,
         timeout=spec.opt("timeout", 60.0, float),
         concurrency=spec.opt("concurrency", 4, int),
         retries=spec.opt("retries", 4, int),
         backoff=spec.opt("backoff", 1.0, float),
         max_backoff=spec.opt("max_backoff", 60.0, float),
-        temperature=spec.opt("temperature", 0.7, float),
-        max_tokens=spec.opt("max_tokens", 128, int),
+        temperature=spec.opt("temperature", DEFAULT_TEMPERATURE, optional_float),
+        max_tokens=spec.opt("max_tokens", None, int),
+        token_param=spec.opt("token_param", "auto"),
+        use_n=flag("n", True),
+        deadline=spec.opt("deadline", 180.0, optional_float),
+        reasoning_effort=spec.opt("reasoning_effort", None),
+        run_seed=ctx.seed,
         logprobs=flag("logprobs", True),
         top_logprobs=spec.opt("top_logprobs", 5, int),
         samples=spec.opt("samples", 5, int),
