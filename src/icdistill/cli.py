@@ -190,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--faults", default=None, help="fault plan for drills, e.g. 'slow:3,500,429:1,garbage,wrong_n'"
     )
     serve.set_defaults(func=_cmd_serve_model)
+    from icdistill.service.config import add_serve_args, cmd_serve
+
+    svc = sub.add_parser(
+        "serve",
+        help="online ICD as an HTTP service (a model or a person as teacher)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_serve_args(svc)
+    svc.set_defaults(func=cmd_serve)
     return p
 
 

@@ -310,6 +310,18 @@ class SQLitePool:
         )
         return oldest
 
+    def remove(self, demo_id: int) -> bool:
+        """Take a demo out of the pool; its annotation stays on disk, status 'deleted'. False if not pooled."""
+        if demo_id not in self._demos:
+            return False
+        try:
+            self._db.execute("UPDATE annotations SET in_pool = 0, status = 'deleted' WHERE id = ?", (demo_id,))
+        except sqlite3.Error as e:
+            raise ICDError(f"could not write to pool {self.path}: {e}") from e
+        self._demos.pop(demo_id)
+        self._index.remove(demo_id)
+        return True
+
     def close(self) -> None:
         self._db.close()
 

@@ -1,0 +1,159 @@
+"""``icd serve``: the FastAPI application and its uvicorn runner."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from icdistill.service.auth import Auth
+from icdistill.service.config import ServeConfig
+from icdistill.service.engine import Engine
+from icdistill.service.errors import ServiceError
+from icdistill.service.label_page import label_router
+from icdistill.service.metrics import Metrics
+from icdistill.service.routes import api_router
+from icdistill.types import ICDError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "status": status}}, status, headers=headers
+    )
+
+
+class BodyLimit:
+    """Reads a request body up to a limit before the app sees it: a larger one gets 413, never a 500."""
+
+    def __init__(self, app: ASGIApp, limit: int, import_limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.import_limit = import_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.import_limit if scope["path"] == "/v1/import" else self.limit
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await error_response(400, "bad_request", "invalid Content-Length")(scope, receive, send)
+                    return
+                if declared > limit:
+                    await self._too_large(scope, receive, send, limit)
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._too_large(scope, receive, send, limit)
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        resp = error_response(413, "body_too_large", f"request body over the limit of {limit} bytes")
+        await resp(scope, receive, send)
+
+
+def create_app(cfg: ServeConfig, parts: Any = None) -> FastAPI:
+    """The service. ``parts`` (student, teacher, embedder objects) replaces the specs in ``cfg`` (tests)."""
+    engine = Engine(cfg, parts)
+    auth = Auth(cfg.api_key)
+    metrics = Metrics(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.aclose()
+
+    app = FastAPI(
+        title="icd serve",
+        version="0.1.0",
+        description=(
+            "Online in-context distillation as a service: the student answers at once; uncertain queries "
+            "go to the teacher (a model, or a person on /label) in the background, and each answer joins "
+            "the demonstration pool. Send `Authorization: Bearer <key>`."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.metrics = metrics
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        return error_response(422, "invalid_field", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(ICDError)
+    async def _icd(request: Request, exc: ICDError) -> JSONResponse:
+        log.warning("request failed: %s", exc)
+        return error_response(503, "service_error", str(exc))
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, "internal_error", "internal error; see the server log")
+
+    app.include_router(api_router(engine, auth, metrics))
+    app.include_router(label_router(engine, auth))
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes, import_limit=cfg.max_import_bytes)
+    return app
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(cfg)
+    auth = "no auth (loopback only)" if cfg.api_key is None else "Bearer key required"
+    log.info("icd serve on http://%s:%d (%s); label page /label, API docs /docs", cfg.host, cfg.port, auth)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)

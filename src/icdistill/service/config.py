@@ -1,0 +1,152 @@
+"""``icd serve`` settings: one dataclass, validated once, and the command-line options that fill it.
+
+Imports nothing heavy, so ``icd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from icdistill.types import ICDError
+
+HUMAN = "human"
+MiB = 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The service's models, loop options (the same as ``icd run``) and safety limits."""
+
+    pool: str = "icd-pool.sqlite"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    no_auth: bool = False
+    student: str = "local:smollm2"
+    teacher: str = HUMAN
+    embedder: str = "local:conse"
+    shots: int = 2
+    selector: str = "image"
+    k_tt: int = 64
+    k_it: int = 16
+    demo_order: str = "best-last"
+    pool_max: int | None = None
+    gate: str = "budget"
+    budget: float = 0.05
+    delta: float = 0.5
+    warmup: int = 5
+    max_calls: int | None = None
+    max_cost_usd: float | None = None
+    uncertainty: str = "entropy"
+    samples: int = 1
+    agreement: float = 0.0
+    answer: str = "student"
+    seed: int = 0
+    teacher_concurrency: int = 4
+    max_body_bytes: int = 10 * MiB
+    max_import_bytes: int = 512 * MiB
+    max_pixels: int = 24_000_000
+    wait_timeout_s: float = 120.0
+    label_lease_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.no_auth and not is_loopback(self.host):
+            raise ICDError(f"--no-auth is only allowed on a loopback address, not {self.host!r}")
+        if not self.no_auth and not self.api_key:
+            raise ICDError(
+                "an API key is required: pass --api-key or set ICD_API_KEY (or --no-auth on 127.0.0.1)"
+            )
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ICDError("the API key must have at least 8 characters")
+        if not 0 <= self.port <= 65535:
+            raise ICDError(f"--port must be in 0..65535, got {self.port}")
+        for name in ("teacher_concurrency", "max_body_bytes", "max_import_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ICDError(f"{name.replace('_', '-')} must be >= 1")
+        if self.wait_timeout_s <= 0 or self.label_lease_s <= 0:
+            raise ICDError("wait and lease timeouts must be > 0")
+        self.run_config()  # validates the loop options exactly as `icd run` does
+
+    @property
+    def human_teacher(self) -> bool:
+        return self.teacher == HUMAN
+
+    def run_config(self) -> Any:
+        from icdistill.runner import RunConfig
+
+        names = {f.name for f in fields(RunConfig)}
+        loop = {f.name: getattr(self, f.name) for f in fields(self) if f.name in names}
+        if self.human_teacher:
+            loop["teacher"] = "reference"  # RunConfig knows registry specs only; the person is ours
+        return RunConfig(**loop)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    d = ServeConfig.__dataclass_fields__
+    g = p.add_argument_group("service")
+    g.add_argument(
+        "--pool", default=d["pool"].default, help="SQLite file: pool, labelling queue, budget ledger"
+    )
+    g.add_argument("--host", default=d["host"].default)
+    g.add_argument("--port", type=int, default=d["port"].default)
+    g.add_argument(
+        "--api-key", default=None, help="clients send 'Authorization: Bearer KEY' (env ICD_API_KEY)"
+    )
+    g.add_argument("--no-auth", action="store_true", help="no API key (only on a loopback address)")
+    g.add_argument("--teacher-concurrency", type=int, default=d["teacher_concurrency"].default)
+    g.add_argument("--max-body-bytes", type=int, default=d["max_body_bytes"].default)
+    g.add_argument("--max-pixels", type=int, default=d["max_pixels"].default)
+    g.add_argument("--wait-timeout", dest="wait_timeout_s", type=float, default=d["wait_timeout_s"].default)
+    g = p.add_argument_group("models")
+    g.add_argument("--student", default=d["student"].default)
+    g.add_argument(
+        "--teacher", default=d["teacher"].default, help="'human' (the /label page) or a teacher spec"
+    )
+    g.add_argument("--embedder", default=d["embedder"].default)
+    g = p.add_argument_group("loop (as in icd run)")
+    g.add_argument("--shots", type=int, default=d["shots"].default)
+    g.add_argument("--selector", default=d["selector"].default)
+    g.add_argument("--k-tt", type=int, default=d["k_tt"].default)
+    g.add_argument("--k-it", type=int, default=d["k_it"].default)
+    g.add_argument("--demo-order", default=d["demo_order"].default, choices=["best-last", "best-first"])
+    g.add_argument("--pool-max", type=int, default=None)
+    g.add_argument("--gate", default=d["gate"].default, help="budget, threshold, always, never, random")
+    g.add_argument("--budget", type=float, default=d["budget"].default)
+    g.add_argument("--delta", type=float, default=d["delta"].default)
+    g.add_argument("--warmup", type=int, default=d["warmup"].default)
+    g.add_argument("--max-calls", type=int, default=None)
+    g.add_argument("--max-cost", dest="max_cost_usd", type=float, default=None)
+    g.add_argument("--uncertainty", default=d["uncertainty"].default)
+    g.add_argument("--samples", type=int, default=d["samples"].default)
+    g.add_argument("--agreement", type=float, default=d["agreement"].default)
+    g.add_argument("--answer", default=d["answer"].default, choices=["student", "forward"])
+    g.add_argument("--seed", type=int, default=d["seed"].default)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
+    if not values.get("api_key"):
+        values["api_key"] = os.environ.get("ICD_API_KEY") or None
+    if values.get("no_auth"):
+        values["api_key"] = None
+    return ServeConfig(**values)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from icdistill.service.app import serve
+
+    serve(config_from_args(args))
+    return 0

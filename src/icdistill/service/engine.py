@@ -1,0 +1,660 @@
+"""The service's loop host: one Distiller shared with ``icd run``, driven from HTTP requests.
+
+Threads: the event loop only parses requests and awaits. Everything that touches the Distiller, the
+pool or the store runs on one "loop thread", in order (student inference, SQLite writes), so the loop
+state needs no locks and the event loop never runs a model. Teacher requests run on a separate pool of
+``teacher_concurrency`` threads, so a slow teacher never holds up the student's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+import zipfile
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from icdistill.distiller import Distiller, Draft
+from icdistill.gate import make_gate
+from icdistill.pool import SQLitePool
+from icdistill.select import make_selector
+from icdistill.service.config import ServeConfig
+from icdistill.service.errors import ServiceError, bad_request, conflict, not_found, unprocessable
+from icdistill.service.human import HumanTeacher, LabelQueue, human_annotation
+from icdistill.service.images import decode_image, png_b64
+from icdistill.service.store import (
+    ANNOTATED,
+    ANSWERED,
+    FAILED,
+    PENDING_HUMAN,
+    PENDING_TEACHER,
+    REJECTED,
+    ServiceStore,
+)
+from icdistill.teacher import TestTimeScaling
+from icdistill.types import (
+    ANSWER,
+    Annotation,
+    GateContext,
+    GateDecision,
+    ICDError,
+    Prediction,
+    Query,
+    TeacherError,
+    Usage,
+    image_to_png,
+    png_to_image,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class LoopThread:
+    """A single worker thread that owns the loop state; ``await call(fn)`` runs ``fn`` there."""
+
+    def __init__(self) -> None:
+        self._ex = ThreadPoolExecutor(1, thread_name_prefix="icd-loop")
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._ex, partial(fn, *args, **kwargs))
+
+    def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._ex.submit(fn, *args).result()
+
+    def close(self) -> None:
+        self._ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _finite(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    a = np.asarray(values)
+    return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}
+
+
+class Engine:
+    """Answers queries now, annotates them later (a teacher in the background, or a person), and keeps
+    the pool, the labelling queue and the budget ledger in one SQLite file."""
+
+    def __init__(self, cfg: ServeConfig, parts: Any = None) -> None:
+        self.cfg = cfg
+        self.thread = LoopThread()
+        self._drafts: dict[str, Draft] = {}
+        self._waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._start_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self.latencies: deque[float] = deque(maxlen=5000)
+        self.events: dict[str, int] = {"queries": 0, "teacher_failures": 0, "rejected": 0, "annotated": 0}
+        self.on_event: Callable[[str, float], None] | None = None  # metrics hook
+        self._teacher_pool = ThreadPoolExecutor(cfg.teacher_concurrency, thread_name_prefix="icd-teacher")
+        self._resume: list[str] = []
+        self.thread.call_sync(self._open, parts)
+
+    # ------------------------------------------------------------------ setup (loop thread)
+    def _open(self, parts: Any) -> None:
+        from icdistill.models.registry import ModelContext, resolve_embedder, resolve_student, resolve_teacher
+
+        cfg = self.cfg
+        run = cfg.run_config()
+        if parts is None:
+            ctx = ModelContext(seed=cfg.seed)
+            student, embedder = resolve_student(cfg.student, ctx), resolve_embedder(cfg.embedder, ctx)
+            teacher = HumanTeacher() if cfg.human_teacher else resolve_teacher(cfg.teacher, ctx)
+        else:
+            student, teacher, embedder = parts.student, parts.teacher, parts.embedder
+            if cfg.human_teacher:
+                teacher = HumanTeacher()
+        self.teacher_name = "human" if cfg.human_teacher else getattr(teacher, "name", cfg.teacher)
+        self.store = ServiceStore(cfg.pool)
+        self.pool = SQLitePool(cfg.pool, max_size=cfg.pool_max)
+        self.distiller = Distiller(
+            student=student,
+            annotator=TestTimeScaling(teacher, n=cfg.samples, agreement_floor=cfg.agreement),
+            embedder=embedder,
+            selector=make_selector(cfg.selector, seed=cfg.seed, k_tt=cfg.k_tt, k_it=cfg.k_it),
+            gate=make_gate(
+                cfg.gate,
+                budget=cfg.budget,
+                delta=cfg.delta,
+                warmup=cfg.warmup,
+                max_calls=cfg.max_calls,
+                max_cost_usd=cfg.max_cost_usd,
+                seed=cfg.seed,
+            ),
+            pool=self.pool,
+            config=run.loop_config(),
+        )
+        self.labels = LabelQueue(self.store, cfg.label_lease_s)
+        self._restore()
+
+    def _restore(self) -> None:
+        """Replay the gate and the budget from the store, and find the work a crash interrupted."""
+        gate, d = self.distiller.gate, self.distiller
+        for r in self.store.gate_history():
+            u = r["uncertainty"] if r["uncertainty"] is not None else math.nan
+            gate.observe(
+                u,
+                GateContext(r["position"], r["ctx_teacher_calls"], r["ctx_pool_size"]),
+                bool(r["teacher_asked"]),
+            )
+            d.teacher_calls += int(r["teacher_asked"])
+        ledger = self.store.ledger_totals()
+        add_cost = getattr(gate, "add_cost", None)
+        if add_cost is not None:
+            add_cost(ledger["cost_usd"])
+        self._position = self.store.next_position()
+        self.store.release_all()  # leases of labellers from before the restart
+        self._resume = [r["query_id"] for r in self.store.pending(PENDING_TEACHER)]
+        with self._stats_lock:
+            self._counts = self.store.counts()
+            self._ledger = ledger
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Resume teacher calls a crash interrupted (needs the running event loop); idempotent."""
+        with self._start_lock:
+            if self._started:
+                return
+            self._started = True
+            resume, self._resume = self._resume, []
+        for qid in resume:
+            self._spawn(qid)
+        if resume:
+            log.info("resuming %d teacher requests interrupted by a restart", len(resume))
+
+    async def aclose(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._teacher_pool.shutdown(wait=False, cancel_futures=True)
+        self.thread.call_sync(self._close_db)
+        self.thread.close()
+
+    def close(self) -> None:
+        self._teacher_pool.shutdown(wait=False, cancel_futures=True)
+        self.thread.call_sync(self._close_db)
+        self.thread.close()
+
+    def _close_db(self) -> None:
+        self.pool.close()
+        self.store.close()
+
+    # ------------------------------------------------------------------ answer now
+    async def predict(
+        self,
+        image: Image.Image,
+        prompt: str,
+        options: list[str] | None,
+        label: str | None = None,
+        wait: bool = False,
+    ) -> dict[str, Any]:
+        await self.start()
+        t0 = time.perf_counter()
+        row = await self.thread.call(self._answer_now, image, prompt, options, label)
+        qid = row["query_id"]
+        fut: asyncio.Future[dict[str, Any]] | None = None
+        if wait and row["state"] in (PENDING_TEACHER, PENDING_HUMAN):
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(qid, []).append(fut)
+        if row["state"] == PENDING_TEACHER:
+            self._spawn(qid)
+        if fut is not None:
+            try:
+                row = await asyncio.wait_for(asyncio.shield(fut), self.cfg.wait_timeout_s)
+            except TimeoutError:
+                row = {**row, "wait_timed_out": True}
+            finally:
+                waiters = self._waiters.get(qid, [])
+                if fut in waiters:
+                    waiters.remove(fut)
+                if not waiters:
+                    self._waiters.pop(qid, None)
+        dt = time.perf_counter() - t0
+        with self._stats_lock:
+            self.latencies.append(dt)
+        if self.on_event is not None:
+            self.on_event("predict", dt)
+        return row
+
+    def _answer_now(
+        self, image: Image.Image, prompt: str, options: list[str] | None, label: str | None
+    ) -> dict[str, Any]:
+        qid = uuid.uuid4().hex
+        q = Query(
+            id=qid,
+            image=image,
+            prompt=prompt,
+            options=tuple(options) if options else None,
+            label=label,
+            position=self._position,
+        )
+        draft = self.distiller.answer_now(q)
+        state = ANSWERED
+        if draft.asked:
+            state = PENDING_HUMAN if self.cfg.human_teacher else PENDING_TEACHER
+        row = {
+            "query_id": qid,
+            "position": q.position,
+            "prompt": prompt,
+            "options": options,
+            "image_png": image_to_png(image) if draft.asked else None,
+            "state": state,
+            "answer": draft.first.answer,
+            "uncertainty": draft.uncertainty,
+            "teacher_asked": draft.asked,
+            "gate_reason": draft.reason,
+            "ctx_teacher_calls": draft.ctx.teacher_calls,
+            "ctx_pool_size": draft.ctx.pool_size,
+            "demo_ids": [d.id for d in draft.demos],
+        }
+        self.store.add_query(row, self.teacher_name)
+        self._position += 1
+        if draft.asked:
+            self._drafts[qid] = draft
+        with self._stats_lock:
+            self._counts[state] += 1
+            self.events["queries"] += 1
+            if draft.asked:
+                self._ledger["teacher_calls"] += 1
+                self._ledger["reserved"] += 1
+        return self._public(self.store.get(qid), draft.first)
+
+    # ------------------------------------------------------------------ annotate later
+    def _spawn(self, qid: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._annotate(qid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _annotate(self, qid: str) -> None:
+        try:
+            draft = await self.thread.call(self._draft_for, qid)
+            annotation: Annotation | None = None
+            error: str | None = None
+            if draft.stored is None:
+                await self.thread.call(self.store.count_attempt, qid)
+            loop = asyncio.get_running_loop()
+            try:
+                annotation = await loop.run_in_executor(self._teacher_pool, self.distiller.ask_teacher, draft)
+            except TeacherError as e:
+                error = str(e)
+            except Exception as e:  # a teacher backend bug must not kill the service or lose the query
+                log.exception("teacher failed on query %s", qid)
+                error = f"teacher crashed: {e!r}"
+            row = await self.thread.call(self._finish, qid, annotation, error)
+            self._wake(qid, row)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("annotating query %s failed; it stays pending and resumes after a restart", qid)
+
+    def _draft_for(self, qid: str) -> Draft:
+        """The in-memory draft, or one rebuilt from the store after a restart."""
+        draft = self._drafts.get(qid)
+        if draft is not None:
+            return draft
+        row = self.store.get(qid)
+        if row is None or row["image_png"] is None:
+            raise ICDError(f"query {qid} cannot be resumed: no stored image")
+        q = Query(
+            id=qid,
+            image=png_to_image(row["image_png"]),
+            prompt=row["prompt"],
+            options=tuple(json.loads(row["options"])) if row["options"] else None,
+            position=row["position"],
+        )
+        ids = json.loads(row["demo_ids"])
+        pooled = {d.id: d for d in self.pool.demos()}
+        u = row["uncertainty"] if row["uncertainty"] is not None else math.nan
+        draft = Draft(
+            query=q,
+            embeddings=self.distiller.embedder.embed_query(q),
+            demos=[pooled[i] for i in ids if i in pooled],
+            first=Prediction(answer=row["answer"]),
+            uncertainty=u,
+            ctx=GateContext(row["position"], row["ctx_teacher_calls"], row["ctx_pool_size"]),
+            decision=GateDecision(True, row["gate_reason"] or ""),
+            stored=self.pool.annotation_for(qid),  # paid for before the crash: never bought twice
+            asked=True,
+            reason=row["gate_reason"] or "",
+            t0=time.perf_counter(),
+            t_embed=0.0,
+        )
+        self._drafts[qid] = draft
+        return draft
+
+    def _finish(self, qid: str, annotation: Annotation | None, error: str | None) -> dict[str, Any]:
+        draft = self._draft_for(qid)
+        rerun = qid in self._waiters
+        rec = self.distiller.annotate_later(draft, annotation=annotation, teacher_error=error, rerun=rerun)
+        ann = annotation if error is None else None
+        state = FAILED if ann is None else ANNOTATED if ann.accepted else REJECTED
+        usage = ann.usage if ann is not None else Usage()
+        self.store.finish_query(
+            qid,
+            state=state,
+            teacher_answer=ann.answer if ann is not None else None,
+            final_answer=rec["answer"],
+            answered_by=rec["answered_by"],
+            pool_status=rec["pool_status"],
+            error=error,
+            calls=usage.calls,
+            cost_usd=usage.cost_usd,
+        )
+        self._drafts.pop(qid, None)
+        old = PENDING_HUMAN if self.cfg.human_teacher else PENDING_TEACHER
+        with self._stats_lock:
+            self._counts[old] -= 1
+            self._counts[state] += 1
+            self._ledger["reserved"] -= 1
+            self._ledger["failed" if state == FAILED else "paid"] += 1
+            self._ledger["cost_usd"] += usage.cost_usd
+            self._ledger["requests"] += usage.calls
+            self.events["teacher_failures" if state == FAILED else state] += 1
+        if self.on_event is not None:
+            self.on_event(f"teacher_{state}", 0.0)
+        return self._public(self.store.get(qid), None)
+
+    def _wake(self, qid: str, row: dict[str, Any]) -> None:
+        for fut in self._waiters.get(qid, []):
+            if not fut.done():
+                fut.set_result(row)
+
+    # ------------------------------------------------------------------ a person labels
+    async def next_label_item(self, labeller: str) -> dict[str, Any] | None:
+        item = await self.thread.call(self.labels.next_item, labeller)
+        if item is None:
+            return None
+        item["image_b64"] = png_b64(png_to_image(item["image_png"])) if item["image_png"] else None
+        item["options_list"] = json.loads(item["options"]) if item["options"] else None
+        return item
+
+    async def skip_label(self, qid: str, labeller: str) -> None:
+        await self.thread.call(self.labels.skip, qid, labeller)
+
+    async def submit_label(self, qid: str, label: str, labeller: str) -> dict[str, Any]:
+        if not self.cfg.human_teacher:
+            raise conflict("this service's teacher is a model, not a person")
+        row = await self.thread.call(self._label, qid, label, labeller)
+        self._wake(qid, row)
+        return row
+
+    def _label(self, qid: str, label: str, labeller: str) -> dict[str, Any]:
+        row = self.store.get(qid)
+        if row is None:
+            raise not_found(f"no query {qid}")
+        if row["state"] != PENDING_HUMAN:
+            raise conflict(f"query {qid} is not waiting for a label (state: {row['state']})")
+        options = json.loads(row["options"]) if row["options"] else None
+        return self._finish(qid, human_annotation(label, options, labeller), None)
+
+    # ------------------------------------------------------------------ reading state
+    async def query(self, qid: str) -> dict[str, Any]:
+        row = await self.thread.call(self.store.get, qid)
+        if row is None:
+            raise not_found(f"no query {qid}")
+        return self._public(row, None)
+
+    @staticmethod
+    def _public(row: dict[str, Any] | None, first: Prediction | None) -> dict[str, Any]:
+        assert row is not None
+        out = {
+            "query_id": row["query_id"],
+            "position": row["position"],
+            "state": row["state"],
+            "answer": row["final_answer"] or row["answer"],
+            "student_answer": row["answer"],
+            "uncertainty": _finite(row["uncertainty"]),
+            "teacher_asked": bool(row["teacher_asked"]),
+            "gate_reason": row["gate_reason"],
+            "demo_ids": json.loads(row["demo_ids"]),
+            "teacher_answer": row["teacher_answer"],
+            "answered_by": row["answered_by"] or "student",
+            "pool_status": row["pool_status"],
+            "error": row["error"],
+        }
+        if row.get("ledger_state") is not None:
+            out["ledger"] = {
+                "state": row["ledger_state"],
+                "teacher": row["teacher"],
+                "attempts": row["attempts"],
+                "calls": row["calls"],
+                "cost_usd": row["cost_usd"],
+            }
+        if first is not None and first.option_scores:
+            out["option_probs"] = {k: _finite(v) for k, v in first.option_probs().items()}
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """From in-memory mirrors of the store: never waits for the loop thread."""
+        with self._stats_lock:
+            counts = dict(self._counts)
+            ledger = dict(self._ledger)
+            lat = list(self.latencies)
+        queries = sum(counts.values())
+        calls = ledger["teacher_calls"]
+        cfg = self.cfg
+        return {
+            "pool_size": len(self.pool),
+            "queries": queries,
+            "teacher": self.teacher_name,
+            "teacher_calls": calls,
+            "teacher_call_rate": calls / queries if queries else 0.0,
+            "pending": counts[PENDING_TEACHER] + counts[PENDING_HUMAN],
+            "pending_teacher": counts[PENDING_TEACHER],
+            "pending_human": counts[PENDING_HUMAN],
+            "states": counts,
+            "budget": {
+                "gate": cfg.gate,
+                "target_rate": cfg.budget if cfg.gate in ("budget", "random") else None,
+                "calls_spent": calls,
+                "calls_cap": cfg.max_calls,
+                "calls_left": max(0, cfg.max_calls - calls) if cfg.max_calls is not None else None,
+                "usd_spent": ledger["cost_usd"],
+                "usd_cap": cfg.max_cost_usd,
+                "usd_left": max(0.0, cfg.max_cost_usd - ledger["cost_usd"])
+                if cfg.max_cost_usd is not None
+                else None,
+                "teacher_requests": ledger["requests"],
+                "paid": ledger["paid"],
+                "failed": ledger["failed"],
+                "reserved": ledger["reserved"],
+            },
+            "latency_seconds": _percentiles(lat),
+        }
+
+    # ------------------------------------------------------------------ demos
+    async def list_demos(self, offset: int, limit: int) -> dict[str, Any]:
+        return await self.thread.call(self._list_demos, offset, limit)
+
+    def _list_demos(self, offset: int, limit: int) -> dict[str, Any]:
+        demos = sorted(self.pool.demos(), key=lambda d: d.id)
+        return {
+            "total": len(demos),
+            "offset": offset,
+            "limit": limit,
+            "demos": [self._demo(d, image=False) for d in demos[offset : offset + limit]],
+        }
+
+    @staticmethod
+    def _demo(d: Any, image: bool) -> dict[str, Any]:
+        out = {
+            "id": d.id,
+            "query_id": d.query_id,
+            "prompt": d.prompt,
+            "label": d.answer,
+            "teacher": d.provenance.get("teacher"),
+            "agreement": d.provenance.get("agreement"),
+        }
+        if image:
+            out["image_b64"] = png_b64(d.image) if d.image is not None else None
+        return out
+
+    async def get_demo(self, demo_id: int) -> dict[str, Any]:
+        return await self.thread.call(self._get_demo, demo_id)
+
+    def _get_demo(self, demo_id: int) -> dict[str, Any]:
+        try:
+            return self._demo(self.pool.get(demo_id), image=True)
+        except KeyError:
+            raise not_found(f"no demo {demo_id} in the pool") from None
+
+    async def delete_demo(self, demo_id: int) -> None:
+        if not await self.thread.call(self.pool.remove, demo_id):
+            raise not_found(f"no demo {demo_id} in the pool")
+
+    async def add_demo(
+        self, image: Image.Image, prompt: str, label: str, options: list[str] | None, teacher: str = "manual"
+    ) -> dict[str, Any]:
+        return await self.thread.call(
+            self._add_demo, image, prompt, label, options, f"manual-{uuid.uuid4().hex}", teacher
+        )
+
+    def _add_demo(
+        self,
+        image: Image.Image | None,
+        prompt: str,
+        label: str,
+        options: list[str] | None,
+        query_id: str,
+        teacher: str,
+        votes: dict[str, int] | None = None,
+        agreement: float = 1.0,
+    ) -> dict[str, Any]:
+        if options and label not in options:
+            raise unprocessable(f"label {label!r} is not one of the options {options}", "bad_label")
+        q = Query(
+            id=query_id, image=image, prompt=prompt, options=tuple(options) if options else None, position=-1
+        )
+        ann = Annotation(
+            answer=label,
+            samples=[label],
+            votes=votes or {label: 1},
+            agreement=agreement,
+            accepted=True,
+            teacher=teacher,
+        )
+        emb = self.distiller.embedder.embed_query(q)
+        emb[ANSWER] = self.distiller.embedder.embed_texts([label])[0]
+        demo, status = self.pool.add(q, ann, emb)
+        return {"id": demo.id if demo is not None else None, "status": status, "pool_size": len(self.pool)}
+
+    # ------------------------------------------------------------------ export / import
+    async def export_archive(self) -> bytes:
+        return await self.thread.call(self._export)
+
+    def _export(self) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            lines = []
+            for d in sorted(self.pool.demos(), key=lambda d: d.id):
+                rec = self._demo(d, image=False)
+                rec["votes"] = d.provenance.get("votes") or {}
+                if d.image is not None:
+                    rec["image"] = f"images/{d.id}.png"
+                    z.writestr(rec["image"], image_to_png(d.image))
+                lines.append(json.dumps(rec))
+            z.writestr("demos.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+        return buf.getvalue()
+
+    async def import_archive(self, data: bytes) -> dict[str, Any]:
+        return await self.thread.call(self._import, data)
+
+    def _import(self, data: bytes) -> dict[str, Any]:
+        if data[:16] == b"SQLite format 3\x00":
+            records = self._records_from_sqlite(data)
+        elif data[:4] == b"PK\x03\x04":
+            records = self._records_from_zip(data)
+        else:
+            raise ServiceError(
+                415, "bad_archive", "import takes a zip archive from /v1/export or an icd run pool.sqlite"
+            )
+        statuses: dict[str, int] = {}
+        for image, rec in records:
+            out = self._add_demo(
+                image,
+                str(rec["prompt"]),
+                str(rec["label"]),
+                None,
+                str(rec.get("query_id") or f"import-{uuid.uuid4().hex}"),
+                str(rec.get("teacher") or "import"),
+                rec.get("votes") or None,
+                float(rec.get("agreement") or 1.0),
+            )
+            statuses[out["status"]] = statuses.get(out["status"], 0) + 1
+        return {"imported": statuses.get("added", 0), "statuses": statuses, "pool_size": len(self.pool)}
+
+    def _records_from_zip(self, data: bytes) -> list[tuple[Image.Image | None, dict[str, Any]]]:
+        try:
+            z = zipfile.ZipFile(io.BytesIO(data))
+            if sum(i.file_size for i in z.infolist()) > self.cfg.max_import_bytes:
+                raise ServiceError(
+                    413, "archive_too_large", "the archive unpacks to more than the import limit"
+                )
+            lines = z.read("demos.jsonl").decode().splitlines()
+        except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as e:
+            raise bad_request(f"not a pool archive (zip with demos.jsonl): {e}", "bad_archive") from e
+        out: list[tuple[Image.Image | None, dict[str, Any]]] = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if (
+                    not isinstance(rec, dict)
+                    or not isinstance(rec.get("prompt"), str)
+                    or not isinstance(rec.get("label"), str)
+                ):
+                    raise ValueError("needs string fields prompt and label")
+                image = None
+                if rec.get("image"):
+                    image = decode_image(z.read(str(rec["image"])), self.cfg.max_pixels)
+            except (ValueError, KeyError, zipfile.BadZipFile) as e:
+                raise bad_request(f"demos.jsonl line {n}: {e}", "bad_archive") from e
+            out.append((image, rec))
+        return out
+
+    def _records_from_sqlite(self, data: bytes) -> list[tuple[Image.Image | None, dict[str, Any]]]:
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "import.sqlite"
+            path.write_bytes(data)
+            try:
+                with SQLitePool(path) as other:
+                    demos = sorted(other.demos(), key=lambda d: d.id)
+            except ICDError as e:
+                raise bad_request(f"not a readable pool: {e}", "bad_archive") from e
+        return [
+            (
+                d.image,
+                {
+                    "prompt": d.prompt,
+                    "label": d.answer,
+                    "query_id": d.query_id,
+                    "teacher": d.provenance.get("teacher"),
+                    "votes": d.provenance.get("votes"),
+                    "agreement": d.provenance.get("agreement"),
+                },
+            )
+            for d in demos
+        ]

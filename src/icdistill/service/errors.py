@@ -1,0 +1,29 @@
+"""Client errors of the service: one exception type, rendered as ``{"error": {"code", "message"}}``."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """A request the service refuses, with an HTTP status (4xx) and a message meant for the caller."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def bad_request(message: str, code: str = "bad_request") -> ServiceError:
+    return ServiceError(400, code, message)
+
+
+def not_found(message: str) -> ServiceError:
+    return ServiceError(404, "not_found", message)
+
+
+def conflict(message: str) -> ServiceError:
+    return ServiceError(409, "conflict", message)
+
+
+def unprocessable(message: str, code: str = "invalid_field") -> ServiceError:
+    return ServiceError(422, code, message)

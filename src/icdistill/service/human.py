@@ -1,0 +1,77 @@
+"""A person as teacher: the labelling queue (leases, skips) and the annotation a submitted label becomes.
+
+Queued items live in the store (state ``pending_human``), so the queue survives restarts. A labeller
+leases one item at a time; others never get an item while its lease runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from icdistill.service.errors import unprocessable
+from icdistill.service.store import ServiceStore
+from icdistill.teacher import match_option
+from icdistill.types import Annotation, Query, TeacherError, TeacherResponse, Usage
+
+MAX_LABEL_CHARS = 500
+
+
+class HumanTeacher:
+    """Stands in the Distiller's teacher seat when a person answers: it is never called, labels arrive
+    through the queue."""
+
+    name = "human"
+
+    def sample(self, query: Query, n: int) -> TeacherResponse:
+        raise TeacherError("a person answers this query on the /label page")
+
+
+def human_annotation(label: str, options: list[str] | None, labeller: str) -> Annotation:
+    """A person's label, checked against the options (matched like a teacher's answer)."""
+    label = " ".join(label.split())
+    if not label:
+        raise unprocessable("the label is empty", "bad_label")
+    if len(label) > MAX_LABEL_CHARS:
+        raise unprocessable(f"the label is longer than {MAX_LABEL_CHARS} characters", "bad_label")
+    if options:
+        opt = match_option(label, options)
+        if opt is None:
+            raise unprocessable(f"label {label!r} is not one of the options {options}", "bad_label")
+        label = opt
+    return Annotation(
+        answer=label,
+        samples=[label],
+        votes={label: 1},
+        agreement=1.0,
+        accepted=True,
+        teacher=f"human:{labeller}" if labeller else "human",
+        usage=Usage(calls=1),
+    )
+
+
+class LabelQueue:
+    """Per-labeller skips on top of the store's leases. Called from the loop thread only."""
+
+    def __init__(self, store: ServiceStore, lease_s: float) -> None:
+        self.store = store
+        self.lease_s = lease_s
+        self._skips: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+
+    def next_item(self, labeller: str) -> dict[str, Any] | None:
+        with self._lock:
+            skips = self._skips.get(labeller, [])
+        item = self.store.claim_next(labeller, self.lease_s, skips)
+        if item is None and skips:
+            # everything left was skipped by this labeller: start over rather than show nothing
+            with self._lock:
+                self._skips.pop(labeller, None)
+            item = self.store.claim_next(labeller, self.lease_s)
+        return item
+
+    def skip(self, query_id: str, labeller: str) -> None:
+        with self._lock:
+            self._skips.setdefault(labeller, []).append(query_id)
+            del self._skips[labeller][:-500]
+        self.store.release(query_id, labeller)

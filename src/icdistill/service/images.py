@@ -1,0 +1,64 @@
+"""Decoding images sent by clients: bytes or base64 only (no URL is ever fetched), with a pixel limit."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from icdistill.service.errors import ServiceError, bad_request
+
+_DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """A fully decoded image; its size is checked from the header before any pixel is decoded."""
+    if not data:
+        raise bad_request("the image is empty", "bad_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ServiceError(
+                    413, "image_too_large", f"image has {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
+                )
+            img.load()
+    except ServiceError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ServiceError(413, "image_too_large", f"image rejected as a decompression bomb: {e}") from e
+    except UnidentifiedImageError:
+        raise bad_request("the image is corrupt or not in a known image format", "bad_image") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise bad_request(f"the image cannot be decoded (corrupt or not an image): {e}", "bad_image") from e
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    return img
+
+
+def decode_b64_image(text: str, max_pixels: int) -> Image.Image:
+    text = text.strip()
+    if _URL.match(text):
+        raise bad_request(
+            "image_b64 looks like a URL; the service never fetches URLs: send the image bytes base64-encoded",
+            "bad_base64",
+        )
+    text = _DATA_URI.sub("", text, count=1)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise bad_request(f"image_b64 is not valid base64: {e}", "bad_base64") from e
+    return decode_image(data, max_pixels)
+
+
+def png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()

@@ -1,0 +1,104 @@
+"""Request and response bodies of the JSON API (they also document it at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_PROMPT_CHARS = 4000
+MAX_OPTIONS = 1000
+
+
+def check_options(v: list[str] | None) -> list[str] | None:
+    if v is None:
+        return None
+    if not v:
+        raise ValueError("options must be a non-empty list of strings, or left out for open questions")
+    if len(v) > MAX_OPTIONS:
+        raise ValueError(f"at most {MAX_OPTIONS} options")
+    clean = [" ".join(str(o).split()) for o in v]
+    if any(not o for o in clean):
+        raise ValueError("options must not be empty strings")
+    if len(set(clean)) != len(clean):
+        raise ValueError("options must be unique")
+    return clean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictJSON(_Strict):
+    image_b64: str = Field(
+        description="the image bytes (PNG, JPEG, ...) base64-encoded; URLs are never fetched"
+    )
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    options: list[str] | None = Field(default=None, description="candidate answers (classification)")
+    wait: bool = Field(default=False, description="wait for the teacher and return the distilled answer")
+    label: str | None = Field(
+        default=None, description="ground truth for evaluation; only the 'reference' teacher reads it"
+    )
+
+    _opts = field_validator("options")(classmethod(lambda cls, v: check_options(v)))
+
+
+class DemoIn(_Strict):
+    image_b64: str
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    label: str = Field(min_length=1, max_length=500)
+    options: list[str] | None = None
+
+    _opts = field_validator("options")(classmethod(lambda cls, v: check_options(v)))
+
+
+class LabelIn(_Strict):
+    label: str = Field(min_length=1, max_length=500)
+
+
+class QueryOut(BaseModel):
+    query_id: str
+    position: int
+    state: str = Field(description="answered, pending_teacher, pending_human, annotated, rejected or failed")
+    answer: str = Field(
+        description="the answer to use: the student's, or after the teacher the distilled one"
+    )
+    student_answer: str
+    uncertainty: float | None
+    teacher_asked: bool
+    gate_reason: str | None
+    demo_ids: list[int]
+    teacher_answer: str | None
+    answered_by: str
+    pool_status: str | None
+    error: str | None
+    ledger: dict[str, Any] | None = None
+    option_probs: dict[str, float | None] | None = None
+    wait_timed_out: bool | None = None
+
+
+class ErrorOut(BaseModel):
+    error: dict[str, Any]
+
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "prompt"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "prompt": {"type": "string"},
+                        "options": {"type": "string", "description": 'JSON list, e.g. ["cat", "dog"]'},
+                        "wait": {"type": "boolean"},
+                        "label": {"type": "string"},
+                    },
+                }
+            },
+            "application/json": {"schema": PredictJSON.model_json_schema()},
+        },
+    }
+}

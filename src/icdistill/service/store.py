@@ -1,0 +1,274 @@
+"""The service's own tables in the pool's SQLite file: queries, the human-labelling queue, the budget ledger.
+
+One file holds pool, queue and ledger (WAL, synchronous=FULL), so a copy of it is a whole service.
+Every write commits before the caller acknowledges anything; a row is the source of truth after a
+SIGKILL. Used from one thread only (the service's loop thread).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from icdistill.types import ICDError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS service_queries (
+    query_id TEXT PRIMARY KEY,
+    position INTEGER NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    prompt TEXT NOT NULL,
+    options TEXT,
+    image_png BLOB,
+    state TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    uncertainty REAL,
+    teacher_asked INTEGER NOT NULL,
+    gate_reason TEXT,
+    ctx_teacher_calls INTEGER NOT NULL,
+    ctx_pool_size INTEGER NOT NULL,
+    demo_ids TEXT NOT NULL,
+    teacher_answer TEXT,
+    final_answer TEXT,
+    answered_by TEXT,
+    pool_status TEXT,
+    error TEXT,
+    claimed_by TEXT,
+    claimed_until REAL
+);
+CREATE INDEX IF NOT EXISTS service_queries_state ON service_queries (state, position);
+CREATE TABLE IF NOT EXISTS service_ledger (
+    query_id TEXT PRIMARY KEY REFERENCES service_queries(query_id),
+    teacher TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    calls INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+ANSWERED = "answered"
+PENDING_TEACHER = "pending_teacher"
+PENDING_HUMAN = "pending_human"
+ANNOTATED = "annotated"
+REJECTED = "rejected"
+FAILED = "failed"
+PENDING = (PENDING_TEACHER, PENDING_HUMAN)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+class ServiceStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise ICDError(f"cannot open service store {self.path}: {e}") from e
+
+    def _tx(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for sql, params in statements:
+                self._db.execute(sql, params)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise ICDError(f"could not write to {self.path}: {e}") from e
+
+    # ------------------------------------------------------------------ queries
+    def add_query(self, row: dict[str, Any], teacher: str | None) -> None:
+        """The student's answer, and for a query sent to the teacher its image and a ledger entry: one commit."""
+        now = time.time()
+        state = row["state"]
+        stmts: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT INTO service_queries (query_id, position, created, updated, prompt, options, image_png, "
+                "state, answer, uncertainty, teacher_asked, gate_reason, ctx_teacher_calls, ctx_pool_size, "
+                "demo_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row["query_id"],
+                    row["position"],
+                    now,
+                    now,
+                    row["prompt"],
+                    json.dumps(list(row["options"])) if row.get("options") else None,
+                    row.get("image_png") if state in PENDING else None,
+                    state,
+                    row["answer"],
+                    _finite(row["uncertainty"]),
+                    int(row["teacher_asked"]),
+                    row["gate_reason"],
+                    row["ctx_teacher_calls"],
+                    row["ctx_pool_size"],
+                    json.dumps(row["demo_ids"]),
+                ),
+            )
+        ]
+        if row["teacher_asked"]:
+            stmts.append(
+                (
+                    "INSERT INTO service_ledger (query_id, teacher, state, created, updated) VALUES (?, ?, 'reserved', ?, ?)",
+                    (row["query_id"], teacher or "", now, now),
+                )
+            )
+        self._tx(stmts)
+
+    def finish_query(
+        self,
+        query_id: str,
+        *,
+        state: str,
+        teacher_answer: str | None,
+        final_answer: str,
+        answered_by: str,
+        pool_status: str | None,
+        error: str | None,
+        calls: int,
+        cost_usd: float,
+    ) -> None:
+        """Close a pending query and settle its ledger entry, in one commit. The image is dropped."""
+        now = time.time()
+        self._tx(
+            [
+                (
+                    "UPDATE service_queries SET state = ?, teacher_answer = ?, final_answer = ?, answered_by = ?, "
+                    "pool_status = ?, error = ?, image_png = NULL, claimed_by = NULL, claimed_until = NULL, "
+                    "updated = ? WHERE query_id = ?",
+                    (state, teacher_answer, final_answer, answered_by, pool_status, error, now, query_id),
+                ),
+                (
+                    "UPDATE service_ledger SET state = ?, calls = ?, cost_usd = ?, updated = ? WHERE query_id = ?",
+                    ("failed" if state == FAILED else "paid", calls, cost_usd, now, query_id),
+                ),
+            ]
+        )
+
+    def count_attempt(self, query_id: str) -> None:
+        """Written before each teacher request, so a request in flight at a crash is still on the books."""
+        self._tx(
+            [
+                (
+                    "UPDATE service_ledger SET attempts = attempts + 1, updated = ? WHERE query_id = ?",
+                    (time.time(), query_id),
+                )
+            ]
+        )
+
+    def get(self, query_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT q.*, l.state AS ledger_state, l.attempts, l.calls, l.cost_usd, l.teacher "
+            "FROM service_queries q LEFT JOIN service_ledger l USING (query_id) WHERE q.query_id = ?",
+            (query_id,),
+        ).fetchone()
+        return dict(row) if row is not None else None
+
+    def pending(self, state: str) -> list[dict[str, Any]]:
+        return [
+            dict(r)
+            for r in self._db.execute(
+                "SELECT * FROM service_queries WHERE state = ? ORDER BY position", (state,)
+            )
+        ]
+
+    def gate_history(self) -> list[dict[str, Any]]:
+        """What the gate saw, in stream order, to replay it after a restart."""
+        return [
+            dict(r)
+            for r in self._db.execute(
+                "SELECT position, uncertainty, teacher_asked, ctx_teacher_calls, ctx_pool_size "
+                "FROM service_queries ORDER BY position"
+            )
+        ]
+
+    def next_position(self) -> int:
+        return int(
+            self._db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM service_queries").fetchone()[0]
+        )
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in (ANSWERED, PENDING_TEACHER, PENDING_HUMAN, ANNOTATED, REJECTED, FAILED)}
+        for state, n in self._db.execute("SELECT state, COUNT(*) FROM service_queries GROUP BY state"):
+            out[state] = n
+        return out
+
+    def ledger_totals(self) -> dict[str, Any]:
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(attempts), 0), COALESCE(SUM(calls), 0), COALESCE(SUM(cost_usd), 0), "
+            "COALESCE(SUM(state = 'paid'), 0), COALESCE(SUM(state = 'failed'), 0), "
+            "COALESCE(SUM(state = 'reserved'), 0) FROM service_ledger"
+        ).fetchone()
+        keys = ("teacher_calls", "attempts", "requests", "cost_usd", "paid", "failed", "reserved")
+        return dict(zip(keys, tuple(row), strict=True))
+
+    # ------------------------------------------------------------------ the human-labelling queue
+    def claim_next(self, labeller: str, lease_s: float, skip: Sequence[str] = ()) -> dict[str, Any] | None:
+        """The oldest queued item nobody else holds, leased to ``labeller`` (its own lease is renewed)."""
+        now = time.time()
+        held = self._db.execute(
+            "SELECT query_id FROM service_queries WHERE state = ? AND claimed_by = ? AND claimed_until > ? "
+            "ORDER BY position LIMIT 1",
+            (PENDING_HUMAN, labeller, now),
+        ).fetchone()
+        if held is not None and held[0] not in skip:
+            qid = held[0]
+        else:
+            marks = ",".join("?" * len(skip))
+            not_skipped = f"AND query_id NOT IN ({marks})" if skip else ""
+            row = self._db.execute(
+                f"SELECT query_id FROM service_queries WHERE state = ? {not_skipped} "
+                "AND (claimed_by IS NULL OR claimed_by = ? OR claimed_until <= ?) ORDER BY position LIMIT 1",
+                (PENDING_HUMAN, *skip, labeller, now),
+            ).fetchone()
+            if row is None:
+                return None
+            qid = row[0]
+        self._tx(
+            [
+                (
+                    "UPDATE service_queries SET claimed_by = ?, claimed_until = ? WHERE query_id = ?",
+                    (labeller, now + lease_s, qid),
+                )
+            ]
+        )
+        return self.get(qid)
+
+    def release(self, query_id: str, labeller: str) -> None:
+        self._tx(
+            [
+                (
+                    "UPDATE service_queries SET claimed_by = NULL, claimed_until = NULL "
+                    "WHERE query_id = ? AND claimed_by = ?",
+                    (query_id, labeller),
+                )
+            ]
+        )
+
+    def release_all(self) -> None:
+        self._tx(
+            [
+                (
+                    "UPDATE service_queries SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by IS NOT NULL",
+                    (),
+                )
+            ]
+        )
+
+    def close(self) -> None:
+        self._db.close()
