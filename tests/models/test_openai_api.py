@@ -624,3 +624,13 @@ def test_run_seed_is_part_of_the_sample_key_unless_seed_is_pinned(tmp_path: Path
         resolve_teacher(pinned, ModelContext(seed=1)).sample(q, 2)
         again = resolve_teacher(pinned, ModelContext(seed=2)).sample(q, 2)
         assert again.usage.calls == 0  # a pinned seed replays across run seeds
+
+
+def test_quoted_system_prompt_reaches_the_server_whole() -> None:
+    app = chat_server(lambda body: ok(["red"] * body.get("n", 1)))
+    system = "You label colours, one word, no punctuation. Unsure? Say so & stop."
+    with LocalServer(app) as base:
+        t = resolve_teacher(f'openai:fake@{base}/v1?system="{system}"&cache=0')
+        assert t.model == "fake"
+        t.sample(QS[0], 1)
+    assert app.state.bodies[0]["messages"][0] == {"role": "system", "content": system}

@@ -1,6 +1,8 @@
 """One registry that turns model spec strings into Student, Teacher and Embedder backends.
 
-Spec grammar: ``scheme:target[?key=value&key=value]``. Examples: ``local:smollm2``,
+Spec grammar: ``scheme:target[?key=value&key=value]`` (``,`` also separates options). A value that
+holds ``,``, ``&`` or ``?`` is quoted: ``system="Be brief, please."`` (``\\"`` is a quote inside). The
+options start at the first ``?``. Examples: ``local:smollm2``,
 ``reference``, ``reference:noise=0.2``, ``hf:HuggingFaceTB/SmolVLM-256M-Instruct?dtype=bfloat16``,
 ``openai:gpt-4o@https://api.openai.com/v1``, ``local:conse`` (embedder).
 Backends are imported lazily so that a missing optional dependency only affects its own scheme.
@@ -36,16 +38,55 @@ class Spec:
             ) from e
 
 
+_SEPARATORS = ",&"
+_QUOTES = "\"'"
+
+
 def _parse_options(text: str, raw: str) -> dict[str, str]:
     out: dict[str, str] = {}
-    for part in text.replace(",", "&").split("&"):
-        if not part:
+    i = 0
+    while i < len(text):
+        if text[i] in _SEPARATORS:
+            i += 1
             continue
-        if "=" not in part:
-            raise SpecError(f"spec {raw!r}: option {part!r} must be key=value")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
+        j = i
+        while j < len(text) and text[j] not in _SEPARATORS and text[j] != "=":
+            j += 1
+        key = text[i:j].strip()
+        if j >= len(text) or text[j] != "=":
+            raise SpecError(f"spec {raw!r}: option {key!r} must be key=value")
+        j += 1
+        while j < len(text) and text[j] == " ":
+            j += 1
+        if j < len(text) and text[j] in _QUOTES:
+            value, i = _quoted(text, j, raw)
+            while i < len(text) and text[i] == " ":
+                i += 1
+            if i < len(text) and text[i] not in _SEPARATORS:
+                raise SpecError(f"spec {raw!r}: option {key!r}: text after the closing quote")
+        else:
+            i = j
+            while i < len(text) and text[i] not in _SEPARATORS:
+                i += 1
+            value = text[j:i].strip()
+        out[key] = value
     return out
+
+
+def _quoted(text: str, start: int, raw: str) -> tuple[str, int]:
+    """The value of the quoted string opening at ``start`` (backslash escapes) and the index after it."""
+    quote, chars, i = text[start], [], start + 1
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            chars.append(text[i + 1])
+            i += 2
+        elif ch == quote:
+            return "".join(chars), i + 1
+        else:
+            chars.append(ch)
+            i += 1
+    raise SpecError(f"spec {raw!r}: a quoted option value is not closed")
 
 
 def parse_spec(raw: str) -> Spec:
@@ -55,7 +96,8 @@ def parse_spec(raw: str) -> Spec:
     scheme, _, body = raw.partition(":")
     target, options = body, {}
     if "?" in body:
-        target, qs = body.rsplit("?", 1)
+        # The first "?": option values may hold "?" (a system prompt), targets do not.
+        target, qs = body.split("?", 1)
         options = _parse_options(qs, raw)
     elif "=" in body and "/" not in body and "@" not in body:
         # ``reference:noise=0.2``: the body is all options
