@@ -161,6 +161,9 @@ class GateContext:
     position: int  # 0-based index of the query in the stream
     teacher_calls: int  # teacher requests made so far (accepted or rejected)
     pool_size: int
+    # the uncertainty's scale, e.g. "options" (normalised option entropy) or "open" (token entropy):
+    # a gate keeps separate statistics per kind
+    kind: str = ""
 
 
 @dataclass(frozen=True)
