@@ -73,3 +73,54 @@ def test_tiny_hf_student_resolves_through_registry(tmp_path):
     FAMILIES["qwen2_vl"][0](tmp_path / "q")
     student = resolve_student(f"hf:{tmp_path / 'q'}?dtype=float32&device=cpu")
     assert student.family == "qwen2_vl"
+
+
+def _dead_url() -> str:
+    """The address of a port nobody listens on (connections are refused at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_a_teacher_that_is_down_stops_the_run_and_resume_finishes_it(tmp_path):
+    from fakes import FakeEmbedder, FakeStudent
+    from icdistill.distiller import TeacherUnavailable
+    from icdistill.models.openai_api import OpenAIChatModel
+    from icdistill.runner import Parts, RunConfig, run_icd
+
+    data = colour_folder(tmp_path / "colours", n_per_class=2)
+    cfg = RunConfig(
+        student="fake", teacher="openai:colour-expert", embedder="fake", dataset=str(data), n=8,
+        gate="budget", budget=1.0, warmup=100, max_teacher_failures=3, seed=0,
+    )  # fmt: skip
+    down = OpenAIChatModel("colour-expert", _dead_url(), cache=None, retries=1, backoff=0.01)
+    out = tmp_path / "run"
+    with pytest.raises(TeacherUnavailable, match="3 times in a row.*--resume"):
+        run_icd(cfg, out, parts=Parts(FakeStudent(), down, FakeEmbedder()))
+    logged = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(r["teacher_error"] for r in logged)  # the 3rd is asked again
+    with LocalServer(create_app(ColourStudent())) as url:
+        up = OpenAIChatModel("colour-expert", url + "/v1", cache=None)
+        summary = run_icd(cfg, out, resume=True, parts=Parts(FakeStudent(), up, FakeEmbedder()))
+    assert summary["n_queries"] == 8 and summary["resumed_at"] == 2
+    logged = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["position"] for r in logged] == list(range(8)) and logged[2]["annotation"] is not None
+
+
+def test_max_cost_with_an_unpriced_paid_teacher_is_refused(tmp_path):
+    from fakes import FakeEmbedder, FakeStudent
+    from icdistill.models.openai_api import OpenAIChatModel
+    from icdistill.runner import Parts, RunConfig, run_icd
+    from icdistill.types import ICDError
+
+    data = colour_folder(tmp_path / "colours", n_per_class=1)
+    cfg = RunConfig(
+        student="fake", teacher="openai:gpt-7", embedder="fake", dataset=str(data), n=2, max_cost_usd=1.0
+    )
+    unpriced = OpenAIChatModel("gpt-7", api_key="sk-x", cache=None)
+    with pytest.raises(ICDError, match="price"):
+        run_icd(cfg, tmp_path / "run", parts=Parts(FakeStudent(), unpriced, FakeEmbedder()))
+    priced = OpenAIChatModel("gpt-7", api_key="sk-x", cache=None, price_in=1, price_out=2)
+    assert priced.price_known

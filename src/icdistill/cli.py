@@ -92,6 +92,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--samples", type=int, default=d.samples, help="teacher samples per annotation (test-time scaling)"
     )
     g.add_argument(
+        "--max-teacher-failures",
+        type=int,
+        default=d.max_teacher_failures,
+        help="stop (resumable) after this many failed teacher calls in a row; 0: never (default: %(default)s)",
+    )
+    g.add_argument(
         "--agreement",
         type=float,
         default=d.agreement,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from icdistill.gate import uncertainty_measure
 from icdistill.protocols import Embedder, Gate, Selector, Student
 from icdistill.runlog import RunLog
-from icdistill.teacher import TestTimeScaling
+from icdistill.teacher import TestTimeScaling, normalise_answer
 from icdistill.types import (
     ANSWER,
     Annotation,
@@ -26,6 +26,11 @@ from icdistill.types import (
 )
 
 AnswerPolicy = Literal["student", "forward"]
+
+
+class TeacherUnavailable(ICDError):
+    """The teacher failed too many times in a row: the run stops (resumable) instead of going on blind."""
+
 DemoOrder = Literal["best-last", "best-first"]
 
 
@@ -37,10 +42,15 @@ class LoopConfig:
     # prompt order of the selected demos: small LMs lean on the demo nearest the query, so the most
     # similar one goes last by default
     demo_order: DemoOrder = "best-last"
+    # stop the run after this many teacher calls in a row failed (0: never), instead of spending
+    # the stream without a teacher
+    max_teacher_failures: int = 10
 
     def __post_init__(self) -> None:
         if self.shots < 0:
             raise ICDError(f"shots must be >= 0, got {self.shots}")
+        if self.max_teacher_failures < 0:
+            raise ICDError(f"max teacher failures must be >= 0, got {self.max_teacher_failures}")
         if self.answer not in ("student", "forward"):
             raise ICDError(f"answer policy must be 'student' or 'forward', got {self.answer!r}")
         uncertainty_measure(self.uncertainty)
@@ -183,6 +193,9 @@ class Distiller:
                 self._charge(annotation.usage.cost_usd)
             answer_emb = self.embedder.embed_texts([annotation.answer or " "])[0]
             _, pool_status = self.pool.add(query, annotation, {**emb, ANSWER: answer_emb})  # 5. pool update
+            learn = getattr(self.student, "learn", None)  # online learners (e.g. a LoRA baseline) train here
+            if learn is not None and annotation.accepted:
+                learn(query, annotation.answer)
 
         final, answered_by, final_demos = first, "student", demos  # 6. answer
         if annotation is not None and annotation.accepted:
@@ -201,9 +214,9 @@ class Distiller:
             "query_id": query.id,
             "label": query.label,
             "answer": answer,
-            "correct": (answer == query.label) if query.label is not None else None,
+            "correct": is_correct(answer, query) if query.label is not None else None,
             "first_answer": first.answer,
-            "first_correct": (first.answer == query.label) if query.label is not None else None,
+            "first_correct": is_correct(first.answer, query) if query.label is not None else None,
             "answered_by": answered_by,
             "uncertainty": u,
             "teacher_asked": draft.asked,
@@ -239,7 +252,11 @@ class Distiller:
         queries: Iterable[Query | DataError],
         on_record: Callable[[dict[str, Any]], None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Process a stream. A ``DataError`` item (e.g. a corrupt image) is logged and skipped."""
+        """Process a stream. A ``DataError`` item (e.g. a corrupt image) is logged and skipped.
+
+        Raises ``TeacherUnavailable`` after ``max_teacher_failures`` failed teacher calls in a row; the
+        query of the last failure is not logged, so a resumed run asks for it again."""
+        failures = 0
         for item in queries:
             if isinstance(item, DataError):
                 rec: dict[str, Any] = {
@@ -249,10 +266,26 @@ class Distiller:
                 }
             else:
                 rec = self.step(item)
+                if rec["teacher_asked"]:
+                    failures = failures + 1 if rec["teacher_error"] else 0
+                limit = self.config.max_teacher_failures
+                if limit and failures >= limit:
+                    raise TeacherUnavailable(
+                        f"stopped: the teacher failed {failures} times in a row (last: {rec['teacher_error']}); "
+                        f"the run is saved, fix the teacher and continue it with --resume"
+                    )
             self._write(rec)
             if on_record is not None:
                 on_record(rec)
         return self.records
+
+
+def is_correct(answer: str, query: Query) -> bool:
+    """An option must be the label itself; an open answer counts when its normalised form (VQA style:
+    case, punctuation, articles) equals the label's."""
+    if query.options:
+        return answer == query.label
+    return normalise_answer(answer) == normalise_answer(query.label or "")
 
 
 def _demo_accuracy(demos: list[Demo], label: str | None) -> float | None:

@@ -46,6 +46,7 @@ class RunConfig:
     answer: str = "student"
     uncertainty: str = "entropy"
     demo_order: str = "best-last"
+    max_teacher_failures: int = 10
     pool_max: int | None = None
     seed: int = 0
     shuffle: bool = True
@@ -82,6 +83,7 @@ class RunConfig:
             answer=self.answer,  # type: ignore[arg-type]
             uncertainty=self.uncertainty,
             demo_order=self.demo_order,  # type: ignore[arg-type]
+            max_teacher_failures=self.max_teacher_failures,
         )
 
     @classmethod
@@ -175,6 +177,11 @@ def run_icd(
     dataset = dataset or load_dataset(cfg.dataset, split=cfg.split)
     order = stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)
     parts = parts or build_parts(cfg)
+    if cfg.max_cost_usd is not None and getattr(parts.teacher, "price_known", True) is False:
+        raise ICDError(
+            f"--max-cost cannot hold: the price of teacher {cfg.teacher} is unknown; add price_in= and "
+            f"price_out= (USD per 1M tokens) to its spec"
+        )
     t0 = time.perf_counter()
     with SQLitePool(out / "pool.sqlite", max_size=cfg.pool_max) as pool, RunLog(out / "log.jsonl") as log:
         distiller = Distiller(
