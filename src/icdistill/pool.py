@@ -201,6 +201,17 @@ class SQLitePool:
             seconds=seconds or 0.0,
         )
 
+    def demo_like(self, query: Query) -> Demo | None:
+        """The pooled demo of the same image and prompt as ``query`` (another query id), if any: its
+        annotation can be reused instead of paying the teacher again."""
+        if query.image is None:
+            return None
+        row = self._db.execute(
+            "SELECT id FROM annotations WHERE in_pool = 1 AND image_digest = ? AND prompt = ? AND query_id != ?",
+            (image_digest(query.image), query.prompt, query.id),
+        ).fetchone()
+        return self._demos.get(row[0]) if row is not None else None
+
     def stats(self) -> dict[str, int]:
         rows = self._db.execute("SELECT status, COUNT(*) FROM annotations GROUP BY status").fetchall()
         out = {k: 0 for k in ("added", "rejected", "duplicate", "evicted")}

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from icdistill.protocols import Teacher
-from icdistill.types import Annotation, ICDError, Query
+from icdistill.types import Annotation, ICDError, Query, TeacherError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -179,6 +179,16 @@ def vote(
     return shown[winner], votes, counts[winner] / len(samples)
 
 
+def _faults_of(error: TeacherError) -> int:
+    """Failed requests behind a TeacherError: its usage when the backend attached one, else the
+    attempts its message reports ("no answer after 6 attempts"), else one."""
+    usage = getattr(error, "usage", None)
+    if usage is not None and getattr(usage, "faults", 0):
+        return int(usage.faults)
+    m = re.search(r"after (\d+) attempts", str(error))
+    return int(m.group(1)) if m else 1
+
+
 class TestTimeScaling:
     """Asks a teacher for N samples, votes, and rejects annotations whose agreement is below the floor."""
 
@@ -199,7 +209,13 @@ class TestTimeScaling:
     def annotate(self, query: Query) -> Annotation:
         """One teacher request of N samples; raises TeacherError when the teacher fails."""
         t0 = time.perf_counter()
-        resp = self.teacher.sample(query, self.n)
+        try:
+            resp = self.teacher.sample(query, self.n)
+        except TeacherError as e:
+            # a failed call costs time and faults too: keep them on the error for the run's accounting
+            e.seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+            e.faults = _faults_of(e)  # type: ignore[attr-defined]
+            raise
         samples = [str(a) for a in resp.answers]
         long_form = query.options is None and any(len(s.split()) >= self.long_form_words for s in samples)
         answer, votes, agreement = vote(samples, query.options, long_form=long_form)

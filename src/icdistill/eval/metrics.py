@@ -33,6 +33,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         usage["faults"] += u.get("faults", 0)
         usage["requests"] += u.get("calls", 0)
         usage["cached"] += u.get("cached", 0)
+    # failed calls (no annotation) were requests too: their retries count as faults
+    usage["faults"] += sum(r.get("teacher_error_faults") or 0 for r in asked)
     demo_acc = [r["demo_accuracy"] for r in qs if r.get("demo_accuracy") is not None]
     n = len(qs)
     return {
