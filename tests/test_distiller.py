@@ -1,4 +1,7 @@
+from dataclasses import replace
+
 import pytest
+from PIL import Image
 
 from fakes import FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
 from icdistill.data.stream import load_dataset, stream_order
@@ -10,7 +13,7 @@ from icdistill.runlog import RunLog
 from icdistill.runner import query_stream
 from icdistill.select import make_selector
 from icdistill.teacher import TestTimeScaling
-from icdistill.types import ICDError
+from icdistill.types import ICDError, Query, TeacherError
 
 
 @pytest.fixture()
@@ -156,3 +159,78 @@ def test_demo_order_puts_best_demo_nearest_the_query(dataset):
     last, first = first_pass_demos("best-last"), first_pass_demos("best-first")
     assert any(len(x) == 3 for x in last)
     assert all(a == b[::-1] for a, b in zip(last, first, strict=True))
+
+
+class PricedTeacher(FakeTeacher):
+    """A FakeTeacher whose every request costs ``usd``."""
+
+    def __init__(self, usd: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.usd = usd
+
+    def sample(self, query, n):
+        resp = super().sample(query, n)
+        resp.usage.cost_usd = self.usd
+        return resp
+
+
+def test_recovered_annotation_is_charged_once_and_its_gate_context_is_unchanged(dataset, tmp_path):
+    """A $1 cap spent $1.50 on resume vs $1.20 uninterrupted: the recovered call was never charged."""
+    from icdistill.gate import CappedGate
+
+    order = stream_order(len(dataset), 8, 0, True)
+
+    def gate():
+        return CappedGate(AlwaysGate(), max_cost_usd=1.0)
+
+    ref_teacher = PricedTeacher(0.3)
+    ref = make(gate(), teacher=ref_teacher).run(query_stream(dataset, order))
+    pool_path, log_path = tmp_path / "pool.sqlite", tmp_path / "log.jsonl"
+    teacher = PricedTeacher(0.3)
+    with SQLitePool(pool_path) as pool, RunLog(log_path) as log:
+        d = make(gate(), teacher=teacher, pool=pool, log=log)
+        d.run(query_stream(dataset, order[:1]))
+        d.step(next(query_stream(dataset, order, start=1)))  # pool written, then killed before the log line
+    with SQLitePool(pool_path) as pool, RunLog(log_path) as log:
+        recs = make(gate(), teacher=teacher, pool=pool, log=log).run(query_stream(dataset, order, start=1))
+    assert teacher.samples == ref_teacher.samples == 3  # $0.90: a fourth call would pass the $1 cap
+    assert [r["teacher_asked"] for r in recs] == [r["teacher_asked"] for r in ref]
+    assert [r["ctx_pool_size"] for r in recs] == [r["ctx_pool_size"] for r in ref]
+
+
+def test_repeated_image_and_prompt_is_not_bought_again(dataset):
+    q = next(stream(dataset, n=1))
+    twins = [replace(q, id=f"copy{i}", position=i) for i in range(4)]
+    teacher = FakeTeacher()
+    recs = make(AlwaysGate(), teacher=teacher).run(twins)
+    assert teacher.samples == 1
+    assert [r["teacher_asked"] for r in recs] == [True, False, False, False]
+    assert all("same image and prompt" in r["gate_reason"] for r in recs[1:])
+    assert all(r["correct"] for r in recs)
+
+
+def test_failed_teacher_calls_count_time_and_faults(dataset):
+    class Down(FakeTeacher):
+        def sample(self, query, n):
+            raise TeacherError("openai:x: no answer after 6 attempts: connection refused")
+
+    recs = make(AlwaysGate(), teacher=Down()).run(stream(dataset, n=3))
+    s = summarize(recs)
+    assert s["teacher_failures"] == 3 and s["teacher_usage"]["faults"] == 18
+    assert all(r["seconds"]["teacher"] > 0 for r in recs)
+
+
+def test_gate_sees_the_uncertainty_kind(tmp_path):
+    seen = []
+
+    class Spy(AlwaysGate):
+        def observe(self, uncertainty, ctx, asked):
+            seen.append(ctx.kind)
+
+    img = Image.new("RGB", (4, 4), (200, 0, 0))
+    qs = [
+        Query(id="a", image=img, prompt="Which colour?", options=("red", "blue"), label="red", position=0),
+        Query(id="b", image=img, prompt="Describe it.", label="a red square", position=1),
+    ]
+    recs = make(Spy()).run(qs)
+    assert seen == ["options", "open"] and [r["ctx_kind"] for r in recs] == seen

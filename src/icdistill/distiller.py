@@ -111,7 +111,7 @@ class Distiller:
             self.records.append(r)
             if r.get("event") != "query":
                 continue
-            ctx = GateContext(r["position"], r["ctx_teacher_calls"], r["ctx_pool_size"])
+            ctx = GateContext(r["position"], r["ctx_teacher_calls"], r["ctx_pool_size"], r.get("ctx_kind", ""))
             self.gate.observe(r["uncertainty"], ctx, r["teacher_asked"])
             self.teacher_calls += int(r["teacher_asked"])
             if r.get("annotation"):
@@ -151,11 +151,19 @@ class Distiller:
         demos = self._select(query, emb)  # 1. select demonstrations
         first = self.student.predict(query, demos)  # 2. student pass
         u = self._measure(first)
-        ctx = GateContext(query.position, self.teacher_calls, len(self.pool))
         stored = self.pool.annotation_for(query.id)
+        # a recovered annotation's own demo was not in the pool when the gate first saw this query
+        own = int(stored is not None and any(d.query_id == query.id for d in self.pool.demos()))
+        kind = "options" if query.options else "open"  # uncertainty scales differ: per-kind gate statistics
+        ctx = GateContext(query.position, self.teacher_calls, len(self.pool) - own, kind)
         decision = self.gate.decide(u, ctx)  # 3. gate
         asked = decision.ask or stored is not None
         reason = "recovered from pool after a crash" if stored is not None else decision.reason
+        if asked and stored is None:
+            twin = getattr(self.pool, "demo_like", lambda q: None)(query)
+            if twin is not None:  # the same image and prompt is pooled: its answer is already bought
+                asked = False
+                reason = f"{decision.reason}; not asked: same image and prompt as demo {twin.id}"
         self.gate.observe(u, ctx, asked)
         if asked:
             self.teacher_calls += 1
@@ -181,16 +189,19 @@ class Distiller:
         student's second pass (nobody waits for it) and answers with the first."""
         query, emb, demos, first, stored = draft.query, draft.embeddings, draft.demos, draft.first, draft.stored
         pool_status: str | None = None
+        failed_seconds, failed_faults = 0.0, 0  # what a failed teacher call cost
         if draft.asked and annotation is None and teacher_error is None:
             try:
                 annotation = self.ask_teacher(draft)  # 4. teacher test-time scaling
             except TeacherError as e:
                 teacher_error = str(e)
+                failed_seconds = float(getattr(e, "seconds", 0.0))
+                failed_faults = int(getattr(e, "faults", 1))
         if not draft.asked:
             annotation = None
         if annotation is not None:
-            if annotation is not stored:
-                self._charge(annotation.usage.cost_usd)
+            # once, always: a recovered annotation was never logged, so replay did not charge it
+            self._charge(annotation.usage.cost_usd)
             answer_emb = self.embedder.embed_texts([annotation.answer or " "])[0]
             _, pool_status = self.pool.add(query, annotation, {**emb, ANSWER: answer_emb})  # 5. pool update
             learn = getattr(self.student, "learn", None)  # online learners (e.g. a LoRA baseline) train here
@@ -224,8 +235,10 @@ class Distiller:
             "gate_threshold": decision.threshold,
             "ctx_teacher_calls": ctx.teacher_calls,
             "ctx_pool_size": ctx.pool_size,
+            "ctx_kind": ctx.kind,
             "annotation": _annotation_record(annotation),
             "teacher_error": teacher_error,
+            "teacher_error_faults": failed_faults,
             "pool_status": pool_status,
             "pool_size": len(self.pool),
             "demo_ids": [d.id for d in demos],
@@ -236,7 +249,7 @@ class Distiller:
             "seconds": {
                 "embed": draft.t_embed,
                 "student": first.seconds + (final.seconds if final is not first else 0.0),
-                "teacher": annotation.seconds if annotation and stored is None else 0.0,
+                "teacher": (annotation.seconds if annotation and stored is None else 0.0) + failed_seconds,
                 "total": time.perf_counter() - draft.t0,
             },
         }
