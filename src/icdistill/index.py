@@ -1,0 +1,452 @@
+"""Nearest-neighbour search over one embedding space of the pool: exact while small, HNSW beyond.
+
+The index keeps every vector twice: an exact float32 matrix (rows addressed by demo id) and an HNSW
+graph (usearch, float16) that is grown one vector at a time. Search is exact below
+``IndexConfig.exact_below`` vectors and whenever the candidate set is small; above it the graph
+proposes neighbours and the matrix re-scores them, so returned scores are exact cosines and ties
+break on the id (older first) as in an exact scan.
+
+Identical vectors (every prompt of a classification stream, the ten answers of a ten-class task)
+share one graph node, a *group*: an HNSW graph cannot tell a million equidistant copies apart, and
+a group keeps the "older first" order of ties exact.
+
+The graph is persisted (``save``) and, on open, reconciled with vectors read from the pool's own
+store (``load``): groups missing from the file are added, stale ones removed, a sample of stored
+vectors compared. The file is never trusted over the store; a file that does not match is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from icdistill.types import ICDError
+
+SearchMode = Literal["exact", "ann"]
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """HNSW parameters and the size at which search switches from exact to approximate.
+
+    Defaults were chosen by ``benchmarks/bench_pool_search.py`` (see BENCHMARKS.md).
+    """
+
+    exact_below: int = 20_000
+    connectivity: int = 32
+    expansion_add: int = 64
+    expansion_search: int = 96
+    dtype: str = "f16"
+    # candidate sets up to this size are scored exactly from the matrix instead of via the graph
+    exact_candidates: int = 20_000
+
+    def __post_init__(self) -> None:
+        if self.exact_below < 0 or self.exact_candidates < 0:
+            raise ICDError("exact_below and exact_candidates must be >= 0")
+        if self.connectivity < 2 or self.expansion_add < 1 or self.expansion_search < 1:
+            raise ICDError("HNSW connectivity must be >= 2 and expansions >= 1")
+        if self.dtype not in ("f32", "f16", "bf16", "i8"):
+            raise ICDError(f"unknown index dtype {self.dtype!r}")
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+def _digest(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
+
+
+class VectorIndex:
+    """Unit vectors keyed by non-negative integer ids, searchable by inner product (cosine)."""
+
+    def __init__(self, ndim: int, config: IndexConfig | None = None) -> None:
+        if ndim < 1:
+            raise ICDError(f"index dimension must be >= 1, got {ndim}")
+        from usearch.index import Index  # imported here so the module loads without the extra
+
+        self.ndim = ndim
+        self.config = config or IndexConfig()
+        self._graph = Index(
+            ndim=ndim,
+            metric="ip",
+            dtype=self.config.dtype,
+            connectivity=self.config.connectivity,
+            expansion_add=self.config.expansion_add,
+            expansion_search=self.config.expansion_search,
+        )
+        self._mat = np.zeros((0, ndim), dtype=np.float32)  # rows in arrival order, with holes
+        self._row_ids = np.zeros(0, dtype=np.int64)
+        self._live = np.zeros(0, dtype=bool)
+        self._n_rows = 0
+        self._row_of = np.full(0, -1, dtype=np.int64)  # demo id -> row (or -1)
+        self._count = 0
+        # groups of identical vectors: one graph node each
+        self._group_of_digest: dict[bytes, int] = {}
+        self._members: dict[int, list[int]] = {}  # group -> ids, ascending
+        self._group_digest: dict[int, bytes] = {}
+        self._next_group = 0
+
+    # ------------------------------------------------------------------ size and content
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, demo_id: int) -> bool:
+        return 0 <= demo_id < len(self._row_of) and self._row_of[demo_id] >= 0
+
+    @property
+    def mode(self) -> SearchMode:
+        return "ann" if self._count >= self.config.exact_below else "exact"
+
+    @property
+    def n_groups(self) -> int:
+        return len(self._members)
+
+    def ids(self) -> np.ndarray:
+        """Ids in the order they were added."""
+        return self._row_ids[: self._n_rows][self._live[: self._n_rows]].copy()
+
+    def matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ids in arrival order and their (n, d) unit vectors."""
+        live = self._live[: self._n_rows]
+        return self._row_ids[: self._n_rows][live], self._mat[: self._n_rows][live]
+
+    def vector(self, demo_id: int) -> np.ndarray:
+        if demo_id not in self:
+            raise KeyError(demo_id)
+        return self._mat[self._row_of[demo_id]].copy()
+
+    def memory_bytes(self) -> int:
+        return int(self._mat.nbytes + self._row_ids.nbytes + self._row_of.nbytes + self._graph.memory_usage)
+
+    # ------------------------------------------------------------------ writing
+    def add(self, ids: Sequence[int] | np.ndarray, vectors: np.ndarray, threads: int = 1) -> None:
+        """Add vectors (normalised here); an id already present is replaced."""
+        ids_a = np.asarray(ids, dtype=np.int64).ravel()
+        vecs = unit_rows(vectors)
+        if vecs.shape != (len(ids_a), self.ndim):
+            raise ICDError(f"expected {len(ids_a)} vectors of dimension {self.ndim}, got {vecs.shape}")
+        if len(ids_a) and ids_a.min() < 0:
+            raise ICDError("index ids must be >= 0")
+        present = [int(i) for i in ids_a if int(i) in self]
+        if present:
+            self.remove(present)
+        self._reserve(len(ids_a), int(ids_a.max()) if len(ids_a) else -1)
+        start = self._n_rows
+        self._mat[start : start + len(ids_a)] = vecs
+        self._row_ids[start : start + len(ids_a)] = ids_a
+        self._live[start : start + len(ids_a)] = True
+        self._row_of[ids_a] = np.arange(start, start + len(ids_a))
+        self._n_rows += len(ids_a)
+        self._count += len(ids_a)
+        new_groups: list[int] = []
+        new_rows: list[int] = []
+        for j, demo_id in enumerate(ids_a.tolist()):
+            d = _digest(vecs[j])
+            g = self._group_of_digest.get(d)
+            if g is None:
+                g = self._next_group
+                self._next_group += 1
+                self._group_of_digest[d] = g
+                self._group_digest[g] = d
+                self._members[g] = [demo_id]
+                new_groups.append(g)
+                new_rows.append(j)
+            else:
+                members = self._members[g]
+                members.append(demo_id)
+                if len(members) > 1 and members[-2] > demo_id:
+                    members.sort()
+        if new_groups:
+            self._graph.add(np.asarray(new_groups, dtype=np.uint64), vecs[new_rows], threads=threads)
+
+    def remove(self, ids: Sequence[int] | np.ndarray) -> None:
+        drop_groups: list[int] = []
+        for demo_id in np.asarray(ids, dtype=np.int64).ravel().tolist():
+            if demo_id not in self:
+                continue
+            row = int(self._row_of[demo_id])
+            d = _digest(self._mat[row])
+            g = self._group_of_digest[d]
+            members = self._members[g]
+            members.remove(demo_id)
+            if not members:
+                del self._members[g], self._group_of_digest[d], self._group_digest[g]
+                drop_groups.append(g)
+            self._live[row] = False
+            self._row_of[demo_id] = -1
+            self._count -= 1
+        if drop_groups:
+            self._graph.remove(np.asarray(drop_groups, dtype=np.uint64))
+        if self._n_rows > 1024 and self._count < self._n_rows // 2:
+            self._compact()
+
+    def _reserve(self, extra: int, max_id: int) -> None:
+        need = self._n_rows + extra
+        if need > len(self._mat):
+            cap = max(need, 2 * len(self._mat), 64)
+            for name, fill in (("_mat", 0.0), ("_row_ids", 0), ("_live", False)):
+                old = getattr(self, name)
+                new = np.full((cap, *old.shape[1:]), fill, dtype=old.dtype)
+                new[: self._n_rows] = old[: self._n_rows]
+                setattr(self, name, new)
+        if max_id >= len(self._row_of):
+            new_of = np.full(max(max_id + 1, 2 * len(self._row_of), 64), -1, dtype=np.int64)
+            new_of[: len(self._row_of)] = self._row_of
+            self._row_of = new_of
+
+    def _compact(self) -> None:
+        """Drop removed rows (amortised: only once half of the rows are holes)."""
+        ids, mat = self.matrix()
+        self._mat = mat.copy()
+        self._row_ids = ids.copy()
+        self._live = np.ones(len(ids), dtype=bool)
+        self._n_rows = len(ids)
+        self._row_of[:] = -1
+        self._row_of[ids] = np.arange(len(ids))
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        candidates: Sequence[int] | np.ndarray | None = None,
+        keep_ties: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` ids most similar to ``vector`` (within ``candidates`` when given), best first.
+
+        Returns ``(ids, scores)``: scores are exact cosines, equal scores ordered by id (older first).
+        ``keep_ties`` also returns every id tied (within 1e-6) with the k-th.
+        """
+        if k <= 0 or self._count == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        q = unit_rows(vector)[0]
+        if q.shape[0] != self.ndim:
+            raise ICDError(f"query vector has dimension {q.shape[0]}, index has {self.ndim}")
+        if candidates is not None:
+            cand = np.asarray(candidates, dtype=np.int64).ravel()
+            cand = cand[(cand >= 0) & (cand < len(self._row_of))]
+            cand = np.unique(cand[self._row_of[cand] >= 0])
+            if len(cand) == 0:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            if len(cand) <= self.config.exact_candidates or self.mode == "exact":
+                return self._exact(q, k, cand, keep_ties)
+            return self._ann(q, k, cand, keep_ties)
+        if self.mode == "exact":
+            return self._exact(q, k, None, keep_ties)
+        return self._ann(q, k, None, keep_ties)
+
+    def _exact(
+        self, q: np.ndarray, k: int, cand: np.ndarray | None, keep_ties: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if cand is None:
+            ids = self._row_ids[: self._n_rows]
+            scores = self._mat[: self._n_rows] @ q
+            live = self._live[: self._n_rows]
+            if not live.all():
+                ids, scores = ids[live], scores[live]
+        else:
+            ids = cand
+            scores = self._mat[self._row_of[cand]] @ q
+        return _top(ids, scores, k, keep_ties)
+
+    def _ann(
+        self, q: np.ndarray, k: int, cand: np.ndarray | None, keep_ties: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Ask the graph for groups, score them exactly, expand the best to ids; widen until the k-th
+        is certain (enough ids in the candidate set, and no tie running past the worst group seen)."""
+        n_groups = len(self._members)
+        frac = 1.0 if cand is None else len(cand) / self._count
+        want = int(max(2 * k, 16) / max(frac, 1e-6))
+        limit = max(4 * self.config.exact_candidates, 64 * k)
+        while True:
+            want = max(1, min(want, n_groups))
+            groups = np.asarray(self._graph.search(q, want).keys, dtype=np.int64)
+            groups = np.asarray([g for g in groups.tolist() if g in self._members], dtype=np.int64)
+            exhausted = want >= n_groups
+            if len(groups):
+                reps = np.fromiter((self._members[g][0] for g in groups.tolist()), dtype=np.int64)
+                gscores = self._mat[self._row_of[reps]] @ q
+                order = np.lexsort((reps, -gscores))
+                groups, gscores = groups[order], gscores[order]
+                worst = float(gscores[-1])
+                got_ids: list[np.ndarray] = []
+                n_got = 0
+                kth: float | None = None
+                for g, s in zip(groups.tolist(), gscores.tolist(), strict=True):
+                    if kth is not None and s < kth - 1e-6:
+                        break
+                    ms = np.asarray(self._members[g], dtype=np.int64)
+                    if cand is not None:
+                        ms = ms[np.isin(ms, cand, assume_unique=True)]
+                    if len(ms):
+                        got_ids.append(ms)
+                        n_got += len(ms)
+                        if kth is None and n_got >= k:
+                            kth = s
+                if kth is not None and (exhausted or kth > worst + 1e-6):
+                    ids = np.concatenate(got_ids)
+                    return _top(ids, self._mat[self._row_of[ids]] @ q, k, keep_ties)
+                if exhausted:
+                    ids = np.concatenate(got_ids) if got_ids else np.zeros(0, dtype=np.int64)
+                    return _top(ids, self._mat[self._row_of[ids]] @ q, k, keep_ties)
+            elif exhausted:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            if want >= limit:
+                # the graph cannot settle it cheaply (a huge tie, a sparse candidate set): scan
+                return self._exact(q, k, cand, keep_ties)
+            want *= 4
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        """Write the graph and its group table next to each other, atomically (tmp + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_graph = path.with_name(path.name + ".tmp")
+        self._graph.save(str(tmp_graph))
+        groups = np.asarray(list(self._group_digest), dtype=np.int64)
+        digests = b"".join(self._group_digest[g] for g in groups.tolist())
+        meta = {
+            "ndim": self.ndim,
+            "config": {k: getattr(self.config, k) for k in ("connectivity", "expansion_add", "dtype")},
+            "groups": groups.tolist(),
+            "digests": digests.hex(),
+            "next_group": self._next_group,
+        }
+        tmp_meta = path.with_name(path.name + ".json.tmp")
+        tmp_meta.write_text(json.dumps(meta))
+        for tmp in (tmp_graph, tmp_meta):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp_graph, path)
+        os.replace(tmp_meta, path.with_name(path.name + ".json"))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        config: IndexConfig | None = None,
+        check_sample: int = 64,
+    ) -> tuple[VectorIndex, str]:
+        """An index over ``ids``/``vectors`` (the truth, read from the pool's store), reusing the graph
+        saved at ``path`` when it matches. Returns the index and what was done: "loaded",
+        "loaded+N" (N groups added or removed to catch up), or "built (<why>)"."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        vectors = unit_rows(vectors) if len(ids) else np.zeros((0, 0), dtype=np.float32)
+        ndim = vectors.shape[1] if len(ids) else 0
+        path = Path(path)
+        meta_path = path.with_name(path.name + ".json")
+        why = "no saved index"
+        index: VectorIndex | None = None
+        if path.exists() and meta_path.exists() and len(ids):
+            try:
+                index, why = cls._reconcile(path, meta_path, ids, vectors, config, check_sample)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                index, why = None, f"unreadable saved index: {e}"
+        if index is not None:
+            return index, why
+        if not len(ids):
+            raise ICDError("cannot build an index without vectors (its dimension is unknown)")
+        index = cls(ndim, config)
+        index.add(ids, vectors, threads=os.cpu_count() or 1)
+        return index, f"built ({why})"
+
+    @classmethod
+    def _reconcile(
+        cls,
+        path: Path,
+        meta_path: Path,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        config: IndexConfig | None,
+        check_sample: int,
+    ) -> tuple[VectorIndex | None, str]:
+        meta = json.loads(meta_path.read_text())
+        ndim = vectors.shape[1]
+        if meta["ndim"] != ndim:
+            return None, f"saved index has dimension {meta['ndim']}, pool has {ndim}"
+        cfg = config or IndexConfig()
+        saved_cfg = meta["config"]
+        if saved_cfg["dtype"] != cfg.dtype or saved_cfg["connectivity"] != cfg.connectivity:
+            return None, "saved index was built with other HNSW settings"
+        index = cls(ndim, cfg)
+        index._graph.load(str(path))
+        if index._graph.ndim != ndim:
+            return None, "saved graph dimension mismatch"
+        raw = bytes.fromhex(meta["digests"])
+        saved = {raw[16 * j : 16 * j + 16]: g for j, g in enumerate(meta["groups"])}
+        if len(saved) != len(meta["groups"]) or len(index._graph) != len(saved):
+            return None, "saved group table does not match the saved graph"
+        index._next_group = int(meta["next_group"])
+        # exact part and groups from the store; graph nodes reused where the digest matches
+        index._reserve(len(ids), int(ids.max()))
+        index._mat[: len(ids)] = vectors
+        index._row_ids[: len(ids)] = ids
+        index._live[: len(ids)] = True
+        index._row_of[ids] = np.arange(len(ids))
+        index._n_rows = index._count = len(ids)
+        fresh_rows: list[int] = []
+        fresh_groups: list[int] = []
+        for j, demo_id in enumerate(ids.tolist()):
+            d = _digest(vectors[j])
+            g = index._group_of_digest.get(d)
+            if g is None:
+                g = saved.get(d)
+                if g is None:
+                    g = index._next_group
+                    index._next_group += 1
+                    fresh_rows.append(j)
+                    fresh_groups.append(g)
+                index._group_of_digest[d] = g
+                index._group_digest[g] = d
+                index._members[g] = [demo_id]
+            else:
+                index._members[g].append(demo_id)
+        for ms in index._members.values():
+            ms.sort()
+        stale = [g for d, g in saved.items() if d not in index._group_of_digest]
+        if stale:
+            index._graph.remove(np.asarray(stale, dtype=np.uint64))
+        # the graph's stored vectors must be the store's (float16 tolerance), checked on a sample
+        reused = [g for g in index._members if g not in set(fresh_groups)]
+        rng = np.random.default_rng(len(ids))
+        sample = rng.choice(reused, size=min(check_sample, len(reused)), replace=False) if reused else []
+        for g in np.asarray(sample, dtype=np.int64).tolist():
+            stored = np.asarray(index._graph.get(np.uint64(g)), dtype=np.float32).ravel()
+            truth = index._mat[index._row_of[index._members[g][0]]]
+            if stored.shape != truth.shape or float(np.abs(stored - truth).max()) > 0.02:
+                return None, "saved graph vectors differ from the pool's"
+        if fresh_groups:
+            index._graph.add(
+                np.asarray(fresh_groups, dtype=np.uint64), vectors[fresh_rows], threads=os.cpu_count() or 1
+            )
+        changed = len(fresh_groups) + len(stale)
+        return index, "loaded" if not changed else f"loaded+{changed}"
+
+
+def _top(ids: np.ndarray, scores: np.ndarray, k: int, keep_ties: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` by score, ties by id ascending; with ``keep_ties`` everything within 1e-6 of the k-th."""
+    n = len(ids)
+    if n == 0:
+        return ids[:0], scores[:0].astype(np.float32)
+    if n > k:
+        kth = np.partition(scores, n - k)[n - k]
+        cut = kth - 1e-6 if keep_ties else kth
+        sel = scores >= cut
+        ids, scores = ids[sel], scores[sel]
+    order = np.lexsort((ids, -scores))
+    ids, scores = ids[order], scores[order].astype(np.float32)
+    if not keep_ties:
+        ids, scores = ids[:k], scores[:k]
+    return ids, scores
