@@ -153,7 +153,7 @@ class Engine:
             u = r["uncertainty"] if r["uncertainty"] is not None else math.nan
             gate.observe(
                 u,
-                GateContext(r["position"], r["ctx_teacher_calls"], r["ctx_pool_size"]),
+                GateContext(r["position"], r["ctx_teacher_calls"], r["ctx_pool_size"], r["ctx_kind"] or ""),
                 bool(r["teacher_asked"]),
             )
             d.teacher_calls += int(r["teacher_asked"])
@@ -257,6 +257,7 @@ class Engine:
             "prompt": prompt,
             "options": options,
             "image_png": image_to_png(image) if draft.asked else None,
+            "label": label,
             "state": state,
             "answer": draft.first.answer,
             "uncertainty": draft.uncertainty,
@@ -264,6 +265,7 @@ class Engine:
             "gate_reason": draft.reason,
             "ctx_teacher_calls": draft.ctx.teacher_calls,
             "ctx_pool_size": draft.ctx.pool_size,
+            "ctx_kind": getattr(draft.ctx, "kind", ""),
             "demo_ids": [d.id for d in draft.demos],
         }
         self.store.add_query(row, self.teacher_name)
@@ -319,6 +321,7 @@ class Engine:
             image=png_to_image(row["image_png"]),
             prompt=row["prompt"],
             options=tuple(json.loads(row["options"])) if row["options"] else None,
+            label=row["label"],
             position=row["position"],
         )
         ids = json.loads(row["demo_ids"])
@@ -330,7 +333,9 @@ class Engine:
             demos=[pooled[i] for i in ids if i in pooled],
             first=Prediction(answer=row["answer"]),
             uncertainty=u,
-            ctx=GateContext(row["position"], row["ctx_teacher_calls"], row["ctx_pool_size"]),
+            ctx=GateContext(
+                row["position"], row["ctx_teacher_calls"], row["ctx_pool_size"], row["ctx_kind"] or ""
+            ),
             decision=GateDecision(True, row["gate_reason"] or ""),
             stored=self.pool.annotation_for(qid),  # paid for before the crash: never bought twice
             asked=True,
@@ -501,6 +506,7 @@ class Engine:
             "query_id": d.query_id,
             "prompt": d.prompt,
             "label": d.answer,
+            "options": d.provenance.get("options"),
             "teacher": d.provenance.get("teacher"),
             "agreement": d.provenance.get("agreement"),
         }
@@ -593,7 +599,7 @@ class Engine:
                 image,
                 str(rec["prompt"]),
                 str(rec["label"]),
-                None,
+                list(rec["options"]) if rec.get("options") else None,
                 str(rec.get("query_id") or f"import-{uuid.uuid4().hex}"),
                 str(rec.get("teacher") or "import"),
                 rec.get("votes") or None,
@@ -624,6 +630,11 @@ class Engine:
                     or not isinstance(rec.get("label"), str)
                 ):
                     raise ValueError("needs string fields prompt and label")
+                opts = rec.get("options")
+                if opts is not None and not (
+                    isinstance(opts, list) and all(isinstance(o, str) for o in opts)
+                ):
+                    raise ValueError("options must be a list of strings")
                 image = None
                 if rec.get("image"):
                     image = decode_image(z.read(str(rec["image"])), self.cfg.max_pixels)
@@ -650,6 +661,7 @@ class Engine:
                 {
                     "prompt": d.prompt,
                     "label": d.answer,
+                    "options": d.provenance.get("options"),
                     "query_id": d.query_id,
                     "teacher": d.provenance.get("teacher"),
                     "votes": d.provenance.get("votes"),

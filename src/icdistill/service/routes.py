@@ -57,7 +57,10 @@ async def _json_body(request: Request) -> Any:
 def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
     cfg = engine.cfg
     r = APIRouter()
-    protected = [Depends(auth.require_key)]
+    async def started() -> None:
+        await engine.start()  # resumes interrupted teacher calls even when uvicorn runs without lifespan
+
+    protected = [Depends(auth.require_key), Depends(started)]
 
     async def predict_from_form(request: Request) -> dict[str, Any]:
         try:

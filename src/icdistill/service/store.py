@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS service_queries (
     updated REAL NOT NULL,
     prompt TEXT NOT NULL,
     options TEXT,
+    label TEXT,
     image_png BLOB,
     state TEXT NOT NULL,
     answer TEXT NOT NULL,
@@ -33,6 +34,7 @@ CREATE TABLE IF NOT EXISTS service_queries (
     gate_reason TEXT,
     ctx_teacher_calls INTEGER NOT NULL,
     ctx_pool_size INTEGER NOT NULL,
+    ctx_kind TEXT,
     demo_ids TEXT NOT NULL,
     teacher_answer TEXT,
     final_answer TEXT,
@@ -101,7 +103,7 @@ class ServiceStore:
             (
                 "INSERT INTO service_queries (query_id, position, created, updated, prompt, options, image_png, "
                 "state, answer, uncertainty, teacher_asked, gate_reason, ctx_teacher_calls, ctx_pool_size, "
-                "demo_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "ctx_kind, demo_ids, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row["query_id"],
                     row["position"],
@@ -117,7 +119,9 @@ class ServiceStore:
                     row["gate_reason"],
                     row["ctx_teacher_calls"],
                     row["ctx_pool_size"],
+                    row.get("ctx_kind", ""),
                     json.dumps(row["demo_ids"]),
+                    row.get("label"),
                 ),
             )
         ]
@@ -192,7 +196,7 @@ class ServiceStore:
         return [
             dict(r)
             for r in self._db.execute(
-                "SELECT position, uncertainty, teacher_asked, ctx_teacher_calls, ctx_pool_size "
+                "SELECT position, uncertainty, teacher_asked, ctx_teacher_calls, ctx_pool_size, ctx_kind "
                 "FROM service_queries ORDER BY position"
             )
         ]
