@@ -208,3 +208,23 @@ class ColourStudent:
         if query.options is None:
             return Prediction(answer=answer, token_logprobs=[-0.1], token_entropies=[0.2])
         return Prediction(answer=answer, option_scores=scores)
+
+
+class GatedTeacher(FakeTeacher):
+    """A FakeTeacher that answers only once ``release()`` is called (a slow teacher, under test control)."""
+
+    def __init__(self, **kwargs) -> None:
+        import threading
+
+        super().__init__(**kwargs)
+        self._open = threading.Event()
+        self.started = 0
+
+    def release(self) -> None:
+        self._open.set()
+
+    def sample(self, query: Query, n: int) -> TeacherResponse:
+        self.started += 1
+        if not self._open.wait(timeout=30):
+            raise TeacherError("gated teacher was never released")
+        return super().sample(query, n)

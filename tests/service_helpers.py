@@ -36,7 +36,12 @@ def b64(data: bytes) -> str:
 
 
 def query_json(name: str, seed: int = 0, **extra: Any) -> dict[str, Any]:
-    return {"image_b64": b64(colour_png(name, seed)), "prompt": "What colour is it?", "options": OPTIONS, **extra}
+    return {
+        "image_b64": b64(colour_png(name, seed)),
+        "prompt": "What colour is it?",
+        "options": OPTIONS,
+        **extra,
+    }
 
 
 @contextmanager
@@ -44,7 +49,12 @@ def running_service(
     tmp_path: Any, teacher: Any = None, student: Any = None, human: bool = False, **cfg: Any
 ) -> Iterator[tuple[httpx.Client, Any]]:
     """A real uvicorn server on a free loopback port, and an authorised client."""
-    settings: dict[str, Any] = {"pool": str(tmp_path / "pool.sqlite"), "api_key": KEY, "gate": "always", "teacher": "fake"}
+    settings: dict[str, Any] = {
+        "pool": str(tmp_path / "pool.sqlite"),
+        "api_key": KEY,
+        "gate": "always",
+        "teacher": "fake",
+    }
     if human:
         settings["teacher"] = "human"
     settings.update(cfg)

@@ -35,7 +35,13 @@ def test_predict_answers_before_the_teacher_and_the_annotation_joins_the_pool_la
         teacher.release()
         done = wait_until(lambda: (q := c.get(f"/v1/queries/{qid}").json())["state"] == "annotated" and q)
         assert done["teacher_answer"] == "red"
-        assert done["ledger"] == {"state": "paid", "teacher": "fake-teacher", "attempts": 1, "calls": 1, "cost_usd": 0.0}
+        assert done["ledger"] == {
+            "state": "paid",
+            "teacher": "fake-teacher",
+            "attempts": 1,
+            "calls": 1,
+            "cost_usd": 0.0,
+        }
         demos = c.get("/v1/demos").json()
         assert demos["total"] == 1 and demos["demos"][0]["query_id"] == qid
         # a later query of the same colour gets that demo and the student copies its answer
@@ -114,7 +120,14 @@ def test_auth_is_required_and_checked(tmp_path):
         assert httpx.get(url + "/healthz").json() == {"status": "ok"}
         assert httpx.get(url + "/docs").status_code == 200
         paths = httpx.get(url + "/openapi.json").json()["paths"]
-        assert {"/v1/predict", "/v1/queries/{query_id}", "/v1/demos", "/v1/export", "/v1/import", "/v1/stats"} <= set(paths)
+        assert {
+            "/v1/predict",
+            "/v1/queries/{query_id}",
+            "/v1/demos",
+            "/v1/export",
+            "/v1/import",
+            "/v1/stats",
+        } <= set(paths)
 
 
 def test_no_auth_only_on_loopback_and_key_from_env(monkeypatch):
@@ -137,23 +150,53 @@ def test_no_auth_only_on_loopback_and_key_from_env(monkeypatch):
     ("kwargs", "status", "code", "words"),
     [
         ({"json": {**query_json("red"), "image_b64": "not base64!!"}}, 400, "bad_base64", "base64"),
-        ({"json": {**query_json("red"), "image_b64": b64(b"\x89PNG\r\n\x1a\n garbage")}}, 400, "bad_image", "image"),
-        ({"json": {**query_json("red"), "image_b64": "https://example.com/cat.png"}}, 400, "bad_base64", "never fetches"),
-        ({"json": {**query_json("red"), "image_url": "https://example.com/cat.png"}}, 422, "invalid_field", "unknown field"),
+        (
+            {"json": {**query_json("red"), "image_b64": b64(b"\x89PNG\r\n\x1a\n garbage")}},
+            400,
+            "bad_image",
+            "image",
+        ),
+        (
+            {"json": {**query_json("red"), "image_b64": "https://example.com/cat.png"}},
+            400,
+            "bad_base64",
+            "never fetches",
+        ),
+        (
+            {"json": {**query_json("red"), "image_url": "https://example.com/cat.png"}},
+            422,
+            "invalid_field",
+            "unknown field",
+        ),
         ({"json": {**query_json("red"), "options": ["red", "red"]}}, 422, "invalid_field", "unique"),
         ({"json": {**query_json("red"), "options": "red"}}, 422, "invalid_field", "options"),
         ({"json": {"image_b64": b64(colour_png("red"))}}, 422, "invalid_field", "prompt"),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "bad_json", "JSON"),
-        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type", "multipart"),
+        (
+            {"content": b"hello", "headers": {"content-type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+            "multipart",
+        ),
         ({"data": {"prompt": "p"}, "files": {"other": ("x", b"1")}}, 422, "invalid_field", "unknown field"),
-        ({"data": {"prompt": "p"}, "files": {"image": ("x.png", b"broken", "image/png")}}, 400, "bad_image", "corrupt"),
+        (
+            {"data": {"prompt": "p"}, "files": {"image": ("x.png", b"broken", "image/png")}},
+            400,
+            "bad_image",
+            "corrupt",
+        ),
         (
             {"data": {"prompt": "p", "options": "[1, 2"}, "files": {"image": ("x.png", colour_png("red"))}},
             422,
             "invalid_field",
             "options",
         ),
-        ({"content": b"x" * 3000, "headers": {"content-type": "application/json"}}, 413, "body_too_large", "limit"),
+        (
+            {"content": b"x" * 3000, "headers": {"content-type": "application/json"}},
+            413,
+            "body_too_large",
+            "limit",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_4xx(tmp_path, kwargs, status, code, words):
@@ -192,7 +235,12 @@ def test_demos_add_get_delete_and_paging(tmp_path):
     with running_service(tmp_path, gate="never") as (c, _):
         ids = []
         for i, name in enumerate(OPTIONS * 2):
-            demo = {"image_b64": b64(colour_png(name, seed=i)), "prompt": "colour?", "label": name, "options": OPTIONS}
+            demo = {
+                "image_b64": b64(colour_png(name, seed=i)),
+                "prompt": "colour?",
+                "label": name,
+                "options": OPTIONS,
+            }
             r = c.post("/v1/demos", json=demo)
             assert r.status_code == 201, r.text
             assert r.json()["status"] == "added"
@@ -205,7 +253,12 @@ def test_demos_add_get_delete_and_paging(tmp_path):
         # the same image and prompt again is a duplicate, not a second demo
         dup = c.post(
             "/v1/demos",
-            json={"image_b64": b64(colour_png("red", 0)), "prompt": "colour?", "label": "red", "options": OPTIONS},
+            json={
+                "image_b64": b64(colour_png("red", 0)),
+                "prompt": "colour?",
+                "label": "red",
+                "options": OPTIONS,
+            },
         )
         assert dup.json()["status"] == "duplicate" and c.get("/v1/stats").json()["pool_size"] == 8
         assert c.delete(f"/v1/demos/{ids[0]}").status_code == 204
@@ -214,14 +267,22 @@ def test_demos_add_get_delete_and_paging(tmp_path):
         # a hand-added demo is used: the student copies the nearest demo's label
         r = c.post("/v1/predict", json=query_json("blue", seed=77)).json()
         assert r["demo_ids"] and r["student_answer"] == "blue" and r["teacher_asked"] is False
-        bad = c.post("/v1/demos", json={"image_b64": b64(colour_png("red")), "prompt": "c", "label": "x", "options": ["a", "b"]})
+        bad = c.post(
+            "/v1/demos",
+            json={"image_b64": b64(colour_png("red")), "prompt": "c", "label": "x", "options": ["a", "b"]},
+        )
         assert bad.status_code == 422
 
 
 def test_export_then_import_into_a_fresh_service(tmp_path):
     with running_service(tmp_path / "a", gate="never") as (c, _):
         for i, name in enumerate(OPTIONS):
-            demo = {"image_b64": b64(colour_png(name, seed=i)), "prompt": "colour?", "label": name, "options": OPTIONS}
+            demo = {
+                "image_b64": b64(colour_png(name, seed=i)),
+                "prompt": "colour?",
+                "label": name,
+                "options": OPTIONS,
+            }
             c.post("/v1/demos", json=demo)
         archive = c.get("/v1/export")
         assert archive.headers["content-type"] == "application/zip"
@@ -267,7 +328,11 @@ def test_stats_and_prometheus_metrics(tmp_path):
             c.post("/v1/predict", json=query_json(OPTIONS[i % 4], seed=i, label=OPTIONS[i % 4], wait=True))
         s = c.get("/v1/stats").json()
         assert s["queries"] == 5 and s["teacher_calls"] == 3 and s["teacher_call_rate"] == pytest.approx(0.6)
-        assert s["budget"]["calls_spent"] == 3 and s["budget"]["calls_left"] == 0 and s["budget"]["calls_cap"] == 3
+        assert (
+            s["budget"]["calls_spent"] == 3
+            and s["budget"]["calls_left"] == 0
+            and s["budget"]["calls_cap"] == 3
+        )
         assert s["budget"]["usd_spent"] == 0.0 and s["pending"] == 0 and s["pool_size"] == 3
         assert set(s["latency_seconds"]) == {"p50", "p90", "p99"}
         r = c.get("/metrics")
@@ -277,7 +342,11 @@ def test_stats_and_prometheus_metrics(tmp_path):
         assert fams["icd_teacher_calls"].samples[0].value == 3
         count = [x for x in fams["icd_predict_seconds"].samples if x.name == "icd_predict_seconds_count"]
         assert count[0].value == 5
-        outcomes = {x.labels["outcome"]: x.value for x in fams["icd_teacher_outcomes"].samples if x.name.endswith("_total")}
+        outcomes = {
+            x.labels["outcome"]: x.value
+            for x in fams["icd_teacher_outcomes"].samples
+            if x.name.endswith("_total")
+        }
         assert outcomes == {"annotated": 3.0}
 
 
@@ -291,7 +360,9 @@ def test_budget_and_pool_survive_a_restart(tmp_path):
         s = c.get("/v1/stats").json()
         assert s["teacher_calls"] == before["teacher_calls"] == 3 and s["pool_size"] == 3
         assert s["budget"]["calls_left"] == 1
-        got = [c.post("/v1/predict", json=query_json("red", seed=50 + i, label="red")).json() for i in range(3)]
+        got = [
+            c.post("/v1/predict", json=query_json("red", seed=50 + i, label="red")).json() for i in range(3)
+        ]
         assert [g["teacher_asked"] for g in got] == [True, False, False]  # the cap counts across restarts
         assert [g["position"] for g in got] == [3, 4, 5]
 
@@ -309,7 +380,9 @@ def test_a_paid_annotation_is_not_bought_again_after_a_crash(tmp_path):
         def land() -> None:
             from icdistill.types import ANSWER, Annotation, Usage
 
-            a = Annotation("red", ["red"], {"red": 1}, 1.0, True, "fake-teacher", Usage(calls=1, cost_usd=0.5))
+            a = Annotation(
+                "red", ["red"], {"red": 1}, 1.0, True, "fake-teacher", Usage(calls=1, cost_usd=0.5)
+            )
             emb = {**draft.embeddings, ANSWER: engine.distiller.embedder.embed_texts(["red"])[0]}
             engine.pool.add(draft.query, a, emb)
 
@@ -318,7 +391,9 @@ def test_a_paid_annotation_is_not_bought_again_after_a_crash(tmp_path):
     with running_service(tmp_path, teacher=second) as (c, _):
         q = wait_until(lambda: (r := c.get(f"/v1/queries/{qid}").json())["state"] == "annotated" and r)
         assert second.samples == 0  # not bought twice
-        assert q["ledger"]["state"] == "paid" and q["ledger"]["cost_usd"] == 0.5 and q["ledger"]["attempts"] == 1
+        assert (
+            q["ledger"]["state"] == "paid" and q["ledger"]["cost_usd"] == 0.5 and q["ledger"]["attempts"] == 1
+        )
         assert c.get("/v1/stats").json()["pool_size"] == 1
     teacher.release()
 
