@@ -17,7 +17,7 @@ from icdistill.conformance import sample_queries
 from icdistill.models import registry
 from icdistill.models.openai_api import format_prompt
 from icdistill.serve_model import Fault, FaultPlan, create_app, parse_messages
-from icdistill.types import SpecError
+from icdistill.types import ICDError, Prediction, SpecError
 
 OPTIONS = sample_queries()[0].options
 
@@ -44,6 +44,10 @@ def chat(c: TestClient, messages: list[dict], **kw) -> dict:
     r = c.post("/v1/chat/completions", json={"model": "m", "messages": messages, **kw})
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def _token_entry(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 def test_models_endpoint() -> None:
@@ -90,8 +94,11 @@ def test_n_choices_sampled_with_temperature_and_seed() -> None:
     a = chat(c, msgs, n=8, seed=7)["choices"]
     b = chat(c, msgs, n=8, seed=7)["choices"]
     assert a == b
-    open_answers = chat(c, [user("Describe.")], n=3)["choices"]
-    assert [ch["message"]["content"] for ch in open_answers] == ["yes"] * 3
+    open_answers = chat(c, [user("Describe.")], n=3, temperature=0)["choices"]
+    assert [ch["message"]["content"] for ch in open_answers] == ["yes"] * 3  # greedy: copies are right
+    # sampled open answers would be copies of the greedy one: refused instead of faked
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": [user("Describe.")], "n": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
 
 
 def test_logprobs_from_option_probabilities() -> None:
@@ -107,8 +114,12 @@ def test_logprobs_from_option_probabilities() -> None:
     assert [t["token"] for t in entry["top_logprobs"]][0] == "blue" and len(entry["top_logprobs"]) == 2
     assert chat(c, msgs)["choices"][0]["logprobs"] is None
     (tok,) = chat(c, [user("Describe.")], logprobs=True, top_logprobs=3)["choices"][0]["logprobs"]["content"]
-    assert tok["logprob"] == -0.1 and len(tok["top_logprobs"]) == 3
-    assert math.isclose(sum(math.exp(t["logprob"]) for t in tok["top_logprobs"]), 1.0)
+    # only what the model reported: no invented alternatives ranked beside the token
+    assert (
+        tok["token"] == "yes"
+        and tok["logprob"] == -0.1
+        and tok["top_logprobs"] == [_token_entry("yes", -0.1)]
+    )
 
 
 def test_bad_requests_are_400() -> None:
@@ -141,7 +152,7 @@ def test_fault_plan_parse() -> None:
 def test_faults_at_the_http_level() -> None:
     app = create_app(FakeStudent(), FaultPlan.parse("500,429:2,garbage,wrong_n,slow:0.3"))
     c = TestClient(app)
-    body = {"model": "m", "messages": [user("x")], "n": 3}
+    body = {"model": "m", "messages": [user("x")], "n": 3, "temperature": 0}
     assert c.post("/v1/chat/completions", json=body).status_code == 500
     r = c.post("/v1/chat/completions", json=body)
     assert r.status_code == 429 and r.headers["retry-after"] == "2"
@@ -159,7 +170,7 @@ def test_faults_at_the_http_level() -> None:
 
 def test_ignore_n_and_student_errors() -> None:
     c = TestClient(create_app(FakeStudent(), ignore_n=True))
-    assert len(chat(c, [user("x")], n=4)["choices"]) == 1
+    assert len(chat(c, [user("x")], n=4, temperature=0)["choices"]) == 1
 
     class Broken(FakeStudent):
         def predict(self, query, demos):
@@ -168,7 +179,8 @@ def test_ignore_n_and_student_errors() -> None:
     r = TestClient(create_app(Broken())).post(
         "/v1/chat/completions", json={"model": "m", "messages": [user("x")]}
     )
-    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "boom" not in r.text and "RuntimeError" not in r.text  # internals stay in the server log
 
 
 def test_parse_messages_pairs_only_user_assistant() -> None:
@@ -190,3 +202,116 @@ def test_main_resolves_spec_and_runs_uvicorn(monkeypatch: pytest.MonkeyPatch) ->
     serve_model.main("fake:x", port=8123, faults="500,garbage")
     assert calls["spec"] == "fake:x" and calls["host"] == "127.0.0.1" and calls["port"] == 8123
     assert len(calls["app"].state.faults) == 2 and student.calls == 1  # warmed up before serving
+
+
+def _png_claiming(width: int, height: int) -> str:
+    """A data URI of a real 1x1 PNG whose header claims another size (CRC fixed, so it parses)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"n": 2.5}, "n"),
+        ({"n": True}, "n"),
+        ({"top_logprobs": "3"}, "top_logprobs"),
+    ],
+)
+def test_bad_parameters_are_openai_shaped_400s(extra: dict, param: str) -> None:
+    c = TestClient(create_app(FakeStudent()), raise_server_exceptions=False)
+    import json
+
+    body = json.dumps({"model": "m", "messages": [user(format_prompt("Colour?", OPTIONS))], **extra})
+    r = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_huge_images_and_bodies_are_refused_before_decoding() -> None:
+    c = TestClient(create_app(FakeStudent(), max_body_bytes=200_000), raise_server_exceptions=False)
+    bomb = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": _png_claiming(30000, 30000)}}],
+    }
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": [bomb]})
+    assert r.status_code == 400 and "larger than" in r.json()["error"]["message"]
+    bomb["content"][0]["image_url"]["url"] = _png_claiming(8000, 8000)  # below PIL's own bomb check
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": [bomb]})
+    assert r.status_code == 400 and "8000x8000" in r.json()["error"]["message"]
+    big = user("x" * 300_000)
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": [big]})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_api_key_routes_and_model_names() -> None:
+    app = create_app(FakeStudent(), served_models=["fake-student", "local:fake"], api_key="sk-serve")
+    c = TestClient(app)
+    body = {"model": "fake-student", "messages": [user("x")]}
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    auth = {"Authorization": "Bearer sk-serve"}
+    assert c.post("/v1/chat/completions", json=body, headers=auth).status_code == 200
+    assert (
+        c.post("/v1/chat/completions", json=body | {"model": "local:fake"}, headers=auth).status_code == 200
+    )
+    r = c.post("/v1/chat/completions", json=body | {"model": "gpt-4o"}, headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = c.post("/v1/chat/completions", json={"messages": [user("x")]}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    assert [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]] == [
+        "fake-student",
+        "local:fake",
+    ]
+    r = c.get("/v1/embeddings", headers=auth)
+    assert r.status_code == 404 and "error" in r.json()
+    r = c.get("/v1/chat/completions", headers=auth)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_open_answers_token_texts_and_empty_answers() -> None:
+    class Words(FakeStudent):
+        def predict(self, query, demos):
+            if query.prompt == "Say nothing.":
+                return Prediction(answer="", token_logprobs=[-0.3], token_entropies=[0.1])
+            return Prediction(
+                answer="a red square", token_logprobs=[-0.1, -0.2, -0.3], token_entropies=[0.1] * 3
+            )
+
+    c = TestClient(create_app(Words()))
+    entries = chat(c, [user("Describe.")], logprobs=True, top_logprobs=5)["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in entries] == ["a", " red", " square"]
+    assert [e["logprob"] for e in entries] == [-0.1, -0.2, -0.3]
+    assert all(e["top_logprobs"] == [{k: e[k] for k in ("token", "logprob", "bytes")}] for e in entries)
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": [user("Say nothing.")]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "empty_answer"
+
+
+def test_main_checks_the_port_and_the_key_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    loaded: list[str] = []
+    monkeypatch.setattr(
+        registry, "resolve_student", lambda spec, ctx=None: loaded.append(spec) or FakeStudent()
+    )
+    monkeypatch.delenv("ICD_SERVE_API_KEY", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ICDError, match="cannot serve on 127.0.0.1"):
+            serve_model.main("fake:x", port=busy.getsockname()[1])
+    with pytest.raises(ICDError, match="API key"):
+        serve_model.main("fake:x", host="0.0.0.0", port=8123)
+    assert loaded == []  # neither mistake cost a model load

@@ -170,7 +170,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_serve_model(args: argparse.Namespace) -> int:
     from icdistill.serve_model import main as serve
 
-    serve(args.spec, host=args.host, port=args.port, faults=args.faults)
+    serve(args.spec, host=args.host, port=args.port, faults=args.faults, api_key=args.api_key)
     return 0
 
 
@@ -188,10 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     models = sub.add_parser("models", help="list model specs and whether they work on this machine")
     models.set_defaults(func=_cmd_models)
-    serve = sub.add_parser("serve-model", help="serve a backend as an OpenAI-compatible chat API")
+    serve = sub.add_parser(
+        "serve-model",
+        help="serve a backend as an OpenAI-compatible chat API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     serve.add_argument("spec", help="backend spec, e.g. local:smollm2")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (beyond loopback needs --api-key)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument(
+        "--api-key", default=None, help="require this Bearer key; when not given, $ICD_SERVE_API_KEY if set"
+    )
     serve.add_argument(
         "--faults", default=None, help="fault plan for drills, e.g. 'slow:3,500,429:1,garbage,wrong_n'"
     )
@@ -210,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' and the hub's tqdm bars ("Loading weights", GGUF conversion) would print through
+    # every run beside our own progress display (rich, not tqdm)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -9,8 +9,11 @@ import asyncio
 import base64
 import binascii
 import io
+import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
 import uuid
@@ -26,12 +29,16 @@ from PIL import Image, UnidentifiedImageError
 
 from icdistill.models.openai_api import parse_prompt
 from icdistill.protocols import Student
-from icdistill.types import Demo, Prediction, Query, SpecError
+from icdistill.types import Demo, ICDError, Prediction, Query, SpecError
 
 log = logging.getLogger(__name__)
 
 FAULT_KINDS = ("slow", "500", "429", "garbage", "wrong_n")
 MAX_N = 128
+MAX_BODY_BYTES = 32 * 2**20  # a request of a few dozen demo images
+MAX_IMAGE_PIXELS = 40_000_000  # per image, checked from the header before decoding
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+API_KEY_ENV = "ICD_SERVE_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -86,25 +93,42 @@ class FaultPlan:
 
 
 class _BadRequest(Exception):
-    pass
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def _error(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    """An error in OpenAI's shape, so every OpenAI client reads its message."""
+    body = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status)
 
 
-def _decode_image(url: str) -> Image.Image:
+def _decode_image(url: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     if not url.startswith("data:") or ";base64," not in url:
         raise _BadRequest("only base64 data URIs are supported for images (this server has no network)")
     try:
         img = Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))
+        w, h = img.size  # from the header: a huge image is refused before it is decoded
+        if w * h > max_pixels:
+            raise _BadRequest(
+                f"image of {w}x{h} pixels is larger than this server's limit of {max_pixels} pixels"
+            )
         img.load()
+    except Image.DecompressionBombError as e:
+        raise _BadRequest(f"image is larger than this server's limit of {max_pixels} pixels") from e
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
-        raise _BadRequest(f"image is not a decodable base64 PNG/JPEG: {e}") from e
+        raise _BadRequest(f"image is not a decodable base64 PNG/JPEG ({type(e).__name__})") from e
     return img
 
 
-def _split_content(content: Any) -> tuple[Image.Image | None, str]:
+def _split_content(content: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image | None, str]:
     """(first image, joined text) of a message's content (a string or a list of parts)."""
     if isinstance(content, str):
         return None, content
@@ -119,13 +143,15 @@ def _split_content(content: Any) -> tuple[Image.Image | None, str]:
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             if image is None:
-                image = _decode_image(str(url))
+                image = _decode_image(str(url), max_pixels)
         else:
             raise _BadRequest(f"unsupported content part {kind!r}")
     return image, "\n".join(texts)
 
 
-def parse_messages(messages: Any, options: Any = None) -> tuple[Query, list[Demo]]:
+def parse_messages(
+    messages: Any, options: Any = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[Query, list[Demo]]:
     """Earlier user/assistant pairs become demos, the last user message the query.
 
     Options come from the request's non-standard ``options`` field, else from an
@@ -139,8 +165,8 @@ def parse_messages(messages: Any, options: Any = None) -> tuple[Query, list[Demo
     demos: list[Demo] = []
     for prev, cur in zip(turns[:-1], turns[1:-1], strict=False):
         if prev.get("role") == "user" and cur.get("role") == "assistant":
-            image, text = _split_content(prev.get("content"))
-            _, answer = _split_content(cur.get("content"))
+            image, text = _split_content(prev.get("content"), max_pixels)
+            _, answer = _split_content(cur.get("content"), max_pixels)
             prompt, _ = parse_prompt(text)
             demos.append(
                 Demo(
@@ -151,7 +177,7 @@ def parse_messages(messages: Any, options: Any = None) -> tuple[Query, list[Demo
                     answer=answer,
                 )
             )
-    image, text = _split_content(turns[-1].get("content"))
+    image, text = _split_content(turns[-1].get("content"), max_pixels)
     prompt, parsed = parse_prompt(text)
     if options is not None:
         if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
@@ -194,7 +220,12 @@ def _choose(
 
 
 def _logprobs(pred: Prediction, query: Query, answer: str, top: int) -> dict[str, Any] | None:
-    """OpenAI-shaped logprobs: a classification answer is one "token" whose alternatives are the options."""
+    """OpenAI-shaped logprobs: a classification answer is one "token" whose alternatives are the options.
+
+    An open answer gets one entry per word when the model's token count matches its words; otherwise
+    the server does not know the token texts, and reports the whole answer as one entry with the
+    answer's log-probability. No alternatives are invented: only what the model reported is listed.
+    """
     probs = pred.option_probs() if query.options else {}
     if probs:
         ranked = sorted(probs.items(), key=lambda kv: -kv[1])[:top]
@@ -204,16 +235,51 @@ def _logprobs(pred: Prediction, query: Query, answer: str, top: int) -> dict[str
     if not pred.token_logprobs:
         return None
     words = answer.split()
+    if len(words) == len(pred.token_logprobs):
+        pieces = [
+            (w if i == 0 else " " + w, float(lp))
+            for i, (w, lp) in enumerate(zip(words, pred.token_logprobs, strict=True))
+        ]
+    else:
+        pieces = [(answer, float(sum(pred.token_logprobs)))]
     content = []
-    for i, lp in enumerate(pred.token_logprobs):
-        text = words[i] if len(words) == len(pred.token_logprobs) else (answer if i == 0 else "")
-        entry = _token(text, float(lp))
-        rest = max(0.0, 1.0 - math.exp(lp))
-        # Spread the rest of the mass over anonymous alternatives so clients can compute an entropy.
-        others = [_token(f"<alt{j}>", math.log(rest / (top - 1))) for j in range(top - 1)] if rest > 0 else []
-        entry["top_logprobs"] = ([_token(text, float(lp))] + others)[:top] if top else []
+    for text, lp in pieces:
+        entry = _token(text, lp)
+        entry["top_logprobs"] = [_token(text, lp)] if top else []
         content.append(entry)
     return {"content": content}
+
+
+def _int_field(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _BadRequest(f"{key} must be an integer in {low}..{high}, got {value!r}", key)
+    return value
+
+
+def _temperature(body: dict[str, Any]) -> float:
+    value = body.get("temperature")
+    if value is None:
+        return 1.0  # the OpenAI default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
+        raise _BadRequest(f"temperature must be a number in 0..2, got {value!r}", "temperature")
+    return float(value)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it grows past ``limit`` bytes (stopping there, whatever Content-Length says)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(
@@ -223,12 +289,21 @@ def create_app(
     ignore_n: bool = False,
     model_name: str | None = None,
     seed: int = 0,
+    served_models: Sequence[str] | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``student``.
 
+    ``served_models``: the model names answered (others get 404 as from OpenAI); None answers any
+    name (test servers stand in for models of other names). ``api_key``: required as a Bearer token.
     ``ignore_n`` mimics servers that always return one choice. ``app.state.requests`` counts chat
     requests (faulty ones included).
     """
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
     name = model_name or getattr(student, "name", "student")
     app = FastAPI(title=f"icdistill serve-model: {name}")
     app.state.faults = faults or FaultPlan()
@@ -236,12 +311,33 @@ def create_app(
     rng = np.random.default_rng(seed)
     # Student backends are not assumed thread-safe: one prediction at a time.
     predict_lock = asyncio.Lock()
+    names = list(dict.fromkeys(served_models)) if served_models is not None else None
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _error(404, f"no route {request.method} {request.url.path}", code="not_found")
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "the request does not match the API")
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next: Any) -> Response:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            return _error(
+                401, "missing or incorrect API key (Authorization: Bearer <key>)", code="invalid_api_key"
+            )
+        return await call_next(request)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "icdistill"}],
+            "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "icdistill"} for m in (names or [name])
+            ],
         }
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -259,30 +355,58 @@ def create_app(
                 return resp
             elif fault.kind == "garbage":
                 return Response(b'{"id": "chatcmpl-garbage", "choices": [', media_type="application/json")
+        raw = await _read_limited(request, max_body_bytes)
+        if raw is None:
+            return _error(413, f"request body is larger than this server's limit of {max_body_bytes} bytes")
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return _error(400, "request body is not JSON")
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(400, "you must provide a model parameter", param="model")
+        if names is not None and model not in names:
+            return _error(
+                404,
+                f"The model `{model}` does not exist; this server serves {', '.join(names)}",
+                code="model_not_found",
+                param="model",
+            )
         if body.get("stream"):
-            return _error(400, "stream=true is not supported")
+            return _error(400, "stream=true is not supported", param="stream")
         try:
-            query, demos = parse_messages(body.get("messages"), body.get("options"))
-            n = 1 if body.get("n") is None else int(body["n"])
-            t = body.get("temperature")
-            temperature = 1.0 if t is None else float(t)  # the OpenAI default
-            top = int(body.get("top_logprobs") or 0)
-            if not 1 <= n <= MAX_N or not 0 <= top <= 20:
-                raise _BadRequest(f"n must be in 1..{MAX_N} and top_logprobs in 0..20")
-        except (_BadRequest, TypeError, ValueError) as e:
-            return _error(400, str(e))
+            query, demos = parse_messages(body.get("messages"), body.get("options"), max_image_pixels)
+            n = _int_field(body, "n", 1, 1, MAX_N)
+            top = _int_field(body, "top_logprobs", 0, 0, 20)
+            seed = None if body.get("seed") is None else _int_field(body, "seed", 0, 0, 2**63 - 1)
+            temperature = _temperature(body)
+            if query.options is None and n > 1 and temperature > 0:
+                raise _BadRequest(
+                    "n > 1 with temperature > 0 needs options: this server answers open questions "
+                    "greedily and would return n copies of one answer",
+                    "n",
+                )
+        except _BadRequest as e:
+            return _error(400, str(e), param=e.param)
         async with predict_lock:
             try:
                 pred = await asyncio.to_thread(student.predict, query, demos)
-            except Exception as e:  # the client must see a server error, not a dropped connection
-                return _error(500, f"student failed: {type(e).__name__}: {e}", "server_error")
-        sampler = np.random.default_rng(int(body["seed"])) if body.get("seed") is not None else rng
+            except Exception:  # the client must see a server error, not a dropped connection
+                ref = uuid.uuid4().hex[:12]
+                log.exception("student failed on request %s", ref)  # the details stay in the server log
+                return _error(
+                    500, f"the model failed on this request (server log reference {ref})", "server_error"
+                )
+        if query.options is None and not pred.answer.strip():
+            return _error(
+                422,
+                "the model gave an empty answer to this open question",
+                "server_error",
+                code="empty_answer",
+            )
+        sampler = np.random.default_rng(seed) if seed is not None else rng
         answers = _choose(pred, query, n, temperature, sampler)
         if ignore_n:
             answers = answers[:1]
@@ -304,7 +428,7 @@ def create_app(
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
                 "object": "chat.completion",
                 "created": int(time.time()),
-                "model": str(body.get("model") or name),
+                "model": model,
                 "choices": choices,
                 "usage": {
                     "prompt_tokens": prompt_tokens,
@@ -317,6 +441,19 @@ def create_app(
     return app
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before a slow model load when the address cannot be bound (in use, no permission)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ICDError(
+                f"cannot serve on {host}:{port}: {e.strerror or e} (is another server running?)"
+            ) from e
+
+
 def main(
     spec: str,
     host: str = "127.0.0.1",
@@ -325,17 +462,37 @@ def main(
     *,
     ignore_n: bool = False,
     seed: int = 0,
+    api_key: str | None = None,
 ) -> None:
-    """Resolve ``spec`` as a student, warm it up, and serve it until interrupted."""
+    """Resolve ``spec`` as a student, warm it up, and serve it until interrupted.
+
+    The model is served under its backend name and under ``spec``. Beyond loopback an API key is
+    required (``api_key`` or $ICD_SERVE_API_KEY): the server runs a model on anyone's request.
+    """
     import uvicorn
 
     from icdistill.conformance import sample_queries
     from icdistill.models.registry import ModelContext, resolve_student
 
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and host not in LOOPBACK:
+        raise ICDError(
+            f"serving on {host} (beyond this machine) needs an API key: pass --api-key or set {API_KEY_ENV}"
+        )
     plan = FaultPlan.parse(faults) if faults else None  # a typo fails before a slow model load
+    check_port(host, port)
     student = resolve_student(spec, ModelContext(seed=seed))
     # Backends load weights lazily; pay that before listening so first clients don't time out.
     log.info("warming up %s", spec)
     student.predict(sample_queries()[0], [])
-    app = create_app(student, plan, ignore_n=ignore_n, model_name=getattr(student, "name", spec), seed=seed)
+    served = [getattr(student, "name", spec), spec]
+    app = create_app(
+        student,
+        plan,
+        ignore_n=ignore_n,
+        model_name=served[0],
+        seed=seed,
+        served_models=served,
+        api_key=api_key,
+    )
     uvicorn.run(app, host=host, port=port, log_level="info")

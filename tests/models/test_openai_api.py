@@ -136,8 +136,8 @@ def test_happy_path_samples_usage_and_cost(server) -> None:
     expected = (r.usage.prompt_tokens * 2.5 + r.usage.completion_tokens * 10.0) / 1e6
     assert math.isclose(r.usage.cost_usd, expected)
     open_q = Query(id="o", image=QS[0].image, prompt="Describe the image.")
-    assert t.sample(open_q, 2).answers == ["yes", "yes"]
-    assert t.usage.calls == 2  # cumulative over the object
+    assert t.sample(open_q, 2).answers == ["yes", "yes"]  # n refused for open answers: one request each
+    assert t.usage.calls == 3  # cumulative over the object
     t.close()
 
 
