@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from icdistill.index import IndexConfig, VectorIndex
 from icdistill.types import (
     Annotation,
     Demo,
@@ -67,35 +68,69 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 class _Index:
-    """Per-key matrices of unit vectors, appended to as demos arrive and rebuilt lazily."""
+    """One ``VectorIndex`` per embedding key (exact while small, HNSW beyond; see icdistill.index),
+    saved beside the pool file and reconciled with it on open."""
 
-    def __init__(self) -> None:
-        self._ids: dict[str, list[int]] = {}
-        self._rows: dict[str, list[np.ndarray]] = {}
-        self._mat: dict[str, np.ndarray] = {}
+    def __init__(self, folder: Path | None, config: IndexConfig | None) -> None:
+        self._folder = folder
+        self._config = config or IndexConfig()
+        self._by_key: dict[str, VectorIndex] = {}
+        self._dirty: set[str] = set()
+        self.opened: dict[str, str] = {}  # key -> "loaded", "loaded+N" or "built (...)"
+
+    def _path(self, key: str) -> Path | None:
+        return self._folder / f"{key}.usearch" if self._folder is not None else None
+
+    def load(self, key: str, ids: list[int], vecs: np.ndarray) -> None:
+        path = self._path(key)
+        if path is None:
+            self._by_key[key] = VectorIndex(vecs.shape[1], self._config)
+            self._by_key[key].add(ids, vecs)
+            return
+        self._by_key[key], self.opened[key] = VectorIndex.load(path, np.asarray(ids), vecs, self._config)
+        if self.opened[key] != "loaded":
+            self._dirty.add(key)
 
     def add(self, demo_id: int, embeddings: Embeddings) -> None:
         for key, vec in embeddings.items():
-            self._ids.setdefault(key, []).append(demo_id)
-            self._rows.setdefault(key, []).append(_unit(vec))
-            self._mat.pop(key, None)
+            index = self._by_key.get(key)
+            v = np.asarray(vec, dtype=np.float32).ravel()  # normalised once, in VectorIndex.add
+            if index is None or index.ndim != v.shape[0]:
+                if index is not None and len(index):
+                    raise ICDError(f"embedding {key!r} has dimension {v.shape[0]}, pool has {index.ndim}")
+                index = self._by_key[key] = VectorIndex(v.shape[0], self._config)
+            index.add([demo_id], v[None])
+            self._dirty.add(key)
 
     def remove(self, demo_id: int) -> None:
-        for key in list(self._ids):
-            ids = self._ids[key]
-            if demo_id in ids:
-                i = ids.index(demo_id)
-                del ids[i]
-                del self._rows[key][i]
-                self._mat.pop(key, None)
+        for key, index in self._by_key.items():
+            if demo_id in index:
+                index.remove([demo_id])
+                self._dirty.add(key)
 
     def get(self, key: str) -> tuple[list[int], np.ndarray]:
-        ids = self._ids.get(key, [])
-        if not ids:
+        index = self._by_key.get(key)
+        if index is None or not len(index):
             return [], np.zeros((0, 0), dtype=np.float32)
-        if key not in self._mat:
-            self._mat[key] = np.stack(self._rows[key])
-        return list(ids), self._mat[key]
+        ids, mat = index.matrix()
+        return ids.tolist(), mat
+
+    def search(
+        self, key: str, vec: np.ndarray, k: int, candidates: Any = None, keep_ties: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        index = self._by_key.get(key)
+        if index is None or not len(index):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        return index.search(vec, k, candidates, keep_ties)
+
+    def save(self) -> None:
+        """Persist changed graphs. Best effort: a stale or missing file only costs a catch-up on open."""
+        for key in sorted(self._dirty):
+            path = self._path(key)
+            index = self._by_key.get(key)
+            if path is not None and index is not None and len(index):
+                index.save(path)
+        self._dirty.clear()
 
 
 class SQLitePool:
@@ -106,7 +141,12 @@ class SQLitePool:
     of an image+prompt already in the pool are kept on disk but not indexed twice (dedup).
     """
 
-    def __init__(self, path: str | Path | None = None, max_size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        max_size: int | None = None,
+        index: IndexConfig | None = None,
+    ) -> None:
         if max_size is not None and max_size < 1:
             raise ICDError("pool max size must be >= 1")
         self.path = Path(path) if path is not None else None
@@ -124,7 +164,8 @@ class SQLitePool:
         if check != "ok":
             raise ICDError(f"pool {self.path} is corrupt: {check}")
         self._demos: dict[int, Demo] = {}
-        self._index = _Index()
+        # the graphs live beside the file: rebuilding a large one takes minutes, so it is kept
+        self._index = _Index(Path(f"{self.path}.index") if self.path is not None else None, index)
         self._load()
 
     # ------------------------------------------------------------------ reading
@@ -134,13 +175,20 @@ class SQLitePool:
             "SELECT e.demo_id, e.key, e.vec FROM embeddings e JOIN annotations a ON a.id = e.demo_id WHERE a.in_pool = 1"
         ):
             vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
+        by_key: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        for demo_id in sorted(vecs):
+            for key, vec in vecs[demo_id].items():
+                ids_k, rows_k = by_key.setdefault(key, ([], []))
+                ids_k.append(demo_id)
+                rows_k.append(vec)
+        for key, (ids_k, rows_k) in by_key.items():
+            self._index.load(key, ids_k, np.stack(rows_k))
         for row in self._db.execute(
             "SELECT id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement, options "
             "FROM annotations WHERE in_pool = 1 ORDER BY id"
         ):
             demo = self._row_to_demo(row, vecs.get(row[0], {}))
             self._demos[demo.id] = demo
-            self._index.add(demo.id, demo.embeddings)
 
     @staticmethod
     def _row_to_demo(row: tuple[Any, ...], embeddings: Embeddings) -> Demo:
@@ -173,6 +221,22 @@ class SQLitePool:
 
     def vectors(self, key: str) -> tuple[list[int], np.ndarray]:
         return self._index.get(key)
+
+    def search(
+        self,
+        key: str,
+        vector: np.ndarray,
+        k: int,
+        candidates: list[int] | np.ndarray | None = None,
+        keep_ties: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Ids (and cosines) of the ``k`` demos nearest to ``vector`` under ``key``, best first, ties
+        older first; within ``candidates`` when given. See ``icdistill.index.VectorIndex.search``."""
+        return self._index.search(key, vector, k, candidates, keep_ties)
+
+    def index_status(self) -> dict[str, str]:
+        """How each key's index was opened: "loaded", "loaded+N" (caught up with the file) or "built (why)"."""
+        return dict(self._index.opened)
 
     def answers(self) -> dict[str, int]:
         """How many pooled demos carry each answer (label coverage)."""
@@ -334,6 +398,7 @@ class SQLitePool:
         return True
 
     def close(self) -> None:
+        self._index.save()
         self._db.close()
 
     def __enter__(self) -> SQLitePool:
