@@ -10,6 +10,7 @@ from icdistill.models.reference import ReferenceTeacher
 from icdistill.report import plot_run
 from icdistill.runlog import read_records
 from icdistill.runner import Parts, RunConfig, run_icd
+from icdistill.types import ICDError
 
 
 def icd(*args: str) -> subprocess.CompletedProcess:
@@ -26,8 +27,11 @@ def icd(*args: str) -> subprocess.CompletedProcess:
         (["run", "--budget", "1.5"], 2, "--budget"),
         (["run", "--shots", "-1"], 2, "shots"),
         (["run", "--warmup", "-1"], 2, "--warmup"),
-        (["run", "--selector", "cross-modal", "--k-tt", "0"], 2, "K_tt"),
-        (["run", "--n", "x"], 2, "invalid"),
+        (["run", "--selector", "cross-modal", "--k-tt", "0"], 2, "--k-tt"),
+        (["run", "--n", "x"], 2, "expected a whole number"),
+        (["run", "--n", "0"], 2, "--n must be >= 1"),
+        (["run", "--gate", "threshold", "--delta", "2"], 2, "--delta 2.0 is outside"),
+        (["run", "--pool-max", "3", "--warmup", "5"], 2, "--pool-max 3 is below --warmup 5"),
         (["run", "--resume"], 2, "--resume needs --out"),
         (["run", "--dataset", "/no/such/folder"], 1, "/no/such/folder"),
     ],
@@ -123,3 +127,140 @@ def test_run_writes_log_summary_and_resumes(tmp_path):
 def test_serve_model_unknown_spec_is_a_usage_error():
     r = icd("serve-model", "nope:thing", "--port", "0")
     assert r.returncode == 2 and "unknown model spec" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- runs, resume, locking
+
+
+def fake_parts(teacher=None):
+    return Parts(student=FakeStudent(), teacher=teacher or ReferenceTeacher(), embedder=FakeEmbedder())
+
+
+@pytest.fixture()
+def with_fakes(monkeypatch):
+    """``icd run`` in-process with fake models (the CLI resolves them through runner.build_parts)."""
+    holder = {"teacher": None}
+    monkeypatch.setattr("icdistill.runner.build_parts", lambda cfg, ctx=None: fake_parts(holder["teacher"]))
+    return holder
+
+
+def test_second_process_on_a_run_gets_a_clear_error(tmp_path):
+    from icdistill.runner import lock_run
+
+    root = colour_folder(tmp_path / "c", n_per_class=3)
+    out = tmp_path / "run"
+    run_icd(RunConfig(dataset=str(root), n=6), out, parts=fake_parts())
+    with lock_run(out):  # this process holds the run: another `icd run --resume` must not write to it
+        r = icd("run", "--resume", "--out", str(out), "--quiet")
+        assert r.returncode == 1 and "in use by another process" in r.stderr and "Traceback" not in r.stderr
+        with pytest.raises(ICDError, match="in use"):
+            run_icd(RunConfig(), out, resume=True, parts=fake_parts())
+    assert len(read_records(out / "log.jsonl")) == 6  # nothing written twice
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    root = colour_folder(tmp_path / "c", n_per_class=3)
+    out = tmp_path / "run"
+    run_icd(RunConfig(dataset=str(root), n=12), out, parts=fake_parts())
+    colour_folder(root, n_per_class=5, seed=1)  # images added to the dataset folder
+    with pytest.raises(ICDError, match="dataset changed"):
+        run_icd(RunConfig(n=20), out, resume=True, parts=fake_parts())
+    assert len(read_records(out / "log.jsonl")) == 12
+
+
+def test_resume_extends_n_and_refuses_other_changed_flags(tmp_path, with_fakes, capsys):
+    root = colour_folder(tmp_path / "c", n_per_class=5)
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", str(root), "--n", "12", "--out", str(out), "--quiet"]) == 0
+    assert len(read_records(out / "log.jsonl")) == 12
+    assert main(["run", "--resume", "--out", str(out), "--budget", "0.3", "--selector", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "--budget 0.3" in err and "--selector random" in err
+    assert main(["run", "--resume", "--out", str(out), "--n", "8"]) == 1  # shorter than what is done
+    assert main(["run", "--resume", "--out", str(out), "--n", "300", "--quiet"]) == 0  # the default, given
+    recs = read_records(out / "log.jsonl")
+    assert [r["position"] for r in recs] == list(range(20))  # the whole 20-image set, nothing twice
+    assert json.loads((out / "config.json").read_text())["n"] == 300
+
+
+def test_resume_from_another_directory_uses_absolute_paths(tmp_path, monkeypatch, with_fakes):
+    colour_folder(tmp_path / "data" / "c", n_per_class=3)
+    monkeypatch.chdir(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "c", "--n", "6", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["dataset"] == str(tmp_path / "data" / "c")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--resume", "--out", str(out), "--n", "10", "--quiet"]) == 0
+    assert len(read_records(out / "log.jsonl")) == 10
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_out_must_be_a_usable_folder(tmp_path, where, with_fakes, capsys):
+    (tmp_path / "f.txt").write_text("x")
+    out = tmp_path / "f.txt" if where == "file" else tmp_path / "f.txt" / "run"
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    assert main(["run", "--dataset", str(root), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "f.txt" in err and "Traceback" not in err
+
+
+def test_all_teacher_calls_failed_is_not_a_success(tmp_path, with_fakes, capsys):
+    from fakes import FakeTeacher
+
+    with_fakes["teacher"] = FakeTeacher(fail=True)
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    code = main(["run", "--dataset", str(root), "--n", "4", "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 1 and "teacher calls failed" in capsys.readouterr().err
+
+
+def test_ctrl_c_names_the_folder(tmp_path, with_fakes, capsys):
+    from fakes import FakeTeacher
+
+    class Interrupting(FakeTeacher):
+        def sample(self, query, n):
+            raise KeyboardInterrupt
+
+    with_fakes["teacher"] = Interrupting()
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    out = tmp_path / "o"
+    assert main(["run", "--dataset", str(root), "--n", "4", "--out", str(out), "--quiet"]) == 130
+    assert f"--resume --out {out}" in capsys.readouterr().err
+
+
+def test_warnings_for_settings_that_cannot_be_meant(tmp_path, with_fakes, capsys):
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    manifest = tmp_path / "m.jsonl"
+    lines = [{"image": str(root / "red" / "0.png"), "label": "red", "options": ["red", "blue"]}]
+    lines.append({"image": str(root / "blue" / "0.png"), "options": ["red", "blue"]})  # no label
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = ["run", "--dataset", str(manifest), "--n", "500", "--shots", "0", "--uncertainty", "token-entropy"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 of 2 items have no label" in err and "--n 500 but the dataset has 2 items" in err
+    assert "--shots 0" in err and "token-entropy on a classification dataset" in err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["unlabelled_queries"] == 1
+
+
+def test_python_api_writes_the_run_plot(tmp_path):
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    run_icd(RunConfig(dataset=str(root), n=6), tmp_path / "o", parts=fake_parts())
+    assert (tmp_path / "o" / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_version_and_help_text():
+    r = icd("--version")
+    assert r.returncode == 0 and r.stdout.startswith("icd ")
+    h = icd("run", "--help").stdout
+    assert "(default: True)" not in h and "(default: None)" not in h
+    for flag in ("--split", "--no-shuffle", "--k-tt", "--k-it", "--pool-max", "--max-calls", "--max-cost"):
+        assert flag in h
+
+
+def test_bad_spec_value_and_unknown_spec_share_exit_code(tmp_path):
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    for spec in ("reference:noise=2", "reference:nosie=0.2"):
+        r = icd(
+            "run", "--dataset", str(root), "--teacher", spec, "--out", str(tmp_path / spec.replace(":", "_"))
+        )
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (spec, r.stderr)

@@ -128,3 +128,12 @@ def test_sigkill_mid_run_loses_no_committed_demo(tmp_path):
         ids = [d.query_id for d in pool.demos()]
         assert ids[:committed] == [f"q{i}" for i in range(committed)]
         assert len(pool.vectors(IMAGE)[0]) == len(pool)
+
+
+def test_pool_file_lock_for_one_writer(tmp_path):
+    path = tmp_path / "pool.sqlite"
+    first = SQLitePool(path, lock=True)
+    with pytest.raises(ICDError, match="in use by another process"):
+        SQLitePool(path, lock=True)
+    first.close()
+    SQLitePool(path, lock=True).close()  # released on close

@@ -11,7 +11,21 @@ from icdistill.types import ICDError, SpecError
 
 
 def _none_or_int(s: str) -> int | None:
-    return None if s.lower() in ("none", "all", "0") else int(s)
+    if s.lower() in ("none", "all"):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {s!r}") from None
+
+
+class _RunHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for on/off flags and unset (None) options, whose help says it itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +56,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--seed", type=int, default=d.seed, help="stream order and sampling seed (default: %(default)s)"
     )
-    g.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the dataset's order")
+    g.add_argument(
+        "--no-shuffle",
+        dest="shuffle",
+        action="store_false",
+        help="keep the dataset's order (default: shuffled)",
+    )
     g = p.add_argument_group("demonstrations")
     g.add_argument(
         "--shots", type=int, default=d.shots, help="demonstrations per query (default: %(default)s)"
@@ -61,6 +80,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="where the most similar demo goes in the prompt",
     )
     g.add_argument("--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos")
+    g.add_argument(
+        "--mix-questions",
+        action="store_true",
+        help="let a query see demos of other kinds of question (another option set, or open vs options)",
+    )
     g = p.add_argument_group("gate")
     g.add_argument(
         "--gate", default=d.gate, help="budget, threshold, always, never, random (default: %(default)s)"
@@ -110,8 +134,25 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="after a teacher call: re-run the student or forward the teacher's answer",
     )
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out where it stopped, with its stored config (--n may grow it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _given_run_flags(argv: Sequence[str]) -> set[str]:
+    """The RunConfig fields named on the command line (a flag given with its default value counts)."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_run_args(p)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        ns, _ = p.parse_known_args(list(argv))
+    except SystemExit:  # pragma: no cover - the real parser already accepted argv
+        return set()
+    return set(vars(ns))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -121,30 +162,64 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from icdistill.report import plot_run, print_summary, progress_callbacks
-    from icdistill.runlog import read_records
-    from icdistill.runner import RunConfig, build_parts, preflight, run_icd
+    from icdistill.report import print_summary, progress_callbacks
+    from icdistill.runner import RunConfig, build_parts, lock_run, preflight, run_icd, run_warnings
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out, the folder of the run to continue")
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    names = [f.name for f in fields(RunConfig)]
+    changes = None
     try:
-        cfg = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+        cfg = RunConfig(**{name: getattr(args, name) for name in names})
+        if args.resume:
+            given = _given_run_flags(getattr(args, "argv", sys.argv[1:]))
+            changes = {name: getattr(cfg, name) for name in names if name in given}
     except ICDError as e:
         raise UsageError(str(e)) from e
-    cfg, dataset = preflight(cfg, out, args.resume)
     console = Console(stderr=True)
-    with console.status("loading models", spinner="dots"):
+    from icdistill.runner import check_out_path
+
+    check_out_path(out)
+    with lock_run(out) as lock:
         try:
-            parts = build_parts(cfg)
-        except SpecError as e:
-            raise UsageError(str(e)) from e
-    with progress_callbacks(console, disabled=args.quiet) as (on_start, on_record):
-        summary = run_icd(
-            cfg, out, resume=args.resume, parts=parts, dataset=dataset, on_start=on_start, on_record=on_record
-        )
+            cfg, dataset = preflight(cfg, out, args.resume, changes)
+        except ICDError as e:
+            if args.resume and "flags differ" in str(e):
+                raise UsageError(str(e)) from e
+            raise
+        for warning in run_warnings(cfg, dataset):
+            console.print(f"icd: warning: {warning}", style="yellow", markup=False, highlight=False)
+        with console.status("loading models", spinner="dots"):
+            try:
+                parts = build_parts(cfg)
+            except ICDError as e:  # an unknown spec or a bad spec value: the command line is wrong
+                raise UsageError(str(e)) from e
+        try:
+            with progress_callbacks(console, disabled=args.quiet) as (on_start, on_record):
+                summary = run_icd(
+                    cfg,
+                    out,
+                    resume=args.resume,
+                    parts=parts,
+                    dataset=dataset,
+                    on_start=on_start,
+                    on_record=on_record,
+                    changes=changes,
+                    lock=lock,
+                )
+        except KeyboardInterrupt:
+            print(f"icd: interrupted; continue with: icd run --resume --out {out}", file=sys.stderr)
+            return 130
     print_summary(summary, out, Console())
-    plot_run(read_records(out / "log.jsonl"), out / "run.png")
+    calls, failures = summary.get("teacher_calls", 0), summary.get("teacher_failures", 0)
+    if calls and failures == calls:
+        print(
+            f"icd: error: all {calls} teacher calls failed (see teacher_error in {out / 'log.jsonl'}); "
+            "fix the teacher and start a new run",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -178,11 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="icd", description="Online in-context distillation for vision-language models."
     )
+    from icdistill import __version__
+
+    p.add_argument("--version", action="version", version=f"icd {__version__}")
     sub = p.add_subparsers(dest="command")
     run = sub.add_parser(
         "run",
         help="stream a dataset through online ICD",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_RunHelpFormatter,
     )
     _add_run_args(run)
     run.set_defaults(func=_cmd_run)
@@ -225,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # which flags were given (run --resume)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from icdistill.index import IndexConfig, VectorIndex
+from icdistill.runlog import FolderLock
 from icdistill.types import (
     Annotation,
     Demo,
@@ -146,11 +147,16 @@ class SQLitePool:
         path: str | Path | None = None,
         max_size: int | None = None,
         index: IndexConfig | None = None,
+        lock: bool = False,
     ) -> None:
         if max_size is not None and max_size < 1:
             raise ICDError("pool max size must be >= 1")
         self.path = Path(path) if path is not None else None
         self.max_size = max_size
+        # ``lock``: one writer process per pool file (a run, a service); a second one gets a clear error
+        self._lock = (
+            FolderLock(f"{self.path}.lock", f"pool {self.path}").acquire() if lock and self.path else None
+        )
         try:
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,6 +406,8 @@ class SQLitePool:
     def close(self) -> None:
         self._index.save()
         self._db.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> SQLitePool:
         return self

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -63,14 +65,64 @@ class RunLog:
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """The complete records of a run log (a torn last line is ignored, the file is not changed)."""
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
+    # split on newlines only: str.splitlines also splits on U+2028 and friends, which json.dumps
+    # leaves unescaped (ensure_ascii=False) inside answers
+    text = Path(path).read_text(encoding="utf-8")
+    for line in text.split("\n")[:-1]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             break
     return out
+
+
+class FolderLock:
+    """An exclusive lock (``fcntl.flock``) held while one process works on a run folder or pool file.
+
+    The lock file records the holder's pid for the error message. The kernel drops the lock when its
+    holder dies (even by SIGKILL), so a crashed run never blocks its own ``--resume``.
+    """
+
+    def __init__(self, path: str | Path, what: str) -> None:
+        self.path = Path(path)
+        self.what = what
+        self._fh: Any = None
+
+    def acquire(self) -> FolderLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open while locked
+        except OSError as e:
+            raise ICDError(f"cannot lock {self.what}: {e}") from e
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise ICDError(
+                f"{self.what} is in use by another process (pid {holder}); wait for it to finish or stop it, "
+                "one process per run"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _jsonable(obj: Any) -> Any:

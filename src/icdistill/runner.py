@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from icdistill.data.stream import Dataset, load_dataset, stream_order
+from icdistill.data.stream import FASHION_MNIST_NAMES, Dataset, load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.eval.metrics import summarize
 from icdistill.gate import GATES, UNCERTAINTY, make_gate
 from icdistill.models.registry import ModelContext, resolve_embedder, resolve_student, resolve_teacher
 from icdistill.pool import SQLitePool
-from icdistill.runlog import RunLog, write_json_atomic
+from icdistill.report import plot_run
+from icdistill.runlog import FolderLock, RunLog, write_json_atomic
 from icdistill.select import SELECTORS, make_selector
 from icdistill.teacher import TestTimeScaling
 from icdistill.types import DataError, ICDError, Query
@@ -50,6 +52,10 @@ class RunConfig:
     pool_max: int | None = None
     seed: int = 0
     shuffle: bool = True
+    mix_questions: bool = False
+
+    # flags a resumed run may change: ``n`` (extend the stream) and ``dataset`` (the same data moved)
+    RESUMABLE = frozenset({"n", "dataset"})
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
@@ -64,6 +70,16 @@ class RunConfig:
             raise ICDError(f"--pool-max must be >= 1, got {self.pool_max}")
         if self.max_calls is not None and self.max_calls < 0:
             raise ICDError(f"--max-calls must be >= 0, got {self.max_calls}")
+        if self.gate in ("budget", "random") and self.pool_max is not None and self.pool_max < self.warmup:
+            raise ICDError(
+                f"--pool-max {self.pool_max} is below --warmup {self.warmup}: the pool could never fill the "
+                "warm-up, and every query would go to the teacher"
+            )
+        if self.gate == "threshold" and self.uncertainty in ("entropy", "margin") and not 0 <= self.delta < 1:
+            raise ICDError(
+                f"--delta {self.delta} is outside [0, 1), the range of --uncertainty {self.uncertainty}: "
+                "the gate would ask always or never"
+            )
         make_selector(self.selector, seed=self.seed, k_tt=self.k_tt, k_it=self.k_it)  # validates K_tt, K_it
         if self.uncertainty not in UNCERTAINTY:
             raise ICDError(
@@ -90,6 +106,13 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def with_absolute_paths(self) -> RunConfig:
+        """The dataset as an absolute path (a resume from another directory finds it); names such as
+        ``fashion-mnist`` stay as they are."""
+        if self.dataset.strip().lower() in FASHION_MNIST_NAMES:
+            return self
+        return replace(self, dataset=str(Path(self.dataset).expanduser().resolve()))
 
 
 @dataclass
@@ -122,15 +145,43 @@ def query_stream(dataset: Dataset, order: list[int], start: int = 0) -> Iterator
         yield replace(q, position=pos)
 
 
-def stored_config(out: str | Path) -> RunConfig:
-    """The config of the run in ``out`` (for --resume)."""
-    cfg_path = Path(out) / "config.json"
+def _read_config_file(out: Path) -> dict[str, Any]:
+    cfg_path = out / "config.json"
     if not cfg_path.exists():
         raise ICDError(f"nothing to resume in {out}: no config.json")
     try:
-        return RunConfig.from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        data = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
         raise ICDError(f"cannot read {cfg_path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ICDError(f"cannot read {cfg_path}: not a JSON object")
+    return data
+
+
+def stored_config(out: str | Path) -> RunConfig:
+    """The config of the run in ``out`` (for --resume)."""
+    try:
+        return RunConfig.from_dict(_read_config_file(Path(out)))
+    except TypeError as e:
+        raise ICDError(f"cannot read {Path(out) / 'config.json'}: {e}") from e
+
+
+def lock_run(out: str | Path) -> FolderLock:
+    """The exclusive lock of a run folder (``run.lock`` inside it); a second process gets an ICDError."""
+    return FolderLock(Path(out) / "run.lock", f"run folder {out}")
+
+
+def check_out_path(out: Path) -> None:
+    """A usable output folder, checked before any model loads: not a file, not under a file, writable."""
+    if out.exists() and not out.is_dir():
+        raise ICDError(f"--out {out} is a file, not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ICDError(f"--out {out}: {parent} is a file, so no folder can be made under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ICDError(f"--out {out}: no permission to write in {parent}")
 
 
 def _refuse_existing_run(out: Path) -> None:
@@ -138,26 +189,150 @@ def _refuse_existing_run(out: Path) -> None:
         raise ICDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
-def preflight(cfg: RunConfig, out: str | Path, resume: bool) -> tuple[RunConfig, Dataset]:
-    """Cheap checks before any model loads: the output folder and the dataset."""
+def resume_config(out: Path, changes: dict[str, Any] | None = None) -> RunConfig:
+    """The stored config of the run in ``out`` with the allowed ``changes`` (``RunConfig.RESUMABLE``:
+    a longer ``n``, the dataset at another path). Any other changed flag is refused: a resumed run
+    keeps its config, a new one needs a new ``--out``."""
+    stored = stored_config(out)
+    changes = dict(changes or {})
+    refused = [
+        f"--{k.replace('_', '-')} {v} (the run has {getattr(stored, k)})"
+        for k, v in changes.items()
+        if k not in RunConfig.RESUMABLE and v != getattr(stored, k)
+    ]
+    if refused:
+        raise ICDError(
+            f"--resume continues the run in {out} with its stored config; these flags differ: {'; '.join(refused)}. "
+            "Only --n (to extend the stream) and --dataset (the same data at another path) may change; "
+            "choose another --out for a new run"
+        )
+    cfg = stored
+    if "n" in changes and changes["n"] != stored.n:
+        done = _positions_done(out)
+        new_n = changes["n"]
+        if new_n is not None and new_n < done:
+            raise ICDError(
+                f"--n {new_n} is shorter than the {done} queries the run in {out} already processed"
+            )
+        cfg = replace(cfg, n=new_n)
+    if changes.get("dataset") is not None:
+        cfg = replace(cfg, dataset=changes["dataset"])
+    return cfg.with_absolute_paths()
+
+
+def _positions_done(out: Path) -> int:
+    from icdistill.runlog import read_records
+
+    log = out / "log.jsonl"
+    recs = read_records(log) if log.exists() else []
+    return max((r.get("position", -1) for r in recs), default=-1) + 1
+
+
+def check_dataset(out: Path, dataset: Dataset) -> None:
+    """Refuse to resume on data that changed: stream positions would point at other items."""
+    stored = _read_config_file(out)
+    fp = stored.get("dataset_fingerprint")
+    if fp is None:
+        return  # a run from before fingerprints: nothing to compare
+    if list(stored.get("dataset_options") or []) != list(dataset.options or []):
+        raise ICDError(
+            f"the dataset's options changed since the run in {out} started: {stored.get('dataset_options')} "
+            f"then, {list(dataset.options or [])} now; resume with the same data or start a new --out"
+        )
+    if fp != dataset.fingerprint():
+        raise ICDError(
+            f"the dataset changed since the run in {out} started ({stored.get('dataset_size')} items then, "
+            f"{len(dataset)} now, or their files/labels differ); resuming would process other items at "
+            "the same positions: restore the data or start a new --out"
+        )
+
+
+def _write_config(out: Path, cfg: RunConfig, dataset: Dataset) -> None:
+    write_json_atomic(
+        out / "config.json",
+        {
+            **asdict(cfg),
+            "dataset_fingerprint": dataset.fingerprint(),
+            "dataset_size": len(dataset),
+            "dataset_options": list(dataset.options) if dataset.options else None,
+        },
+    )
+
+
+def run_warnings(cfg: RunConfig, dataset: Dataset) -> list[str]:
+    """Settings that are accepted but probably not what was meant."""
+    out = []
+    labels = dataset.labels()
+    unlabelled = sum(not label for label in labels)
+    if unlabelled:
+        extra = (
+            " and the reference teacher cannot annotate them" if cfg.teacher.startswith("reference") else ""
+        )
+        out.append(f"{unlabelled} of {len(labels)} items have no label: they are left out of accuracy{extra}")
+    if cfg.n is not None and cfg.n > len(dataset):
+        out.append(f"--n {cfg.n} but the dataset has {len(dataset)} items: the stream has {len(dataset)}")
+    if cfg.shots == 0 and cfg.gate not in ("never",):
+        out.append(
+            "--shots 0: the student never sees demonstrations, so teacher calls (warm-up included) cannot "
+            "help it; use --gate never for zero-shot"
+        )
+    if cfg.uncertainty == "token-entropy" and dataset.options is not None:
+        out.append(
+            "--uncertainty token-entropy on a classification dataset is the option entropy (--uncertainty "
+            "entropy): options are scored, not generated"
+        )
+    if dataset.options is not None and len(dataset.options) < 2:
+        out.append(f"the dataset has one option ({dataset.options[0]}): every answer is that option")
+    return out
+
+
+def preflight(
+    cfg: RunConfig, out: str | Path, resume: bool, changes: dict[str, Any] | None = None
+) -> tuple[RunConfig, Dataset]:
+    """Cheap checks before any model loads: the output folder and the dataset. On resume the stored
+    config is read (with the allowed ``changes``) and the dataset must be the one the run started on."""
     out = Path(out)
+    check_out_path(out)
     if resume:
-        cfg = stored_config(out)
+        cfg = resume_config(out, changes)
     else:
         _refuse_existing_run(out)
+        cfg = cfg.with_absolute_paths()
     dataset = load_dataset(cfg.dataset, split=cfg.split)
     stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)  # raises on an empty stream
+    if resume:
+        check_dataset(out, dataset)
     return cfg, dataset
 
 
-def check_output_dir(out: Path, cfg: RunConfig, resume: bool) -> RunConfig:
-    """Refuse to mix runs: a fresh run needs an empty folder; --resume continues the stored config."""
+def check_output_dir(
+    out: Path,
+    cfg: RunConfig,
+    resume: bool,
+    dataset: Dataset | None = None,
+    changes: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Refuse to mix runs: a fresh run needs an empty folder; --resume continues the stored config
+    with the allowed ``changes`` (see ``resume_config``). Without ``changes`` a resume takes the
+    resumable fields of ``cfg`` that are not at their defaults (a longer ``n``, a moved dataset)."""
+    check_out_path(out)
     if resume:
-        return stored_config(out)
-    cfg_path = out / "config.json"
+        if changes is None:
+            stored, default = stored_config(out), RunConfig()
+            changes = {
+                k: getattr(cfg, k)
+                for k in RunConfig.RESUMABLE
+                if getattr(cfg, k) != getattr(stored, k) and getattr(cfg, k) != getattr(default, k)
+            }
+        cfg = resume_config(out, changes)
+        dataset = dataset or load_dataset(cfg.dataset, split=cfg.split)
+        check_dataset(out, dataset)
+        _write_config(out, cfg, dataset)
+        return cfg
+    cfg = cfg.with_absolute_paths()
     _refuse_existing_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cfg_path, asdict(cfg))
+    _write_config(out, cfg, dataset or load_dataset(cfg.dataset, split=cfg.split))
     return cfg
 
 
@@ -170,10 +345,33 @@ def run_icd(
     dataset: Dataset | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    changes: dict[str, Any] | None = None,
+    lock: FolderLock | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) ICD over the configured stream; returns the summary written to summary.json."""
+    """Run (or resume) ICD over the configured stream; returns the summary written to summary.json
+    (the run's plot goes to run.png). One process per run folder: without a held ``lock`` (from
+    ``lock_run``) the folder is locked here, and a second process gets an ICDError."""
     out = Path(out)
-    cfg = check_output_dir(out, cfg, resume)
+    check_out_path(out)
+    own_lock = lock_run(out).acquire() if lock is None else None
+    try:
+        return _run_locked(cfg, out, resume, parts, dataset, on_start, on_record, changes)
+    finally:
+        if own_lock is not None:
+            own_lock.release()
+
+
+def _run_locked(
+    cfg: RunConfig,
+    out: Path,
+    resume: bool,
+    parts: Parts | None,
+    dataset: Dataset | None,
+    on_start: Callable[[int, int], None] | None,
+    on_record: Callable[[dict[str, Any]], None] | None,
+    changes: dict[str, Any] | None,
+) -> dict[str, Any]:
+    cfg = check_output_dir(out, cfg, resume, dataset, changes)
     dataset = dataset or load_dataset(cfg.dataset, split=cfg.split)
     order = stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)
     parts = parts or build_parts(cfg)
@@ -183,12 +381,17 @@ def run_icd(
             f"price_out= (USD per 1M tokens) to its spec"
         )
     t0 = time.perf_counter()
-    with SQLitePool(out / "pool.sqlite", max_size=cfg.pool_max) as pool, RunLog(out / "log.jsonl") as log:
+    with (
+        SQLitePool(out / "pool.sqlite", max_size=cfg.pool_max, lock=True) as pool,
+        RunLog(out / "log.jsonl") as log,
+    ):
         distiller = Distiller(
             student=parts.student,
             annotator=TestTimeScaling(parts.teacher, n=cfg.samples, agreement_floor=cfg.agreement),
             embedder=parts.embedder,
-            selector=make_selector(cfg.selector, seed=cfg.seed, k_tt=cfg.k_tt, k_it=cfg.k_it),
+            selector=make_selector(
+                cfg.selector, seed=cfg.seed, k_tt=cfg.k_tt, k_it=cfg.k_it, mix_questions=cfg.mix_questions
+            ),
             gate=make_gate(
                 cfg.gate,
                 budget=cfg.budget,
@@ -209,8 +412,12 @@ def run_icd(
         summary = summarize(distiller.records)
         summary["pool"] = pool.stats()
     summary["dataset"] = {"name": dataset.name, "size": len(dataset), "stream_length": len(order)}
+    summary["unlabelled_queries"] = sum(
+        r.get("label") is None for r in distiller.records if r.get("event") == "query"
+    )
     summary["wall_seconds_this_session"] = time.perf_counter() - t0
     summary["resumed_at"] = start if resume else None
     summary["config"] = asdict(cfg)
     write_json_atomic(out / "summary.json", summary)
+    plot_run(distiller.records, out / "run.png")
     return summary

@@ -280,3 +280,24 @@ def test_manifest_errors(tmp_path: Path) -> None:
     empty = _write_manifest(tmp_path / "e.jsonl", [""])
     with pytest.raises(DataError, match="no items"):
         load_dataset(empty)
+
+
+def test_manifest_refuses_a_one_option_question(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "r.png")
+    m = _write_manifest(tmp_path / "one.jsonl", [{"image": "r.png", "label": "red", "options": ["red"]}])
+    with pytest.raises(DataError, match="at least two options"):
+        load_dataset(str(m))
+
+
+def test_fingerprint_changes_with_the_data(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        Image.new("RGB", (4, 4), "red").save(root / label / "0.png")
+    fp = load_dataset(str(root)).fingerprint()
+    assert load_dataset(str(root)).fingerprint() == fp  # stable
+    Image.new("RGB", (4, 4), "blue").save(root / "b" / "1.png")  # an image added
+    fp2 = load_dataset(str(root)).fingerprint()
+    assert fp2 != fp
+    Image.new("RGB", (40, 40), "blue").save(root / "b" / "1.png")  # an image replaced by another
+    assert load_dataset(str(root)).fingerprint() != fp2

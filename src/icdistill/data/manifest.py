@@ -41,6 +41,8 @@ def _parse_line(obj: Any, where: str, base: Path, default_prompt: str) -> Record
         raw = obj["options"]
         if not isinstance(raw, list) or not raw:
             raise DataError(f'{where}: "options" must be a non-empty list of strings')
+        if len(raw) < 2:
+            raise DataError(f'{where}: "options" has one entry {raw}: a question needs at least two options')
         options = tuple(_text(o, "each option", where) for o in raw)
         if len(set(options)) != len(options):
             raise DataError(f'{where}: "options" has duplicates: {list(options)}')

@@ -7,6 +7,8 @@ manifest); ``stream`` yields its items as ``Query`` objects in a seeded order.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -106,6 +108,19 @@ class Dataset:
         """Decode item ``i``'s image as RGB or L; raise DataError naming the source if unreadable."""
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """A digest of what the stream is made of (ids, prompts, options, labels, file sizes), without
+        decoding images: a resumed run refuses a dataset that changed under it."""
+        h = hashlib.sha1(f"{len(self)}".encode())
+        for i in range(len(self)):
+            q = self._query(i)
+            h.update(json.dumps([q.id, q.prompt, q.label, list(q.options or ()), self._content_key(i)]).encode())
+        return h.hexdigest()[:20]
+
+    def _content_key(self, i: int) -> str:
+        """A cheap stand-in for item ``i``'s image content (e.g. its file size); "" when fixed."""
+        return ""
+
     def labels(self) -> list[str]:
         """Per-item ground-truth labels aligned with indices ("" for an unlabelled item); no decoding."""
         return [self._query(i).label or "" for i in range(len(self))]
@@ -163,6 +178,12 @@ class FileDataset(Dataset):
 
     def _decode(self, i: int) -> Image.Image:
         return open_image(self.records[i].path)
+
+    def _content_key(self, i: int) -> str:
+        try:
+            return str(self.records[i].path.stat().st_size)
+        except OSError:
+            return "missing"
 
     def labels(self) -> list[str]:
         return [r.label or "" for r in self.records]
