@@ -97,6 +97,32 @@ def _build_idefics3(path: Path) -> None:
     Idefics3ForConditionalGeneration(config).save_pretrained(path)
 
 
+def _build_smolvlm(path: Path) -> None:
+    """SmolVLM2 (model_type smolvlm): Idefics3's layout, and a processor that also wants a video processor."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = _tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid])
+    ip = SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    processor_config = {"processor_class": "SmolVLMProcessor", "image_seq_len": 4}
+    _save_processor(path, tok, ip, IDEFICS3_TEMPLATE, processor_config)
+    config = SmolVLMConfig(
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=dict(model_type="llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id, **TEXT),
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    SmolVLMForConditionalGeneration(config).save_pretrained(path)
+
+
 def _build_qwen2_vl(path: Path) -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -163,6 +189,7 @@ def _build_llava_onevision(path: Path) -> None:
 # family -> (builder, token that marks one image in the prompt)
 FAMILIES: dict[str, tuple[Callable[[Path], None], str]] = {
     "idefics3": (_build_idefics3, "<global-img>"),
+    "smolvlm": (_build_smolvlm, "<global-img>"),
     "qwen2_vl": (_build_qwen2_vl, "<|vision_start|>"),
     "llava_onevision": (_build_llava_onevision, "<image>"),
 }

@@ -1,5 +1,5 @@
-"""The ``hf:`` VLM backend on tiny random-weight Idefics3, Qwen2-VL and LLaVA-OneVision models built
-offline in the test (BPE tokenizer trained here, family chat templates written here)."""
+"""The ``hf:`` VLM backend on tiny random-weight Idefics3, SmolVLM2, Qwen2-VL and LLaVA-OneVision models
+built offline in the test (BPE tokenizer trained here, family chat templates written here)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 from icdistill.conformance import check_student, check_teacher, sample_demos, sample_queries
 from icdistill.models.hf_vlm import HFOptions, HFVisionLanguageModel, fit_image
 from icdistill.models.registry import ModelContext, resolve_student, resolve_teacher
-from icdistill.types import Demo, Query, SpecError
+from icdistill.types import DataError, Demo, Query, SpecError
 from tiny_vlms import FAMILIES  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def vlm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     torch.manual_seed(0)
     FAMILIES[request.param][0](path)
     model = resolve_student(f"hf:{path}?max_new_tokens=4&dtype=float32&device=cpu&local_files_only=1")
-    assert model.family == request.param
+    assert model.family == {"smolvlm": "idefics3"}.get(request.param, request.param)
     return model
 
 
@@ -80,11 +80,11 @@ def test_batched_cached_scores_equal_full_forwards(vlm: HFVisionLanguageModel, k
     full = vlm.score_options_unbatched(query, demos)
     assert set(batched) == set(query.options)
     for option in query.options:
-        assert batched[option] == pytest.approx(full[option], abs=1e-4)
+        assert batched[option] == pytest.approx(full[option], abs=1e-5)
     # a text-only query (no image at all) takes the same path
     text_only = Query(id="t", image=None, prompt="Pick one.", options=("red", "dark green"))
     a, b = vlm.score_options(text_only, []), vlm.score_options_unbatched(text_only, [])
-    assert all(a[o] == pytest.approx(b[o], abs=1e-4) for o in text_only.options)
+    assert all(a[o] == pytest.approx(b[o], abs=1e-5) for o in text_only.options)
 
 
 def test_open_answer_generation_reports_entropies(vlm: HFVisionLanguageModel) -> None:
@@ -224,3 +224,90 @@ def test_zero_temperature_teacher_repeats_its_greedy_answer(vlm: HFVisionLanguag
     greedy = HFVisionLanguageModel("greedy", vlm.loaded, HFOptions(temperature=0.0, max_new_tokens=3))
     r = greedy.sample(Query(id="g", image=sample_queries()[0].image, prompt="What is it?"), 3)
     assert len(r.answers) == 3 and len(set(r.answers)) == 1 and 1 <= r.usage.completion_tokens <= 3
+
+
+def _generation_configs(vlm: HFVisionLanguageModel, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The configs generate() really runs with (after merging the checkpoint's defaults)."""
+    seen: list[Any] = []
+    prepare = vlm.model._prepare_generation_config
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = prepare(*args, **kwargs)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(vlm.model, "_prepare_generation_config", spy)
+    return seen
+
+
+def test_teacher_sampling_ignores_checkpoint_top_p_min_p_and_ngram_rules(
+    vlm: HFVisionLanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gc = vlm.model.generation_config
+    for key, value in {"top_p": 0.001, "min_p": 0.9, "no_repeat_ngram_size": 1, "typical_p": 0.01}.items():
+        monkeypatch.setattr(gc, key, value, raising=False)
+    seen = _generation_configs(vlm, monkeypatch)
+    answers = vlm.sample(sample_queries()[0], 4).answers
+    (config,) = seen
+    assert config.top_p == 1.0 and not config.min_p and not config.no_repeat_ngram_size
+    assert config.typical_p in (None, 1.0)
+    assert len(set(answers)) > 1  # top_p=0.001 would have made every sample the greedy one
+    assert vlm.model.generation_config is gc and gc.top_p == 0.001  # the checkpoint's own is restored
+
+
+def test_teacher_sampling_keeps_no_logits(
+    vlm: HFVisionLanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _generation_configs(vlm, monkeypatch)
+    vlm.sample(sample_queries()[0], 3)
+    vlm.predict(Query(id="open", image=sample_queries()[0].image, prompt="What is it?"), [])
+    assert [bool(c.output_logits) for c in seen] == [False, True]  # the student's entropies need them
+
+
+def test_options_are_scored_with_the_end_of_turn(vlm: HFVisionLanguageModel) -> None:
+    end = vlm.tokenizer.convert_tokens_to_ids(
+        "<end_of_utterance>" if vlm.family == "idefics3" else "<|im_end|>"
+    )
+    dark, dark_green = vlm.option_token_ids(["dark", "dark green"])
+    assert dark[-1] == end and dark_green[-1] == end
+    assert dark_green[: len(dark) - 1] == dark[:-1]  # "dark" is a prefix, told apart by the end token
+    q = Query(id="d", image=sample_queries()[1].image, prompt="Which colour?", options=("dark", "dark green"))
+    batched, full = vlm.score_options(q, []), vlm.score_options_unbatched(q, [])
+    assert batched["dark"] == pytest.approx(full["dark"], abs=1e-5)
+
+
+def test_idefics3_max_side_never_exceeds_the_checkpoint_resolution(vlm: HFVisionLanguageModel) -> None:
+    if vlm.family != "idefics3":
+        pytest.skip("Idefics3/SmolVLM tiling only")
+    query = sample_queries()[0]
+    huge = HFVisionLanguageModel("huge", vlm.loaded, HFOptions(max_side=1600))
+    inputs = huge.build_inputs(query)
+    assert inputs["pixel_values"].shape[1] == 5  # the checkpoint's own 2x2 tiles + global view, not 50x50
+    grid = [
+        t
+        for t in vlm.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+        if t.startswith("<row_")
+    ]
+    assert grid and all(vlm.tokenizer.convert_tokens_to_ids(t) != vlm.tokenizer.unk_token_id for t in grid)
+
+
+def test_demos_are_dropped_to_fit_the_context(
+    vlm: HFVisionLanguageModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    queries = sample_queries()
+    demos = sample_demos(queries)[:2]
+    query = queries[2]
+    reserve = max(len(c) for c in vlm.option_token_ids(query.options or ()))
+    last_only = vlm.build_inputs(query, demos[1:])["input_ids"]
+    length = [vlm.build_inputs(query, d)["input_ids"].shape[1] for d in ([], demos[1:], demos)]
+    assert length[0] < length[1] < length[2]
+    tight = HFVisionLanguageModel("tight", vlm.loaded, HFOptions(max_context=length[1] + reserve))
+    with caplog.at_level("WARNING"):
+        fitted = tight.build_inputs(query, demos, reserve=reserve)
+        scores = tight.score_options(query, demos)
+    # the first demo (least similar in the loop's best-last order) went; the last one stayed
+    assert torch.equal(fitted["input_ids"], last_only)
+    assert "dropped 1 of 2 demos" in caplog.text and set(scores) == set(query.options or ())
+    hopeless = HFVisionLanguageModel("hopeless", vlm.loaded, HFOptions(max_context=length[0]))
+    with pytest.raises(DataError, match="even without demos"):
+        hopeless.score_options(query, demos)

@@ -3,8 +3,10 @@ student (in-context label scoring or greedy answers) and teacher (sampled answer
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import logging
 import math
 import os
 import time
@@ -22,6 +24,8 @@ from icdistill.models.registry import ModelContext, Spec
 from icdistill.models.scoring import continuation_batch
 from icdistill.teacher import match_option
 from icdistill.types import DataError, Demo, ICDError, Prediction, Query, SpecError, TeacherResponse, Usage
+
+log = logging.getLogger(__name__)
 
 # config.model_type -> family. Every family here takes several images interleaved with text, which
 # in-context demonstrations need.
@@ -71,6 +75,8 @@ OPTIONS = MappingProxyType(
         "top_p": "teacher nucleus sampling (default 1.0: the full distribution)",
         "split": "Idefics3/SmolVLM only: 0 disables splitting images into tiles (fewer image tokens)",
         "max_batch": "option continuations per batched forward (default 64)",
+        "max_context": "prompt + answer token limit (default: the model's max_position_embeddings); "
+        "demos are dropped to fit",
     }
 )
 _DTYPES = MappingProxyType({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})
@@ -104,6 +110,7 @@ class HFOptions:
     top_p: float = 1.0
     split: bool | None = None
     max_batch: int = 64
+    max_context: int | None = None
 
     @classmethod
     def from_spec(cls, spec: Spec) -> HFOptions:
@@ -125,10 +132,11 @@ class HFOptions:
             top_p=spec.opt("top_p", 1.0, float),
             split=spec.opt("split", None, _flag),
             max_batch=spec.opt("max_batch", 64, int),
+            max_context=spec.opt("max_context", None, int),
         )
         if opts.dtype is not None and opts.dtype not in (*_DTYPES, "auto"):
             raise SpecError(f"spec {spec.raw!r}: dtype={opts.dtype} is not one of {', '.join(_DTYPES)}, auto")
-        for name in ("max_side", "max_pixels", "max_new_tokens", "max_batch"):
+        for name in ("max_side", "max_pixels", "max_new_tokens", "max_batch", "max_context"):
             value = getattr(opts, name)
             if value is not None and value < 1:
                 raise SpecError(f"spec {spec.raw!r}: {name} must be at least 1")
@@ -215,7 +223,10 @@ def load_processor(target: str, model_type: str, local_only: bool) -> Any:
         import transformers
 
         cls = getattr(transformers, _PROCESSOR_CLASSES[model_type])
-        return _without_video(cls).from_pretrained(target, local_files_only=local_only)
+        kwargs: dict[str, Any] = {"local_files_only": local_only}
+        if "video_processor" in inspect.signature(cls.__init__).parameters:
+            kwargs["video_processor"] = None  # SmolVLM2's processor requires the argument
+        return _without_video(cls).from_pretrained(target, **kwargs)
 
 
 @dataclass
@@ -279,7 +290,7 @@ def load(target: str, opts: HFOptions) -> LoadedVLM:
         model = AutoModelForImageTextToText.from_pretrained(target, **kwargs)
     except OSError as e:
         raise _missing_weights(target, opts.local_files_only, e) from e
-    except (ImportError, ValueError) as e:
+    except (ImportError, ValueError, TypeError) as e:
         raise SpecError(f"hf:{target}: cannot load the model or its processor ({e})") from e
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise SpecError(f"hf:{target}: no image processor found next to the weights (processor_config.json)")
@@ -395,14 +406,53 @@ class HFVisionLanguageModel:
             # Idefics3 scales every image *up* to size["longest_edge"] and tiles it; with max_side the
             # target is cut to whole tiles covering max_side, so small images stay few tokens.
             tile = (getattr(ip, "max_image_size", None) or {}).get("longest_edge")
+            own = (getattr(ip, "size", None) or {}).get("longest_edge")
             if self.opts.max_side and tile:
-                kwargs["size"] = {"longest_edge": max(tile, math.ceil(self.opts.max_side / tile) * tile)}
+                edge = max(tile, math.ceil(self.opts.max_side / tile) * tile)
+                # never above the checkpoint's own resolution: its vocabulary has row/col tokens only
+                # for the tile grid that resolution gives
+                kwargs["size"] = {"longest_edge": min(edge, own) if own else edge}
             if self.opts.split is not None:
                 kwargs["do_image_splitting"] = self.opts.split
         return kwargs
 
-    def build_inputs(self, query: Query, demos: Sequence[Demo] = ()) -> Any:
-        """Processor output for the prompt (ids, pixel values in prompt order, ...), on the model's device."""
+    def context_limit(self) -> int | None:
+        """Tokens a prompt and its answer may take: ``max_context``, else the text model's positions."""
+        if self.opts.max_context:
+            return self.opts.max_context
+        config = self.model.config
+        text_config = getattr(config, "text_config", None) or config
+        value = getattr(text_config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    def build_inputs(self, query: Query, demos: Sequence[Demo] = (), reserve: int = 0) -> Any:
+        """Processor output for the prompt (ids, pixel values in prompt order, ...), on the model's device.
+
+        The prompt plus ``reserve`` tokens (the answer) must fit the context: demos are dropped from the
+        start of the prompt until it does (the loop puts the most similar demo last, so these are the
+        least similar), with a warning.
+        """
+        kept = list(demos)
+        limit = self.context_limit()
+        while True:
+            inputs = self._encode(query, kept)
+            length = int(inputs["input_ids"].shape[1])
+            if limit is None or length + reserve <= limit or not kept:
+                break
+            kept = kept[1:]
+        if len(kept) < len(demos):
+            log.warning(
+                "%s: query %s: dropped %d of %d demos to fit the context of %d tokens (prompt %d + answer %d)",
+                self.name, query.id, len(demos) - len(kept), len(demos), limit, length, reserve,
+            )  # fmt: skip
+        if limit is not None and length + reserve > limit:
+            raise DataError(
+                f"query {query.id}: the prompt takes {length} tokens, over the context of {limit} even without "
+                f"demos (lower max_side/max_pixels or raise max_context)"
+            )
+        return inputs
+
+    def _encode(self, query: Query, demos: Sequence[Demo]) -> Any:
         text = self.render_prompt(query, demos)
         images = self.images(query, demos)
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
@@ -447,14 +497,26 @@ class HFVisionLanguageModel:
         positions, deltas = get_rope_index(inputs["input_ids"], **kwargs)
         return positions, int(deltas.reshape(-1)[0])
 
+    def _end_of_turn_ids(self) -> list[int]:
+        """The token that ends an assistant turn (``<end_of_utterance>``, ``<|im_end|>``), else EOS."""
+        if self._turn_end.strip():
+            end = self.tokenizer(self._turn_end, add_special_tokens=False).input_ids
+            if end and end[0] in set(self.tokenizer.all_special_ids):
+                return [end[0]]
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return [eos] if isinstance(eos, int) else []
+
     def option_token_ids(self, options: Sequence[str]) -> list[list[int]]:
-        """Each option as the template would write it after the assistant-turn start, tokenized."""
+        """Each option as the template would write it after the assistant-turn start, tokenized, with
+        the end-of-turn token: the model must also say the answer ends there, so an option that is a
+        prefix of another ("dark" / "dark green") does not get the longer one's credit."""
+        end = self._end_of_turn_ids()
         out = []
         for o in options:
             ids = list(self.tokenizer(self._answer_lead + o, add_special_tokens=False).input_ids)
             if not ids:
                 raise DataError(f"option {o!r} encodes to no tokens; it cannot be scored")
-            out.append(ids)
+            out.append(ids + end)
         return out
 
     def _pad_id(self) -> int:
@@ -472,7 +534,7 @@ class HFVisionLanguageModel:
         if not options:
             raise DataError(f"query {query.id}: no options to score")
         cont = self.option_token_ids(options)
-        inputs = self.build_inputs(query, demos)
+        inputs = self.build_inputs(query, demos, reserve=max(len(c) for c in cont))
         n_prefix = inputs["input_ids"].shape[1]
         positions, delta = self._mrope_positions(inputs)
         prefix_inputs = dict(inputs)
@@ -514,7 +576,7 @@ class HFVisionLanguageModel:
         """Reference for ``score_options``: one full forward (images included) per option, same token ids."""
         options = list(dict.fromkeys(query.options or ()))
         cont = self.option_token_ids(options)
-        inputs = self.build_inputs(query, demos)
+        inputs = self.build_inputs(query, demos, reserve=max(len(c) for c in cont))
         n_prefix = inputs["input_ids"].shape[1]
         out: dict[str, float] = {}
         for option, c in zip(options, cont, strict=True):
@@ -549,7 +611,24 @@ class HFVisionLanguageModel:
                     ids.append(x)
         return ids
 
-    def _generate(self, inputs: Any, n: int, temperature: float, seed: int) -> Any:
+    @contextlib.contextmanager
+    def _plain_generation_defaults(self) -> Any:
+        """generate() fills every knob left unset from the checkpoint's generation_config (top_p=0.001,
+        min_p, no_repeat_ngram_size, ...); with a plain one in its place only ours apply, on every
+        transformers version (4.x merges values equal to the defaults, 5.x unset ones)."""
+        from transformers import GenerationConfig
+
+        saved = self.model.generation_config
+        ids = {k: getattr(saved, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        self.model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+        try:
+            yield
+        finally:
+            self.model.generation_config = saved
+
+    def _generate(self, inputs: Any, n: int, temperature: float, seed: int, scores: bool = True) -> Any:
+        """``scores=False`` (teacher samples: only the text is used) skips the full-vocabulary logits
+        kept per step and sample, which reach gigabytes for large vocabularies and N samples."""
         from transformers import GenerationConfig
 
         eos = self._eos
@@ -567,30 +646,36 @@ class HFVisionLanguageModel:
             num_return_sequences=n,
             eos_token_id=eos or None,
             pad_token_id=self._pad_id(),
-            output_logits=True,
+            output_logits=scores,
             return_dict_in_generate=True,
         )
         device = self.loaded.device
         devices = [] if device in ("cpu", "mps") else [torch.device(device).index or 0]
         # fork_rng: reproducible samples per (seed, query) without touching the caller's RNG state
-        with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        with (
+            torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"),
+            self._plain_generation_defaults(),
+        ):
             torch.manual_seed(seed)
             return self.model.generate(**inputs, generation_config=config)
 
     def _split_outputs(self, gen: Any, n_prefix: int) -> list[tuple[str, list[float], list[float], int]]:
-        """Per returned sequence: text, token log-probs, token entropies, tokens generated (with EOS)."""
+        """Per returned sequence: text, token log-probs, token entropies, tokens generated (with EOS).
+        Without logits in ``gen`` (generated with ``scores=False``) the log-probs and entropies are empty."""
         eos = set(self._eos)
-        logits = torch.stack(gen.logits, dim=1).float()  # (n, steps, vocab)
-        logp = torch.log_softmax(logits, dim=-1)
-        entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
+        logp = entropy = None
+        if getattr(gen, "logits", None):
+            logits = torch.stack(gen.logits, dim=1).float()  # (n, steps, vocab)
+            logp = torch.log_softmax(logits, dim=-1)
+            entropy = -(logp.exp() * logp).nan_to_num(0.0).sum(-1)
         out = []
         for i, seq in enumerate(gen.sequences[:, n_prefix:].tolist()):
             end = next((j for j, t in enumerate(seq) if t in eos), len(seq))
             # stats run through the token that ended the answer: how sure the model is that the answer
             # stops there is part of its uncertainty, and an immediately stopped answer keeps one value
             stop = min(end + 1, len(seq))
-            lps = [float(logp[i, j, seq[j]]) for j in range(stop)]
-            ents = [float(entropy[i, j]) for j in range(stop)]
+            lps = [float(logp[i, j, seq[j]]) for j in range(stop)] if logp is not None else []
+            ents = [float(entropy[i, j]) for j in range(stop)] if entropy is not None else []
             text = self.tokenizer.decode(seq[:end], skip_special_tokens=True).strip()
             out.append((text, lps, ents, stop))
         return out
@@ -598,7 +683,7 @@ class HFVisionLanguageModel:
     @torch.inference_mode()
     def generate(self, query: Query, demos: Sequence[Demo] = ()) -> tuple[str, list[float], list[float]]:
         """Greedy answer with per-token log-probabilities and entropies (nats)."""
-        inputs = self.build_inputs(query, demos)
+        inputs = self.build_inputs(query, demos, reserve=self.opts.max_new_tokens)
         gen = self._generate(inputs, 1, 0.0, self.seed)
         text, lps, ents, _ = self._split_outputs(gen, inputs["input_ids"].shape[1])[0]
         return text, lps, ents
@@ -621,11 +706,11 @@ class HFVisionLanguageModel:
         """``n`` zero-shot sampled answers; for classification each is mapped to the option it names."""
         if n < 1:
             raise ICDError("sample needs n >= 1")
-        inputs = self.build_inputs(query, ())
+        inputs = self.build_inputs(query, (), reserve=self.opts.max_new_tokens)
         n_prefix = inputs["input_ids"].shape[1]
         temperature = self.opts.temperature
         seed = (self.seed * 1_000_003 + zlib.crc32(query.id.encode())) % (2**31)
-        gen = self._generate(inputs, n if temperature > 0 else 1, temperature, seed)
+        gen = self._generate(inputs, n if temperature > 0 else 1, temperature, seed, scores=False)
         outs = self._split_outputs(gen, n_prefix)
         if temperature <= 0:
             outs = outs * n  # greedy: n copies of one answer
