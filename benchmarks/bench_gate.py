@@ -58,10 +58,12 @@ def selectivity(asked: np.ndarray, us: np.ndarray, rate: float, skip: int) -> tu
     return (statistics.fmean(pcts), statistics.fmean(top)) if pcts else (float("nan"), float("nan"))
 
 
-def measure(make: Callable[[float], Gate], rate: float, n: int, drift: bool, seeds: int) -> dict[str, float]:
+def measure(
+    make: Callable[[float, int], Gate], rate: float, n: int, drift: bool, seeds: int
+) -> dict[str, float]:
     rates, pct, top = [], [], []
     for seed in range(seeds):
-        asked, us = simulate(make(rate), n, drift, seed)
+        asked, us = simulate(make(rate, seed), n, drift, seed)
         rates.append(float(asked.mean()))
         warm = int(np.flatnonzero(asked)[:5].max()) + 1 if asked.sum() >= 5 else 0
         p, s = selectivity(asked, us, rate, warm)
@@ -81,9 +83,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seeds", type=int, default=20)
     args = ap.parse_args()
-    gates: dict[str, Callable[[float], Gate]] = {
-        "budget": lambda r: BudgetGate(r, warmup=5),
-        "random": lambda r: RandomGate(r, warmup=5, seed=int(r * 1000)),
+    gates: dict[str, Callable[[float, int], Gate]] = {
+        "budget": lambda r, seed: BudgetGate(r, warmup=5),
+        "random": lambda r, seed: RandomGate(r, warmup=5, seed=seed),
     }
     rows = []
     for rate in (0.05, 0.10, 0.20):
