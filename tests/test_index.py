@@ -158,3 +158,21 @@ def test_load_rebuilds_a_wrong_or_broken_file(tmp_path):
 
     idx, how = VectorIndex.load(path, ids, x[:, :8], ANN)  # dimension changed
     assert how.startswith("built") and idx.ndim == 8
+
+
+@pytest.mark.parametrize("cfg", [IndexConfig(), ANN])
+def test_ties_across_groups_interleave_by_id(cfg):
+    # two different vectors at the same cosine to the query: their members merge in id order
+    a, b = unit_rows(np.array([[0.6, 0.8, 0.0, 0.0], [0.6, 0.0, 0.8, 0.0]]))
+    far = unit_rows(np.random.default_rng(1).standard_normal((40, 4)) * [0.1, 1, 1, 1])
+    x = np.vstack([far[:20], a, b, b, a, far[20:]])
+    ids = np.arange(len(x))
+    idx = VectorIndex(4, cfg)
+    idx.add(ids, x)
+    q = np.array([1.0, 0, 0, 0])
+    got, scores = idx.search(q, 3)
+    assert got.tolist() == [20, 21, 22] and np.allclose(scores, 0.6)
+    got, _ = idx.search(q, 2, keep_ties=True)
+    assert got.tolist() == [20, 21, 22, 23]
+    got, _ = idx.search(q, 2, candidates=[23, 22, 5])
+    assert got.tolist() == [22, 23]

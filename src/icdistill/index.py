@@ -45,7 +45,7 @@ class IndexConfig:
     expansion_search: int = 96
     dtype: str = "f16"
     # candidate sets up to this size are scored exactly from the matrix instead of via the graph
-    exact_candidates: int = 20_000
+    exact_candidates: int = 4096
 
     def __post_init__(self) -> None:
         if self.exact_below < 0 or self.exact_candidates < 0:
@@ -98,6 +98,7 @@ class VectorIndex:
         self._members: dict[int, list[int]] = {}  # group -> ids, ascending
         self._group_digest: dict[int, bytes] = {}
         self._next_group = 0
+        self._member_arr: dict[int, np.ndarray] = {}  # read-only arrays of _members, built lazily
 
     # ------------------------------------------------------------------ size and content
     def __len__(self) -> int:
@@ -127,6 +128,12 @@ class VectorIndex:
         if demo_id not in self:
             raise KeyError(demo_id)
         return self._mat[self._row_of[demo_id]].copy()
+
+    def set_expansion_search(self, ef: int) -> None:
+        """Candidates the graph keeps while searching: recall against latency (benchmarks tune it)."""
+        if ef < 1:
+            raise ICDError("expansion_search must be >= 1")
+        self._graph.expansion_search = ef
 
     def memory_bytes(self) -> int:
         return int(self._mat.nbytes + self._row_ids.nbytes + self._row_of.nbytes + self._graph.memory_usage)
@@ -167,6 +174,7 @@ class VectorIndex:
             else:
                 members = self._members[g]
                 members.append(demo_id)
+                self._member_arr.pop(g, None)
                 if len(members) > 1 and members[-2] > demo_id:
                     members.sort()
         if new_groups:
@@ -182,6 +190,7 @@ class VectorIndex:
             g = self._group_of_digest[d]
             members = self._members[g]
             members.remove(demo_id)
+            self._member_arr.pop(g, None)
             if not members:
                 del self._members[g], self._group_of_digest[d], self._group_digest[g]
                 drop_groups.append(g)
@@ -224,11 +233,13 @@ class VectorIndex:
         k: int,
         candidates: Sequence[int] | np.ndarray | None = None,
         keep_ties: bool = False,
+        exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` ids most similar to ``vector`` (within ``candidates`` when given), best first.
 
         Returns ``(ids, scores)``: scores are exact cosines, equal scores ordered by id (older first).
-        ``keep_ties`` also returns every id tied (within 1e-6) with the k-th.
+        ``keep_ties`` also returns every id tied (within 1e-6) with the k-th; ``exact`` scans the
+        matrix whatever the size (the baseline the graph is measured against).
         """
         if k <= 0 or self._count == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
@@ -238,13 +249,15 @@ class VectorIndex:
         if candidates is not None:
             cand = np.asarray(candidates, dtype=np.int64).ravel()
             cand = cand[(cand >= 0) & (cand < len(self._row_of))]
-            cand = np.unique(cand[self._row_of[cand] >= 0])
+            cand = cand[self._row_of[cand] >= 0]
             if len(cand) == 0:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            if len(cand) <= self.config.exact_candidates or self.mode == "exact":
-                return self._exact(q, k, cand, keep_ties)
-            return self._ann(q, k, cand, keep_ties)
-        if self.mode == "exact":
+            if exact or len(cand) <= self.config.exact_candidates or self.mode == "exact":
+                return self._exact(q, k, np.unique(cand), keep_ties)
+            mask = np.zeros(len(self._row_of), dtype=bool)
+            mask[cand] = True
+            return self._ann(q, k, mask, keep_ties)
+        if exact or self.mode == "exact":
             return self._exact(q, k, None, keep_ties)
         return self._ann(q, k, None, keep_ties)
 
@@ -262,51 +275,60 @@ class VectorIndex:
             scores = self._mat[self._row_of[cand]] @ q
         return _top(ids, scores, k, keep_ties)
 
+    def _members_of(self, g: int) -> np.ndarray:
+        arr = self._member_arr.get(g)
+        if arr is None:
+            arr = self._member_arr[g] = np.asarray(self._members[g], dtype=np.int64)
+            arr.setflags(write=False)
+        return arr
+
     def _ann(
-        self, q: np.ndarray, k: int, cand: np.ndarray | None, keep_ties: bool
+        self, q: np.ndarray, k: int, mask: np.ndarray | None, keep_ties: bool
     ) -> tuple[np.ndarray, np.ndarray]:
         """Ask the graph for groups, score them exactly, expand the best to ids; widen until the k-th
-        is certain (enough ids in the candidate set, and no tie running past the worst group seen)."""
+        is certain (enough ids in the candidate ``mask``, and no tie running past the worst group
+        seen). Members of a group share its score, so a group of 100k identical vectors costs one
+        dot product, not 100k."""
         n_groups = len(self._members)
-        frac = 1.0 if cand is None else len(cand) / self._count
-        want = int(max(2 * k, 16) / max(frac, 1e-6))
+        frac = 1.0 if mask is None else max(int(mask.sum()), 1) / self._count
+        want = int(max(2 * k, 16) / frac)
         limit = max(4 * self.config.exact_candidates, 64 * k)
         while True:
             want = max(1, min(want, n_groups))
-            groups = np.asarray(self._graph.search(q, want).keys, dtype=np.int64)
-            groups = np.asarray([g for g in groups.tolist() if g in self._members], dtype=np.int64)
+            found = np.asarray(self._graph.search(q, want).keys, dtype=np.int64).tolist()
+            groups = [g for g in found if g in self._members]
             exhausted = want >= n_groups
-            if len(groups):
-                reps = np.fromiter((self._members[g][0] for g in groups.tolist()), dtype=np.int64)
-                gscores = self._mat[self._row_of[reps]] @ q
+            if groups:
+                reps = np.fromiter((self._members[g][0] for g in groups), dtype=np.int64, count=len(groups))
+                gscores = np.round(self._mat[self._row_of[reps]] @ q, 5)
                 order = np.lexsort((reps, -gscores))
-                groups, gscores = groups[order], gscores[order]
-                worst = float(gscores[-1])
-                got_ids: list[np.ndarray] = []
+                worst = float(gscores.min())
+                parts: list[np.ndarray] = []
+                part_scores: list[float] = []
                 n_got = 0
                 kth: float | None = None
-                for g, s in zip(groups.tolist(), gscores.tolist(), strict=True):
+                for j in order.tolist():
+                    s = float(gscores[j])
                     if kth is not None and s < kth - 1e-6:
                         break
-                    ms = np.asarray(self._members[g], dtype=np.int64)
-                    if cand is not None:
-                        ms = ms[np.isin(ms, cand, assume_unique=True)]
+                    ms = self._members_of(groups[j])
+                    if mask is not None:
+                        ms = ms[mask[ms]]
                     if len(ms):
-                        got_ids.append(ms)
+                        parts.append(ms)
+                        part_scores.append(s)
                         n_got += len(ms)
                         if kth is None and n_got >= k:
                             kth = s
                 if kth is not None and (exhausted or kth > worst + 1e-6):
-                    ids = np.concatenate(got_ids)
-                    return _top(ids, self._mat[self._row_of[ids]] @ q, k, keep_ties)
+                    return _merge(parts, part_scores, k, keep_ties)
                 if exhausted:
-                    ids = np.concatenate(got_ids) if got_ids else np.zeros(0, dtype=np.int64)
-                    return _top(ids, self._mat[self._row_of[ids]] @ q, k, keep_ties)
+                    return _merge(parts, part_scores, k, keep_ties)
             elif exhausted:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
             if want >= limit:
                 # the graph cannot settle it cheaply (a huge tie, a sparse candidate set): scan
-                return self._exact(q, k, cand, keep_ties)
+                return self._exact(q, k, None if mask is None else np.flatnonzero(mask), keep_ties)
             want *= 4
 
     # ------------------------------------------------------------------ persistence
@@ -438,11 +460,51 @@ class VectorIndex:
         return index, "loaded" if not changed else f"loaded+{changed}"
 
 
+def _merge(
+    parts: list[np.ndarray], part_scores: list[float], k: int, keep_ties: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Groups' member ids (each ascending) with their group's score, in descending score order, to
+    one ranking. Only groups with equal scores need a sort; the common case is a concatenation."""
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    counts = [len(p) for p in parts]
+    if not keep_ties:
+        # the first groups that hold k ids, plus any tied with the last of them
+        total, last = 0, 0
+        for last, c in enumerate(counts):  # noqa: B007
+            total += c
+            if total >= k:
+                break
+        kth = part_scores[last]
+        n_parts = last + 1
+        while n_parts < len(parts) and part_scores[n_parts] >= kth - 1e-6:
+            n_parts += 1
+        parts, part_scores, counts = parts[:n_parts], part_scores[:n_parts], counts[:n_parts]
+    ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    scores = np.repeat(np.asarray(part_scores, dtype=np.float32), counts)
+    if len(set(part_scores)) < len(part_scores):
+        order = np.lexsort((ids, -scores))
+        ids, scores = ids[order], scores[order]
+    if not keep_ties:
+        ids, scores = ids[:k], scores[:k]
+    return ids, scores
+
+
 def _top(ids: np.ndarray, scores: np.ndarray, k: int, keep_ties: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` by score, ties by id ascending; with ``keep_ties`` everything within 1e-6 of the k-th."""
+    """Best ``k`` by score, ties by id ascending; with ``keep_ties`` everything within 1e-6 of the k-th.
+
+    Scores are rounded to 1e-5 first, as the selectors do: BLAS sums of identical vectors differ by
+    ~1e-7, and those must be ties decided by age, not by summation order."""
     n = len(ids)
     if n == 0:
         return ids[:0], scores[:0].astype(np.float32)
+    if n > 4 * k + 64:
+        # rounding and sorting only what can reach the top k (with slack for the rounding)
+        rough = np.partition(scores, n - k)[n - k] - 2e-5
+        sel = scores >= rough
+        ids, scores = ids[sel], scores[sel]
+        n = len(ids)
+    scores = np.round(scores, 5)
     if n > k:
         kth = np.partition(scores, n - k)[n - k]
         cut = kth - 1e-6 if keep_ties else kth
