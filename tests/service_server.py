@@ -21,7 +21,8 @@ from service_helpers import KEY  # noqa: E402
 def main() -> None:
     pool, port, teacher, max_calls = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     cfg = ServeConfig(pool=pool, port=port, api_key=KEY, teacher=teacher, gate="always", max_calls=max_calls)
-    app = create_app(cfg, Parts(FakeStudent(), resolve_teacher(teacher), FakeEmbedder()))
+    model = None if cfg.human_teacher else resolve_teacher(teacher)
+    app = create_app(cfg, Parts(FakeStudent(), model, FakeEmbedder()))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

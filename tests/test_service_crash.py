@@ -24,6 +24,7 @@ from service_helpers import AUTH, OPTIONS, b64, colour_png, query_json, wait_unt
 HERE = Path(__file__).parent
 ROUNDS = 12
 MAX_CALLS = 30
+HUMAN_ROUNDS = 6  # the first test covers the 10+ kills; this one adds people's labels
 
 
 def free_port() -> int:
@@ -140,3 +141,55 @@ def test_sigkill_during_a_request_stream_loses_nothing_acknowledged(tmp_path):
     assert served >= b["paid"]
     annotated = [s for s in states.values() if s["state"] == "annotated"]
     assert annotated and all(s["teacher_answer"] in OPTIONS for s in annotated)
+
+
+def test_sigkill_while_people_label_loses_no_acknowledged_label(tmp_path):
+    rng = random.Random(1)
+    pool = tmp_path / "service.sqlite"
+    acked_labels: dict[str, str] = {}  # query id -> label the person gave (acknowledged)
+    seed = iter(range(10_000))
+    log = open(tmp_path / "server.log", "ab")  # noqa: SIM115 - shared by all restarts
+    for _ in range(HUMAN_ROUNDS):
+        proc, url = start(pool, "human", log)
+        stop = threading.Event()
+
+        def stream(url: str = url, stop: threading.Event = stop) -> None:
+            with httpx.Client(base_url=url, headers=AUTH, timeout=10) as c:
+                while not stop.is_set():
+                    name = rng.choice(OPTIONS)
+                    try:
+                        r = c.post("/v1/predict", json=query_json(name, next(seed)))
+                        if r.status_code != 200 or r.json()["state"] != "pending_human":
+                            continue
+                        qid = r.json()["query_id"]
+                        lab = c.post(f"/v1/queries/{qid}/label", json={"label": name})
+                        if lab.status_code == 200:
+                            acked_labels[qid] = name
+                    except httpx.HTTPError:
+                        return
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(rng.uniform(0.2, 1.0))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        stop.set()
+        t.join(timeout=30)
+
+    proc, url = start(pool, "human", log)
+    try:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            stats = c.get("/v1/stats").json()
+            demos = {d["query_id"]: d for d in c.get("/v1/demos", params={"limit": 500}).json()["demos"]}
+            states = {q: c.get(f"/v1/queries/{q}").json() for q in acked_labels}
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert len(acked_labels) >= 10, len(acked_labels)
+    for qid, label in acked_labels.items():
+        assert states[qid]["state"] == "annotated" and states[qid]["teacher_answer"] == label
+        assert demos[qid]["label"] == label  # distinct noisy images: every label is a pooled demo
+    b = stats["budget"]
+    assert stats["teacher_calls"] == b["calls_spent"] == b["paid"] + b["reserved"] and b["failed"] == 0
+    assert b["reserved"] == stats["pending_human"]  # a queued item holds its reservation until labelled
