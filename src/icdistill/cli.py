@@ -223,6 +223,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from icdistill.eval.cli import cmd_eval
+
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out, the folder of the eval to continue")
+    try:
+        return cmd_eval(args, _given_run_flags(args.argv))
+    except SpecError as e:
+        raise UsageError(str(e)) from e
+
+
 class UsageError(ICDError):
     """A bad command line: exit code 2."""
 
@@ -283,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--faults", default=None, help="fault plan for drills, e.g. 'slow:3,500,429:1,garbage,wrong_n'"
     )
     serve.set_defaults(func=_cmd_serve_model)
+    from icdistill.eval.cli import add_eval_args
+
+    ev = sub.add_parser(
+        "eval",
+        help="compare ICD with every baseline over methods x budgets x seeds",
+        formatter_class=_RunHelpFormatter,
+    )
+    add_eval_args(ev, _add_run_args)
+    ev.set_defaults(func=_cmd_eval)
     from icdistill.service.config import add_serve_args, cmd_serve
 
     svc = sub.add_parser(

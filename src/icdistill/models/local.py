@@ -11,6 +11,14 @@ STUDENTS = {"smollm2": "SmolLM2-135M-Instruct reading EfficientNet-Lite0 tags, l
 EMBEDDERS = {"conse": "EfficientNet-Lite0 features (image), MiniLM (text), ConSE image-in-text-space"}
 
 
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected 1/0, true/false, on/off, got {text!r}")
+
+
 def shared_tagger(ctx: ModelContext) -> Any:
     from icdistill.models.efficientnet import ImageTagger
 
@@ -23,16 +31,20 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> Any:
             raise SpecError(f"unknown local student {spec.target!r}; available: {', '.join(STUDENTS)}")
         from icdistill.models.smollm2 import SmolLM2Student
 
-        unknown = set(spec.options) - {"max_tags", "score"}
+        casts: dict[str, Any] = {
+            "max_tags": int,
+            "score": str,
+            "calibrate": _flag,
+            "mix": float,
+            "mix_temperature": float,
+            "zero_shot": str,
+        }
+        unknown = set(spec.options) - set(casts)
         if unknown:
             raise SpecError(
-                f"spec {spec.raw!r}: unknown option(s) {', '.join(sorted(unknown))}; known: max_tags, score"
+                f"spec {spec.raw!r}: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(casts)}"
             )
-        kwargs: dict[str, Any] = {}
-        if "max_tags" in spec.options:
-            kwargs["max_tags"] = spec.opt("max_tags", cast=int)
-        if "score" in spec.options:
-            kwargs["score"] = spec.opt("score")
+        kwargs: dict[str, Any] = {k: spec.opt(k, cast=c) for k, c in casts.items() if k in spec.options}
         return ctx.get_or_create(f"student:{spec.raw}", lambda: SmolLM2Student(shared_tagger(ctx), **kwargs))
     if spec.target != "conse":
         raise SpecError(f"unknown local embedder {spec.target!r}; available: {', '.join(EMBEDDERS)}")

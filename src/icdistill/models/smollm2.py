@@ -3,8 +3,10 @@ SmolLM2-135M-Instruct through label log-likelihood scoring with in-context demon
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import threading
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 from PIL import Image
 
 from icdistill.models.scoring import generate_with_entropy, score_continuations
@@ -179,6 +182,30 @@ def build_prompt(
     return "".join(parts)
 
 
+ZERO_SHOT_STYLES = ("plain", "question", "options", "instruction")
+
+
+def zero_shot_prompt(tags: str, prompt: str, options: Sequence[str], style: str) -> str:
+    """The prompt of a classification query without demonstrations. ``plain``: the tags only;
+    ``question``: and the question; ``options``: and the options listed; ``instruction``: an
+    instruction line naming the options before the tags and the question."""
+    listed = ", ".join(_one_line(o) for o in options)
+    head = f"Image: {_one_line(tags)}\n"
+    if style == "plain":
+        return head + "Answer:"
+    if style == "question":
+        return head + f"Question: {_one_line(prompt)}\nAnswer:"
+    if style == "options":
+        return head + f"Question: {_one_line(prompt)}\nOptions: {listed}\nAnswer:"
+    if style == "instruction":
+        return (
+            f"Each image is described by the top tags of an image classifier. Answer with one of: {listed}.\n\n"
+            + head
+            + f"Question: {_one_line(prompt)}\nAnswer:"
+        )
+    raise SpecError(f"local:smollm2 zero_shot must be one of {', '.join(ZERO_SHOT_STYLES)}, got {style!r}")
+
+
 def option_continuation(option: str) -> str:
     """A candidate as scored after ``"Answer:"``: with its leading space and the terminating newline.
 
@@ -186,6 +213,52 @@ def option_continuation(option: str) -> str:
     longer one ("Boot" / "Boots") gets no credit for the longer one's start.
     """
     return f" {_one_line(option)}\n"
+
+
+class OnlineCalibration:
+    """Contextual calibration without extra forward passes (after Zhao et al., 2021, "Calibrate before
+    use"): the running mean of the student's own option log-probabilities over earlier queries is its
+    label prior in this prompt format, and is subtracted from each new prediction.
+
+    SmolLM2 favours some label words whatever the image ("Shirt" for 30% of answers on Fashion-MNIST,
+    10% true); measured on 150 queries with 2 demos from a 25-demo pool: 0.49 -> 0.57 accuracy. Means
+    are kept per option set and per prompt kind (zero-shot or with demos), whose priors differ. The
+    first query of a kind is not calibrated. The state lives in memory: a resumed run starts it again.
+    """
+
+    def __init__(self) -> None:
+        self._sum: dict[tuple[tuple[str, ...], bool], np.ndarray] = {}
+        self._n: dict[tuple[tuple[str, ...], bool], int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, options: Sequence[str], with_demos: bool, logp: np.ndarray) -> np.ndarray:
+        key = (tuple(options), with_demos)
+        with self._lock:
+            n = self._n.get(key, 0)
+            out = logp - self._sum[key] / n if n else logp.copy()
+            self._sum[key] = self._sum.get(key, 0.0) + logp
+            self._n[key] = n + 1
+        return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def demo_vote(
+    query_features: np.ndarray, demo_features: Sequence[np.ndarray], answers: Sequence[str], temperature: float
+) -> dict[str, float]:
+    """The demos' answers weighted by ``softmax(cos(query, demo) / temperature)`` of the student's own
+    image features: what the student sees of how alike the demo images are to the query."""
+    q = query_features / max(float(np.linalg.norm(query_features)), 1e-12)
+    sims = np.array([float(q @ (d / max(float(np.linalg.norm(d)), 1e-12))) for d in demo_features])
+    w = np.exp((sims - sims.max()) / temperature)
+    w /= w.sum()
+    out: dict[str, float] = {}
+    for a, wi in zip(answers, w, strict=True):
+        out[a] = out.get(a, 0.0) + float(wi)
+    return out
 
 
 class SmolLM2Student:
@@ -209,10 +282,26 @@ class SmolLM2Student:
         *,
         lm: tuple[Any, Any] | None = None,
         score: str = "mean",
+        calibrate: bool = True,
+        mix: float = 0.0,
+        mix_temperature: float = 0.05,
+        zero_shot: str = "options",
     ) -> None:
         if score not in ("mean", "sum"):
             raise SpecError(f"local:smollm2 score must be 'mean' (length-normalised) or 'sum', got {score!r}")
+        if not 0.0 <= mix <= 1.0:
+            raise SpecError(f"local:smollm2 mix must be in [0, 1], got {mix}")
+        if mix_temperature <= 0:
+            raise SpecError(f"local:smollm2 mix_temperature must be > 0, got {mix_temperature}")
+        if zero_shot not in ZERO_SHOT_STYLES:
+            raise SpecError(
+                f"local:smollm2 zero_shot must be one of {', '.join(ZERO_SHOT_STYLES)}, got {zero_shot!r}"
+            )
+        self.zero_shot = zero_shot
         self.score = score
+        self.calibration = OnlineCalibration() if calibrate else None
+        self.mix = mix
+        self.mix_temperature = mix_temperature
         self.tagger = tagger
         self.cache_dir = cache_dir
         self.max_tags = max_tags
@@ -248,9 +337,37 @@ class SmolLM2Student:
                 self._tags.popitem(last=False)
         return text
 
+    def fresh(self) -> SmolLM2Student:
+        """A student with the same loaded LM, tagger and options but no calibration history: each
+        run of an experiment starts from the same state, whatever ran before it in the process."""
+        self.lm()  # load once here, so twins share the weights
+        twin = copy.copy(self)
+        twin.calibration = OnlineCalibration() if self.calibration is not None else None
+        return twin
+
     def prompt_for(self, query: Query, demos: Sequence[Demo]) -> str:
+        if query.options and not demos:
+            return zero_shot_prompt(self.describe(query.image), query.prompt, query.options, self.zero_shot)
         shots = [(self.describe(d.image), d.prompt, d.answer) for d in demos]
         return build_prompt(self.describe(query.image), query.prompt, shots, query.options)
+
+    def _combine(
+        self, query: Query, demos: Sequence[Demo], options: Sequence[str], scores: Sequence[float]
+    ) -> list[float]:
+        """The LM's option log-probabilities, calibrated, then (with ``mix`` > 0) a product of experts
+        with the demos' vote: ``(1 - mix) * log p_LM + mix * log p_vote``."""
+        logp = _log_softmax(np.asarray(scores, dtype=np.float64))
+        if self.calibration is not None:
+            logp = _log_softmax(self.calibration(options, bool(demos), logp))
+        images = [query.image, *[d.image for d in demos]]
+        if self.mix > 0 and demos and all(i is not None for i in images):
+            feats = [getattr(self.tagger.tag(i), "features", None) for i in images]  # type: ignore[arg-type]
+            if any(f is None for f in feats):
+                raise SpecError("local:smollm2 mix needs a tagger that gives image features")
+            votes = demo_vote(feats[0], feats[1:], [d.answer for d in demos], self.mix_temperature)
+            vote = np.array([math.log(votes.get(o, 0.0) + 1e-6) for o in options])
+            logp = (1.0 - self.mix) * logp + self.mix * vote
+        return logp.tolist()
 
     def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         start = time.perf_counter()
@@ -265,7 +382,7 @@ class SmolLM2Student:
                 [option_continuation(o) for o in options],
                 normalise=self.score == "mean",
             )
-            option_scores = dict(zip(options, scores, strict=True))
+            option_scores = dict(zip(options, self._combine(query, demos, options, scores), strict=True))
             answer = max(options, key=option_scores.__getitem__)
             return Prediction(answer=answer, option_scores=option_scores, seconds=time.perf_counter() - start)
         text, logprobs, entropies = generate_with_entropy(

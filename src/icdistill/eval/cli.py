@@ -1,0 +1,133 @@
+"""``icd eval``: the command line of the evaluation harness (parsing and display; the grid is in harness)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from icdistill.types import ICDError
+
+# `icd run` flags that an eval sets per cell: given on `icd eval` they would be silently overridden
+_PER_CELL = ("seed", "budget")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def method_help() -> str:
+    from icdistill.eval.methods import METHODS
+
+    return "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())
+
+
+def add_eval_args(p: argparse.ArgumentParser, add_run_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    g = p.add_argument_group("grid")
+    g.add_argument(
+        "--methods",
+        default="student-zero-shot,icd,knn-pool",
+        help="comma-separated methods, each name[:key=value,...] (default: %(default)s). " + method_help(),
+    )
+    g.add_argument(
+        "--budgets", type=_floats, default=(0.05,), help="teacher-call rates of gated methods (default: 0.05)"
+    )
+    g.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="stream orders (default: 0,1,2)")
+    add_run_args(p)
+    for action in p._actions:
+        if action.dest in _PER_CELL:
+            action.help = argparse.SUPPRESS
+
+
+def cmd_eval(args: argparse.Namespace, given: set[str]) -> int:
+    from rich.console import Console
+
+    from icdistill.eval.harness import EvalConfig, plan, refusals, run_eval
+    from icdistill.eval.report import summary_table
+    from icdistill.runner import RunConfig
+
+    clash = sorted(f"--{g}" for g in given & set(_PER_CELL))
+    if clash:
+        raise ICDError(f"{', '.join(clash)} is set per cell by icd eval: use --seeds / --budgets")
+    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    base = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name not in _PER_CELL})
+    cfg = EvalConfig(
+        base=base,
+        methods=tuple(m.raw for m in _methods(args.methods)),
+        budgets=tuple(args.budgets),
+        seeds=tuple(args.seeds),
+    )
+    why = refusals(cfg)
+    if why:
+        raise ICDError("cannot run: " + "; ".join(why))
+    console = Console(stderr=True)
+    with _progress(console, args.quiet, len(plan(cfg))) as callbacks:
+        rows = run_eval(cfg, out, resume=args.resume, **callbacks)
+    Console().print(summary_table(rows))
+    console.print(f"results: {out / 'results.csv'}  report: {out / 'report.md'}")
+    return 0
+
+
+def _methods(text: str) -> list[Any]:
+    from icdistill.eval.methods import split_methods
+
+    return split_methods(text)
+
+
+class _progress:
+    """A rich progress display: one bar over cells, one over the current cell's queries."""
+
+    def __init__(self, console: Any, disabled: bool, n_cells: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=disabled,
+        )
+        self.cells = self.progress.add_task("cells", total=n_cells, stats="")
+        self.queries = self.progress.add_task("queries", total=1, stats="")
+        self.state = {"n": 0, "correct": 0, "calls": 0}
+
+    def __enter__(self) -> dict[str, Callable[..., None]]:
+        self.progress.start()
+        return {"on_cell": self.on_cell, "on_start": self.on_start, "on_record": self.on_record}
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def on_cell(self, i: int, total: int, cell: Any) -> None:
+        self.progress.update(self.cells, completed=i, stats=cell.label())
+        self.state = {"n": 0, "correct": 0, "calls": 0}
+
+    def on_start(self, start: int, total: int) -> None:
+        self.progress.update(self.queries, total=total, completed=start, stats="")
+
+    def on_record(self, rec: dict[str, Any]) -> None:
+        if rec.get("event") == "query":
+            self.state["n"] += 1
+            self.state["correct"] += int(bool(rec.get("correct")))
+            self.state["calls"] += int(rec["teacher_asked"])
+        n = max(1, self.state["n"])
+        self.progress.update(
+            self.queries,
+            advance=1,
+            stats=f"acc {self.state['correct'] / n:.3f}  teacher {self.state['calls'] / n:.1%}",
+        )

@@ -1,0 +1,319 @@
+"""``icd eval``: every method x budget x seed on the same stream orders, models loaded once, resumable.
+
+Each cell is an ordinary ICD run in ``out/cells/<method>/<budget>/<seed>/`` (log, pool, summary), so
+a killed cell continues where it stopped and a finished one is never redone. ``results.csv`` has a
+row per cell; ``report.md`` and the plots are rebuilt from those rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import resource
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from icdistill.data.stream import Dataset, load_dataset, stream_order
+from icdistill.eval.methods import METHODS, MethodSpec, parse_method
+from icdistill.eval.scores import cell_scores
+from icdistill.models.registry import ModelContext, resolve_teacher
+from icdistill.runlog import read_records, write_json_atomic
+from icdistill.runner import Parts, RunConfig, build_parts, run_icd
+from icdistill.types import ICDError
+
+COLUMNS = (
+    "method",
+    "budget",
+    "seed",
+    "n",
+    "accuracy",
+    "teacher_call_rate",
+    "teacher_calls",
+    "rejected_annotations",
+    "teacher_failures",
+    "demonstration_accuracy",
+    "first_pass_accuracy",
+    "auroc",
+    "seconds_per_query",
+    "student_seconds_per_query",
+    "teacher_seconds_per_query",
+    "cost_usd",
+    "pool_size",
+    "self_labels",
+    "exact_match",
+    "token_f1",
+    "bleu",
+    "chrf",
+    "train_seconds",
+    "peak_rss_mb",
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """An evaluation grid. ``base`` holds the models, the dataset and the loop options every method starts from."""
+
+    base: RunConfig = field(default_factory=RunConfig)
+    methods: tuple[str, ...] = ("student-zero-shot", "icd", "knn-pool")
+    budgets: tuple[float, ...] = (0.05,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ICDError("--methods is empty")
+        if not self.seeds:
+            raise ICDError("--seeds is empty")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ICDError("--seeds has a seed twice")
+        specs = [parse_method(m) for m in self.methods]
+        if len({s.raw for s in specs}) != len(specs):
+            raise ICDError("a method is given twice")
+        if any(METHODS[s.name].uses_budget for s in specs):
+            if not self.budgets:
+                raise ICDError("--budgets is empty but a gated method needs a budget")
+            for b in self.budgets:
+                if not 0 < b <= 1:
+                    raise ICDError(f"--budgets are teacher-call rates in (0, 1], got {b}")
+            if len(set(self.budgets)) != len(self.budgets):
+                raise ICDError("--budgets has a budget twice")
+
+    def specs(self) -> list[MethodSpec]:
+        return [parse_method(m) for m in self.methods]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": asdict(self.base),
+            "methods": list(self.methods),
+            "budgets": list(self.budgets),
+            "seeds": list(self.seeds),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
+        return cls(
+            base=RunConfig.from_dict(d["base"]),
+            methods=tuple(d["methods"]),
+            budgets=tuple(float(b) for b in d["budgets"]),
+            seeds=tuple(int(s) for s in d["seeds"]),
+        )
+
+
+@dataclass(frozen=True)
+class Cell:
+    spec: MethodSpec
+    budget: float | None
+    seed: int
+
+    @property
+    def path(self) -> Path:
+        b = "no-budget" if self.budget is None else f"budget-{self.budget:g}"
+        return Path("cells") / self.spec.slug / b / f"seed-{self.seed}"
+
+    def label(self) -> str:
+        b = "" if self.budget is None else f" @ {self.budget:.0%}"
+        return f"{self.spec.raw}{b} seed {self.seed}"
+
+
+def plan(cfg: EvalConfig) -> list[Cell]:
+    """All cells, seed-major so that every method's first seed finishes before any second seed."""
+    cells = []
+    for seed in cfg.seeds:
+        for spec in cfg.specs():
+            budgets: Sequence[float | None] = cfg.budgets if METHODS[spec.name].uses_budget else (None,)
+            cells.extend(Cell(spec, b, seed) for b in budgets)
+    return cells
+
+
+def refusals(cfg: EvalConfig) -> list[str]:
+    """Why methods cannot run with this config (checked before anything runs)."""
+    out = []
+    for spec in cfg.specs():
+        method = METHODS[spec.name]
+        run_cfg = method.run_config(cfg.base, spec, cfg.budgets[0] if cfg.budgets else None, cfg.seeds[0])
+        why = method.refusal(run_cfg)
+        if why:
+            out.append(f"{spec.raw}: {why}")
+    return out
+
+
+def _prepare_out(cfg: EvalConfig, out: Path, resume: bool) -> EvalConfig:
+    stored = out / "eval.json"
+    if resume:
+        if not stored.exists():
+            raise ICDError(f"nothing to resume in {out}: no eval.json")
+        try:
+            return EvalConfig.from_dict(json.loads(stored.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ICDError(f"cannot read {stored}: {e}") from e
+    if out.exists() and not out.is_dir():
+        raise ICDError(f"--out {out} is a file, not a folder")
+    if stored.exists() or (out / "cells").exists():
+        raise ICDError(f"{out} already holds an eval; pass --resume to continue it or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ICDError(f"cannot create --out {out}: {e}") from e
+    write_json_atomic(stored, cfg.to_dict())
+    return cfg
+
+
+class _PartsCache:
+    """Models loaded once per process, shared by every cell that uses the same specs."""
+
+    def __init__(self, ctx: ModelContext, injected: Parts | None) -> None:
+        self.ctx = ctx
+        self.injected = injected
+        self.cache: dict[tuple[str, str, str], Parts] = {}
+
+    def for_config(self, cfg: RunConfig) -> Parts:
+        if self.injected is not None:
+            return self.injected
+        key = (cfg.student, cfg.teacher, cfg.embedder)
+        if key not in self.cache:
+            self.cache[key] = build_parts(cfg, self.ctx)
+        parts = self.cache[key]
+        fresh = getattr(parts.student, "fresh", None)
+        if fresh is not None:
+            # no state (e.g. calibration) carried over from the cells that ran before
+            parts = replace(parts, student=fresh())
+        if cfg.teacher.startswith("reference"):
+            # a fresh reference teacher per cell: its noise draws depend on the seed, not on cell order
+            parts = replace(parts, teacher=resolve_teacher(cfg.teacher, ModelContext(seed=cfg.seed)))
+        return parts
+
+
+def _is_open(records: Sequence[dict[str, Any]]) -> bool:
+    qs = [r for r in records if r.get("event") == "query"]
+    return bool(qs) and all(r.get("option_probs") is None for r in qs)
+
+
+def cell_row(cell: Cell, summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results.csv row from a finished cell's summary and log."""
+    method = METHODS[cell.spec.name]
+    n = summary["n_queries"]
+    scores = cell_scores(records, open_answers=_is_open(records))
+    usage = summary.get("teacher_usage", {})
+    row: dict[str, Any] = {
+        "method": cell.spec.raw,
+        "budget": cell.budget,
+        "seed": cell.seed,
+        "n": n,
+        "accuracy": summary.get(method.accuracy_key),
+        "teacher_call_rate": summary["teacher_call_rate"],
+        "teacher_calls": summary["teacher_calls"],
+        "rejected_annotations": summary["rejected_annotations"],
+        "teacher_failures": summary.get("teacher_failures", 0),
+        "demonstration_accuracy": summary["demonstration_accuracy"],
+        "first_pass_accuracy": summary["first_pass_accuracy"],
+        "auroc": scores["auroc"],
+        "seconds_per_query": summary["seconds_per_query"],
+        "student_seconds_per_query": summary["student_seconds"] / n if n else None,
+        "teacher_seconds_per_query": summary["teacher_seconds"] / n if n else None,
+        "cost_usd": usage.get("cost_usd", 0.0),
+        "pool_size": summary["pool_size"],
+        "self_labels": None,
+        "exact_match": scores.get("exact_match"),
+        "token_f1": scores.get("token_f1"),
+        "bleu": scores.get("bleu"),
+        "chrf": scores.get("chrf"),
+        "train_seconds": summary.get("train_seconds"),
+        "peak_rss_mb": summary.get("peak_rss_mb"),
+    }
+    if scores.get("exact_match") is not None and method.accuracy_key == "accuracy":
+        # open answers: a right answer is a normalised exact match, not the same string
+        row["accuracy"] = scores["exact_match"]
+    if cell.spec.name == "self-label":
+        # the "teacher" was the student itself: nothing was bought
+        row["self_labels"] = summary["accepted_annotations"]
+        row.update(teacher_calls=0, teacher_call_rate=0.0, teacher_seconds_per_query=0.0, cost_usd=0.0)
+    row["reliability"] = scores["reliability"]
+    return row
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def run_cell(
+    cell: Cell,
+    cfg: EvalConfig,
+    out: Path,
+    parts_cache: _PartsCache,
+    dataset: Dataset,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or finish) one cell and return its row; a finished cell is read back, not rerun."""
+    folder = out / cell.path
+    row_path = folder / "row.json"
+    if row_path.exists():
+        return json.loads(row_path.read_text())
+    method = METHODS[cell.spec.name]
+    run_cfg = method.run_config(cfg.base, cell.spec, cell.budget, cell.seed)
+    resume = (folder / "config.json").exists()
+    if resume and not method.resumable:
+        shutil.rmtree(folder)  # e.g. LoRA weights are not on disk: start the cell again
+        resume = False
+    parts = parts_cache.for_config(run_cfg)
+    if method.wrap is not None:
+        parts = method.wrap(parts, run_cfg, cell.spec.options)
+    summary = run_icd(
+        run_cfg, folder, resume=resume, parts=parts, dataset=dataset, on_start=on_start, on_record=on_record
+    )
+    extra = getattr(parts.student, "training_stats", None)
+    if callable(extra):
+        summary.update(extra())
+        summary["peak_rss_mb"] = _peak_rss_mb()
+    row = cell_row(cell, summary, read_records(folder / "log.jsonl"))
+    write_json_atomic(row_path, row)
+    return row
+
+
+def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+    tmp = path.with_suffix(".csv.tmp")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_eval(
+    cfg: EvalConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    parts: Parts | None = None,
+    ctx: ModelContext | None = None,
+    dataset: Dataset | None = None,
+    on_cell: Callable[[int, int, Cell], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every cell (skipping finished ones on resume); write results.csv, report.md and plots."""
+    from icdistill.eval.report import write_report
+
+    out = Path(out)
+    why = refusals(cfg)
+    if why:
+        raise ICDError("cannot run: " + "; ".join(why))
+    cfg = _prepare_out(cfg, out, resume)
+    dataset = dataset or load_dataset(cfg.base.dataset, split=cfg.base.split)
+    stream_order(len(dataset), cfg.base.n, 0, cfg.base.shuffle)  # raises on an empty stream
+    parts_cache = _PartsCache(ctx or ModelContext(seed=cfg.base.seed), parts)
+    cells = plan(cfg)
+    rows: list[dict[str, Any]] = []
+    for i, cell in enumerate(cells):
+        if on_cell is not None:
+            on_cell(i, len(cells), cell)
+        rows.append(run_cell(cell, cfg, out, parts_cache, dataset, on_record=on_record, on_start=on_start))
+        write_results_csv(rows, out / "results.csv")
+    write_report(rows, cfg, out)
+    return rows

@@ -1,0 +1,139 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fakes import FakeEmbedder, FakeStudent, colour_folder
+from icdistill.eval.harness import COLUMNS, EvalConfig, plan, run_eval
+from icdistill.models.reference import ReferenceTeacher
+from icdistill.runner import Parts, RunConfig
+from icdistill.types import ICDError
+
+WORKER = Path(__file__).with_name("eval_worker.py")
+
+
+def _parts(student=None):
+    return Parts(student or FakeStudent(), ReferenceTeacher(), FakeEmbedder())
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_grid_rows_report_and_plots(tmp_path):
+    data = colour_folder(tmp_path / "c", n_per_class=6)
+    cfg = EvalConfig(
+        base=RunConfig(dataset=str(data), n=16, warmup=2, shots=2),
+        methods=(
+            "student-zero-shot",
+            "teacher-zero-shot",
+            "icd",
+            "icd-forward",
+            "icd-random-gate",
+            "knn-pool",
+            "oracle-icl",
+            "self-label",
+        ),
+        budgets=(0.1, 0.25),
+        seeds=(0, 1),
+    )
+    seen = []
+    rows = run_eval(cfg, tmp_path / "out", parts=_parts(), on_cell=lambda i, n, c: seen.append(c.label()))
+    # 5 budget-free methods x 2 seeds + 4 gated x 2 budgets x 2 seeds
+    assert len(rows) == len(seen) == len(plan(cfg)) == 4 * 2 + 4 * 2 * 2
+    csv_rows = _rows(tmp_path / "out" / "results.csv")
+    assert len(csv_rows) == len(rows) and set(COLUMNS) <= set(csv_rows[0])
+    by = {(r["method"], r["budget"], r["seed"]): r for r in rows}
+    # the teacher (reference labels) on every query is always right and asked every time
+    assert by[("teacher-zero-shot", None, 0)]["accuracy"] == 1.0
+    assert by[("teacher-zero-shot", None, 0)]["teacher_call_rate"] == 1.0
+    assert by[("student-zero-shot", None, 0)]["teacher_calls"] == 0
+    # gated methods spend their budget on 16 queries: 2 and 4 calls
+    for m in ("icd", "knn-pool", "icd-random-gate"):
+        assert by[(m, 0.25, 1)]["teacher_calls"] <= 5
+        assert by[(m, 0.1, 1)]["teacher_calls"] <= 3
+    # self-labels cost nothing
+    assert by[("self-label", None, 0)]["teacher_calls"] == 0
+    assert by[("self-label", None, 0)]["self_labels"] is not None
+    # oracle ICL is scored on its first pass (the query's own label is never shown to it)
+    log = tmp_path / "out" / "cells" / "oracle-icl" / "no-budget" / "seed-0" / "log.jsonl"
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    firsts = sum(r["first_correct"] for r in recs) / len(recs)
+    assert by[("oracle-icl", None, 0)]["accuracy"] == pytest.approx(firsts)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| icd | 25% | 2 |" in report and "Paired against `icd`" in report
+    for png in ("tradeoff.png", "running.png", "reliability.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_finished_eval_is_not_redone_and_out_is_not_mixed(tmp_path):
+    data = colour_folder(tmp_path / "c", n_per_class=4)
+    cfg = EvalConfig(base=RunConfig(dataset=str(data), n=8, warmup=1), methods=("icd",), seeds=(0,))
+    student = FakeStudent()
+    run_eval(cfg, tmp_path / "out", parts=_parts(student))
+    calls = student.calls
+    with pytest.raises(ICDError, match="already holds an eval"):
+        run_eval(cfg, tmp_path / "out", parts=_parts(student))
+    run_eval(cfg, tmp_path / "out", resume=True, parts=_parts(student))
+    assert student.calls == calls  # every cell was finished: nothing ran again
+    with pytest.raises(ICDError, match="nothing to resume"):
+        run_eval(cfg, tmp_path / "empty", resume=True, parts=_parts(student))
+
+
+def test_refused_method_stops_before_anything_runs(tmp_path):
+    cfg = EvalConfig(
+        base=RunConfig(student="openai:gpt-4o-mini@http://127.0.0.1:9/v1", dataset="nowhere"),
+        methods=("icd", "finetune-online"),
+    )
+    with pytest.raises(ICDError, match="finetune-online.*local:smollm2"):
+        run_eval(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_eval(tmp_path):
+    data = colour_folder(tmp_path / "c", n_per_class=5)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    clean = tmp_path / "clean"
+    subprocess.run([sys.executable, str(WORKER), str(data), str(clean), "fresh", "0"], check=True, env=env)
+    killed = tmp_path / "killed"
+    for attempt in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), str(data), str(killed), "resume" if attempt else "fresh", "0.01"],
+            env=env,
+        )
+        # kill it mid-way: some cells finished, one in progress
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(killed.glob("cells/*/*/*/row.json"))) < 2 + 3 * attempt:
+            time.sleep(0.05)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "report.md").exists()
+    subprocess.run([sys.executable, str(WORKER), str(data), str(killed), "resume", "0"], check=True, env=env)
+    a, b = _rows(clean / "results.csv"), _rows(killed / "results.csv")
+    keep = ("method", "budget", "seed", "n", "accuracy", "teacher_calls", "demonstration_accuracy", "pool_size")
+    assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b]
+    for cell in clean.glob("cells/*/*/*"):
+        other = killed / cell.relative_to(clean)
+        assert _timeless(cell / "log.jsonl") == _timeless(other / "log.jsonl"), cell
+
+
+def _timeless(log: Path) -> list[dict]:
+    out = []
+    for line in log.open():
+        r = json.loads(line)
+        # a killed cell whose annotation was committed before its log line recovers it on resume:
+        # same answer, labelled as recovered
+        for k in ("seconds", "gate_reason", "pool_status"):
+            r.pop(k, None)
+        if r.get("annotation"):
+            r["annotation"].pop("seconds", None)
+        out.append(r)
+    return out
