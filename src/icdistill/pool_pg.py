@@ -1,0 +1,562 @@
+"""A demonstration pool shared by many workers: PostgreSQL holds the truth, each worker an index.
+
+PostgreSQL holds the annotations (images, embeddings, answers), the labelling queue (``icd_claims``:
+which image+prompt a worker is buying right now) and the budget ledger (``icd_ledger``). Every
+worker keeps its own in-memory copy of the pooled demos and a ``VectorIndex`` per key, kept in sync
+by LISTEN/NOTIFY: a demo committed by one worker is announced at commit, and the others pick it up
+on their next read (``refresh``), so a new demo is visible within one query.
+
+Buying a label once across workers: a worker first *claims* the image+prompt (a row keyed on both,
+inserted only if absent or expired) in the same transaction that charges the global ledger; only the
+claimant calls the teacher; its demo and the release of the claim commit together. A worker killed
+mid-call leaves only a claim, which expires after ``lease_s``; nothing half-written (one transaction
+per annotation). A unique index on image digest + prompt among pooled demos makes a twin impossible
+even if two workers race past their claims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from icdistill.index import IndexConfig
+from icdistill.pool import AddStatus, SQLitePool, _Index, _unit
+from icdistill.types import (
+    Annotation,
+    Demo,
+    Embeddings,
+    ICDError,
+    Query,
+    Usage,
+    image_digest,
+    image_to_png,
+)
+
+ClaimResult = Literal["claimed", "pooled", "busy", "budget"]
+
+CHANNEL = "icd_pool"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS icd_annotations (
+    id BIGSERIAL PRIMARY KEY,
+    query_id TEXT NOT NULL UNIQUE,
+    position INTEGER NOT NULL,
+    image_png BYTEA,
+    image_ref TEXT,
+    image_digest TEXT,
+    prompt TEXT NOT NULL,
+    options TEXT,
+    answer TEXT NOT NULL,
+    accepted BOOLEAN NOT NULL,
+    in_pool BOOLEAN NOT NULL,
+    status TEXT NOT NULL,
+    teacher TEXT,
+    samples TEXT,
+    votes TEXT,
+    agreement DOUBLE PRECISION,
+    usage TEXT,
+    seconds DOUBLE PRECISION,
+    created DOUBLE PRECISION,
+    worker TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS icd_one_demo_per_item
+    ON icd_annotations (image_digest, prompt) WHERE in_pool AND image_digest IS NOT NULL;
+CREATE INDEX IF NOT EXISTS icd_in_pool ON icd_annotations (id) WHERE in_pool;
+CREATE TABLE IF NOT EXISTS icd_embeddings (
+    demo_id BIGINT NOT NULL REFERENCES icd_annotations(id),
+    key TEXT NOT NULL,
+    vec BYTEA NOT NULL,
+    PRIMARY KEY (demo_id, key)
+);
+CREATE TABLE IF NOT EXISTS icd_claims (
+    image_digest TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    query_id TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    expires DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (image_digest, prompt)
+);
+CREATE TABLE IF NOT EXISTS icd_ledger (
+    name TEXT PRIMARY KEY,
+    calls BIGINT NOT NULL DEFAULT 0,
+    cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+    max_calls BIGINT
+);
+"""
+
+_DEMO_COLUMNS = "id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement, options"
+
+
+def is_postgres_url(spec: str | os.PathLike[str] | None) -> bool:
+    return isinstance(spec, str) and spec.startswith(("postgresql://", "postgres://"))
+
+
+class PostgresPool:
+    """The ``Pool`` of ``SQLitePool`` (same reads, same ``add`` statuses) over a PostgreSQL database.
+
+    ``max_calls`` caps teacher calls across every worker of the pool (the ledger ``ledger``);
+    ``lease_s`` is how long a claim protects a purchase in progress.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        max_size: int | None = None,
+        *,
+        index: IndexConfig | None = None,
+        index_dir: str | Path | None = None,
+        ledger: str = "default",
+        max_calls: int | None = None,
+        lease_s: float = 120.0,
+        worker: str | None = None,
+    ) -> None:
+        try:
+            import psycopg
+        except ImportError as e:  # pragma: no cover - the extra is installed by the test command
+            raise ICDError("a PostgreSQL pool needs psycopg: pip install 'icdistill[pg]'") from e
+        if max_size is not None and max_size < 1:
+            raise ICDError("pool max size must be >= 1")
+        if lease_s <= 0:
+            raise ICDError("claim lease must be > 0 seconds")
+        self._psycopg = psycopg
+        self.url = url
+        self.max_size = max_size
+        self.ledger = ledger
+        self.lease_s = lease_s
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        try:
+            self._db = psycopg.connect(url, autocommit=True)
+            self._listen = psycopg.connect(url, autocommit=True)
+        except psycopg.Error as e:
+            raise ICDError(f"cannot connect to pool {_redact(url)}: {e}") from e
+        with self._db.transaction():
+            # one schema creator at a time: concurrent CREATE ... IF NOT EXISTS can still collide
+            self._db.execute("SELECT pg_advisory_xact_lock(7414221)")
+            self._db.execute(_SCHEMA)
+            self._db.execute(
+                "INSERT INTO icd_ledger (name, max_calls) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
+                "SET max_calls = COALESCE(EXCLUDED.max_calls, icd_ledger.max_calls)",
+                (ledger, max_calls),
+            )
+        self._listen.execute(f"LISTEN {CHANNEL}")
+        self._demos: dict[int, Demo] = {}
+        self._index = _Index(Path(index_dir) if index_dir is not None else None, index)
+        self._load()
+
+    # ------------------------------------------------------------------ sync
+    def _load(self) -> None:
+        by_key: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        vecs: dict[int, Embeddings] = {}
+        for demo_id, key, blob in self._db.execute(
+            "SELECT e.demo_id, e.key, e.vec FROM icd_embeddings e JOIN icd_annotations a ON a.id = e.demo_id "
+            "WHERE a.in_pool ORDER BY e.demo_id"
+        ):
+            v = np.frombuffer(blob, dtype=np.float32).copy()
+            vecs.setdefault(demo_id, {})[key] = v
+            ids_k, rows_k = by_key.setdefault(key, ([], []))
+            ids_k.append(demo_id)
+            rows_k.append(v)
+        for key, (ids_k, rows_k) in by_key.items():
+            self._index.load(key, ids_k, np.stack(rows_k))
+        for row in self._db.execute(f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"):
+            self._demos[row[0]] = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
+
+    def refresh(self) -> int:
+        """Apply the other workers' committed changes (new demos, evictions). Returns how many."""
+        added: list[int] = []
+        removed: list[int] = []
+        for note in self._listen.notifies(timeout=0):
+            for part in note.payload.split(","):
+                if part.startswith("-"):
+                    removed.append(int(part[1:]))
+                elif part:
+                    added.append(int(part))
+        for demo_id in removed:
+            if self._demos.pop(demo_id, None) is not None:
+                self._index.remove(demo_id)
+        fresh = sorted(i for i in set(added) if i not in self._demos and i not in removed)
+        if fresh:
+            vecs: dict[int, Embeddings] = {}
+            for demo_id, key, blob in self._db.execute(
+                "SELECT demo_id, key, vec FROM icd_embeddings WHERE demo_id = ANY(%s)", (fresh,)
+            ):
+                vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
+            for row in self._db.execute(
+                f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE id = ANY(%s) AND in_pool ORDER BY id", (fresh,)
+            ):
+                demo = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
+                self._demos[demo.id] = demo
+                self._index.add(demo.id, demo.embeddings)
+        return len(fresh) + len(removed)
+
+    # ------------------------------------------------------------------ reading (the Pool protocol)
+    def __len__(self) -> int:
+        self.refresh()
+        return len(self._demos)
+
+    def demos(self) -> list[Demo]:
+        self.refresh()
+        return list(self._demos.values())
+
+    def get(self, demo_id: int) -> Demo:
+        return self._demos[demo_id]
+
+    def vectors(self, key: str) -> tuple[list[int], np.ndarray]:
+        self.refresh()
+        return self._index.get(key)
+
+    def search(
+        self,
+        key: str,
+        vector: np.ndarray,
+        k: int,
+        candidates: list[int] | np.ndarray | None = None,
+        keep_ties: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        self.refresh()
+        return self._index.search(key, vector, k, candidates, keep_ties)
+
+    def index_status(self) -> dict[str, str]:
+        return dict(self._index.opened)
+
+    def answers(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.demos():
+            out[d.answer] = out.get(d.answer, 0) + 1
+        return out
+
+    def annotation_for(self, query_id: str) -> Annotation | None:
+        row = self._db.execute(
+            "SELECT answer, samples, votes, agreement, accepted, teacher, usage, seconds FROM icd_annotations "
+            "WHERE query_id = %s",
+            (query_id,),
+        ).fetchone()
+        return _annotation(row) if row is not None else None
+
+    def demo_like(self, query: Query) -> Demo | None:
+        if query.image is None:
+            return None
+        row = self._db.execute(
+            "SELECT id FROM icd_annotations WHERE in_pool AND image_digest = %s AND prompt = %s AND query_id != %s",
+            (image_digest(query.image), query.prompt, query.id),
+        ).fetchone()
+        if row is None:
+            return None
+        self.refresh()
+        return self._demos.get(row[0])
+
+    def stats(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT status, COUNT(*) FROM icd_annotations GROUP BY status").fetchall()
+        out = {k: 0 for k in ("added", "rejected", "duplicate", "evicted")}
+        out.update({k: int(v) for k, v in rows})
+        out["pool_size"] = len(self)
+        return out
+
+    def ledger_state(self) -> dict[str, Any]:
+        row = self._db.execute(
+            "SELECT calls, cost_usd, max_calls FROM icd_ledger WHERE name = %s", (self.ledger,)
+        ).fetchone()
+        return {"calls": int(row[0]), "cost_usd": float(row[1]), "max_calls": row[2]}
+
+    # ------------------------------------------------------------------ buying a label
+    def claim(self, query: Query) -> ClaimResult:
+        """Before calling the teacher: "claimed" (go ahead, one call charged to the global ledger),
+        "pooled" (another worker's demo of this image+prompt exists: reuse it), "busy" (another
+        worker is buying it now), "budget" (the ledger's cap is reached)."""
+        if query.image is None:
+            return "claimed" if self._charge() else "budget"
+        digest = image_digest(query.image)
+        now = time.time()
+        with self._db.transaction():
+            pooled = self._db.execute(
+                "SELECT 1 FROM icd_annotations WHERE in_pool AND image_digest = %s AND prompt = %s",
+                (digest, query.prompt),
+            ).fetchone()
+            if pooled is not None:
+                return "pooled"
+            got = self._db.execute(
+                "INSERT INTO icd_claims (image_digest, prompt, query_id, worker, expires) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (image_digest, prompt) DO UPDATE SET query_id = EXCLUDED.query_id, "
+                "worker = EXCLUDED.worker, expires = EXCLUDED.expires "
+                "WHERE icd_claims.expires < %s OR icd_claims.worker = EXCLUDED.worker RETURNING 1",
+                (digest, query.prompt, query.id, self.worker, now + self.lease_s, now),
+            ).fetchone()
+            if got is None:
+                return "busy"
+            if not self._charge():
+                self._db.execute(
+                    "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s", (digest, query.prompt)
+                )
+                return "budget"
+        return "claimed"
+
+    def _charge(self) -> bool:
+        row = self._db.execute(
+            "UPDATE icd_ledger SET calls = calls + 1 WHERE name = %s AND (max_calls IS NULL OR calls < max_calls) "
+            "RETURNING calls",
+            (self.ledger,),
+        ).fetchone()
+        return row is not None
+
+    def release(self, query: Query) -> None:
+        """Give a claim back without a demo (the teacher failed): another worker may buy it."""
+        if query.image is None:
+            return
+        self._db.execute(
+            "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s AND worker = %s",
+            (image_digest(query.image), query.prompt, self.worker),
+        )
+
+    # ------------------------------------------------------------------ writing
+    def add(self, query: Query, annotation: Annotation, embeddings: Embeddings) -> tuple[Demo | None, AddStatus]:
+        """Store an annotation (always) and pool it (when accepted and new), release the claim and
+        announce it: one transaction, so a killed worker leaves all of it or none."""
+        errors = self._psycopg.errors
+        digest = image_digest(query.image) if query.image is not None else None
+        status: AddStatus = "added" if annotation.accepted else "rejected"
+        for _attempt in range(2):
+            try:
+                with self._db.transaction():
+                    done = self._add_once(query, annotation, embeddings, digest, status)
+            except errors.UniqueViolation as e:
+                if "query_id" in str(e):
+                    break
+                status = "duplicate"  # a twin was pooled by another worker between our check and insert
+                continue
+            except self._psycopg.Error as e:
+                raise ICDError(f"could not write to pool {_redact(self.url)}: {e}") from e
+            if isinstance(done, tuple):
+                return done
+            # committed: our copy follows (the notification reaches the other workers)
+            demo_id, in_pool, evicted, status = done.demo_id, done.in_pool, done.evicted, done.status
+            return self._apply_own(query, annotation, embeddings, demo_id, in_pool, evicted), status
+        existing = self._db.execute("SELECT id FROM icd_annotations WHERE query_id = %s", (query.id,)).fetchone()
+        self.refresh()
+        return (self._demos.get(existing[0]) if existing else None), "exists"
+
+    def _add_once(
+        self, query: Query, annotation: Annotation, embeddings: Embeddings, digest: str | None, status: AddStatus
+    ) -> tuple[Demo | None, AddStatus] | _Written:
+        existing = self._db.execute("SELECT id FROM icd_annotations WHERE query_id = %s", (query.id,)).fetchone()
+        if existing is not None:
+            self.refresh()
+            return self._demos.get(existing[0]), "exists"
+        if status == "added" and digest is not None:
+            dup = self._db.execute(
+                "SELECT id FROM icd_annotations WHERE in_pool AND image_digest = %s AND prompt = %s",
+                (digest, query.prompt),
+            ).fetchone()
+            if dup is not None:
+                status = "duplicate"
+        in_pool = status == "added"
+        u = annotation.usage
+        demo_id = self._db.execute(
+            "INSERT INTO icd_annotations (query_id, position, image_png, image_ref, image_digest, prompt, options, "
+            "answer, accepted, in_pool, status, teacher, samples, votes, agreement, usage, seconds, created, worker) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (
+                query.id,
+                query.position,
+                image_to_png(query.image) if query.image is not None else None,
+                query.image_ref,
+                digest,
+                query.prompt,
+                json.dumps(list(query.options)) if query.options else None,
+                annotation.answer,
+                annotation.accepted,
+                in_pool,
+                status,
+                annotation.teacher,
+                json.dumps(annotation.samples),
+                json.dumps(annotation.votes),
+                annotation.agreement,
+                json.dumps(
+                    {
+                        "calls": u.calls,
+                        "prompt_tokens": u.prompt_tokens,
+                        "completion_tokens": u.completion_tokens,
+                        "cost_usd": u.cost_usd,
+                        "faults": u.faults,
+                        "cached": u.cached,
+                    }
+                ),
+                annotation.seconds,
+                time.time(),
+                self.worker,
+            ),
+        ).fetchone()[0]
+        if u.cost_usd:
+            self._db.execute(
+                "UPDATE icd_ledger SET cost_usd = cost_usd + %s WHERE name = %s", (u.cost_usd, self.ledger)
+            )
+        evicted: list[int] = []
+        if in_pool:
+            with self._db.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO icd_embeddings (demo_id, key, vec) VALUES (%s, %s, %s)",
+                    [(demo_id, k, _unit(v).tobytes()) for k, v in embeddings.items()],
+                )
+            evicted = self._evict_for_one_more(demo_id)
+        if digest is not None:
+            self._db.execute(
+                "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s", (digest, query.prompt)
+            )
+        payload = ",".join([str(demo_id)] * in_pool + [f"-{i}" for i in evicted])
+        if payload:
+            self._db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+        return _Written(int(demo_id), in_pool, evicted, status)
+
+    def _apply_own(
+        self,
+        query: Query,
+        annotation: Annotation,
+        embeddings: Embeddings,
+        demo_id: int,
+        in_pool: bool,
+        evicted: list[int],
+    ) -> Demo | None:
+        for old in evicted:
+            if self._demos.pop(old, None) is not None:
+                self._index.remove(old)
+        if not in_pool:
+            return None
+        demo = Demo(
+            id=demo_id,
+            query_id=query.id,
+            image=query.image,
+            prompt=query.prompt,
+            answer=annotation.answer,
+            embeddings={k: _unit(v) for k, v in embeddings.items()},
+            provenance={
+                "teacher": annotation.teacher,
+                "votes": annotation.votes,
+                "agreement": annotation.agreement,
+                "position": query.position,
+                "image_ref": query.image_ref,
+                "options": list(query.options) if query.options else None,
+            },
+        )
+        self._demos[demo_id] = demo
+        self._index.add(demo_id, demo.embeddings)
+        return demo
+
+    def _evict_for_one_more(self, new_id: int) -> list[int]:
+        if self.max_size is None:
+            return []
+        # one evictor at a time across workers, so two do not both evict for the same slot
+        self._db.execute("SELECT pg_advisory_xact_lock(7414222)")
+        n = self._db.execute("SELECT COUNT(*) FROM icd_annotations WHERE in_pool").fetchone()[0]
+        if n <= self.max_size:
+            return []
+        rows = self._db.execute(
+            "UPDATE icd_annotations SET in_pool = false, status = 'evicted' WHERE id IN "
+            "(SELECT id FROM icd_annotations WHERE in_pool AND id <> %s ORDER BY id LIMIT %s) RETURNING id",
+            (new_id, n - self.max_size),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def close(self) -> None:
+        self._index.save()
+        self._db.close()
+        self._listen.close()
+
+    def __enter__(self) -> PostgresPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class _Written:
+    demo_id: int
+    in_pool: bool
+    evicted: list[int]
+    status: AddStatus
+
+
+def _plain(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """psycopg returns BYTEA as memoryview/bytes; the demo builder wants bytes."""
+    return tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+
+
+def _annotation(row: tuple[Any, ...]) -> Annotation:
+    answer, samples, votes, agreement, accepted, teacher, usage, seconds = row
+    return Annotation(
+        answer=answer,
+        samples=json.loads(samples or "[]"),
+        votes=json.loads(votes or "{}"),
+        agreement=agreement or 0.0,
+        accepted=bool(accepted),
+        teacher=teacher or "",
+        usage=Usage(**json.loads(usage or "{}")),
+        seconds=seconds or 0.0,
+    )
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for error messages."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    cred, host = rest.rsplit("@", 1)
+    return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}" if ":" in cred else url
+
+
+class ClaimingAnnotator:
+    """Wraps an annotator (``TestTimeScaling``) so that workers sharing a ``PostgresPool`` buy each
+    image+prompt once, within one global budget.
+
+    ``annotate`` claims the item first. Claimed: the teacher is called (a failure releases the claim).
+    Already pooled, or bought by another worker meanwhile (waits up to the claim lease): that demo's
+    answer is returned at no cost, and the pool stores this query's copy as a duplicate. Ledger cap
+    reached: ``TeacherError``, as when the teacher cannot answer.
+    """
+
+    def __init__(self, inner: Any, pool: PostgresPool, poll_s: float = 0.05) -> None:
+        self.inner = inner
+        self.pool = pool
+        self.poll_s = poll_s
+
+    def annotate(self, query: Query) -> Annotation:
+        from icdistill.types import TeacherError
+
+        deadline = time.monotonic() + self.pool.lease_s + 1.0
+        while True:
+            state = self.pool.claim(query)
+            if state == "claimed":
+                try:
+                    return self.inner.annotate(query)
+                except BaseException:
+                    self.pool.release(query)
+                    raise
+            if state == "budget":
+                raise TeacherError("the shared pool's teacher budget is spent (ledger cap reached)")
+            if state == "pooled":
+                twin = self.pool.demo_like(query)
+                if twin is not None:
+                    return _reused(twin)
+            if time.monotonic() > deadline:
+                raise TeacherError("another worker holds the claim on this image and prompt; gave up waiting")
+            time.sleep(self.poll_s)
+
+
+def _reused(demo: Demo) -> Annotation:
+    votes = demo.provenance.get("votes") or {demo.answer: 1}
+    return Annotation(
+        answer=demo.answer,
+        samples=[demo.answer],
+        votes=votes,
+        agreement=float(demo.provenance.get("agreement") or 1.0),
+        accepted=True,
+        teacher=f"{demo.provenance.get('teacher') or ''} (demo {demo.id}, bought by another worker)",
+        usage=Usage(),
+    )

@@ -1,0 +1,225 @@
+"""The shared PostgreSQL pool against a real server (a throwaway Debian PostgreSQL cluster)."""
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
+from icdistill.types import ANSWER, IMAGE, Annotation, ICDError, Query, TeacherError, Usage
+
+pytest.importorskip("psycopg")
+from pg_cluster import fresh_database, throwaway_cluster  # noqa: E402
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with throwaway_cluster() as url:
+        yield url
+
+
+@pytest.fixture()
+def url(cluster):
+    return fresh_database(cluster, f"icd_test_{os.getpid()}_{next(_counter)}")
+
+
+def item(i: int, qid: str | None = None) -> Query:
+    img = Image.new("RGB", (6, 6), (i % 256, (i // 256) % 256, 9))
+    return Query(id=qid or f"q{i}", image=img, prompt="what?", options=("a", "b"), label="a", position=i)
+
+
+def ann(answer="a", accepted=True, cost=0.0) -> Annotation:
+    return Annotation(
+        answer=answer,
+        samples=[answer],
+        votes={answer: 1},
+        agreement=1.0,
+        accepted=accepted,
+        teacher="t",
+        usage=Usage(calls=1, cost_usd=cost),
+    )
+
+
+def emb(i: int) -> dict:
+    rng = np.random.default_rng(i)
+    return {IMAGE: rng.standard_normal(8).astype(np.float32), ANSWER: rng.standard_normal(4).astype(np.float32)}
+
+
+def test_url_detection():
+    assert is_postgres_url("postgresql://u@h/db") and is_postgres_url("postgres://h/db")
+    assert not is_postgres_url("runs/pool.sqlite") and not is_postgres_url(None)
+
+
+def test_statuses_roundtrip_and_search(url):
+    with PostgresPool(url) as pool:
+        for i in range(5):
+            demo, status = pool.add(item(i), ann("b" if i % 2 else "a", cost=0.01), emb(i))
+            assert status == "added" and demo is not None
+        assert pool.add(item(9), ann(accepted=False), emb(9))[1] == "rejected"
+        assert pool.add(item(1, qid="twin"), ann(), emb(1))[1] == "duplicate"
+        assert pool.add(item(2), ann(), emb(2))[1] == "exists"
+        got, _ = pool.search(IMAGE, emb(3)[IMAGE], 1)
+        assert [pool.get(i).query_id for i in got.tolist()] == ["q3"]
+        assert pool.stats() == {"added": 5, "rejected": 1, "duplicate": 1, "evicted": 0, "pool_size": 5}
+        assert pool.ledger_state()["cost_usd"] == pytest.approx(0.05)
+    with PostgresPool(url) as pool:
+        assert len(pool) == 5 and pool.answers() == {"a": 3, "b": 2}
+        d = pool.demos()[1]
+        assert d.answer == "b" and d.image.size == (6, 6) and d.provenance["options"] == ["a", "b"]
+        stored = pool.annotation_for("q9")
+        assert stored is not None and not stored.accepted
+        assert pool.demo_like(item(3, qid="other")).query_id == "q3"
+
+
+def test_another_workers_demo_is_seen_within_a_second(url):
+    with PostgresPool(url) as a, PostgresPool(url) as b:
+        assert len(b) == 0
+        a.add(item(1), ann(), emb(1))
+        deadline = time.monotonic() + 1.0
+        while len(b) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(b) == 1
+        assert b.search(IMAGE, emb(1)[IMAGE], 1)[0].size == 1
+
+
+def test_claims_buy_once_and_expire(url):
+    with PostgresPool(url, lease_s=0.3) as a, PostgresPool(url, lease_s=0.3) as b:
+        assert a.claim(item(1)) == "claimed"
+        assert b.claim(item(1, qid="b1")) == "busy"
+        a.add(item(1), ann(), emb(1))  # releases the claim in the same transaction
+        assert b.claim(item(1, qid="b1")) == "pooled"
+        assert a.claim(item(2)) == "claimed"  # and then a dies mid-call: its claim expires
+        time.sleep(0.4)
+        assert b.claim(item(2, qid="b2")) == "claimed"
+        b.release(item(2, qid="b2"))
+        assert a.claim(item(2)) == "claimed"
+        assert a.ledger_state()["calls"] == 4
+
+
+def test_global_budget_across_workers(url):
+    with PostgresPool(url, max_calls=3) as a, PostgresPool(url) as b:
+        results = [p.claim(item(i)) for i, p in zip(range(6), itertools.cycle([a, b]), strict=False)]
+        assert results.count("claimed") == 3 and results.count("budget") == 3
+        assert b.ledger_state() == {"calls": 3, "cost_usd": 0.0, "max_calls": 3}
+
+
+def test_eviction_is_shared(url):
+    with PostgresPool(url, max_size=3) as a, PostgresPool(url, max_size=3) as b:
+        for i in range(4):
+            a.add(item(i), ann(), emb(i))
+        for i in range(4, 6):
+            b.add(item(i), ann(), emb(i))
+        deadline = time.monotonic() + 1.0
+        while sorted(d.query_id for d in a.demos()) != ["q3", "q4", "q5"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(d.query_id for d in a.demos()) == ["q3", "q4", "q5"]
+        assert sorted(d.query_id for d in b.demos()) == ["q3", "q4", "q5"]
+        assert set(a.search(IMAGE, emb(0)[IMAGE], 10)[0].tolist()) == {d.id for d in a.demos()}
+
+
+class SlowTeacher:
+    def __init__(self):
+        self.calls = 0
+
+    def annotate(self, query):
+        self.calls += 1
+        time.sleep(0.05)
+        return ann("a")
+
+
+def test_claiming_annotator_reuses_another_workers_label(url):
+    with PostgresPool(url) as a, PostgresPool(url, max_calls=2) as b:  # a global cap: a buys one
+        ta, tb = SlowTeacher(), SlowTeacher()
+        first = ClaimingAnnotator(ta, a).annotate(item(1))
+        a.add(item(1), first, emb(1))
+        again = ClaimingAnnotator(tb, b).annotate(item(1, qid="b1"))
+        assert tb.calls == 0 and again.answer == "a" and again.usage.calls == 0
+        assert b.add(item(1, qid="b1"), again, emb(1))[1] == "duplicate"
+        ClaimingAnnotator(tb, b).annotate(item(2))  # the second and last call of the budget
+        with pytest.raises(TeacherError, match="budget"):
+            ClaimingAnnotator(tb, b).annotate(item(3))
+
+
+def test_unreachable_server_clear_error():
+    with pytest.raises(ICDError, match="cannot connect") as e:
+        PostgresPool("postgresql://postgres:secret@127.0.0.1:1/none?connect_timeout=2")
+    assert "secret" not in str(e.value)
+
+
+WORKER = textwrap.dedent(
+    """
+    import random, sys, time
+    sys.path.insert(0, {tests!r})
+    from test_pool_pg import item, emb, SlowTeacher
+    from icdistill.pool_pg import PostgresPool, ClaimingAnnotator
+    from icdistill.types import TeacherError
+    name, seed = sys.argv[1], int(sys.argv[2])
+    pool = PostgresPool({url!r}, lease_s=1.0, worker=name)
+    annotator = ClaimingAnnotator(SlowTeacher(), pool)
+    order = list(range({n}))
+    random.Random(seed).shuffle(order)
+    for i in order:
+        q = item(i, qid=f"{{name}}-{{i}}")
+        if pool.demo_like(q) is not None:
+            continue
+        a = annotator.annotate(q)
+        pool.add(q, a, emb(i))
+    pool.close()
+    """
+)
+
+
+def test_workers_killed_mid_call_lose_nothing_and_buy_nothing_twice(url, tmp_path):
+    n = 40
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent), url=url, n=n))
+    PostgresPool(url).close()  # the schema, before anyone polls it
+    start = lambda name, seed: subprocess.Popen([sys.executable, str(script), name, str(seed)])  # noqa: E731
+    workers = [start(f"w{k}", k) for k in range(3)]
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        killed = 0
+        deadline = time.monotonic() + 120
+        # SIGKILL two workers at moments when they are most likely inside a teacher call
+        while killed < 2 and time.monotonic() < deadline:
+            done = conn.execute("SELECT COUNT(*) FROM icd_annotations").fetchone()[0]
+            if done >= 8 * (killed + 1):
+                time.sleep(0.02)
+                workers[killed].send_signal(signal.SIGKILL)
+                workers[killed].wait()
+                killed += 1
+            time.sleep(0.01)
+        assert killed == 2
+        workers.append(start("w-restarted", 99))  # a replacement picks up where the killed left off
+        for w in workers[2:]:
+            assert w.wait(timeout=180) == 0
+        rows = conn.execute(
+            "SELECT image_digest, prompt, status, in_pool FROM icd_annotations ORDER BY id"
+        ).fetchall()
+        pooled = [r for r in rows if r[3]]
+        assert len(pooled) == n and len({(r[0], r[1]) for r in pooled}) == n  # every item once
+        assert all(r[2] in ("added", "duplicate") for r in rows)
+        orphans = conn.execute(
+            "SELECT COUNT(*) FROM icd_embeddings e JOIN icd_annotations a ON a.id = e.demo_id WHERE NOT a.in_pool"
+        ).fetchone()[0]
+        assert orphans == 0
+        calls = conn.execute("SELECT calls FROM icd_ledger").fetchone()[0]
+        # every item bought once, plus at most the one call each killed worker had in flight
+        assert n <= calls <= n + killed
+        leftover = conn.execute("SELECT COUNT(*) FROM icd_claims").fetchone()[0]
+        assert leftover <= killed  # only claims of the killed calls, expiring on their lease
+    with PostgresPool(url) as pool:
+        assert len(pool) == n
+        assert json.dumps(pool.stats())  # readable after the kills
