@@ -118,7 +118,16 @@ def test_resume_after_sigkill_matches_an_uninterrupted_eval(tmp_path):
     assert not (killed / "report.md").exists()
     subprocess.run([sys.executable, str(WORKER), str(data), str(killed), "resume", "0"], check=True, env=env)
     a, b = _rows(clean / "results.csv"), _rows(killed / "results.csv")
-    keep = ("method", "budget", "seed", "n", "accuracy", "teacher_calls", "demonstration_accuracy", "pool_size")
+    keep = (
+        "method",
+        "budget",
+        "seed",
+        "n",
+        "accuracy",
+        "teacher_calls",
+        "demonstration_accuracy",
+        "pool_size",
+    )
     assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b]
     for cell in clean.glob("cells/*/*/*"):
         other = killed / cell.relative_to(clean)

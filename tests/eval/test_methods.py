@@ -37,9 +37,13 @@ def test_run_config_of_each_method():
     assert (zs.gate, zs.shots, zs.budget) == ("never", 0, base.budget)
     knn = METHODS["knn-pool"].run_config(base, parse_method("knn-pool:shots=5"), 0.05, 0)
     assert (knn.shots, knn.uncertainty, knn.gate) == (5, "margin", "budget")
-    assert METHODS["icd-random-gate"].run_config(base, parse_method("icd-random-gate"), 0.05, 0).gate == "random"
+    assert (
+        METHODS["icd-random-gate"].run_config(base, parse_method("icd-random-gate"), 0.05, 0).gate == "random"
+    )
     assert METHODS["icd-forward"].run_config(base, parse_method("icd-forward"), 0.05, 0).answer == "forward"
-    oracle = METHODS["oracle-icl"].run_config(base.__class__(teacher="openai:gpt-4o"), parse_method("oracle-icl"), None, 0)
+    oracle = METHODS["oracle-icl"].run_config(
+        base.__class__(teacher="openai:gpt-4o"), parse_method("oracle-icl"), None, 0
+    )
     assert oracle.teacher == "reference" and oracle.gate == "always"
     with pytest.raises(ICDError, match="not a valid"):
         METHODS["icd"].run_config(base, parse_method("icd:shots=two"), 0.1, 0)

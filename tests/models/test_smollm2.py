@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -173,7 +174,8 @@ def test_in_context_demos_move_the_answer(lm):
         image_digest(images["c"]): [("sandal", 0.90)],
         image_digest(images["q"]): [("sandal", 0.88)],
     }
-    student = SmolLM2Student(FakeTagger(table), lm=lm)
+    # the LM itself: no calibration history, no vote of the demos
+    student = SmolLM2Student(FakeTagger(table), lm=lm, calibrate=False, mix=0.0)
     q = Query(id="q", image=images["q"], prompt=QUESTION, options=("Sandal", "Pullover"))
 
     def margin(answers: dict[str, str]) -> float:
@@ -186,8 +188,91 @@ def test_in_context_demos_move_the_answer(lm):
         return p.option_scores["Sandal"] - p.option_scores["Pullover"]
 
     assert "Image: sandal 88%" in student.prompt_for(q, [])
+    assert "Options: Sandal, Pullover" in student.prompt_for(q, [])  # zero-shot shows the options
     right = margin({"a": "Sandal", "b": "Pullover", "c": "Sandal"})
     assert right > 0
     # demos that label the tags the other way round pull the answer towards Pullover
     swapped = margin({"a": "Pullover", "b": "Sandal", "c": "Pullover"})
     assert swapped < right
+
+
+# ---- calibration, the demos' vote and the zero-shot prompt (no model) ----
+
+
+def test_online_calibration_subtracts_the_mean_of_earlier_queries():
+    cal = smollm2.OnlineCalibration()
+    first = np.log(np.array([0.7, 0.2, 0.1]))
+    assert np.allclose(cal(("a", "b", "c"), True, first), first)  # nothing to calibrate against yet
+    second = np.log(np.array([0.6, 0.3, 0.1]))
+    assert np.allclose(cal(("a", "b", "c"), True, second), second - first)
+    third = np.log(np.array([0.5, 0.4, 0.1]))
+    assert np.allclose(cal(("a", "b", "c"), True, third), third - (first + second) / 2)
+    # another option set or prompt kind keeps its own mean
+    assert np.allclose(cal(("a", "b", "c"), False, third), third)
+    assert np.allclose(cal(("x", "y", "z"), True, third), third)
+
+
+def test_demo_vote_by_hand():
+    votes = smollm2.demo_vote(
+        np.array([2.0, 0.0]), [np.array([1.0, 0.0]), np.array([0.0, 3.0])], ["a", "b"], 0.5
+    )
+    w_b = math.exp(-2.0) / (1 + math.exp(-2.0))  # cosines 1 and 0
+    assert votes["b"] == pytest.approx(w_b) and votes["a"] == pytest.approx(1 - w_b)
+
+
+class _FeatureTags:
+    def __init__(self, features):
+        self.features = features
+
+    def describe(self, k: int = 5) -> str:
+        return "thing 50%"
+
+
+class _FeatureTagger:
+    """Tags whose features are the image's mean colour."""
+
+    def tag(self, image):
+        return _FeatureTags(np.asarray(image, dtype=np.float32).reshape(-1, 3).mean(0))
+
+
+def test_mix_is_a_product_of_the_lm_and_the_vote():
+    red, blue = Image.new("RGB", (4, 4), (250, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 250))
+    q = Query(id="q", image=red, prompt="colour?", options=("red", "blue", "green"))
+    demos = [
+        Demo(id=1, query_id="d1", image=blue, prompt="colour?", answer="blue"),
+        Demo(id=2, query_id="d2", image=red, prompt="colour?", answer="red"),
+    ]
+    lm_scores = [math.log(0.2), math.log(0.5), math.log(0.3)]
+    lm_logp = np.log(np.array([0.2, 0.5, 0.3]))
+    alone = SmolLM2Student(_FeatureTagger(), calibrate=False, mix=0.0)._combine(
+        q, demos, q.options, lm_scores
+    )
+    assert np.allclose(alone, lm_logp)
+    mixed = SmolLM2Student(_FeatureTagger(), calibrate=False, mix=0.5)._combine(
+        q, demos, q.options, lm_scores
+    )
+    vote = smollm2.demo_vote(
+        np.array([250.0, 0, 0]), [np.array([0, 0, 250.0]), np.array([250.0, 0, 0])], ["blue", "red"], 0.05
+    )
+    expect = 0.5 * lm_logp + 0.5 * np.log(np.array([vote["red"], vote["blue"], 0.0]) + 1e-6)
+    assert np.allclose(mixed, expect)
+    assert int(np.argmax(mixed)) == 0  # the vote for the red demo wins over the LM's "blue"
+    # a tagger without features: the LM alone
+    fake = SmolLM2Student(FakeTagger(), calibrate=False, mix=0.5)._combine(q, demos, q.options, lm_scores)
+    assert np.allclose(fake, lm_logp)
+
+
+def test_zero_shot_prompt_styles_and_bad_options():
+    opts = ("T-shirt/top", "Trouser")
+    assert smollm2.zero_shot_prompt("jersey 40%", QUESTION, opts, "plain") == "Image: jersey 40%\nAnswer:"
+    assert f"Question: {QUESTION}\nAnswer:" in smollm2.zero_shot_prompt("j", QUESTION, opts, "question")
+    assert "Options: T-shirt/top, Trouser\nAnswer:" in smollm2.zero_shot_prompt(
+        "j", QUESTION, opts, "options"
+    )
+    assert "Answer with one of: T-shirt/top, Trouser." in smollm2.zero_shot_prompt(
+        "j", QUESTION, opts, "instruction"
+    )
+    with pytest.raises(SpecError, match="zero_shot"):
+        SmolLM2Student(FakeTagger(), zero_shot="loud")
+    with pytest.raises(SpecError, match="mix"):
+        SmolLM2Student(FakeTagger(), mix=1.5)

@@ -109,12 +109,12 @@ class SelfTeacher:
             raise ICDError(f"self-label: no student prediction for query {query.id!r}")
         probs = pred.option_probs()
         if not probs:  # open answers: the student's own answer, n times
-            return TeacherResponse([pred.answer] * n, Usage())
+            return TeacherResponse([pred.answer] * n, Usage(calls=1))
         keys = list(probs)
         p = np.array([probs[k] for k in keys])
         rng = np.random.default_rng([self.seed, query.position])
         draws = rng.choice(len(keys), size=n, p=p / p.sum())
-        return TeacherResponse([keys[i] for i in draws], Usage())
+        return TeacherResponse([keys[i] for i in draws], Usage(calls=1))
 
 
 class MemoStudent:

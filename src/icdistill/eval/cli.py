@@ -35,7 +35,9 @@ def method_help() -> str:
     return "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())
 
 
-def add_eval_args(p: argparse.ArgumentParser, add_run_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_eval_args(
+    p: argparse.ArgumentParser, add_run_args: Callable[[argparse.ArgumentParser], None]
+) -> None:
     g = p.add_argument_group("grid")
     g.add_argument(
         "--methods",

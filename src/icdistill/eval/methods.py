@@ -210,7 +210,13 @@ METHODS: dict[str, Method] = {
             "oracle-icl",
             "ICL with every earlier query's true label in the pool (accuracy of the first pass)",
             uses_budget=False,
-            config={"gate": "always", "answer": "forward", "teacher": "reference", "samples": 1, "agreement": 0.0},
+            config={
+                "gate": "always",
+                "answer": "forward",
+                "teacher": "reference",
+                "samples": 1,
+                "agreement": 0.0,
+            },
             run_options=True,
             accuracy_key="first_pass_accuracy",
         ),
@@ -219,7 +225,10 @@ METHODS: dict[str, Method] = {
             "no teacher: the student's own answers enter the pool when N samples of its distribution agree",
             uses_budget=False,
             config={"gate": "always", "answer": "forward", "samples": 5, "agreement": 0.8},
-            options={"samples": "samples drawn from the student (default 5)", "agreement": "floor (default 0.8)"},
+            options={
+                "samples": "samples drawn from the student (default 5)",
+                "agreement": "floor (default 0.8)",
+            },
             wrap=_self_label,
         ),
         Method(

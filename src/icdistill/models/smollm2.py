@@ -268,6 +268,14 @@ class SmolLM2Student:
     open queries by greedy generation up to the end of the line. The model loads on the first
     ``predict`` (once per instance, thread-safe), unless a loaded ``lm=(model, tokenizer)`` is given
     to share one model between instances.
+
+    Option scores are the LM's log-probabilities over the options, calibrated online
+    (``calibrate``, see ``OnlineCalibration``), then combined with the demos' own vote as a product
+    of experts: ``(1 - mix) * log p_LM + mix * log p_vote``, where the vote weighs each demo's answer
+    by how alike its image is to the query in the tagger's features (``mix_temperature``). The LM
+    reads the images only as tag text; the vote is what its vision encoder sees. ``mix=0`` is the LM
+    alone, ``mix=1`` the vote alone (a k-NN over the shown demos, not a student). BENCHMARKS.md has
+    the measurements behind the defaults.
     """
 
     name = "local:smollm2"
@@ -283,7 +291,7 @@ class SmolLM2Student:
         lm: tuple[Any, Any] | None = None,
         score: str = "mean",
         calibrate: bool = True,
-        mix: float = 0.0,
+        mix: float = 0.5,
         mix_temperature: float = 0.05,
         zero_shot: str = "options",
     ) -> None:
@@ -362,11 +370,10 @@ class SmolLM2Student:
         images = [query.image, *[d.image for d in demos]]
         if self.mix > 0 and demos and all(i is not None for i in images):
             feats = [getattr(self.tagger.tag(i), "features", None) for i in images]  # type: ignore[arg-type]
-            if any(f is None for f in feats):
-                raise SpecError("local:smollm2 mix needs a tagger that gives image features")
-            votes = demo_vote(feats[0], feats[1:], [d.answer for d in demos], self.mix_temperature)
-            vote = np.array([math.log(votes.get(o, 0.0) + 1e-6) for o in options])
-            logp = (1.0 - self.mix) * logp + self.mix * vote
+            if all(f is not None for f in feats):  # a tagger without features: the LM alone answers
+                votes = demo_vote(feats[0], feats[1:], [d.answer for d in demos], self.mix_temperature)
+                vote = np.array([math.log(votes.get(o, 0.0) + 1e-6) for o in options])
+                logp = (1.0 - self.mix) * logp + self.mix * vote
         return logp.tolist()
 
     def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
