@@ -454,7 +454,7 @@ class OpenAIChatModel:
         base_url: str = DEFAULT_BASE_URL,
         *,
         api_key: str | None = None,
-        timeout: float = 60.0,
+        timeout: float | None = None,
         concurrency: int = 4,
         retries: int = 4,
         backoff: float = 1.0,
@@ -463,7 +463,7 @@ class OpenAIChatModel:
         max_tokens: int | None = None,
         token_param: str = "auto",
         use_n: bool = True,
-        deadline: float | None = 180.0,
+        deadline: float | None = None,
         reasoning_effort: str | None = None,
         run_seed: int = 0,
         logprobs: bool = True,
@@ -497,7 +497,8 @@ class OpenAIChatModel:
         self.name = name or (
             f"openai:{model}" if self.base_url == DEFAULT_BASE_URL else f"openai:{model}@{self.base_url}"
         )
-        self.timeout = timeout
+        # reasoning models think before the first byte: minutes, not seconds
+        self.timeout = timeout if timeout is not None else (300.0 if reasoning else 60.0)
         self.concurrency = max(1, concurrency)
         self.retries = max(0, retries)
         self.backoff = backoff
@@ -506,10 +507,11 @@ class OpenAIChatModel:
         self.temperature = None if reasoning and temperature == DEFAULT_TEMPERATURE else temperature
         self.max_tokens = max_tokens if max_tokens is not None else (4096 if reasoning else 128)
         self.use_n = use_n
-        self.deadline = deadline
+        # one request with all its retries; None: three attempts' time, 0: no deadline
+        self.deadline = (3 * self.timeout if deadline is None else deadline) or None
         self.reasoning_effort = reasoning_effort
         self.run_seed = run_seed
-        self.logprobs = logprobs
+        self.logprobs = logprobs and not reasoning  # reasoning models return no logprobs
         self.top_logprobs = min(max(top_logprobs, 0), 20)  # the API's limit
         self.samples = max(1, samples)
         listed = known_price(model)
@@ -655,10 +657,13 @@ class OpenAIChatModel:
             params = self._params(query, self.temperature)
             choices = await self._complete(messages, params, n, usage)
             failed = self._count_failed(choices, usage)
+            if len(failed) == len(choices):
+                raise TeacherError(f"{self.name}: no usable answer among {n}: {failed[0]}")
+        except TeacherError as e:
+            e.usage = usage  # type: ignore[attr-defined]  # what the failed call cost, for the run's accounting
+            raise
         finally:
             self._account(usage)
-        if len(failed) == len(choices):
-            raise TeacherError(f"{self.name}: no usable answer among {n}: {failed[0]}")
         # A failed sample stays in place as an empty answer: it votes for nothing, so it lowers the
         # agreement instead of vanishing, and an empty answer is never pooled.
         answers = ["" if c.get("failed") else c["content"].strip() for c in choices]
@@ -969,7 +974,8 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
     """``openai:<model>[@<base_url>][?api_key_env=..&timeout=..&concurrency=..&retries=..&cache=0|1&...]``.
 
     ``temperature=none`` sends no temperature, ``n=0`` one request per sample, ``deadline=S`` bounds a
-    request with all its retries, ``token_param=max_completion_tokens`` for servers that want it.
+    request with all its retries (default 3 x timeout; 0: none), ``token_param=max_completion_tokens``
+    for servers that want it.
     """
     model, _, base_url = spec.target.partition("@")
     model = model.strip()
@@ -1013,7 +1019,7 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
         model,
         base_url,
         api_key=api_key,
-        timeout=spec.opt("timeout", 60.0, float),
+        timeout=spec.opt("timeout", None, float),
         concurrency=spec.opt("concurrency", 4, int),
         retries=spec.opt("retries", 4, int),
         backoff=spec.opt("backoff", 1.0, float),
@@ -1022,7 +1028,7 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
         max_tokens=spec.opt("max_tokens", None, int),
         token_param=spec.opt("token_param", "auto"),
         use_n=flag("n", True),
-        deadline=spec.opt("deadline", 180.0, optional_float),
+        deadline=spec.opt("deadline", None, optional_float),
         reasoning_effort=spec.opt("reasoning_effort", None),
         run_seed=ctx.seed,
         logprobs=flag("logprobs", True),
