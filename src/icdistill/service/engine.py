@@ -145,6 +145,17 @@ class Engine:
         )
         self.labels = LabelQueue(self.store, cfg.label_lease_s)
         self._restore()
+        self._warm_up(student, embedder)
+
+    @staticmethod
+    def _warm_up(student: Any, embedder: Any) -> None:
+        """Load lazily loaded local models now, so the first request does not pay for it (measured: ~50 s
+        on a loaded 2-core machine). Never calls ``predict``: a student may be a paid API."""
+        load = getattr(student, "lm", None)
+        if callable(load):
+            load()
+        embedder.embed_query(Query(id="warm-up", image=Image.new("RGB", (32, 32)), prompt="warm-up"))
+        embedder.embed_texts(["warm-up"])
 
     def _restore(self) -> None:
         """Replay the gate and the budget from the store, and find the work a crash interrupted."""
