@@ -437,3 +437,32 @@ def test_human_queue_never_hands_one_item_to_two_labellers(tmp_path):
         assert bad.status_code == 422 and "options" in bad.json()["error"]["message"]
         s = c.get("/v1/stats").json()
         assert s["pending_human"] == 3 and s["teacher"] == "human"
+
+
+def test_service_gives_the_same_answers_as_icd_run_on_the_same_stream(tmp_path):
+    """One loop, not two: the same stream through `icd run` and through the service (one client,
+    wait=true) gives the same answers, gate decisions and demos."""
+    import json as _json
+
+    from fakes import FakeEmbedder, FakeStudent
+    from icdistill.data.stream import load_dataset, stream_order
+    from icdistill.runner import Parts, RunConfig, query_stream, run_icd
+    from icdistill.types import image_to_png
+
+    data = colour_folder(tmp_path / "colours", n_per_class=6)
+    loop = {"gate": "budget", "budget": 0.3, "warmup": 3, "shots": 2, "selector": "image", "seed": 0}
+    cfg = RunConfig(student="fake", teacher="fake", embedder="fake", dataset=str(data), n=20, **loop)
+    run_icd(cfg, tmp_path / "run", parts=Parts(FakeStudent(), FakeTeacher(), FakeEmbedder()))
+    offline = [_json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    ds = load_dataset(str(data))
+    stream = list(query_stream(ds, stream_order(len(ds), 20, 0, True)))
+    with running_service(tmp_path / "svc", **loop) as (c, _):
+        online = []
+        for q in stream:
+            body = {"image_b64": b64(image_to_png(q.image)), "prompt": q.prompt, "options": list(q.options)}
+            online.append(c.post("/v1/predict", json={**body, "label": q.label, "wait": True}).json())
+    assert [r["teacher_asked"] for r in online] == [r["teacher_asked"] for r in offline]
+    assert [r["demo_ids"] for r in online] == [r["demo_ids"] for r in offline]
+    assert [r["answer"] for r in online] == [r["answer"] for r in offline]
+    assert [r["student_answer"] for r in online] == [r["first_answer"] for r in offline]
+    assert 0 < sum(r["teacher_asked"] for r in online) < len(online)

@@ -14,6 +14,12 @@ from typing import Any
 from icdistill.types import ICDError
 
 HUMAN = "human"
+# the options `icd serve` shares with `icd run` (by name; RunConfig has others, e.g. its own `pool`)
+LOOP_FIELDS = (
+    "student", "teacher", "embedder", "shots", "selector", "k_tt", "k_it", "demo_order", "pool_max", "gate",
+    "budget", "delta", "warmup", "max_calls", "max_cost_usd", "uncertainty", "samples", "agreement", "answer",
+    "seed",
+)  # fmt: skip
 MiB = 1024 * 1024
 
 
@@ -88,7 +94,7 @@ class ServeConfig:
         from icdistill.runner import RunConfig
 
         names = {f.name for f in fields(RunConfig)}
-        loop = {f.name: getattr(self, f.name) for f in fields(self) if f.name in names}
+        loop = {name: getattr(self, name) for name in LOOP_FIELDS if name in names}
         if self.human_teacher:
             loop["teacher"] = "reference"  # RunConfig knows registry specs only; the person is ours
         return RunConfig(**loop)
