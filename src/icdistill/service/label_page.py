@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -76,11 +77,7 @@ def label_router(engine: Engine, auth: Auth) -> APIRouter:
 
     def session_or_login(request: Request) -> str | Response:
         sid = auth.session(request)
-        if sid is None:
-            if auth.api_key is None:
-                return RedirectResponse("/login", status_code=303)
-            return RedirectResponse("/login", status_code=303)
-        return sid
+        return RedirectResponse("/login", status_code=303) if sid is None else sid
 
     @r.get("/login")
     async def login_page() -> Response:
@@ -145,11 +142,7 @@ def label_router(engine: Engine, auth: Auth) -> APIRouter:
         try:
             row = await engine.submit_label(query_id, label, sid)
         except ServiceError as err:
-            from urllib.parse import urlencode
-
             return RedirectResponse("/label?" + urlencode({"error": err.message}), status_code=303)
-        from urllib.parse import urlencode
-
         return RedirectResponse("/label?" + urlencode({"done": row["teacher_answer"] or ""}), status_code=303)
 
     return r
