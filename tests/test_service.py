@@ -466,3 +466,39 @@ def test_service_gives_the_same_answers_as_icd_run_on_the_same_stream(tmp_path):
     assert [r["answer"] for r in online] == [r["answer"] for r in offline]
     assert [r["student_answer"] for r in online] == [r["first_answer"] for r in offline]
     assert 0 < sum(r["teacher_asked"] for r in online) < len(online)
+
+
+def test_models_never_run_on_the_event_loop_thread(tmp_path):
+    import threading as _threading
+
+    from fakes import FakeStudent
+
+    class ThreadRecorder(FakeStudent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.threads: set[str] = set()
+
+        def predict(self, query, demos):
+            self.threads.add(_threading.current_thread().name)
+            return super().predict(query, demos)
+
+    class TeacherThreads(FakeTeacher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.threads: set[str] = set()
+
+        def sample(self, query, n):
+            self.threads.add(_threading.current_thread().name)
+            return super().sample(query, n)
+
+    student, teacher = ThreadRecorder(), TeacherThreads()
+    with running_service(tmp_path, student=student, teacher=teacher) as (c, _):
+        for i in range(4):
+            assert (
+                c.post(
+                    "/v1/predict", json=query_json(OPTIONS[i], seed=i, label=OPTIONS[i], wait=True)
+                ).status_code
+                == 200
+            )
+    assert student.threads and all(t.startswith("icd-loop") for t in student.threads)
+    assert teacher.threads and all(t.startswith("icd-teacher") for t in teacher.threads)
