@@ -199,8 +199,8 @@ def test_main_resolves_spec_and_runs_uvicorn(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(
         uvicorn, "run", lambda app, host, port, **kw: calls.update(app=app, host=host, port=port)
     )
-    serve_model.main("fake:x", port=8123, faults="500,garbage")
-    assert calls["spec"] == "fake:x" and calls["host"] == "127.0.0.1" and calls["port"] == 8123
+    serve_model.main("local:smollm2", port=8123, faults="500,garbage")
+    assert calls["spec"] == "local:smollm2" and calls["host"] == "127.0.0.1" and calls["port"] == 8123
     assert len(calls["app"].state.faults) == 2 and student.calls == 1  # warmed up before serving
 
 
@@ -311,7 +311,9 @@ def test_main_checks_the_port_and_the_key_before_loading(monkeypatch: pytest.Mon
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         with pytest.raises(ICDError, match="cannot serve on 127.0.0.1"):
-            serve_model.main("fake:x", port=busy.getsockname()[1])
+            serve_model.main("local:smollm2", port=busy.getsockname()[1])
+        with pytest.raises(SpecError, match="unknown model spec"):  # the spec is named first
+            serve_model.main("nope:x", port=busy.getsockname()[1])
     with pytest.raises(ICDError, match="API key"):
-        serve_model.main("fake:x", host="0.0.0.0", port=8123)
+        serve_model.main("local:smollm2", host="0.0.0.0", port=8123)
     assert loaded == []  # neither mistake cost a model load

@@ -472,14 +472,16 @@ def main(
     import uvicorn
 
     from icdistill.conformance import sample_queries
-    from icdistill.models.registry import ModelContext, resolve_student
+    from icdistill.models.registry import ModelContext, check_spec, resolve_student
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if api_key is None and host not in LOOPBACK:
         raise ICDError(
             f"serving on {host} (beyond this machine) needs an API key: pass --api-key or set {API_KEY_ENV}"
         )
-    plan = FaultPlan.parse(faults) if faults else None  # a typo fails before a slow model load
+    # mistakes in the command line fail before a slow model load
+    plan = FaultPlan.parse(faults) if faults else None
+    check_spec(spec, "student")
     check_port(host, port)
     student = resolve_student(spec, ModelContext(seed=seed))
     # Backends load weights lazily; pay that before listening so first clients don't time out.

@@ -147,17 +147,24 @@ _BACKENDS: dict[str, tuple[str, str, tuple[Role, ...], str]] = {
 }
 
 
-def resolve(raw: str, role: Role, ctx: ModelContext | None = None) -> Any:
-    """Build the backend a spec names for ``role``; raise ``SpecError`` with a clear reason otherwise."""
+def check_spec(raw: str, role: Role) -> Spec:
+    """The parsed spec when its scheme exists and can fill ``role`` (cheap: nothing is loaded)."""
     spec = parse_spec(raw)
     if spec.scheme not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS))
         raise SpecError(f"unknown model spec {raw!r}: scheme {spec.scheme!r} is not one of {known}")
-    module_name, func, roles, _ = _BACKENDS[spec.scheme]
+    roles = _BACKENDS[spec.scheme][2]
     if role not in roles:
         raise SpecError(
             f"spec {raw!r} cannot be used as {role} (scheme {spec.scheme!r} serves {', '.join(roles)})"
         )
+    return spec
+
+
+def resolve(raw: str, role: Role, ctx: ModelContext | None = None) -> Any:
+    """Build the backend a spec names for ``role``; raise ``SpecError`` with a clear reason otherwise."""
+    spec = check_spec(raw, role)
+    module_name, func, _, _ = _BACKENDS[spec.scheme]
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
