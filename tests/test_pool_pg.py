@@ -223,3 +223,46 @@ def test_workers_killed_mid_call_lose_nothing_and_buy_nothing_twice(url, tmp_pat
     with PostgresPool(url) as pool:
         assert len(pool) == n
         assert json.dumps(pool.stats())  # readable after the kills
+
+
+class CountingTeacher:
+    name = "counting"
+
+    def __init__(self):
+        from icdistill.models.reference import ReferenceTeacher
+
+        self.inner = ReferenceTeacher()
+        self.calls = 0
+
+    def sample(self, query, n):
+        self.calls += 1
+        return self.inner.sample(query, n)
+
+
+def test_two_runs_share_a_pool_and_buy_each_label_once(url, tmp_path):
+    from fakes import FakeEmbedder, FakeStudent, colour_folder
+    from icdistill.runner import Parts, RunConfig, run_icd
+
+    root = colour_folder(tmp_path / "c", n_per_class=4)
+    teachers = [CountingTeacher(), CountingTeacher()]
+    summaries = []
+    for k, teacher in enumerate(teachers):
+        cfg = RunConfig(dataset=str(root), n=None, gate="always", pool=url, seed=k, max_calls=100)
+        summaries.append(run_icd(cfg, tmp_path / f"run{k}", parts=Parts(FakeStudent(), teacher, FakeEmbedder())))
+    n = summaries[0]["n_queries"]
+    assert n >= 12 and teachers[0].calls == n  # the first worker bought every label of the dataset
+    # the second sees the same images in another order: every label is already in the shared pool
+    assert teachers[1].calls == 0
+    assert summaries[1]["n_queries"] == n and summaries[1]["pool"]["pool_size"] == n
+    assert not (tmp_path / "run0" / "pool.sqlite").exists()
+    with PostgresPool(url) as pool:
+        assert pool.ledger_state()["calls"] == n and len(pool) == n
+
+
+def test_run_refuses_a_password_in_the_pool_url():
+    from icdistill.runner import RunConfig
+
+    with pytest.raises(ICDError, match="PGPASSWORD"):
+        RunConfig(pool="postgresql://u:secret@127.0.0.1/db")
+    with pytest.raises(ICDError, match="postgresql://"):
+        RunConfig(pool="runs/other.sqlite")

@@ -81,6 +81,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos")
     g.add_argument(
+        "--pool",
+        default=d.pool,
+        metavar="postgresql://...",
+        help="share the pool with other workers in PostgreSQL (default: the run's own pool.sqlite)",
+    )
+    g.add_argument(
         "--mix-questions",
         action="store_true",
         help="let a query see demos of other kinds of question (another option set, or open vs options)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
@@ -16,6 +17,7 @@ from icdistill.eval.metrics import summarize
 from icdistill.gate import GATES, UNCERTAINTY, make_gate
 from icdistill.models.registry import ModelContext, resolve_embedder, resolve_student, resolve_teacher
 from icdistill.pool import SQLitePool
+from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
 from icdistill.report import plot_run
 from icdistill.runlog import FolderLock, RunLog, write_json_atomic
 from icdistill.select import SELECTORS, make_selector
@@ -50,6 +52,8 @@ class RunConfig:
     demo_order: str = "best-last"
     max_teacher_failures: int = 10
     pool_max: int | None = None
+    # a PostgreSQL URL shares the pool with other workers (``icdistill.pool_pg``); None: pool.sqlite
+    pool: str | None = None
     seed: int = 0
     shuffle: bool = True
     mix_questions: bool = False
@@ -68,6 +72,8 @@ class RunConfig:
             raise ICDError(f"--warmup must be >= 0, got {self.warmup}")
         if self.pool_max is not None and self.pool_max < 1:
             raise ICDError(f"--pool-max must be >= 1, got {self.pool_max}")
+        if self.pool is not None:
+            check_pool_url(self.pool)
         if self.max_calls is not None and self.max_calls < 0:
             raise ICDError(f"--max-calls must be >= 0, got {self.max_calls}")
         if self.gate in ("budget", "random") and self.pool_max is not None and self.pool_max < self.warmup:
@@ -336,6 +342,22 @@ def check_output_dir(
     return cfg
 
 
+def check_pool_url(url: str) -> None:
+    if not is_postgres_url(url):
+        raise ICDError(f"--pool takes a postgresql:// URL (the default pool is the run's pool.sqlite), got {url!r}")
+    if re.search(r"://[^/@]*:[^/@]*@", url):
+        # the URL is stored in the run's config.json: keep the password out of it
+        raise ICDError("--pool: put the password in PGPASSWORD or ~/.pgpass, not in the URL")
+
+
+def open_pool(cfg: RunConfig, out: Path) -> SQLitePool | PostgresPool:
+    """The run's pool: its own SQLite file, or a PostgreSQL pool shared with other workers (each keeps
+    its index beside its run folder; the global teacher-call cap is ``--max-calls``)."""
+    if cfg.pool is None:
+        return SQLitePool(out / "pool.sqlite", max_size=cfg.pool_max, lock=True)
+    return PostgresPool(cfg.pool, max_size=cfg.pool_max, max_calls=cfg.max_calls, index_dir=out / "pool-index")
+
+
 def run_icd(
     cfg: RunConfig,
     out: str | Path,
@@ -382,12 +404,15 @@ def _run_locked(
         )
     t0 = time.perf_counter()
     with (
-        SQLitePool(out / "pool.sqlite", max_size=cfg.pool_max, lock=True) as pool,
+        open_pool(cfg, out) as pool,
         RunLog(out / "log.jsonl") as log,
     ):
+        annotator: Any = TestTimeScaling(parts.teacher, n=cfg.samples, agreement_floor=cfg.agreement)
+        if isinstance(pool, PostgresPool):  # buy each image+prompt once across the pool's workers
+            annotator = ClaimingAnnotator(annotator, pool)
         distiller = Distiller(
             student=parts.student,
-            annotator=TestTimeScaling(parts.teacher, n=cfg.samples, agreement_floor=cfg.agreement),
+            annotator=annotator,
             embedder=parts.embedder,
             selector=make_selector(
                 cfg.selector, seed=cfg.seed, k_tt=cfg.k_tt, k_it=cfg.k_it, mix_questions=cfg.mix_questions
