@@ -72,7 +72,9 @@ def test_two_labellers_label_the_queue_in_chromium(tmp_path):
                 assert a != b  # two labellers never hold the same item
                 assert page_a.locator("img.q").count() == 1
                 assert "Student's guess" in page_a.content()
-                shot = README_SCREENSHOT if os.environ.get("ICD_UPDATE_SCREENSHOT") else tmp_path / "label.png"
+                shot = (
+                    README_SCREENSHOT if os.environ.get("ICD_UPDATE_SCREENSHOT") else tmp_path / "label.png"
+                )
                 page_a.screenshot(path=str(shot))
                 assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -98,6 +100,11 @@ def test_two_labellers_label_the_queue_in_chromium(tmp_path):
                 page_a.goto(url + "/label")
                 assert "Nothing to label" in page_a.content()
                 cookies = page_a.context.cookies()
+                # the OpenAPI page renders from local assets (chromium runs without network access to CDNs)
+                page_a.goto(url + "/docs")
+                page_a.wait_for_selector(".opblock", timeout=20_000)
+                assert page_a.locator(".opblock").count() >= 8
+                assert "/v1/predict" in page_a.content()
             finally:
                 browser.close()
 

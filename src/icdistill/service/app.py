@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -102,7 +103,8 @@ def create_app(cfg: ServeConfig, parts: Any = None) -> FastAPI:
         finally:
             await engine.aclose()
 
-    app = FastAPI(
+    # FastAPIOffline serves the /docs page's Swagger UI from the package: no CDN, works offline
+    app = FastAPIOffline(
         title="icd serve",
         version="0.1.0",
         description=(
