@@ -264,3 +264,9 @@ def test_bad_spec_value_and_unknown_spec_share_exit_code(tmp_path):
             "run", "--dataset", str(root), "--teacher", spec, "--out", str(tmp_path / spec.replace(":", "_"))
         )
         assert r.returncode == 2 and "Traceback" not in r.stderr, (spec, r.stderr)
+
+
+def test_a_run_that_never_started_leaves_no_folder(tmp_path, with_fakes):
+    out = tmp_path / "o"
+    assert main(["run", "--dataset", str(tmp_path / "missing"), "--out", str(out)]) == 1
+    assert not out.exists()

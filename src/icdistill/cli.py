@@ -187,20 +187,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from icdistill.runner import check_out_path
 
     check_out_path(out)
+    created = not out.exists()
     with lock_run(out) as lock:
         try:
-            cfg, dataset = preflight(cfg, out, args.resume, changes)
-        except ICDError as e:
-            if args.resume and "flags differ" in str(e):
-                raise UsageError(str(e)) from e
-            raise
-        for warning in run_warnings(cfg, dataset):
-            console.print(f"icd: warning: {warning}", style="yellow", markup=False, highlight=False)
-        with console.status("loading models", spinner="dots"):
             try:
-                parts = build_parts(cfg)
-            except ICDError as e:  # an unknown spec or a bad spec value: the command line is wrong
-                raise UsageError(str(e)) from e
+                cfg, dataset = preflight(cfg, out, args.resume, changes)
+            except ICDError as e:
+                if args.resume and "flags differ" in str(e):
+                    raise UsageError(str(e)) from e
+                raise
+            for warning in run_warnings(cfg, dataset):
+                console.print(f"icd: warning: {warning}", style="yellow", markup=False, highlight=False)
+            with console.status("loading models", spinner="dots"):
+                try:
+                    parts = build_parts(cfg)
+                except ICDError as e:  # an unknown spec or a bad spec value: the command line is wrong
+                    raise UsageError(str(e)) from e
+        except BaseException:
+            if created and [p.name for p in out.iterdir()] == ["run.lock"]:
+                # a fresh run that never started leaves no folder behind
+                (out / "run.lock").unlink()
+                out.rmdir()
+            raise
         try:
             with progress_callbacks(console, disabled=args.quiet) as (on_start, on_record):
                 summary = run_icd(
