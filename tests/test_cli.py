@@ -270,3 +270,21 @@ def test_a_run_that_never_started_leaves_no_folder(tmp_path, with_fakes):
     out = tmp_path / "o"
     assert main(["run", "--dataset", str(tmp_path / "missing"), "--out", str(out)]) == 1
     assert not out.exists()
+
+
+def test_resume_with_the_dataset_moved_or_swapped(tmp_path, with_fakes, capsys):
+    import shutil
+
+    root = colour_folder(tmp_path / "c", n_per_class=3)
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", str(root), "--n", "6", "--out", str(out), "--quiet"]) == 0
+    moved = tmp_path / "moved"
+    shutil.move(str(root), moved)
+    assert main(["run", "--resume", "--out", str(out), "--n", "10", "--quiet"]) == 1  # stored path is gone
+    assert main(["run", "--resume", "--out", str(out), "--dataset", str(moved), "--n", "10", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["dataset"] == str(moved)
+    other = colour_folder(tmp_path / "other", n_per_class=4)
+    capsys.readouterr()
+    assert main(["run", "--resume", "--out", str(out), "--dataset", str(other), "--n", "12", "--quiet"]) == 1
+    assert "dataset changed" in capsys.readouterr().err
+    assert len(read_records(out / "log.jsonl")) == 10
