@@ -134,6 +134,47 @@ class _Index:
         self._dirty.clear()
 
 
+KindKey = tuple[str, ...] | None
+
+
+def kind_key(options: Any) -> KindKey:
+    """The kind of question a demo or query answers: its option set, or None for open answers."""
+    return tuple(options) if options else None
+
+
+class _Kinds:
+    """Pooled demo ids per kind of question, so that selectors need not scan the pool for them."""
+
+    def __init__(self) -> None:
+        self._ids: dict[KindKey, dict[int, None]] = {}
+        self._kind_of: dict[int, KindKey] = {}
+        self._arrays: dict[KindKey, np.ndarray] = {}
+
+    def add(self, demo_id: int, options: Any) -> None:
+        key = kind_key(options)
+        self._ids.setdefault(key, {})[demo_id] = None
+        self._kind_of[demo_id] = key
+        self._arrays.pop(key, None)
+
+    def remove(self, demo_id: int) -> None:
+        key = self._kind_of.pop(demo_id, None)
+        if demo_id in self._ids.get(key, {}):
+            del self._ids[key][demo_id]
+            self._arrays.pop(key, None)
+
+    def ids(self, options: Any) -> np.ndarray | None:
+        """Ascending ids of that kind; None when every pooled demo is of it (no restriction)."""
+        key = kind_key(options)
+        members = self._ids.get(key, {})
+        if len(members) == len(self._kind_of):
+            return None
+        arr = self._arrays.get(key)
+        if arr is None:
+            arr = self._arrays[key] = np.sort(np.fromiter(members, dtype=np.int64, count=len(members)))
+            arr.setflags(write=False)
+        return arr
+
+
 class SQLitePool:
     """A crash-safe demonstration pool.
 
@@ -172,6 +213,7 @@ class SQLitePool:
         self._demos: dict[int, Demo] = {}
         # the graphs live beside the file: rebuilding a large one takes minutes, so it is kept
         self._index = _Index(Path(f"{self.path}.index") if self.path is not None else None, index)
+        self._kinds = _Kinds()
         self._load()
 
     # ------------------------------------------------------------------ reading
@@ -195,6 +237,7 @@ class SQLitePool:
         ):
             demo = self._row_to_demo(row, vecs.get(row[0], {}))
             self._demos[demo.id] = demo
+            self._kinds.add(demo.id, demo.provenance.get("options"))
 
     @staticmethod
     def _row_to_demo(row: tuple[Any, ...], embeddings: Embeddings) -> Demo:
@@ -239,6 +282,11 @@ class SQLitePool:
         """Ids (and cosines) of the ``k`` demos nearest to ``vector`` under ``key``, best first, ties
         older first; within ``candidates`` when given. See ``icdistill.index.VectorIndex.search``."""
         return self._index.search(key, vector, k, candidates, keep_ties)
+
+    def kind_ids(self, options: Any) -> np.ndarray | None:
+        """Ascending ids of the pooled demos answering the kind of question of ``options`` (the same
+        option set, or open answers); None when that is every pooled demo."""
+        return self._kinds.ids(options)
 
     def index_status(self) -> dict[str, str]:
         """How each key's index was opened: "loaded", "loaded+N" (caught up with the file) or "built (why)"."""
@@ -358,6 +406,7 @@ class SQLitePool:
             raise ICDError(f"could not write to pool {self.path}: {e}") from e
         for old in evicted:
             self._demos.pop(old, None)
+            self._kinds.remove(old)
             self._index.remove(old)
         if not in_pool:
             return None, status
@@ -378,6 +427,7 @@ class SQLitePool:
             },
         )
         self._demos[demo_id] = demo
+        self._kinds.add(demo_id, demo.provenance.get("options"))
         self._index.add(demo_id, demo.embeddings)
         return demo, status
 
@@ -400,6 +450,7 @@ class SQLitePool:
         except sqlite3.Error as e:
             raise ICDError(f"could not write to pool {self.path}: {e}") from e
         self._demos.pop(demo_id)
+        self._kinds.remove(demo_id)
         self._index.remove(demo_id)
         return True
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from icdistill.index import IndexConfig
-from icdistill.pool import AddStatus, SQLitePool, _Index, _unit
+from icdistill.pool import AddStatus, SQLitePool, _Index, _Kinds, _unit
 from icdistill.types import (
     Annotation,
     Demo,
@@ -149,6 +149,7 @@ class PostgresPool:
         self._listen.execute(f"LISTEN {CHANNEL}")
         self._demos: dict[int, Demo] = {}
         self._index = _Index(Path(index_dir) if index_dir is not None else None, index)
+        self._kinds = _Kinds()
         self._load()
 
     # ------------------------------------------------------------------ sync
@@ -167,7 +168,8 @@ class PostgresPool:
         for key, (ids_k, rows_k) in by_key.items():
             self._index.load(key, ids_k, np.stack(rows_k))
         for row in self._db.execute(f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"):
-            self._demos[row[0]] = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
+            demo = self._demos[row[0]] = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
+            self._kinds.add(demo.id, demo.provenance.get("options"))
 
     def refresh(self) -> int:
         """Apply the other workers' committed changes (new demos, evictions). Returns how many."""
@@ -182,6 +184,7 @@ class PostgresPool:
         for demo_id in removed:
             if self._demos.pop(demo_id, None) is not None:
                 self._index.remove(demo_id)
+                self._kinds.remove(demo_id)
         fresh = sorted(i for i in set(added) if i not in self._demos and i not in removed)
         if fresh:
             vecs: dict[int, Embeddings] = {}
@@ -195,6 +198,7 @@ class PostgresPool:
                 demo = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
                 self._demos[demo.id] = demo
                 self._index.add(demo.id, demo.embeddings)
+                self._kinds.add(demo.id, demo.provenance.get("options"))
         return len(fresh) + len(removed)
 
     # ------------------------------------------------------------------ reading (the Pool protocol)
@@ -226,6 +230,10 @@ class PostgresPool:
 
     def index_status(self) -> dict[str, str]:
         return dict(self._index.opened)
+
+    def kind_ids(self, options: Any) -> np.ndarray | None:
+        self.refresh()
+        return self._kinds.ids(options)
 
     def answers(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -426,6 +434,7 @@ class PostgresPool:
         for old in evicted:
             if self._demos.pop(old, None) is not None:
                 self._index.remove(old)
+                self._kinds.remove(old)
         if not in_pool:
             return None
         demo = Demo(
@@ -446,6 +455,7 @@ class PostgresPool:
         )
         self._demos[demo_id] = demo
         self._index.add(demo_id, demo.embeddings)
+        self._kinds.add(demo_id, demo.provenance.get("options"))
         return demo
 
     def _evict_for_one_more(self, new_id: int) -> list[int]:
