@@ -67,7 +67,9 @@ class Stream:
         rng = np.random.default_rng(seed)
         x = self.images.draw(n, seed)
         labels = (np.abs(x[:, :8].sum(axis=1) * 1e3).astype(np.int64)) % len(LABELS)
-        it = unit_rows(self.answers[labels] + 0.8 * rng.standard_normal((n, self.text_dim)) / np.sqrt(self.text_dim))
+        it = unit_rows(
+            self.answers[labels] + 0.8 * rng.standard_normal((n, self.text_dim)) / np.sqrt(self.text_dim)
+        )
         return x, labels, it
 
 
@@ -82,7 +84,20 @@ def bulk_fill(path: Path, n: int, stream: Stream) -> float:
         m = min(chunk, n - lo)
         x, labels, _ = stream.batch(m, seed=lo // chunk)
         ann_rows = [
-            (f"p{lo + j}", lo + j, PROMPT, opts, LABELS[labels[j]], 1, 1, "added", "bench", "{}", 1.0, time.time())
+            (
+                f"p{lo + j}",
+                lo + j,
+                PROMPT,
+                opts,
+                LABELS[labels[j]],
+                1,
+                1,
+                "added",
+                "bench",
+                "{}",
+                1.0,
+                time.time(),
+            )
             for j in range(m)
         ]
         db.executemany(
@@ -103,7 +118,9 @@ def bulk_fill(path: Path, n: int, stream: Stream) -> float:
 
 
 def ann(answer: str) -> Annotation:
-    return Annotation(answer=answer, samples=[answer], votes={answer: 1}, agreement=1.0, accepted=True, teacher="bench")
+    return Annotation(
+        answer=answer, samples=[answer], votes={answer: 1}, agreement=1.0, accepted=True, teacher="bench"
+    )
 
 
 def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -188,7 +205,10 @@ def student_forward_ms(n_queries: int) -> dict[str, Any]:
     ds = load_fashion_mnist("test")
     student = resolve_student("local:smollm2", ModelContext())
     items = [ds.item(i) for i in range(n_queries + 2)]
-    demos = [Demo(id=i, query_id=q.id, image=q.image, prompt=q.prompt, answer=q.label or "") for i, q in enumerate(items[:2])]
+    demos = [
+        Demo(id=i, query_id=q.id, image=q.image, prompt=q.prompt, answer=q.label or "")
+        for i, q in enumerate(items[:2])
+    ]
     student.predict(items[2], demos)  # warm-up (first call builds caches)
     ms = []
     for q in items[2:]:
@@ -200,7 +220,9 @@ def student_forward_ms(n_queries: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="pools of 1k and 10k, 100 queries, 3 student forwards")
+    p.add_argument(
+        "--quick", action="store_true", help="pools of 1k and 10k, 100 queries, 3 student forwards"
+    )
     p.add_argument("--sizes", default="1000,100000,1000000")
     p.add_argument("--image-dim", type=int, default=1280)
     p.add_argument("--text-dim", type=int, default=384)

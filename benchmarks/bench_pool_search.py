@@ -72,7 +72,12 @@ def exact_truth(mat: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def recall(got: list[np.ndarray], truth: np.ndarray, k: int) -> float:
-    return round(float(np.mean([len(set(g[:k].tolist()) & set(t.tolist())) / k for g, t in zip(got, truth, strict=True)])), 4)
+    return round(
+        float(
+            np.mean([len(set(g[:k].tolist()) & set(t.tolist())) / k for g, t in zip(got, truth, strict=True)])
+        ),
+        4,
+    )
 
 
 def bench_one(n: int, dim: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -137,7 +142,9 @@ def bench_one(n: int, dim: int, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def bench_faiss(mat: np.ndarray, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+def bench_faiss(
+    mat: np.ndarray, queries: np.ndarray, truth: np.ndarray, args: argparse.Namespace
+) -> dict[str, Any]:
     try:
         import faiss
     except ImportError:

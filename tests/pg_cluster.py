@@ -37,7 +37,9 @@ def throwaway_cluster() -> Iterator[str]:
     """Yields the URL of a running cluster (database ``postgres``, user ``postgres``, trust auth)."""
     bindir = pg_bin()
     if bindir is None:
-        raise RuntimeError("PostgreSQL server binaries not found: run scripts/install.sh (Debian 'postgresql')")
+        raise RuntimeError(
+            "PostgreSQL server binaries not found: run scripts/install.sh (Debian 'postgresql')"
+        )
     root = Path(tempfile.mkdtemp(prefix="icd-pg-"))
     data = root / "data"
     as_user: dict[str, int] = {}
@@ -52,9 +54,31 @@ def throwaway_cluster() -> Iterator[str]:
         subprocess.run(args, check=True, capture_output=True, env=env, cwd=root, **as_user)  # type: ignore[call-overload]
 
     try:
-        run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        run(
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60"
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "-t", "60", "start")
+        run(
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            opts,
+            "-l",
+            str(root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):

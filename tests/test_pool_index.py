@@ -15,7 +15,9 @@ ANN = IndexConfig(exact_below=0, exact_candidates=0)
 
 
 def ann(answer: str = "a") -> Annotation:
-    return Annotation(answer=answer, samples=[answer], votes={answer: 1}, agreement=1.0, accepted=True, teacher="t")
+    return Annotation(
+        answer=answer, samples=[answer], votes={answer: 1}, agreement=1.0, accepted=True, teacher="t"
+    )
 
 
 def vec(i: int, d: int = 16) -> np.ndarray:
@@ -116,13 +118,19 @@ def test_kind_ids_follow_adds_evictions_and_reopen(tmp_path):
     path = tmp_path / "p.sqlite"
     with SQLitePool(path, max_size=4) as pool:
         for i in range(3):
-            pool.add(Query(id=f"c{i}", image=None, prompt="p", options=("a", "b"), position=i), ann(), {IMAGE: vec(i)})
+            pool.add(
+                Query(id=f"c{i}", image=None, prompt="p", options=("a", "b"), position=i),
+                ann(),
+                {IMAGE: vec(i)},
+            )
         assert pool.kind_ids(("a", "b")) is None  # every demo: no restriction
         pool.add(Query(id="open", image=None, prompt="p", position=3), ann(), {IMAGE: vec(3)})
         assert pool.kind_ids(["a", "b"]).tolist() == [1, 2, 3]
         assert pool.kind_ids(None).tolist() == [4]
         assert pool.kind_ids(("x",)).tolist() == []
-        pool.add(Query(id="c9", image=None, prompt="p", options=("a", "b"), position=9), ann(), {IMAGE: vec(9)})
+        pool.add(
+            Query(id="c9", image=None, prompt="p", options=("a", "b"), position=9), ann(), {IMAGE: vec(9)}
+        )
         assert pool.kind_ids(("a", "b")).tolist() == [2, 3, 5]  # demo 1 evicted
     with SQLitePool(path, max_size=4) as pool:
         assert pool.kind_ids(("a", "b")).tolist() == [2, 3, 5] and pool.kind_ids(None).tolist() == [4]

@@ -53,7 +53,10 @@ def ann(answer="a", accepted=True, cost=0.0) -> Annotation:
 
 def emb(i: int) -> dict:
     rng = np.random.default_rng(i)
-    return {IMAGE: rng.standard_normal(8).astype(np.float32), ANSWER: rng.standard_normal(4).astype(np.float32)}
+    return {
+        IMAGE: rng.standard_normal(8).astype(np.float32),
+        ANSWER: rng.standard_normal(4).astype(np.float32),
+    }
 
 
 def test_url_detection():
@@ -248,7 +251,9 @@ def test_two_runs_share_a_pool_and_buy_each_label_once(url, tmp_path):
     summaries = []
     for k, teacher in enumerate(teachers):
         cfg = RunConfig(dataset=str(root), n=None, gate="always", pool=url, seed=k, max_calls=100)
-        summaries.append(run_icd(cfg, tmp_path / f"run{k}", parts=Parts(FakeStudent(), teacher, FakeEmbedder())))
+        summaries.append(
+            run_icd(cfg, tmp_path / f"run{k}", parts=Parts(FakeStudent(), teacher, FakeEmbedder()))
+        )
     n = summaries[0]["n_queries"]
     assert n >= 12 and teachers[0].calls == n  # the first worker bought every label of the dataset
     # the second sees the same images in another order: every label is already in the shared pool

@@ -92,7 +92,9 @@ CREATE TABLE IF NOT EXISTS icd_ledger (
 );
 """
 
-_DEMO_COLUMNS = "id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement, options"
+_DEMO_COLUMNS = (
+    "id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement, options"
+)
 
 
 def is_postgres_url(spec: str | os.PathLike[str] | None) -> bool:
@@ -193,7 +195,8 @@ class PostgresPool:
             ):
                 vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
             for row in self._db.execute(
-                f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE id = ANY(%s) AND in_pool ORDER BY id", (fresh,)
+                f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE id = ANY(%s) AND in_pool ORDER BY id",
+                (fresh,),
             ):
                 demo = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
                 self._demos[demo.id] = demo
@@ -324,7 +327,9 @@ class PostgresPool:
         )
 
     # ------------------------------------------------------------------ writing
-    def add(self, query: Query, annotation: Annotation, embeddings: Embeddings) -> tuple[Demo | None, AddStatus]:
+    def add(
+        self, query: Query, annotation: Annotation, embeddings: Embeddings
+    ) -> tuple[Demo | None, AddStatus]:
         """Store an annotation (always) and pool it (when accepted and new), release the claim and
         announce it: one transaction, so a killed worker leaves all of it or none."""
         errors = self._psycopg.errors
@@ -346,14 +351,23 @@ class PostgresPool:
             # committed: our copy follows (the notification reaches the other workers)
             demo_id, in_pool, evicted, status = done.demo_id, done.in_pool, done.evicted, done.status
             return self._apply_own(query, annotation, embeddings, demo_id, in_pool, evicted), status
-        existing = self._db.execute("SELECT id FROM icd_annotations WHERE query_id = %s", (query.id,)).fetchone()
+        existing = self._db.execute(
+            "SELECT id FROM icd_annotations WHERE query_id = %s", (query.id,)
+        ).fetchone()
         self.refresh()
         return (self._demos.get(existing[0]) if existing else None), "exists"
 
     def _add_once(
-        self, query: Query, annotation: Annotation, embeddings: Embeddings, digest: str | None, status: AddStatus
+        self,
+        query: Query,
+        annotation: Annotation,
+        embeddings: Embeddings,
+        digest: str | None,
+        status: AddStatus,
     ) -> tuple[Demo | None, AddStatus] | _Written:
-        existing = self._db.execute("SELECT id FROM icd_annotations WHERE query_id = %s", (query.id,)).fetchone()
+        existing = self._db.execute(
+            "SELECT id FROM icd_annotations WHERE query_id = %s", (query.id,)
+        ).fetchone()
         if existing is not None:
             self.refresh()
             return self._demos.get(existing[0]), "exists"

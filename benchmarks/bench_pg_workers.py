@@ -1,0 +1,113 @@
+"""Throughput of 1, 2 and 4 ``icd run`` workers on one shared PostgreSQL pool, offline default models.
+
+Usage: ``nice -n 19 .venv/bin/python benchmarks/bench_pg_workers.py [--queries 48] [--workers 1,2,4]``.
+
+Starts a throwaway PostgreSQL cluster (Debian's server, as in the tests), then for each worker count
+W runs W processes of ``icd run --pool postgresql://...`` (student ``local:smollm2``, embedder
+``local:conse``, ``reference`` teacher, 10% budget), each on its own seed and ``queries / W`` queries
+of Fashion-MNIST, all on one fresh database. Reports wall time from launch to the last exit (model
+loading included), queries per second, teacher calls bought (ledger) and pooled demos. On a 2-core
+machine this shows the cost of sharing, not a speed-up: every worker loads its own models and they
+compete for the same cores. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from pg_cluster import fresh_database, throwaway_cluster  # noqa: E402
+
+
+def run_workers(url: str, workers: int, queries: int, folder: Path) -> dict[str, Any]:
+    per = max(1, queries // workers)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    icd = str(Path(sys.executable).with_name("icd"))
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                icd,
+                "run",
+                "--pool",
+                url,
+                "--out",
+                str(folder / f"w{workers}-{k}"),
+                "--n",
+                str(per),
+                "--seed",
+                str(k),
+                "--budget",
+                "0.1",
+                "--quiet",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for k in range(workers)
+    ]
+    errors = []
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            errors.append(err.decode(errors="replace")[-500:])
+    wall = time.perf_counter() - t0
+    loop_s = []
+    for k in range(workers):
+        summary = folder / f"w{workers}-{k}" / "summary.json"
+        if summary.exists():
+            loop_s.append(json.loads(summary.read_text())["wall_seconds_this_session"])
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        calls = conn.execute("SELECT calls FROM icd_ledger").fetchone()[0]
+        pooled = conn.execute("SELECT COUNT(*) FROM icd_annotations WHERE in_pool").fetchone()[0]
+        twins = conn.execute(
+            "SELECT COUNT(*) FROM (SELECT image_digest, prompt FROM icd_annotations WHERE in_pool "
+            "GROUP BY 1, 2 HAVING COUNT(*) > 1) t"
+        ).fetchone()[0]
+    total = per * workers
+    return {
+        "workers": workers,
+        "queries": total,
+        "wall_s": round(wall, 1),
+        "queries_per_s": round(total / wall, 3),
+        "loop_s_per_worker": [round(s, 1) for s in loop_s],
+        "queries_per_s_in_loop": round(total / max(loop_s), 3) if loop_s else None,
+        "teacher_calls": int(calls),
+        "pooled": int(pooled),
+        "pooled_twice": int(twins),
+        "errors": errors,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--queries", type=int, default=48, help="queries in total, split over the workers")
+    p.add_argument("--workers", default="1,2,4")
+    args = p.parse_args(argv)
+    rows = []
+    with throwaway_cluster() as admin, tempfile.TemporaryDirectory() as tmp:
+        for w in (int(x) for x in args.workers.split(",")):
+            url = fresh_database(admin, f"bench_w{w}")
+            row = run_workers(url, w, args.queries, Path(tmp))
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+    base = rows[0]["queries_per_s"]
+    for r in rows:
+        r["throughput_vs_first"] = round(r["queries_per_s"] / base, 2)
+    print(json.dumps({"benchmark": "pg_workers", "cpus": os.cpu_count(), "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
