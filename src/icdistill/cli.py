@@ -238,12 +238,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from icdistill.eval.cli import cmd_eval
+    from icdistill.eval.cli import cmd_eval, config_from_args
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out, the folder of the eval to continue")
     try:
-        return cmd_eval(args, _given_run_flags(args.argv))
+        cfg = config_from_args(args, _given_run_flags(args.argv))
+    except ICDError as e:
+        raise UsageError(str(e)) from e
+    try:
+        return cmd_eval(cfg, args)
     except SpecError as e:
         raise UsageError(str(e)) from e
 

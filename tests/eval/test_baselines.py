@@ -2,8 +2,8 @@ import math
 
 import numpy as np
 import pytest
-from fakes import FakeEmbedder, FakeStudent
 
+from fakes import FakeEmbedder, FakeStudent
 from icdistill.conformance import check_student, check_teacher, sample_demos, sample_queries
 from icdistill.eval.baselines import AbstainingStudent, KNNStudent, MemoStudent, SelfTeacher
 from icdistill.gate import margin

@@ -146,3 +146,48 @@ def _timeless(log: Path) -> list[dict]:
             r["annotation"].pop("seconds", None)
         out.append(r)
     return out
+
+
+def _icd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "icdistill", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "icd,magic"], "unknown method 'magic'"),
+        (["--methods", "icd:shots=x"], "not a valid"),
+        (["--seed", "3"], "--seed is set per cell"),
+        (["--budgets", "0.05,2"], "(0, 1]"),
+        (["--seeds", "1,1"], "a seed twice"),
+        (["--methods", "finetune-online", "--student", "openai:gpt-4o-mini@http://127.0.0.1:9/v1"], "local:smollm2"),
+        (["--resume"], "--resume needs --out"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_and_run_nothing(tmp_path, args, message):
+    out = tmp_path / "o"
+    r = _icd("eval", *args, *([] if "--resume" in args else ["--out", str(out)]))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_eval_with_the_real_embedder(tmp_path):
+    data = colour_folder(tmp_path / "c", n_per_class=4)
+    out = tmp_path / "o"
+    args = ["eval", "--dataset", str(data), "--n", "10", "--seeds", "0,1", "--budgets", "0.2", "--warmup", "2"]
+    r = _icd(*args, "--methods", "teacher-zero-shot,knn-pool:shots=1", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = _rows(out / "results.csv")
+    assert [(x["method"], x["seed"]) for x in rows] == [
+        ("teacher-zero-shot", "0"),
+        ("knn-pool:shots=1", "0"),
+        ("teacher-zero-shot", "1"),
+        ("knn-pool:shots=1", "1"),
+    ]
+    assert "knn-pool:shots=1" in r.stdout and (out / "report.md").exists()
+    again = _icd(*args, "--methods", "teacher-zero-shot", "--out", str(out))
+    assert again.returncode == 1 and "already holds an eval" in again.stderr
+    resumed = _icd("eval", "--resume", "--out", str(out), "--quiet")
+    assert resumed.returncode == 0 and _rows(out / "results.csv") == rows

@@ -54,17 +54,14 @@ def add_eval_args(
             action.help = argparse.SUPPRESS
 
 
-def cmd_eval(args: argparse.Namespace, given: set[str]) -> int:
-    from rich.console import Console
-
-    from icdistill.eval.harness import EvalConfig, plan, refusals, run_eval
-    from icdistill.eval.report import summary_table
+def config_from_args(args: argparse.Namespace, given: set[str]) -> Any:
+    """The eval grid the command line asks for; raises ``ICDError`` on a bad command line."""
+    from icdistill.eval.harness import EvalConfig, refusals
     from icdistill.runner import RunConfig
 
     clash = sorted(f"--{g}" for g in given & set(_PER_CELL))
     if clash:
         raise ICDError(f"{', '.join(clash)} is set per cell by icd eval: use --seeds / --budgets")
-    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     base = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name not in _PER_CELL})
     cfg = EvalConfig(
         base=base,
@@ -75,6 +72,16 @@ def cmd_eval(args: argparse.Namespace, given: set[str]) -> int:
     why = refusals(cfg)
     if why:
         raise ICDError("cannot run: " + "; ".join(why))
+    return cfg
+
+
+def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from icdistill.eval.harness import plan, run_eval
+    from icdistill.eval.report import summary_table
+
+    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     console = Console(stderr=True)
     with _progress(console, args.quiet, len(plan(cfg))) as callbacks:
         rows = run_eval(cfg, out, resume=args.resume, **callbacks)

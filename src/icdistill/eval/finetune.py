@@ -52,7 +52,12 @@ class LoRAStudent:
         self.tokenizer = tokenizer
         self.model = lora
         self.student = SmolLM2Student(
-            base.tagger, max_tags=base.max_tags, max_new_tokens=base.max_new_tokens, lm=(lora, tokenizer)
+            base.tagger,
+            max_tags=base.max_tags,
+            max_new_tokens=base.max_new_tokens,
+            lm=(lora, tokenizer),
+            calibrate=base.calibration is not None,
+            zero_shot=base.zero_shot,
         )
         self.steps = steps
         self.batch = batch

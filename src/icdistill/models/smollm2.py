@@ -315,7 +315,8 @@ class SmolLM2Student:
         self.max_tags = max_tags
         self.max_new_tokens = max_new_tokens
         self.device = device
-        self._lm = lm
+        # a one-slot holder, shared with the twins ``fresh()`` makes, so the LM loads once, lazily
+        self._lm: list[tuple[Any, Any] | None] = [lm]
         self._load_lock = threading.Lock()
         self._tags_lock = threading.Lock()
         self._tags: OrderedDict[str, str] = OrderedDict()
@@ -323,10 +324,10 @@ class SmolLM2Student:
     def lm(self) -> tuple[Any, Any]:
         """``(model, tokenizer)``, loaded on first use."""
         with self._load_lock:
-            if self._lm is None:
+            if self._lm[0] is None:
                 model, tokenizer = load_smollm2(self.cache_dir)
-                self._lm = (model.to(self.device), tokenizer)
-            return self._lm
+                self._lm[0] = (model.to(self.device), tokenizer)
+            return self._lm[0]
 
     def describe(self, image: Image.Image | None) -> str:
         """The image's tags as text (cached per image content)."""
@@ -348,8 +349,7 @@ class SmolLM2Student:
     def fresh(self) -> SmolLM2Student:
         """A student with the same loaded LM, tagger and options but no calibration history: each
         run of an experiment starts from the same state, whatever ran before it in the process."""
-        self.lm()  # load once here, so twins share the weights
-        twin = copy.copy(self)
+        twin = copy.copy(self)  # shares the LM holder, its lock and the tag cache
         twin.calibration = OnlineCalibration() if self.calibration is not None else None
         return twin
 

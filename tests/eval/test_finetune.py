@@ -1,0 +1,46 @@
+"""The online LoRA baseline on the real SmolLM2-135M (slow: loads the model)."""
+
+import pytest
+from PIL import Image
+
+from fakes import FakeTagger
+from icdistill.eval.finetune import LoRAStudent
+from icdistill.models.smollm2 import SmolLM2Student, load_smollm2
+from icdistill.types import ICDError, Query, image_digest
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_smollm2()
+
+
+@pytest.mark.slow
+def test_learning_a_label_moves_the_answer_and_leaves_the_base_model_alone(lm):
+    img = Image.new("RGB", (8, 8), (250, 250, 0))
+    tagger = FakeTagger({image_digest(img): [("sandal", 0.9)]})
+    base = SmolLM2Student(tagger, lm=lm, calibrate=False)
+    q = Query(id="q", image=img, prompt="What item of clothing is shown?", options=("Sandal", "Pullover"))
+
+    def margin(student) -> float:
+        s = student.predict(q, []).option_scores
+        return s["Pullover"] - s["Sandal"]
+
+    before_base = margin(base)
+    student = LoRAStudent(base, steps=6, lr=5e-3, seed=0)
+    before = margin(student)
+    assert before == pytest.approx(before_base, abs=1e-4)  # LoRA starts as the identity
+    student.learn(q, "Pullover")
+    assert margin(student) > before + 0.5
+    assert margin(base) == pytest.approx(before_base, abs=1e-5)  # a private copy was trained
+    stats = student.training_stats()
+    assert stats["train_steps"] == 6 and stats["train_examples"] == 1 and stats["train_seconds"] > 0
+
+
+def test_options_are_checked():
+    assert LoRAStudent.parse_options({"steps": "4", "lr": "0.01"}) == {"steps": 4, "lr": 0.01}
+    with pytest.raises(ICDError, match="not a number"):
+        LoRAStudent.parse_options({"steps": "many"})
+    with pytest.raises(ICDError, match="local:smollm2"):
+        LoRAStudent.from_student(object())
