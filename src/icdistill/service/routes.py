@@ -59,6 +59,7 @@ async def _json_body(request: Request) -> Any:
 def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
     cfg = engine.cfg
     r = APIRouter()
+
     async def started() -> None:
         await engine.start()  # resumes interrupted teacher calls even when uvicorn runs without lifespan
 
