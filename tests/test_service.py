@@ -502,3 +502,26 @@ def test_models_never_run_on_the_event_loop_thread(tmp_path):
             )
     assert student.threads and all(t.startswith("icd-loop") for t in student.threads)
     assert teacher.threads and all(t.startswith("icd-teacher") for t in teacher.threads)
+
+
+def test_wait_with_a_person_returns_once_the_label_is_in(tmp_path):
+    with running_service(tmp_path, human=True) as (c, app):
+        url = str(c.base_url)
+        got: list[dict] = []
+
+        def ask() -> None:
+            with httpx.Client(base_url=url, headers=AUTH, timeout=60) as cc:
+                got.append(cc.post("/v1/predict", json=query_json("green", wait=True)).json())
+
+        t = threading.Thread(target=ask)
+        t.start()
+        wait_until(lambda: c.get("/v1/stats").json()["pending_human"] == 1)
+        engine = app.state.engine
+        (queued,) = engine.thread.call_sync(engine.store.pending, "pending_human")
+        t.join(timeout=0.3)
+        assert t.is_alive() and not got  # the client is still waiting for the person
+        assert c.post(f"/v1/queries/{queued['query_id']}/label", json={"label": "green"}).status_code == 200
+        t.join(timeout=30)
+        assert got and got[0]["query_id"] == queued["query_id"] and got[0]["state"] == "annotated"
+        assert got[0]["teacher_answer"] == "green" and got[0]["answered_by"] == "student+new-demo"
+        assert got[0]["answer"] == "green"  # the student, re-run with the person's demo

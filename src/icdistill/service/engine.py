@@ -229,6 +229,10 @@ class Engine:
         if row["state"] == PENDING_TEACHER:
             self._spawn(qid)
         if fut is not None:
+            # a person may have labelled it before the waiter was registered
+            now = await self.thread.call(self.store.get, qid)
+            if now is not None and now["state"] not in (PENDING_TEACHER, PENDING_HUMAN) and not fut.done():
+                fut.set_result(self._public(now, None))
             try:
                 row = await asyncio.wait_for(asyncio.shield(fut), self.cfg.wait_timeout_s)
             except TimeoutError:
