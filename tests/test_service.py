@@ -144,6 +144,11 @@ def test_no_auth_only_on_loopback_and_key_from_env(monkeypatch):
     assert cfg.api_key == KEY and cfg.port == 9999 and cfg.gate == "always"
     with pytest.raises(ICDError, match="selector"):
         config_from_args(build_parser().parse_args(["serve", "--selector", "psychic"]))
+    from icdistill.cli import main
+
+    monkeypatch.delenv("ICD_API_KEY")
+    assert main(["serve", "--port", "9999"]) == 2  # no key: refused before any model loads
+    assert main(["serve", "--no-auth", "--host", "0.0.0.0"]) == 2
 
 
 @pytest.mark.parametrize(

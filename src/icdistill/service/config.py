@@ -152,7 +152,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from icdistill.cli import UsageError
     from icdistill.service.app import serve
 
-    serve(config_from_args(args))
+    try:
+        cfg = config_from_args(args)
+    except ICDError as e:
+        raise UsageError(str(e)) from e  # a bad command line: exit code 2, before any model loads
+    serve(cfg)
     return 0
