@@ -165,12 +165,14 @@ METHODS: dict[str, Method] = {
             "the student alone, no demonstrations, no teacher",
             uses_budget=False,
             config={"gate": "never", "shots": 0},
+            options={"student": "student spec, e.g. local:smollm2?zero_shot=plain"},
         ),
         Method(
             "teacher-zero-shot",
             "the teacher on every query (the ceiling and its price)",
             uses_budget=False,
             config={"gate": "always", "shots": 0, "answer": "forward"},
+            options={"teacher": "teacher spec", "samples": "teacher samples per query", "agreement": "floor"},
             wrap=_teacher_only,
         ),
         Method(
