@@ -117,7 +117,8 @@ def match_option(text: str, options: Sequence[str]) -> str | None:
     return None
 
 
-def _token_f1(a: str, b: str) -> float:
+def token_f1(a: str, b: str) -> float:
+    """Harmonic mean of token precision and recall over normalised tokens (SQuAD/VQA style)."""
     ta, tb = normalise_answer(a).split(), normalise_answer(b).split()
     if not ta or not tb:
         return float(ta == tb)
@@ -149,7 +150,7 @@ def vote(
             return samples[0], {samples[0]: 1}, 1.0
         # empty samples are disagreement: they stay among the others a medoid is compared with
         means = {
-            i: sum(_token_f1(samples[i], o) for j, o in enumerate(samples) if j != i) / (len(samples) - 1)
+            i: sum(token_f1(samples[i], o) for j, o in enumerate(samples) if j != i) / (len(samples) - 1)
             for i in keep
         }
         best = max(keep, key=lambda i: (means[i], -i))

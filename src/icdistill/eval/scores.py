@@ -4,11 +4,10 @@ BLEU, chrF) and how well the student's uncertainty predicts its errors (AUROC, r
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from icdistill.teacher import normalise_answer
+from icdistill.teacher import normalise_answer, token_f1
 
 
 def exact_match(answer: str, reference: str) -> float:
@@ -16,16 +15,7 @@ def exact_match(answer: str, reference: str) -> float:
     return float(normalise_answer(answer) == normalise_answer(reference))
 
 
-def token_f1(answer: str, reference: str) -> float:
-    """Harmonic mean of token precision and recall over normalised tokens (SQuAD/VQA style)."""
-    a, r = normalise_answer(answer).split(), normalise_answer(reference).split()
-    if not a or not r:
-        return float(a == r)
-    common = sum((Counter(a) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    p, rec = common / len(a), common / len(r)
-    return 2 * p * rec / (p + rec)
+__all__ = ["auroc", "cell_scores", "corpus_bleu_chrf", "exact_match", "reliability", "token_f1"]
 
 
 def corpus_bleu_chrf(answers: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
