@@ -530,3 +530,10 @@ def test_wait_with_a_person_returns_once_the_label_is_in(tmp_path):
         assert got and got[0]["query_id"] == queued["query_id"] and got[0]["state"] == "annotated"
         assert got[0]["teacher_answer"] == "green" and got[0]["answered_by"] == "student+new-demo"
         assert got[0]["answer"] == "green"  # the student, re-run with the person's demo
+
+
+def test_a_second_service_on_the_same_pool_file_is_refused(tmp_path):
+    with running_service(tmp_path) as (c, _):
+        assert c.get("/v1/stats").status_code == 200
+        with pytest.raises(ICDError, match="pool"), running_service(tmp_path):
+            pass

@@ -107,7 +107,12 @@ class Engine:
         self.on_event: Callable[[str, float], None] | None = None  # metrics hook
         self._teacher_pool = ThreadPoolExecutor(cfg.teacher_concurrency, thread_name_prefix="icd-teacher")
         self._resume: list[str] = []
-        self.thread.call_sync(self._open, parts)
+        try:
+            self.thread.call_sync(self._open, parts)
+        except BaseException:
+            self._teacher_pool.shutdown(wait=False)
+            self.thread.close()
+            raise
 
     # ------------------------------------------------------------------ setup (loop thread)
     def _open(self, parts: Any) -> None:
@@ -124,8 +129,9 @@ class Engine:
             if cfg.human_teacher:
                 teacher = HumanTeacher()
         self.teacher_name = "human" if cfg.human_teacher else getattr(teacher, "name", cfg.teacher)
+        # one service per pool file: a second process on it would fork the queue and the ledger
+        self.pool = SQLitePool(cfg.pool, max_size=cfg.pool_max, lock=True)
         self.store = ServiceStore(cfg.pool)
-        self.pool = SQLitePool(cfg.pool, max_size=cfg.pool_max)
         self.distiller = Distiller(
             student=student,
             annotator=TestTimeScaling(teacher, n=cfg.samples, agreement_floor=cfg.agreement),
