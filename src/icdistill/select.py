@@ -1,4 +1,9 @@
-"""Demonstration selectors: random, image-image, text-text, and the staged cross-modal retrieval."""
+"""Demonstration selectors: random, image-image, text-text, and the staged cross-modal retrieval.
+
+Selectors ask the pool for ranked candidate lists (``pool.search``: its vector index, exact while
+the pool is small and HNSW beyond) instead of scoring every demo; a pool without ``search`` is
+scanned exactly with the same ranking. Ranking: cosine rounded to 1e-5, ties older demo first.
+"""
 
 from __future__ import annotations
 
@@ -14,24 +19,46 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / n if n > 0 else v
 
 
-def _similarities(
-    query_vec: np.ndarray | None, pool: Pool, key: str, candidates: list[int] | None
-) -> dict[int, float] | None:
-    """Cosine similarity of the query to pool demos under ``key``; None when either side lacks it."""
+def _rank(
+    query_vec: np.ndarray | None,
+    pool: Pool,
+    key: str,
+    n: int,
+    candidates: np.ndarray | None,
+    keep_ties: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Ids and scores of the ``n`` demos (within ``candidates``; None: all) most similar to the query
+    under ``key``, best first, ties older first (``keep_ties``: all tied with the n-th too). None when
+    the query lacks the key or no candidate has a vector under it."""
     if query_vec is None:
         return None
-    ids, mat = pool.vectors(key)
-    if not ids:
-        return None
+    search = getattr(pool, "search", None)
+    if search is not None:
+        ids, scores = search(key, query_vec, n, candidates=candidates, keep_ties=keep_ties)
+    else:
+        ids, scores = _scan(query_vec, pool, key, n, candidates, keep_ties)
+    return (ids, scores) if len(ids) else None
+
+
+def _scan(
+    query_vec: np.ndarray, pool: Pool, key: str, n: int, candidates: np.ndarray | None, keep_ties: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ranking over ``pool.vectors`` (for pools without an index)."""
+    ids_l, mat = pool.vectors(key)
+    if not ids_l:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    ids = np.asarray(ids_l, dtype=np.int64)
     # rounded so that ties between identical vectors are real ties (BLAS sums differ by ~1e-7) and
     # the documented tie-break, older demo first, decides them
     sims = np.round(mat @ _unit(query_vec), 5)
-    scored = dict(zip(ids, sims.tolist(), strict=True))
     if candidates is not None:
-        scored = {i: scored[i] for i in candidates if i in scored}
-        if not scored:
-            return None
-    return scored
+        keep = np.isin(ids, candidates)
+        ids, sims = ids[keep], sims[keep]
+    order = np.lexsort((ids, -sims))
+    ids, sims = ids[order], sims[order]
+    if keep_ties and len(ids) > n > 0:
+        return ids[sims >= sims[n - 1] - 1e-6], sims[sims >= sims[n - 1] - 1e-6]
+    return ids[:n], sims[:n]
 
 
 def same_kind(demo: Demo, query: Query) -> bool:
@@ -42,9 +69,23 @@ def same_kind(demo: Demo, query: Query) -> bool:
     return (tuple(opts) if opts else None) == (tuple(query.options) if query.options else None)
 
 
-def _eligible(query: Query, pool: Pool, mix: bool) -> list[int]:
-    """Candidate demo ids for ``query``, oldest first."""
-    return [d.id for d in pool.demos() if mix or same_kind(d, query)]
+def _eligible(query: Query, pool: Pool, mix: bool) -> np.ndarray | None:
+    """Candidate demo ids for ``query``, oldest first; None when every pooled demo is one."""
+    if mix:
+        return None
+    kind_ids = getattr(pool, "kind_ids", None)
+    if kind_ids is not None:
+        return kind_ids(query.options)
+    demos = pool.demos()
+    ids = [d.id for d in demos if same_kind(d, query)]
+    return None if len(ids) == len(demos) else np.asarray(sorted(ids), dtype=np.int64)
+
+
+def _in_order(pool: Pool, candidates: np.ndarray | list[int] | None) -> list[int]:
+    """The candidates as a list in their order; None stands for every pooled demo, oldest first."""
+    if candidates is None:
+        return sorted(d.id for d in pool.demos())
+    return [int(i) for i in candidates]
 
 
 def _backfill(ranked: list[int], previous: list[int] | None, size: int) -> list[int]:
@@ -56,17 +97,6 @@ def _backfill(ranked: list[int], previous: list[int] | None, size: int) -> list[
     return ranked + [i for i in previous if i not in have][: size - len(ranked)]
 
 
-def _top(scored: dict[int, float], k: int, keep_ties: bool = False) -> list[int]:
-    # stable tie-break on demo id (older first) keeps selection deterministic
-    ranked = sorted(scored.items(), key=lambda kv: (-kv[1], kv[0]))
-    if keep_ties and len(ranked) > k > 0:
-        # a filtering stage must not cut between equal scores (e.g. every prompt of a
-        # classification stream is the same text): keep everything tied with the k-th
-        cut = ranked[k - 1][1] - 1e-6
-        return [i for i, s in ranked if s >= cut]
-    return [i for i, _ in ranked[:k]]
-
-
 class RandomSelector:
     """k demos drawn uniformly from the pool (the weak baseline of the paper)."""
 
@@ -75,9 +105,8 @@ class RandomSelector:
         self.mix_questions = mix_questions
 
     def select(self, query: Query, embeddings: Embeddings, pool: Pool, k: int) -> list[Demo]:
-        demos = pool.demos()
-        if not self.mix_questions:
-            demos = [d for d in demos if same_kind(d, query)]
+        eligible = _eligible(query, pool, self.mix_questions)
+        demos = pool.demos() if eligible is None else [pool.get(int(i)) for i in eligible]
         if k <= 0 or not demos:
             return []
         # seeded per query so a resumed run picks the same demos
@@ -101,12 +130,12 @@ class SimilaritySelector:
         if k <= 0 or len(pool) == 0:
             return []
         candidates = _eligible(query, pool, self.mix_questions)
-        if not candidates:
+        if candidates is not None and not len(candidates):
             return []
-        scored = _similarities(embeddings.get(self.query_key), pool, self.demo_key, candidates)
-        if scored is None:
+        ranked = _rank(embeddings.get(self.query_key), pool, self.demo_key, k, candidates)
+        if ranked is None:
             return self.fallback.select(query, embeddings, pool, k)
-        ids = _top(scored, k)
+        ids = ranked[0].tolist()
         if len(ids) < k:  # demos without this space's vector come after the scored ones
             ids = _backfill(ids, [d.id for d in self.fallback.select(query, embeddings, pool, k)], k)
         return [pool.get(i) for i in ids]
@@ -131,24 +160,33 @@ class CrossModalSelector:
         if k <= 0 or len(pool) == 0:
             return []
         candidates = _eligible(query, pool, self.mix_questions)
-        if not candidates:
+        if candidates is not None and not len(candidates):
             return []
         stages = ((TEXT, TEXT, self.k_tt), (IMAGE_TEXT, ANSWER, self.k_it), (IMAGE, IMAGE, k))
-        last: dict[int, float] | None = None
-        candidates = sorted(candidates)
+        ran = False
+        # the candidates in the order of the last stage that ran; None: every pooled demo, oldest
+        # first (never materialised for a stage that does not narrow, e.g. one prompt for all)
+        order: np.ndarray | list[int] | None = candidates
         for n_stage, (q_key, d_key, size) in enumerate(stages):
-            scored = _similarities(embeddings.get(q_key), pool, d_key, candidates)
-            if scored is None:
-                continue
-            last = scored
             final = n_stage == len(stages) - 1
-            ranked = _top(scored, max(size, k), keep_ties=not final)
+            want = max(size, k)
+            cand = None if order is None else np.asarray(order, dtype=np.int64)
+            got = _rank(embeddings.get(q_key), pool, d_key, want, cand, keep_ties=not final)
+            if got is None:
+                continue
+            ran = True
+            ids, scores = got
+            n_before = len(pool) if order is None else len(order)
+            if not final and len(ids) >= n_before and scores[0] == scores[-1]:
+                # every candidate tied: the stage keeps them all, oldest first
+                order = None if order is None else np.sort(cand)
+                continue
             # demos the stage could not score (no vector under its key) stay behind the scored ones
-            candidates = _backfill(ranked, candidates, max(size, k))
-        if last is None:
+            order = _backfill(ids.tolist(), _in_order(pool, order), want) if len(ids) < want else ids
+        if not ran:
             return RandomSelector(self.seed, self.mix_questions).select(query, embeddings, pool, k)
-        # candidates are ordered by the last stage that ran
-        return [pool.get(i) for i in candidates[:k]] if candidates else []
+        head = _in_order(pool, order)[:k] if order is None else [int(i) for i in order[:k]]
+        return [pool.get(i) for i in head]
 
 
 SELECTORS = ("random", "image", "text", "image-text", "cross-modal")
