@@ -507,8 +507,8 @@ class OpenAIChatModel:
         self.temperature = None if reasoning and temperature == DEFAULT_TEMPERATURE else temperature
         self.max_tokens = max_tokens if max_tokens is not None else (4096 if reasoning else 128)
         self.use_n = use_n
-        # one request with all its retries; None: three attempts' time, 0: no deadline
-        self.deadline = (3 * self.timeout if deadline is None else deadline) or None
+        # one request with all its retries; None: three attempts' time and 30 s of waits, 0: none
+        self.deadline = (3 * self.timeout + 30 if deadline is None else deadline) or None
         self.reasoning_effort = reasoning_effort
         self.run_seed = run_seed
         self.logprobs = logprobs and not reasoning  # reasoning models return no logprobs
@@ -974,7 +974,7 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
     """``openai:<model>[@<base_url>][?api_key_env=..&timeout=..&concurrency=..&retries=..&cache=0|1&...]``.
 
     ``temperature=none`` sends no temperature, ``n=0`` one request per sample, ``deadline=S`` bounds a
-    request with all its retries (default 3 x timeout; 0: none), ``token_param=max_completion_tokens``
+    request with all its retries (default 3 x timeout + 30 s; 0: none), ``token_param=max_completion_tokens``
     for servers that want it.
     """
     model, _, base_url = spec.target.partition("@")
