@@ -139,6 +139,7 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
     reopen_status = pool.index_status()
 
     selectors = {name: make_selector(name) for name in args.selectors.split(",")}
+    scan_pool = ScanOnly(pool)
     gate = BudgetGate(RATE, warmup=0)
     rng = np.random.default_rng(0)
     calls = 0
@@ -150,6 +151,7 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
         calls += int(asked)
     x, labels, it = stream.batch(args.queries, seed=10**6 + n)
     times: dict[str, list[float]] = {name: [] for name in selectors}
+    times.update({f"{name} (scan)": [] for name in selectors})
     times["gate"], times["add"] = [], []
     asked_here = 0
     for j in range(args.queries):
@@ -160,6 +162,12 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
             demos = sel.select(q, emb, pool, args.shots)
             times[name].append((time.perf_counter() - t) * 1e3)
             assert len(demos) == args.shots
+            if j < args.scan_queries:
+                # baseline, same run: the same selector on the bare Pool protocol (exact scans)
+                t = time.perf_counter()
+                scanned = sel.select(q, emb, scan_pool, args.shots)
+                times[f"{name} (scan)"].append((time.perf_counter() - t) * 1e3)
+                assert [d.id for d in scanned] == [d.id for d in demos] or name == "random"
         u = float(rng.random())  # the student's uncertainty (its forward is timed apart)
         t = time.perf_counter()
         ctx = GateContext(q.position, calls, len(pool))
@@ -183,6 +191,7 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
         "reopen_s": round(reopen_s, 2),
         "index_on_reopen": reopen_status,
         "select": {name: percentiles(times[name]) for name in selectors},
+        "select_scan_baseline": {name: percentiles(times[f"{name} (scan)"]) for name in selectors},
         "gate": percentiles(times["gate"]),
         "add": {**(percentiles(times["add"]) if times["add"] else {}), "count": len(times["add"])},
         "teacher_rate": round(asked_here / args.queries, 3),
@@ -194,6 +203,27 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
     )
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
+
+
+class ScanOnly:
+    """The bare ``Pool`` protocol of a pool (no ``search``, no ``kind_ids``): selectors fall back to
+    scoring every demo with one vectorised matrix product per stage (the pre-index behaviour, minus
+    its per-demo Python dict)."""
+
+    def __init__(self, pool: SQLitePool) -> None:
+        self._pool = pool
+
+    def __len__(self) -> int:
+        return len(self._pool)
+
+    def demos(self) -> list[Any]:
+        return self._pool.demos()
+
+    def vectors(self, key: str) -> tuple[list[int], np.ndarray]:
+        return self._pool.vectors(key)
+
+    def get(self, demo_id: int) -> Any:
+        return self._pool.get(demo_id)
 
 
 def student_forward_ms(n_queries: int) -> dict[str, Any]:
@@ -230,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shots", type=int, default=2)
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--student-queries", type=int, default=8)
+    p.add_argument("--scan-queries", type=int, default=20, help="queries also run through the scan baseline")
     p.add_argument("--no-student", action="store_true")
     p.add_argument("--cache", default=None, help="folder to keep the filled pools in (reused when present)")
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes, args.queries, args.student_queries = "1000,10000", 100, 3
+        args.sizes, args.queries, args.student_queries, args.scan_queries = "1000,10000", 100, 3, 10
     stream = Stream(args.image_dim, args.text_dim)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
