@@ -149,7 +149,9 @@ def _timeless(log: Path) -> list[dict]:
 
 
 def _icd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "icdistill", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "icdistill", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize(
@@ -160,7 +162,10 @@ def _icd(*args: str) -> subprocess.CompletedProcess:
         (["--seed", "3"], "--seed is set per cell"),
         (["--budgets", "0.05,2"], "(0, 1]"),
         (["--seeds", "1,1"], "a seed twice"),
-        (["--methods", "finetune-online", "--student", "openai:gpt-4o-mini@http://127.0.0.1:9/v1"], "local:smollm2"),
+        (
+            ["--methods", "finetune-online", "--student", "openai:gpt-4o-mini@http://127.0.0.1:9/v1"],
+            "local:smollm2",
+        ),
         (["--resume"], "--resume needs --out"),
     ],
 )
@@ -176,7 +181,19 @@ def test_cli_usage_errors_are_one_line_and_run_nothing(tmp_path, args, message):
 def test_cli_eval_with_the_real_embedder(tmp_path):
     data = colour_folder(tmp_path / "c", n_per_class=4)
     out = tmp_path / "o"
-    args = ["eval", "--dataset", str(data), "--n", "10", "--seeds", "0,1", "--budgets", "0.2", "--warmup", "2"]
+    args = [
+        "eval",
+        "--dataset",
+        str(data),
+        "--n",
+        "10",
+        "--seeds",
+        "0,1",
+        "--budgets",
+        "0.2",
+        "--warmup",
+        "2",
+    ]
     r = _icd(*args, "--methods", "teacher-zero-shot,knn-pool:shots=1", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     rows = _rows(out / "results.csv")
@@ -191,3 +208,5 @@ def test_cli_eval_with_the_real_embedder(tmp_path):
     assert again.returncode == 1 and "already holds an eval" in again.stderr
     resumed = _icd("eval", "--resume", "--out", str(out), "--quiet")
     assert resumed.returncode == 0 and _rows(out / "results.csv") == rows
+    changed = _icd("eval", "--resume", "--out", str(out), "--seeds", "0,1,2", "--n", "20")
+    assert changed.returncode == 2 and "--n, --seeds" in changed.stderr

@@ -62,6 +62,14 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> Any:
     clash = sorted(f"--{g}" for g in given & set(_PER_CELL))
     if clash:
         raise ICDError(f"{', '.join(clash)} is set per cell by icd eval: use --seeds / --budgets")
+    if args.resume:
+        kept = {"out", "resume", "quiet"}
+        changed = sorted({f"--{g.replace('_', '-')}" for g in given - kept} | _grid_flags(args.argv))
+        if changed:
+            raise ICDError(
+                f"--resume continues the grid stored in --out; it does not take {', '.join(changed)} "
+                "(start a new eval in another folder to change it)"
+            )
     base = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name not in _PER_CELL})
     cfg = EvalConfig(
         base=base,
@@ -88,6 +96,12 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
     Console().print(summary_table(rows))
     console.print(f"results: {out / 'results.csv'}  report: {out / 'report.md'}")
     return 0
+
+
+def _grid_flags(argv: list[str]) -> set[str]:
+    return {
+        f for f in ("--methods", "--budgets", "--seeds") if any(a == f or a.startswith(f + "=") for a in argv)
+    }
 
 
 def _methods(text: str) -> list[Any]:

@@ -301,10 +301,13 @@ def run_eval(
     from icdistill.eval.report import write_report
 
     out = Path(out)
+    if resume:
+        cfg = _prepare_out(cfg, out, resume=True)  # the stored grid, whatever was passed
     why = refusals(cfg)
     if why:
         raise ICDError("cannot run: " + "; ".join(why))
-    cfg = _prepare_out(cfg, out, resume)
+    if not resume:
+        cfg = _prepare_out(cfg, out, resume=False)
     dataset = dataset or load_dataset(cfg.base.dataset, split=cfg.base.split)
     stream_order(len(dataset), cfg.base.n, 0, cfg.base.shuffle)  # raises on an empty stream
     parts_cache = _PartsCache(ctx or ModelContext(seed=cfg.base.seed), parts)

@@ -319,7 +319,7 @@ class SmolLM2Student:
         self._lm: list[tuple[Any, Any] | None] = [lm]
         self._load_lock = threading.Lock()
         self._tags_lock = threading.Lock()
-        self._tags: OrderedDict[str, str] = OrderedDict()
+        self._tags: OrderedDict[str, TagsLike] = OrderedDict()
 
     def lm(self) -> tuple[Any, Any]:
         """``(model, tokenizer)``, loaded on first use."""
@@ -329,22 +329,24 @@ class SmolLM2Student:
                 self._lm[0] = (model.to(self.device), tokenizer)
             return self._lm[0]
 
-    def describe(self, image: Image.Image | None) -> str:
-        """The image's tags as text (cached per image content)."""
-        if image is None:
-            return "none"
+    def _tags_of(self, image: Image.Image) -> TagsLike:
+        """The tagger's result for an image, cached per image content (demos come back query after query)."""
         key = image_digest(image)
         with self._tags_lock:
-            text = self._tags.get(key)
-            if text is not None:
+            tags = self._tags.get(key)
+            if tags is not None:
                 self._tags.move_to_end(key)
-                return text
-        text = self.tagger.tag(image).describe(self.max_tags)
+                return tags
+        tags = self.tagger.tag(image)
         with self._tags_lock:
-            self._tags[key] = text
+            self._tags[key] = tags
             while len(self._tags) > TAG_CACHE_SIZE:
                 self._tags.popitem(last=False)
-        return text
+        return tags
+
+    def describe(self, image: Image.Image | None) -> str:
+        """The image's tags as text."""
+        return "none" if image is None else self._tags_of(image).describe(self.max_tags)
 
     def fresh(self) -> SmolLM2Student:
         """A student with the same loaded LM, tagger and options but no calibration history: each
@@ -369,7 +371,7 @@ class SmolLM2Student:
             logp = _log_softmax(self.calibration(options, bool(demos), logp))
         images = [query.image, *[d.image for d in demos]]
         if self.mix > 0 and demos and all(i is not None for i in images):
-            feats = [getattr(self.tagger.tag(i), "features", None) for i in images]  # type: ignore[arg-type]
+            feats = [getattr(self._tags_of(i), "features", None) for i in images]  # type: ignore[arg-type]
             if all(f is not None for f in feats):  # a tagger without features: the LM alone answers
                 votes = demo_vote(feats[0], feats[1:], [d.answer for d in demos], self.mix_temperature)
                 vote = np.array([math.log(votes.get(o, 0.0) + 1e-6) for o in options])
