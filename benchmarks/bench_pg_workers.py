@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=48, help="queries in total, split over the workers")
     p.add_argument("--workers", default="1,2,4")
     args = p.parse_args(argv)
+    # a SIGTERM (e.g. from `timeout`) must still stop the cluster and remove its folder
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = []
     with throwaway_cluster() as admin, tempfile.TemporaryDirectory() as tmp:
         for w in (int(x) for x in args.workers.split(",")):
