@@ -25,6 +25,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +155,9 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
     times.update({f"{name} (scan)": [] for name in selectors})
     times["gate"], times["add"] = [], []
     asked_here = 0
+    token = uuid.uuid4().hex[:8]  # a cached pool keeps earlier runs' demos: these must be new ones
     for j in range(args.queries):
-        q = Query(id=f"bench{n}-{j}", image=None, prompt=PROMPT, options=LABELS, position=WARM + j)
+        q = Query(id=f"bench{n}-{token}-{j}", image=None, prompt=PROMPT, options=LABELS, position=WARM + j)
         emb = {IMAGE: x[j], TEXT: stream.text, IMAGE_TEXT: it[j]}
         for name, sel in selectors.items():
             t = time.perf_counter()
@@ -178,8 +180,9 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
             calls += 1
             asked_here += 1
             t = time.perf_counter()
-            pool.add(q, ann(LABELS[labels[j]]), {**emb, ANSWER: stream.answers[labels[j]]})
+            _, status = pool.add(q, ann(LABELS[labels[j]]), {**emb, ANSWER: stream.answers[labels[j]]})
             times["add"].append((time.perf_counter() - t) * 1e3)
+            assert status == "added", status
     pool.close()
     first = args.selectors.split(",")[0]
     row: dict[str, Any] = {
