@@ -130,10 +130,13 @@ def run_scenario(name: str, extra: list[str], reqs: list[dict[str, Any]], client
                     time.sleep(0.1)
             startup = time.perf_counter() - t_start
             idle = HealthProbe(url)
+            idle_cpu0 = cpu_seconds(proc.pid)
             idle.start()
-            time.sleep(2.0)
+            time.sleep(3.0)
             idle.stop.set()
             idle.join()
+            # what one /healthz costs the server, to take the probes' share out of the per-request CPU
+            probe_cpu = (cpu_seconds(proc.pid) - idle_cpu0) / max(1, len(idle.latencies))
 
             # warm-up request (first-call allocations), not timed
             httpx.post(url + "/v1/predict", json=reqs[0], headers=AUTH, timeout=120).raise_for_status()
@@ -186,7 +189,9 @@ def run_scenario(name: str, extra: list[str], reqs: list[dict[str, Any]], client
         "clients": clients,
         "startup_seconds": startup,
         "throughput_rps": len(lat) / wall,
-        "server_cpu_seconds_per_request": cpu / len(lat),
+        "server_cpu_seconds_per_request_with_probes": cpu / len(lat),
+        "server_cpu_seconds_per_request": (cpu - probe_cpu * len(probe.latencies)) / len(lat),
+        "server_cpu_seconds_per_healthz": probe_cpu,
         "latency_p50": pct(lat, 50),
         "latency_p99": pct(lat, 99),
         "healthz_idle_p50": pct(idle.latencies, 50),
