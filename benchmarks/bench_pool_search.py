@@ -84,7 +84,9 @@ def bench_one(n: int, dim: int, args: argparse.Namespace) -> dict[str, Any]:
     mix = Mixture(dim)
     # the graph answers every query; exact is measured separately
     efs = [int(e) for e in str(args.ef_search).split(",")]
-    cfg = IndexConfig(exact_below=0, expansion_search=efs[0], connectivity=args.connectivity)
+    cfg = IndexConfig(
+        exact_below=0, expansion_search=efs[0], connectivity=args.connectivity, dtype=args.dtype
+    )
     index = VectorIndex(dim, cfg)
     chunk = 50_000
     t0 = time.perf_counter()
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         help="HNSW search expansion; a list (96,160) measures each on the same graph, the first is 'ann'",
     )
     p.add_argument("--connectivity", type=int, default=IndexConfig().connectivity)
+    p.add_argument("--dtype", default=IndexConfig().dtype, help="graph storage: bf16, f16, f32, i8")
     p.add_argument("--faiss", action="store_true", help="also measure FAISS HNSW32 on the same vectors")
     args = p.parse_args(argv)
     if args.quick:
@@ -199,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     dims = [int(d) for d in args.dims.split(",")]
     t0 = time.perf_counter()
     rows = [bench_one(n, d, args) for d in dims for n in sizes]
-    cfg = IndexConfig(expansion_search=int(args.ef_search.split(",")[0]), connectivity=args.connectivity)
+    cfg = IndexConfig(
+        expansion_search=int(args.ef_search.split(",")[0]), connectivity=args.connectivity, dtype=args.dtype
+    )
     result = {
         "benchmark": "pool_search",
         "backend": "usearch HNSW",
