@@ -338,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # transformers' and the hub's tqdm bars ("Loading weights", GGUF conversion) would print through
     # every run beside our own progress display (rich, not tqdm)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # torch is imported later, so this still counts: OpenMP threads that busy-wait between the small
+    # matmuls of a 135M LM stall when anything else shares the cores (BENCHMARKS.md, Speed)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
