@@ -40,7 +40,9 @@ class IndexConfig:
     Defaults were chosen by ``benchmarks/bench_pool_search.py`` (see BENCHMARKS.md).
     """
 
-    exact_below: int = 20_000
+    # an exact scan reads n x d floats per query: 10k x 1280 took 18 ms under load where the graph
+    # answered 10k x 384 in 0.6 ms (BENCHMARKS.md, section 7), so the graph takes over early
+    exact_below: int = 4096
     connectivity: int = 32
     expansion_add: int = 64
     expansion_search: int = 96
