@@ -7,6 +7,7 @@ import io
 import math
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -317,3 +318,33 @@ def test_main_checks_the_port_and_the_key_before_loading(monkeypatch: pytest.Mon
     with pytest.raises(ICDError, match="API key"):
         serve_model.main("local:smollm2", host="0.0.0.0", port=8123)
     assert loaded == []  # neither mistake cost a model load
+
+
+def test_open_answers_are_really_sampled_when_the_backend_can() -> None:
+    class Sampler(FakeStudent):
+        def predict(self, query, demos):
+            return Prediction(answer="a cat", token_logprobs=[-0.1], token_entropies=[0.2])
+
+        def sample(self, query, demos, n, temperature, seed):
+            rng = np.random.default_rng(seed)
+            return [f"answer {int(rng.integers(1000))} at {temperature}" for _ in range(n)]
+
+    c = TestClient(create_app(Sampler()))
+    got = [
+        ch["message"]["content"]
+        for ch in chat(c, [user("Describe.")], n=3, temperature=0.7, seed=5)["choices"]
+    ]
+    again = [
+        ch["message"]["content"]
+        for ch in chat(c, [user("Describe.")], n=3, temperature=0.7, seed=5)["choices"]
+    ]
+    assert got == again and len(set(got)) == 3 and all(a.endswith("at 0.7") for a in got)
+    # greedy (temperature 0): copies of the answer, as OpenAI gives
+    greedy = chat(c, [user("Describe.")], n=2, temperature=0)["choices"]
+    assert [ch["message"]["content"] for ch in greedy] == ["a cat", "a cat"]
+    # a backend that cannot sample says so instead of faking samples
+    r = TestClient(create_app(FakeStudent())).post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [user("Describe.")], "n": 3, "temperature": 1.0},
+    )
+    assert r.status_code == 400 and "greedily" in r.json()["error"]["message"]

@@ -382,9 +382,10 @@ def create_app(
             top = _int_field(body, "top_logprobs", 0, 0, 20)
             seed = None if body.get("seed") is None else _int_field(body, "seed", 0, 0, 2**63 - 1)
             temperature = _temperature(body)
-            if query.options is None and n > 1 and temperature > 0:
+            sample_open = query.options is None and n > 1 and temperature > 0
+            if sample_open and not callable(getattr(student, "sample", None)):
                 raise _BadRequest(
-                    "n > 1 with temperature > 0 needs options: this server answers open questions "
+                    "n > 1 with temperature > 0 needs options: this backend answers open questions "
                     "greedily and would return n copies of one answer",
                     "n",
                 )
@@ -407,7 +408,13 @@ def create_app(
                 code="empty_answer",
             )
         sampler = np.random.default_rng(seed) if seed is not None else rng
-        answers = _choose(pred, query, n, temperature, sampler)
+        if sample_open:
+            # real samples from the backend (e.g. local:smollm2), not copies of the greedy answer
+            draw_seed = seed if seed is not None else int(sampler.integers(2**31))
+            async with predict_lock:
+                answers = await asyncio.to_thread(student.sample, query, demos, n, temperature, draw_seed)
+        else:
+            answers = _choose(pred, query, n, temperature, sampler)
         if ignore_n:
             answers = answers[:1]
         if fault is not None and fault.kind == "wrong_n":

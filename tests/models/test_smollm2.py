@@ -276,3 +276,13 @@ def test_zero_shot_prompt_styles_and_bad_options():
         SmolLM2Student(FakeTagger(), zero_shot="loud")
     with pytest.raises(SpecError, match="mix"):
         SmolLM2Student(FakeTagger(), mix=1.5)
+
+
+@pytest.mark.slow
+def test_open_answers_are_sampled_reproducibly(lm):
+    student = SmolLM2Student(FakeTagger(), lm=lm, max_new_tokens=8)
+    q = Query(id="q", image=Image.new("RGB", (8, 8), (0, 200, 0)), prompt="Describe the image.")
+    a = student.sample(q, [], 4, 1.0, seed=3)
+    assert a == student.sample(q, [], 4, 1.0, seed=3)
+    assert len(a) == 4 and all(isinstance(x, str) and "\n" not in x for x in a)
+    assert len(set(a)) > 1  # samples, not four copies of the greedy answer

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from icdistill.models.scoring import generate_with_entropy, score_continuations
+from icdistill.models.scoring import generate_with_entropy, sample_generations, score_continuations
 from icdistill.types import Demo, Prediction, Query, SpecError, image_digest
 
 log = logging.getLogger(__name__)
@@ -377,6 +377,14 @@ class SmolLM2Student:
                 vote = np.array([math.log(votes.get(o, 0.0) + 1e-6) for o in options])
                 logp = (1.0 - self.mix) * logp + self.mix * vote
         return logp.tolist()
+
+    def sample(
+        self, query: Query, demos: Sequence[Demo], n: int, temperature: float, seed: int
+    ) -> list[str]:
+        """``n`` answers to an open question sampled at ``temperature`` (reproducible by ``seed``)."""
+        model, tokenizer = self.lm()
+        prompt = self.prompt_for(query, demos)
+        return sample_generations(model, tokenizer, prompt, n, temperature, self.max_new_tokens, seed)
 
     def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         start = time.perf_counter()
