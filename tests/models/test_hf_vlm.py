@@ -139,9 +139,8 @@ def test_sample_maps_free_text_to_options(
     assert r.usage.completion_tokens == 6
 
 
+@pytest.mark.parametrize("vlm", ["idefics3", "smolvlm"], indirect=True)  # the tiling families only
 def test_idefics3_max_side_and_split_cut_image_tokens(vlm: HFVisionLanguageModel) -> None:
-    if vlm.family != "idefics3":
-        pytest.skip("Idefics3 tiling only")
     query = sample_queries()[0]
     tiles = vlm.build_inputs(query)["pixel_values"].shape[1]
     small = HFVisionLanguageModel("small", vlm.loaded, HFOptions(max_side=32))
@@ -276,9 +275,8 @@ def test_options_are_scored_with_the_end_of_turn(vlm: HFVisionLanguageModel) -> 
     assert batched["dark"] == pytest.approx(full["dark"], abs=1e-5)
 
 
+@pytest.mark.parametrize("vlm", ["idefics3", "smolvlm"], indirect=True)  # the tiling families only
 def test_idefics3_max_side_never_exceeds_the_checkpoint_resolution(vlm: HFVisionLanguageModel) -> None:
-    if vlm.family != "idefics3":
-        pytest.skip("Idefics3/SmolVLM tiling only")
     query = sample_queries()[0]
     huge = HFVisionLanguageModel("huge", vlm.loaded, HFOptions(max_side=1600))
     inputs = huge.build_inputs(query)
