@@ -140,7 +140,13 @@ def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> None:
     ]
     reference = next((r["method"] for r in rows if r["method"].split(":")[0] == "icd"), None)
     if reference:
-        parts += [f"Paired against `{reference}`:", "", paired_table(rows, reference), ""]
+        parts += [
+            f"Paired against `{reference}` on the same stream order (a budget-free method against "
+            f"`{reference}` at its first budget):",
+            "",
+            paired_table(rows, reference),
+            "",
+        ]
     plots = [
         ("tradeoff.png", "accuracy vs achieved teacher-call rate", plot_tradeoff),
         ("running.png", "running accuracy along the stream", plot_running),
