@@ -182,9 +182,9 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
             calls += 1
             asked_here += 1
             t = time.perf_counter()
-            _, status = pool.add(q, ann(LABELS[labels[j]]), {**emb, ANSWER: stream.answers[labels[j]]})
+            _, added = pool.add(q, ann(LABELS[labels[j]]), {**emb, ANSWER: stream.answers[labels[j]]})
             times["add"].append((time.perf_counter() - t) * 1e3)
-            assert status == "added", status
+            assert added == "added", added
     pool.close()
     first = args.selectors.split(",")[0]
     row: dict[str, Any] = {
