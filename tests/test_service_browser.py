@@ -80,6 +80,7 @@ def test_two_labellers_label_the_queue_in_chromium(tmp_path):
 
                 # B skips its item; A labels its own, then keeps going until the queue is empty
                 page_b.click("button.skip")
+                page_b.wait_for_load_state("load")
                 assert current(page_b) not in (b, a)
                 labelled = []
                 for _ in range(len(items)):
@@ -87,6 +88,7 @@ def test_two_labellers_label_the_queue_in_chromium(tmp_path):
                         break
                     qid = current(page_a)
                     page_a.click(f"button[name=label][value='{truth[qid]}']")
+                    page_a.wait_for_load_state("load")
                     labelled.append(qid)
                     if page_a.locator("img.q").count():
                         assert current(page_a) != qid  # the next item appears
@@ -96,9 +98,10 @@ def test_two_labellers_label_the_queue_in_chromium(tmp_path):
                 assert remaining == {current(page_b)}
                 qid_b = current(page_b)
                 page_b.click(f"button[name=label][value='{truth[qid_b]}']")
-                assert "Nothing to label" in page_b.content()
+                # the form post navigates: read the page once the new one has loaded
+                page_b.wait_for_selector("text=Nothing to label", timeout=20_000)
                 page_a.goto(url + "/label")
-                assert "Nothing to label" in page_a.content()
+                page_a.wait_for_selector("text=Nothing to label", timeout=20_000)
                 cookies = page_a.context.cookies()
                 # the OpenAPI page renders from local assets (chromium runs without network access to CDNs)
                 page_a.goto(url + "/docs")
