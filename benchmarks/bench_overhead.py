@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -118,6 +119,16 @@ def bulk_fill(path: Path, n: int, stream: Stream) -> float:
     return time.perf_counter() - t0
 
 
+def _demo_rows(path: Path) -> int:
+    db = sqlite3.connect(str(path))
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM annotations WHERE in_pool = 1").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        db.close()
+
+
 def ann(answer: str) -> Annotation:
     return Annotation(
         answer=answer, samples=[answer], votes={answer: 1}, agreement=1.0, accepted=True, teacher="bench"
@@ -127,6 +138,9 @@ def ann(answer: str) -> Annotation:
 def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     path = folder / f"pool_{n}_{args.image_dim}_{args.text_dim}.sqlite"
     fill_s = None
+    if path.exists() and _demo_rows(path) < n:  # a fill that was killed: start again
+        path.unlink()
+        shutil.rmtree(f"{path}.index", ignore_errors=True)
     if not path.exists():
         fill_s = bulk_fill(path, n, stream)
     t = time.perf_counter()
