@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -378,16 +379,7 @@ class SQLitePool:
                     json.dumps(annotation.samples),
                     json.dumps(annotation.votes),
                     annotation.agreement,
-                    json.dumps(
-                        {
-                            "calls": u.calls,
-                            "prompt_tokens": u.prompt_tokens,
-                            "completion_tokens": u.completion_tokens,
-                            "cost_usd": u.cost_usd,
-                            "faults": u.faults,
-                            "cached": u.cached,
-                        }
-                    ),
+                    json.dumps(asdict(u)),  # Usage fields, in order
                     annotation.seconds,
                     time.time(),
                 ),

@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -400,16 +400,7 @@ class PostgresPool:
                 json.dumps(annotation.samples),
                 json.dumps(annotation.votes),
                 annotation.agreement,
-                json.dumps(
-                    {
-                        "calls": u.calls,
-                        "prompt_tokens": u.prompt_tokens,
-                        "completion_tokens": u.completion_tokens,
-                        "cost_usd": u.cost_usd,
-                        "faults": u.faults,
-                        "cached": u.cached,
-                    }
-                ),
+                json.dumps(asdict(u)),  # Usage fields, in order
                 annotation.seconds,
                 time.time(),
                 self.worker,
