@@ -176,6 +176,26 @@ class _Kinds:
         return arr
 
 
+def pooled_demo(demo_id: int, query: Query, annotation: Annotation, embeddings: Embeddings) -> Demo:
+    """The demonstration a pooled annotation becomes, with its provenance (every pool backend)."""
+    return Demo(
+        id=demo_id,
+        query_id=query.id,
+        image=query.image,
+        prompt=query.prompt,
+        answer=annotation.answer,
+        embeddings={k: _unit(v) for k, v in embeddings.items()},
+        provenance={
+            "teacher": annotation.teacher,
+            "votes": annotation.votes,
+            "agreement": annotation.agreement,
+            "position": query.position,
+            "image_ref": query.image_ref,
+            "options": list(query.options) if query.options else None,
+        },
+    )
+
+
 class SQLitePool:
     """A crash-safe demonstration pool.
 
@@ -402,22 +422,7 @@ class SQLitePool:
             self._index.remove(old)
         if not in_pool:
             return None, status
-        demo = Demo(
-            id=demo_id,
-            query_id=query.id,
-            image=query.image,
-            prompt=query.prompt,
-            answer=annotation.answer,
-            embeddings={k: _unit(v) for k, v in embeddings.items()},
-            provenance={
-                "teacher": annotation.teacher,
-                "votes": annotation.votes,
-                "agreement": annotation.agreement,
-                "position": query.position,
-                "image_ref": query.image_ref,
-                "options": list(query.options) if query.options else None,
-            },
-        )
+        demo = pooled_demo(demo_id, query, annotation, embeddings)
         self._demos[demo_id] = demo
         self._kinds.add(demo_id, demo.provenance.get("options"))
         self._index.add(demo_id, demo.embeddings)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from icdistill.index import IndexConfig
-from icdistill.pool import AddStatus, SQLitePool, _Index, _Kinds, _unit
+from icdistill.pool import AddStatus, SQLitePool, _Index, _Kinds, _unit, pooled_demo
 from icdistill.types import (
     Annotation,
     Demo,
@@ -442,22 +442,7 @@ class PostgresPool:
                 self._kinds.remove(old)
         if not in_pool:
             return None
-        demo = Demo(
-            id=demo_id,
-            query_id=query.id,
-            image=query.image,
-            prompt=query.prompt,
-            answer=annotation.answer,
-            embeddings={k: _unit(v) for k, v in embeddings.items()},
-            provenance={
-                "teacher": annotation.teacher,
-                "votes": annotation.votes,
-                "agreement": annotation.agreement,
-                "position": query.position,
-                "image_ref": query.image_ref,
-                "options": list(query.options) if query.options else None,
-            },
-        )
+        demo = pooled_demo(demo_id, query, annotation, embeddings)
         self._demos[demo_id] = demo
         self._index.add(demo_id, demo.embeddings)
         self._kinds.add(demo_id, demo.provenance.get("options"))
