@@ -271,3 +271,100 @@ def test_run_refuses_a_password_in_the_pool_url():
         RunConfig(pool="postgresql://u:secret@127.0.0.1/db")
     with pytest.raises(ICDError, match="postgresql://"):
         RunConfig(pool="runs/other.sqlite")
+
+
+def test_a_label_another_run_bought_is_a_pool_hit_not_a_teacher_call(url, tmp_path):
+    """Two runs on one dataset share query ids: the second's gate must count the first's labels as
+    pool hits (the shared ``q5`` is not its own crash-recovered ``q5``), per worker and globally."""
+    from fakes import FakeEmbedder, FakeStudent, colour_folder
+    from icdistill.runlog import read_records
+    from icdistill.runner import Parts, RunConfig, run_icd
+
+    root = colour_folder(tmp_path / "c", n_per_class=3)
+    teachers = [CountingTeacher(), CountingTeacher()]
+    summaries = [
+        run_icd(
+            RunConfig(dataset=str(root), n=None, gate="always", pool=url, seed=k),
+            tmp_path / f"run{k}",
+            parts=Parts(FakeStudent(), teacher, FakeEmbedder()),
+        )
+        for k, teacher in enumerate(teachers)
+    ]
+    n = summaries[0]["n_queries"]
+    assert summaries[0]["teacher_calls"] == teachers[0].calls == n
+    second = [r for r in read_records(tmp_path / "run1" / "log.jsonl") if r.get("event") == "query"]
+    assert len(second) == n and teachers[1].calls == 0
+    assert summaries[1]["teacher_calls"] == 0  # was n: each reuse counted as a recovered teacher call
+    assert not any(r["teacher_asked"] for r in second)
+    assert all("same image and prompt as demo" in r["gate_reason"] for r in second)
+    with PostgresPool(url) as pool:
+        # the global ledger and the workers' own counts agree: every label bought once
+        assert pool.ledger_state()["calls"] == n == sum(s["teacher_calls"] for s in summaries)
+
+
+def test_a_label_bought_while_waiting_for_its_claim_is_not_this_workers_call(url):
+    import threading
+
+    from fakes import FakeEmbedder, FakeStudent
+    from icdistill.distiller import Distiller
+    from icdistill.gate import AlwaysGate
+    from icdistill.select import make_selector
+    from icdistill.teacher import TestTimeScaling
+
+    embedder = FakeEmbedder()
+    with PostgresPool(url) as a, PostgresPool(url) as b:
+        assert a.claim(item(1)) == "claimed"  # a is buying it now
+        teacher = CountingTeacher()
+        d = Distiller(
+            student=FakeStudent(),
+            annotator=ClaimingAnnotator(TestTimeScaling(teacher), b, poll_s=0.02),
+            embedder=embedder,
+            selector=make_selector("image"),
+            gate=AlwaysGate(),
+            pool=b,
+        )
+
+        def a_finishes() -> None:
+            time.sleep(0.3)
+            e = embedder.embed_query(item(1))
+            a.add(item(1), ann("a"), {**e, ANSWER: embedder.embed_texts(["a"])[0]})
+
+        t = threading.Thread(target=a_finishes)
+        t.start()
+        rec = d.step(item(1, qid="b1"))  # the gate asks; the claim is busy until a's demo lands
+        t.join()
+        assert teacher.calls == 0 and rec["reused_demo"] is not None
+        assert rec["teacher_asked"] is False and d.teacher_calls == 0 and rec["annotation"] is None
+        assert "bought by another worker" in rec["gate_reason"]
+        assert rec["answered_by"] == "student+new-demo" and rec["answer"] == "a"
+        assert b.ledger_state()["calls"] == 1  # a's purchase only
+        assert b.stats()["duplicate"] == 0  # the reuse stores nothing
+
+
+def test_a_dropped_listener_reconnects_and_catches_up_by_id(url):
+    import psycopg
+
+    with PostgresPool(url) as a, PostgresPool(url, catchup_s=3600) as b:  # no periodic check: the drop must be noticed
+        a.add(item(1), ann(), emb(1))
+        deadline = time.monotonic() + 1.0
+        while len(b) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(b) == 1
+        with psycopg.connect(url, autocommit=True) as admin:
+            pid = b._listen.info.backend_pid
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+            # wait for the backend to be gone before the next demo, so its notification is lost
+            while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+                time.sleep(0.01)
+        a.add(item(2), ann(), emb(2))  # announced while b has no listener
+        deadline = time.monotonic() + 1.0
+        while len(b) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(b) == 2 and b.reconnects == 1
+        assert b.search(IMAGE, emb(2)[IMAGE], 1)[0].size == 1
+        a.add(item(3), ann(), emb(3))  # and the new listener hears what comes next
+        deadline = time.monotonic() + 1.0
+        while len(b) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(b) == 3 and b.reconnects == 1
+        assert sorted(d.query_id for d in b.demos()) == ["q1", "q2", "q3"]

@@ -199,7 +199,14 @@ class Distiller:
                 failed_faults = int(getattr(e, "faults", 1))
         if not draft.asked:
             annotation = None
-        if annotation is not None:
+        asked, reason = draft.asked, draft.reason
+        reused = getattr(annotation, "reused_demo", None)
+        if reused is not None:
+            # another worker of a shared pool bought this label while we waited for its claim: a pool
+            # hit, not a teacher call of ours (the gate counted one in answer_now: take it back)
+            self.teacher_calls -= 1
+            asked, reason = False, f"{draft.reason}; not asked: bought by another worker meanwhile (demo {reused})"
+        if annotation is not None and reused is None:
             # once, always: a recovered annotation was never logged, so replay did not charge it
             self._charge(annotation.usage.cost_usd)
             answer_emb = self.embedder.embed_texts([annotation.answer or " "])[0]
@@ -230,13 +237,14 @@ class Distiller:
             "first_correct": is_correct(first.answer, query) if query.label is not None else None,
             "answered_by": answered_by,
             "uncertainty": u,
-            "teacher_asked": draft.asked,
-            "gate_reason": draft.reason,
+            "teacher_asked": asked,
+            "gate_reason": reason,
             "gate_threshold": decision.threshold,
             "ctx_teacher_calls": ctx.teacher_calls,
             "ctx_pool_size": ctx.pool_size,
             "ctx_kind": ctx.kind,
-            "annotation": _annotation_record(annotation),
+            "annotation": _annotation_record(annotation) if reused is None else None,
+            "reused_demo": reused,
             "teacher_error": teacher_error,
             "teacher_error_faults": failed_faults,
             "pool_status": pool_status,

@@ -12,10 +12,19 @@ claimant calls the teacher; its demo and the release of the claim commit togethe
 mid-call leaves only a claim, which expires after ``lease_s``; nothing half-written (one transaction
 per annotation). A unique index on image digest + prompt among pooled demos makes a twin impossible
 even if two workers race past their claims.
+
+Query ids are namespaced by an *owner* (a run folder, or ``""`` for the service, whose ids are
+UUIDs): two workers fed the same dataset share query ids, and one worker's annotation of ``q5`` is
+not the other's crash-recovered ``q5`` but a label already bought (a pool hit, not a teacher call).
+
+A listener connection can drop (the server restarts, an admin terminates the backend): the next
+read notices, reconnects and catches up by id, and a cheap id check every ``catchup_s`` seconds
+covers a drop that raised nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -47,7 +56,8 @@ CHANNEL = "icd_pool"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS icd_annotations (
     id BIGSERIAL PRIMARY KEY,
-    query_id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL DEFAULT '',
+    query_id TEXT NOT NULL,
     position INTEGER NOT NULL,
     image_png BYTEA,
     image_ref TEXT,
@@ -65,7 +75,8 @@ CREATE TABLE IF NOT EXISTS icd_annotations (
     usage TEXT,
     seconds DOUBLE PRECISION,
     created DOUBLE PRECISION,
-    worker TEXT
+    worker TEXT,
+    UNIQUE (owner, query_id)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS icd_one_demo_per_item
     ON icd_annotations (image_digest, prompt) WHERE in_pool AND image_digest IS NOT NULL;
@@ -105,7 +116,10 @@ class PostgresPool:
     """The ``Pool`` of ``SQLitePool`` (same reads, same ``add`` statuses) over a PostgreSQL database.
 
     ``max_calls`` caps teacher calls across every worker of the pool (the ledger ``ledger``);
-    ``lease_s`` is how long a claim protects a purchase in progress.
+    ``lease_s`` is how long a claim protects a purchase in progress (``renew_claims`` extends it).
+    ``owner`` is the namespace of this worker's query ids: ``annotation_for`` recovers only its own
+    (a resumed run finds what its killed process stored, never another run's annotation of an item
+    with the same id).
     """
 
     def __init__(
@@ -119,6 +133,8 @@ class PostgresPool:
         max_calls: int | None = None,
         lease_s: float = 120.0,
         worker: str | None = None,
+        owner: str = "",
+        catchup_s: float = 5.0,
     ) -> None:
         try:
             import psycopg
@@ -134,6 +150,9 @@ class PostgresPool:
         self.ledger = ledger
         self.lease_s = lease_s
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.owner = owner
+        self.catchup_s = catchup_s
+        self.reconnects = 0  # listener reconnections (for tests and stats)
         try:
             self._db = psycopg.connect(url, autocommit=True)
             self._listen = psycopg.connect(url, autocommit=True)
@@ -149,6 +168,7 @@ class PostgresPool:
                 (ledger, max_calls),
             )
         self._listen.execute(f"LISTEN {CHANNEL}")
+        self._next_check = time.monotonic() + catchup_s
         self._demos: dict[int, Demo] = {}
         self._index = _Index(Path(index_dir) if index_dir is not None else None, index)
         self._kinds = _Kinds()
@@ -177,12 +197,51 @@ class PostgresPool:
         """Apply the other workers' committed changes (new demos, evictions). Returns how many."""
         added: list[int] = []
         removed: list[int] = []
-        for note in self._listen.notifies(timeout=0):
-            for part in note.payload.split(","):
-                if part.startswith("-"):
-                    removed.append(int(part[1:]))
-                elif part:
-                    added.append(int(part))
+        try:
+            for note in self._listen.notifies(timeout=0):
+                for part in note.payload.split(","):
+                    if part.startswith("-"):
+                        removed.append(int(part[1:]))
+                    elif part:
+                        added.append(int(part))
+        except self._psycopg.OperationalError:
+            # the listener's backend is gone: notifications sent meanwhile are lost, so reconnect
+            # first (nothing after this point is missed) and then compare ids with the table
+            self._reconnect_listener()
+            return self._catch_up()
+        if time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + self.catchup_s
+            n, top = self._db.execute(
+                "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM icd_annotations WHERE in_pool"
+            ).fetchone()
+            if n != len(self._demos) or (n and top != max(self._demos)):
+                return self._catch_up()
+        return self._apply(added, removed)
+
+    def _reconnect_listener(self) -> None:
+        with contextlib.suppress(Exception):
+            self._listen.close()
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self._listen = self._psycopg.connect(self.url, autocommit=True)
+                self._listen.execute(f"LISTEN {CHANNEL}")
+                break
+            except self._psycopg.OperationalError as e:
+                if time.monotonic() > deadline:
+                    raise ICDError(f"lost the pool's listener and cannot reconnect to {_redact(self.url)}: {e}") from e
+                time.sleep(0.2)
+        if self._db.closed or self._db.broken:
+            self._db = self._psycopg.connect(self.url, autocommit=True)
+        self.reconnects += 1
+
+    def _catch_up(self) -> int:
+        """Sync by id: the pooled ids in the table against ours (after a lost notification)."""
+        pooled = {int(r[0]) for r in self._db.execute("SELECT id FROM icd_annotations WHERE in_pool")}
+        mine = set(self._demos)
+        return self._apply(sorted(pooled - mine), sorted(mine - pooled))
+
+    def _apply(self, added: list[int], removed: list[int]) -> int:
         for demo_id in removed:
             if self._demos.pop(demo_id, None) is not None:
                 self._index.remove(demo_id)
@@ -247,8 +306,8 @@ class PostgresPool:
     def annotation_for(self, query_id: str) -> Annotation | None:
         row = self._db.execute(
             "SELECT answer, samples, votes, agreement, accepted, teacher, usage, seconds FROM icd_annotations "
-            "WHERE query_id = %s",
-            (query_id,),
+            "WHERE owner = %s AND query_id = %s",
+            (self.owner, query_id),
         ).fetchone()
         return _annotation(row) if row is not None else None
 
@@ -256,8 +315,9 @@ class PostgresPool:
         if query.image is None:
             return None
         row = self._db.execute(
-            "SELECT id FROM icd_annotations WHERE in_pool AND image_digest = %s AND prompt = %s AND query_id != %s",
-            (image_digest(query.image), query.prompt, query.id),
+            "SELECT id FROM icd_annotations WHERE in_pool AND image_digest = %s AND prompt = %s "
+            "AND NOT (owner = %s AND query_id = %s)",
+            (image_digest(query.image), query.prompt, self.owner, query.id),
         ).fetchone()
         if row is None:
             return None
@@ -340,8 +400,8 @@ class PostgresPool:
                 with self._db.transaction():
                     done = self._add_once(query, annotation, embeddings, digest, status)
             except errors.UniqueViolation as e:
-                if "query_id" in str(e):
-                    break
+                if e.diag.constraint_name != "icd_one_demo_per_item":
+                    break  # this owner's query id is stored already
                 status = "duplicate"  # a twin was pooled by another worker between our check and insert
                 continue
             except self._psycopg.Error as e:
@@ -352,7 +412,7 @@ class PostgresPool:
             demo_id, in_pool, evicted, status = done.demo_id, done.in_pool, done.evicted, done.status
             return self._apply_own(query, annotation, embeddings, demo_id, in_pool, evicted), status
         existing = self._db.execute(
-            "SELECT id FROM icd_annotations WHERE query_id = %s", (query.id,)
+            "SELECT id FROM icd_annotations WHERE owner = %s AND query_id = %s", (self.owner, query.id)
         ).fetchone()
         self.refresh()
         return (self._demos.get(existing[0]) if existing else None), "exists"
@@ -366,7 +426,7 @@ class PostgresPool:
         status: AddStatus,
     ) -> tuple[Demo | None, AddStatus] | _Written:
         existing = self._db.execute(
-            "SELECT id FROM icd_annotations WHERE query_id = %s", (query.id,)
+            "SELECT id FROM icd_annotations WHERE owner = %s AND query_id = %s", (self.owner, query.id)
         ).fetchone()
         if existing is not None:
             self.refresh()
@@ -381,10 +441,11 @@ class PostgresPool:
         in_pool = status == "added"
         u = annotation.usage
         demo_id = self._db.execute(
-            "INSERT INTO icd_annotations (query_id, position, image_png, image_ref, image_digest, prompt, options, "
+            "INSERT INTO icd_annotations (owner, query_id, position, image_png, image_ref, image_digest, prompt, options, "
             "answer, accepted, in_pool, status, teacher, samples, votes, agreement, usage, seconds, created, worker) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
             (
+                self.owner,
                 query.id,
                 query.position,
                 image_to_png(query.image) if query.image is not None else None,
@@ -463,6 +524,30 @@ class PostgresPool:
         ).fetchall()
         return [int(r[0]) for r in rows]
 
+    def remove(self, demo_id: int) -> bool:
+        """Take a demo out of the pool for every worker; its annotation stays, status 'deleted'."""
+        with self._db.transaction():
+            row = self._db.execute(
+                "UPDATE icd_annotations SET in_pool = false, status = 'deleted' WHERE id = %s AND in_pool RETURNING id",
+                (demo_id,),
+            ).fetchone()
+            if row is not None:
+                self._db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"-{demo_id}"))
+        self._apply([], [demo_id])
+        return row is not None
+
+    def renew_claims(self) -> int:
+        """Extend this worker's claims by ``lease_s`` (a heartbeat for teacher calls in flight), so a
+        short lease still protects a long call while a dead worker's claims expire soon."""
+        cur = self._db.execute(
+            "UPDATE icd_claims SET expires = %s WHERE worker = %s", (time.time() + self.lease_s, self.worker)
+        )
+        return cur.rowcount
+
+    def known_size(self) -> int:
+        """The pool size as this worker last saw it, without a database round trip (any thread)."""
+        return len(self._demos)
+
     def close(self) -> None:
         self._index.save()
         self._db.close()
@@ -517,7 +602,7 @@ class ClaimingAnnotator:
 
     ``annotate`` claims the item first. Claimed: the teacher is called (a failure releases the claim).
     Already pooled, or bought by another worker meanwhile (waits up to the claim lease): that demo's
-    answer is returned at no cost, and the pool stores this query's copy as a duplicate. Ledger cap
+    answer is returned at no cost, marked as reused (a pool hit: nothing stored, no call counted). Ledger cap
     reached: ``TeacherError``, as when the teacher cannot answer.
     """
 
@@ -543,15 +628,23 @@ class ClaimingAnnotator:
             if state == "pooled":
                 twin = self.pool.demo_like(query)
                 if twin is not None:
-                    return _reused(twin)
+                    return reused_annotation(twin)
             if time.monotonic() > deadline:
                 raise TeacherError("another worker holds the claim on this image and prompt; gave up waiting")
             time.sleep(self.poll_s)
 
 
-def _reused(demo: Demo) -> Annotation:
+@dataclass
+class ReusedAnnotation(Annotation):
+    """A label another worker bought (``reused_demo`` is its demo): no teacher call, no cost, and
+    nothing new for the pool. The Distiller counts it as a pool hit, not as a teacher call."""
+
+    reused_demo: int | None = None
+
+
+def reused_annotation(demo: Demo) -> ReusedAnnotation:
     votes = demo.provenance.get("votes") or {demo.answer: 1}
-    return Annotation(
+    return ReusedAnnotation(
         answer=demo.answer,
         samples=[demo.answer],
         votes=votes,
@@ -559,4 +652,5 @@ def _reused(demo: Demo) -> Annotation:
         accepted=True,
         teacher=f"{demo.provenance.get('teacher') or ''} (demo {demo.id}, bought by another worker)",
         usage=Usage(),
+        reused_demo=demo.id,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
@@ -355,7 +356,12 @@ def open_pool(cfg: RunConfig, out: Path) -> SQLitePool | PostgresPool:
     its index beside its run folder; the global teacher-call cap is ``--max-calls``)."""
     if cfg.pool is None:
         return SQLitePool(out / "pool.sqlite", max_size=cfg.pool_max, lock=True)
-    return PostgresPool(cfg.pool, max_size=cfg.pool_max, max_calls=cfg.max_calls, index_dir=out / "pool-index")
+    # the owner of its query ids: this run folder (a resumed process recovers what the killed one
+    # stored; another run's annotation of the same dataset item is a label bought, not ours)
+    owner = f"run:{socket.gethostname()}:{out.resolve()}"
+    return PostgresPool(
+        cfg.pool, max_size=cfg.pool_max, max_calls=cfg.max_calls, index_dir=out / "pool-index", owner=owner
+    )
 
 
 def run_icd(
