@@ -13,10 +13,10 @@ import json
 import os
 import resource
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from icdistill.data.stream import Dataset, load_dataset, stream_order
 from icdistill.eval.methods import METHODS, MethodSpec, parse_method
@@ -250,9 +250,9 @@ def run_cell(
 ) -> dict[str, Any]:
     """Run (or finish) one cell and return its row; a finished cell is read back, not rerun."""
     folder = out / cell.path
-    row_path = folder / "row.json"
-    if row_path.exists():
-        return json.loads(row_path.read_text())
+    done = finished_row(cell, out)
+    if done is not None:
+        return done
     method = METHODS[cell.spec.name]
     run_cfg = method.run_config(cfg.base, cell.spec, cell.budget, cell.seed)
     resume = (folder / "config.json").exists()
@@ -270,8 +270,64 @@ def run_cell(
         summary.update(extra())
         summary["peak_rss_mb"] = _peak_rss_mb()
     row = cell_row(cell, summary, read_records(folder / "log.jsonl"))
-    write_json_atomic(row_path, row)
+    write_json_atomic(folder / "row.json", row)
     return row
+
+
+def finished_row(cell: Cell, out: Path) -> dict[str, Any] | None:
+    """The row of a cell that finished (its ``row.json``), or None."""
+    path = out / cell.path / "row.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclass
+class CellJob:
+    """What running a cell needs besides the cell: the same for every cell of an eval (and every worker)."""
+
+    cfg: EvalConfig
+    out: Path
+    dataset: Dataset
+    parts: Parts | None = None  # injected backends (tests); None: each process builds and caches its own
+    ctx: ModelContext | None = None
+
+
+class CellWorker:
+    """Runs cells of one eval in one process, loading each set of models once for all of them."""
+
+    def __init__(self, job: CellJob) -> None:
+        self.job = job
+        self.cache = _PartsCache(job.ctx or ModelContext(seed=job.cfg.base.seed), job.parts)
+
+    def run(
+        self,
+        cell: Cell,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+        on_start: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        job = self.job
+        return run_cell(cell, job.cfg, job.out, self.cache, job.dataset, on_record=on_record, on_start=on_start)
+
+
+class CellRunner(Protocol):
+    """Runs the cells of an eval somewhere; yields ``(index in cells, row)`` as each finishes, in any order."""
+
+    def run(self, cells: Sequence[Cell], job: CellJob) -> Iterator[tuple[int, dict[str, Any]]]: ...
+
+
+@dataclass
+class LocalCells:
+    """Every cell in this process, one after another in plan order."""
+
+    on_cell: Callable[[int, int, Cell], None] | None = None
+    on_start: Callable[[int, int], None] | None = None
+    on_record: Callable[[dict[str, Any]], None] | None = None
+
+    def run(self, cells: Sequence[Cell], job: CellJob) -> Iterator[tuple[int, dict[str, Any]]]:
+        worker = CellWorker(job)
+        for i, cell in enumerate(cells):
+            if self.on_cell is not None:
+                self.on_cell(i, len(cells), cell)
+            yield i, worker.run(cell, on_record=self.on_record, on_start=self.on_start)
 
 
 def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -296,8 +352,14 @@ def run_eval(
     on_cell: Callable[[int, int, Cell], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    runner: CellRunner | None = None,
+    on_cell_done: Callable[[int, int, Cell], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every cell (skipping finished ones on resume); write results.csv, report.md and plots."""
+    """Run every cell (skipping finished ones on resume); write results.csv, report.md and plots.
+
+    ``runner`` decides where cells run (default: here, in plan order, with the progress callbacks);
+    results.csv always lists the finished cells in plan order, rewritten as each one finishes.
+    ``on_cell_done(done, total, cell)`` follows every finished cell."""
     from icdistill.eval.report import write_report
 
     out = Path(out)
@@ -310,13 +372,17 @@ def run_eval(
         cfg = _prepare_out(cfg, out, resume=False)
     dataset = dataset or load_dataset(cfg.base.dataset, split=cfg.base.split)
     stream_order(len(dataset), cfg.base.n, 0, cfg.base.shuffle)  # raises on an empty stream
-    parts_cache = _PartsCache(ctx or ModelContext(seed=cfg.base.seed), parts)
     cells = plan(cfg)
-    rows: list[dict[str, Any]] = []
-    for i, cell in enumerate(cells):
-        if on_cell is not None:
-            on_cell(i, len(cells), cell)
-        rows.append(run_cell(cell, cfg, out, parts_cache, dataset, on_record=on_record, on_start=on_start))
-        write_results_csv(rows, out / "results.csv")
+    runner = runner or LocalCells(on_cell=on_cell, on_start=on_start, on_record=on_record)
+    done: dict[int, dict[str, Any]] = {}
+    for i, row in runner.run(cells, CellJob(cfg, out, dataset, parts, ctx)):
+        done[i] = row
+        write_results_csv([done[j] for j in sorted(done)], out / "results.csv")
+        if on_cell_done is not None:
+            on_cell_done(len(done), len(cells), cells[i])
+    missing = [c.label() for i, c in enumerate(cells) if i not in done]
+    if missing:
+        raise ICDError(f"cells never finished: {', '.join(missing)}; continue with --resume")
+    rows = [done[i] for i in range(len(cells))]
     write_report(rows, cfg, out)
     return rows
