@@ -42,6 +42,13 @@ class _ImageCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, int]:
+        # a copy of a dataset (sent to another process, e.g. a Ray actor) starts with an empty cache
+        return {"max_items": self.max_items, "max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["max_items"], state["max_bytes"])  # type: ignore[misc]
+
     @staticmethod
     def _size(image: Image.Image) -> int:
         return image.width * image.height * len(image.getbands())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,25 @@ def add_eval_args(
         "--budgets", type=_floats, default=(0.05,), help="teacher-call rates of gated methods (default: 0.05)"
     )
     g.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="stream orders (default: 0,1,2)")
+    r = p.add_argument_group("Ray (pip install 'icdistill[ray]')")
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run cells on Ray actors (models loaded once per actor): a local Ray instance, or the cluster "
+        "at ADDRESS (auto, host:port or ray://host:port; --out must then be on storage every node sees)",
+    )
+    r.add_argument(
+        "--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all cores)"
+    )
+    r.add_argument(
+        "--ray-actor-cpus",
+        type=int,
+        default=1,
+        help="CPUs (and torch threads) each actor holds; one actor per this many CPUs (default: 1)",
+    )
     add_run_args(p)
     for action in p._actions:
         if action.dest in _PER_CELL:
@@ -91,11 +111,49 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     console = Console(stderr=True)
-    with _progress(console, args.quiet, len(plan(cfg))) as callbacks:
-        rows = run_eval(cfg, out, resume=args.resume, **callbacks)
+    with _ray_runner(args) as runner:
+        with _progress(console, args.quiet, len(plan(cfg)), queries=runner is None) as callbacks:
+            rows = run_eval(cfg, out, resume=args.resume, runner=runner, **callbacks)
+        if runner is not None and runner.workers:
+            w = runner.workers
+            console.print(
+                f"ran on {len(w)} Ray actors on {len({x['node'] for x in w})} node(s), "
+                f"{w[0]['torch_threads']} torch thread(s) each"
+            )
     Console().print(summary_table(rows))
     console.print(f"results: {out / 'results.csv'}  report: {out / 'report.md'}")
     return 0
+
+
+@contextmanager
+def _ray_runner(args: argparse.Namespace) -> Iterator[Any]:
+    """None without --ray; otherwise a connected RayCells, checked before anything is written."""
+    from icdistill.cli import UsageError
+
+    if args.ray is None:
+        if args.ray_cpus is not None or args.ray_actor_cpus != 1:
+            raise UsageError("--ray-cpus and --ray-actor-cpus need --ray")
+        yield None
+        return
+    from icdistill.eval.ray_runner import RayCells, RayOptions, RaySetupError
+
+    try:
+        runner = RayCells(
+            RayOptions(
+                address=None if args.ray == "local" else args.ray,
+                cpus=args.ray_cpus,
+                actor_cpus=args.ray_actor_cpus,
+            )
+        )
+        runner.connect()
+    except RaySetupError as e:
+        raise UsageError(str(e)) from e
+    try:
+        yield runner
+    except RaySetupError as e:
+        raise UsageError(str(e)) from e
+    finally:
+        runner.close()
 
 
 def _grid_flags(argv: list[str]) -> set[str]:
@@ -113,7 +171,7 @@ def _methods(text: str) -> list[Any]:
 class _progress:
     """A rich progress display: one bar over cells, one over the current cell's queries."""
 
-    def __init__(self, console: Any, disabled: bool, n_cells: int) -> None:
+    def __init__(self, console: Any, disabled: bool, n_cells: int, queries: bool = True) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
@@ -126,12 +184,18 @@ class _progress:
             disable=disabled,
         )
         self.cells = self.progress.add_task("cells", total=n_cells, stats="")
-        self.queries = self.progress.add_task("queries", total=1, stats="")
+        # cells on Ray actors report only when they finish: no bar over one cell's queries
+        self.queries = self.progress.add_task("queries", total=1, stats="", visible=queries)
         self.state = {"n": 0, "correct": 0, "calls": 0}
 
     def __enter__(self) -> dict[str, Callable[..., None]]:
         self.progress.start()
-        return {"on_cell": self.on_cell, "on_start": self.on_start, "on_record": self.on_record}
+        return {
+            "on_cell": self.on_cell,
+            "on_start": self.on_start,
+            "on_record": self.on_record,
+            "on_cell_done": self.on_cell_done,
+        }
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
@@ -139,6 +203,9 @@ class _progress:
     def on_cell(self, i: int, total: int, cell: Any) -> None:
         self.progress.update(self.cells, completed=i, stats=cell.label())
         self.state = {"n": 0, "correct": 0, "calls": 0}
+
+    def on_cell_done(self, done: int, total: int, cell: Any) -> None:
+        self.progress.update(self.cells, completed=done, stats=f"done: {cell.label()}")
 
     def on_start(self, start: int, total: int) -> None:
         self.progress.update(self.queries, total=total, completed=start, stats="")

@@ -1,0 +1,298 @@
+"""``icd eval --ray``: the cells of an eval run on Ray actors, each loading the models once.
+
+The driver plans, dispatches and writes results; every actor runs cells with the harness's own
+``CellWorker`` into the same ``out/cells/...`` folders as the single-process eval, so a cell's log,
+pool and row are the same whichever process ran it, and ``--resume`` works across both. A killed
+driver takes its actors with it (Ray ends a job's actors when its driver dies); the next ``--resume``
+skips finished cells and continues half-done ones. A killed actor is restarted by Ray and its cell
+retried, which continues that cell from its log.
+
+Cell folders are written by the actors, so on a cluster ``--out`` must be on storage every node
+sees at the same path: a marker file written by the driver is read back by every actor before any
+cell runs, and a worker that cannot see it stops the eval with an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from icdistill.eval.harness import Cell, CellJob, CellWorker, finished_row
+from icdistill.runlog import FolderLock
+from icdistill.types import ICDError
+
+MARKER = ".icd-ray-storage-check"
+INSTALL_HINT = "pip install 'icdistill[ray]'"
+# how long a cell waits for the lock of a process that is still dying (an actor of a killed driver)
+LOCK_WAIT_S = 60.0
+# environment of every actor: set before torch loads there
+_PASS_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "TOKENIZERS_PARALLELISM",
+    "TQDM_DISABLE",
+    "HF_HOME",
+)
+
+
+class RaySetupError(ICDError):
+    """Ray is missing, unreachable or cannot serve this eval: the command cannot work as given (exit 2)."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide: ``address`` None starts a local Ray instance of ``cpus`` CPUs (default: all);
+    otherwise ``auto``, ``host:port`` (a cluster's GCS) or ``ray://host:port`` (Ray Client)."""
+
+    address: str | None = None
+    cpus: int | None = None
+    actor_cpus: int = 1
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.cpus is not None and self.cpus < 1:
+            raise RaySetupError(f"--ray-cpus must be at least 1, got {self.cpus}")
+        if self.actor_cpus < 1:
+            raise RaySetupError(f"--ray-actor-cpus must be at least 1, got {self.actor_cpus}")
+        if self.address is not None and self.cpus is not None:
+            raise RaySetupError(
+                "--ray-cpus sizes a local Ray instance; a cluster (--ray ADDRESS) has its own"
+            )
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise RaySetupError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from e
+    return ray
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A plain TCP connect first: ``ray.init`` on a dead address waits minutes before failing."""
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://").rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise RaySetupError(f"--ray {address}: expected auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RaySetupError(f"cannot reach Ray at {address}: {e}") from e
+
+
+def storage_problem(marker: Path, token: str) -> str | None:
+    """Why this process cannot see the marker the driver wrote into --out (None: it can)."""
+    try:
+        seen = marker.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        return f"cannot read {marker}: {e.strerror or e}"
+    if seen != token:
+        return f"{marker} holds another eval's marker (a different folder at the same path)"
+    return None
+
+
+def wait_for_cell(folder: Path, timeout: float = LOCK_WAIT_S) -> None:
+    """Wait while another process (an actor of a killed driver, still exiting) holds the cell's lock."""
+    lock_path = folder / "run.lock"
+    if not lock_path.exists():
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            FolderLock(lock_path, f"cell {folder}").acquire().release()
+            return
+        except ICDError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class _CellActor:
+    """One Ray actor: a ``CellWorker`` (models loaded once) running the cells it is sent."""
+
+    def __init__(self, job: CellJob, token: str, threads: int) -> None:
+        # the actor holds `threads` CPUs: as many torch threads, not one per core of the machine
+        import torch
+
+        torch.set_num_threads(threads)
+        self.job = job
+        self.token = token
+        self.worker = CellWorker(job)
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+            "storage_problem": storage_problem(self.job.out / MARKER, self.token),
+        }
+
+    def run(self, cell: Cell) -> dict[str, Any]:
+        problem = storage_problem(self.job.out / MARKER, self.token)
+        if problem is not None:
+            raise RaySetupError(_storage_message(self.job.out, socket.gethostname(), problem))
+        wait_for_cell(self.job.out / cell.path)
+        return self.worker.run(cell)
+
+
+def _storage_message(out: Path, node: str, problem: str) -> str:
+    return (
+        f"a Ray worker on {node} cannot see --out {out} ({problem}): on a cluster --out must be a folder "
+        "on storage every node sees at the same path (e.g. an NFS mount)"
+    )
+
+
+class RayCells:
+    """A ``CellRunner`` that spreads cells over Ray actors and yields rows as they finish."""
+
+    def __init__(self, options: RayOptions | None = None) -> None:
+        self.options = options or RayOptions()
+        self.workers: list[dict[str, Any]] = []  # what each actor reported (node, pid, torch threads)
+        self._ray: Any = None
+        self._owns = False  # whether close() disconnects (and stops the local instance we started)
+
+    def connect(self) -> None:
+        """Import Ray and start or join the instance now (errors before anything is written)."""
+        if self._ray is None:
+            ray = import_ray()
+            self._owns = self._connect(ray)
+            self._ray = ray
+
+    def close(self) -> None:
+        if self._ray is not None and self._owns:
+            self._ray.shutdown()
+        self._ray, self._owns = None, False
+
+    def run(self, cells: Sequence[Cell], job: CellJob) -> Iterator[tuple[int, dict[str, Any]]]:
+        out = job.out.resolve()  # actors may not share the driver's working directory
+        pending = []
+        for i, cell in enumerate(cells):
+            row = finished_row(cell, out)
+            if row is not None:
+                yield i, row
+            else:
+                pending.append(i)
+        if not pending:
+            return
+        connected_here = self._ray is None
+        self.connect()
+        ray = self._ray
+        token = uuid.uuid4().hex
+        write_marker(out, token)
+        actors: list[Any] = []
+        try:
+            actors = self._start_actors(ray, replace(job, out=out), token, len(pending))
+            yield from self._dispatch(ray, cells, pending, actors)
+        finally:
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+            with contextlib.suppress(OSError):
+                (out / MARKER).unlink()
+            if connected_here:
+                self.close()
+
+    def _connect(self, ray: Any) -> bool:
+        """Connect (True: we started or joined Ray here and shut it down after); an instance this
+        process already holds is used as it is (tests share one)."""
+        if ray.is_initialized():
+            return False
+        opts = self.options
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,  # worker output stays in Ray's session logs, not across the progress bars
+            "logging_level": logging.WARNING,
+        }
+        try:
+            if opts.address is None:
+                ray.init(num_cpus=opts.cpus or os.cpu_count() or 1, **kwargs)
+            else:
+                check_reachable(opts.address)
+                ray.init(address=opts.address, **kwargs)
+        except RaySetupError:
+            raise
+        except (Exception, SystemExit) as e:  # ray.init exits the process when the GCS never answers
+            where = (
+                "start a local Ray instance" if opts.address is None else f"connect to Ray at {opts.address}"
+            )
+            raise RaySetupError(
+                f"cannot {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from e
+        return True
+
+    def _start_actors(self, ray: Any, job: CellJob, token: str, n_pending: int) -> list[Any]:
+        opts = self.options
+        total = float(ray.cluster_resources().get("CPU", 0))
+        n = min(n_pending, int(total // opts.actor_cpus))
+        if n < 1:
+            raise RaySetupError(f"the Ray cluster has {total:g} CPUs; an actor needs {opts.actor_cpus}")
+        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+        threads = str(opts.actor_cpus)
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OMP_WAIT_POLICY="PASSIVE")
+        actor_cls = ray.remote(_CellActor).options(
+            num_cpus=opts.actor_cpus,
+            max_restarts=opts.max_restarts,
+            max_task_retries=opts.max_restarts,
+            runtime_env={"env_vars": env},
+        )
+        job_ref = ray.put(job)  # the dataset and any injected models are sent once, not per actor
+        actors = [actor_cls.remote(job_ref, token, opts.actor_cpus) for _ in range(n)]
+        self.workers = [_get(ray, ref, "starting") for ref in [a.describe.remote() for a in actors]]
+        for w in self.workers:
+            if w["storage_problem"]:
+                raise RaySetupError(_storage_message(job.out, w["node"], w["storage_problem"]))
+        return actors
+
+    def _dispatch(
+        self, ray: Any, cells: Sequence[Cell], pending: list[int], actors: list[Any]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        queue = deque(pending)
+        running: dict[Any, tuple[Any, int]] = {}
+
+        def submit(actor: Any) -> None:
+            if queue:
+                i = queue.popleft()
+                running[actor.run.remote(cells[i])] = (actor, i)
+
+        for actor in actors:
+            submit(actor)
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor, i = running.pop(ready[0])
+            row = _get(ray, ready[0], f"running {cells[i].label()}")
+            submit(actor)
+            yield i, row
+
+
+def write_marker(out: Path, token: str) -> None:
+    (out / MARKER).write_text(token + "\n", encoding="utf-8")
+
+
+def _get(ray: Any, ref: Any, doing: str) -> Any:
+    """``ray.get``, with a worker's own error raised as itself (an ICDError stays an ICDError)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
+    except ray.exceptions.RayActorError as e:
+        raise ICDError(
+            f"a Ray worker died {doing} and could not be restarted ({str(e).splitlines()[0]}); "
+            "finished cells are kept: continue with --resume"
+        ) from e
