@@ -67,6 +67,9 @@ class ServeConfig:
     max_pixels: int = 24_000_000
     wait_timeout_s: float = 120.0
     label_lease_s: float = 300.0
+    # with a PostgreSQL pool: how long a silent server keeps its teacher work and label claims before
+    # another server adopts them (a live server renews them every second)
+    claim_lease_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.no_auth and not is_loopback(self.host):
@@ -82,7 +85,7 @@ class ServeConfig:
         for name in ("teacher_concurrency", "max_body_bytes", "max_import_bytes", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ICDError(f"{name.replace('_', '-')} must be >= 1")
-        if self.wait_timeout_s <= 0 or self.label_lease_s <= 0:
+        if self.wait_timeout_s <= 0 or self.label_lease_s <= 0 or self.claim_lease_s <= 0:
             raise ICDError("wait and lease timeouts must be > 0")
         self.run_config()  # validates the loop options exactly as `icd run` does
 
@@ -104,7 +107,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     d = ServeConfig.__dataclass_fields__
     g = p.add_argument_group("service")
     g.add_argument(
-        "--pool", default=d["pool"].default, help="SQLite file: pool, labelling queue, budget ledger"
+        "--pool",
+        default=d["pool"].default,
+        help="SQLite file (one server) or postgresql://... (a database shared by many servers and "
+        "icd run workers): pool, labelling queue, budget ledger",
     )
     g.add_argument("--host", default=d["host"].default)
     g.add_argument("--port", type=int, default=d["port"].default)
@@ -116,6 +122,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-bytes", type=int, default=d["max_body_bytes"].default)
     g.add_argument("--max-pixels", type=int, default=d["max_pixels"].default)
     g.add_argument("--wait-timeout", dest="wait_timeout_s", type=float, default=d["wait_timeout_s"].default)
+    g.add_argument(
+        "--claim-lease",
+        dest="claim_lease_s",
+        type=float,
+        default=d["claim_lease_s"].default,
+        help="PostgreSQL pool: seconds before another server adopts the teacher work of a silent one",
+    )
     g = p.add_argument_group("models")
     g.add_argument("--student", default=d["student"].default)
     g.add_argument(

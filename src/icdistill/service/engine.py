@@ -9,6 +9,7 @@ state needs no locks and the event loop never runs a model. Teacher requests run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ from PIL import Image
 from icdistill.distiller import Distiller, Draft
 from icdistill.gate import make_gate
 from icdistill.pool import SQLitePool
+from icdistill.pool_pg import PostgresPool, is_postgres_url, reused_annotation
 from icdistill.select import make_selector
 from icdistill.service.config import ServeConfig
 from icdistill.service.errors import ServiceError, bad_request, conflict, not_found, unprocessable
@@ -42,7 +44,9 @@ from icdistill.service.store import (
     PENDING_TEACHER,
     REJECTED,
     ServiceStore,
+    Store,
 )
+from icdistill.service.store_pg import PostgresServiceStore
 from icdistill.teacher import TestTimeScaling
 from icdistill.types import (
     ANSWER,
@@ -74,6 +78,11 @@ class LoopThread:
     def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
         return self._ex.submit(fn, *args).result()
 
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` there without waiting for it (a clean-up that must not be cancelled)."""
+        with contextlib.suppress(RuntimeError):  # shut down already
+            self._ex.submit(fn, *args)
+
     def close(self) -> None:
         self._ex.shutdown(wait=True, cancel_futures=True)
 
@@ -91,7 +100,12 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 
 class Engine:
     """Answers queries now, annotates them later (a teacher in the background, or a person), and keeps
-    the pool, the labelling queue and the budget ledger in one SQLite file."""
+    the pool, the labelling queue and the budget ledger in one SQLite file, or in a PostgreSQL
+    database shared with other ``icd serve`` processes and ``icd run`` workers (``--pool
+    postgresql://...``): then a label is claimed in the pool before the teacher is called (bought once
+    across servers, within the pool's global call cap), and a sweep every second renews this server's
+    leases, adopts the teacher work of dead servers, and wakes waiters whose query another server
+    finished."""
 
     def __init__(self, cfg: ServeConfig, parts: Any = None) -> None:
         self.cfg = cfg
@@ -107,6 +121,8 @@ class Engine:
         self.on_event: Callable[[str, float], None] | None = None  # metrics hook
         self._teacher_pool = ThreadPoolExecutor(cfg.teacher_concurrency, thread_name_prefix="icd-teacher")
         self._resume: list[str] = []
+        self._inflight: set[str] = set()
+        self._pool_ledger: dict[str, Any] | None = None
         try:
             self.thread.call_sync(self._open, parts)
         except BaseException:
@@ -129,9 +145,22 @@ class Engine:
             if cfg.human_teacher:
                 teacher = HumanTeacher()
         self.teacher_name = "human" if cfg.human_teacher else getattr(teacher, "name", cfg.teacher)
-        # one service per pool file: a second process on it would fork the queue and the ledger
-        self.pool = SQLitePool(cfg.pool, max_size=cfg.pool_max, lock=True)
-        self.store = ServiceStore(cfg.pool)
+        self.pool: SQLitePool | PostgresPool
+        self.store: Store
+        if is_postgres_url(cfg.pool):
+            # many servers on one database: the pool's claims and ledger are shared, so is the queue
+            self.pool = PostgresPool(
+                cfg.pool, max_size=cfg.pool_max, max_calls=cfg.max_calls, lease_s=cfg.claim_lease_s
+            )
+            try:
+                self.store = PostgresServiceStore(cfg.pool, self.pool.worker, cfg.claim_lease_s)
+            except BaseException:
+                self.pool.close()
+                raise
+        else:
+            # one service per pool file: a second process on it would fork the queue and the ledger
+            self.pool = SQLitePool(cfg.pool, max_size=cfg.pool_max, lock=True)
+            self.store = ServiceStore(cfg.pool)
         self.distiller = Distiller(
             student=student,
             annotator=TestTimeScaling(teacher, n=cfg.samples, agreement_floor=cfg.agreement),
@@ -178,12 +207,14 @@ class Engine:
         add_cost = getattr(gate, "add_cost", None)
         if add_cost is not None:
             add_cost(ledger["cost_usd"])
-        self._position = self.store.next_position()
         self.store.release_all()  # leases of labellers from before the restart
-        self._resume = [r["query_id"] for r in self.store.pending(PENDING_TEACHER)]
+        # a shared store's pending work may be another live server's: the sweep adopts orphans only
+        self._resume = [] if self.store.shared else [r["query_id"] for r in self.store.pending(PENDING_TEACHER)]
         with self._stats_lock:
             self._counts = self.store.counts()
             self._ledger = ledger
+        if isinstance(self.pool, PostgresPool):
+            self._pool_ledger = self.pool.ledger_state()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -197,6 +228,10 @@ class Engine:
             self._spawn(qid)
         if resume:
             log.info("resuming %d teacher requests interrupted by a restart", len(resume))
+        if self.store.shared:
+            task = asyncio.get_running_loop().create_task(self._sweep_loop())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def aclose(self) -> None:
         for t in list(self._tasks):
@@ -260,13 +295,16 @@ class Engine:
         self, image: Image.Image, prompt: str, options: list[str] | None, label: str | None
     ) -> dict[str, Any]:
         qid = uuid.uuid4().hex
+        position, calls = self.store.take_slot()
+        if calls is not None:  # other servers spend too: the gate paces the whole stream's calls
+            self.distiller.teacher_calls = calls
         q = Query(
             id=qid,
             image=image,
             prompt=prompt,
             options=tuple(options) if options else None,
             label=label,
-            position=self._position,
+            position=position,
         )
         draft = self.distiller.answer_now(q)
         state = ANSWERED
@@ -290,7 +328,6 @@ class Engine:
             "demo_ids": [d.id for d in draft.demos],
         }
         self.store.add_query(row, self.teacher_name)
-        self._position += 1
         if draft.asked:
             self._drafts[qid] = draft
         with self._stats_lock:
@@ -308,26 +345,104 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
 
     async def _annotate(self, qid: str) -> None:
+        if qid in self._inflight:  # adopted again after a stall of this very server
+            return
+        self._inflight.add(qid)
+        claimed: Query | None = None
         try:
             draft = await self.thread.call(self._draft_for, qid)
             annotation: Annotation | None = None
             error: str | None = None
-            if draft.stored is None:
-                await self.thread.call(self.store.count_attempt, qid)
-            loop = asyncio.get_running_loop()
-            try:
-                annotation = await loop.run_in_executor(self._teacher_pool, self.distiller.ask_teacher, draft)
-            except TeacherError as e:
-                error = str(e)
-            except Exception as e:  # a teacher backend bug must not kill the service or lose the query
-                log.exception("teacher failed on query %s", qid)
-                error = f"teacher crashed: {e!r}"
+            if draft.stored is None and isinstance(self.pool, PostgresPool):
+                try:
+                    annotation = await self._claim_label(draft)
+                    claimed = draft.query if annotation is None else None
+                except TeacherError as e:
+                    error = str(e)
+            if annotation is None and error is None:
+                if draft.stored is None:
+                    await self.thread.call(self.store.count_attempt, qid)
+                loop = asyncio.get_running_loop()
+                try:
+                    annotation = await loop.run_in_executor(
+                        self._teacher_pool, self.distiller.ask_teacher, draft
+                    )
+                except TeacherError as e:
+                    error = str(e)
+                except Exception as e:  # a teacher backend bug must not kill the service or lose the query
+                    log.exception("teacher failed on query %s", qid)
+                    error = f"teacher crashed: {e!r}"
             row = await self.thread.call(self._finish, qid, annotation, error)
             self._wake(qid, row)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("annotating query %s failed; it stays pending and resumes after a restart", qid)
+        finally:
+            self._inflight.discard(qid)
+            if claimed is not None and isinstance(self.pool, PostgresPool):
+                # no demo came of it (or its commit already deleted the claim): another server may buy it
+                self.thread.post(self.pool.release, claimed)
+
+    async def _claim_label(self, draft: Draft) -> Annotation | None:
+        """Claim the label in the shared pool before the teacher is called. None: ours to buy (one call
+        charged to the pool's global ledger); or the label another worker bought, reused at no cost.
+        Raises ``TeacherError`` when the global cap is reached. Waits while another worker holds the
+        claim: its lease runs out if it dies."""
+        assert isinstance(self.pool, PostgresPool)
+        pool = self.pool
+        deadline = time.monotonic() + max(600.0, 2 * pool.lease_s)
+        while True:
+            state = await self.thread.call(pool.claim, draft.query)
+            if state == "claimed":
+                return None
+            if state == "budget":
+                raise TeacherError("the shared pool's teacher budget is spent (ledger cap reached)")
+            if state == "pooled":
+                twin = await self.thread.call(pool.demo_like, draft.query)
+                if twin is not None:
+                    return reused_annotation(twin)
+            if time.monotonic() > deadline:
+                raise TeacherError("another worker holds the claim on this image and prompt; gave up waiting")
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ many servers, one database
+    async def _sweep_loop(self) -> None:
+        tick = min(1.0, self.cfg.claim_lease_s / 3)
+        while True:
+            try:
+                orphans, finished = await self.thread.call(self._sweep)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sweep of the shared store failed; retrying")
+                orphans, finished = [], {}
+            for qid, row in finished.items():
+                self._wake(qid, row)
+            for qid in orphans:
+                if qid not in self._inflight:
+                    self._spawn(qid)
+            if orphans:
+                log.info("adopted %d teacher requests of a server that went silent", len(orphans))
+            await asyncio.sleep(tick)
+
+    def _sweep(self) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """Renew this server's leases, adopt expired work, refresh the stats mirrors, and find waited-on
+        queries another server closed (loop thread)."""
+        assert isinstance(self.pool, PostgresPool)
+        self.store.heartbeat()
+        self.pool.renew_claims()
+        orphans = self.store.adopt_orphans()
+        self.pool.refresh()
+        finished: dict[str, dict[str, Any]] = {}
+        for qid in list(self._waiters):
+            row = self.store.get(qid)
+            if row is not None and row["state"] not in (PENDING_TEACHER, PENDING_HUMAN):
+                finished[qid] = self._public(row, None)
+        counts, ledger, pool_ledger = self.store.counts(), self.store.ledger_totals(), self.pool.ledger_state()
+        with self._stats_lock:
+            self._counts, self._ledger, self._pool_ledger = counts, ledger, pool_ledger
+        return orphans, finished
 
     def _draft_for(self, qid: str) -> Draft:
         """The in-memory draft, or one rebuilt from the store after a restart."""
@@ -374,18 +489,20 @@ class Engine:
         ann = annotation if error is None else None
         state = FAILED if ann is None else ANNOTATED if ann.accepted else REJECTED
         usage = ann.usage if ann is not None else Usage()
-        self.store.finish_query(
+        closed = self.store.finish_query(
             qid,
             state=state,
             teacher_answer=ann.answer if ann is not None else None,
             final_answer=rec["answer"],
             answered_by=rec["answered_by"],
-            pool_status=rec["pool_status"],
+            pool_status=rec["pool_status"] or ("reused" if rec.get("reused_demo") is not None else None),
             error=error,
             calls=usage.calls,
             cost_usd=usage.cost_usd,
         )
         self._drafts.pop(qid, None)
+        if not closed:  # another server closed it first (it adopted our work while we stalled)
+            return self._public(self.store.get(qid), None)
         old = PENDING_HUMAN if self.cfg.human_teacher else PENDING_TEACHER
         with self._stats_lock:
             self._counts[old] -= 1
@@ -478,8 +595,10 @@ class Engine:
         queries = sum(counts.values())
         calls = ledger["teacher_calls"]
         cfg = self.cfg
+        pool_ledger = self._pool_ledger
         return {
-            "pool_size": len(self.pool),
+            # a shared pool is read on the loop thread only: its size as last synced
+            "pool_size": self.pool.known_size() if isinstance(self.pool, PostgresPool) else len(self.pool),
             "queries": queries,
             "teacher": self.teacher_name,
             "teacher_calls": calls,
@@ -503,6 +622,8 @@ class Engine:
                 "paid": ledger["paid"],
                 "failed": ledger["failed"],
                 "reserved": ledger["reserved"],
+                # a shared pool's global ledger: calls bought by every worker on it, and its cap
+                "pool_ledger": pool_ledger,
             },
             "latency_seconds": _percentiles(lat),
         }

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from icdistill.types import ICDError
 
@@ -70,7 +70,50 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+class Store(Protocol):
+    """The service's queries, labelling queue and budget ledger: ``ServiceStore`` (SQLite, one
+    process) or ``PostgresServiceStore`` (one database shared by many ``icd serve`` processes).
+
+    ``shared`` says whether other processes write too: then positions and the teacher-call count
+    come from the store (``take_slot``), teacher work is leased per process (``heartbeat``) and a
+    dead process's work is adopted (``adopt_orphans``)."""
+
+    shared: bool
+
+    def add_query(self, row: dict[str, Any], teacher: str | None) -> None: ...
+    def finish_query(
+        self,
+        query_id: str,
+        *,
+        state: str,
+        teacher_answer: str | None,
+        final_answer: str,
+        answered_by: str,
+        pool_status: str | None,
+        error: str | None,
+        calls: int,
+        cost_usd: float,
+    ) -> bool: ...
+    def count_attempt(self, query_id: str) -> None: ...
+    def get(self, query_id: str) -> dict[str, Any] | None: ...
+    def pending(self, state: str) -> list[dict[str, Any]]: ...
+    def gate_history(self) -> list[dict[str, Any]]: ...
+    def take_slot(self) -> tuple[int, int | None]: ...
+    def counts(self) -> dict[str, int]: ...
+    def ledger_totals(self) -> dict[str, Any]: ...
+    def claim_next(self, labeller: str, lease_s: float, skip: Sequence[str] = ()) -> dict[str, Any] | None: ...
+    def release(self, query_id: str, labeller: str) -> None: ...
+    def release_all(self) -> None: ...
+    def heartbeat(self) -> None: ...
+    def adopt_orphans(self) -> list[str]: ...
+    def close(self) -> None: ...
+
+
 class ServiceStore:
+    """The SQLite ``Store``: one process per file (the pool's lock)."""
+
+    shared = False
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
@@ -146,7 +189,7 @@ class ServiceStore:
         error: str | None,
         calls: int,
         cost_usd: float,
-    ) -> None:
+    ) -> bool:
         """Close a pending query and settle its ledger entry, in one commit. The image is dropped."""
         now = time.time()
         self._tx(
@@ -163,6 +206,7 @@ class ServiceStore:
                 ),
             ]
         )
+        return True
 
     def count_attempt(self, query_id: str) -> None:
         """Written before each teacher request, so a request in flight at a crash is still on the books."""
@@ -205,6 +249,10 @@ class ServiceStore:
         return int(
             self._db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM service_queries").fetchone()[0]
         )
+
+    def take_slot(self) -> tuple[int, int | None]:
+        """The next query's position; no shared call count (this process made every call)."""
+        return self.next_position(), None
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in (ANSWERED, PENDING_TEACHER, PENDING_HUMAN, ANNOTATED, REJECTED, FAILED)}
@@ -273,6 +321,12 @@ class ServiceStore:
                 )
             ]
         )
+
+    def heartbeat(self) -> None:
+        """Nothing to renew: no other process takes this file's work."""
+
+    def adopt_orphans(self) -> list[str]:
+        return []
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,308 @@
+"""The service's tables in a PostgreSQL database shared by many ``icd serve`` processes.
+
+The same ``Store`` as the SQLite ``ServiceStore`` (queries, the human-labelling queue, the
+per-query budget ledger), plus what several processes need:
+
+* positions come from a sequence and the teacher-call count from the table (``take_slot``), so every
+  server's gate sees the whole stream's spend;
+* a query sent to a model teacher is leased to the server that answered it (``claimed_by`` /
+  ``claimed_until``, renewed by ``heartbeat``); when a server dies its lease runs out and another
+  server, or its restart, adopts the work (``adopt_orphans``);
+* the labelling queue is leased row by row with ``FOR UPDATE SKIP LOCKED``: two labellers on two
+  servers never get one item.
+
+The global teacher-call cap and the claim before a teacher call are the pool's (``PostgresPool``),
+not this store's. Used from one thread (the service's loop thread); every write commits before the
+caller acknowledges anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from icdistill.pool_pg import _redact
+from icdistill.service.store import (
+    ANNOTATED,
+    ANSWERED,
+    FAILED,
+    PENDING,
+    PENDING_HUMAN,
+    PENDING_TEACHER,
+    REJECTED,
+    _finite,
+)
+from icdistill.types import ICDError
+
+_SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS icd_service_position MINVALUE 0 START 0;
+CREATE TABLE IF NOT EXISTS icd_service_queries (
+    query_id TEXT PRIMARY KEY,
+    position BIGINT NOT NULL UNIQUE,
+    created DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
+    prompt TEXT NOT NULL,
+    options TEXT,
+    label TEXT,
+    image_png BYTEA,
+    state TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    uncertainty DOUBLE PRECISION,
+    teacher_asked BOOLEAN NOT NULL,
+    gate_reason TEXT,
+    ctx_teacher_calls INTEGER NOT NULL,
+    ctx_pool_size INTEGER NOT NULL,
+    ctx_kind TEXT,
+    demo_ids TEXT NOT NULL,
+    teacher_answer TEXT,
+    final_answer TEXT,
+    answered_by TEXT,
+    pool_status TEXT,
+    error TEXT,
+    claimed_by TEXT,
+    claimed_until DOUBLE PRECISION,
+    server TEXT
+);
+CREATE INDEX IF NOT EXISTS icd_service_queries_state ON icd_service_queries (state, position);
+CREATE INDEX IF NOT EXISTS icd_service_queries_asked ON icd_service_queries (position) WHERE teacher_asked;
+CREATE TABLE IF NOT EXISTS icd_service_ledger (
+    query_id TEXT PRIMARY KEY REFERENCES icd_service_queries(query_id),
+    teacher TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    calls INTEGER NOT NULL DEFAULT 0,
+    cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+    created DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL
+);
+"""
+
+
+class PostgresServiceStore:
+    """The shared ``Store``. ``worker`` names this server in leases (the pool's worker id);
+    ``lease_s`` is how long a silent server keeps its teacher work before another adopts it."""
+
+    shared = True
+
+    def __init__(self, url: str, worker: str, lease_s: float) -> None:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        if lease_s <= 0:
+            raise ICDError("the teacher-work lease must be > 0 seconds")
+        self.url = url
+        self.worker = worker
+        self.lease_s = lease_s
+        self._errors = psycopg.Error
+        try:
+            self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+            with self._db.transaction():
+                self._db.execute("SELECT pg_advisory_xact_lock(7414223)")  # one schema creator at a time
+                self._db.execute(_SCHEMA)
+        except psycopg.Error as e:
+            raise ICDError(f"cannot open the service store in {_redact(url)}: {e}") from e
+
+    def _tx(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run statements in one transaction; returns their row counts."""
+        try:
+            with self._db.transaction():
+                return [self._db.execute(sql, params).rowcount for sql, params in statements]
+        except self._errors as e:
+            raise ICDError(f"could not write to the service store in {_redact(self.url)}: {e}") from e
+
+    # ------------------------------------------------------------------ queries
+    def take_slot(self) -> tuple[int, int | None]:
+        """A fresh stream position, and the teacher calls every server has decided so far."""
+        row = self._db.execute(
+            "SELECT nextval('icd_service_position') AS pos, "
+            "(SELECT COUNT(*) FROM icd_service_queries WHERE teacher_asked) AS calls"
+        ).fetchone()
+        assert row is not None
+        return int(row["pos"]), int(row["calls"])
+
+    def add_query(self, row: dict[str, Any], teacher: str | None) -> None:
+        now = time.time()
+        state = row["state"]
+        leased = state == PENDING_TEACHER  # this server's background work until its lease runs out
+        stmts: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT INTO icd_service_queries (query_id, position, created, updated, prompt, options, image_png, "
+                "state, answer, uncertainty, teacher_asked, gate_reason, ctx_teacher_calls, ctx_pool_size, "
+                "ctx_kind, demo_ids, label, claimed_by, claimed_until, server) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    row["query_id"],
+                    row["position"],
+                    now,
+                    now,
+                    row["prompt"],
+                    json.dumps(list(row["options"])) if row.get("options") else None,
+                    row.get("image_png") if state in PENDING else None,
+                    state,
+                    row["answer"],
+                    _finite(row["uncertainty"]),
+                    bool(row["teacher_asked"]),
+                    row["gate_reason"],
+                    row["ctx_teacher_calls"],
+                    row["ctx_pool_size"],
+                    row.get("ctx_kind", ""),
+                    json.dumps(row["demo_ids"]),
+                    row.get("label"),
+                    self.worker if leased else None,
+                    now + self.lease_s if leased else None,
+                    self.worker,
+                ),
+            )
+        ]
+        if row["teacher_asked"]:
+            stmts.append(
+                (
+                    "INSERT INTO icd_service_ledger (query_id, teacher, state, created, updated) "
+                    "VALUES (%s, %s, 'reserved', %s, %s)",
+                    (row["query_id"], teacher or "", now, now),
+                )
+            )
+        self._tx(stmts)
+
+    def finish_query(
+        self,
+        query_id: str,
+        *,
+        state: str,
+        teacher_answer: str | None,
+        final_answer: str,
+        answered_by: str,
+        pool_status: str | None,
+        error: str | None,
+        calls: int,
+        cost_usd: float,
+    ) -> bool:
+        """Close a pending query and settle its ledger entry in one transaction. False (nothing
+        written) when another server closed it first."""
+        now = time.time()
+        try:
+            with self._db.transaction():
+                done = self._db.execute(
+                    "UPDATE icd_service_queries SET state = %s, teacher_answer = %s, final_answer = %s, "
+                    "answered_by = %s, pool_status = %s, error = %s, image_png = NULL, claimed_by = NULL, "
+                    "claimed_until = NULL, updated = %s WHERE query_id = %s AND state = ANY(%s)",
+                    (state, teacher_answer, final_answer, answered_by, pool_status, error, now, query_id, list(PENDING)),
+                ).rowcount
+                if done:
+                    self._db.execute(
+                        "UPDATE icd_service_ledger SET state = %s, calls = %s, cost_usd = %s, updated = %s "
+                        "WHERE query_id = %s",
+                        ("failed" if state == FAILED else "paid", calls, cost_usd, now, query_id),
+                    )
+        except self._errors as e:
+            raise ICDError(f"could not write to the service store in {_redact(self.url)}: {e}") from e
+        return bool(done)
+
+    def count_attempt(self, query_id: str) -> None:
+        self._tx(
+            [
+                (
+                    "UPDATE icd_service_ledger SET attempts = attempts + 1, updated = %s WHERE query_id = %s",
+                    (time.time(), query_id),
+                )
+            ]
+        )
+
+    def get(self, query_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT q.*, l.state AS ledger_state, l.attempts, l.calls, l.cost_usd, l.teacher "
+            "FROM icd_service_queries q LEFT JOIN icd_service_ledger l USING (query_id) WHERE q.query_id = %s",
+            (query_id,),
+        ).fetchone()
+        return _plain(row) if row is not None else None
+
+    def pending(self, state: str) -> list[dict[str, Any]]:
+        return [
+            _plain(r)
+            for r in self._db.execute(
+                "SELECT * FROM icd_service_queries WHERE state = %s ORDER BY position", (state,)
+            )
+        ]
+
+    def gate_history(self) -> list[dict[str, Any]]:
+        """The whole stream, every server's queries, in position order."""
+        return list(
+            self._db.execute(
+                "SELECT position, uncertainty, teacher_asked, ctx_teacher_calls, ctx_pool_size, ctx_kind "
+                "FROM icd_service_queries ORDER BY position"
+            )
+        )
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in (ANSWERED, PENDING_TEACHER, PENDING_HUMAN, ANNOTATED, REJECTED, FAILED)}
+        for r in self._db.execute("SELECT state, COUNT(*) AS n FROM icd_service_queries GROUP BY state"):
+            out[r["state"]] = int(r["n"])
+        return out
+
+    def ledger_totals(self) -> dict[str, Any]:
+        row = self._db.execute(
+            "SELECT COUNT(*) AS teacher_calls, COALESCE(SUM(attempts), 0) AS attempts, "
+            "COALESCE(SUM(calls), 0) AS requests, COALESCE(SUM(cost_usd), 0) AS cost_usd, "
+            "COUNT(*) FILTER (WHERE state = 'paid') AS paid, COUNT(*) FILTER (WHERE state = 'failed') AS failed, "
+            "COUNT(*) FILTER (WHERE state = 'reserved') AS reserved FROM icd_service_ledger"
+        ).fetchone()
+        assert row is not None
+        return {k: (float(v) if k == "cost_usd" else int(v)) for k, v in row.items()}
+
+    # ------------------------------------------------------------------ teacher work of dead servers
+    def heartbeat(self) -> None:
+        """Renew this server's leases on its teacher work in flight."""
+        self._db.execute(
+            "UPDATE icd_service_queries SET claimed_until = %s WHERE claimed_by = %s AND state = %s",
+            (time.time() + self.lease_s, self.worker, PENDING_TEACHER),
+        )
+
+    def adopt_orphans(self) -> list[str]:
+        """Lease to this server the teacher work whose server went silent (killed, or gone before
+        the lease was written); returns the adopted query ids, oldest first."""
+        now = time.time()
+        rows = self._db.execute(
+            "UPDATE icd_service_queries SET claimed_by = %s, claimed_until = %s WHERE query_id IN ("
+            "SELECT query_id FROM icd_service_queries WHERE state = %s "
+            "AND (claimed_until IS NULL OR claimed_until < %s) FOR UPDATE SKIP LOCKED) RETURNING query_id, position",
+            (self.worker, now + self.lease_s, PENDING_TEACHER, now),
+        ).fetchall()
+        return [r["query_id"] for r in sorted(rows, key=lambda r: r["position"])]
+
+    # ------------------------------------------------------------------ the human-labelling queue
+    def claim_next(self, labeller: str, lease_s: float, skip: Sequence[str] = ()) -> dict[str, Any] | None:
+        """The oldest queued item nobody else holds (this labeller's own first), leased to ``labeller``;
+        one statement, so two servers never lease one item to two people."""
+        now = time.time()
+        row = self._db.execute(
+            "UPDATE icd_service_queries SET claimed_by = %s, claimed_until = %s WHERE query_id = ("
+            "SELECT query_id FROM icd_service_queries WHERE state = %s AND NOT (query_id = ANY(%s)) "
+            "AND (claimed_by IS NULL OR claimed_by = %s OR claimed_until <= %s) "
+            "ORDER BY (claimed_by IS NOT DISTINCT FROM %s AND claimed_until > %s) DESC, position "
+            "LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING query_id",
+            (labeller, now + lease_s, PENDING_HUMAN, list(skip), labeller, now, labeller, now),
+        ).fetchone()
+        return self.get(row["query_id"]) if row is not None else None
+
+    def release(self, query_id: str, labeller: str) -> None:
+        self._db.execute(
+            "UPDATE icd_service_queries SET claimed_by = NULL, claimed_until = NULL "
+            "WHERE query_id = %s AND claimed_by = %s AND state = %s",
+            (query_id, labeller, PENDING_HUMAN),
+        )
+
+    def release_all(self) -> None:
+        """Nothing: the leases may belong to people labelling on another server; they run out."""
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """BYTEA as bytes, the asked flag as the SQLite store's 0/1."""
+    out = {k: bytes(v) if isinstance(v, memoryview) else v for k, v in row.items()}
+    if "teacher_asked" in out:
+        out["teacher_asked"] = int(out["teacher_asked"])
+    return out

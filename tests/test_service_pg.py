@@ -1,0 +1,234 @@
+"""Several `icd serve` processes on one PostgreSQL database (a throwaway Debian cluster): one pool, one
+labelling queue, one global budget. Real HTTP on 127.0.0.1; the teacher is `serve-model` (an
+OpenAI-compatible server on 127.0.0.1) that counts the requests it gets from every server."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("psycopg")
+import psycopg  # noqa: E402
+
+from fakes import ColourStudent, LocalServer  # noqa: E402
+from icdistill.serve_model import FaultPlan, create_app  # noqa: E402
+from pg_cluster import free_port, fresh_database, throwaway_cluster  # noqa: E402
+from service_helpers import AUTH, KEY, OPTIONS, b64, colour_png, query_json, running_service, wait_until  # noqa: E402
+
+HERE = Path(__file__).parent
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with throwaway_cluster() as url:
+        yield url
+
+
+@pytest.fixture()
+def url(cluster):
+    return fresh_database(cluster, f"icd_serve_{os.getpid()}_{next(_counter)}")
+
+
+class Server:
+    """`icd serve` in its own process (tests/service_server.py: fake student and embedder)."""
+
+    def __init__(self, pool: str, teacher: str, log: Any, max_calls: int = 100, lease_s: float = 1.0) -> None:
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "service_server.py"), pool, str(port), teacher, str(max_calls), str(lease_s)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_up(self) -> Server:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited with {self.proc.returncode}")
+            try:
+                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=90)
+        return self
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def servers(n: int, pool: str, teacher: str, log: Any, **kw: Any) -> list[Server]:
+    started = [Server(pool, teacher, log, **kw) for _ in range(n)]  # boot side by side
+    return [s.wait_up() for s in started]
+
+
+def teacher_spec(url: str) -> str:
+    return f"openai:colour-expert@{url}/v1?timeout=30&retries=2&backoff=0.02&cache=0"
+
+
+def sql(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, args).fetchall()
+
+
+def test_two_servers_buy_a_label_once_share_demos_and_one_budget(url, tmp_path):
+    teacher_app = create_app(ColourStudent(), FaultPlan())
+    log = open(tmp_path / "servers.log", "ab")  # noqa: SIM115 - shared by the servers
+    with LocalServer(teacher_app) as turl:
+        a, b = servers(2, url, teacher_spec(turl), log, max_calls=4)
+        try:
+            with httpx.Client(headers=AUTH, timeout=60) as c:
+                # the same image posted to both servers at once: the teacher is called once
+                body = query_json("red", seed=1, label="red", wait=True)
+                with ThreadPoolExecutor(2) as ex:
+                    ra, rb = ex.map(lambda s: c.post(s.url + "/v1/predict", json=body).json(), (a, b))
+                assert teacher_app.state.requests == 1
+                statuses = sorted(str(r.get("pool_status")) for r in (ra, rb))
+                # the other server reused the label (it waited for the claim) or never asked (already pooled)
+                assert statuses in (["None", "added"], ["added", "reused"]), (ra, rb)
+                assert all(r["answer"] == "red" for r in (ra, rb))
+                assert [c.get(s.url + "/v1/demos").json()["total"] for s in (a, b)] == [1, 1]
+
+                # a demo added on one server is in the other's pool within a second
+                demo = {"image_b64": b64(colour_png("blue", 7)), "prompt": "What colour is it?", "label": "blue"}
+                assert c.post(a.url + "/v1/demos", json={**demo, "options": OPTIONS}).status_code == 201
+                deadline = time.monotonic() + 1.0
+                while c.get(b.url + "/v1/demos").json()["total"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert c.get(b.url + "/v1/demos").json()["total"] == 2
+
+                # one budget for both: at most 4 teacher calls in all, however the requests are spread
+                jobs = [(s, OPTIONS[i % 4], 100 + i) for i, s in zip(range(10), itertools.cycle((a, b)), strict=False)]
+                with ThreadPoolExecutor(6) as ex:
+                    done = list(
+                        ex.map(
+                            lambda j: c.post(j[0].url + "/v1/predict", json=query_json(j[1], j[2], label=j[1], wait=True)).json(),
+                            jobs,
+                        )
+                    )
+                assert all(r.get("state") in ("answered", "annotated", "failed") for r in done), done
+                calls, cap = sql(url, "SELECT calls, max_calls FROM icd_ledger")[0]
+                assert cap == 4 and calls <= 4
+                assert teacher_app.state.requests == calls  # every bought label was one request, none twice
+                bought = [r for r in done if r.get("pool_status") == "added"]
+                assert len(bought) == calls - 1  # the rest were held back by the shared budget
+                assert sum(r["state"] == "answered" or r["state"] == "failed" for r in done) >= 10 - 3
+                # both servers report the global spend and stream (their stats sync every sweep)
+                wait_until(
+                    lambda: [
+                        (st["budget"]["pool_ledger"]["calls"], st["queries"], st["pool_size"])
+                        for st in (c.get(s.url + "/v1/stats").json() for s in (a, b))
+                    ]
+                    == [(calls, 12, calls + 1)] * 2
+                )
+        finally:
+            for s in (a, b):
+                s.kill()
+            log.close()
+
+
+def test_a_server_killed_mid_call_loses_nothing_and_another_finishes_its_work(url, tmp_path):
+    # the first and third teacher requests hang for 8 s: the calls the kills interrupt
+    teacher_app = create_app(ColourStudent(), FaultPlan.parse("slow:8,slow:0,slow:8"))
+    log = open(tmp_path / "servers.log", "ab")  # noqa: SIM115
+    with LocalServer(teacher_app) as turl:
+        spec = teacher_spec(turl)
+        a, b = servers(2, url, spec, log)
+        restarted: Server | None = None
+        try:
+            with httpx.Client(headers=AUTH, timeout=60) as c:
+                ack = c.post(a.url + "/v1/predict", json=query_json("green", 3, label="green")).json()
+                assert ack["state"] == "pending_teacher"  # acknowledged: it must not be lost
+                wait_until(lambda: teacher_app.state.requests >= 1)  # a's teacher call is in flight
+                a.kill()
+                # b adopts the silent server's work when its lease runs out, and buys the label
+                done = wait_until(
+                    lambda: (q := c.get(f"{b.url}/v1/queries/{ack['query_id']}").json())["state"] == "annotated" and q,
+                    timeout=60,
+                )
+                assert done["teacher_answer"] == "green" and done["pool_status"] == "added"
+
+                # and a restarted server finishes the work of one killed mid-call when no other is up
+                ack2 = c.post(b.url + "/v1/predict", json=query_json("yellow", 4, label="yellow")).json()
+                assert ack2["state"] == "pending_teacher"
+                wait_until(lambda: teacher_app.state.requests >= 3)  # b's call hangs on the third request
+                b.kill()
+                (restarted,) = servers(1, url, spec, log)
+                done2 = wait_until(
+                    lambda: (q := c.get(f"{restarted.url}/v1/queries/{ack2['query_id']}").json())["state"]
+                    == "annotated"
+                    and q,
+                    timeout=60,
+                )
+                assert done2["teacher_answer"] == "yellow" and done2["pool_status"] == "added"
+                stats = c.get(restarted.url + "/v1/stats").json()
+                assert stats["pending"] == 0 and stats["queries"] == 2
+        finally:
+            for s in (a, b, restarted):
+                if s is not None:
+                    s.kill()
+            log.close()
+    # each query is one whole demo: its annotation, its embeddings, no claim left behind
+    for ack_id in (ack["query_id"], ack2["query_id"]):
+        (row,) = sql(url, "SELECT id, in_pool, status FROM icd_annotations WHERE query_id = %s", ack_id)
+        assert row[1] is True and row[2] == "added"
+        assert sql(url, "SELECT COUNT(*) FROM icd_embeddings WHERE demo_id = %s", row[0])[0][0] >= 2
+    assert sql(url, "SELECT COUNT(*) FROM icd_annotations")[0][0] == 2
+    assert sql(url, "SELECT COUNT(*) FROM icd_claims")[0][0] == 0
+    # bought once each, plus the one call each killed server had in flight
+    assert (sql(url, "SELECT calls FROM icd_ledger")[0][0], teacher_app.state.requests) == (4, 4)
+    ledger = sql(url, "SELECT state, attempts FROM icd_service_ledger ORDER BY created")
+    assert ledger == [("paid", 2), ("paid", 2)]  # both attempts on the books, each settled once
+
+
+def _label_page(c: httpx.Client) -> tuple[str, str]:
+    html = c.get("/label").text
+    qid = re.search(r"action='/label/([0-9a-f]+)'", html)
+    csrf = re.search(r"name=csrf value='([^']+)'", html)
+    assert qid and csrf, html[:500]
+    return qid.group(1), csrf.group(1)
+
+
+def test_people_on_two_servers_label_one_queue(url, tmp_path):
+    with (
+        running_service(tmp_path / "a", human=True, pool=url) as (ca, _),
+        running_service(tmp_path / "b", human=True, pool=url) as (cb, _),
+    ):
+        ids = [ca.post("/v1/predict", json=query_json(n, seed=i)).json()["query_id"] for i, n in enumerate(OPTIONS[:2])]
+        assert cb.get("/v1/stats").json()["pending_human"] == 2 or wait_until(
+            lambda: cb.get("/v1/stats").json()["pending_human"] == 2
+        )
+        people = []
+        for client in (cb, ca):  # one person on each server's /label page
+            person = httpx.Client(base_url=str(client.base_url), timeout=30, follow_redirects=True)
+            assert person.post("/login", data={"key": KEY}).status_code == 200
+            people.append(person)
+        try:
+            on_b, csrf_b = _label_page(people[0])
+            on_a, _ = _label_page(people[1])
+            assert on_b == ids[0] and on_a == ids[1]  # the oldest item is leased on b: a's person gets the next
+            r = people[0].post(f"/label/{on_b}", data={"label": "red", "csrf": csrf_b})
+            assert r.status_code == 200
+        finally:
+            for p in people:
+                p.close()
+        # labelled on b, annotated for a, and its demo in a's pool
+        got = ca.get(f"/v1/queries/{ids[0]}").json()
+        assert got["state"] == "annotated" and got["teacher_answer"] == "red"
+        assert wait_until(lambda: ca.get("/v1/demos").json()["total"] == 1)
+        assert ca.post(f"/v1/queries/{ids[0]}/label", json={"label": "red"}).status_code == 409
