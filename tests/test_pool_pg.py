@@ -368,3 +368,27 @@ def test_a_dropped_listener_reconnects_and_catches_up_by_id(url):
             time.sleep(0.01)
         assert len(b) == 3 and b.reconnects == 1
         assert sorted(d.query_id for d in b.demos()) == ["q1", "q2", "q3"]
+
+
+def test_a_spent_shared_budget_is_no_call_and_no_teacher_failure(url, tmp_path):
+    """A worker whose own count is under --max-calls while the pool's global cap is spent: the refusals
+    are not teacher failures (the run must not stop as if the teacher were down) nor calls of its own."""
+    from fakes import FakeEmbedder, FakeStudent, colour_folder
+    from icdistill.runlog import read_records
+    from icdistill.runner import Parts, RunConfig, run_icd
+
+    teachers = [CountingTeacher(), CountingTeacher()]
+    summaries = []
+    for k, teacher in enumerate(teachers):  # other images for each worker: nothing to reuse
+        root = colour_folder(tmp_path / f"c{k}", n_per_class=3, seed=k)
+        cfg = RunConfig(dataset=str(root), n=None, gate="always", pool=url, seed=k, max_calls=3)
+        summaries.append(run_icd(cfg, tmp_path / f"run{k}", parts=Parts(FakeStudent(), teacher, FakeEmbedder())))
+    assert teachers[0].calls == 3 and teachers[1].calls == 0
+    # before: each refusal counted as this worker's call (3, then its own cap held it back) and as a
+    # teacher failure (10 of those in a row stop a run as if the teacher were down)
+    assert summaries[1]["n_queries"] == 12 and summaries[1]["teacher_calls"] == 0
+    second = [r for r in read_records(tmp_path / "run1" / "log.jsonl") if r.get("event") == "query"]
+    assert all(not r["teacher_asked"] and r["teacher_error"] is None for r in second)
+    assert all("budget is spent" in r["gate_reason"] for r in second)
+    with PostgresPool(url) as pool:
+        assert pool.ledger_state()["calls"] == 3

@@ -190,13 +190,17 @@ class Distiller:
         query, emb, demos, first, stored = draft.query, draft.embeddings, draft.demos, draft.first, draft.stored
         pool_status: str | None = None
         failed_seconds, failed_faults = 0.0, 0  # what a failed teacher call cost
+        refused: str | None = None  # no call was made: a shared pool's global budget said no
         if draft.asked and annotation is None and teacher_error is None:
             try:
                 annotation = self.ask_teacher(draft)  # 4. teacher test-time scaling
             except TeacherError as e:
-                teacher_error = str(e)
-                failed_seconds = float(getattr(e, "seconds", 0.0))
-                failed_faults = int(getattr(e, "faults", 1))
+                if getattr(e, "not_called", False):
+                    refused = str(e)
+                else:
+                    teacher_error = str(e)
+                    failed_seconds = float(getattr(e, "seconds", 0.0))
+                    failed_faults = int(getattr(e, "faults", 1))
         if not draft.asked:
             annotation = None
         asked, reason = draft.asked, draft.reason
@@ -206,6 +210,10 @@ class Distiller:
             # hit, not a teacher call of ours (the gate counted one in answer_now: take it back)
             self.teacher_calls -= 1
             asked, reason = False, f"{draft.reason}; not asked: bought by another worker meanwhile (demo {reused})"
+        elif refused is not None:
+            # not a teacher failure (a run must not stop on it), and not a call of ours either
+            self.teacher_calls -= 1
+            asked, reason = False, f"{draft.reason}; not asked: {refused}"
         if annotation is not None and reused is None:
             # once, always: a recovered annotation was never logged, so replay did not charge it
             self._charge(annotation.usage.cost_usd)

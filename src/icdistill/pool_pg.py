@@ -44,6 +44,7 @@ from icdistill.types import (
     Embeddings,
     ICDError,
     Query,
+    TeacherError,
     Usage,
     image_digest,
     image_to_png,
@@ -603,7 +604,7 @@ class ClaimingAnnotator:
     ``annotate`` claims the item first. Claimed: the teacher is called (a failure releases the claim).
     Already pooled, or bought by another worker meanwhile (waits up to the claim lease): that demo's
     answer is returned at no cost, marked as reused (a pool hit: nothing stored, no call counted). Ledger cap
-    reached: ``TeacherError``, as when the teacher cannot answer.
+    reached: ``NotCalled`` (a ``TeacherError`` the Distiller counts as no call).
     """
 
     def __init__(self, inner: Any, pool: PostgresPool, poll_s: float = 0.05) -> None:
@@ -612,8 +613,6 @@ class ClaimingAnnotator:
         self.poll_s = poll_s
 
     def annotate(self, query: Query) -> Annotation:
-        from icdistill.types import TeacherError
-
         deadline = time.monotonic() + self.pool.lease_s + 1.0
         while True:
             state = self.pool.claim(query)
@@ -624,14 +623,21 @@ class ClaimingAnnotator:
                     self.pool.release(query)
                     raise
             if state == "budget":
-                raise TeacherError("the shared pool's teacher budget is spent (ledger cap reached)")
+                raise NotCalled("the shared pool's teacher budget is spent (ledger cap reached)")
             if state == "pooled":
                 twin = self.pool.demo_like(query)
                 if twin is not None:
                     return reused_annotation(twin)
             if time.monotonic() > deadline:
-                raise TeacherError("another worker holds the claim on this image and prompt; gave up waiting")
+                raise NotCalled("another worker holds the claim on this image and prompt; gave up waiting")
             time.sleep(self.poll_s)
+
+
+class NotCalled(TeacherError):
+    """The teacher was not called for this query (the shared budget is spent, or another worker held
+    the claim too long): no answer, but neither a teacher failure nor a call of this worker's."""
+
+    not_called = True
 
 
 @dataclass
