@@ -351,10 +351,11 @@ def test_a_dropped_listener_reconnects_and_catches_up_by_id(url):
             time.sleep(0.01)
         assert len(b) == 1
         with psycopg.connect(url, autocommit=True) as admin:
-            pid = b._listen.info.backend_pid
-            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
-            # wait for the backend to be gone before the next demo, so its notification is lost
-            while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+            pids = [b._listen.info.backend_pid, b._db.info.backend_pid]  # both, as a server restart would
+            for pid in pids:
+                assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+            # wait for the backends to be gone before the next demo, so its notification is lost
+            while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone():
                 time.sleep(0.01)
         a.add(item(2), ann(), emb(2))  # announced while b has no listener
         deadline = time.monotonic() + 1.0

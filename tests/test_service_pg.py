@@ -232,3 +232,34 @@ def test_people_on_two_servers_label_one_queue(url, tmp_path):
         assert got["state"] == "annotated" and got["teacher_answer"] == "red"
         assert wait_until(lambda: ca.get("/v1/demos").json()["total"] == 1)
         assert ca.post(f"/v1/queries/{ids[0]}/label", json={"label": "red"}).status_code == 409
+
+
+def test_a_server_and_an_icd_run_worker_share_one_pool_and_ledger(url, tmp_path):
+    from fakes import FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
+    from icdistill.pool_pg import PostgresPool
+    from icdistill.runner import Parts, RunConfig, run_icd
+    from icdistill.types import image_to_png
+
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    cfg = RunConfig(dataset=str(root), n=None, gate="always", pool=url, max_calls=20)
+    run_icd(cfg, tmp_path / "run", parts=Parts(FakeStudent(), FakeTeacher(), FakeEmbedder()))
+    with PostgresPool(url) as pool:
+        demo = pool.demos()[0]
+        assert len(pool) == 8 and pool.ledger_state()["calls"] == 8
+    teacher = FakeTeacher()
+    with running_service(tmp_path, teacher=teacher, pool=url, max_calls=20) as (c, _):
+        assert c.get("/v1/demos").json()["total"] == 8  # the run's demos are the server's
+        body = {
+            "image_b64": b64(image_to_png(demo.image)),
+            "prompt": demo.prompt,
+            "options": demo.provenance["options"],
+            "label": demo.answer,
+            "wait": True,
+        }
+        r = c.post("/v1/predict", json=body).json()
+        # an image the run already bought: a pool hit, no call, and the student copies the run's label
+        assert r["teacher_asked"] is False and "same image and prompt" in r["gate_reason"]
+        assert teacher.samples == 0 and r["answer"] == demo.answer
+        r = c.post("/v1/predict", json=query_json("red", 50, label="red", wait=True)).json()
+        assert r["pool_status"] == "added" and teacher.samples == 1
+        wait_until(lambda: c.get("/v1/stats").json()["budget"]["pool_ledger"]["calls"] == 9)  # one ledger

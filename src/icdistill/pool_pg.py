@@ -205,18 +205,18 @@ class PostgresPool:
                         removed.append(int(part[1:]))
                     elif part:
                         added.append(int(part))
+            if time.monotonic() >= self._next_check:
+                self._next_check = time.monotonic() + self.catchup_s
+                n, top = self._db.execute(
+                    "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM icd_annotations WHERE in_pool"
+                ).fetchone()
+                if n != len(self._demos) or (n and top != max(self._demos)):
+                    return self._catch_up()
         except self._psycopg.OperationalError:
-            # the listener's backend is gone: notifications sent meanwhile are lost, so reconnect
-            # first (nothing after this point is missed) and then compare ids with the table
+            # a backend is gone (terminated, or the server restarted): notifications sent meanwhile
+            # are lost, so reconnect first (nothing after this point is missed), then compare ids
             self._reconnect_listener()
             return self._catch_up()
-        if time.monotonic() >= self._next_check:
-            self._next_check = time.monotonic() + self.catchup_s
-            n, top = self._db.execute(
-                "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM icd_annotations WHERE in_pool"
-            ).fetchone()
-            if n != len(self._demos) or (n and top != max(self._demos)):
-                return self._catch_up()
         return self._apply(added, removed)
 
     def _reconnect_listener(self) -> None:
@@ -232,7 +232,11 @@ class PostgresPool:
                 if time.monotonic() > deadline:
                     raise ICDError(f"lost the pool's listener and cannot reconnect to {_redact(self.url)}: {e}") from e
                 time.sleep(0.2)
-        if self._db.closed or self._db.broken:
+        try:  # the other connection may have lost its backend too (a restarted server)
+            self._db.execute("SELECT 1")
+        except self._psycopg.OperationalError:
+            with contextlib.suppress(Exception):
+                self._db.close()
             self._db = self._psycopg.connect(self.url, autocommit=True)
         self.reconnects += 1
 
