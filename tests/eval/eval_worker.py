@@ -1,4 +1,6 @@
-"""Runs a small eval with the fakes; used by the SIGKILL/resume test as a separate process."""
+"""Runs a small eval with the fakes; used by the SIGKILL/resume tests as a separate process.
+
+argv: dataset out fresh|resume seconds-per-prediction [ray]  (ray: on a local 2-CPU Ray instance)"""
 
 import sys
 import time
@@ -13,8 +15,12 @@ from icdistill.runner import Parts, RunConfig  # noqa: E402
 
 
 class SlowStudent(FakeStudent):
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay  # not read from sys.argv at predict time: on a Ray actor that is Ray's
+
     def predict(self, query, demos):
-        time.sleep(float(sys.argv[4]))
+        time.sleep(self.delay)
         return super().predict(query, demos)
 
 
@@ -29,4 +35,10 @@ def config(data: str) -> EvalConfig:
 
 if __name__ == "__main__":
     data, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
-    run_eval(config(data), out, resume=resume, parts=Parts(SlowStudent(), ReferenceTeacher(), FakeEmbedder()))
+    runner = None
+    if sys.argv[5:] == ["ray"]:
+        from icdistill.eval.ray_runner import RayCells, RayOptions
+
+        runner = RayCells(RayOptions(cpus=2))
+    parts = Parts(SlowStudent(float(sys.argv[4])), ReferenceTeacher(), FakeEmbedder())
+    run_eval(config(data), out, resume=resume, parts=parts, runner=runner)

@@ -120,16 +120,18 @@ def wait_for_cell(folder: Path, timeout: float = LOCK_WAIT_S) -> None:
 
 
 class _CellActor:
-    """One Ray actor: a ``CellWorker`` (models loaded once) running the cells it is sent."""
+    """One Ray actor: a ``CellWorker`` (models loaded once) running the cells it is sent.
 
-    def __init__(self, job: CellJob, token: str, threads: int) -> None:
+    The job comes with each cell as a nested reference and is fetched once: a restarted actor (after
+    its process died) fetches it again from the driver, which holds it until the eval ends."""
+
+    def __init__(self, out: Path, token: str, threads: int) -> None:
         # the actor holds `threads` CPUs: as many torch threads, not one per core of the machine
         import torch
 
         torch.set_num_threads(threads)
-        self.job = job
-        self.token = token
-        self.worker = CellWorker(job)
+        self.out, self.token = out, token
+        self.worker: CellWorker | None = None
 
     def describe(self) -> dict[str, Any]:
         import torch
@@ -138,14 +140,18 @@ class _CellActor:
             "node": socket.gethostname(),
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
-            "storage_problem": storage_problem(self.job.out / MARKER, self.token),
+            "storage_problem": storage_problem(self.out / MARKER, self.token),
         }
 
-    def run(self, cell: Cell) -> dict[str, Any]:
-        problem = storage_problem(self.job.out / MARKER, self.token)
+    def run(self, job_ref: list[Any], cell: Cell) -> dict[str, Any]:
+        problem = storage_problem(self.out / MARKER, self.token)
         if problem is not None:
-            raise RaySetupError(_storage_message(self.job.out, socket.gethostname(), problem))
-        wait_for_cell(self.job.out / cell.path)
+            raise RaySetupError(_storage_message(self.out, socket.gethostname(), problem))
+        if self.worker is None:
+            import ray
+
+            self.worker = CellWorker(ray.get(job_ref[0]))
+        wait_for_cell(self.out / cell.path)
         return self.worker.run(cell)
 
 
@@ -164,6 +170,7 @@ class RayCells:
         self.workers: list[dict[str, Any]] = []  # what each actor reported (node, pid, torch threads)
         self._ray: Any = None
         self._owns = False  # whether close() disconnects (and stops the local instance we started)
+        self._job_ref: Any = None
 
     def connect(self) -> None:
         """Import Ray and start or join the instance now (errors before anything is written)."""
@@ -201,6 +208,7 @@ class RayCells:
             for actor in actors:
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
+            self._job_ref = None
             with contextlib.suppress(OSError):
                 (out / MARKER).unlink()
             if connected_here:
@@ -249,8 +257,10 @@ class RayCells:
             max_task_retries=opts.max_restarts,
             runtime_env={"env_vars": env},
         )
-        job_ref = ray.put(job)  # the dataset and any injected models are sent once, not per actor
-        actors = [actor_cls.remote(job_ref, token, opts.actor_cpus) for _ in range(n)]
+        # the dataset and any injected models are sent once, not per actor; the reference is held until
+        # the eval ends because a restarted actor is constructed from it again
+        self._job_ref = ray.put(job)
+        actors = [actor_cls.remote(job.out, token, opts.actor_cpus) for _ in range(n)]
         self.workers = [_get(ray, ref, "starting") for ref in [a.describe.remote() for a in actors]]
         for w in self.workers:
             if w["storage_problem"]:
@@ -266,7 +276,7 @@ class RayCells:
         def submit(actor: Any) -> None:
             if queue:
                 i = queue.popleft()
-                running[actor.run.remote(cells[i])] = (actor, i)
+                running[actor.run.remote([self._job_ref], cells[i])] = (actor, i)
 
         for actor in actors:
             submit(actor)

@@ -1,0 +1,217 @@
+"""``icd eval --ray``: cells on Ray actors give the single-process results, survive dead actors and a
+killed driver, and refuse storage the workers cannot see. One local Ray instance (2 CPUs) is shared by
+the in-process tests; the subprocess tests start their own, as ``icd eval --ray`` does."""
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from test_harness import WORKER, _timeless
+
+from fakes import FakeEmbedder, FakeStudent, colour_folder
+from icdistill.eval.harness import EvalConfig, plan, run_eval
+from icdistill.eval.ray_runner import RayCells, RaySetupError
+from icdistill.models.reference import ReferenceTeacher
+from icdistill.runner import Parts, RunConfig
+
+TESTS = Path(__file__).resolve().parents[1]
+SRC = TESTS.parent / "src"
+# wall-clock fields: everything else in a row must be the same whichever process ran the cell
+TIMING = ("seconds_per_query", "student_seconds_per_query", "teacher_seconds_per_query", "peak_rss_mb")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # workers import the fakes (and this module's students) by name, as the driver does
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS), str(Path(__file__).parent), *([old] if old else [])]
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+class DyingStudent(FakeStudent):
+    """Kills its own process (the Ray actor) once, at its ``at``-th prediction; ``flag`` records that."""
+
+    def __init__(self, flag: str, at: int) -> None:
+        super().__init__()
+        self.flag, self.at = flag, at
+
+    def predict(self, query, demos):
+        if self.calls + 1 == self.at and not os.path.exists(self.flag):
+            Path(self.flag).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().predict(query, demos)
+
+
+def _grid(data: Path) -> EvalConfig:
+    return EvalConfig(
+        base=RunConfig(dataset=str(data), n=14, warmup=2, shots=2),
+        methods=("icd", "knn-pool", "student-zero-shot"),
+        budgets=(0.25,),
+        seeds=(0, 1),
+    )
+
+
+def _parts(student=None) -> Parts:
+    return Parts(student or FakeStudent(), ReferenceTeacher(), FakeEmbedder())
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
+
+
+def _assert_same_eval(a: Path, b: Path) -> None:
+    assert _rows(a / "results.csv") == _rows(b / "results.csv")
+    cells = sorted(a.glob("cells/*/*/*"))
+    assert cells and sorted(c.relative_to(a) for c in cells) == sorted(
+        c.relative_to(b) for c in b.glob("cells/*/*/*")
+    )
+    for cell in cells:
+        assert _timeless(cell / "log.jsonl") == _timeless(b / cell.relative_to(a) / "log.jsonl"), cell
+
+
+def test_cells_on_ray_actors_equal_the_single_process_eval(tmp_path, local_ray):
+    data = colour_folder(tmp_path / "c", n_per_class=5)
+    cfg = _grid(data)
+    single = run_eval(cfg, tmp_path / "single", parts=_parts())
+    runner = RayCells()
+    done = []
+    rows = run_eval(
+        cfg, tmp_path / "ray", parts=_parts(), runner=runner, on_cell_done=lambda d, n, c: done.append(d)
+    )
+    assert [(r["method"], r["budget"], r["seed"]) for r in rows] == [
+        (r["method"], r["budget"], r["seed"]) for r in single
+    ]
+    _assert_same_eval(tmp_path / "single", tmp_path / "ray")
+    assert done == list(range(1, len(plan(cfg)) + 1))
+    assert (tmp_path / "ray" / "report.md").exists()
+    # two actors (one per CPU) shared the 6 cells, each with one torch thread, not one per core
+    assert len(runner.workers) == 2 and len({w["pid"] for w in runner.workers}) == 2
+    assert [w["torch_threads"] for w in runner.workers] == [1, 1]
+    assert not (tmp_path / "ray" / ".icd-ray-storage-check").exists()
+
+
+def test_a_killed_actor_is_restarted_and_its_cell_resumed(tmp_path, local_ray):
+    data = colour_folder(tmp_path / "c", n_per_class=5)
+    cfg = _grid(data)
+    run_eval(cfg, tmp_path / "single", parts=_parts())
+    flag = tmp_path / "died"
+    # the 20th prediction of an actor is in its second cell: one cell finished, one half done
+    run_eval(cfg, tmp_path / "ray", parts=_parts(DyingStudent(str(flag), at=20)), runner=RayCells())
+    assert flag.exists()  # an actor really died mid-cell
+    _assert_same_eval(tmp_path / "single", tmp_path / "ray")
+
+
+def test_out_that_workers_cannot_see_stops_the_eval(tmp_path, local_ray, monkeypatch):
+    data = colour_folder(tmp_path / "c", n_per_class=3)
+    elsewhere = tmp_path / "driver-only"
+    elsewhere.mkdir()
+    # the driver's marker lands on storage the workers do not share
+    monkeypatch.setattr(
+        "icdistill.eval.ray_runner.write_marker",
+        lambda out, token: (elsewhere / ".icd-ray-storage-check").write_text(token),
+    )
+    with pytest.raises(RaySetupError, match="cannot see --out .*storage every node sees"):
+        run_eval(_grid(data), tmp_path / "out", parts=_parts(), runner=RayCells())
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_a_killed_ray_driver_resumes_to_the_single_process_results(tmp_path):
+    data = colour_folder(tmp_path / "c", n_per_class=5)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), str(Path(__file__).parent)]),
+    }
+    clean = tmp_path / "clean"
+    subprocess.run([sys.executable, str(WORKER), str(data), str(clean), "fresh", "0"], check=True, env=env)
+    killed = tmp_path / "killed"
+    # its own local Ray instance (2 CPUs), as `icd eval --ray` starts
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(data), str(killed), "fresh", "0.05", "ray"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.glob("cells/*/*/*/row.json"))) < 2:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list(killed.glob("cells/*/*/*/row.json")))
+    half_done = [c for c in killed.glob("cells/*/*/*") if not (c / "row.json").exists()]
+    assert 2 <= finished < 8 and half_done and not (killed / "report.md").exists()
+    subprocess.run(
+        [sys.executable, str(WORKER), str(data), str(killed), "resume", "0", "ray"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+    )
+    _assert_same_eval(clean, killed)
+
+
+def _icd_without_ray(*args: str) -> subprocess.CompletedProcess:
+    # `import ray` fails in this process, as where the extra is not installed
+    shim = (
+        "import sys; sys.modules['ray'] = None; from icdistill.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return subprocess.run([sys.executable, "-c", shim, *args], capture_output=True, text=True, timeout=300)
+
+
+def _icd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "icdistill", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_not_installed_is_a_one_line_usage_error(tmp_path):
+    r = _icd_without_ray("eval", "--ray", "--methods", "icd", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    assert (
+        r.stderr.strip()
+        == "icd: error: --ray needs Ray, which is not installed: pip install 'icdistill[ray]'"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ray", "127.0.0.1:{port}"], "cannot reach Ray at 127.0.0.1:{port}"),
+        (["--ray", "ray://127.0.0.1:{port}"], "cannot reach Ray at ray://127.0.0.1:{port}"),
+        (["--ray", "nowhere"], "expected auto, host:port or ray://host:port"),
+        (["--ray-cpus", "2"], "--ray-cpus and --ray-actor-cpus need --ray"),
+        (["--ray", "127.0.0.1:{port}", "--ray-cpus", "2"], "--ray-cpus sizes a local Ray instance"),
+    ],
+)
+def test_ray_usage_errors_are_one_line_and_write_nothing(tmp_path, args, message):
+    port = _closed_port()
+    r = _icd("eval", "--methods", "icd", "--out", str(tmp_path / "o"), *[a.format(port=port) for a in args])
+    assert r.returncode == 2, r.stderr
+    assert message.format(port=port) in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
