@@ -215,3 +215,33 @@ def test_ray_usage_errors_are_one_line_and_write_nothing(tmp_path, args, message
     assert message.format(port=port) in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_cli_eval_on_ray_matches_the_single_process_cli(tmp_path):
+    data = colour_folder(tmp_path / "c", n_per_class=4)
+    args = [
+        "eval",
+        "--dataset",
+        str(data),
+        "--n",
+        "10",
+        "--seeds",
+        "0,1",
+        "--budgets",
+        "0.2",
+        "--warmup",
+        "2",
+    ]
+    args += ["--methods", "teacher-zero-shot,knn-pool:shots=1", "--quiet"]
+    single = _icd(*args, "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    # the real embedder, loaded once by each of 2 actors on a local 2-CPU Ray instance
+    on_ray = _icd(*args, "--out", str(tmp_path / "ray"), "--ray", "--ray-cpus", "2")
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert "ran on 2 Ray actors on 1 node(s), 1 torch thread(s) each" in on_ray.stderr
+    assert _rows(tmp_path / "ray" / "results.csv") == _rows(tmp_path / "single" / "results.csv")
+    assert (tmp_path / "ray" / "report.md").exists()
+    resumed = _icd("eval", "--resume", "--out", str(tmp_path / "ray"), "--ray", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _rows(tmp_path / "ray" / "results.csv") == _rows(tmp_path / "single" / "results.csv")
