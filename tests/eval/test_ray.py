@@ -206,6 +206,11 @@ def test_ray_not_installed_is_a_one_line_usage_error(tmp_path):
         (["--ray", "nowhere"], "expected auto, host:port or ray://host:port"),
         (["--ray-cpus", "2"], "--ray-cpus and --ray-actor-cpus need --ray"),
         (["--ray", "127.0.0.1:{port}", "--ray-cpus", "2"], "--ray-cpus sizes a local Ray instance"),
+        # a local instance starts, is found too small for one actor, and is stopped again
+        (
+            ["--ray", "--ray-cpus", "2", "--ray-actor-cpus", "3"],
+            "the Ray cluster has 2 CPUs; an actor needs 3",
+        ),
     ],
 )
 def test_ray_usage_errors_are_one_line_and_write_nothing(tmp_path, args, message):

@@ -178,6 +178,11 @@ class RayCells:
             ray = import_ray()
             self._owns = self._connect(ray)
             self._ray = ray
+            try:
+                self._cluster_cpus(ray)
+            except RaySetupError:
+                self.close()
+                raise
 
     def close(self) -> None:
         if self._ray is not None and self._owns:
@@ -202,7 +207,7 @@ class RayCells:
         write_marker(out, token)
         actors: list[Any] = []
         try:
-            actors = self._start_actors(ray, replace(job, out=out), token, len(pending))
+            self._start_actors(ray, replace(job, out=out), token, len(pending), actors)
             yield from self._dispatch(ray, cells, pending, actors)
         finally:
             for actor in actors:
@@ -227,6 +232,7 @@ class RayCells:
         }
         try:
             if opts.address is None:
+                _quiet_token_auth_notice()
                 ray.init(num_cpus=opts.cpus or os.cpu_count() or 1, **kwargs)
             else:
                 check_reachable(opts.address)
@@ -242,12 +248,18 @@ class RayCells:
             ) from e
         return True
 
-    def _start_actors(self, ray: Any, job: CellJob, token: str, n_pending: int) -> list[Any]:
+    def _cluster_cpus(self, ray: Any) -> int:
+        total = int(ray.cluster_resources().get("CPU", 0))
+        if total < self.options.actor_cpus:
+            raise RaySetupError(
+                f"the Ray cluster has {total} CPUs; an actor needs {self.options.actor_cpus} (--ray-actor-cpus)"
+            )
+        return total
+
+    def _start_actors(self, ray: Any, job: CellJob, token: str, n_pending: int, actors: list[Any]) -> None:
+        """Start actors into ``actors`` (the caller kills them whatever happens) and check each sees --out."""
         opts = self.options
-        total = float(ray.cluster_resources().get("CPU", 0))
-        n = min(n_pending, int(total // opts.actor_cpus))
-        if n < 1:
-            raise RaySetupError(f"the Ray cluster has {total:g} CPUs; an actor needs {opts.actor_cpus}")
+        n = min(n_pending, self._cluster_cpus(ray) // opts.actor_cpus)
         env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
         threads = str(opts.actor_cpus)
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OMP_WAIT_POLICY="PASSIVE")
@@ -260,12 +272,11 @@ class RayCells:
         # the dataset and any injected models are sent once, not per actor; the reference is held until
         # the eval ends because a restarted actor is constructed from it again
         self._job_ref = ray.put(job)
-        actors = [actor_cls.remote(job.out, token, opts.actor_cpus) for _ in range(n)]
+        actors.extend(actor_cls.remote(job.out, token, opts.actor_cpus) for _ in range(n))
         self.workers = [_get(ray, ref, "starting") for ref in [a.describe.remote() for a in actors]]
         for w in self.workers:
             if w["storage_problem"]:
                 raise RaySetupError(_storage_message(job.out, w["node"], w["storage_problem"]))
-        return actors
 
     def _dispatch(
         self, ray: Any, cells: Sequence[Cell], pending: list[int], actors: list[Any]
@@ -286,6 +297,20 @@ class RayCells:
             row = _get(ray, ready[0], f"running {cells[i].label()}")
             submit(actor)
             yield i, row
+
+
+def _quiet_token_auth_notice() -> None:
+    """Drop Ray's notice that a local instance uses token authentication (its default in Ray 2.60), printed
+    on every start; the warning that authentication is *disabled* still shows. (Setting RAY_AUTH_MODE
+    instead does not work once ``ray`` is imported: Ray reads it at import.)"""
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in log.filters):
+        log.addFilter(_DropTokenAuthNotice())
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def write_marker(out: Path, token: str) -> None:
