@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from icdistill.service.errors import unprocessable
-from icdistill.service.store import ServiceStore
+from icdistill.service.store import Store
 from icdistill.teacher import match_option
 from icdistill.types import Annotation, Query, TeacherError, TeacherResponse, Usage
 
@@ -53,7 +53,7 @@ def human_annotation(label: str, options: list[str] | None, labeller: str) -> An
 class LabelQueue:
     """Per-labeller skips on top of the store's leases. Called from the loop thread only."""
 
-    def __init__(self, store: ServiceStore, lease_s: float) -> None:
+    def __init__(self, store: Store, lease_s: float) -> None:
         self.store = store
         self.lease_s = lease_s
         self._skips: dict[str, list[str]] = {}
