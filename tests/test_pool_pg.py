@@ -312,7 +312,16 @@ def test_a_label_bought_while_waiting_for_its_claim_is_not_this_workers_call(url
     from icdistill.teacher import TestTimeScaling
 
     embedder = FakeEmbedder()
-    with PostgresPool(url) as a, PostgresPool(url) as b:
+    waiting = threading.Event()
+
+    class Watched(PostgresPool):
+        def claim(self, query):
+            state = super().claim(query)
+            if state == "busy":
+                waiting.set()
+            return state
+
+    with PostgresPool(url) as a, Watched(url) as b:
         assert a.claim(item(1)) == "claimed"  # a is buying it now
         teacher = CountingTeacher()
         d = Distiller(
@@ -325,7 +334,7 @@ def test_a_label_bought_while_waiting_for_its_claim_is_not_this_workers_call(url
         )
 
         def a_finishes() -> None:
-            time.sleep(0.3)
+            assert waiting.wait(timeout=60)  # b found the claim busy and waits for it
             e = embedder.embed_query(item(1))
             a.add(item(1), ann("a"), {**e, ANSWER: embedder.embed_texts(["a"])[0]})
 
