@@ -402,3 +402,18 @@ def test_a_spent_shared_budget_is_no_call_and_no_teacher_failure(url, tmp_path):
     assert all("budget is spent" in r["gate_reason"] for r in second)
     with PostgresPool(url) as pool:
         assert pool.ledger_state()["calls"] == 3
+
+
+def test_a_change_whose_notification_never_came_is_caught_up_by_id(url):
+    """A silent drop (a notification lost without an error): the periodic id check finds it."""
+    import psycopg
+
+    with PostgresPool(url) as a, PostgresPool(url, catchup_s=0.2) as b:
+        for i in range(3):
+            a.add(item(i), ann(), emb(i))
+        assert len(b) == 3
+        with psycopg.connect(url, autocommit=True) as admin:  # changes nobody announces
+            admin.execute("UPDATE icd_annotations SET in_pool = false WHERE query_id = 'q0'")
+        time.sleep(0.25)  # one check period
+        assert sorted(d.query_id for d in b.demos()) == ["q1", "q2"]
+        assert b.search(IMAGE, emb(0)[IMAGE], 3)[0].size == 2 and b.reconnects == 0
