@@ -76,9 +76,12 @@ CREATE TABLE IF NOT EXISTS icd_annotations (
     usage TEXT,
     seconds DOUBLE PRECISION,
     created DOUBLE PRECISION,
-    worker TEXT,
-    UNIQUE (owner, query_id)
+    worker TEXT
 );
+-- a pool made before owners: its query ids become the default owner's
+ALTER TABLE icd_annotations ADD COLUMN IF NOT EXISTS owner TEXT NOT NULL DEFAULT '';
+ALTER TABLE icd_annotations DROP CONSTRAINT IF EXISTS icd_annotations_query_id_key;
+CREATE UNIQUE INDEX IF NOT EXISTS icd_one_query_per_owner ON icd_annotations (owner, query_id);
 CREATE UNIQUE INDEX IF NOT EXISTS icd_one_demo_per_item
     ON icd_annotations (image_digest, prompt) WHERE in_pool AND image_digest IS NOT NULL;
 CREATE INDEX IF NOT EXISTS icd_in_pool ON icd_annotations (id) WHERE in_pool;
