@@ -31,6 +31,12 @@ def rows(path: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
 
 
+def cell_seconds(path: Path) -> float:
+    """Seconds spent inside the cells' query loops (model loading and Ray's start excluded)."""
+    with open(path, newline="") as fh:
+        return sum(float(r["seconds_per_query"]) * int(r["n"]) for r in csv.DictReader(fh))
+
+
 def run(args: list[str]) -> float:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     icd = str(Path(sys.executable).with_name("icd"))
@@ -49,13 +55,17 @@ def main() -> None:
     p.add_argument("--budgets", default="0.1")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--ray-cpus", type=int, default=2)
+    p.add_argument("--ray-first", action="store_true", help="run the Ray eval before the single-process one")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     a = p.parse_args()
     grid = ["--methods", a.methods, "--budgets", a.budgets, "--seeds", a.seeds, "--n", str(a.n)]
     with tempfile.TemporaryDirectory(prefix="bench-eval-ray-") as tmp:
         single, on_ray = Path(tmp) / "single", Path(tmp) / "ray"
-        t_single = run([*grid, "--out", str(single)])
-        t_ray = run([*grid, "--out", str(on_ray), "--ray", "--ray-cpus", str(a.ray_cpus)])
+        ray_args = [*grid, "--out", str(on_ray), "--ray", "--ray-cpus", str(a.ray_cpus)]
+        if a.ray_first:  # the machine's load drifts: run the two in either order
+            t_ray, t_single = run(ray_args), run([*grid, "--out", str(single)])
+        else:
+            t_single, t_ray = run([*grid, "--out", str(single)]), run(ray_args)
         a_rows, b_rows = rows(single / "results.csv"), rows(on_ray / "results.csv")
         result: dict[str, Any] = {
             "grid": {"methods": a.methods, "budgets": a.budgets, "seeds": a.seeds, "n": a.n},
@@ -66,6 +76,10 @@ def main() -> None:
             "ray_s": round(t_ray, 1),
             "ray_cpus": a.ray_cpus,
             "speedup": round(t_single / t_ray, 2),
+            "ray_first": a.ray_first,
+            # summed over cells: in one process they run one after another, on Ray side by side
+            "single_cell_loop_s": round(cell_seconds(single / "results.csv"), 1),
+            "ray_cell_loop_s": round(cell_seconds(on_ray / "results.csv"), 1),
             "same_results": a_rows == b_rows,
             "accuracy": {f"{r['method']} seed {r['seed']}": r["accuracy"] for r in a_rows},
         }
