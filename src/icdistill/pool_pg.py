@@ -165,7 +165,12 @@ class PostgresPool:
         with self._db.transaction():
             # one schema creator at a time: concurrent CREATE ... IF NOT EXISTS can still collide
             self._db.execute("SELECT pg_advisory_xact_lock(7414221)")
-            self._db.execute(_SCHEMA)
+            # DDL locks the tables even when there is nothing to do: a worker joining a pool in use
+            # would stall the others (and their claims could run out), so only a missing or old
+            # schema runs it
+            current = self._db.execute("SELECT to_regclass('icd_one_query_per_owner')").fetchone()
+            if current is None or current[0] is None:
+                self._db.execute(_SCHEMA)
             self._db.execute(
                 "INSERT INTO icd_ledger (name, max_calls) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
                 "SET max_calls = COALESCE(EXCLUDED.max_calls, icd_ledger.max_calls)",

@@ -100,7 +100,9 @@ class PostgresServiceStore:
             self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
             with self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(7414223)")  # one schema creator at a time
-                self._db.execute(_SCHEMA)
+                # DDL locks the tables even when there is nothing to do: only a missing schema runs it
+                if self._db.execute("SELECT to_regclass('icd_service_ledger') AS t").fetchone()["t"] is None:  # type: ignore[index]
+                    self._db.execute(_SCHEMA)
         except psycopg.Error as e:
             raise ICDError(f"cannot open the service store in {_redact(url)}: {e}") from e
 
