@@ -39,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_pool_search import Mixture, percentiles  # noqa: E402
+from bench_pool_search import LowRankMixture, Mixture, percentiles  # noqa: E402
 
 from icdistill.gate import BudgetGate  # noqa: E402
 from icdistill.index import unit_rows  # noqa: E402
@@ -57,9 +57,9 @@ class Stream:
     """Synthetic query embeddings: one prompt vector, ten answer vectors, images from a mixture whose
     cluster decides the label (so image neighbours mostly share an answer, as with real features)."""
 
-    def __init__(self, image_dim: int, text_dim: int) -> None:
+    def __init__(self, image_dim: int, text_dim: int, data: str = "lowrank") -> None:
         rng = np.random.default_rng(42)
-        self.images = Mixture(image_dim)
+        self.images = LowRankMixture(image_dim) if data == "lowrank" else Mixture(image_dim)
         self.text = unit_rows(rng.standard_normal((1, text_dim)))[0]
         self.answers = unit_rows(rng.standard_normal((len(LABELS), text_dim)))
         self.text_dim = text_dim
@@ -136,7 +136,7 @@ def ann(answer: str) -> Annotation:
 
 
 def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    path = folder / f"pool_{n}_{args.image_dim}_{args.text_dim}.sqlite"
+    path = folder / f"pool_{n}_{args.image_dim}_{args.text_dim}_{args.data}.sqlite"
     fill_s = None
     if path.exists() and _demo_rows(path) < n:  # a fill that was killed: start again
         path.unlink()
@@ -282,11 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-queries", type=int, default=8)
     p.add_argument("--scan-queries", type=int, default=20, help="queries also run through the scan baseline")
     p.add_argument("--no-student", action="store_true")
+    p.add_argument(
+        "--data",
+        choices=("lowrank", "isotropic"),
+        default="lowrank",
+        help="image vectors: shaped like real embeddings, or the harder isotropic clusters (see bench_pool_search)",
+    )
     p.add_argument("--cache", default=None, help="folder to keep the filled pools in (reused when present)")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.queries, args.student_queries, args.scan_queries = "1000,10000", 100, 3, 10
-    stream = Stream(args.image_dim, args.text_dim)
+    stream = Stream(args.image_dim, args.text_dim, args.data)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.cache) if args.cache else Path(tmp)
@@ -297,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "selectors": args.selectors.split(","),
         "shots": args.shots,
         "gate": f"budget {RATE}",
+        "data": args.data,
         "cpus": os.cpu_count(),
         "results": {str(r["n"]): r for r in rows},
     }
