@@ -411,9 +411,53 @@ def test_a_change_whose_notification_never_came_is_caught_up_by_id(url):
     with PostgresPool(url) as a, PostgresPool(url, catchup_s=0.2) as b:
         for i in range(3):
             a.add(item(i), ann(), emb(i))
+        deadline = time.monotonic() + 1.0
+        while len(b) < 3 and time.monotonic() < deadline:  # notifications arrive a moment after commit
+            time.sleep(0.01)
         assert len(b) == 3
         with psycopg.connect(url, autocommit=True) as admin:  # changes nobody announces
             admin.execute("UPDATE icd_annotations SET in_pool = false WHERE query_id = 'q0'")
         time.sleep(0.25)  # one check period
         assert sorted(d.query_id for d in b.demos()) == ["q1", "q2"]
         assert b.search(IMAGE, emb(0)[IMAGE], 3)[0].size == 2 and b.reconnects == 0
+
+
+def test_a_claim_racing_the_claimants_commit_finds_the_demo(url):
+    """b looks for a pooled demo (none yet), then a commits its demo and drops its claim, then b's
+    claim insert goes through: b must see the demo and not buy the label again."""
+    import threading
+
+    import psycopg
+
+    from icdistill.types import image_digest
+
+    with PostgresPool(url) as a, PostgresPool(url) as b:
+        assert a.claim(item(1)) == "claimed"
+        written, commit = threading.Event(), threading.Event()
+
+        def a_commits_late() -> None:
+            with a._db.transaction():  # a's demo and the release of its claim, not committed yet
+                a._add_once(item(1), ann(), emb(1), image_digest(item(1).image), "added")
+                written.set()
+                assert commit.wait(timeout=60)
+
+        ta = threading.Thread(target=a_commits_late)
+        ta.start()
+        assert written.wait(timeout=60)
+        got: list[str] = []
+        tb = threading.Thread(target=lambda: got.append(b.claim(item(1, qid="b1"))))
+        tb.start()
+        with psycopg.connect(url, autocommit=True) as admin:  # b saw no demo and waits on a's claim row
+            wait_until_blocked = time.monotonic() + 60
+            while not admin.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+                (b._db.info.backend_pid,),
+            ).fetchone():
+                assert time.monotonic() < wait_until_blocked
+                time.sleep(0.01)
+        commit.set()
+        ta.join()
+        tb.join()
+        assert got == ["pooled"]  # was "claimed": a second purchase of a label just bought
+        assert b.ledger_state()["calls"] == 1
+        assert b.claim(item(1, qid="b2")) == "pooled"

@@ -90,7 +90,7 @@ def test_two_servers_buy_a_label_once_share_demos_and_one_budget(url, tmp_path):
     teacher_app = create_app(ColourStudent(), FaultPlan())
     log = open(tmp_path / "servers.log", "ab")  # noqa: SIM115 - shared by the servers
     with LocalServer(teacher_app) as turl:
-        a, b = servers(2, url, teacher_spec(turl), log, max_calls=4)
+        a, b = servers(2, url, teacher_spec(turl), log, max_calls=4, lease_s=10.0)
         try:
             with httpx.Client(headers=AUTH, timeout=60) as c:
                 # the same image posted to both servers at once: the teacher is called once
@@ -148,7 +148,7 @@ def test_a_server_killed_mid_call_loses_nothing_and_another_finishes_its_work(ur
     log = open(tmp_path / "servers.log", "ab")  # noqa: SIM115
     with LocalServer(teacher_app) as turl:
         spec = teacher_spec(turl)
-        a, b = servers(2, url, spec, log)
+        a, b = servers(2, url, spec, log, lease_s=2.0)
         restarted: Server | None = None
         try:
             with httpx.Client(headers=AUTH, timeout=60) as c:
@@ -168,7 +168,7 @@ def test_a_server_killed_mid_call_loses_nothing_and_another_finishes_its_work(ur
                 assert ack2["state"] == "pending_teacher"
                 wait_until(lambda: teacher_app.state.requests >= 3)  # b's call hangs on the third request
                 b.kill()
-                (restarted,) = servers(1, url, spec, log)
+                (restarted,) = servers(1, url, spec, log, lease_s=2.0)
                 done2 = wait_until(
                     lambda: (q := c.get(f"{restarted.url}/v1/queries/{ack2['query_id']}").json())["state"]
                     == "annotated"

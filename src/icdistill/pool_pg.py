@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -157,6 +158,8 @@ class PostgresPool:
         self.owner = owner
         self.catchup_s = catchup_s
         self.reconnects = 0  # listener reconnections (for tests and stats)
+        self._beat: Any = None  # renew_claims' own connection, opened on first use
+        self._beat_lock = threading.Lock()
         try:
             self._db = psycopg.connect(url, autocommit=True)
             self._listen = psycopg.connect(url, autocommit=True)
@@ -375,6 +378,18 @@ class PostgresPool:
             ).fetchone()
             if got is None:
                 return "busy"
+            # the claimant may have committed its demo (deleting its claim) between our first look
+            # and our insert: each statement sees the latest commits, so look again before buying
+            pooled = self._db.execute(
+                "SELECT 1 FROM icd_annotations WHERE in_pool AND image_digest = %s AND prompt = %s",
+                (digest, query.prompt),
+            ).fetchone()
+            if pooled is not None:
+                self._db.execute(
+                    "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s AND worker = %s",
+                    (digest, query.prompt, self.worker),
+                )
+                return "pooled"
             if not self._charge():
                 self._db.execute(
                     "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s", (digest, query.prompt)
@@ -551,11 +566,15 @@ class PostgresPool:
 
     def renew_claims(self) -> int:
         """Extend this worker's claims by ``lease_s`` (a heartbeat for teacher calls in flight), so a
-        short lease still protects a long call while a dead worker's claims expire soon."""
-        cur = self._db.execute(
-            "UPDATE icd_claims SET expires = %s WHERE worker = %s", (time.time() + self.lease_s, self.worker)
-        )
-        return cur.rowcount
+        short lease still protects a long call while a dead worker's claims expire soon. Any thread:
+        it has its own connection, so a worker busy elsewhere still renews on time."""
+        with self._beat_lock:
+            if self._beat is None or self._beat.closed or self._beat.broken:
+                self._beat = self._psycopg.connect(self.url, autocommit=True)
+            cur = self._beat.execute(
+                "UPDATE icd_claims SET expires = %s WHERE worker = %s", (time.time() + self.lease_s, self.worker)
+            )
+            return cur.rowcount
 
     def known_size(self) -> int:
         """The pool size as this worker last saw it, without a database round trip (any thread)."""
@@ -565,6 +584,9 @@ class PostgresPool:
         self._index.save()
         self._db.close()
         self._listen.close()
+        with self._beat_lock:
+            if self._beat is not None:
+                self._beat.close()
 
     def __enter__(self) -> PostgresPool:
         return self

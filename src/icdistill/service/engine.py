@@ -411,6 +411,9 @@ class Engine:
         tick = min(1.0, self.cfg.claim_lease_s / 3)
         while True:
             try:
+                # on their own connections, off the loop thread: a queue of student passes there
+                # must not let this live server's leases run out
+                await asyncio.to_thread(self._heartbeat)
                 orphans, finished = await self.thread.call(self._sweep)
             except asyncio.CancelledError:
                 raise
@@ -426,12 +429,15 @@ class Engine:
                 log.info("adopted %d teacher requests of a server that went silent", len(orphans))
             await asyncio.sleep(tick)
 
-    def _sweep(self) -> tuple[list[str], dict[str, dict[str, Any]]]:
-        """Renew this server's leases, adopt expired work, refresh the stats mirrors, and find waited-on
-        queries another server closed (loop thread)."""
+    def _heartbeat(self) -> None:
         assert isinstance(self.pool, PostgresPool)
         self.store.heartbeat()
         self.pool.renew_claims()
+
+    def _sweep(self) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """Adopt expired work, refresh the stats mirrors, and find waited-on queries another server
+        closed (loop thread)."""
+        assert isinstance(self.pool, PostgresPool)
         orphans = self.store.adopt_orphans()
         self.pool.refresh()
         finished: dict[str, dict[str, Any]] = {}

@@ -75,8 +75,8 @@ class Store(Protocol):
     process) or ``PostgresServiceStore`` (one database shared by many ``icd serve`` processes).
 
     ``shared`` says whether other processes write too: then positions and the teacher-call count
-    come from the store (``take_slot``), teacher work is leased per process (``heartbeat``) and a
-    dead process's work is adopted (``adopt_orphans``)."""
+    come from the store (``take_slot``), teacher work is leased per process (``heartbeat``, callable
+    from any thread) and a dead process's work is adopted (``adopt_orphans``)."""
 
     shared: bool
 

@@ -12,13 +12,14 @@ per-query budget ledger), plus what several processes need:
   servers never get one item.
 
 The global teacher-call cap and the claim before a teacher call are the pool's (``PostgresPool``),
-not this store's. Used from one thread (the service's loop thread); every write commits before the
-caller acknowledges anything.
+not this store's. Used from one thread (the service's loop thread), but for ``heartbeat`` (its own
+connection, any thread); every write commits before the caller acknowledges anything.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -96,6 +97,8 @@ class PostgresServiceStore:
         self.worker = worker
         self.lease_s = lease_s
         self._errors = psycopg.Error
+        self._beat: Any = None  # heartbeat's own connection, opened on first use
+        self._beat_lock = threading.Lock()
         try:
             self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
             with self._db.transaction():
@@ -255,11 +258,17 @@ class PostgresServiceStore:
 
     # ------------------------------------------------------------------ teacher work of dead servers
     def heartbeat(self) -> None:
-        """Renew this server's leases on its teacher work in flight."""
-        self._db.execute(
-            "UPDATE icd_service_queries SET claimed_until = %s WHERE claimed_by = %s AND state = %s",
-            (time.time() + self.lease_s, self.worker, PENDING_TEACHER),
-        )
+        """Renew this server's leases on its teacher work in flight. Any thread: it has its own
+        connection, so a loop thread busy with a queue of student passes does not let them lapse."""
+        import psycopg
+
+        with self._beat_lock:
+            if self._beat is None or self._beat.closed or self._beat.broken:
+                self._beat = psycopg.connect(self.url, autocommit=True)
+            self._beat.execute(
+                "UPDATE icd_service_queries SET claimed_until = %s WHERE claimed_by = %s AND state = %s",
+                (time.time() + self.lease_s, self.worker, PENDING_TEACHER),
+            )
 
     def adopt_orphans(self) -> list[str]:
         """Lease to this server the teacher work whose server went silent (killed, or gone before
@@ -300,6 +309,9 @@ class PostgresServiceStore:
 
     def close(self) -> None:
         self._db.close()
+        with self._beat_lock:
+            if self._beat is not None:
+                self._beat.close()
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
