@@ -176,3 +176,22 @@ def test_ties_across_groups_interleave_by_id(cfg):
     assert got.tolist() == [20, 21, 22, 23]
     got, _ = idx.search(q, 2, candidates=[23, 22, 5])
     assert got.tolist() == [22, 23]
+
+
+def test_matrix_is_a_read_only_view_until_rows_are_removed():
+    """At 1M x 1280 a copy of the matrix is 5 GB: the benchmark's exact truth ran out of memory."""
+    rng = np.random.default_rng(0)
+    index = VectorIndex(16, IndexConfig(exact_below=10))
+    vecs = unit_rows(rng.standard_normal((40, 16)))
+    index.add(np.arange(40), vecs)
+    ids, mat = index.matrix()
+    assert np.shares_memory(mat, index._mat) and np.array_equal(ids, np.arange(40))
+    with pytest.raises(ValueError):
+        mat[0, 0] = 2.0
+    index.remove([3, 7])
+    ids, mat = index.matrix()
+    assert 3 not in ids and 7 not in ids and len(mat) == 38
+    np.testing.assert_array_equal(mat, np.delete(vecs, [3, 7], axis=0))
+    # the view handed out before a later add keeps its rows; the index itself stays writable
+    index.add([100], unit_rows(rng.standard_normal((1, 16))))
+    assert 100 in index.matrix()[0]

@@ -123,9 +123,18 @@ class VectorIndex:
         return self._row_ids[: self._n_rows][self._live[: self._n_rows]].copy()
 
     def matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        """Ids in arrival order and their (n, d) unit vectors."""
+        """Ids in arrival order and their (n, d) unit vectors (read-only).
+
+        Without removed rows these are views, not copies: at 1M x 1280 a copy is another 5 GB."""
         live = self._live[: self._n_rows]
-        return self._row_ids[: self._n_rows][live], self._mat[: self._n_rows][live]
+        if live.all():
+            ids, mat = self._row_ids[: self._n_rows], self._mat[: self._n_rows]
+        else:
+            ids, mat = self._row_ids[: self._n_rows][live], self._mat[: self._n_rows][live]
+        ids, mat = ids.view(), mat.view()
+        ids.setflags(write=False)
+        mat.setflags(write=False)
+        return ids, mat
 
     def vector(self, demo_id: int) -> np.ndarray:
         if demo_id not in self:
@@ -208,7 +217,10 @@ class VectorIndex:
     def _reserve(self, extra: int, max_id: int) -> None:
         need = self._n_rows + extra
         if need > len(self._mat):
-            cap = max(need, 2 * len(self._mat), 64)
+            # doubling while small; past 256 MB grow by a quarter, so that a 1M x 1280 matrix (5 GB)
+            # does not sit in a 1.6M-row allocation (8 GB) after its last growth
+            grow = 2.0 if self._mat.nbytes < 256 * 2**20 else 1.25
+            cap = max(need, int(grow * len(self._mat)), 64)
             for name, fill in (("_mat", 0.0), ("_row_ids", 0), ("_live", False)):
                 old = getattr(self, name)
                 new = np.full((cap, *old.shape[1:]), fill, dtype=old.dtype)
