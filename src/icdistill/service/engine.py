@@ -373,6 +373,8 @@ class Engine:
                     log.exception("teacher failed on query %s", qid)
                     error = f"teacher crashed: {e!r}"
             row = await self.thread.call(self._finish, qid, annotation, error)
+            if error is None:
+                claimed = None  # the annotation's commit dropped the claim (a late release could drop a newer one)
             self._wake(qid, row)
         except asyncio.CancelledError:
             raise
