@@ -215,6 +215,13 @@ def bench_one(n: int, dim: int, args: argparse.Namespace) -> dict[str, Any]:
         x = mix.pool_rows(lo, lo + m) if isinstance(mix, Embeddings) else mix.draw(m, seed=1 + lo // chunk)
         gen_s += time.perf_counter() - tg
         index.add(np.arange(lo, lo + len(x)), x, threads=args.threads)
+        if n > chunk:
+            done = lo + len(x)
+            print(
+                f"[build {n}x{dim}] {done}/{n} ({time.perf_counter() - t0 - gen_s:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     build_s = time.perf_counter() - t0 - gen_s
     queries = mix.draw(args.queries, seed=QUERY_SEED)
     _, mat = index.matrix()
