@@ -461,3 +461,38 @@ def test_a_claim_racing_the_claimants_commit_finds_the_demo(url):
         assert got == ["pooled"]  # was "claimed": a second purchase of a label just bought
         assert b.ledger_state()["calls"] == 1
         assert b.claim(item(1, qid="b2")) == "pooled"
+
+
+def test_a_twin_query_of_the_same_worker_waits_for_its_claim(url):
+    """A service answers queries concurrently under one worker id: a second query of an item that
+    worker is buying now must wait for that label, not buy it again."""
+    with PostgresPool(url) as a:
+        assert a.claim(item(1)) == "claimed"
+        assert a.claim(item(1, qid="twin")) == "busy"  # was "claimed": one label bought twice
+        a.release(item(1, qid="twin"))  # the twin's release leaves the claim in flight alone
+        assert a.claim(item(1, qid="twin")) == "busy"
+        a.release(item(1))
+        assert a.claim(item(1, qid="twin")) == "claimed"
+        assert a.ledger_state()["calls"] == 2
+
+
+def test_a_teacher_call_longer_than_the_lease_keeps_its_claim(url):
+    """An icd run worker renews its claim while its teacher call runs: a slow call (test-time
+    scaling, retries) must not let another worker buy the same label once the lease has passed."""
+    import psycopg
+
+    seen: list[str] = []
+    with PostgresPool(url, lease_s=1.0) as a, PostgresPool(url, lease_s=1.0) as b:
+
+        class SlowerThanTheLease:
+            def annotate(self, query):
+                with psycopg.connect(url, autocommit=True) as admin:
+                    (taken_until,) = admin.execute("SELECT expires FROM icd_claims").fetchone()
+                while time.time() < taken_until + 0.2:  # the lease the claim was taken with is over
+                    time.sleep(0.02)
+                seen.append(b.claim(item(1, qid="b1")))
+                return ann("a")
+
+        ClaimingAnnotator(SlowerThanTheLease(), a).annotate(item(1))
+        assert seen == ["busy"]  # was "claimed": b bought the label a was still buying
+        assert a.ledger_state()["calls"] == 1

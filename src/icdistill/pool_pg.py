@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +56,8 @@ from icdistill.types import (
 ClaimResult = Literal["claimed", "pooled", "busy", "budget"]
 
 CHANNEL = "icd_pool"
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS icd_annotations (
@@ -373,7 +377,10 @@ class PostgresPool:
                 "INSERT INTO icd_claims (image_digest, prompt, query_id, worker, expires) VALUES (%s, %s, %s, %s, %s) "
                 "ON CONFLICT (image_digest, prompt) DO UPDATE SET query_id = EXCLUDED.query_id, "
                 "worker = EXCLUDED.worker, expires = EXCLUDED.expires "
-                "WHERE icd_claims.expires < %s OR icd_claims.worker = EXCLUDED.worker RETURNING 1",
+                # this worker may take its own claim again for the same query only: a service
+                # answers concurrent queries, and a twin of one in flight must wait for its label
+                "WHERE icd_claims.expires < %s OR (icd_claims.worker = EXCLUDED.worker "
+                "AND icd_claims.query_id = EXCLUDED.query_id) RETURNING 1",
                 (digest, query.prompt, query.id, self.worker, now + self.lease_s, now),
             ).fetchone()
             if got is None:
@@ -409,9 +416,10 @@ class PostgresPool:
         """Give a claim back without a demo (the teacher failed): another worker may buy it."""
         if query.image is None:
             return
+        # only this query's claim: the same item may be claimed anew, by this worker, for another query
         self._db.execute(
-            "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s AND worker = %s",
-            (image_digest(query.image), query.prompt, self.worker),
+            "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s AND worker = %s AND query_id = %s",
+            (image_digest(query.image), query.prompt, self.worker, query.id),
         )
 
     # ------------------------------------------------------------------ writing
@@ -652,7 +660,8 @@ class ClaimingAnnotator:
             state = self.pool.claim(query)
             if state == "claimed":
                 try:
-                    return self.inner.annotate(query)
+                    with _renewing(self.pool):
+                        return self.inner.annotate(query)
                 except BaseException:
                     self.pool.release(query)
                     raise
@@ -665,6 +674,28 @@ class ClaimingAnnotator:
             if time.monotonic() > deadline:
                 raise NotCalled("another worker holds the claim on this image and prompt; gave up waiting")
             time.sleep(self.poll_s)
+
+
+@contextlib.contextmanager
+def _renewing(pool: PostgresPool) -> Iterator[None]:
+    """Renew the pool's claims every third of a lease while the block runs: a teacher call slower
+    than the lease (test-time scaling, retries) must not let another worker buy the same label."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(pool.lease_s / 3):
+            try:
+                pool.renew_claims()
+            except Exception:  # the database is briefly away: the next beat tries again
+                log.warning("could not renew the pool's claims", exc_info=True)
+
+    t = threading.Thread(target=beat, name="icd-claim-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 class NotCalled(TeacherError):
