@@ -496,3 +496,39 @@ def test_a_teacher_call_longer_than_the_lease_keeps_its_claim(url):
         ClaimingAnnotator(SlowerThanTheLease(), a).annotate(item(1))
         assert seen == ["busy"]  # was "claimed": b bought the label a was still buying
         assert a.ledger_state()["calls"] == 1
+
+
+def test_a_demo_committed_while_a_worker_loads_the_pool_is_searchable(url):
+    """A worker joining a pool in use reads vectors and demos: a demo committed between the two reads
+    must not be loaded half (no vectors, its notification then skipped as already known)."""
+    with PostgresPool(url) as a:
+        a.add(item(1), ann(), emb(1))
+
+        class JoinsWhileAWrites(PostgresPool):
+            def _load(self) -> None:
+                real = self._db
+
+                class Connection:  # the real connection; another worker commits before the demo read
+                    def __getattr__(self, name):
+                        return getattr(real, name)
+
+                    def execute(self, sql, *args):
+                        if sql.startswith("SELECT id, query_id") and len(a) == 1:
+                            a.add(item(2), ann(), emb(2))
+                        return real.execute(sql, *args)
+
+                self._db = Connection()
+                try:
+                    super()._load()
+                finally:
+                    self._db = real
+
+        with JoinsWhileAWrites(url) as b:
+            assert len(a) == 2
+            deadline = time.monotonic() + 1.0
+            while len(b) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sorted(d.query_id for d in b.demos()) == ["q1", "q2"]
+            found = [b.get(i) for i in b.search(IMAGE, emb(2)[IMAGE], 1)[0].tolist()]
+            assert [d.query_id for d in found] == ["q2"]  # was ["q1"]: q2 loaded without its vectors
+            assert set(found[0].embeddings) == {IMAGE, ANSWER}

@@ -194,10 +194,16 @@ class PostgresPool:
     def _load(self) -> None:
         by_key: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         vecs: dict[int, Embeddings] = {}
-        for demo_id, key, blob in self._db.execute(
-            "SELECT e.demo_id, e.key, e.vec FROM icd_embeddings e JOIN icd_annotations a ON a.id = e.demo_id "
-            "WHERE a.in_pool ORDER BY e.demo_id"
-        ):
+        # both reads from one snapshot: a demo committed between them would be loaded without its
+        # vectors (and its notification then skipped as known), an eviction would leave a stale vector
+        with self._db.transaction():
+            self._db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            embedded = self._db.execute(
+                "SELECT e.demo_id, e.key, e.vec FROM icd_embeddings e JOIN icd_annotations a ON a.id = e.demo_id "
+                "WHERE a.in_pool ORDER BY e.demo_id"
+            ).fetchall()
+            rows = self._db.execute(f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id").fetchall()
+        for demo_id, key, blob in embedded:
             v = np.frombuffer(blob, dtype=np.float32).copy()
             vecs.setdefault(demo_id, {})[key] = v
             ids_k, rows_k = by_key.setdefault(key, ([], []))
@@ -205,7 +211,7 @@ class PostgresPool:
             rows_k.append(v)
         for key, (ids_k, rows_k) in by_key.items():
             self._index.load(key, ids_k, np.stack(rows_k))
-        for row in self._db.execute(f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"):
+        for row in rows:
             demo = self._demos[row[0]] = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
             self._kinds.add(demo.id, demo.provenance.get("options"))
 
