@@ -1,6 +1,7 @@
 """Runs a small eval with the fakes; used by the SIGKILL/resume tests as a separate process.
 
-argv: dataset out fresh|resume seconds-per-prediction [ray]  (ray: on a local 2-CPU Ray instance)"""
+argv: dataset out fresh|resume seconds-per-prediction [ray [ADDRESS]]  (ray: on Ray, a local 2-CPU
+instance or the running one at ADDRESS)"""
 
 import sys
 import time
@@ -36,9 +37,10 @@ def config(data: str) -> EvalConfig:
 if __name__ == "__main__":
     data, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
     runner = None
-    if sys.argv[5:] == ["ray"]:
+    if sys.argv[5:6] == ["ray"]:
         from icdistill.eval.ray_runner import RayCells, RayOptions
 
-        runner = RayCells(RayOptions(cpus=2))
+        address = sys.argv[6] if len(sys.argv) > 6 else None
+        runner = RayCells(RayOptions(address=address) if address else RayOptions(cpus=2))
     parts = Parts(SlowStudent(float(sys.argv[4])), ReferenceTeacher(), FakeEmbedder())
     run_eval(config(data), out, resume=resume, parts=parts, runner=runner)

@@ -1,6 +1,7 @@
 """``icd eval --ray``: cells on Ray actors give the single-process results, survive dead actors and a
 killed driver, and refuse storage the workers cannot see. One local Ray instance (2 CPUs) is shared by
-the in-process tests; the subprocess tests start their own, as ``icd eval --ray`` does."""
+the tests, in-process and by driver subprocesses joining it by address; the slow CLI test starts its
+own, as ``icd eval --ray`` does."""
 
 import csv
 import os
@@ -17,7 +18,7 @@ from test_harness import WORKER, _timeless
 
 from fakes import FakeEmbedder, FakeStudent, colour_folder
 from icdistill.eval.harness import EvalConfig, plan, run_eval
-from icdistill.eval.ray_runner import RayCells, RaySetupError
+from icdistill.eval.ray_runner import RayCells, RayOptions, RaySetupError
 from icdistill.models.reference import ReferenceTeacher
 from icdistill.runner import Parts, RunConfig
 
@@ -133,8 +134,11 @@ def test_out_that_workers_cannot_see_stops_the_eval(tmp_path, local_ray, monkeyp
     assert not (tmp_path / "out" / "cells").exists()
 
 
-def test_a_killed_ray_driver_resumes_to_the_single_process_results(tmp_path):
+def test_a_killed_ray_driver_resumes_to_the_single_process_results(tmp_path, local_ray):
     data = colour_folder(tmp_path / "c", n_per_class=5)
+    # the drivers join the running instance by address (`--ray host:port`); the killed driver's
+    # actors are ended by Ray, and the resumed driver's actors wait for their cells' locks if need be
+    address = local_ray.get_runtime_context().gcs_address
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), str(Path(__file__).parent)]),
@@ -142,9 +146,8 @@ def test_a_killed_ray_driver_resumes_to_the_single_process_results(tmp_path):
     clean = tmp_path / "clean"
     subprocess.run([sys.executable, str(WORKER), str(data), str(clean), "fresh", "0"], check=True, env=env)
     killed = tmp_path / "killed"
-    # its own local Ray instance (2 CPUs), as `icd eval --ray` starts
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(data), str(killed), "fresh", "0.05", "ray"],
+        [sys.executable, str(WORKER), str(data), str(killed), "fresh", "0.05", "ray", address],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -159,13 +162,20 @@ def test_a_killed_ray_driver_resumes_to_the_single_process_results(tmp_path):
     half_done = [c for c in killed.glob("cells/*/*/*") if not (c / "row.json").exists()]
     assert 2 <= finished < 8 and half_done and not (killed / "report.md").exists()
     subprocess.run(
-        [sys.executable, str(WORKER), str(data), str(killed), "resume", "0", "ray"],
+        [sys.executable, str(WORKER), str(data), str(killed), "resume", "0", "ray", address],
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,
         timeout=300,
     )
     _assert_same_eval(clean, killed)
+
+
+def test_a_cluster_too_small_for_one_actor_is_refused_on_connect(local_ray):
+    runner = RayCells(RayOptions(actor_cpus=3))
+    with pytest.raises(RaySetupError, match="the Ray cluster has 2 CPUs; an actor needs 3"):
+        runner.connect()
+    assert local_ray.is_initialized()  # an instance the process already held is left to its owner
 
 
 def _icd_without_ray(*args: str) -> subprocess.CompletedProcess:
@@ -206,11 +216,6 @@ def test_ray_not_installed_is_a_one_line_usage_error(tmp_path):
         (["--ray", "nowhere"], "expected auto, host:port or ray://host:port"),
         (["--ray-cpus", "2"], "--ray-cpus and --ray-actor-cpus need --ray"),
         (["--ray", "127.0.0.1:{port}", "--ray-cpus", "2"], "--ray-cpus sizes a local Ray instance"),
-        # a local instance starts, is found too small for one actor, and is stopped again
-        (
-            ["--ray", "--ray-cpus", "2", "--ray-actor-cpus", "3"],
-            "the Ray cluster has 2 CPUs; an actor needs 3",
-        ),
     ],
 )
 def test_ray_usage_errors_are_one_line_and_write_nothing(tmp_path, args, message):
@@ -247,6 +252,3 @@ def test_cli_eval_on_ray_matches_the_single_process_cli(tmp_path):
     assert "ran on 2 Ray actors on 1 node(s), 1 torch thread(s) each" in on_ray.stderr
     assert _rows(tmp_path / "ray" / "results.csv") == _rows(tmp_path / "single" / "results.csv")
     assert (tmp_path / "ray" / "report.md").exists()
-    resumed = _icd("eval", "--resume", "--out", str(tmp_path / "ray"), "--ray", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
-    assert _rows(tmp_path / "ray" / "results.csv") == _rows(tmp_path / "single" / "results.csv")
