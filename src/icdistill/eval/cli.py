@@ -66,7 +66,7 @@ def add_eval_args(
         "--ray-actor-cpus",
         type=int,
         default=1,
-        help="CPUs (and torch threads) each actor holds; one actor per this many CPUs (default: 1)",
+        help="CPUs (and torch threads) each actor holds; one actor per this many CPUs",
     )
     add_run_args(p)
     for action in p._actions:
