@@ -532,3 +532,31 @@ def test_a_demo_committed_while_a_worker_loads_the_pool_is_searchable(url):
             found = [b.get(i) for i in b.search(IMAGE, emb(2)[IMAGE], 1)[0].tolist()]
             assert [d.query_id for d in found] == ["q2"]  # was ["q1"]: q2 loaded without its vectors
             assert set(found[0].embeddings) == {IMAGE, ANSWER}
+
+
+def test_renewing_only_the_claims_in_flight_lets_a_leaked_one_lapse(url):
+    with PostgresPool(url, lease_s=0.3) as a, PostgresPool(url) as b:
+        assert a.claim(item(1)) == "claimed" and a.claim(item(2)) == "claimed"
+        assert a.renew_claims(["q1"]) == 1  # q2's release failed: nobody works on it any more
+        assert a.renew_claims() == 2  # a run worker renews all of its claims
+        time.sleep(0.4)  # q2's lease, renewed just now by the renewal of all, runs out
+        assert a.renew_claims(["q1"]) == 1
+        assert b.claim(item(2, qid="b2")) == "claimed" and b.claim(item(1, qid="b1")) == "busy"
+
+
+def test_a_pool_made_before_owners_is_migrated(url):
+    import psycopg
+
+    with PostgresPool(url) as old:
+        old.add(item(1), ann("b"), emb(1))
+    with psycopg.connect(url, autocommit=True) as admin:  # back to the schema before owners
+        admin.execute("DROP INDEX icd_one_query_per_owner")
+        admin.execute("ALTER TABLE icd_annotations DROP COLUMN owner")
+        admin.execute("ALTER TABLE icd_annotations ADD CONSTRAINT icd_annotations_query_id_key UNIQUE (query_id)")
+    with PostgresPool(url, owner="run:b") as b:
+        assert len(b) == 1 and b.annotation_for("q1") is None  # the old q1 is not this run's
+        assert b.add(item(2, qid="q1"), ann(), emb(2))[1] == "added"  # same id, another owner
+        assert b.annotation_for("q1").answer == "a"
+    with PostgresPool(url) as default:
+        assert default.annotation_for("q1").answer == "b"  # the old ids are the default owner's
+        assert len(default) == 2

@@ -537,3 +537,20 @@ def test_a_second_service_on_the_same_pool_file_is_refused(tmp_path):
         assert c.get("/v1/stats").status_code == 200
         with pytest.raises(ICDError, match="pool"), running_service(tmp_path):
             pass
+
+
+def test_a_posted_clean_up_that_fails_is_logged_not_dropped(caplog):
+    """A posted clean-up (the release of a shared pool's claim) has nobody waiting on its future: a
+    failure was dropped with it, leaving the claim behind without a trace."""
+    from icdistill.service.engine import LoopThread
+
+    def release() -> None:
+        raise RuntimeError("could not release the claim")
+
+    loop = LoopThread()
+    with caplog.at_level("ERROR", logger="icdistill.service.engine"):
+        loop.post(release)
+        loop.call_sync(lambda: None)  # after the clean-up: one worker thread, in order
+        loop.close()
+    failures = [r for r in caplog.records if r.exc_info and "could not release" in str(r.exc_info[1])]
+    assert len(failures) == 1 and "clean-up" in failures[0].getMessage()

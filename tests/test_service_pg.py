@@ -263,3 +263,29 @@ def test_a_server_and_an_icd_run_worker_share_one_pool_and_ledger(url, tmp_path)
         r = c.post("/v1/predict", json=query_json("red", 50, label="red", wait=True)).json()
         assert r["pool_status"] == "added" and teacher.samples == 1
         wait_until(lambda: c.get("/v1/stats").json()["budget"]["pool_ledger"]["calls"] == 9)  # one ledger
+
+
+def test_teacher_work_whose_attempt_failed_here_is_adopted_again(url, tmp_path):
+    """An attempt that fails on a database error (a lost connection when claiming the label) leaves
+    the query pending: its lease must lapse so the work is picked up again, not be renewed forever
+    by this live server's heartbeat (it stayed pending until a restart)."""
+    from fakes import FakeTeacher
+
+    teacher = FakeTeacher()
+    with running_service(tmp_path, teacher=teacher, pool=url, claim_lease_s=1.0) as (c, app):
+        pool = app.state.engine.pool
+        real_claim, failed = pool.claim, []
+
+        def claim_losing_the_connection_once(query):
+            if not failed:
+                failed.append(query.id)
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            return real_claim(query)
+
+        pool.claim = claim_losing_the_connection_once
+        ack = c.post("/v1/predict", json=query_json("red", 5, label="red")).json()
+        assert ack["state"] == "pending_teacher"
+        done = wait_until(lambda: (q := c.get(f"/v1/queries/{ack['query_id']}").json())["state"] == "annotated" and q)
+        assert failed == [ack["query_id"]] and teacher.samples == 1
+        assert done["teacher_answer"] == "red" and done["pool_status"] == "added"
+    assert sql(url, "SELECT calls FROM icd_ledger")[0][0] == 1

@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -578,17 +578,18 @@ class PostgresPool:
         self._apply([], [demo_id])
         return row is not None
 
-    def renew_claims(self) -> int:
+    def renew_claims(self, query_ids: Sequence[str] | None = None) -> int:
         """Extend this worker's claims by ``lease_s`` (a heartbeat for teacher calls in flight), so a
-        short lease still protects a long call while a dead worker's claims expire soon. Any thread:
-        it has its own connection, so a worker busy elsewhere still renews on time."""
+        short lease still protects a long call while a dead worker's claims expire soon; only those
+        of ``query_ids`` when given (a claim whose release failed lapses). Any thread: it has its own
+        connection, so a worker busy elsewhere still renews on time."""
+        sql, params = "UPDATE icd_claims SET expires = %s WHERE worker = %s", [time.time() + self.lease_s, self.worker]
+        if query_ids is not None:
+            sql, params = sql + " AND query_id = ANY(%s)", [*params, list(query_ids)]
         with self._beat_lock:
             if self._beat is None or self._beat.closed or self._beat.broken:
                 self._beat = self._psycopg.connect(self.url, autocommit=True)
-            cur = self._beat.execute(
-                "UPDATE icd_claims SET expires = %s WHERE worker = %s", (time.time() + self.lease_s, self.worker)
-            )
-            return cur.rowcount
+            return int(self._beat.execute(sql, params).rowcount)
 
     def known_size(self) -> int:
         """The pool size as this worker last saw it, without a database round trip (any thread)."""

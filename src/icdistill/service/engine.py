@@ -20,7 +20,7 @@ import uuid
 import zipfile
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
@@ -81,10 +81,16 @@ class LoopThread:
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` there without waiting for it (a clean-up that must not be cancelled)."""
         with contextlib.suppress(RuntimeError):  # shut down already
-            self._ex.submit(fn, *args)
+            self._ex.submit(fn, *args).add_done_callback(_log_failure)
 
     def close(self) -> None:
         self._ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _log_failure(fut: Future[Any]) -> None:
+    """Nobody waits for a posted clean-up: its failure is logged, not dropped with the future."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("a clean-up on the loop thread failed", exc_info=fut.exception())
 
 
 def _finite(x: float | None) -> float | None:
@@ -379,7 +385,11 @@ class Engine:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("annotating query %s failed; it stays pending and resumes after a restart", qid)
+            log.exception(
+                "annotating query %s failed; it stays pending and resumes after a restart "
+                "(with a shared pool: when its lease lapses, here or on another server)",
+                qid,
+            )
         finally:
             self._inflight.discard(qid)
             if claimed is not None and isinstance(self.pool, PostgresPool):
@@ -414,8 +424,9 @@ class Engine:
         while True:
             try:
                 # on their own connections, off the loop thread: a queue of student passes there
-                # must not let this live server's leases run out
-                await asyncio.to_thread(self._heartbeat)
+                # must not let this live server's leases run out. Only the work in flight here: one
+                # whose attempt failed (a lost connection) lapses and is adopted again, not held forever
+                await asyncio.to_thread(self._heartbeat, sorted(self._inflight))
                 orphans, finished = await self.thread.call(self._sweep)
             except asyncio.CancelledError:
                 raise
@@ -431,10 +442,10 @@ class Engine:
                 log.info("adopted %d teacher requests of a server that went silent", len(orphans))
             await asyncio.sleep(tick)
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, query_ids: list[str]) -> None:
         assert isinstance(self.pool, PostgresPool)
-        self.store.heartbeat()
-        self.pool.renew_claims()
+        self.store.heartbeat(query_ids)
+        self.pool.renew_claims(query_ids)
 
     def _sweep(self) -> tuple[list[str], dict[str, dict[str, Any]]]:
         """Adopt expired work, refresh the stats mirrors, and find waited-on queries another server

@@ -257,17 +257,19 @@ class PostgresServiceStore:
         return {k: (float(v) if k == "cost_usd" else int(v)) for k, v in row.items()}
 
     # ------------------------------------------------------------------ teacher work of dead servers
-    def heartbeat(self) -> None:
-        """Renew this server's leases on its teacher work in flight. Any thread: it has its own
-        connection, so a loop thread busy with a queue of student passes does not let them lapse."""
+    def heartbeat(self, query_ids: Sequence[str]) -> None:
+        """Renew this server's leases on its teacher work in flight (``query_ids``; the rest lapses, so
+        work whose attempt failed here is adopted again). Any thread: it has its own connection, so a
+        loop thread busy with a queue of student passes does not let them lapse."""
         import psycopg
 
         with self._beat_lock:
             if self._beat is None or self._beat.closed or self._beat.broken:
                 self._beat = psycopg.connect(self.url, autocommit=True)
             self._beat.execute(
-                "UPDATE icd_service_queries SET claimed_until = %s WHERE claimed_by = %s AND state = %s",
-                (time.time() + self.lease_s, self.worker, PENDING_TEACHER),
+                "UPDATE icd_service_queries SET claimed_until = %s "
+                "WHERE claimed_by = %s AND state = %s AND query_id = ANY(%s)",
+                (time.time() + self.lease_s, self.worker, PENDING_TEACHER, list(query_ids)),
             )
 
     def adopt_orphans(self) -> list[str]:
