@@ -560,3 +560,26 @@ def test_a_pool_made_before_owners_is_migrated(url):
     with PostgresPool(url) as default:
         assert default.annotation_for("q1").answer == "b"  # the old ids are the default owner's
         assert len(default) == 2
+
+
+def test_a_pool_that_cannot_be_set_up_is_a_clear_error_and_holds_no_connection(cluster, url):
+    """A role that may not create the tables (PostgreSQL 15: nobody but the owner creates in public):
+    a clear error, not a raw driver error, and no backend left open by the half-opened pool/store."""
+    import psycopg
+
+    from icdistill.service.store_pg import PostgresServiceStore
+
+    with psycopg.connect(cluster, autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS icd_reader")
+        admin.execute("CREATE ROLE icd_reader LOGIN")
+        reader = url.replace("postgres@", "icd_reader@")
+        with pytest.raises(ICDError, match="cannot open pool") as pool_error:
+            PostgresPool(reader)
+        with pytest.raises(ICDError, match="cannot open the service store") as store_error:
+            PostgresServiceStore(reader, "w", 1.0)
+        assert "permission denied" in str(pool_error.value) + str(store_error.value)
+        deadline = time.monotonic() + 10
+        while admin.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE usename = 'icd_reader'").fetchone()[0]:
+            assert time.monotonic() < deadline, "a half-opened pool or store kept its connections"
+            time.sleep(0.05)
+        del pool_error, store_error

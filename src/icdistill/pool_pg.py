@@ -164,11 +164,23 @@ class PostgresPool:
         self.reconnects = 0  # listener reconnections (for tests and stats)
         self._beat: Any = None  # renew_claims' own connection, opened on first use
         self._beat_lock = threading.Lock()
+        self._db: Any = None
+        self._listen: Any = None
         try:
             self._db = psycopg.connect(url, autocommit=True)
             self._listen = psycopg.connect(url, autocommit=True)
         except psycopg.Error as e:
+            self._close_connections()
             raise ICDError(f"cannot connect to pool {_redact(url)}: {e}") from e
+        try:
+            self._open(ledger, max_calls, index, index_dir)
+        except BaseException as e:
+            self._close_connections()  # a half-opened pool holds no backends
+            if isinstance(e, psycopg.Error):
+                raise ICDError(f"cannot open pool {_redact(url)}: {e}") from e
+            raise
+
+    def _open(self, ledger: str, max_calls: int | None, index: IndexConfig | None, index_dir: Any) -> None:
         with self._db.transaction():
             # one schema creator at a time: concurrent CREATE ... IF NOT EXISTS can still collide
             self._db.execute("SELECT pg_advisory_xact_lock(7414221)")
@@ -184,7 +196,7 @@ class PostgresPool:
                 (ledger, max_calls),
             )
         self._listen.execute(f"LISTEN {CHANNEL}")
-        self._next_check = time.monotonic() + catchup_s
+        self._next_check = time.monotonic() + self.catchup_s
         self._demos: dict[int, Demo] = {}
         self._index = _Index(Path(index_dir) if index_dir is not None else None, index)
         self._kinds = _Kinds()
@@ -596,9 +608,15 @@ class PostgresPool:
         return len(self._demos)
 
     def close(self) -> None:
-        self._index.save()
-        self._db.close()
-        self._listen.close()
+        try:
+            self._index.save()
+        finally:
+            self._close_connections()
+
+    def _close_connections(self) -> None:
+        for conn in (self._db, self._listen):
+            if conn is not None:
+                conn.close()
         with self._beat_lock:
             if self._beat is not None:
                 self._beat.close()

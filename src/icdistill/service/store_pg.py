@@ -99,6 +99,7 @@ class PostgresServiceStore:
         self._errors = psycopg.Error
         self._beat: Any = None  # heartbeat's own connection, opened on first use
         self._beat_lock = threading.Lock()
+        self._db: Any = None
         try:
             self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
             with self._db.transaction():
@@ -107,6 +108,8 @@ class PostgresServiceStore:
                 if self._db.execute("SELECT to_regclass('icd_service_ledger') AS t").fetchone()["t"] is None:  # type: ignore[index]
                     self._db.execute(_SCHEMA)
         except psycopg.Error as e:
+            if self._db is not None:
+                self._db.close()  # a half-opened store holds no backend
             raise ICDError(f"cannot open the service store in {_redact(url)}: {e}") from e
 
     def _tx(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
