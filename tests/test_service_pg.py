@@ -289,3 +289,53 @@ def test_teacher_work_whose_attempt_failed_here_is_adopted_again(url, tmp_path):
         assert failed == [ack["query_id"]] and teacher.samples == 1
         assert done["teacher_answer"] == "red" and done["pool_status"] == "added"
     assert sql(url, "SELECT calls FROM icd_ledger")[0][0] == 1
+
+
+def test_a_spent_shared_budget_is_the_students_answer_not_a_teacher_failure(url, tmp_path):
+    """Other workers spent the pool's global cap: the server's claim is refused. No call was made, so
+    the query is answered by the student, not failed, and no teacher call is on its books."""
+    from fakes import FakeTeacher
+    from icdistill.pool_pg import PostgresPool
+    from icdistill.types import Query
+
+    with PostgresPool(url, max_calls=1) as run_worker:  # an icd run worker spends the whole cap
+        assert run_worker.claim(Query(id="x", image=None, prompt="p")) == "claimed"
+    teacher = FakeTeacher()
+    with running_service(tmp_path, teacher=teacher, pool=url) as (c, _):
+        r = c.post("/v1/predict", json=query_json("red", 9, label="red", wait=True)).json()
+        assert r["state"] == "answered" and r.get("error") is None  # was "failed", a teacher failure
+        assert r["teacher_asked"] is False and "budget is spent" in r["gate_reason"]
+        st = c.get("/v1/stats").json()
+        assert teacher.samples == 0 and st["teacher_calls"] == 0 and st["pending"] == 0
+        assert st["budget"]["failed"] == 0 and st["budget"]["reserved"] == 0
+    assert sql(url, "SELECT COUNT(*) FROM icd_service_ledger")[0][0] == 0
+
+
+def test_a_label_reused_from_another_worker_is_no_teacher_call_of_this_server(url, tmp_path):
+    """The server waits for another worker's claim and reuses its label: a pool hit, so neither the
+    stream (the gate's pace, restored after a restart) nor the ledger counts it as a teacher call."""
+    from fakes import FakeEmbedder, FakeTeacher
+    from icdistill.pool_pg import PostgresPool
+    from icdistill.service.images import decode_image
+    from icdistill.types import ANSWER, Annotation, Query
+
+    theirs = Query(id="run-q", image=decode_image(colour_png("red", 9), 10**8), prompt="What colour is it?",
+                   options=tuple(OPTIONS), position=0)
+    teacher = FakeTeacher()
+    with PostgresPool(url, worker="run-worker") as run_worker:
+        assert run_worker.claim(theirs) == "claimed"  # it is buying this label now
+        with running_service(tmp_path, teacher=teacher, pool=url) as (c, _):
+            ack = c.post("/v1/predict", json=query_json("red", 9, label="red")).json()
+            assert ack["state"] == "pending_teacher" and ack["teacher_asked"] is True
+            e = FakeEmbedder()
+            label = Annotation(answer="red", samples=["red"], votes={"red": 1}, agreement=1.0, accepted=True, teacher="t")
+            run_worker.add(theirs, label, {**e.embed_query(theirs), ANSWER: e.embed_texts(["red"])[0]})
+            done = wait_until(lambda: (q := c.get(f"/v1/queries/{ack['query_id']}").json())["state"] == "annotated" and q)
+            assert done["pool_status"] == "reused" and done["answer"] == "red" and teacher.samples == 0
+            assert done["teacher_asked"] is False  # was True: counted in every server's pace
+            assert "bought by another worker" in done["gate_reason"]
+            st = c.get("/v1/stats").json()
+            assert st["teacher_calls"] == 0 and st["budget"]["paid"] == 0  # was 1 of each
+    assert sql(url, "SELECT COUNT(*) FROM icd_service_queries WHERE teacher_asked")[0][0] == 0
+    assert sql(url, "SELECT COUNT(*) FROM icd_service_ledger")[0][0] == 0
+    assert sql(url, "SELECT calls FROM icd_ledger")[0][0] == 1  # the run worker's purchase only

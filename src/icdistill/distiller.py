@@ -182,6 +182,7 @@ class Distiller:
         annotation: Annotation | None = None,
         teacher_error: str | None = None,
         rerun: bool = True,
+        not_called: str | None = None,
     ) -> dict[str, Any]:
         """Steps 4-6 (teacher, pool update, answer) for a query ``answer_now`` sent to the teacher, and
         its log record. Without ``annotation`` or ``teacher_error`` the teacher is asked here; a service
@@ -190,8 +191,9 @@ class Distiller:
         query, emb, demos, first, stored = draft.query, draft.embeddings, draft.demos, draft.first, draft.stored
         pool_status: str | None = None
         failed_seconds, failed_faults = 0.0, 0  # what a failed teacher call cost
-        refused: str | None = None  # no call was made: a shared pool's global budget said no
-        if draft.asked and annotation is None and teacher_error is None:
+        # no call was made: a shared pool's global budget said no (here, or to a service's claim)
+        refused: str | None = not_called
+        if draft.asked and annotation is None and teacher_error is None and refused is None:
             try:
                 annotation = self.ask_teacher(draft)  # 4. teacher test-time scaling
             except TeacherError as e:

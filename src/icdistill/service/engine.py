@@ -30,7 +30,7 @@ from PIL import Image
 from icdistill.distiller import Distiller, Draft
 from icdistill.gate import make_gate
 from icdistill.pool import SQLitePool
-from icdistill.pool_pg import PostgresPool, is_postgres_url, reused_annotation
+from icdistill.pool_pg import NotCalled, PostgresPool, is_postgres_url, reused_annotation
 from icdistill.select import make_selector
 from icdistill.service.config import ServeConfig
 from icdistill.service.errors import ServiceError, bad_request, conflict, not_found, unprocessable
@@ -359,13 +359,14 @@ class Engine:
             draft = await self.thread.call(self._draft_for, qid)
             annotation: Annotation | None = None
             error: str | None = None
+            refused: str | None = None  # no call: the shared budget is spent (not a teacher failure)
             if draft.stored is None and isinstance(self.pool, PostgresPool):
                 try:
                     annotation = await self._claim_label(draft)
                     claimed = draft.query if annotation is None else None
-                except TeacherError as e:
-                    error = str(e)
-            if annotation is None and error is None:
+                except NotCalled as e:
+                    refused = str(e)
+            if annotation is None and error is None and refused is None:
                 if draft.stored is None:
                     await self.thread.call(self.store.count_attempt, qid)
                 loop = asyncio.get_running_loop()
@@ -378,7 +379,7 @@ class Engine:
                 except Exception as e:  # a teacher backend bug must not kill the service or lose the query
                     log.exception("teacher failed on query %s", qid)
                     error = f"teacher crashed: {e!r}"
-            row = await self.thread.call(self._finish, qid, annotation, error)
+            row = await self.thread.call(self._finish, qid, annotation, error, refused)
             if error is None:
                 claimed = None  # the annotation's commit dropped the claim (a late release could drop a newer one)
             self._wake(qid, row)
@@ -399,7 +400,7 @@ class Engine:
     async def _claim_label(self, draft: Draft) -> Annotation | None:
         """Claim the label in the shared pool before the teacher is called. None: ours to buy (one call
         charged to the pool's global ledger); or the label another worker bought, reused at no cost.
-        Raises ``TeacherError`` when the global cap is reached. Waits while another worker holds the
+        Raises ``NotCalled`` when the global cap is reached. Waits while another worker holds the
         claim: its lease runs out if it dies."""
         assert isinstance(self.pool, PostgresPool)
         pool = self.pool
@@ -409,13 +410,13 @@ class Engine:
             if state == "claimed":
                 return None
             if state == "budget":
-                raise TeacherError("the shared pool's teacher budget is spent (ledger cap reached)")
+                raise NotCalled("the shared pool's teacher budget is spent (ledger cap reached)")
             if state == "pooled":
                 twin = await self.thread.call(pool.demo_like, draft.query)
                 if twin is not None:
                     return reused_annotation(twin)
             if time.monotonic() > deadline:
-                raise TeacherError("another worker holds the claim on this image and prompt; gave up waiting")
+                raise NotCalled("another worker holds the claim on this image and prompt; gave up waiting")
             await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------------ many servers, one database
@@ -501,12 +502,18 @@ class Engine:
         self._drafts[qid] = draft
         return draft
 
-    def _finish(self, qid: str, annotation: Annotation | None, error: str | None) -> dict[str, Any]:
+    def _finish(
+        self, qid: str, annotation: Annotation | None, error: str | None, refused: str | None = None
+    ) -> dict[str, Any]:
         draft = self._draft_for(qid)
         rerun = qid in self._waiters
-        rec = self.distiller.annotate_later(draft, annotation=annotation, teacher_error=error, rerun=rerun)
+        rec = self.distiller.annotate_later(
+            draft, annotation=annotation, teacher_error=error, rerun=rerun, not_called=refused
+        )
         ann = annotation if error is None else None
-        state = FAILED if ann is None else ANNOTATED if ann.accepted else REJECTED
+        # a label reused from another worker, or a spent shared budget: no teacher call after all
+        asked = bool(rec["teacher_asked"])
+        state = ANSWERED if refused is not None else FAILED if ann is None else ANNOTATED if ann.accepted else REJECTED
         usage = ann.usage if ann is not None else Usage()
         closed = self.store.finish_query(
             qid,
@@ -518,6 +525,8 @@ class Engine:
             error=error,
             calls=usage.calls,
             cost_usd=usage.cost_usd,
+            asked=asked,
+            gate_reason=rec["gate_reason"],
         )
         self._drafts.pop(qid, None)
         if not closed:  # another server closed it first (it adopted our work while we stalled)
@@ -527,12 +536,16 @@ class Engine:
             self._counts[old] -= 1
             self._counts[state] += 1
             self._ledger["reserved"] -= 1
-            self._ledger["failed" if state == FAILED else "paid"] += 1
+            if asked:
+                self._ledger["failed" if state == FAILED else "paid"] += 1
+            else:
+                self._ledger["teacher_calls"] -= 1
             self._ledger["cost_usd"] += usage.cost_usd
             self._ledger["requests"] += usage.calls
-            self.events["teacher_failures" if state == FAILED else state] += 1
+            if state != ANSWERED:
+                self.events["teacher_failures" if state == FAILED else state] += 1
         if self.on_event is not None:
-            self.on_event(f"teacher_{state}", 0.0)
+            self.on_event(f"teacher_{state if asked else 'not_called' if state == ANSWERED else 'reused'}", 0.0)
         return self._public(self.store.get(qid), None)
 
     def _wake(self, qid: str, row: dict[str, Any]) -> None:

@@ -93,6 +93,8 @@ class Store(Protocol):
         error: str | None,
         calls: int,
         cost_usd: float,
+        asked: bool = True,
+        gate_reason: str | None = None,
     ) -> bool: ...
     def count_attempt(self, query_id: str) -> None: ...
     def get(self, query_id: str) -> dict[str, Any] | None: ...
@@ -107,6 +109,19 @@ class Store(Protocol):
     def heartbeat(self, query_ids: Sequence[str]) -> None: ...
     def adopt_orphans(self) -> list[str]: ...
     def close(self) -> None: ...
+
+
+def _not_asked(
+    asked: bool, gate_reason: str | None, query_id: str, queries: str, ledger: str, ph: str
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """A query sent to the teacher that needed no call after all (a shared pool's label bought by
+    another worker, or its global budget spent): not a teacher call in the stream nor in the ledger."""
+    if asked:
+        return []
+    return [
+        (f"UPDATE {queries} SET teacher_asked = false, gate_reason = {ph} WHERE query_id = {ph}", (gate_reason, query_id)),
+        (f"DELETE FROM {ledger} WHERE query_id = {ph}", (query_id,)),
+    ]
 
 
 class ServiceStore:
@@ -189,6 +204,8 @@ class ServiceStore:
         error: str | None,
         calls: int,
         cost_usd: float,
+        asked: bool = True,
+        gate_reason: str | None = None,
     ) -> bool:
         """Close a pending query and settle its ledger entry, in one commit. The image is dropped."""
         now = time.time()
@@ -200,6 +217,7 @@ class ServiceStore:
                     "updated = ? WHERE query_id = ?",
                     (state, teacher_answer, final_answer, answered_by, pool_status, error, now, query_id),
                 ),
+                *_not_asked(asked, gate_reason, query_id, "service_queries", "service_ledger", "?"),
                 (
                     "UPDATE service_ledger SET state = ?, calls = ?, cost_usd = ?, updated = ? WHERE query_id = ?",
                     ("failed" if state == FAILED else "paid", calls, cost_usd, now, query_id),

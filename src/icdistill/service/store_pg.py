@@ -34,6 +34,7 @@ from icdistill.service.store import (
     PENDING_TEACHER,
     REJECTED,
     _finite,
+    _not_asked,
 )
 from icdistill.types import ICDError
 
@@ -186,6 +187,8 @@ class PostgresServiceStore:
         error: str | None,
         calls: int,
         cost_usd: float,
+        asked: bool = True,
+        gate_reason: str | None = None,
     ) -> bool:
         """Close a pending query and settle its ledger entry in one transaction. False (nothing
         written) when another server closed it first."""
@@ -204,6 +207,10 @@ class PostgresServiceStore:
                         "WHERE query_id = %s",
                         ("failed" if state == FAILED else "paid", calls, cost_usd, now, query_id),
                     )
+                    for sql, params in _not_asked(
+                        asked, gate_reason, query_id, "icd_service_queries", "icd_service_ledger", "%s"
+                    ):
+                        self._db.execute(sql, params)
         except self._errors as e:
             raise ICDError(f"could not write to the service store in {_redact(self.url)}: {e}") from e
         return bool(done)
