@@ -117,6 +117,21 @@ def test_global_budget_across_workers(url):
         assert b.ledger_state() == {"calls": 3, "cost_usd": 0.0, "max_calls": 3}
 
 
+def test_a_joining_worker_cannot_move_the_global_cap(url):
+    """The last worker to start used to set the cap for every running one (a --max-calls 3 joining a
+    pool capped at 50 silently stopped all of them at 3)."""
+    with PostgresPool(url, max_calls=50) as a:
+        with pytest.raises(ICDError, match="caps teacher calls at 50"):
+            PostgresPool(url, max_calls=3)
+        with PostgresPool(url, max_calls=50) as b, PostgresPool(url) as c:  # the same cap, or none, joins
+            assert (
+                a.ledger_state()["max_calls"]
+                == b.ledger_state()["max_calls"]
+                == c.ledger_state()["max_calls"]
+                == 50
+            )
+
+
 def test_eviction_is_shared(url):
     with PostgresPool(url, max_size=3) as a, PostgresPool(url, max_size=3) as b:
         for i in range(4):
@@ -353,7 +368,10 @@ def test_a_label_bought_while_waiting_for_its_claim_is_not_this_workers_call(url
 def test_a_dropped_listener_reconnects_and_catches_up_by_id(url):
     import psycopg
 
-    with PostgresPool(url) as a, PostgresPool(url, catchup_s=3600) as b:  # no periodic check: the drop must be noticed
+    with (
+        PostgresPool(url) as a,
+        PostgresPool(url, catchup_s=3600) as b,
+    ):  # no periodic check: the drop must be noticed
         a.add(item(1), ann(), emb(1))
         deadline = time.monotonic() + 1.0
         while len(b) < 1 and time.monotonic() < deadline:
@@ -392,7 +410,9 @@ def test_a_spent_shared_budget_is_no_call_and_no_teacher_failure(url, tmp_path):
     for k, teacher in enumerate(teachers):  # other images for each worker: nothing to reuse
         root = colour_folder(tmp_path / f"c{k}", n_per_class=3, seed=k)
         cfg = RunConfig(dataset=str(root), n=None, gate="always", pool=url, seed=k, max_calls=3)
-        summaries.append(run_icd(cfg, tmp_path / f"run{k}", parts=Parts(FakeStudent(), teacher, FakeEmbedder())))
+        summaries.append(
+            run_icd(cfg, tmp_path / f"run{k}", parts=Parts(FakeStudent(), teacher, FakeEmbedder()))
+        )
     assert teachers[0].calls == 3 and teachers[1].calls == 0
     # before: each refusal counted as this worker's call (3, then its own cap held it back) and as a
     # teacher failure (10 of those in a row stop a run as if the teacher were down)
@@ -552,7 +572,9 @@ def test_a_pool_made_before_owners_is_migrated(url):
     with psycopg.connect(url, autocommit=True) as admin:  # back to the schema before owners
         admin.execute("DROP INDEX icd_one_query_per_owner")
         admin.execute("ALTER TABLE icd_annotations DROP COLUMN owner")
-        admin.execute("ALTER TABLE icd_annotations ADD CONSTRAINT icd_annotations_query_id_key UNIQUE (query_id)")
+        admin.execute(
+            "ALTER TABLE icd_annotations ADD CONSTRAINT icd_annotations_query_id_key UNIQUE (query_id)"
+        )
     with PostgresPool(url, owner="run:b") as b:
         assert len(b) == 1 and b.annotation_for("q1") is None  # the old q1 is not this run's
         assert b.add(item(2, qid="q1"), ann(), emb(2))[1] == "added"  # same id, another owner
@@ -579,7 +601,9 @@ def test_a_pool_that_cannot_be_set_up_is_a_clear_error_and_holds_no_connection(c
             PostgresServiceStore(reader, "w", 1.0)
         assert "permission denied" in str(pool_error.value) + str(store_error.value)
         deadline = time.monotonic() + 10
-        while admin.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE usename = 'icd_reader'").fetchone()[0]:
+        while admin.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE usename = 'icd_reader'").fetchone()[
+            0
+        ]:
             assert time.monotonic() < deadline, "a half-opened pool or store kept its connections"
             time.sleep(0.05)
         del pool_error, store_error

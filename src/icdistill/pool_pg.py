@@ -191,10 +191,20 @@ class PostgresPool:
             if current is None or current[0] is None:
                 self._db.execute(_SCHEMA)
             self._db.execute(
-                "INSERT INTO icd_ledger (name, max_calls) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
-                "SET max_calls = COALESCE(EXCLUDED.max_calls, icd_ledger.max_calls)",
+                "INSERT INTO icd_ledger (name, max_calls) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
                 (ledger, max_calls),
             )
+            cap = self._db.execute(
+                "SELECT max_calls FROM icd_ledger WHERE name = %s FOR UPDATE", (ledger,)
+            ).fetchone()[0]
+            if max_calls is not None and cap is None:
+                self._db.execute("UPDATE icd_ledger SET max_calls = %s WHERE name = %s", (max_calls, ledger))
+            elif max_calls is not None and cap != max_calls:
+                # a joining worker must not silently move the budget every running worker spends
+                raise ICDError(
+                    f"the pool's budget ledger {ledger!r} caps teacher calls at {cap}, this worker asked "
+                    f"for --max-calls {max_calls}: pass the same cap (or none to join it)"
+                )
         self._listen.execute(f"LISTEN {CHANNEL}")
         self._next_check = time.monotonic() + self.catchup_s
         self._demos: dict[int, Demo] = {}
@@ -214,7 +224,9 @@ class PostgresPool:
                 "SELECT e.demo_id, e.key, e.vec FROM icd_embeddings e JOIN icd_annotations a ON a.id = e.demo_id "
                 "WHERE a.in_pool ORDER BY e.demo_id"
             ).fetchall()
-            rows = self._db.execute(f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id").fetchall()
+            rows = self._db.execute(
+                f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"
+            ).fetchall()
         for demo_id, key, blob in embedded:
             v = np.frombuffer(blob, dtype=np.float32).copy()
             vecs.setdefault(demo_id, {})[key] = v
@@ -263,7 +275,9 @@ class PostgresPool:
                 break
             except self._psycopg.OperationalError as e:
                 if time.monotonic() > deadline:
-                    raise ICDError(f"lost the pool's listener and cannot reconnect to {_redact(self.url)}: {e}") from e
+                    raise ICDError(
+                        f"lost the pool's listener and cannot reconnect to {_redact(self.url)}: {e}"
+                    ) from e
                 time.sleep(0.2)
         try:  # the other connection may have lost its backend too (a restarted server)
             self._db.execute("SELECT 1")
@@ -595,7 +609,10 @@ class PostgresPool:
         short lease still protects a long call while a dead worker's claims expire soon; only those
         of ``query_ids`` when given (a claim whose release failed lapses). Any thread: it has its own
         connection, so a worker busy elsewhere still renews on time."""
-        sql, params = "UPDATE icd_claims SET expires = %s WHERE worker = %s", [time.time() + self.lease_s, self.worker]
+        sql, params = (
+            "UPDATE icd_claims SET expires = %s WHERE worker = %s",
+            [time.time() + self.lease_s, self.worker],
+        )
         if query_ids is not None:
             sql, params = sql + " AND query_id = ANY(%s)", [*params, list(query_ids)]
         with self._beat_lock:
