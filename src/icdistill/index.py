@@ -62,11 +62,20 @@ class IndexConfig:
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; rows already unit (within 1e-5) are kept bit-identical.
+
+    When every row is already unit the result is a read-only view of ``x``, not a copy: a pool opened
+    at 1M x 1280 passes 5 GB of stored unit vectors through here."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
-    n = np.linalg.norm(x, axis=1, keepdims=True)
+    # row by row, without the n x d temporary that np.linalg.norm(x, axis=1) allocates
+    n = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
     # rows that are already unit stay bit-identical: a norm taken over a batch rounds differently
     # from one taken over a single row, and group digests must not depend on how vectors arrived
     n = np.where(np.abs(n - 1.0) < 1e-5, 1.0, n).astype(np.float32)
+    if n.size and bool(np.all(n == 1.0)):
+        view = x.view()
+        view.setflags(write=False)
+        return view
     return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,32 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / n if n > 0 else v
 
 
+class IndexedEmbeddings(Mapping[str, np.ndarray]):
+    """A pooled demo's vectors, read from the pool's index when asked for: every vector lives once, in
+    the index (a per-demo copy beside it doubled the memory of a 1M-demo pool)."""
+
+    __slots__ = ("_by_key", "_id")
+
+    def __init__(self, by_key: dict[str, VectorIndex], demo_id: int) -> None:
+        self._by_key = by_key
+        self._id = demo_id
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        index = self._by_key.get(key)
+        if index is None or self._id not in index:
+            raise KeyError(key)
+        return index.vector(self._id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k for k, index in self._by_key.items() if self._id in index])
+
+    def __len__(self) -> int:
+        return sum(1 for index in self._by_key.values() if self._id in index)
+
+    def __repr__(self) -> str:
+        return f"IndexedEmbeddings(demo {self._id}: {list(self)})"
+
+
 class _Index:
     """One ``VectorIndex`` per embedding key (exact while small, HNSW beyond; see icdistill.index),
     saved beside the pool file and reconciled with it on open."""
@@ -82,6 +109,9 @@ class _Index:
 
     def _path(self, key: str) -> Path | None:
         return self._folder / f"{key}.usearch" if self._folder is not None else None
+
+    def embeddings_of(self, demo_id: int) -> IndexedEmbeddings:
+        return IndexedEmbeddings(self._by_key, demo_id)
 
     def load(self, key: str, ids: list[int], vecs: np.ndarray) -> None:
         path = self._path(key)
@@ -239,29 +269,36 @@ class SQLitePool:
 
     # ------------------------------------------------------------------ reading
     def _load(self) -> None:
-        vecs: dict[int, Embeddings] = {}
-        for demo_id, key, blob in self._db.execute(
-            "SELECT e.demo_id, e.key, e.vec FROM embeddings e JOIN annotations a ON a.id = e.demo_id WHERE a.in_pool = 1"
-        ):
-            vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
-        by_key: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        for demo_id in sorted(vecs):
-            for key, vec in vecs[demo_id].items():
-                ids_k, rows_k = by_key.setdefault(key, ([], []))
-                ids_k.append(demo_id)
-                rows_k.append(vec)
-        for key, (ids_k, rows_k) in by_key.items():
-            self._index.load(key, ids_k, np.stack(rows_k))
+        # one key at a time, straight into one matrix: at 1M demos x 1280-d, per-demo arrays, a stacked
+        # copy and the index's own matrix together did not fit in 24 GB (BENCHMARKS.md, section 7)
+        pooled = "FROM embeddings e JOIN annotations a ON a.id = e.demo_id WHERE a.in_pool = 1"
+        counts = self._db.execute(f"SELECT e.key, COUNT(*) {pooled} GROUP BY e.key ORDER BY e.key").fetchall()
+        for key, count in counts:
+            ids = np.empty(count, dtype=np.int64)
+            mat: np.ndarray | None = None
+            n = 0
+            for demo_id, blob in self._db.execute(
+                f"SELECT e.demo_id, e.vec {pooled} AND e.key = ? ORDER BY e.demo_id", (key,)
+            ):
+                row = np.frombuffer(blob, dtype=np.float32)
+                if mat is None:
+                    mat = np.empty((count, row.shape[0]), dtype=np.float32)
+                if n < count:  # rows added between the count and this read are caught up on the next open
+                    ids[n], mat[n] = demo_id, row
+                    n += 1
+            if mat is not None and n:
+                self._index.load(key, ids[:n].tolist(), mat[:n])
+            del mat
         for row in self._db.execute(
             "SELECT id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement, options "
             "FROM annotations WHERE in_pool = 1 ORDER BY id"
         ):
-            demo = self._row_to_demo(row, vecs.get(row[0], {}))
+            demo = self._row_to_demo(row, self._index.embeddings_of(row[0]))
             self._demos[demo.id] = demo
             self._kinds.add(demo.id, demo.provenance.get("options"))
 
     @staticmethod
-    def _row_to_demo(row: tuple[Any, ...], embeddings: Embeddings) -> Demo:
+    def _row_to_demo(row: tuple[Any, ...], embeddings: Mapping[str, np.ndarray]) -> Demo:
         demo_id, query_id, position, png, image_ref, prompt, answer, teacher, votes, agreement, options = row
         return Demo(
             id=demo_id,
@@ -426,6 +463,7 @@ class SQLitePool:
         self._demos[demo_id] = demo
         self._kinds.add(demo_id, demo.provenance.get("options"))
         self._index.add(demo_id, demo.embeddings)
+        demo.embeddings = self._index.embeddings_of(demo_id)  # the index holds the one copy
         return demo, status
 
     def _evict_for_one_more(self) -> list[int]:
@@ -443,7 +481,9 @@ class SQLitePool:
         if demo_id not in self._demos:
             return False
         try:
-            self._db.execute("UPDATE annotations SET in_pool = 0, status = 'deleted' WHERE id = ?", (demo_id,))
+            self._db.execute(
+                "UPDATE annotations SET in_pool = 0, status = 'deleted' WHERE id = ?", (demo_id,)
+            )
         except sqlite3.Error as e:
             raise ICDError(f"could not write to pool {self.path}: {e}") from e
         self._demos.pop(demo_id)

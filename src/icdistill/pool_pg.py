@@ -215,7 +215,6 @@ class PostgresPool:
     # ------------------------------------------------------------------ sync
     def _load(self) -> None:
         by_key: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        vecs: dict[int, Embeddings] = {}
         # both reads from one snapshot: a demo committed between them would be loaded without its
         # vectors (and its notification then skipped as known), an eviction would leave a stale vector
         with self._db.transaction():
@@ -228,15 +227,16 @@ class PostgresPool:
                 f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"
             ).fetchall()
         for demo_id, key, blob in embedded:
-            v = np.frombuffer(blob, dtype=np.float32).copy()
-            vecs.setdefault(demo_id, {})[key] = v
+            v = np.frombuffer(blob, dtype=np.float32)
             ids_k, rows_k = by_key.setdefault(key, ([], []))
             ids_k.append(demo_id)
             rows_k.append(v)
         for key, (ids_k, rows_k) in by_key.items():
             self._index.load(key, ids_k, np.stack(rows_k))
         for row in rows:
-            demo = self._demos[row[0]] = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
+            demo = self._demos[row[0]] = SQLitePool._row_to_demo(
+                _plain(row), self._index.embeddings_of(row[0])
+            )
             self._kinds.add(demo.id, demo.provenance.get("options"))
 
     def refresh(self) -> int:
@@ -312,6 +312,7 @@ class PostgresPool:
                 demo = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
                 self._demos[demo.id] = demo
                 self._index.add(demo.id, demo.embeddings)
+                demo.embeddings = self._index.embeddings_of(demo.id)  # the index holds the one copy
                 self._kinds.add(demo.id, demo.provenance.get("options"))
         return len(fresh) + len(removed)
 
@@ -574,6 +575,7 @@ class PostgresPool:
         demo = pooled_demo(demo_id, query, annotation, embeddings)
         self._demos[demo_id] = demo
         self._index.add(demo_id, demo.embeddings)
+        demo.embeddings = self._index.embeddings_of(demo_id)  # the index holds the one copy
         self._kinds.add(demo_id, demo.provenance.get("options"))
         return demo
 

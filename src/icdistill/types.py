@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +69,8 @@ class Demo:
     image: Image.Image | None
     prompt: str
     answer: str
-    embeddings: Embeddings = field(default_factory=dict)
+    # a pool's demos read their vectors from its index (icdistill.pool.IndexedEmbeddings)
+    embeddings: Mapping[str, np.ndarray] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
