@@ -1,6 +1,9 @@
+import itertools
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -9,3 +12,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 # With 2 cores shared by the test process and in-process servers, OpenMP's busy-waiting threads
 # stall small matmuls (measured: 162 s -> 37 s for the SmolLM2 tests). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+_pg_databases = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A throwaway PostgreSQL cluster (Debian's server) for the shared-pool tests, removed at the end."""
+    from pg_cluster import throwaway_cluster
+
+    with throwaway_cluster() as url:
+        yield url
+
+
+@pytest.fixture()
+def url(cluster):
+    """A fresh database on ``cluster`` for one test."""
+    from pg_cluster import fresh_database
+
+    return fresh_database(cluster, f"icd_{os.getpid()}_{next(_pg_databases)}")

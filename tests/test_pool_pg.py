@@ -2,7 +2,6 @@
 
 import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,20 +17,6 @@ from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
 from icdistill.types import ANSWER, IMAGE, Annotation, ICDError, Query, TeacherError, Usage
 
 pytest.importorskip("psycopg")
-from pg_cluster import fresh_database, throwaway_cluster  # noqa: E402
-
-_counter = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with throwaway_cluster() as url:
-        yield url
-
-
-@pytest.fixture()
-def url(cluster):
-    return fresh_database(cluster, f"icd_test_{os.getpid()}_{next(_counter)}")
 
 
 def item(i: int, qid: str | None = None) -> Query:

@@ -23,22 +23,10 @@ import psycopg  # noqa: E402
 
 from fakes import ColourStudent, LocalServer  # noqa: E402
 from icdistill.serve_model import FaultPlan, create_app  # noqa: E402
-from pg_cluster import free_port, fresh_database, throwaway_cluster  # noqa: E402
+from pg_cluster import free_port  # noqa: E402
 from service_helpers import AUTH, KEY, OPTIONS, b64, colour_png, query_json, running_service, wait_until  # noqa: E402
 
 HERE = Path(__file__).parent
-_counter = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with throwaway_cluster() as url:
-        yield url
-
-
-@pytest.fixture()
-def url(cluster):
-    return fresh_database(cluster, f"icd_serve_{os.getpid()}_{next(_counter)}")
 
 
 class Server:
