@@ -18,6 +18,7 @@ selector) + gate + rate x add. Unless ``--no-student``, the student forward of t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -119,6 +120,10 @@ def bulk_fill(path: Path, n: int, stream: Stream) -> float:
     return time.perf_counter() - t0
 
 
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _demo_rows(path: Path) -> int:
     db = sqlite3.connect(str(path))
     try:
@@ -146,8 +151,11 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
     t = time.perf_counter()
     pool = SQLitePool(path)
     open_s = time.perf_counter() - t
+    open_rss_mb = _peak_rss_mb()  # the peak so far: the first open (and a graph build, if any)
     status = pool.index_status()
     pool.close()
+    del pool  # before the reopen: a 1M-demo pool is ~10 GB, two of them do not fit in 24 GB
+    gc.collect()
     t = time.perf_counter()
     pool = SQLitePool(path)
     reopen_s = time.perf_counter() - t
@@ -215,7 +223,8 @@ def bench_size(n: int, stream: Stream, args: argparse.Namespace, folder: Path) -
         "gate": percentiles(times["gate"]),
         "add": {**(percentiles(times["add"]) if times["add"] else {}), "count": len(times["add"])},
         "teacher_rate": round(asked_here / args.queries, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_open_mb": open_rss_mb,
+        "peak_rss_mb": _peak_rss_mb(),
     }
     add_mean = float(np.mean(times["add"])) if times["add"] else 0.0
     row["per_query_ms"] = round(

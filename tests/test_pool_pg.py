@@ -81,6 +81,17 @@ def test_another_workers_demo_is_seen_within_a_second(url):
         assert b.search(IMAGE, emb(1)[IMAGE], 1)[0].size == 1
 
 
+def test_another_workers_demo_image_is_read_from_the_database_on_use(url):
+    with PostgresPool(url) as a:
+        a.add(item(7), ann(), emb(7))
+        a.add(Query(id="blank", image=None, prompt="what?", options=("a", "b")), ann(), emb(8))
+    with PostgresPool(url) as b:
+        assert b.images.decoded == 0
+        demos = {d.query_id: d for d in b.demos()}
+        assert demos["q7"].image.tobytes() == item(7).image.tobytes()
+        assert demos["blank"].image is None and b.images.decoded == 1
+
+
 def test_claims_buy_once_and_expire(url):
     with PostgresPool(url, lease_s=0.3) as a, PostgresPool(url, lease_s=0.3) as b:
         assert a.claim(item(1)) == "claimed"
@@ -99,14 +110,44 @@ def test_global_budget_across_workers(url):
     with PostgresPool(url, max_calls=3) as a, PostgresPool(url) as b:
         results = [p.claim(item(i)) for i, p in zip(range(6), itertools.cycle([a, b]), strict=False)]
         assert results.count("claimed") == 3 and results.count("budget") == 3
-        assert b.ledger_state() == {"calls": 3, "cost_usd": 0.0, "max_calls": 3}
+        assert b.ledger_state() == {
+            "calls": 3,
+            "cost_usd": 0.0,
+            "max_calls": 3,
+            "max_cost_usd": None,
+            "dearest_call_usd": 0.0,
+        }
+
+
+def test_the_dollar_cap_is_global_and_reserves_the_calls_in_flight(url):
+    """``--max-cost`` was enforced per worker: N workers could spend N times the cap. The ledger now
+    holds it; before a call, the dearest call paid so far is reserved for it and for every call
+    another worker has in flight (a live claim)."""
+    with PostgresPool(url, max_cost_usd=1.0) as a, PostgresPool(url) as b:
+        assert a.claim(item(0)) == "claimed"  # nothing paid yet: no estimate, the first call goes
+        a.add(item(0), ann(cost=0.3), emb(0))
+        assert b.claim(item(1)) == "claimed"  # 0.3 paid + 0.3 reserved for this one
+        assert a.claim(item(2)) == "claimed"  # 0.3 + 0.3 x (b's call in flight + this one) = 0.9
+        assert b.claim(item(3, qid="b3")) == "budget"  # 0.3 + 0.3 x 3 > 1.0
+        assert b.claim(Query(id="t", image=None, prompt="p")) == "budget"  # text-only: same rule
+        b.add(item(1), ann(cost=0.25), emb(1))  # b's call lands: 0.55 paid, a's still in flight
+        assert b.claim(item(3, qid="b3")) == "budget"  # 0.55 + 0.3 x 2 > 1.0
+        a.release(item(2))  # a's call failed: nothing paid, nothing reserved
+        assert b.claim(item(3, qid="b3")) == "claimed"  # 0.55 + 0.3 <= 1.0
+        state = a.ledger_state()
+        assert state["cost_usd"] == pytest.approx(0.55) and state["dearest_call_usd"] == pytest.approx(0.3)
+        assert state["max_cost_usd"] == 1.0 and state["calls"] == 4
+        with pytest.raises(ICDError, match=r"has --max-cost 1.0, this worker asked for --max-cost 5.0"):
+            PostgresPool(url, max_cost_usd=5.0)
+    with pytest.raises(ICDError, match="--max-cost must be >= 0"):
+        PostgresPool(url, max_cost_usd=-1.0)
 
 
 def test_a_joining_worker_cannot_move_the_global_cap(url):
     """The last worker to start used to set the cap for every running one (a --max-calls 3 joining a
     pool capped at 50 silently stopped all of them at 3)."""
     with PostgresPool(url, max_calls=50) as a:
-        with pytest.raises(ICDError, match="caps teacher calls at 50"):
+        with pytest.raises(ICDError, match="has --max-calls 50, this worker asked for --max-calls 3"):
             PostgresPool(url, max_calls=3)
         with PostgresPool(url, max_calls=50) as b, PostgresPool(url) as c:  # the same cap, or none, joins
             assert (

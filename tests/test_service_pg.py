@@ -327,3 +327,23 @@ def test_a_label_reused_from_another_worker_is_no_teacher_call_of_this_server(ur
     assert sql(url, "SELECT COUNT(*) FROM icd_service_queries WHERE teacher_asked")[0][0] == 0
     assert sql(url, "SELECT COUNT(*) FROM icd_service_ledger")[0][0] == 0
     assert sql(url, "SELECT calls FROM icd_ledger")[0][0] == 1  # the run worker's purchase only
+
+
+def test_the_dollar_cap_of_a_server_is_the_pools_global_one(url, tmp_path):
+    """``--max-cost`` on a shared pool: what other workers paid counts. It used to be per server, so
+    this server (0 spent by itself) called the teacher though the pool's cap was as good as spent."""
+    from fakes import FakeTeacher
+    from icdistill.pool_pg import PostgresPool
+    from icdistill.types import Annotation, Query, Usage
+
+    with PostgresPool(url, max_cost_usd=1.0) as run_worker:  # an icd run worker paid $0.6 for one call
+        q = Query(id="x", image=None, prompt="p")
+        assert run_worker.claim(q) == "claimed"
+        paid = Annotation("a", ["a"], {"a": 1}, 0.2, False, "t", usage=Usage(calls=1, cost_usd=0.6))
+        run_worker.add(q, paid, {})
+    teacher = FakeTeacher()
+    with running_service(tmp_path, teacher=teacher, pool=url, max_cost_usd=1.0) as (c, _):
+        r = c.post("/v1/predict", json=query_json("red", 9, label="red", wait=True)).json()
+        assert r["teacher_asked"] is False and "budget is spent" in r["gate_reason"]
+        ledger = c.get("/v1/stats").json()["budget"]["pool_ledger"]
+        assert teacher.samples == 0 and ledger["cost_usd"] == 0.6 and ledger["max_cost_usd"] == 1.0

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 
-from icdistill.index import IndexConfig, VectorIndex
+from icdistill.image_cache import ImageCache
+from icdistill.index import IndexConfig, VectorIndex, spare_rows
 from icdistill.runlog import FolderLock
 from icdistill.types import (
     Annotation,
@@ -96,6 +99,77 @@ class IndexedEmbeddings(Mapping[str, np.ndarray]):
         return f"IndexedEmbeddings(demo {self._id}: {list(self)})"
 
 
+# Pooled demos' images are decoded on use and kept in a bounded LRU: decoding every demo's image at
+# open would hold a pool of a million photos in memory.
+DEMO_IMAGE_CACHE_ITEMS = 4096
+DEMO_IMAGE_CACHE_BYTES = 256 * 1024 * 1024
+
+
+class DemoImages:
+    """The images of a pool's demos: stored in its database, decoded when a demo's ``image`` is read,
+    kept in a bounded LRU. ``fetch`` returns a demo's encoded image (None when it has none); it may be
+    called from any thread."""
+
+    def __init__(
+        self,
+        fetch: Callable[[int], bytes | None],
+        where: str,
+        max_items: int = DEMO_IMAGE_CACHE_ITEMS,
+        max_bytes: int = DEMO_IMAGE_CACHE_BYTES,
+    ) -> None:
+        self._fetch = fetch
+        self._where = where
+        self._lock = threading.Lock()
+        self.cache = ImageCache(max_items, max_bytes)
+        self.decoded = 0  # images read back from the database (cache misses)
+
+    def put(self, demo_id: int, image: Image.Image) -> None:
+        self.cache.put(demo_id, image)
+
+    def get(self, demo_id: int) -> Image.Image | None:
+        image = self.cache.get(demo_id)
+        if image is not None:
+            return image
+        with self._lock:
+            try:
+                data = self._fetch(demo_id)
+            except Exception as e:  # a closed pool, a lost connection: say which demo and where
+                raise ICDError(f"cannot read the image of demo {demo_id} from {self._where}: {e}") from e
+        if data is None:
+            return None
+        try:
+            image = png_to_image(data)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for a corrupt file
+            raise ICDError(f"the image of demo {demo_id} in {self._where} is corrupt: {e}") from e
+        self.decoded += 1
+        self.cache.put(demo_id, image)
+        return image
+
+
+class StoredDemo(Demo):
+    """A pooled demo whose image stays in the pool's database until it is read (``DemoImages``).
+
+    It behaves as a ``Demo``; a copy or a pickle of it is a plain ``Demo`` holding the decoded image."""
+
+    def __init__(self, images: DemoImages, has_image: bool, **fields: Any) -> None:
+        self._images = images
+        self._has_image = has_image
+        super().__init__(image=None, **fields)
+
+    @property  # type: ignore[override]
+    def image(self) -> Image.Image | None:
+        return self._images.get(self.id) if self._has_image else None
+
+    @image.setter
+    def image(self, value: Image.Image | None) -> None:
+        if value is not None:
+            raise AttributeError("a pooled demo's image is read from its pool")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        fields = (self.id, self.query_id, self.image, self.prompt, self.answer)
+        return (Demo, (*fields, dict(self.embeddings), dict(self.provenance)))
+
+
 class _Index:
     """One ``VectorIndex`` per embedding key (exact while small, HNSW beyond; see icdistill.index),
     saved beside the pool file and reconciled with it on open."""
@@ -113,13 +187,13 @@ class _Index:
     def embeddings_of(self, demo_id: int) -> IndexedEmbeddings:
         return IndexedEmbeddings(self._by_key, demo_id)
 
-    def load(self, key: str, ids: list[int], vecs: np.ndarray) -> None:
+    def load(self, key: str, ids: np.ndarray, buffer: np.ndarray) -> None:
+        """The index of ``key`` over ``ids``; it adopts ``buffer`` (their vectors, then spare rows)."""
         path = self._path(key)
         if path is None:
-            self._by_key[key] = VectorIndex(vecs.shape[1], self._config)
-            self._by_key[key].add(ids, vecs)
+            self._by_key[key] = VectorIndex.build(ids, buffer, self._config)
             return
-        self._by_key[key], self.opened[key] = VectorIndex.load(path, np.asarray(ids), vecs, self._config)
+        self._by_key[key], self.opened[key] = VectorIndex.load(path, ids, buffer, self._config, adopt=True)
         if self.opened[key] != "loaded":
             self._dirty.add(key)
 
@@ -206,12 +280,18 @@ class _Kinds:
         return arr
 
 
-def pooled_demo(demo_id: int, query: Query, annotation: Annotation, embeddings: Embeddings) -> Demo:
-    """The demonstration a pooled annotation becomes, with its provenance (every pool backend)."""
-    return Demo(
+def pooled_demo(
+    demo_id: int, query: Query, annotation: Annotation, embeddings: Embeddings, images: DemoImages
+) -> Demo:
+    """The demonstration a pooled annotation becomes, with its provenance (every pool backend); its
+    image goes to the pool's image cache, not into the demo."""
+    if query.image is not None:
+        images.put(demo_id, query.image)
+    return StoredDemo(
+        images,
+        query.image is not None,
         id=demo_id,
         query_id=query.id,
-        image=query.image,
         prompt=query.prompt,
         answer=annotation.answer,
         embeddings={k: _unit(v) for k, v in embeddings.items()},
@@ -224,6 +304,54 @@ def pooled_demo(demo_id: int, query: Query, annotation: Annotation, embeddings: 
             "options": list(query.options) if query.options else None,
         },
     )
+
+
+def stored_demo(
+    row: tuple[Any, ...], embeddings: Mapping[str, np.ndarray], images: DemoImages, shared: dict[Any, Any]
+) -> Demo:
+    """A pooled demo from its database row (``DEMO_COLUMNS``, every pool backend).
+
+    Values many demos repeat (prompt, answer, teacher, option list, votes) are one object each, kept
+    in ``shared``: parsed per demo they were a third of a 1M-demo pool's Python memory. A demo's
+    provenance is read-only."""
+    demo_id, query_id, position, has_image, image_ref, prompt, answer, teacher, votes, agreement, options = (
+        row
+    )
+    return StoredDemo(
+        images,
+        bool(has_image),
+        id=demo_id,
+        query_id=query_id,
+        prompt=_one(shared, prompt),
+        answer=_one(shared, answer),
+        embeddings=embeddings,
+        provenance={
+            "teacher": _one(shared, teacher),
+            "votes": _parsed(shared, votes, {}),
+            "agreement": agreement,
+            "position": position,
+            "image_ref": image_ref,
+            "options": _parsed(shared, options, None),
+        },
+    )
+
+
+def _one(shared: dict[Any, Any], value: Any) -> Any:
+    return shared.setdefault(value, value) if isinstance(value, str) else value
+
+
+def _parsed(shared: dict[Any, Any], raw: str | None, empty: Any) -> Any:
+    if not raw:
+        return empty
+    key = ("json", raw)
+    value = shared.get(key)
+    if value is None:
+        value = shared[key] = json.loads(raw)
+    return value
+
+
+# the columns of a pooled demo's row, without its image (read on use)
+DEMO_COLUMNS = "id, query_id, position, image_png IS NOT NULL, image_ref, prompt, answer, teacher, votes, agreement, options"
 
 
 class SQLitePool:
@@ -252,7 +380,12 @@ class SQLitePool:
         try:
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path) if self.path else ":memory:", isolation_level=None)
+            # an in-memory database has one connection, which demos' images are also read through
+            self._db = sqlite3.connect(
+                str(self.path) if self.path else ":memory:",
+                isolation_level=None,
+                check_same_thread=self.path is not None,
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
@@ -262,6 +395,9 @@ class SQLitePool:
         if check != "ok":
             raise ICDError(f"pool {self.path} is corrupt: {check}")
         self._demos: dict[int, Demo] = {}
+        self._reader: sqlite3.Connection | None = None
+        self._shared: dict[Any, Any] = {}  # values many demos repeat (see stored_demo)
+        self.images = DemoImages(self._fetch_image, f"pool {self.path or ':memory:'}")
         # the graphs live beside the file: rebuilding a large one takes minutes, so it is kept
         self._index = _Index(Path(f"{self.path}.index") if self.path is not None else None, index)
         self._kinds = _Kinds()
@@ -281,41 +417,32 @@ class SQLitePool:
                 f"SELECT e.demo_id, e.vec {pooled} AND e.key = ? ORDER BY e.demo_id", (key,)
             ):
                 row = np.frombuffer(blob, dtype=np.float32)
-                if mat is None:
-                    mat = np.empty((count, row.shape[0]), dtype=np.float32)
+                if mat is None:  # the index adopts it, spare rows included (see spare_rows)
+                    mat = np.empty((count + spare_rows(count), row.shape[0]), dtype=np.float32)
                 if n < count:  # rows added between the count and this read are caught up on the next open
                     ids[n], mat[n] = demo_id, row
                     n += 1
             if mat is not None and n:
-                self._index.load(key, ids[:n].tolist(), mat[:n])
+                self._index.load(key, ids[:n], mat)
             del mat
-        for row in self._db.execute(
-            "SELECT id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement, options "
-            "FROM annotations WHERE in_pool = 1 ORDER BY id"
-        ):
-            demo = self._row_to_demo(row, self._index.embeddings_of(row[0]))
+        for row in self._db.execute(f"SELECT {DEMO_COLUMNS} FROM annotations WHERE in_pool = 1 ORDER BY id"):
+            demo = stored_demo(row, self._index.embeddings_of(row[0]), self.images, self._shared)
             self._demos[demo.id] = demo
             self._kinds.add(demo.id, demo.provenance.get("options"))
 
-    @staticmethod
-    def _row_to_demo(row: tuple[Any, ...], embeddings: Mapping[str, np.ndarray]) -> Demo:
-        demo_id, query_id, position, png, image_ref, prompt, answer, teacher, votes, agreement, options = row
-        return Demo(
-            id=demo_id,
-            query_id=query_id,
-            image=png_to_image(png) if png is not None else None,
-            prompt=prompt,
-            answer=answer,
-            embeddings=embeddings,
-            provenance={
-                "teacher": teacher,
-                "votes": json.loads(votes) if votes else {},
-                "agreement": agreement,
-                "position": position,
-                "image_ref": image_ref,
-                "options": json.loads(options) if options else None,
-            },
-        )
+    def _fetch_image(self, demo_id: int) -> bytes | None:
+        # demos' images are read on use, possibly from another thread than the pool's: a file pool
+        # reads them through a connection of their own (an in-memory pool's is shared, see __init__)
+        if self._reader is None:
+            self._reader = (
+                sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+                if self.path is not None
+                else self._db
+            )
+        row = self._reader.execute("SELECT image_png FROM annotations WHERE id = ?", (demo_id,)).fetchone()
+        if row is None:
+            raise ICDError("no such annotation")
+        return row[0]
 
     def __len__(self) -> int:
         return len(self._demos)
@@ -459,7 +586,7 @@ class SQLitePool:
             self._index.remove(old)
         if not in_pool:
             return None, status
-        demo = pooled_demo(demo_id, query, annotation, embeddings)
+        demo = pooled_demo(demo_id, query, annotation, embeddings, self.images)
         self._demos[demo_id] = demo
         self._kinds.add(demo_id, demo.provenance.get("options"))
         self._index.add(demo_id, demo.embeddings)
@@ -493,6 +620,8 @@ class SQLitePool:
 
     def close(self) -> None:
         self._index.save()
+        if self._reader is not None and self._reader is not self._db:
+            self._reader.close()
         self._db.close()
         if self._lock is not None:
             self._lock.release()

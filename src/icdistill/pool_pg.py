@@ -39,8 +39,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from icdistill.index import IndexConfig
-from icdistill.pool import AddStatus, SQLitePool, _Index, _Kinds, _unit, pooled_demo
+from icdistill.index import IndexConfig, spare_rows
+from icdistill.pool import (
+    DEMO_COLUMNS,
+    AddStatus,
+    DemoImages,
+    _Index,
+    _Kinds,
+    _unit,
+    pooled_demo,
+    stored_demo,
+)
 from icdistill.types import (
     Annotation,
     Demo,
@@ -110,11 +119,10 @@ CREATE TABLE IF NOT EXISTS icd_ledger (
     cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
     max_calls BIGINT
 );
+-- the global dollar cap (a ledger made before it gets the columns)
+ALTER TABLE icd_ledger ADD COLUMN IF NOT EXISTS max_cost_usd DOUBLE PRECISION;
+ALTER TABLE icd_ledger ADD COLUMN IF NOT EXISTS dearest_call_usd DOUBLE PRECISION NOT NULL DEFAULT 0;
 """
-
-_DEMO_COLUMNS = (
-    "id, query_id, position, image_png, image_ref, prompt, answer, teacher, votes, agreement, options"
-)
 
 
 def is_postgres_url(spec: str | os.PathLike[str] | None) -> bool:
@@ -124,7 +132,8 @@ def is_postgres_url(spec: str | os.PathLike[str] | None) -> bool:
 class PostgresPool:
     """The ``Pool`` of ``SQLitePool`` (same reads, same ``add`` statuses) over a PostgreSQL database.
 
-    ``max_calls`` caps teacher calls across every worker of the pool (the ledger ``ledger``);
+    ``max_calls`` and ``max_cost_usd`` cap teacher calls and dollars across every worker of the pool
+    (the ledger ``ledger``; see ``_charge`` for how dollars are reserved before a call's cost is known);
     ``lease_s`` is how long a claim protects a purchase in progress (``renew_claims`` extends it).
     ``owner`` is the namespace of this worker's query ids: ``annotation_for`` recovers only its own
     (a resumed run finds what its killed process stored, never another run's annotation of an item
@@ -140,6 +149,7 @@ class PostgresPool:
         index_dir: str | Path | None = None,
         ledger: str = "default",
         max_calls: int | None = None,
+        max_cost_usd: float | None = None,
         lease_s: float = 120.0,
         worker: str | None = None,
         owner: str = "",
@@ -153,6 +163,8 @@ class PostgresPool:
             raise ICDError("pool max size must be >= 1")
         if lease_s <= 0:
             raise ICDError("claim lease must be > 0 seconds")
+        if max_cost_usd is not None and not max_cost_usd >= 0:
+            raise ICDError(f"--max-cost must be >= 0, got {max_cost_usd}")
         self._psycopg = psycopg
         self.url = url
         self.max_size = max_size
@@ -166,6 +178,11 @@ class PostgresPool:
         self._beat_lock = threading.Lock()
         self._db: Any = None
         self._listen: Any = None
+        self._reader: Any = (
+            None  # demos' images are read on use, from any thread, through their own connection
+        )
+        self.images = DemoImages(self._fetch_image, f"pool {_redact(url)}")
+        self._shared: dict[Any, Any] = {}  # values many demos repeat (see stored_demo)
         try:
             self._db = psycopg.connect(url, autocommit=True)
             self._listen = psycopg.connect(url, autocommit=True)
@@ -173,38 +190,53 @@ class PostgresPool:
             self._close_connections()
             raise ICDError(f"cannot connect to pool {_redact(url)}: {e}") from e
         try:
-            self._open(ledger, max_calls, index, index_dir)
+            self._open(ledger, max_calls, max_cost_usd, index, index_dir)
         except BaseException as e:
             self._close_connections()  # a half-opened pool holds no backends
             if isinstance(e, psycopg.Error):
                 raise ICDError(f"cannot open pool {_redact(url)}: {e}") from e
             raise
 
-    def _open(self, ledger: str, max_calls: int | None, index: IndexConfig | None, index_dir: Any) -> None:
+    def _open(
+        self,
+        ledger: str,
+        max_calls: int | None,
+        max_cost_usd: float | None,
+        index: IndexConfig | None,
+        index_dir: Any,
+    ) -> None:
         with self._db.transaction():
             # one schema creator at a time: concurrent CREATE ... IF NOT EXISTS can still collide
             self._db.execute("SELECT pg_advisory_xact_lock(7414221)")
             # DDL locks the tables even when there is nothing to do: a worker joining a pool in use
             # would stall the others (and their claims could run out), so only a missing or old
             # schema runs it
-            current = self._db.execute("SELECT to_regclass('icd_one_query_per_owner')").fetchone()
-            if current is None or current[0] is None:
+            current = self._db.execute(
+                "SELECT to_regclass('icd_one_query_per_owner') IS NOT NULL AND EXISTS (SELECT 1 FROM "
+                "information_schema.columns WHERE table_name = 'icd_ledger' AND column_name = 'dearest_call_usd')"
+            ).fetchone()
+            if current is None or not current[0]:
                 self._db.execute(_SCHEMA)
             self._db.execute(
-                "INSERT INTO icd_ledger (name, max_calls) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
-                (ledger, max_calls),
+                "INSERT INTO icd_ledger (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (ledger,)
             )
-            cap = self._db.execute(
-                "SELECT max_calls FROM icd_ledger WHERE name = %s FOR UPDATE", (ledger,)
-            ).fetchone()[0]
-            if max_calls is not None and cap is None:
-                self._db.execute("UPDATE icd_ledger SET max_calls = %s WHERE name = %s", (max_calls, ledger))
-            elif max_calls is not None and cap != max_calls:
-                # a joining worker must not silently move the budget every running worker spends
-                raise ICDError(
-                    f"the pool's budget ledger {ledger!r} caps teacher calls at {cap}, this worker asked "
-                    f"for --max-calls {max_calls}: pass the same cap (or none to join it)"
-                )
+            caps = self._db.execute(
+                "SELECT max_calls, max_cost_usd FROM icd_ledger WHERE name = %s FOR UPDATE", (ledger,)
+            ).fetchone()
+            for column, flag, asked, cap in (
+                ("max_calls", "--max-calls", max_calls, caps[0]),
+                ("max_cost_usd", "--max-cost", max_cost_usd, caps[1]),
+            ):
+                if asked is None:
+                    continue
+                if cap is None:
+                    self._db.execute(f"UPDATE icd_ledger SET {column} = %s WHERE name = %s", (asked, ledger))
+                elif cap != asked:
+                    # a joining worker must not silently move the budget every running worker spends
+                    raise ICDError(
+                        f"the pool's budget ledger {ledger!r} has {flag} {cap}, this worker asked for "
+                        f"{flag} {asked}: pass the same cap (or none to join it)"
+                    )
         self._listen.execute(f"LISTEN {CHANNEL}")
         self._next_check = time.monotonic() + self.catchup_s
         self._demos: dict[int, Demo] = {}
@@ -224,7 +256,7 @@ class PostgresPool:
                 "WHERE a.in_pool ORDER BY e.demo_id"
             ).fetchall()
             rows = self._db.execute(
-                f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"
+                f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"
             ).fetchall()
         for demo_id, key, blob in embedded:
             v = np.frombuffer(blob, dtype=np.float32)
@@ -232,12 +264,35 @@ class PostgresPool:
             ids_k.append(demo_id)
             rows_k.append(v)
         for key, (ids_k, rows_k) in by_key.items():
-            self._index.load(key, ids_k, np.stack(rows_k))
+            # one matrix the index adopts, spare rows included (see spare_rows)
+            buffer = np.empty((len(rows_k) + spare_rows(len(rows_k)), rows_k[0].shape[0]), dtype=np.float32)
+            np.stack(rows_k, out=buffer[: len(rows_k)])
+            self._index.load(key, np.asarray(ids_k, dtype=np.int64), buffer)
         for row in rows:
-            demo = self._demos[row[0]] = SQLitePool._row_to_demo(
-                _plain(row), self._index.embeddings_of(row[0])
+            demo = self._demos[row[0]] = stored_demo(
+                row, self._index.embeddings_of(row[0]), self.images, self._shared
             )
             self._kinds.add(demo.id, demo.provenance.get("options"))
+
+    def _fetch_image(self, demo_id: int) -> bytes | None:
+        for attempt in (0, 1):
+            try:
+                if self._reader is None:
+                    self._reader = self._psycopg.connect(self.url, autocommit=True)
+                row = self._reader.execute(
+                    "SELECT image_png FROM icd_annotations WHERE id = %s", (demo_id,)
+                ).fetchone()
+                break
+            except self._psycopg.OperationalError:
+                # the server restarted or dropped the backend: one fresh connection, then give up
+                with contextlib.suppress(Exception):
+                    self._reader.close()
+                self._reader = None
+                if attempt:
+                    raise
+        if row is None:
+            raise ICDError("no such annotation")
+        return bytes(row[0]) if row[0] is not None else None
 
     def refresh(self) -> int:
         """Apply the other workers' committed changes (new demos, evictions). Returns how many."""
@@ -306,10 +361,10 @@ class PostgresPool:
             ):
                 vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
             for row in self._db.execute(
-                f"SELECT {_DEMO_COLUMNS} FROM icd_annotations WHERE id = ANY(%s) AND in_pool ORDER BY id",
+                f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE id = ANY(%s) AND in_pool ORDER BY id",
                 (fresh,),
             ):
-                demo = SQLitePool._row_to_demo(_plain(row), vecs.get(row[0], {}))
+                demo = stored_demo(row, vecs.get(row[0], {}), self.images, self._shared)
                 self._demos[demo.id] = demo
                 self._index.add(demo.id, demo.embeddings)
                 demo.embeddings = self._index.embeddings_of(demo.id)  # the index holds the one copy
@@ -386,9 +441,16 @@ class PostgresPool:
 
     def ledger_state(self) -> dict[str, Any]:
         row = self._db.execute(
-            "SELECT calls, cost_usd, max_calls FROM icd_ledger WHERE name = %s", (self.ledger,)
+            "SELECT calls, cost_usd, max_calls, max_cost_usd, dearest_call_usd FROM icd_ledger WHERE name = %s",
+            (self.ledger,),
         ).fetchone()
-        return {"calls": int(row[0]), "cost_usd": float(row[1]), "max_calls": row[2]}
+        return {
+            "calls": int(row[0]),
+            "cost_usd": float(row[1]),
+            "max_calls": row[2],
+            "max_cost_usd": row[3],
+            "dearest_call_usd": float(row[4]),
+        }
 
     # ------------------------------------------------------------------ buying a label
     def claim(self, query: Query) -> ClaimResult:
@@ -396,7 +458,7 @@ class PostgresPool:
         "pooled" (another worker's demo of this image+prompt exists: reuse it), "busy" (another
         worker is buying it now), "budget" (the ledger's cap is reached)."""
         if query.image is None:
-            return "claimed" if self._charge() else "budget"
+            return "claimed" if self._charge(own_claim=False) else "budget"
         digest = image_digest(query.image)
         now = time.time()
         with self._db.transaction():
@@ -430,18 +492,22 @@ class PostgresPool:
                     (digest, query.prompt, self.worker),
                 )
                 return "pooled"
-            if not self._charge():
+            if not self._charge(own_claim=True):
                 self._db.execute(
                     "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s", (digest, query.prompt)
                 )
                 return "budget"
         return "claimed"
 
-    def _charge(self) -> bool:
+    def _charge(self, own_claim: bool) -> bool:
+        """One call on the global ledger, if its caps allow it. A call's cost is known only after it, so
+        the dollar cap reserves the dearest call any worker has paid (as ``CappedGate`` does for one
+        process) for this call and for every call in flight (a live claim), across workers."""
         row = self._db.execute(
             "UPDATE icd_ledger SET calls = calls + 1 WHERE name = %s AND (max_calls IS NULL OR calls < max_calls) "
-            "RETURNING calls",
-            (self.ledger,),
+            "AND (max_cost_usd IS NULL OR cost_usd + dearest_call_usd * ("
+            "(SELECT COUNT(*) FROM icd_claims WHERE expires >= %s) + %s) <= max_cost_usd) RETURNING calls",
+            (self.ledger, time.time(), 0 if own_claim else 1),
         ).fetchone()
         return row is not None
 
@@ -538,7 +604,9 @@ class PostgresPool:
         ).fetchone()[0]
         if u.cost_usd:
             self._db.execute(
-                "UPDATE icd_ledger SET cost_usd = cost_usd + %s WHERE name = %s", (u.cost_usd, self.ledger)
+                "UPDATE icd_ledger SET cost_usd = cost_usd + %s, dearest_call_usd = GREATEST(dearest_call_usd, %s) "
+                "WHERE name = %s",
+                (u.cost_usd, u.cost_usd, self.ledger),
             )
         evicted: list[int] = []
         if in_pool:
@@ -572,7 +640,7 @@ class PostgresPool:
                 self._kinds.remove(old)
         if not in_pool:
             return None
-        demo = pooled_demo(demo_id, query, annotation, embeddings)
+        demo = pooled_demo(demo_id, query, annotation, embeddings, self.images)
         self._demos[demo_id] = demo
         self._index.add(demo_id, demo.embeddings)
         demo.embeddings = self._index.embeddings_of(demo_id)  # the index holds the one copy
@@ -633,7 +701,7 @@ class PostgresPool:
             self._close_connections()
 
     def _close_connections(self) -> None:
-        for conn in (self._db, self._listen):
+        for conn in (self._db, self._listen, self._reader):
             if conn is not None:
                 conn.close()
         with self._beat_lock:
@@ -653,11 +721,6 @@ class _Written:
     in_pool: bool
     evicted: list[int]
     status: AddStatus
-
-
-def _plain(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """psycopg returns BYTEA as memoryview/bytes; the demo builder wants bytes."""
-    return tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
 
 
 def _annotation(row: tuple[Any, ...]) -> Annotation:

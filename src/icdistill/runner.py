@@ -345,7 +345,9 @@ def check_output_dir(
 
 def check_pool_url(url: str) -> None:
     if not is_postgres_url(url):
-        raise ICDError(f"--pool takes a postgresql:// URL (the default pool is the run's pool.sqlite), got {url!r}")
+        raise ICDError(
+            f"--pool takes a postgresql:// URL (the default pool is the run's pool.sqlite), got {url!r}"
+        )
     if re.search(r"://[^/@]*:[^/@]*@", url):
         # the URL is stored in the run's config.json: keep the password out of it
         raise ICDError("--pool: put the password in PGPASSWORD or ~/.pgpass, not in the URL")
@@ -353,14 +355,19 @@ def check_pool_url(url: str) -> None:
 
 def open_pool(cfg: RunConfig, out: Path) -> SQLitePool | PostgresPool:
     """The run's pool: its own SQLite file, or a PostgreSQL pool shared with other workers (each keeps
-    its index beside its run folder; the global teacher-call cap is ``--max-calls``)."""
+    its index beside its run folder; the global caps are ``--max-calls`` and ``--max-cost``)."""
     if cfg.pool is None:
         return SQLitePool(out / "pool.sqlite", max_size=cfg.pool_max, lock=True)
     # the owner of its query ids: this run folder (a resumed process recovers what the killed one
     # stored; another run's annotation of the same dataset item is a label bought, not ours)
     owner = f"run:{socket.gethostname()}:{out.resolve()}"
     return PostgresPool(
-        cfg.pool, max_size=cfg.pool_max, max_calls=cfg.max_calls, index_dir=out / "pool-index", owner=owner
+        cfg.pool,
+        max_size=cfg.pool_max,
+        max_calls=cfg.max_calls,
+        max_cost_usd=cfg.max_cost_usd,
+        index_dir=out / "pool-index",
+        owner=owner,
     )
 
 

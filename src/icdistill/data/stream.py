@@ -10,8 +10,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from icdistill.image_cache import ImageCache
 from icdistill.types import DataError, Query
 
 DEFAULT_PROMPT = "What is shown in this image?"
@@ -30,52 +29,6 @@ FASHION_MNIST_NAMES = frozenset({"fashion-mnist", "fashion_mnist", "fashionmnist
 # decoded twice; both bounds apply, the byte bound guards against folders of large photos.
 CACHE_ITEMS = 20_000
 CACHE_BYTES = 512 * 1024 * 1024
-
-
-class _ImageCache:
-    """A thread-safe LRU of decoded images bounded by count and by (approximate) bytes."""
-
-    def __init__(self, max_items: int, max_bytes: int) -> None:
-        self.max_items = max_items
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[int, Image.Image] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, int]:
-        # a copy of a dataset (sent to another process, e.g. a Ray actor) starts with an empty cache
-        return {"max_items": self.max_items, "max_bytes": self.max_bytes}
-
-    def __setstate__(self, state: dict[str, int]) -> None:
-        self.__init__(state["max_items"], state["max_bytes"])  # type: ignore[misc]
-
-    @staticmethod
-    def _size(image: Image.Image) -> int:
-        return image.width * image.height * len(image.getbands())
-
-    def get(self, key: int) -> Image.Image | None:
-        with self._lock:
-            image = self._items.get(key)
-            if image is not None:
-                self._items.move_to_end(key)
-            return image
-
-    def put(self, key: int, image: Image.Image) -> None:
-        size = self._size(image)
-        if self.max_items <= 0 or size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= self._size(old)
-            self._items[key] = image
-            self._bytes += size
-            while len(self._items) > self.max_items or self._bytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= self._size(evicted)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class Dataset:
@@ -98,7 +51,7 @@ class Dataset:
     ) -> None:
         self.name = name
         self.options = options
-        self._cache = _ImageCache(cache_items, cache_bytes)
+        self._cache = ImageCache(cache_items, cache_bytes)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -121,7 +74,9 @@ class Dataset:
         h = hashlib.sha1(f"{len(self)}".encode())
         for i in range(len(self)):
             q = self._query(i)
-            h.update(json.dumps([q.id, q.prompt, q.label, list(q.options or ()), self._content_key(i)]).encode())
+            h.update(
+                json.dumps([q.id, q.prompt, q.label, list(q.options or ()), self._content_key(i)]).encode()
+            )
         return h.hexdigest()[:20]
 
     def _content_key(self, i: int) -> str:

@@ -156,7 +156,11 @@ class Engine:
         if is_postgres_url(cfg.pool):
             # many servers on one database: the pool's claims and ledger are shared, so is the queue
             self.pool = PostgresPool(
-                cfg.pool, max_size=cfg.pool_max, max_calls=cfg.max_calls, lease_s=cfg.claim_lease_s
+                cfg.pool,
+                max_size=cfg.pool_max,
+                max_calls=cfg.max_calls,
+                max_cost_usd=cfg.max_cost_usd,
+                lease_s=cfg.claim_lease_s,
             )
             try:
                 self.store = PostgresServiceStore(cfg.pool, self.pool.worker, cfg.claim_lease_s)
