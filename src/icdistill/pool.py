@@ -10,7 +10,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -168,6 +168,24 @@ class StoredDemo(Demo):
     def __reduce__(self) -> tuple[Any, ...]:
         fields = (self.id, self.query_id, self.image, self.prompt, self.answer)
         return (Demo, (*fields, dict(self.embeddings), dict(self.provenance)))
+
+
+def read_vectors(rows: Iterable[tuple[int, bytes]], count: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``count`` stored (id, float32 bytes) rows, streamed into one matrix with spare rows that the
+    index adopts (see ``spare_rows``); None when there are no rows. Rows past ``count`` (added after
+    it was taken) are left to the next open's catch-up."""
+    ids = np.empty(count, dtype=np.int64)
+    mat: np.ndarray | None = None
+    n = 0
+    for demo_id, blob in rows:
+        if n == count:
+            break
+        row = np.frombuffer(blob, dtype=np.float32)
+        if mat is None:
+            mat = np.empty((count + spare_rows(count), row.shape[0]), dtype=np.float32)
+        ids[n], mat[n] = demo_id, row
+        n += 1
+    return ids[:n], mat
 
 
 class _Index:
@@ -410,20 +428,12 @@ class SQLitePool:
         pooled = "FROM embeddings e JOIN annotations a ON a.id = e.demo_id WHERE a.in_pool = 1"
         counts = self._db.execute(f"SELECT e.key, COUNT(*) {pooled} GROUP BY e.key ORDER BY e.key").fetchall()
         for key, count in counts:
-            ids = np.empty(count, dtype=np.int64)
-            mat: np.ndarray | None = None
-            n = 0
-            for demo_id, blob in self._db.execute(
+            rows = self._db.execute(
                 f"SELECT e.demo_id, e.vec {pooled} AND e.key = ? ORDER BY e.demo_id", (key,)
-            ):
-                row = np.frombuffer(blob, dtype=np.float32)
-                if mat is None:  # the index adopts it, spare rows included (see spare_rows)
-                    mat = np.empty((count + spare_rows(count), row.shape[0]), dtype=np.float32)
-                if n < count:  # rows added between the count and this read are caught up on the next open
-                    ids[n], mat[n] = demo_id, row
-                    n += 1
-            if mat is not None and n:
-                self._index.load(key, ids[:n], mat)
+            )
+            ids, mat = read_vectors(rows, count)
+            if mat is not None:
+                self._index.load(key, ids, mat)
             del mat
         for row in self._db.execute(f"SELECT {DEMO_COLUMNS} FROM annotations WHERE in_pool = 1 ORDER BY id"):
             demo = stored_demo(row, self._index.embeddings_of(row[0]), self.images, self._shared)

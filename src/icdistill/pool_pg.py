@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from icdistill.index import IndexConfig, spare_rows
+from icdistill.index import IndexConfig
 from icdistill.pool import (
     DEMO_COLUMNS,
     AddStatus,
@@ -48,6 +48,7 @@ from icdistill.pool import (
     _Kinds,
     _unit,
     pooled_demo,
+    read_vectors,
     stored_demo,
 )
 from icdistill.types import (
@@ -246,28 +247,30 @@ class PostgresPool:
 
     # ------------------------------------------------------------------ sync
     def _load(self) -> None:
-        by_key: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-        # both reads from one snapshot: a demo committed between them would be loaded without its
+        loaded: list[tuple[str, np.ndarray, np.ndarray]] = []
+        # every read from one snapshot: a demo committed between them would be loaded without its
         # vectors (and its notification then skipped as known), an eviction would leave a stale vector
         with self._db.transaction():
             self._db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            embedded = self._db.execute(
-                "SELECT e.demo_id, e.key, e.vec FROM icd_embeddings e JOIN icd_annotations a ON a.id = e.demo_id "
-                "WHERE a.in_pool ORDER BY e.demo_id"
+            pooled = "FROM icd_embeddings e JOIN icd_annotations a ON a.id = e.demo_id WHERE a.in_pool"
+            counts = self._db.execute(
+                f"SELECT e.key, COUNT(*) {pooled} GROUP BY e.key ORDER BY e.key"
             ).fetchall()
+            for key, count in counts:
+                # a server-side cursor: one key's vectors at a time, never every row's bytes at once
+                with self._db.cursor(name="icd_load_vectors") as cur:
+                    cur.itersize = 4096
+                    cur.execute(f"SELECT e.demo_id, e.vec {pooled} AND e.key = %s ORDER BY e.demo_id", (key,))
+                    ids, mat = read_vectors(cur, int(count))
+                if mat is not None:
+                    loaded.append((key, ids, mat))
             rows = self._db.execute(
                 f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"
             ).fetchall()
-        for demo_id, key, blob in embedded:
-            v = np.frombuffer(blob, dtype=np.float32)
-            ids_k, rows_k = by_key.setdefault(key, ([], []))
-            ids_k.append(demo_id)
-            rows_k.append(v)
-        for key, (ids_k, rows_k) in by_key.items():
-            # one matrix the index adopts, spare rows included (see spare_rows)
-            buffer = np.empty((len(rows_k) + spare_rows(len(rows_k)), rows_k[0].shape[0]), dtype=np.float32)
-            np.stack(rows_k, out=buffer[: len(rows_k)])
-            self._index.load(key, np.asarray(ids_k, dtype=np.int64), buffer)
+        # the graphs are built outside the snapshot (minutes at 1M: no transaction held that long)
+        while loaded:
+            key, ids, mat = loaded.pop(0)
+            self._index.load(key, ids, mat)
         for row in rows:
             demo = self._demos[row[0]] = stored_demo(
                 row, self._index.embeddings_of(row[0]), self.images, self._shared
