@@ -829,22 +829,22 @@ class Engine:
             path = Path(tmp) / "import.sqlite"
             path.write_bytes(data)
             try:
+                # a pooled demo's image is read from its pool on use: read them while it is open
                 with SQLitePool(path) as other:
-                    demos = sorted(other.demos(), key=lambda d: d.id)
+                    return [
+                        (
+                            d.image,
+                            {
+                                "prompt": d.prompt,
+                                "label": d.answer,
+                                "options": d.provenance.get("options"),
+                                "query_id": d.query_id,
+                                "teacher": d.provenance.get("teacher"),
+                                "votes": d.provenance.get("votes"),
+                                "agreement": d.provenance.get("agreement"),
+                            },
+                        )
+                        for d in sorted(other.demos(), key=lambda d: d.id)
+                    ]
             except ICDError as e:
                 raise bad_request(f"not a readable pool: {e}", "bad_archive") from e
-        return [
-            (
-                d.image,
-                {
-                    "prompt": d.prompt,
-                    "label": d.answer,
-                    "options": d.provenance.get("options"),
-                    "query_id": d.query_id,
-                    "teacher": d.provenance.get("teacher"),
-                    "votes": d.provenance.get("votes"),
-                    "agreement": d.provenance.get("agreement"),
-                },
-            )
-            for d in demos
-        ]
