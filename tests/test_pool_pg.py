@@ -633,3 +633,39 @@ def test_a_pool_that_cannot_be_set_up_is_a_clear_error_and_holds_no_connection(c
             assert time.monotonic() < deadline, "a half-opened pool or store kept its connections"
             time.sleep(0.05)
         del pool_error, store_error
+
+
+def test_a_call_charged_while_another_workers_claim_commits_counts_that_claim(url):
+    """Two workers charging at once: b's charge waits on the ledger row a is charging, and must then
+    count a's claim (a call in flight). The charge counted the claims as of b's statement start, so
+    both went ahead and the dollar cap was overspent by a reserved call."""
+    import threading
+
+    import psycopg
+
+    with PostgresPool(url, max_cost_usd=1.0) as a, PostgresPool(url) as b:
+        assert a.claim(item(0)) == "claimed"
+        a.add(item(0), ann(cost=0.3), emb(0))  # 0.3 paid: the dearest call
+        assert a.claim(item(1)) == "claimed"  # in flight: 0.3 + 0.3 x 1
+        with psycopg.connect(url, autocommit=True) as other, other.transaction():
+            # another worker mid-claim: its claim inserted and the ledger row charged, not committed
+            other.execute(
+                "INSERT INTO icd_claims (image_digest, prompt, query_id, worker, expires) "
+                "VALUES ('d', 'what?', 'o1', 'other', %s)",
+                (time.time() + 600,),
+            )
+            other.execute("UPDATE icd_ledger SET calls = calls + 1 WHERE name = 'default'")
+            got: list[str] = []
+            tb = threading.Thread(target=lambda: got.append(b.claim(item(2))))
+            tb.start()
+            with psycopg.connect(url, autocommit=True) as admin:  # b waits on the ledger row
+                wait_until_blocked = time.monotonic() + 60
+                while not admin.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+                    (b._db.info.backend_pid,),
+                ).fetchone():
+                    assert time.monotonic() < wait_until_blocked
+                    time.sleep(0.01)
+        tb.join()
+        # 0.3 paid + 0.3 x (a's call + the other's + b's) = 1.2 > 1.0; was "claimed" (0.9)
+        assert got == ["budget"]

@@ -506,12 +506,16 @@ class PostgresPool:
         """One call on the global ledger, if its caps allow it. A call's cost is known only after it, so
         the dollar cap reserves the dearest call any worker has paid (as ``CappedGate`` does for one
         process) for this call and for every call in flight (a live claim), across workers."""
-        row = self._db.execute(
-            "UPDATE icd_ledger SET calls = calls + 1 WHERE name = %s AND (max_calls IS NULL OR calls < max_calls) "
-            "AND (max_cost_usd IS NULL OR cost_usd + dearest_call_usd * ("
-            "(SELECT COUNT(*) FROM icd_claims WHERE expires >= %s) + %s) <= max_cost_usd) RETURNING calls",
-            (self.ledger, time.time(), 0 if own_claim else 1),
-        ).fetchone()
+        with self._db.transaction():
+            # the ledger row first, then the claims, in a later statement: one UPDATE that waited on
+            # the row counted the claims as of its start, missing those of the worker it waited for
+            self._db.execute("SELECT 1 FROM icd_ledger WHERE name = %s FOR UPDATE", (self.ledger,))
+            row = self._db.execute(
+                "UPDATE icd_ledger SET calls = calls + 1 WHERE name = %s AND (max_calls IS NULL OR calls < max_calls) "
+                "AND (max_cost_usd IS NULL OR cost_usd + dearest_call_usd * ("
+                "(SELECT COUNT(*) FROM icd_claims WHERE expires >= %s) + %s) <= max_cost_usd) RETURNING calls",
+                (self.ledger, time.time(), 0 if own_claim else 1),
+            ).fetchone()
         return row is not None
 
     def release(self, query: Query) -> None:
