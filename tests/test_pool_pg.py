@@ -669,3 +669,26 @@ def test_a_call_charged_while_another_workers_claim_commits_counts_that_claim(ur
         tb.join()
         # 0.3 paid + 0.3 x (a's call + the other's + b's) = 1.2 > 1.0; was "claimed" (0.9)
         assert got == ["budget"]
+
+
+def test_a_closed_pools_demo_image_is_a_clear_error_and_opens_no_connection(url):
+    """Reading a demo's image after its pool closed reconnected (a closed connection reads as a lost
+    one) and left that backend open for good."""
+    import psycopg
+
+    with PostgresPool(url) as a:
+        a.add(item(3), ann(), emb(3))
+    b = PostgresPool(url)
+    demo = b.demos()[0]
+    assert demo.image.tobytes() == item(3).image.tobytes()  # b's image reader is open
+    b.close()
+    b.images.cache.clear()
+    with pytest.raises(ICDError, match=rf"cannot read the image of demo {demo.id} from pool"):
+        _ = demo.image
+    with psycopg.connect(url, autocommit=True) as admin:  # closed backends leave within moments
+        deadline = time.monotonic() + 10
+        while admin.execute(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]:
+            assert time.monotonic() < deadline, "a closed pool holds a connection"
+            time.sleep(0.05)

@@ -184,6 +184,7 @@ class PostgresPool:
         )
         self.images = DemoImages(self._fetch_image, f"pool {_redact(url)}")
         self._shared: dict[Any, Any] = {}  # values many demos repeat (see stored_demo)
+        self._closed = False
         try:
             self._db = psycopg.connect(url, autocommit=True)
             self._listen = psycopg.connect(url, autocommit=True)
@@ -278,6 +279,8 @@ class PostgresPool:
             self._kinds.add(demo.id, demo.provenance.get("options"))
 
     def _fetch_image(self, demo_id: int) -> bytes | None:
+        if self._closed:  # not a lost connection to reopen: nothing would close it again
+            raise ICDError("the pool is closed")
         for attempt in (0, 1):
             try:
                 if self._reader is None:
@@ -708,6 +711,7 @@ class PostgresPool:
             self._close_connections()
 
     def _close_connections(self) -> None:
+        self._closed = True
         for conn in (self._db, self._listen, self._reader):
             if conn is not None:
                 conn.close()
