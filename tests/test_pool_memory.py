@@ -238,3 +238,12 @@ def test_values_demos_repeat_are_held_once(tmp_path):
         assert a.provenance["votes"] == {"a": 1} and a.provenance["votes"] is b.provenance["votes"]
         assert a.prompt is b.prompt and a.answer is b.answer
         assert a.provenance["image_ref"] == "ref0" and b.provenance["image_ref"] == "ref1"
+
+
+def test_a_pool_in_a_folder_whose_name_reads_as_uri_syntax_serves_its_images(tmp_path):
+    # the image reader opens the file by URI: "#", "?" and "%" in the path cut or changed it
+    path = tmp_path / "run #1?x=100%25" / "pool.sqlite"
+    _filled(path, n=2)
+    with SQLitePool(path) as pool:
+        demo = next(d for d in pool.demos() if d.query_id == "q1")
+        assert demo.image.getpixel((0, 0)) == make_query(1).image.getpixel((0, 0))

@@ -445,7 +445,8 @@ class SQLitePool:
         # reads them through a connection of their own (an in-memory pool's is shared, see __init__)
         if self._reader is None:
             self._reader = (
-                sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+                # as_uri: "#", "?" and "%" in a folder name are URI syntax unless escaped
+                sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
                 if self.path is not None
                 else self._db
             )
