@@ -247,3 +247,15 @@ def test_a_pool_in_a_folder_whose_name_reads_as_uri_syntax_serves_its_images(tmp
     with SQLitePool(path) as pool:
         demo = next(d for d in pool.demos() if d.query_id == "q1")
         assert demo.image.getpixel((0, 0)) == make_query(1).image.getpixel((0, 0))
+
+
+def test_a_closed_pools_demo_image_is_a_clear_error_and_opens_no_connection(tmp_path):
+    # its image reader, never opened before the pool closed, was opened then and never closed
+    path = tmp_path / "pool.sqlite"
+    _filled(path, n=2)
+    pool = SQLitePool(path)
+    demo = next(d for d in pool.demos() if d.query_id == "q1")
+    pool.close()
+    with pytest.raises(ICDError, match=rf"cannot read the image of demo {demo.id} from pool .*closed"):
+        _ = demo.image
+    assert pool._reader is None

@@ -414,6 +414,7 @@ class SQLitePool:
             raise ICDError(f"pool {self.path} is corrupt: {check}")
         self._demos: dict[int, Demo] = {}
         self._reader: sqlite3.Connection | None = None
+        self._closed = False
         self._shared: dict[Any, Any] = {}  # values many demos repeat (see stored_demo)
         self.images = DemoImages(self._fetch_image, f"pool {self.path or ':memory:'}")
         # the graphs live beside the file: rebuilding a large one takes minutes, so it is kept
@@ -443,6 +444,8 @@ class SQLitePool:
     def _fetch_image(self, demo_id: int) -> bytes | None:
         # demos' images are read on use, possibly from another thread than the pool's: a file pool
         # reads them through a connection of their own (an in-memory pool's is shared, see __init__)
+        if self._closed:  # a reader opened now would never be closed
+            raise ICDError("the pool is closed")
         if self._reader is None:
             self._reader = (
                 # as_uri: "#", "?" and "%" in a folder name are URI syntax unless escaped
@@ -630,6 +633,7 @@ class SQLitePool:
         return True
 
     def close(self) -> None:
+        self._closed = True
         self._index.save()
         if self._reader is not None and self._reader is not self._db:
             self._reader.close()
