@@ -233,12 +233,13 @@ def test_a_server_and_an_icd_run_worker_share_one_pool_and_ledger(url, tmp_path)
     run_icd(cfg, tmp_path / "run", parts=Parts(FakeStudent(), FakeTeacher(), FakeEmbedder()))
     with PostgresPool(url) as pool:
         demo = pool.demos()[0]
+        png = image_to_png(demo.image)  # read from the pool on use: while it is open
         assert len(pool) == 8 and pool.ledger_state()["calls"] == 8
     teacher = FakeTeacher()
     with running_service(tmp_path, teacher=teacher, pool=url, max_calls=20) as (c, _):
         assert c.get("/v1/demos").json()["total"] == 8  # the run's demos are the server's
         body = {
-            "image_b64": b64(image_to_png(demo.image)),
+            "image_b64": b64(png),
             "prompt": demo.prompt,
             "options": demo.provenance["options"],
             "label": demo.answer,
