@@ -692,3 +692,21 @@ def test_a_closed_pools_demo_image_is_a_clear_error_and_opens_no_connection(url)
         ).fetchone()[0]:
             assert time.monotonic() < deadline, "a closed pool holds a connection"
             time.sleep(0.05)
+
+
+def test_a_text_only_call_in_flight_is_reserved_for_every_worker(url):
+    """A query without an image holds no image claim, so its call in flight was invisible to the
+    other workers' dollar checks: any number of them went ahead past the cap."""
+    text = [Query(id=f"t{i}", image=None, prompt="p") for i in range(4)]
+    with PostgresPool(url, max_cost_usd=1.0) as a, PostgresPool(url) as b:
+        assert a.claim(item(0)) == "claimed"
+        a.add(item(0), ann(cost=0.3), emb(0))  # 0.3 paid: the dearest call
+        assert a.claim(text[0]) == "claimed"  # 0.3 + 0.3 x 1
+        assert a.claim(text[1]) == "claimed"  # 0.3 + 0.3 x 2
+        assert b.claim(text[2]) == "budget"  # 0.3 + 0.3 x 3 > 1.0; was "claimed" (a's unseen)
+        a.release(text[1])  # that call failed: nothing reserved for it any more
+        assert b.claim(text[2]) == "claimed"  # 0.3 + 0.3 x 2
+        a.add(text[0], ann(cost=0.05), {ANSWER: emb(1)[ANSWER]})  # landed: 0.35 paid, b's in flight
+        assert a.claim(text[3]) == "claimed"  # 0.35 + 0.3 x 2
+        assert b.claim(item(5)) == "budget"  # 0.35 + 0.3 x 3 > 1.0
+        assert b.ledger_state()["cost_usd"] == pytest.approx(0.35)

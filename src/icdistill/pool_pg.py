@@ -463,10 +463,21 @@ class PostgresPool:
         """Before calling the teacher: "claimed" (go ahead, one call charged to the global ledger),
         "pooled" (another worker's demo of this image+prompt exists: reuse it), "busy" (another
         worker is buying it now), "budget" (the ledger's cap is reached)."""
-        if query.image is None:
-            return "claimed" if self._charge(own_claim=False) else "budget"
-        digest = image_digest(query.image)
         now = time.time()
+        if query.image is None:
+            # nothing to buy once, but its call in flight must be a claim too: the other workers'
+            # dollar checks reserve a call for each claim
+            with self._db.transaction():
+                self._db.execute(
+                    "INSERT INTO icd_claims (image_digest, prompt, query_id, worker, expires) VALUES (%s, %s, %s, %s, %s) "
+                    "ON CONFLICT (image_digest, prompt) DO UPDATE SET expires = EXCLUDED.expires",
+                    (self._text_claim(query), query.prompt, query.id, self.worker, now + self.lease_s),
+                )
+                if not self._charge(own_claim=True):
+                    self._release_text(query)
+                    return "budget"
+            return "claimed"
+        digest = image_digest(query.image)
         with self._db.transaction():
             pooled = self._db.execute(
                 "SELECT 1 FROM icd_annotations WHERE in_pool AND image_digest = %s AND prompt = %s",
@@ -521,9 +532,20 @@ class PostgresPool:
             ).fetchone()
         return row is not None
 
+    def _text_claim(self, query: Query) -> str:
+        """The claim key of a query without an image (in the image digest column: never a digest)."""
+        return f"text:{self.worker}:{query.id}"
+
+    def _release_text(self, query: Query) -> None:
+        self._db.execute(
+            "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s",
+            (self._text_claim(query), query.prompt),
+        )
+
     def release(self, query: Query) -> None:
         """Give a claim back without a demo (the teacher failed): another worker may buy it."""
         if query.image is None:
+            self._release_text(query)
             return
         # only this query's claim: the same item may be claimed anew, by this worker, for another query
         self._db.execute(
@@ -630,6 +652,8 @@ class PostgresPool:
             self._db.execute(
                 "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s", (digest, query.prompt)
             )
+        else:
+            self._release_text(query)
         payload = ",".join([str(demo_id)] * in_pool + [f"-{i}" for i in evicted])
         if payload:
             self._db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
