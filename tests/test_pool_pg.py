@@ -710,3 +710,17 @@ def test_a_text_only_call_in_flight_is_reserved_for_every_worker(url):
         assert a.claim(text[3]) == "claimed"  # 0.35 + 0.3 x 2
         assert b.claim(item(5)) == "budget"  # 0.35 + 0.3 x 3 > 1.0
         assert b.ledger_state()["cost_usd"] == pytest.approx(0.35)
+
+
+def test_values_shared_between_demos_do_not_outlive_them_without_bound(url, monkeypatch):
+    """Each demo another worker adds brings its prompt, answer and votes into the pool's table of
+    shared values; with unique prompts and evictions that table grew for as long as the worker ran."""
+    import icdistill.pool
+
+    monkeypatch.setattr(icdistill.pool, "SHARED_VALUES_MAX", 16)
+    with PostgresPool(url, max_size=3) as a, PostgresPool(url) as b:
+        for i in range(40):
+            a.add(Query(id=f"u{i}", image=None, prompt=f"question {i}?"), ann(f"answer {i}"), emb(i))
+            assert len(b) == min(i + 1, 3)
+        assert len(b._shared) <= 16
+        assert sorted(d.prompt for d in b.demos()) == ["question 37?", "question 38?", "question 39?"]

@@ -324,6 +324,9 @@ def pooled_demo(
     )
 
 
+SHARED_VALUES_MAX = 65536  # distinct values kept in a pool's ``shared`` before it starts afresh
+
+
 def stored_demo(
     row: tuple[Any, ...], embeddings: Mapping[str, np.ndarray], images: DemoImages, shared: dict[Any, Any]
 ) -> Demo:
@@ -335,6 +338,10 @@ def stored_demo(
     demo_id, query_id, position, has_image, image_ref, prompt, answer, teacher, votes, agreement, options = (
         row
     )
+    if len(shared) >= SHARED_VALUES_MAX:
+        # values of demos long evicted stay here otherwise: a worker that reads every other worker's
+        # demos, each with its own prompt, grew it for as long as it ran
+        shared.clear()
     return StoredDemo(
         images,
         bool(has_image),
