@@ -259,3 +259,14 @@ def test_a_closed_pools_demo_image_is_a_clear_error_and_opens_no_connection(tmp_
     with pytest.raises(ICDError, match=rf"cannot read the image of demo {demo.id} from pool .*closed"):
         _ = demo.image
     assert pool._reader is None
+
+
+def test_a_pooled_demos_repr_reads_no_image(tmp_path):
+    # the dataclass repr read (and decoded) the image, and raised once the pool was closed
+    path = tmp_path / "pool.sqlite"
+    _filled(path, n=2)
+    pool = SQLitePool(path)
+    demo = next(d for d in pool.demos() if d.query_id == "q1")
+    assert "q1" in repr(demo) and pool.images.decoded == 0
+    pool.close()
+    assert f"StoredDemo(id={demo.id}, query_id='q1'" in repr(demo)

@@ -165,6 +165,14 @@ class StoredDemo(Demo):
         if value is not None:
             raise AttributeError("a pooled demo's image is read from its pool")
 
+    def __repr__(self) -> str:
+        # not the dataclass repr: it read the image from the pool (and raised once it was closed)
+        image = "<in the pool>" if self._has_image else None
+        return (
+            f"StoredDemo(id={self.id!r}, query_id={self.query_id!r}, image={image}, prompt={self.prompt!r}, "
+            f"answer={self.answer!r}, embeddings={self.embeddings!r}, provenance={self.provenance!r})"
+        )
+
     def __reduce__(self) -> tuple[Any, ...]:
         fields = (self.id, self.query_id, self.image, self.prompt, self.answer)
         return (Demo, (*fields, dict(self.embeddings), dict(self.provenance)))
