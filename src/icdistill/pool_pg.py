@@ -473,7 +473,7 @@ class PostgresPool:
                     "ON CONFLICT (image_digest, prompt) DO UPDATE SET expires = EXCLUDED.expires",
                     (self._text_claim(query), query.prompt, query.id, self.worker, now + self.lease_s),
                 )
-                if not self._charge(own_claim=True):
+                if not self._charge():
                     self._release_text(query)
                     return "budget"
             return "claimed"
@@ -509,17 +509,18 @@ class PostgresPool:
                     (digest, query.prompt, self.worker),
                 )
                 return "pooled"
-            if not self._charge(own_claim=True):
+            if not self._charge():
                 self._db.execute(
                     "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s", (digest, query.prompt)
                 )
                 return "budget"
         return "claimed"
 
-    def _charge(self, own_claim: bool) -> bool:
-        """One call on the global ledger, if its caps allow it. A call's cost is known only after it, so
-        the dollar cap reserves the dearest call any worker has paid (as ``CappedGate`` does for one
-        process) for this call and for every call in flight (a live claim), across workers."""
+    def _charge(self) -> bool:
+        """One call on the global ledger, if its caps allow it; the caller holds the call's claim. A
+        call's cost is known only after it, so the dollar cap reserves the dearest call any worker has
+        paid (as ``CappedGate`` does for one process) for every call in flight, this one included:
+        each live claim."""
         with self._db.transaction():
             # the ledger row first, then the claims, in a later statement: one UPDATE that waited on
             # the row counted the claims as of its start, missing those of the worker it waited for
@@ -527,8 +528,8 @@ class PostgresPool:
             row = self._db.execute(
                 "UPDATE icd_ledger SET calls = calls + 1 WHERE name = %s AND (max_calls IS NULL OR calls < max_calls) "
                 "AND (max_cost_usd IS NULL OR cost_usd + dearest_call_usd * ("
-                "(SELECT COUNT(*) FROM icd_claims WHERE expires >= %s) + %s) <= max_cost_usd) RETURNING calls",
-                (self.ledger, time.time(), 0 if own_claim else 1),
+                "(SELECT COUNT(*) FROM icd_claims WHERE expires >= %s)) <= max_cost_usd) RETURNING calls",
+                (self.ledger, time.time()),
             ).fetchone()
         return row is not None
 
