@@ -270,3 +270,12 @@ def test_a_pooled_demos_repr_reads_no_image(tmp_path):
     assert "q1" in repr(demo) and pool.images.decoded == 0
     pool.close()
     assert f"StoredDemo(id={demo.id}, query_id='q1'" in repr(demo)
+
+
+def test_a_relative_pool_path_still_serves_images_after_a_chdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _filled("pool.sqlite")
+    with SQLitePool("pool.sqlite") as pool:
+        demo = next(d for d in pool.demos() if d.query_id == "q2")
+        monkeypatch.chdir(tmp_path.parent)  # the reader opens on the first read, from elsewhere
+        assert demo.image.tobytes() == make_query(2).image.tobytes()

@@ -430,6 +430,9 @@ class SQLitePool:
         self._demos: dict[int, Demo] = {}
         self._reader: sqlite3.Connection | None = None
         self._closed = False
+        # the image reader's address, fixed now: a relative path read after a chdir names another file
+        # (as_uri: "#", "?" and "%" in a folder name are URI syntax unless escaped)
+        self._reader_uri = f"{self.path.resolve().as_uri()}?mode=ro" if self.path is not None else None
         self._shared: dict[Any, Any] = {}  # values many demos repeat (see stored_demo)
         self.images = DemoImages(self._fetch_image, f"pool {self.path or ':memory:'}")
         # the graphs live beside the file: rebuilding a large one takes minutes, so it is kept
@@ -463,9 +466,8 @@ class SQLitePool:
             raise ICDError("the pool is closed")
         if self._reader is None:
             self._reader = (
-                # as_uri: "#", "?" and "%" in a folder name are URI syntax unless escaped
-                sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-                if self.path is not None
+                sqlite3.connect(self._reader_uri, uri=True, check_same_thread=False)
+                if self._reader_uri is not None
                 else self._db
             )
         row = self._reader.execute("SELECT image_png FROM annotations WHERE id = ?", (demo_id,)).fetchone()
