@@ -44,6 +44,20 @@ def emb(i: int) -> dict:
     }
 
 
+def wait_until_lock_waiting(url: str, pool: PostgresPool) -> None:
+    """Until ``pool``'s connection waits on a row lock (another transaction holds it)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        deadline = time.monotonic() + 60
+        while not admin.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+            (pool._db.info.backend_pid,),
+        ).fetchone():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
 def test_url_detection():
     assert is_postgres_url("postgresql://u@h/db") and is_postgres_url("postgres://h/db")
     assert not is_postgres_url("runs/pool.sqlite") and not is_postgres_url(None)
@@ -473,8 +487,6 @@ def test_a_claim_racing_the_claimants_commit_finds_the_demo(url):
     claim insert goes through: b must see the demo and not buy the label again."""
     import threading
 
-    import psycopg
-
     from icdistill.types import image_digest
 
     with PostgresPool(url) as a, PostgresPool(url) as b:
@@ -493,14 +505,7 @@ def test_a_claim_racing_the_claimants_commit_finds_the_demo(url):
         got: list[str] = []
         tb = threading.Thread(target=lambda: got.append(b.claim(item(1, qid="b1"))))
         tb.start()
-        with psycopg.connect(url, autocommit=True) as admin:  # b saw no demo and waits on a's claim row
-            wait_until_blocked = time.monotonic() + 60
-            while not admin.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
-                (b._db.info.backend_pid,),
-            ).fetchone():
-                assert time.monotonic() < wait_until_blocked
-                time.sleep(0.01)
+        wait_until_lock_waiting(url, b)  # b saw no demo and waits on a's claim row
         commit.set()
         ta.join()
         tb.join()
@@ -658,14 +663,7 @@ def test_a_call_charged_while_another_workers_claim_commits_counts_that_claim(ur
             got: list[str] = []
             tb = threading.Thread(target=lambda: got.append(b.claim(item(2))))
             tb.start()
-            with psycopg.connect(url, autocommit=True) as admin:  # b waits on the ledger row
-                wait_until_blocked = time.monotonic() + 60
-                while not admin.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
-                    (b._db.info.backend_pid,),
-                ).fetchone():
-                    assert time.monotonic() < wait_until_blocked
-                    time.sleep(0.01)
+            wait_until_lock_waiting(url, b)  # b waits on the ledger row
         tb.join()
         # 0.3 paid + 0.3 x (a's call + the other's + b's) = 1.2 > 1.0; was "claimed" (0.9)
         assert got == ["budget"]
