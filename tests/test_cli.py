@@ -96,6 +96,7 @@ def test_run_writes_log_summary_and_resumes(tmp_path):
     ):
         assert key in s
     assert s["n_queries"] == 20 and json.loads((out / "summary.json").read_text())["n_queries"] == 20
+    assert s["pool_location"] == str(out / "pool.sqlite") and (out / "pool.sqlite").exists()
     lines = (out / "log.jsonl").read_text().splitlines()
     assert len(lines) == 20
     rec = json.loads(lines[0])

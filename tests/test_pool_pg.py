@@ -315,6 +315,7 @@ def test_two_runs_share_a_pool_and_buy_each_label_once(url, tmp_path):
     assert teachers[1].calls == 0
     assert summaries[1]["n_queries"] == n and summaries[1]["pool"]["pool_size"] == n
     assert not (tmp_path / "run0" / "pool.sqlite").exists()
+    assert summaries[0]["pool_location"] == url  # the summary printed a pool.sqlite that does not exist
     with PostgresPool(url) as pool:
         assert pool.ledger_state()["calls"] == n and len(pool) == n
 

@@ -89,9 +89,10 @@ def print_summary(summary: dict[str, Any], out: str | Path, console: Console) ->
     for name, value in rows:
         table.add_row(name, _fmt(value))
     console.print(table)
-    console.print(
-        f"log: {Path(out) / 'log.jsonl'}   summary: {Path(out) / 'summary.json'}   pool: {Path(out) / 'pool.sqlite'}"
-    )
+    console.print(f"log: {Path(out) / 'log.jsonl'}")
+    console.print(f"summary: {Path(out) / 'summary.json'}")
+    # a shared pool lives in PostgreSQL, not in the run folder
+    console.print(f"pool: {summary.get('pool_location') or Path(out) / 'pool.sqlite'}", soft_wrap=True)
 
 
 def plot_run(records: list[dict[str, Any]], path: str | Path) -> Path | None:

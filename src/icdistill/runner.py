@@ -449,6 +449,8 @@ def _run_locked(
         distiller.run(query_stream(dataset, order, start), on_record=on_record)
         summary = summarize(distiller.records)
         summary["pool"] = pool.stats()
+        # where the pool lives: the run's file, or the shared database (its URL holds no password)
+        summary["pool_location"] = cfg.pool if cfg.pool is not None else str(out / "pool.sqlite")
     summary["dataset"] = {"name": dataset.name, "size": len(dataset), "stream_length": len(order)}
     summary["unlabelled_queries"] = sum(
         r.get("label") is None for r in distiller.records if r.get("event") == "query"
