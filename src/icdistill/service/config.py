@@ -112,16 +112,37 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="SQLite file (one server) or postgresql://... (a database shared by many servers and "
         "icd run workers): pool, labelling queue, budget ledger",
     )
-    g.add_argument("--host", default=d["host"].default)
-    g.add_argument("--port", type=int, default=d["port"].default)
+    g.add_argument("--host", default=d["host"].default, help="address to listen on")
+    g.add_argument("--port", type=int, default=d["port"].default, help="TCP port")
     g.add_argument(
         "--api-key", default=None, help="clients send 'Authorization: Bearer KEY' (env ICD_API_KEY)"
     )
     g.add_argument("--no-auth", action="store_true", help="no API key (only on a loopback address)")
-    g.add_argument("--teacher-concurrency", type=int, default=d["teacher_concurrency"].default)
-    g.add_argument("--max-body-bytes", type=int, default=d["max_body_bytes"].default)
-    g.add_argument("--max-pixels", type=int, default=d["max_pixels"].default)
-    g.add_argument("--wait-timeout", dest="wait_timeout_s", type=float, default=d["wait_timeout_s"].default)
+    g.add_argument(
+        "--teacher-concurrency",
+        type=int,
+        default=d["teacher_concurrency"].default,
+        help="teacher calls in flight at once",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d["max_body_bytes"].default,
+        help="largest request body accepted",
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=d["max_pixels"].default,
+        help="largest image accepted (width x height)",
+    )
+    g.add_argument(
+        "--wait-timeout",
+        dest="wait_timeout_s",
+        type=float,
+        default=d["wait_timeout_s"].default,
+        help="seconds a request with wait=true waits for the teacher before it is answered pending",
+    )
     g.add_argument(
         "--claim-lease",
         dest="claim_lease_s",
@@ -130,29 +151,67 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="PostgreSQL pool: seconds before another server adopts the teacher work of a silent one",
     )
     g = p.add_argument_group("models")
-    g.add_argument("--student", default=d["student"].default)
+    g.add_argument("--student", default=d["student"].default, help="student spec")
     g.add_argument(
         "--teacher", default=d["teacher"].default, help="'human' (the /label page) or a teacher spec"
     )
-    g.add_argument("--embedder", default=d["embedder"].default)
+    g.add_argument("--embedder", default=d["embedder"].default, help="retrieval embedder spec")
     g = p.add_argument_group("loop (as in icd run)")
-    g.add_argument("--shots", type=int, default=d["shots"].default)
-    g.add_argument("--selector", default=d["selector"].default)
-    g.add_argument("--k-tt", type=int, default=d["k_tt"].default)
-    g.add_argument("--k-it", type=int, default=d["k_it"].default)
-    g.add_argument("--demo-order", default=d["demo_order"].default, choices=["best-last", "best-first"])
-    g.add_argument("--pool-max", type=int, default=None)
+    g.add_argument("--shots", type=int, default=d["shots"].default, help="demonstrations per query")
+    g.add_argument(
+        "--selector", default=d["selector"].default, help="random, image, text, image-text, cross-modal"
+    )
+    g.add_argument("--k-tt", type=int, default=d["k_tt"].default, help="cross-modal stage 1 size (text-text)")
+    g.add_argument(
+        "--k-it", type=int, default=d["k_it"].default, help="cross-modal stage 2 size (image-answer text)"
+    )
+    g.add_argument(
+        "--demo-order",
+        default=d["demo_order"].default,
+        choices=["best-last", "best-first"],
+        help="where the most similar demo goes in the prompt",
+    )
+    g.add_argument("--pool-max", type=int, default=None, help="cap the pool, evicting the oldest demos")
     g.add_argument("--gate", default=d["gate"].default, help="budget, threshold, always, never, random")
-    g.add_argument("--budget", type=float, default=d["budget"].default)
-    g.add_argument("--delta", type=float, default=d["delta"].default)
-    g.add_argument("--warmup", type=int, default=d["warmup"].default)
-    g.add_argument("--max-calls", type=int, default=None)
-    g.add_argument("--max-cost", dest="max_cost_usd", type=float, default=None)
-    g.add_argument("--uncertainty", default=d["uncertainty"].default)
-    g.add_argument("--samples", type=int, default=d["samples"].default)
-    g.add_argument("--agreement", type=float, default=d["agreement"].default)
-    g.add_argument("--answer", default=d["answer"].default, choices=["student", "forward"])
-    g.add_argument("--seed", type=int, default=d["seed"].default)
+    g.add_argument(
+        "--budget", type=float, default=d["budget"].default, help="target teacher-call rate for --gate budget"
+    )
+    g.add_argument(
+        "--delta", type=float, default=d["delta"].default, help="uncertainty threshold for --gate threshold"
+    )
+    g.add_argument(
+        "--warmup", type=int, default=d["warmup"].default, help="budget gate: ask while the pool is smaller"
+    )
+    g.add_argument(
+        "--max-calls", type=int, default=None, help="hard cap on teacher calls (global on a PostgreSQL pool)"
+    )
+    g.add_argument(
+        "--max-cost",
+        dest="max_cost_usd",
+        type=float,
+        default=None,
+        help="hard cap on teacher cost in USD (global on a PostgreSQL pool)",
+    )
+    g.add_argument("--uncertainty", default=d["uncertainty"].default, help="entropy, margin, token-entropy")
+    g.add_argument(
+        "--samples",
+        type=int,
+        default=d["samples"].default,
+        help="teacher samples per annotation (test-time scaling)",
+    )
+    g.add_argument(
+        "--agreement",
+        type=float,
+        default=d["agreement"].default,
+        help="reject annotations whose vote agreement is below this",
+    )
+    g.add_argument(
+        "--answer",
+        default=d["answer"].default,
+        choices=["student", "forward"],
+        help="after a teacher call: re-run the student or forward the teacher's answer",
+    )
+    g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the gate and the selectors")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
