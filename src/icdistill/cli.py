@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from icdistill.loop_args import HelpFormatter, add_loop_args
 from icdistill.types import ICDError, SpecError
 
 
@@ -17,15 +18,6 @@ def _none_or_int(s: str) -> int | None:
         return int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {s!r}") from None
-
-
-class _RunHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except for on/off flags and unset (None) options, whose help says it itself."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.nargs == 0 or action.default is None:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -62,82 +54,26 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="keep the dataset's order (default: shuffled)",
     )
-    g = p.add_argument_group("demonstrations")
-    g.add_argument(
-        "--shots", type=int, default=d.shots, help="demonstrations per query (default: %(default)s)"
-    )
-    g.add_argument(
-        "--selector",
-        default=d.selector,
-        help="random, image, text, image-text, cross-modal (default: %(default)s)",
-    )
-    g.add_argument("--k-tt", type=int, default=d.k_tt, help="cross-modal stage 1 size (text-text)")
-    g.add_argument("--k-it", type=int, default=d.k_it, help="cross-modal stage 2 size (image-answer text)")
-    g.add_argument(
-        "--demo-order",
-        default=d.demo_order,
-        choices=["best-last", "best-first"],
-        help="where the most similar demo goes in the prompt",
-    )
-    g.add_argument("--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos")
-    g.add_argument(
+    demos = p.add_argument_group("demonstrations")
+    gate = p.add_argument_group("gate")
+    teacher = p.add_argument_group("teacher")
+    add_loop_args(demos, gate, teacher, d)
+    demos.add_argument(
         "--pool",
         default=d.pool,
         metavar="postgresql://...",
         help="share the pool with other workers in PostgreSQL (default: the run's own pool.sqlite)",
     )
-    g.add_argument(
+    demos.add_argument(
         "--mix-questions",
         action="store_true",
         help="let a query see demos of other kinds of question (another option set, or open vs options)",
     )
-    g = p.add_argument_group("gate")
-    g.add_argument(
-        "--gate", default=d.gate, help="budget, threshold, always, never, random (default: %(default)s)"
-    )
-    g.add_argument(
-        "--budget",
-        type=float,
-        default=d.budget,
-        help="target teacher-call rate for --gate budget (default: %(default)s)",
-    )
-    g.add_argument(
-        "--delta",
-        type=float,
-        default=d.delta,
-        help="uncertainty threshold for --gate threshold (default: %(default)s)",
-    )
-    g.add_argument(
-        "--warmup", type=int, default=d.warmup, help="budget gate: ask while the pool is smaller than this"
-    )
-    g.add_argument("--max-calls", type=int, default=None, help="hard cap on teacher calls")
-    g.add_argument(
-        "--max-cost", dest="max_cost_usd", type=float, default=None, help="hard cap on teacher cost in USD"
-    )
-    g.add_argument(
-        "--uncertainty", default=d.uncertainty, help="entropy, margin, token-entropy (default: %(default)s)"
-    )
-    g = p.add_argument_group("teacher")
-    g.add_argument(
-        "--samples", type=int, default=d.samples, help="teacher samples per annotation (test-time scaling)"
-    )
-    g.add_argument(
+    teacher.add_argument(
         "--max-teacher-failures",
         type=int,
         default=d.max_teacher_failures,
-        help="stop (resumable) after this many failed teacher calls in a row; 0: never (default: %(default)s)",
-    )
-    g.add_argument(
-        "--agreement",
-        type=float,
-        default=d.agreement,
-        help="reject annotations whose vote agreement is below this",
-    )
-    g.add_argument(
-        "--answer",
-        default=d.answer,
-        choices=["student", "forward"],
-        help="after a teacher call: re-run the student or forward the teacher's answer",
+        help="stop (resumable) after this many failed teacher calls in a row; 0: never",
     )
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument(
@@ -289,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="stream a dataset through online ICD",
-        formatter_class=_RunHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_run_args(run)
     run.set_defaults(func=_cmd_run)
@@ -317,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="compare ICD with every baseline over methods x budgets x seeds",
-        formatter_class=_RunHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_eval_args(ev, _add_run_args)
     ev.set_defaults(func=_cmd_eval)
@@ -326,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     svc = sub.add_parser(
         "serve",
         help="online ICD as an HTTP service (a model or a person as teacher)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_serve_args(svc)
     svc.set_defaults(func=cmd_serve)

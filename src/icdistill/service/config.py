@@ -9,8 +9,10 @@ import argparse
 import ipaddress
 import os
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import Any
 
+from icdistill.loop_args import add_loop_args
 from icdistill.types import ICDError
 
 HUMAN = "human"
@@ -157,60 +159,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--embedder", default=d["embedder"].default, help="retrieval embedder spec")
     g = p.add_argument_group("loop (as in icd run)")
-    g.add_argument("--shots", type=int, default=d["shots"].default, help="demonstrations per query")
-    g.add_argument(
-        "--selector", default=d["selector"].default, help="random, image, text, image-text, cross-modal"
-    )
-    g.add_argument("--k-tt", type=int, default=d["k_tt"].default, help="cross-modal stage 1 size (text-text)")
-    g.add_argument(
-        "--k-it", type=int, default=d["k_it"].default, help="cross-modal stage 2 size (image-answer text)"
-    )
-    g.add_argument(
-        "--demo-order",
-        default=d["demo_order"].default,
-        choices=["best-last", "best-first"],
-        help="where the most similar demo goes in the prompt",
-    )
-    g.add_argument("--pool-max", type=int, default=None, help="cap the pool, evicting the oldest demos")
-    g.add_argument("--gate", default=d["gate"].default, help="budget, threshold, always, never, random")
-    g.add_argument(
-        "--budget", type=float, default=d["budget"].default, help="target teacher-call rate for --gate budget"
-    )
-    g.add_argument(
-        "--delta", type=float, default=d["delta"].default, help="uncertainty threshold for --gate threshold"
-    )
-    g.add_argument(
-        "--warmup", type=int, default=d["warmup"].default, help="budget gate: ask while the pool is smaller"
-    )
-    g.add_argument(
-        "--max-calls", type=int, default=None, help="hard cap on teacher calls (global on a PostgreSQL pool)"
-    )
-    g.add_argument(
-        "--max-cost",
-        dest="max_cost_usd",
-        type=float,
-        default=None,
-        help="hard cap on teacher cost in USD (global on a PostgreSQL pool)",
-    )
-    g.add_argument("--uncertainty", default=d["uncertainty"].default, help="entropy, margin, token-entropy")
-    g.add_argument(
-        "--samples",
-        type=int,
-        default=d["samples"].default,
-        help="teacher samples per annotation (test-time scaling)",
-    )
-    g.add_argument(
-        "--agreement",
-        type=float,
-        default=d["agreement"].default,
-        help="reject annotations whose vote agreement is below this",
-    )
-    g.add_argument(
-        "--answer",
-        default=d["answer"].default,
-        choices=["student", "forward"],
-        help="after a teacher call: re-run the student or forward the teacher's answer",
-    )
+    add_loop_args(g, g, g, SimpleNamespace(**{name: f.default for name, f in d.items()}))
     g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the gate and the selectors")
 
 
