@@ -11,6 +11,8 @@ from icdistill.gate import (
     NeverGate,
     RandomGate,
     ThresholdGate,
+    gate_score,
+    is_forced,
     label_entropy,
     make_gate,
     margin,
@@ -81,12 +83,79 @@ def test_budget_gate_holds_rate_on_long_stream(rate, drift):
     assert abs(asked[n // 2 :].mean() - rate) <= 0.01
 
 
-def test_budget_gate_warmup_asks_until_pool_filled():
+def test_budget_gate_warmup_asks_first_within_its_share_of_the_budget():
     g = BudgetGate(0.05, warmup=5)
-    asked = simulate(g, [0.0] * 50)  # uncertainty 0: only the warm-up makes it ask
-    assert asked[:5].all()
-    assert asked.sum() >= 5
-    assert not asked[5:20].any()
+    asked = simulate(g, [0.0] * 50)  # uncertainty 0: only the warm-up and pacing make it ask
+    # at 5% the warm-up may run 2 calls ahead of the allowance: the first three queries, not five
+    assert asked[:3].all() and not asked[3:19].any()
+    # while the pool is below the warm-up, later asks keep within 2 calls of the allowance
+    calls = np.cumsum(asked)
+    assert all(calls[t] - 1 < 0.05 * (t + 1) + 2 for t in range(50) if asked[t])
+
+
+def test_on_a_100_query_stream_at_5_percent_the_gate_chooses_calls_after_the_warm_up():
+    """The warm-up must fit the budget: it may not take every call of a short stream."""
+    rng = np.random.default_rng(0)
+    for seed in range(5):
+        us = np.random.default_rng(seed).beta(2, 5, size=100)
+        g = BudgetGate(0.05)
+        calls, reasons = 0, []
+        for t, u in enumerate(us):
+            ctx = GateContext(position=t, teacher_calls=calls, pool_size=calls)
+            d = g.decide(float(u), ctx)
+            g.observe(float(u), ctx, d.ask)
+            calls += int(d.ask)
+            if d.ask:
+                reasons.append(d.reason)
+        warm = [r for r in reasons if r.startswith("warm-up")]
+        assert len(warm) == 3, reasons
+        assert len(reasons) - len(warm) >= 1, reasons
+        assert any(not is_forced(r) for r in reasons), reasons
+    assert rng is not None
+
+
+def test_each_question_kind_gets_its_share_of_the_budget_and_its_own_warm_up():
+    """A stream of option and open questions: the warm-up must not go to the kind that came first."""
+    n = 400
+    kinds = ["options"] * 100 + ["options", "open"] * 150
+    us = np.random.default_rng(3).beta(2, 5, size=n)
+    g = BudgetGate(0.05)
+    pool = {"options": 0, "open": 0}
+    calls = 0
+    asked_kinds = []
+    for t in range(n):
+        k = kinds[t]
+        ctx = GateContext(position=t, teacher_calls=calls, pool_size=pool[k], kind=k)
+        d = g.decide(float(us[t]), ctx)
+        g.observe(float(us[t]), ctx, d.ask)
+        if d.ask:
+            calls += 1
+            pool[k] += 1
+            asked_kinds.append(k)
+    seen = {k: kinds.count(k) for k in pool}
+    for k in pool:
+        assert asked_kinds.count(k) >= 3  # its own warm-up
+        assert abs(asked_kinds.count(k) / seen[k] - 0.05) <= 0.015, (k, asked_kinds.count(k), seen[k])
+
+
+def test_the_coverage_score_asks_where_the_pool_is_blind_and_the_stream_is_dense():
+    g = BudgetGate(0.1, score="coverage")
+    covered = GateContext(50, 5, 5, signals={"nearest_demo_similarity": 0.9, "typicality": 0.8})
+    blind_typical = GateContext(50, 5, 5, signals={"nearest_demo_similarity": 0.2, "typicality": 0.8})
+    blind_outlier = GateContext(50, 5, 5, signals={"nearest_demo_similarity": 0.2, "typicality": 0.1})
+    assert gate_score("coverage", 0.9, covered) < gate_score("coverage", 0.0, blind_outlier)
+    assert gate_score("coverage", 0.0, blind_outlier) < gate_score("coverage", 0.0, blind_typical)
+    # no demo of the kind pooled yet: fully blind; typicality unknown early on: neutral
+    assert gate_score("coverage", 0.0, GateContext(0, 0, 0)) == 1.0
+    # uncertainty still breaks ties in the combined score
+    assert gate_score("coverage-uncertainty", 0.9, blind_typical) > gate_score(
+        "coverage-uncertainty", 0.1, blind_typical
+    )
+    for t in range(60):  # history of covered queries, on budget, then a blind one is asked
+        ctx = GateContext(t, t // 10, 5, signals={"nearest_demo_similarity": 0.9, "typicality": 0.8})
+        g.observe(0.5, ctx, t % 10 == 0)
+    d = g.decide(0.0, GateContext(60, 6, 5, signals={"nearest_demo_similarity": 0.2, "typicality": 0.8}))
+    assert d.ask and "coverage score" in d.reason and not is_forced(d.reason)
 
 
 def test_budget_gate_warmup_respects_rejections():
@@ -184,8 +253,10 @@ def test_nan_uncertainty_is_the_most_uncertain():
     nan_pred = Prediction("a", option_scores={"a": -math.inf, "b": -math.inf})
     assert label_entropy(nan_pred) == 1.0 and margin(nan_pred) == 1.0
     g = BudgetGate(0.2, warmup=0, min_history=5)
-    simulate(g, np.linspace(0.1, 0.9, 30))
-    ctx = GateContext(position=30, teacher_calls=6, pool_size=6)
+    asked = simulate(g, np.linspace(0.1, 0.9, 30))
+    for t in range(30, 40):  # certain queries, not asked: the gate is on budget again
+        g.observe(0.0, GateContext(position=t, teacher_calls=int(asked.sum()), pool_size=6), False)
+    ctx = GateContext(position=40, teacher_calls=int(asked.sum()), pool_size=6)
     assert g.decide(math.nan, ctx).ask  # before: NaN > threshold is False, never asked
     before = len(g.history_[""])
     g.observe(math.nan, ctx, True)

@@ -7,12 +7,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from icdistill.gate import uncertainty_measure
+from icdistill.coverage import StreamDensity, decode_sketch, encode_sketch
+from icdistill.gate import is_forced, uncertainty_measure
 from icdistill.protocols import Embedder, Gate, Selector, Student
 from icdistill.runlog import RunLog
+from icdistill.select import nearest_demo_similarity, same_kind_count
 from icdistill.teacher import TestTimeScaling, normalise_answer
 from icdistill.types import (
     ANSWER,
+    IMAGE,
     Annotation,
     DataError,
     Demo,
@@ -74,6 +77,7 @@ class Draft:
     reason: str
     t0: float
     t_embed: float
+    sketch: str | None = None  # the query's image sketch in the stream density (for the log)
 
 
 class Distiller:
@@ -101,6 +105,8 @@ class Distiller:
         self._measure = uncertainty_measure(self.config.uncertainty)
         self.teacher_calls = 0
         self.records: list[dict[str, Any]] = []
+        # how typical each query is of the stream so far: one of the gate's coverage signals
+        self.density = StreamDensity()
         if log is not None:
             self._replay(log.records)
 
@@ -111,8 +117,16 @@ class Distiller:
             self.records.append(r)
             if r.get("event") != "query":
                 continue
-            ctx = GateContext(r["position"], r["ctx_teacher_calls"], r["ctx_pool_size"], r.get("ctx_kind", ""))
+            signals = {k: v for k, v in (r.get("gate_signals") or {}).items() if v is not None}
+            ctx = GateContext(
+                r["position"], r["ctx_teacher_calls"], r["ctx_pool_size"], r.get("ctx_kind", ""), signals
+            )
             self.gate.observe(r["uncertainty"], ctx, r["teacher_asked"])
+            replay = getattr(self.student, "replay_events", None)  # what the student learned online
+            if replay is not None and r.get("student_events"):
+                replay(r["student_events"])
+            if r.get("stream_sketch"):
+                self.density.add(decode_sketch(r["stream_sketch"]))
             self.teacher_calls += int(r["teacher_asked"])
             if r.get("annotation"):
                 self._charge(r["annotation"]["usage"]["cost_usd"])
@@ -155,7 +169,8 @@ class Distiller:
         # a recovered annotation's own demo was not in the pool when the gate first saw this query
         own = int(stored is not None and any(d.query_id == query.id for d in self.pool.demos()))
         kind = "options" if query.options else "open"  # uncertainty scales differ: per-kind gate statistics
-        ctx = GateContext(query.position, self.teacher_calls, len(self.pool) - own, kind)
+        signals, sketch = self._coverage(query, emb, own)
+        ctx = GateContext(query.position, self.teacher_calls, same_kind_count(query, self.pool) - own, kind, signals)
         decision = self.gate.decide(u, ctx)  # 3. gate
         asked = decision.ask or stored is not None
         reason = "recovered from pool after a crash" if stored is not None else decision.reason
@@ -167,7 +182,24 @@ class Distiller:
         self.gate.observe(u, ctx, asked)
         if asked:
             self.teacher_calls += 1
-        return Draft(query, emb, demos, first, u, ctx, decision, stored, asked, reason, t0, t_embed)
+        return Draft(query, emb, demos, first, u, ctx, decision, stored, asked, reason, t0, t_embed, sketch)
+
+    def _coverage(self, query: Query, emb: Embeddings, own: int) -> tuple[dict[str, float], str | None]:
+        """The gate's coverage signals (how near the closest pooled demo of the query's kind is; how
+        typical the query is of the stream so far) and the query's sketch, added to the stream."""
+        signals: dict[str, float] = {}
+        near = None if own else nearest_demo_similarity(query, emb, self.pool)
+        if near is not None:
+            signals["nearest_demo_similarity"] = near
+        vec = emb.get(IMAGE)
+        if vec is None:
+            return signals, None
+        sketch = self.density.sketch(vec)
+        typical = self.density.typicality(sketch)
+        if typical is not None:
+            signals["typicality"] = typical
+        self.density.add(sketch)
+        return signals, encode_sketch(sketch)
 
     def ask_teacher(self, draft: Draft) -> Annotation:
         """Step 4 (teacher test-time scaling), or the annotation already stored for this query.
@@ -253,6 +285,9 @@ class Distiller:
             "ctx_teacher_calls": ctx.teacher_calls,
             "ctx_pool_size": ctx.pool_size,
             "ctx_kind": ctx.kind,
+            "gate_signals": dict(ctx.signals),
+            "gate_forced": is_forced(decision.reason) or stored is not None,
+            "stream_sketch": draft.sketch,
             "annotation": _annotation_record(annotation) if reused is None else None,
             "reused_demo": reused,
             "teacher_error": teacher_error,
@@ -261,6 +296,12 @@ class Distiller:
             "pool_size": len(self.pool),
             "demo_ids": [d.id for d in demos],
             "demo_answers": [d.answer for d in demos],
+            # the demo the student sees as nearest (last in the prompt by default): a student that
+            # merely copies it answers this every time
+            "nearest_demo_answer": (demos[-1] if self.config.demo_order == "best-last" else demos[0]).answer
+            if demos
+            else None,
+            "student_details": first.details or None,
             "demo_accuracy": _demo_accuracy(demos, query.label),
             "final_demo_ids": [d.id for d in final_demos],
             "option_probs": first.option_probs() or None,
@@ -271,6 +312,9 @@ class Distiller:
                 "total": time.perf_counter() - draft.t0,
             },
         }
+        drain = getattr(self.student, "drain_events", None)
+        if drain is not None:  # replayed on resume, so a resumed run answers as an uninterrupted one
+            rec["student_events"] = drain()
         return rec
 
     def _write(self, rec: dict[str, Any]) -> None:

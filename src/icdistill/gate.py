@@ -112,17 +112,27 @@ class ThresholdGate:
         pass
 
 
+@dataclass
+class _KindCounts:
+    """Queries of one kind seen by a gate, and how many of them it sent to the teacher."""
+
+    seen: int = 0
+    calls: int = 0
+
+
 @dataclass(frozen=True)
 class _Pacing:
-    """The spending schedule shared by the budget and random gates.
+    """The spending schedule shared by the budget and random gates, kept per question kind.
 
-    ``allowance`` = rate * (position + 1) calls. Warm-up: while the pool holds fewer than ``warmup``
-    demos every query is asked, up to ``max(warmup, allowance)`` calls. After it: never more than
-    ``ahead`` calls over the allowance, and never ``max(slack, slack_per_query * (position + 1))``
-    calls behind it (then the next query is asked whatever its uncertainty), so the achieved rate
-    stays within about one and a half calls of the target at every point of a stream (0.3-0.4 points
-    of rate past 300-400 queries). In between, the gate's own rule decides with an effective rate
-    ``rate + behind / horizon`` that leans against the current deviation.
+    Each kind (``GateContext.kind``: option or open questions) gets its share of the budget:
+    ``allowance`` = rate * (queries of that kind seen + 1) calls. Warm-up: while the pool holds fewer
+    than ``warmup`` demos of the query's kind, the query is asked as long as that kind's calls stay
+    below ``allowance + warmup_ahead`` (the warm-up fits the budget: on a 100-query stream at 5% it
+    takes 3 of the 5 calls, and later calls are the gate's own). After it: never more than ``ahead``
+    calls over the allowance, and never ``max(slack, slack_per_query * (seen + 1))`` calls behind
+    it (then the next query is asked whatever its score), so the achieved rate stays within about
+    one and a half calls of the target at every point of a stream. In between, the gate's own rule
+    decides with an effective rate ``rate + behind / horizon`` that leans against the deviation.
     """
 
     rate: float
@@ -131,25 +141,32 @@ class _Pacing:
     slack: float
     slack_per_query: float = 0.0
     ahead: float = 1.0
+    warmup_ahead: float = 2.0
 
-    def max_behind(self, ctx: GateContext) -> float:
-        return max(self.slack, self.slack_per_query * (ctx.position + 1))
+    def max_behind(self, seen: int) -> float:
+        return max(self.slack, self.slack_per_query * (seen + 1))
 
-    def forced(self, ctx: GateContext) -> GateDecision | None:
-        allowance = self.rate * (ctx.position + 1)
-        if ctx.pool_size < self.warmup:
-            if ctx.teacher_calls < max(self.warmup, allowance):
-                return GateDecision(True, f"warm-up: pool {ctx.pool_size} < {self.warmup}")
-            return GateDecision(False, "warm-up budget spent")
-        if ctx.teacher_calls + 1 > allowance + self.ahead:
-            return GateDecision(False, f"over budget: {ctx.teacher_calls} calls > {allowance:.1f} allowed")
-        if allowance - ctx.teacher_calls >= self.max_behind(ctx):
-            return GateDecision(True, f"behind budget: {ctx.teacher_calls} calls < {allowance:.1f} allowed")
+    def forced(self, counts: _KindCounts, ctx: GateContext) -> GateDecision | None:
+        allowance = self.rate * (counts.seen + 1)
+        if ctx.pool_size < self.warmup and counts.calls < allowance + self.warmup_ahead:
+            return GateDecision(True, f"warm-up: pool {ctx.pool_size} < {self.warmup}")
+        if counts.calls + 1 > allowance + self.ahead:
+            return GateDecision(False, f"over budget: {counts.calls} calls > {allowance:.1f} allowed")
+        if allowance - counts.calls >= self.max_behind(counts.seen):
+            return GateDecision(True, f"behind budget: {counts.calls} calls < {allowance:.1f} allowed")
         return None
 
-    def effective_rate(self, ctx: GateContext) -> float:
-        behind = self.rate * (ctx.position + 1) - ctx.teacher_calls
+    def effective_rate(self, counts: _KindCounts) -> float:
+        behind = self.rate * (counts.seen + 1) - counts.calls
         return float(np.clip(self.rate + behind / self.horizon, 0.0, 1.0))
+
+
+FORCED_REASONS = ("warm-up", "over budget", "behind budget", "calibrating", "cap reached", "cost cap")
+
+
+def is_forced(reason: str) -> bool:
+    """Whether a gate decision was forced by pacing or a cap rather than chosen by the gate's score."""
+    return reason.startswith(FORCED_REASONS)
 
 
 def _check_rate(rate: float, warmup: int) -> None:
@@ -159,52 +176,94 @@ def _check_rate(rate: float, warmup: int) -> None:
         raise ICDError(f"warm-up must be >= 0, got {warmup}")
 
 
-class BudgetGate:
-    """Holds a target teacher-call rate, asking for the most uncertain queries.
+# --------------------------------------------------------------------------- gate scores
 
-    The threshold is the (1 - r) quantile of the last ``window`` uncertainties seen after the warm-up
-    (kept per uncertainty kind, ``GateContext.kind``: option entropy and token entropy live on
-    different scales), where r is the target rate corrected by how far spending is behind or ahead of
-    schedule (``_Pacing``). The window is short so that the threshold follows the uncertainties down
-    as the pool grows and the student gets surer; values seen while spending was paused (the pool
-    frozen, the student at its least certain) leave it quickly.
+# what a budget gate ranks queries by: higher = more worth a teacher call
+GATE_SCORES = ("uncertainty", "coverage", "coverage-uncertainty")
+
+
+def novelty(ctx: GateContext) -> float:
+    """1 - the similarity of the query to its nearest pooled demo of the same kind (1: the pool is blind)."""
+    s = ctx.signals.get("nearest_demo_similarity")
+    return 1.0 if s is None or math.isnan(s) else float(np.clip(1.0 - s, 0.0, 1.0))
+
+
+def typicality(ctx: GateContext) -> float:
+    """How dense the stream is around the query (1 while too few queries were seen to say)."""
+    t = ctx.signals.get("typicality")
+    return 1.0 if t is None or math.isnan(t) else float(np.clip(t, 0.0, 1.0))
+
+
+def gate_score(kind: str, uncertainty: float, ctx: GateContext) -> float:
+    """``uncertainty``: the student's; ``coverage``: novelty x typicality, queries the pool cannot
+    answer from a near demo and that the stream keeps meeting (after Hacohen et al., 2022: at tiny
+    budgets typical examples beat uncertain ones); ``coverage-uncertainty``: that times
+    ``0.5 + uncertainty``."""
+    u = _nan_is_most_uncertain(uncertainty)
+    if kind == "uncertainty":
+        return u
+    cover = novelty(ctx) * typicality(ctx)
+    if kind == "coverage":
+        return cover
+    return cover * (0.5 + min(u, 1e6))
+
+
+class BudgetGate:
+    """Holds a target teacher-call rate, asking for the queries with the highest score.
+
+    The score (``score``, see ``gate_score``) is the student's uncertainty, or how blind the pool is
+    around the query and how typical the query is of the stream (``coverage``). The threshold is the
+    (1 - r) quantile of the last ``window`` scores seen after the warm-up (kept per kind,
+    ``GateContext.kind``: option entropy and token entropy live on different scales), where r is the
+    target rate corrected by how far that kind's spending is behind or ahead of schedule
+    (``_Pacing``). The window is short so that the threshold follows the scores down as the pool
+    grows and the student gets surer.
 
     Cold start: the student's uncertainty is uninformative while the pool is empty or tiny (its
     zero-shot label entropy does not separate right from wrong answers), so while the pool holds
-    fewer than ``warmup`` demos every query is sent to the teacher, as long as the spend stays within
-    ``max(warmup, rate * (t + 1))``. Warm-up uncertainties are not used for the quantile.
+    fewer than ``warmup`` demos of the query's kind, queries are sent to the teacher within the
+    warm-up's share of the budget. Warm-up scores are not used for the quantile.
     """
 
     def __init__(
         self,
         rate: float,
-        warmup: int = 5,
+        warmup: int = 3,
         horizon: int = 25,
         min_history: int = 20,
         window: int = 80,
         slack: float = 1.4,
         slack_per_query: float = 0.003,
         ahead: float = 1.4,
+        score: str = "uncertainty",
+        warmup_ahead: float = 2.0,
     ) -> None:
         _check_rate(rate, warmup)
         if horizon < 1 or min_history < 1 or window < min_history or slack < 1.0 or ahead < 1.0:
             raise ICDError(
                 "horizon and min_history must be >= 1, window >= min_history, slack and ahead >= 1"
             )
+        if score not in GATE_SCORES:
+            raise ICDError(f"unknown gate score {score!r}; choose one of {', '.join(GATE_SCORES)}")
         self.rate = rate
         self.warmup = warmup
         self.horizon = horizon
         self.min_history = min_history
         self.window = window
-        self.pacing = _Pacing(rate, warmup, horizon, slack, slack_per_query, ahead)
-        self.recent_: dict[str, deque[float]] = {}  # per kind: the last ``window`` values, in arrival order
+        self.score = score
+        self.pacing = _Pacing(rate, warmup, horizon, slack, slack_per_query, ahead, warmup_ahead)
+        self.counts_: dict[str, _KindCounts] = {}
+        self.recent_: dict[str, deque[float]] = {}  # per kind: the last ``window`` scores, in arrival order
         self.history_: dict[str, list[float]] = {}  # per kind: the same values, sorted
+
+    def _counts(self, ctx: GateContext) -> _KindCounts:
+        return self.counts_.get(ctx.kind, _KindCounts())
 
     def threshold(self, ctx: GateContext) -> float | None:
         history = self.history_.get(ctx.kind, [])
         if len(history) < self.min_history:
             return None
-        r = self.pacing.effective_rate(ctx)
+        r = self.pacing.effective_rate(self._counts(ctx))
         if r >= 1.0:
             return -math.inf
         if r <= 0.0:
@@ -213,27 +272,32 @@ class BudgetGate:
         return history[idx]
 
     def decide(self, uncertainty: float, ctx: GateContext) -> GateDecision:
-        forced = self.pacing.forced(ctx)
+        counts = self._counts(ctx)
+        forced = self.pacing.forced(counts, ctx)
         if forced is not None:
             return forced
-        u = _nan_is_most_uncertain(uncertainty)
+        g = gate_score(self.score, uncertainty, ctx)
         thr = self.threshold(ctx)
+        name = "uncertainty" if self.score == "uncertainty" else f"{self.score} score"
         if thr is None:
             # too little history for a quantile: ask when behind schedule
-            ask = ctx.teacher_calls < self.rate * (ctx.position + 1)
+            ask = counts.calls < self.rate * (counts.seen + 1)
             return GateDecision(ask, "calibrating: " + ("behind budget" if ask else "on budget"))
-        if u > thr or (u == thr and ctx.teacher_calls < self.rate * (ctx.position + 1)):
-            return GateDecision(True, f"uncertainty {u:.3f} > quantile {thr:.3f}", thr)
-        return GateDecision(False, f"uncertainty {u:.3f} <= quantile {thr:.3f}", thr)
+        if g > thr or (g == thr and counts.calls < self.rate * (counts.seen + 1)):
+            return GateDecision(True, f"{name} {g:.3f} > quantile {thr:.3f}", thr)
+        return GateDecision(False, f"{name} {g:.3f} <= quantile {thr:.3f}", thr)
 
     def observe(self, uncertainty: float, ctx: GateContext, asked: bool) -> None:
+        counts = self.counts_.setdefault(ctx.kind, _KindCounts())
+        counts.seen += 1
+        counts.calls += int(asked)
         if ctx.pool_size < self.warmup:
             return
-        u = _nan_is_most_uncertain(uncertainty)
+        g = gate_score(self.score, uncertainty, ctx)
         recent = self.recent_.setdefault(ctx.kind, deque())
         history = self.history_.setdefault(ctx.kind, [])
-        bisect.insort(history, u)
-        recent.append(u)
+        bisect.insort(history, g)
+        recent.append(g)
         if len(recent) > self.window:
             old = recent.popleft()
             del history[bisect.bisect_left(history, old)]
@@ -241,7 +305,7 @@ class BudgetGate:
 
 class RandomGate:
     """A baseline: asks at random at the target rate, ignoring uncertainty, paced like ``BudgetGate``
-    (same warm-up, same bounds on over- and under-spending, same effective rate).
+    (same warm-up, same bounds on over- and under-spending, same effective rate, per kind).
 
     Compared with ``BudgetGate`` at the same rate it measures what uncertainty-based gating buys.
     """
@@ -249,30 +313,35 @@ class RandomGate:
     def __init__(
         self,
         rate: float,
-        warmup: int = 5,
+        warmup: int = 3,
         seed: int = 0,
         horizon: int = 25,
         slack: float = 1.4,
         slack_per_query: float = 0.003,
         ahead: float = 1.4,
+        warmup_ahead: float = 2.0,
     ) -> None:
         _check_rate(rate, warmup)
         self.rate = rate
         self.warmup = warmup
         self.seed = seed
-        self.pacing = _Pacing(rate, warmup, horizon, slack, slack_per_query, ahead)
+        self.pacing = _Pacing(rate, warmup, horizon, slack, slack_per_query, ahead, warmup_ahead)
+        self.counts_: dict[str, _KindCounts] = {}
 
     def decide(self, uncertainty: float, ctx: GateContext) -> GateDecision:
-        forced = self.pacing.forced(ctx)
+        counts = self.counts_.get(ctx.kind, _KindCounts())
+        forced = self.pacing.forced(counts, ctx)
         if forced is not None:
             return forced
-        r = self.pacing.effective_rate(ctx)
+        r = self.pacing.effective_rate(counts)
         # seeded by position so a resumed run draws the same coin
         draw = float(np.random.default_rng([self.seed, ctx.position]).random())
         return GateDecision(draw < r, f"random draw {draw:.3f} vs rate {r:.3f}")
 
     def observe(self, uncertainty: float, ctx: GateContext, asked: bool) -> None:
-        pass
+        counts = self.counts_.setdefault(ctx.kind, _KindCounts())
+        counts.seen += 1
+        counts.calls += int(asked)
 
 
 class CappedGate:
@@ -317,7 +386,8 @@ def make_gate(
     *,
     budget: float = 0.05,
     delta: float = 0.5,
-    warmup: int = 5,
+    warmup: int = 3,
+    score: str = "uncertainty",
     max_calls: int | None = None,
     max_cost_usd: float | None = None,
     seed: int = 0,
@@ -325,7 +395,7 @@ def make_gate(
     """Build a gate from CLI-level settings (validated here, once)."""
     inner: Gate
     if kind == "budget":
-        inner = BudgetGate(budget, warmup=warmup)
+        inner = BudgetGate(budget, warmup=warmup, score=score)
     elif kind == "threshold":
         inner = ThresholdGate(delta)
     elif kind == "always":

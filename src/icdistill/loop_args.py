@@ -42,7 +42,18 @@ def add_loop_args(demos: Any, gate: Any, teacher: Any, d: Any) -> None:
         "--delta", type=float, default=d.delta, help="uncertainty threshold for --gate threshold"
     )
     gate.add_argument(
-        "--warmup", type=int, default=d.warmup, help="budget gate: ask while the pool is smaller than this"
+        "--gate-score",
+        default=d.gate_score,
+        choices=["uncertainty", "coverage", "coverage-uncertainty"],
+        help="budget gate: rank queries by the student's uncertainty, by coverage (far from every pooled "
+        "demo and typical of the stream), or by both",
+    )
+    gate.add_argument(
+        "--warmup",
+        type=int,
+        default=d.warmup,
+        help="budget gate: ask while the pool holds fewer demos of the query's kind, within 2 calls over "
+        "the budget",
     )
     gate.add_argument(
         "--max-calls", type=int, default=None, help="hard cap on teacher calls (global on a PostgreSQL pool)"

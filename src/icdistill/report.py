@@ -75,10 +75,12 @@ def print_summary(summary: dict[str, Any], out: str | Path, console: Console) ->
         ("student accuracy before teacher (first pass)", summary["first_pass_accuracy"]),
         ("teacher calls", summary["teacher_calls"]),
         ("teacher-call rate", f"{summary['teacher_call_rate']:.1%}"),
+        ("calls the gate chose (not warm-up or pacing)", summary.get("gate_chosen_calls")),
         ("rejected annotations", summary["rejected_annotations"]),
         ("teacher failures", summary["teacher_failures"]),
         ("pool size", summary["pool_size"]),
         ("demonstration accuracy", summary["demonstration_accuracy"]),
+        ("first answer = nearest demo's answer", summary.get("first_answer_is_nearest_demo")),
         ("skipped inputs", summary["skipped_inputs"]),
         ("teacher cost (USD)", summary["teacher_usage"]["cost_usd"]),
         ("teacher faults (retried)", summary["teacher_usage"]["faults"]),
@@ -89,10 +91,46 @@ def print_summary(summary: dict[str, Any], out: str | Path, console: Console) ->
     for name, value in rows:
         table.add_row(name, _fmt(value))
     console.print(table)
+    print_groups(summary, console)
     console.print(f"log: {Path(out) / 'log.jsonl'}")
     console.print(f"summary: {Path(out) / 'summary.json'}")
     # a shared pool lives in PostgreSQL, not in the run folder
     console.print(f"pool: {summary.get('pool_location') or Path(out) / 'pool.sqlite'}", soft_wrap=True)
+
+
+WORST_LABELS = 5
+
+
+def print_groups(summary: dict[str, Any], console: Console) -> None:
+    """Per question kind (when the stream mixes them) and the worst labels, and a warning for each
+    label the stream keeps meeting that never entered the pool: an average can hide a class."""
+    kinds = summary.get("per_kind") or {}
+    labels = summary.get("per_label") or {}
+    groups = [(f"kind: {k}", v) for k, v in kinds.items()] if len(kinds) > 1 else []
+    worst = sorted(labels.items(), key=lambda kv: (kv[1]["accuracy"] if kv[1]["accuracy"] is not None else 2, kv[0]))
+    groups += [(f"label: {k}", v) for k, v in worst[:WORST_LABELS]]
+    if groups:
+        title = "worst labels" + (f" ({WORST_LABELS} of {len(labels)})" if len(labels) > WORST_LABELS else "")
+        table = Table(title=title + (" and question kinds" if len(kinds) > 1 else ""), show_header=True)
+        for col in ("group", "queries", "accuracy", "first pass", "not asked", "teacher calls"):
+            table.add_column(col, justify="left" if col == "group" else "right")
+        for name, g in groups:
+            table.add_row(
+                name,
+                str(g["n"]),
+                _fmt(g["accuracy"]),
+                _fmt(g["first_pass_accuracy"]),
+                _fmt(g["student_only_accuracy"]),
+                str(g["teacher_calls"]),
+            )
+        console.print(table)
+    for label, n in (summary.get("never_pooled_labels") or {}).items():
+        console.print(
+            f"[yellow]warning:[/yellow] label {label!r} came {n} times but never entered the pool: its queries "
+            "only had demos of other labels (per-label figures in summary.json; compare with the student "
+            "alone: icd eval --methods student-zero-shot,icd)",
+            soft_wrap=True,
+        )
 
 
 def plot_run(records: list[dict[str, Any]], path: str | Path) -> Path | None:

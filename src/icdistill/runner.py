@@ -15,7 +15,7 @@ from typing import Any
 from icdistill.data.stream import FASHION_MNIST_NAMES, Dataset, load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.eval.metrics import summarize
-from icdistill.gate import GATES, UNCERTAINTY, make_gate
+from icdistill.gate import GATE_SCORES, GATES, UNCERTAINTY, make_gate
 from icdistill.models.registry import ModelContext, resolve_embedder, resolve_student, resolve_teacher
 from icdistill.pool import SQLitePool
 from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
@@ -43,7 +43,8 @@ class RunConfig:
     gate: str = "budget"
     budget: float = 0.05
     delta: float = 0.5
-    warmup: int = 5
+    warmup: int = 3
+    gate_score: str = "coverage"
     max_calls: int | None = None
     max_cost_usd: float | None = None
     samples: int = 1
@@ -71,6 +72,8 @@ class RunConfig:
             raise ICDError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
         if self.warmup < 0:
             raise ICDError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.gate_score not in GATE_SCORES:
+            raise ICDError(f"unknown --gate-score {self.gate_score!r}; choose one of {', '.join(GATE_SCORES)}")
         if self.pool_max is not None and self.pool_max < 1:
             raise ICDError(f"--pool-max must be >= 1, got {self.pool_max}")
         if self.pool is not None:
@@ -435,6 +438,7 @@ def _run_locked(
                 budget=cfg.budget,
                 delta=cfg.delta,
                 warmup=cfg.warmup,
+                score=cfg.gate_score,
                 max_calls=cfg.max_calls,
                 max_cost_usd=cfg.max_cost_usd,
                 seed=cfg.seed,

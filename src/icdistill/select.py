@@ -209,3 +209,21 @@ def make_selector(
     if name == "cross-modal":
         return CrossModalSelector(k_tt=k_tt, k_it=k_it, seed=seed, mix_questions=mix)
     raise ICDError(f"unknown selector {name!r}; choose one of {', '.join(SELECTORS)}")
+
+
+def nearest_demo_similarity(query: Query, embeddings: Embeddings, pool: Pool, key: str = IMAGE) -> float | None:
+    """Cosine similarity of the query to its nearest pooled demo of the same kind under ``key``: how
+    well the pool covers it. None when the pool holds no such demo (or the query has no ``key``)."""
+    if len(pool) == 0:
+        return None
+    candidates = _eligible(query, pool, mix=False)
+    if candidates is not None and not len(candidates):
+        return None
+    got = _rank(embeddings.get(key), pool, key, 1, candidates)
+    return None if got is None else float(got[1][0])
+
+
+def same_kind_count(query: Query, pool: Pool) -> int:
+    """How many pooled demos answer the query's kind of question (the same options, or open)."""
+    candidates = _eligible(query, pool, mix=False)
+    return len(pool) if candidates is None else len(candidates)

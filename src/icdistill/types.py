@@ -87,6 +87,8 @@ class Prediction:
     token_logprobs: list[float] | None = None
     token_entropies: list[float] | None = None
     seconds: float = 0.0
+    # what a student wants logged about how it answered (e.g. its experts' answers and weights)
+    details: dict[str, Any] = field(default_factory=dict)
 
     def option_probs(self) -> dict[str, float]:
         if not self.option_scores:
@@ -166,6 +168,10 @@ class GateContext:
     # the uncertainty's scale, e.g. "options" (normalised option entropy) or "open" (token entropy):
     # a gate keeps separate statistics per kind
     kind: str = ""
+    # what a coverage-aware gate sees besides the uncertainty, e.g. ``nearest_demo_similarity`` (of
+    # the nearest pooled demo of the same kind; absent: none) and ``typicality`` (of the query among
+    # the stream's recent queries)
+    signals: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

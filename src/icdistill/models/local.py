@@ -36,6 +36,8 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> Any:
             "score": str,
             "calibrate": _flag,
             "mix": float,
+            "mix_bandwidth": float,
+            "mix_prior": float,
             "mix_temperature": float,
             "zero_shot": str,
         }

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import math
 import os
 import shutil
 import threading
@@ -20,6 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from icdistill.coverage import decode_sketch, encode_sketch
+from icdistill.mixture import SimilarityMixture
 from icdistill.models.scoring import generate_with_entropy, sample_generations, score_continuations
 from icdistill.types import Demo, Prediction, Query, SpecError, image_digest
 
@@ -223,7 +224,8 @@ class OnlineCalibration:
     SmolLM2 favours some label words whatever the image ("Shirt" for 30% of answers on Fashion-MNIST,
     10% true); measured on 150 queries with 2 demos from a 25-demo pool: 0.49 -> 0.57 accuracy. Means
     are kept per option set and per prompt kind (zero-shot or with demos), whose priors differ. The
-    first query of a kind is not calibrated. The state lives in memory: a resumed run starts it again.
+    first query of a kind is not calibrated. The student logs every update as an event, so a resumed
+    run replays the state exactly.
     """
 
     def __init__(self) -> None:
@@ -261,21 +263,41 @@ def demo_vote(
     return out
 
 
+def nearest_similarity(query_features: np.ndarray, demo_features: Sequence[np.ndarray]) -> float:
+    """The largest cosine similarity between the query's features and a demo's."""
+    q = query_features / max(float(np.linalg.norm(query_features)), 1e-12)
+    return max(float(q @ (d / max(float(np.linalg.norm(d)), 1e-12))) for d in demo_features)
+
+
+# zero-shot readings remembered per query id: the re-run after a teacher call and the teacher's check
+# of the student (``learn``) reuse the first pass's
+_ZERO_SHOT_CACHE = 256
+
+
 class SmolLM2Student:
     """Student ``local:smollm2``: tags each image with ``tagger`` and asks SmolLM2-135M-Instruct.
 
-    Classification queries are answered by scoring every option (mean token log-likelihood);
-    open queries by greedy generation up to the end of the line. The model loads on the first
-    ``predict`` (once per instance, thread-safe), unless a loaded ``lm=(model, tokenizer)`` is given
-    to share one model between instances.
+    Classification queries are answered by mixing two readings:
 
-    Option scores are the LM's log-probabilities over the options, calibrated online
-    (``calibrate``, see ``OnlineCalibration``), then combined with the demos' own vote as a product
-    of experts: ``(1 - mix) * log p_LM + mix * log p_vote``, where the vote weighs each demo's answer
-    by how alike its image is to the query in the tagger's features (``mix_temperature``). The LM
-    reads the images only as tag text; the vote is what its vision encoder sees. ``mix=0`` is the LM
-    alone, ``mix=1`` the vote alone (a k-NN over the shown demos, not a student). BENCHMARKS.md has
-    the measurements behind the defaults.
+    - its own zero-shot reading: the LM's option log-likelihoods after the zero-shot prompt (no
+      demos), calibrated online (``calibrate``, see ``OnlineCalibration``);
+    - the shown demos' vote: their answers weighted by how alike their images are to the query in
+      the tagger's features (``mix_temperature``), what the student's vision encoder sees.
+
+    ``p(o) = w(s) vote(o) + (1 - w(s)) zero_shot(o)`` with ``s`` the nearest shown demo's similarity:
+    far demos must not overwrite a reading the student gets right alone. ``w(s)`` is learned online
+    from the teacher's answers (``learn``; see ``icdistill.mixture.SimilarityMixture``,
+    ``mix_bandwidth``, ``mix_prior``), or fixed with ``mix``. The LM does not read the demos: with
+    them in its prompt it copied the nearest demo's answer (39 of 39 queries measured), adding
+    nothing to the vote and overwriting what it read right alone where the pool lacks a class.
+
+    Open queries are answered by greedy generation with the demos in the prompt, up to the end of
+    the line. The model loads on the first ``predict`` (once per instance, thread-safe), unless a
+    loaded ``lm=(model, tokenizer)`` is given to share one model between instances.
+
+    Everything the student learns online (calibration, taught queries) is also kept as events
+    (``drain_events``) that a resumed run replays (``replay_events``), so a resumed run answers
+    exactly as the uninterrupted one. BENCHMARKS.md has the measurements behind the defaults.
     """
 
     name = "local:smollm2"
@@ -291,25 +313,33 @@ class SmolLM2Student:
         lm: tuple[Any, Any] | None = None,
         score: str = "mean",
         calibrate: bool = True,
-        mix: float = 0.5,
+        mix: float | None = None,
         mix_temperature: float = 0.05,
+        mix_bandwidth: float = 0.1,
+        mix_prior: float = 0.5,
+        shots: int = 2,
         zero_shot: str = "options",
     ) -> None:
         if score not in ("mean", "sum"):
             raise SpecError(f"local:smollm2 score must be 'mean' (length-normalised) or 'sum', got {score!r}")
-        if not 0.0 <= mix <= 1.0:
+        if mix is not None and not 0.0 <= mix <= 1.0:
             raise SpecError(f"local:smollm2 mix must be in [0, 1], got {mix}")
         if mix_temperature <= 0:
             raise SpecError(f"local:smollm2 mix_temperature must be > 0, got {mix_temperature}")
+        if mix_bandwidth <= 0 or mix_prior <= 0:
+            raise SpecError("local:smollm2 mix_bandwidth and mix_prior must be > 0")
         if zero_shot not in ZERO_SHOT_STYLES:
             raise SpecError(
                 f"local:smollm2 zero_shot must be one of {', '.join(ZERO_SHOT_STYLES)}, got {zero_shot!r}"
             )
+        self.shots = shots
         self.zero_shot = zero_shot
         self.score = score
-        self.calibration = OnlineCalibration() if calibrate else None
+        self.calibrate = calibrate
         self.mix = mix
         self.mix_temperature = mix_temperature
+        self.mix_bandwidth = mix_bandwidth
+        self.mix_prior = mix_prior
         self.tagger = tagger
         self.cache_dir = cache_dir
         self.max_tags = max_tags
@@ -320,6 +350,20 @@ class SmolLM2Student:
         self._load_lock = threading.Lock()
         self._tags_lock = threading.Lock()
         self._tags: OrderedDict[str, TagsLike] = OrderedDict()
+        self._reset_online_state()
+
+    def _reset_online_state(self) -> None:
+        self.calibration = OnlineCalibration() if self.calibrate else None
+        self.mixture = SimilarityMixture(
+            shots=max(1, self.shots),
+            temperature=self.mix_temperature,
+            bandwidth=self.mix_bandwidth,
+            prior=self.mix_prior,
+        )
+        self._state_lock = threading.RLock()
+        # query id -> its zero-shot reading (calibrated once: the re-run after a teacher call reuses it)
+        self._zero_shot_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._events: list[list[Any]] = []
 
     def lm(self) -> tuple[Any, Any]:
         """``(model, tokenizer)``, loaded on first use."""
@@ -349,10 +393,10 @@ class SmolLM2Student:
         return "none" if image is None else self._tags_of(image).describe(self.max_tags)
 
     def fresh(self) -> SmolLM2Student:
-        """A student with the same loaded LM, tagger and options but no calibration history: each
+        """A student with the same loaded LM, tagger and options but nothing learned online: each
         run of an experiment starts from the same state, whatever ran before it in the process."""
         twin = copy.copy(self)  # shares the LM holder, its lock and the tag cache
-        twin.calibration = OnlineCalibration() if self.calibration is not None else None
+        twin._reset_online_state()
         return twin
 
     def prompt_for(self, query: Query, demos: Sequence[Demo]) -> str:
@@ -361,22 +405,116 @@ class SmolLM2Student:
         shots = [(self.describe(d.image), d.prompt, d.answer) for d in demos]
         return build_prompt(self.describe(query.image), query.prompt, shots, query.options)
 
-    def _combine(
-        self, query: Query, demos: Sequence[Demo], options: Sequence[str], scores: Sequence[float]
-    ) -> list[float]:
-        """The LM's option log-probabilities, calibrated, then (with ``mix`` > 0) a product of experts
-        with the demos' vote: ``(1 - mix) * log p_LM + mix * log p_vote``."""
+    # ------------------------------------------------------------------ online state, replayable
+    def drain_events(self) -> list[list[Any]]:
+        """What the student learned since the last call, as JSON-able events (for the run log)."""
+        with self._state_lock:
+            events, self._events = self._events, []
+            return events
+
+    def replay_events(self, events: Sequence[Sequence[Any]]) -> None:
+        """Re-learn events an earlier process logged (resume): the state is then exactly as it was."""
+        with self._state_lock:
+            for ev in events:
+                self._apply(ev)
+
+    def _apply(self, ev: Sequence[Any]) -> np.ndarray | None:
+        """Apply one event; returns the calibrated log-probabilities of a calibration event."""
+        if ev[0] == "calibrate" and self.calibration is not None:
+            return self.calibration(tuple(ev[1]), bool(ev[2]), np.asarray(ev[3], dtype=np.float64))
+        if ev[0] == "teach":
+            self.mixture.teach(ev[1], decode_sketch(ev[2]).astype(np.float32), np.asarray(ev[3]), ev[4])
+        return None
+
+    def _record(self, ev: list[Any]) -> np.ndarray | None:
+        """Apply an event now and keep it for the log."""
+        self._events.append(ev)
+        return self._apply(ev)
+
+    def learn(self, query: Query, answer: str) -> None:
+        """The teacher's answer to ``query``: the student remembers what it read of it (features and
+        zero-shot reading), which checks both of its readings for the mixture's weights."""
+        if not query.options or query.image is None or self.mix is not None:
+            return
+        features = getattr(self._tags_of(query.image), "features", None)
+        if features is None:
+            return
+        options = tuple(dict.fromkeys(query.options))
+        zero_shot = self._zero_shot_probs(query, options)
+        with self._state_lock:
+            # features go to the log as float16: rounded here too, so a replay is exact
+            self._record(["teach", list(options), encode_sketch(np.asarray(features)), zero_shot.tolist(), answer])
+
+    # ------------------------------------------------------------------ the experts
+    def _zero_shot_probs(self, query: Query, options: Sequence[str]) -> np.ndarray:
+        """The LM's calibrated option distribution after the zero-shot prompt, once per query."""
+        with self._state_lock:
+            cached = self._zero_shot_cache.get(query.id)
+        if cached is not None and len(cached) == len(options):
+            return cached
+        model, tokenizer = self.lm()
+        scores = score_continuations(
+            model,
+            tokenizer,
+            self.prompt_for(query, ()),
+            [option_continuation(o) for o in options],
+            normalise=self.score == "mean",
+        )
         logp = _log_softmax(np.asarray(scores, dtype=np.float64))
-        if self.calibration is not None:
-            logp = _log_softmax(self.calibration(options, bool(demos), logp))
+        with self._state_lock:
+            if self.calibration is not None:
+                calibrated = self._record(["calibrate", list(options), False, logp.tolist()])
+                assert calibrated is not None
+                logp = _log_softmax(calibrated)
+            probs = np.exp(logp)
+            self._zero_shot_cache[query.id] = probs
+            while len(self._zero_shot_cache) > _ZERO_SHOT_CACHE:
+                self._zero_shot_cache.popitem(last=False)
+        return probs
+
+    def _vote(
+        self, query: Query, demos: Sequence[Demo], options: Sequence[str]
+    ) -> tuple[np.ndarray, float] | None:
+        """The demos' vote over ``options`` and the nearest demo's similarity, in the tagger's
+        features; None without demos, images or features."""
         images = [query.image, *[d.image for d in demos]]
-        if self.mix > 0 and demos and all(i is not None for i in images):
-            feats = [getattr(self._tags_of(i), "features", None) for i in images]  # type: ignore[arg-type]
-            if all(f is not None for f in feats):  # a tagger without features: the LM alone answers
-                votes = demo_vote(feats[0], feats[1:], [d.answer for d in demos], self.mix_temperature)
-                vote = np.array([math.log(votes.get(o, 0.0) + 1e-6) for o in options])
-                logp = (1.0 - self.mix) * logp + self.mix * vote
-        return logp.tolist()
+        if not demos or any(i is None for i in images):
+            return None
+        feats = [getattr(self._tags_of(i), "features", None) for i in images]  # type: ignore[arg-type]
+        if any(f is None for f in feats):
+            return None
+        votes = demo_vote(feats[0], feats[1:], [d.answer for d in demos], self.mix_temperature)
+        return np.array([votes.get(o, 0.0) for o in options]), nearest_similarity(feats[0], feats[1:])
+
+    def vote_weight(self, options: Sequence[str], similarity: float) -> float:
+        """The vote's weight in the mixture at the nearest demo's ``similarity``."""
+        if self.mix is not None:
+            return self.mix
+        with self._state_lock:
+            return self.mixture.vote_weight(options, similarity)
+
+    def _predict_options(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        options = tuple(dict.fromkeys(query.options or ()))
+        zero_shot = self._zero_shot_probs(query, options)
+        if self.mix is None:
+            with self._state_lock:
+                zero_shot = self.mixture.zero_shot(options, zero_shot)
+        voted = self._vote(query, demos, options)
+        details: dict[str, Any] = {"zero_shot_answer": options[int(np.argmax(zero_shot))]}
+        if voted is None:
+            probs = zero_shot
+        else:
+            vote, similarity = voted
+            w = self.vote_weight(options, similarity)
+            probs = w * vote + (1.0 - w) * zero_shot
+            details |= {
+                "vote_answer": options[int(np.argmax(vote))],
+                "vote_weight": round(w, 4),
+                "nearest_similarity": round(similarity, 5),
+            }
+        option_scores = dict(zip(options, np.log(np.maximum(probs, 1e-12)).tolist(), strict=True))
+        answer = max(options, key=option_scores.__getitem__)
+        return Prediction(answer=answer, option_scores=option_scores, details=details)
 
     def sample(
         self, query: Query, demos: Sequence[Demo], n: int, temperature: float, seed: int
@@ -388,20 +526,12 @@ class SmolLM2Student:
 
     def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         start = time.perf_counter()
+        if query.options:
+            pred = self._predict_options(query, demos)
+            pred.seconds = time.perf_counter() - start
+            return pred
         model, tokenizer = self.lm()
         prompt = self.prompt_for(query, demos)
-        if query.options:
-            options = list(dict.fromkeys(query.options))
-            scores = score_continuations(
-                model,
-                tokenizer,
-                prompt,
-                [option_continuation(o) for o in options],
-                normalise=self.score == "mean",
-            )
-            option_scores = dict(zip(options, self._combine(query, demos, options, scores), strict=True))
-            answer = max(options, key=option_scores.__getitem__)
-            return Prediction(answer=answer, option_scores=option_scores, seconds=time.perf_counter() - start)
         text, logprobs, entropies = generate_with_entropy(
             model, tokenizer, prompt, self.max_new_tokens, stop=["\n"]
         )

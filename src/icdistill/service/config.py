@@ -19,7 +19,7 @@ HUMAN = "human"
 # the options `icd serve` shares with `icd run` (by name; RunConfig has others, e.g. its own `pool`)
 LOOP_FIELDS = (
     "student", "teacher", "embedder", "shots", "selector", "k_tt", "k_it", "demo_order", "pool_max", "gate",
-    "budget", "delta", "warmup", "max_calls", "max_cost_usd", "uncertainty", "samples", "agreement", "answer",
+    "budget", "delta", "warmup", "gate_score", "max_calls", "max_cost_usd", "uncertainty", "samples", "agreement", "answer",
     "seed",
 )  # fmt: skip
 MiB = 1024 * 1024
@@ -55,7 +55,9 @@ class ServeConfig:
     gate: str = "budget"
     budget: float = 0.05
     delta: float = 0.5
-    warmup: int = 5
+    warmup: int = 3
+    # the service restores its gate from stored rows that keep no coverage signals: rank by uncertainty
+    gate_score: str = "uncertainty"
     max_calls: int | None = None
     max_cost_usd: float | None = None
     uncertainty: str = "entropy"

@@ -181,6 +181,7 @@ class Engine:
                 budget=cfg.budget,
                 delta=cfg.delta,
                 warmup=cfg.warmup,
+                score=cfg.gate_score,
                 max_calls=cfg.max_calls,
                 max_cost_usd=cfg.max_cost_usd,
                 seed=cfg.seed,
