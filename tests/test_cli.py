@@ -289,3 +289,47 @@ def test_resume_with_the_dataset_moved_or_swapped(tmp_path, with_fakes, capsys):
     assert main(["run", "--resume", "--out", str(out), "--dataset", str(other), "--n", "12", "--quiet"]) == 1
     assert "dataset changed" in capsys.readouterr().err
     assert len(read_records(out / "log.jsonl")) == 10
+
+
+# --------------------------------------------------------------------------- new-user trial (issue 19)
+
+
+def test_unreachable_teacher_fails_before_the_stream(tmp_path, with_fakes, monkeypatch, capsys):
+    import socket
+
+    from icdistill.models.openai_api import OpenAIChatModel
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    teacher = OpenAIChatModel("m", f"http://127.0.0.1:{port}/v1", cache=None, retries=4, backoff=5.0)
+    student = FakeStudent()
+    monkeypatch.setattr(
+        "icdistill.runner.build_parts", lambda cfg, ctx=None: Parts(student, teacher, FakeEmbedder())
+    )
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    out = tmp_path / "o"
+    assert main(["run", "--dataset", str(root), "--n", "8", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
+    assert student.calls == 0 and teacher.usage.faults == 0  # no query streamed, no call retried
+    assert not out.exists()  # nothing blocks the same --out
+
+
+def test_a_failed_run_can_be_replaced_in_its_folder(tmp_path, with_fakes, capsys):
+    from fakes import FakeTeacher
+
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    out = tmp_path / "o"
+    args = ["run", "--dataset", str(root), "--n", "4", "--out", str(out), "--quiet"]
+    with_fakes["teacher"] = FakeTeacher(fail=True)
+    assert main(args) == 1
+    assert "run the same command with --replace" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    assert main(args) == 1 and "--replace to start it afresh" in capsys.readouterr().err
+    assert main([*args, "--replace", "--resume"]) == 2
+    with_fakes["teacher"] = None  # the teacher is fixed
+    assert main([*args, "--replace"]) == 0
+    recs = read_records(out / "log.jsonl")
+    assert len(recs) == 4 and all(r.get("teacher_error") is None for r in recs)
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files go

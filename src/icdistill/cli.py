@@ -105,10 +105,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from icdistill.report import print_summary, progress_callbacks
-    from icdistill.runner import RunConfig, build_parts, lock_run, preflight, run_icd, run_warnings
+    from icdistill.runner import (
+        RunConfig,
+        build_parts,
+        check_parts_reachable,
+        clear_run,
+        lock_run,
+        preflight,
+        run_icd,
+        run_warnings,
+    )
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out, the folder of the run to continue")
+    if args.resume and args.replace:
+        raise UsageError("--resume continues the run in --out, --replace deletes it: choose one")
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     names = [f.name for f in fields(RunConfig)]
     changes = None
@@ -127,7 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with lock_run(out) as lock:
         try:
             try:
-                cfg, dataset = preflight(cfg, out, args.resume, changes)
+                cfg, dataset = preflight(cfg, out, args.resume, changes, replace=args.replace)
             except ICDError as e:
                 if args.resume and "flags differ" in str(e):
                     raise UsageError(str(e)) from e
@@ -139,6 +150,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     parts = build_parts(cfg)
                 except ICDError as e:  # an unknown spec or a bad spec value: the command line is wrong
                     raise UsageError(str(e)) from e
+            with console.status("checking that the teacher answers", spinner="dots"):
+                check_parts_reachable(parts)
+            if args.replace:
+                clear_run(out)
         except BaseException:
             if created and [p.name for p in out.iterdir()] == ["run.lock"]:
                 # a fresh run that never started leaves no folder behind
@@ -166,7 +181,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if calls and failures == calls:
         print(
             f"icd: error: all {calls} teacher calls failed (see teacher_error in {out / 'log.jsonl'}); "
-            "fix the teacher and start a new run",
+            "fix the teacher, then run the same command with --replace to start again in this folder",
             file=sys.stderr,
         )
         return 1
@@ -228,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     _add_run_args(run)
+    run.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete the run already in --out (log, pool, summary, config, plot; nothing else) and start "
+        "afresh, once the models have loaded and the teacher answers",
+    )
     run.set_defaults(func=_cmd_run)
     models = sub.add_parser("models", help="list model specs and whether they work on this machine")
     models.set_defaults(func=_cmd_models)

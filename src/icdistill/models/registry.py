@@ -182,3 +182,11 @@ def resolve_teacher(raw: str, ctx: ModelContext | None = None) -> Any:
 
 def resolve_embedder(raw: str, ctx: ModelContext | None = None) -> Any:
     return resolve(raw, "embedder", ctx)
+
+
+def check_reachable(backend: Any) -> None:
+    """Probe a remote backend once (e.g. an API's model list) so that a server that is down fails
+    before a run starts; local backends have nothing to probe. Raises ``ICDError``."""
+    probe = getattr(backend, "check_reachable", None)
+    if callable(probe):
+        probe()
