@@ -612,9 +612,7 @@ class OpenAIChatModel:
                 "or fix the URL"
             ) from None
         if resp.status_code in (401, 403):
-            raise TeacherError(
-                f"{self.name}: HTTP {resp.status_code}: {error_info(resp).message}{_KEY_HINT}"
-            )
+            raise TeacherError(f"{self.name}: HTTP {resp.status_code}: {error_info(resp).message}{_KEY_HINT}")
 
     def close(self) -> None:
         """Close the HTTP connections and the private event loop (the object can be used again)."""
