@@ -232,12 +232,14 @@ def test_warnings_for_settings_that_cannot_be_meant(tmp_path, with_fakes, capsys
     root = colour_folder(tmp_path / "c", n_per_class=2)
     manifest = tmp_path / "m.jsonl"
     lines = [{"image": str(root / "red" / "0.png"), "label": "red", "options": ["red", "blue"]}]
-    lines.append({"image": str(root / "blue" / "0.png"), "options": ["red", "blue"]})  # no label
+    lines.append({"image": str(root / "blue" / "0.png"), "options": ["red", "blue"], "lable": "blue"})
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
     args = ["run", "--dataset", str(manifest), "--n", "500", "--shots", "0", "--uncertainty", "token-entropy"]
     assert main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert "1 of 2 items have no label" in err and "--n 500 but the dataset has 2 items" in err
+    assert f"1 of 2 items have no label (first: {manifest}:2)" in err
+    assert f'{manifest}:2: unknown key "lable" (did you mean "label"?)' in err
+    assert "--n 500 but the dataset has 2 items" in err
     assert "--shots 0" in err and "token-entropy on a classification dataset" in err
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["unlabelled_queries"] == 1

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from icdistill.data.stream import FASHION_MNIST_NAMES, Dataset, load_dataset, stream_order
+from icdistill.data.stream import FASHION_MNIST_NAMES, Dataset, load_dataset, plural, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.eval.metrics import summarize
 from icdistill.gate import GATES, UNCERTAINTY, make_gate
@@ -314,16 +314,21 @@ def _write_config(out: Path, cfg: RunConfig, dataset: Dataset) -> None:
 
 def run_warnings(cfg: RunConfig, dataset: Dataset) -> list[str]:
     """Settings that are accepted but probably not what was meant."""
-    out = []
+    out = list(dataset.warnings)
     labels = dataset.labels()
-    unlabelled = sum(not label for label in labels)
+    unlabelled = [i for i, label in enumerate(labels) if not label]
     if unlabelled:
         extra = (
             " and the reference teacher cannot annotate them" if cfg.teacher.startswith("reference") else ""
         )
-        out.append(f"{unlabelled} of {len(labels)} items have no label: they are left out of accuracy{extra}")
+        out.append(
+            f"{len(unlabelled)} of {plural(len(labels), 'item')} have no label (first: "
+            f"{dataset.where(unlabelled[0])}): they are left out of accuracy{extra}"
+        )
     if cfg.n is not None and cfg.n > len(dataset):
-        out.append(f"--n {cfg.n} but the dataset has {len(dataset)} items: the stream has {len(dataset)}")
+        out.append(
+            f"--n {cfg.n} but the dataset has {plural(len(dataset), 'item')}: the stream has {len(dataset)}"
+        )
     if cfg.shots == 0 and cfg.gate not in ("never",):
         out.append(
             "--shots 0: the student never sees demonstrations, so teacher calls (warm-up included) cannot "

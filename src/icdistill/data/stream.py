@@ -31,6 +31,11 @@ CACHE_ITEMS = 20_000
 CACHE_BYTES = 512 * 1024 * 1024
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 item"``, ``"2 items"``: a count with its noun in the right number."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 class Dataset:
     """A finite, indexable collection of image queries; subclasses supply metadata and decoding.
 
@@ -51,6 +56,9 @@ class Dataset:
     ) -> None:
         self.name = name
         self.options = options
+        # what loading noticed but did not refuse (unknown manifest keys, files that are no images):
+        # ``icd run`` prints these before the stream starts
+        self.warnings: list[str] = []
         self._cache = ImageCache(cache_items, cache_bytes)
 
     def __len__(self) -> int:
@@ -87,6 +95,10 @@ class Dataset:
         """Per-item ground-truth labels aligned with indices ("" for an unlabelled item); no decoding."""
         return [self._query(i).label or "" for i in range(len(self))]
 
+    def where(self, i: int) -> str:
+        """Where item ``i`` comes from, for messages (a manifest's file:line; else its id)."""
+        return self._query(i).id
+
     def image(self, i: int) -> Image.Image:
         self._check_index(i)
         cached = self._cache.get(i)
@@ -114,6 +126,7 @@ class Record:
     label: str | None = None
     options: tuple[str, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    where: str = field(default="", compare=False)  # e.g. a manifest's file:line; "" for the id
 
 
 class FileDataset(Dataset):
@@ -149,6 +162,9 @@ class FileDataset(Dataset):
 
     def labels(self) -> list[str]:
         return [r.label or "" for r in self.records]
+
+    def where(self, i: int) -> str:
+        return self.records[i].where or self.records[i].id
 
 
 def is_image_file(path: Path) -> bool:
