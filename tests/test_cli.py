@@ -33,7 +33,8 @@ def icd(*args: str) -> subprocess.CompletedProcess:
         (["run", "--gate", "threshold", "--delta", "2"], 2, "--delta 2.0 is outside"),
         (["run", "--pool-max", "3", "--warmup", "5"], 2, "--pool-max 3 is below --warmup 5"),
         (["run", "--resume"], 2, "--resume needs --out"),
-        (["run", "--dataset", "/no/such/folder"], 1, "/no/such/folder"),
+        (["run", "--dataset", "/no/such/folder"], 2, "/no/such/folder"),
+        (["run", "--dataset", "hf:/no/such/folder"], 2, "/no/such/folder does not exist"),
     ],
 )
 def test_cli_user_errors_are_one_line(args, code, message, tmp_path):
@@ -271,7 +272,7 @@ def test_bad_spec_value_and_unknown_spec_share_exit_code(tmp_path):
 
 def test_a_run_that_never_started_leaves_no_folder(tmp_path, with_fakes):
     out = tmp_path / "o"
-    assert main(["run", "--dataset", str(tmp_path / "missing"), "--out", str(out)]) == 1
+    assert main(["run", "--dataset", str(tmp_path / "missing"), "--out", str(out)]) == 2  # a bad command line
     assert not out.exists()
 
 

@@ -36,7 +36,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dataset",
         default=d.dataset,
-        help="fashion-mnist, a folder (one sub-folder per class) or a .jsonl manifest",
+        help="fashion-mnist, a folder (one sub-folder per class), a .jsonl manifest, or "
+        "hf:<Hugging Face dataset folder, parquet file or cached name>?image=COL&label=COL&split=NAME",
     )
     g.add_argument("--split", default=d.split, help="split of built-in datasets (default: %(default)s)")
     g.add_argument(
@@ -104,6 +105,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from icdistill.data.stream import MissingDataset
     from icdistill.report import print_summary, progress_callbacks
     from icdistill.runner import (
         RunConfig,
@@ -139,6 +141,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             try:
                 cfg, dataset = preflight(cfg, out, args.resume, changes, replace=args.replace)
+            except MissingDataset as e:  # a mistyped --dataset; a resumed run's stored path is not
+                if not args.resume or "dataset" in (changes or {}):
+                    raise UsageError(str(e)) from e
+                raise
             except ICDError as e:
                 if args.resume and "flags differ" in str(e):
                     raise UsageError(str(e)) from e

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from icdistill.data.stream import FASHION_MNIST_NAMES, Dataset, load_dataset, plural, stream_order
+from icdistill.data.stream import Dataset, absolute_source, load_dataset, plural, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.eval.metrics import summarize
 from icdistill.gate import GATES, UNCERTAINTY, make_gate
@@ -123,9 +123,7 @@ class RunConfig:
     def with_absolute_paths(self) -> RunConfig:
         """The dataset as an absolute path (a resume from another directory finds it); names such as
         ``fashion-mnist`` stay as they are."""
-        if self.dataset.strip().lower() in FASHION_MNIST_NAMES:
-            return self
-        return replace(self, dataset=str(Path(self.dataset).expanduser().resolve()))
+        return replace(self, dataset=absolute_source(self.dataset))
 
 
 @dataclass

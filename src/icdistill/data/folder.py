@@ -10,6 +10,7 @@ from icdistill.data.stream import (
     DEFAULT_PROMPT,
     IMAGE_EXTENSIONS,
     FileDataset,
+    MissingDataset,
     Record,
     is_image_file,
     plural,
@@ -53,7 +54,7 @@ def load_folder(root: str | os.PathLike[str], prompt: str | None = None) -> File
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist")
+        raise MissingDataset(f"dataset folder {root} does not exist")
     question = prompt or DEFAULT_PROMPT
     per_class: dict[str, list[Path]] = {}
     left_out: list[Path] = []

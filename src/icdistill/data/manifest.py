@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from icdistill.data.stream import DEFAULT_PROMPT, FileDataset, Record
+from icdistill.data.stream import DEFAULT_PROMPT, FileDataset, MissingDataset, Record
 from icdistill.types import DataError
 
 _KNOWN_KEYS = frozenset({"image", "prompt", "label", "options", "id"})
@@ -81,7 +81,7 @@ def load_manifest(path: str | os.PathLike[str], prompt: str | None = None) -> Fi
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"manifest {path} not found")
+        raise MissingDataset(f"manifest {path} not found")
     base = path.resolve().parent
     default_prompt = prompt or DEFAULT_PROMPT
     records: list[Record] = []

@@ -31,6 +31,10 @@ CACHE_ITEMS = 20_000
 CACHE_BYTES = 512 * 1024 * 1024
 
 
+class MissingDataset(DataError):
+    """The dataset a command line names does not exist (a mistyped path): a usage error."""
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """``"1 item"``, ``"2 items"``: a count with its noun in the right number."""
     return f"{n} {word if n == 1 else many or word + 's'}"
@@ -218,8 +222,9 @@ def _palette_is_grey(image: Image.Image) -> bool:
 def load_dataset(
     source: str | os.PathLike[str], *, split: str = "test", prompt: str | None = None
 ) -> Dataset:
-    """Open a dataset: ``fashion-mnist`` (``split`` test or train), a folder of class folders, or a
-    ``.jsonl`` manifest. ``prompt`` replaces the default question (a manifest line's own prompt wins).
+    """Open a dataset: ``fashion-mnist`` (``split`` test or train), a folder of class folders, a
+    ``.jsonl`` manifest, or ``hf:<path or cached name>?key=value`` (``icdistill.data.hf``; ``split``
+    when it names none). ``prompt`` replaces the default question (a manifest line's own prompt wins).
 
     The name ``fashion-mnist`` always means the packaged dataset; write ``./fashion-mnist`` for a
     folder of that name.
@@ -227,11 +232,14 @@ def load_dataset(
     # Imported here because those modules build on the classes above.
     from icdistill.data.fashion_mnist import load_fashion_mnist
     from icdistill.data.folder import load_folder
+    from icdistill.data.hf import is_hf_source, load_hf
     from icdistill.data.manifest import load_manifest
 
     text = os.fspath(source)
     if text.strip().lower() in FASHION_MNIST_NAMES:
         return load_fashion_mnist(split=split, prompt=prompt)
+    if is_hf_source(text):
+        return load_hf(text, split=split, prompt=prompt)
     path = Path(text).expanduser()
     if path.suffix.lower() == ".jsonl":
         return load_manifest(path, prompt=prompt)
@@ -239,10 +247,22 @@ def load_dataset(
         return load_folder(path, prompt=prompt)
     if path.exists():
         raise DataError(f"unsupported dataset file {text!r}: expected a .jsonl manifest or a folder")
-    raise DataError(
+    raise MissingDataset(
         f"no dataset {text!r}: expected 'fashion-mnist', a folder with one sub-folder per class, "
-        "or a .jsonl manifest"
+        "a .jsonl manifest, or hf:<Hugging Face dataset folder or cached name>"
     )
+
+
+def absolute_source(source: str) -> str:
+    """A dataset source with its local path made absolute (a resume from another folder finds it);
+    the name ``fashion-mnist`` and cached Hugging Face names stay as they are."""
+    from icdistill.data.hf import absolute_hf_source, is_hf_source
+
+    if source.strip().lower() in FASHION_MNIST_NAMES:
+        return source
+    if is_hf_source(source):
+        return absolute_hf_source(source)
+    return str(Path(source).expanduser().resolve())
 
 
 def stream_order(length: int, n: int | None = None, seed: int = 0, shuffle: bool = True) -> list[int]:

@@ -42,7 +42,9 @@ _SEPARATORS = ",&"
 _QUOTES = "\"'"
 
 
-def _parse_options(text: str, raw: str) -> dict[str, str]:
+def parse_options(text: str, raw: str) -> dict[str, str]:
+    """``key=value`` pairs separated by ``,`` or ``&`` (quoted values may hold both); ``raw`` names
+    the whole spec in errors. Also reads the keys of ``--dataset hf:...``."""
     out: dict[str, str] = {}
     i = 0
     while i < len(text):
@@ -98,10 +100,10 @@ def parse_spec(raw: str) -> Spec:
     if "?" in body:
         # The first "?": option values may hold "?" (a system prompt), targets do not.
         target, qs = body.split("?", 1)
-        options = _parse_options(qs, raw)
+        options = parse_options(qs, raw)
     elif "=" in body and "/" not in body and "@" not in body:
         # ``reference:noise=0.2``: the body is all options
-        target, options = "", _parse_options(body, raw)
+        target, options = "", parse_options(body, raw)
     return Spec(raw=raw, scheme=scheme.strip().lower(), target=target.strip(), options=options)
 
 
