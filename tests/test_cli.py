@@ -336,3 +336,65 @@ def test_a_failed_run_can_be_replaced_in_its_folder(tmp_path, with_fakes, capsys
     recs = read_records(out / "log.jsonl")
     assert len(recs) == 4 and all(r.get("teacher_error") is None for r in recs)
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_summary_names_teacher_quality_skips_and_the_zero_shot_comparison(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from fakes import FakeTeacher
+    from icdistill.report import print_summary
+
+    root = colour_folder(tmp_path / "c", n_per_class=3)
+    for i in range(7):
+        (root / "red" / f"bad{i}.png").write_bytes(b"not a png")
+    cfg = RunConfig(dataset=str(root), n=None, budget=0.5, warmup=12, shots=1, seed=1)
+    class KnowingStudent(FakeStudent):  # right on its own, whatever the demos say
+        def predict(self, query, demos):
+            pred = super().predict(query, [])
+            pred.answer = query.label
+            return pred
+
+    bad_teacher = FakeTeacher(wrong_every=1)  # every answer another option than the label
+    s = run_icd(cfg, tmp_path / "o", parts=Parts(KnowingStudent(), bad_teacher, FakeEmbedder()))
+    assert s["skipped_inputs"] == 7 and len(s["skipped_first"]) == 5
+    assert s["mean_uncertainty_by_kind"].keys() == {"options"}
+    buf = io.StringIO()
+    print_summary(s, tmp_path / "o", Console(file=buf, width=100))
+    text = buf.getvalue()
+    flat = " ".join(text.split())
+    assert "teacher label accuracy" in text and "0.000" in text
+    assert "the teacher's answers matched the labels only 0% of the time" in flat
+    assert "(the student's own, before the teacher: 100%)" in flat
+    assert "skipped inputs (first 5 of 7):" in text
+    first = s["skipped_first"][0]
+    assert f"position {first['position']}: {first['error']}" in flat and "bad" in first["error"]
+    assert f"icd eval --dataset {root} --student local:smollm2 --teacher reference --n all" in text
+    assert "--methods student-zero-shot,icd --budgets 0.5 --seeds 1" in text
+    assert "mean uncertainty (option questions, entropy 0-1)" in text
+    from icdistill.report import teacher_warning
+
+    fair = {"accepted_annotations": 10, "rejected_annotations": 0, "first_pass_accuracy": 0.55}
+    assert teacher_warning({**fair, "teacher_label_accuracy": 0.6}) is None
+    assert teacher_warning({**fair, "teacher_label_accuracy": 0.4}) is not None  # wrong more than right
+    assert teacher_warning({**fair, "first_pass_accuracy": 0.8, "teacher_label_accuracy": 0.6}) is not None
+    assert teacher_warning({**fair, "accepted_annotations": 2, "teacher_label_accuracy": 0.0}) is None
+
+
+def test_run_plot_keeps_lines_inside_and_counts_calls_in_whole_numbers(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    shown = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (shown.append(fig), close(fig)))
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    s = run_icd(RunConfig(dataset=str(root), n=8, budget=0.2, warmup=3), tmp_path / "o", parts=fake_parts())
+    assert s["teacher_calls"] >= 3
+    ax, ax2 = shown[-1].axes
+    low, high = ax.get_ylim()
+    assert low < 0 and high > 1  # a running accuracy of 1.0 is not drawn on the frame
+    ticks = [t for t in ax2.get_yticks() if ax2.get_ylim()[0] <= t <= ax2.get_ylim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "accuracy (student's first pass, with demos)" in labels

@@ -25,7 +25,7 @@ from icdistill.models.registry import (
 )
 from icdistill.pool import SQLitePool
 from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
-from icdistill.report import plot_run
+from icdistill.report import plot_run, summary_details
 from icdistill.runlog import FolderLock, RunLog, write_json_atomic
 from icdistill.select import SELECTORS, make_selector
 from icdistill.teacher import TestTimeScaling
@@ -513,6 +513,7 @@ def _run_locked(
     summary["unlabelled_queries"] = sum(
         r.get("label") is None for r in distiller.records if r.get("event") == "query"
     )
+    summary.update(summary_details(distiller.records))
     summary["wall_seconds_this_session"] = time.perf_counter() - t0
     summary["resumed_at"] = start if resume else None
     summary["config"] = asdict(cfg)
