@@ -70,11 +70,17 @@ def test_cli_refuses_existing_run_and_missing_resume(tmp_path):
     assert main(["run", "--resume", "--out", str(tmp_path / "empty")]) == 1
 
 
-def test_cli_models_lists_specs():
-    r = icd("models")
-    assert r.returncode == 0
+def test_cli_models_lists_specs(monkeypatch):
+    from icdistill.models.availability import availability
+
+    monkeypatch.setenv("COLUMNS", "80")
+    r = icd("models")  # to a pipe, as into a file
+    assert r.returncode == 0 and max(len(line) for line in r.stdout.splitlines()) < 300
     for spec in ("local:smollm2", "reference", "hf:", "openai:"):
         assert spec in r.stdout
+    for row in availability():
+        assert row["notes"] in r.stdout  # whole, not cut at 80 columns ("efficientnet-lite...")
+    assert "…" not in r.stdout
 
 
 def test_run_writes_log_summary_and_resumes(tmp_path):
@@ -257,6 +263,10 @@ def test_version_and_help_text():
     assert r.returncode == 0 and r.stdout.startswith("icd ")
     h = icd("run", "--help").stdout
     assert "(default: True)" not in h and "(default: None)" not in h
+    e = " ".join(icd("eval", "--help").stdout.split())
+    assert "gated methods (default: 0.05)" in e and "stream orders (default: 0,1,2)" in e
+    assert e.count("(default: 0.05)") == 1  # once, never followed by "(default: (0.05,))"
+    assert "(0.05,)" not in e and "(0, 1, 2)" not in e
     for flag in ("--split", "--no-shuffle", "--k-tt", "--k-it", "--pool-max", "--max-calls", "--max-cost"):
         assert flag in h
 
@@ -398,3 +408,53 @@ def test_run_plot_keeps_lines_inside_and_counts_calls_in_whole_numbers(tmp_path,
     assert ticks and all(float(t).is_integer() for t in ticks)
     labels = [line.get_label() for line in ax.get_lines()]
     assert "accuracy (student's first pass, with demos)" in labels
+
+
+def test_progress_says_models_load_before_the_first_query():
+    import io
+
+    from rich.console import Console
+
+    from icdistill.report import STARTING, progress_callbacks
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=140)
+    with progress_callbacks(console) as (on_start, on_record):
+        on_start(0, 40)
+    assert "0/40" in buf.getvalue() and STARTING in buf.getvalue()
+    buf = io.StringIO()
+    with progress_callbacks(Console(file=buf, force_terminal=True, width=140)) as (on_start, on_record):
+        on_start(0, 40)
+        on_record({"event": "query", "correct": True, "teacher_asked": True, "pool_size": 1})
+    last = buf.getvalue().rsplit("\r", 1)[-1]
+    assert "1/40" in last and "acc 1.000" in last and STARTING not in last
+
+
+def test_serve_model_says_what_it_serves(monkeypatch, capsys):
+    import socket
+
+    from icdistill import serve_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ran = []
+    monkeypatch.setattr("icdistill.models.registry.resolve_student", lambda spec, ctx=None: FakeStudent())
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: ran.append(kw))
+    serve_model.main("local:smollm2", port=port)
+    err = capsys.readouterr().err
+    assert "icd serve-model: loading local:smollm2" in err
+    assert f"serving fake-student and local:smollm2 at http://127.0.0.1:{port}/v1" in err
+    assert ran and ran[0]["port"] == port
+    with pytest.raises(ICDError, match="cannot be served .*scheme 'reference' serves teacher only") as e:
+        serve_model.main("reference", port=port)
+    assert "student" not in str(e.value) and "use local:, hf:, openai:" in str(e.value)
+
+
+def test_counts_in_warnings_agree_with_their_noun(tmp_path, with_fakes, capsys):
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text(json.dumps({"image": str(root / "red" / "0.png"), "label": "red"}) + "\n")
+    assert main(["run", "--dataset", str(manifest), "--n", "3", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the dataset has 1 item: the stream has 1" in err

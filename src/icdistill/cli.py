@@ -215,16 +215,21 @@ class UsageError(ICDError):
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.padding import Padding
+    from rich.text import Text
 
     from icdistill.models.availability import availability
 
-    table = Table(title="model specs")
-    for col in ("spec", "roles", "available here", "notes"):
-        table.add_column(col)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(width=1000, highlight=False)  # a file or a pipe gets whole lines
+    console.print("model specs (spec, roles, whether it works on this machine; notes below each)")
     for row in availability():
-        table.add_row(row["spec"], row["roles"], "yes" if row["ok"] else "no", row["notes"])
-    Console().print(table)
+        head = Text.assemble((row["spec"], "bold"), f"  {row['roles']}  works here: ")
+        head.append("yes" if row["ok"] else "no", style="green" if row["ok"] else "red")
+        console.print(head)
+        # notes wrap at the terminal's width on their own indented line, never cut ("efficientnet-lite...")
+        console.print(Padding(Text(row["notes"]), (0, 0, 0, 4), expand=False))
     return 0
 
 

@@ -46,7 +46,8 @@ def progress_callbacks(
     state = {"task": None, "n": 0, "correct": 0, "labelled": 0, "calls": 0, "pool": 0}
 
     def on_start(start: int, total: int) -> None:
-        state["task"] = progress.add_task("icd", total=total, completed=start, stats="")
+        # models load lazily: the first query can take tens of seconds, say so instead of a still bar
+        state["task"] = progress.add_task("icd", total=total, completed=start, stats=STARTING)
 
     def on_record(rec: dict[str, Any]) -> None:
         if rec.get("event") == "query":
@@ -66,6 +67,7 @@ def progress_callbacks(
         yield on_start, on_record
 
 
+STARTING = "loading models (the first query waits for them)..."
 SKIPPED_SHOWN = 5  # skipped inputs named in the summary (all are in log.jsonl)
 # warned about: a teacher's label accuracy this far below the student's own (first pass), or below
 # TEACHER_FLOOR (a teacher wrong more often than right fills the pool with wrong demos)

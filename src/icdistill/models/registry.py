@@ -149,16 +149,19 @@ _BACKENDS: dict[str, tuple[str, str, tuple[Role, ...], str]] = {
 }
 
 
-def check_spec(raw: str, role: Role) -> Spec:
-    """The parsed spec when its scheme exists and can fill ``role`` (cheap: nothing is loaded)."""
+def check_spec(raw: str, role: Role, purpose: str | None = None) -> Spec:
+    """The parsed spec when its scheme exists and can fill ``role`` (cheap: nothing is loaded).
+    ``purpose`` says what the spec was for in the refusal (default: "used as <role>")."""
     spec = parse_spec(raw)
     if spec.scheme not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS))
         raise SpecError(f"unknown model spec {raw!r}: scheme {spec.scheme!r} is not one of {known}")
-    roles = _BACKENDS[spec.scheme][2]
+    _, _, roles, description = _BACKENDS[spec.scheme]
     if role not in roles:
+        can = ", ".join(f"{scheme}:" for scheme, backend in _BACKENDS.items() if role in backend[2])
         raise SpecError(
-            f"spec {raw!r} cannot be used as {role} (scheme {spec.scheme!r} serves {', '.join(roles)})"
+            f"spec {raw!r} cannot be {purpose or f'used as {role}'}: scheme {spec.scheme!r} serves "
+            f"{', '.join(roles)} only ({description.split(';')[0]}); use {can}"
         )
     return spec
 
