@@ -275,7 +275,7 @@ def stream_order(length: int, n: int | None = None, seed: int = 0, shuffle: bool
         raise DataError(f"stream length must be >= 0, got {n}")
     count = length if n is None else min(n, length)
     if count <= 0:
-        raise DataError(f"empty stream: dataset has {length} items, n={n}")
+        raise DataError(f"empty stream: the dataset has {plural(length, 'item')}, n={n}")
     if not shuffle:
         return list(range(count))
     perm = np.random.default_rng(seed).permutation(length)
