@@ -380,8 +380,14 @@ def test_summary_names_teacher_quality_skips_and_the_zero_shot_comparison(tmp_pa
     assert "skipped inputs (first 5 of 7):" in text
     first = s["skipped_first"][0]
     assert f"position {first['position']}: {first['error']}" in flat and "bad" in first["error"]
-    assert f"icd eval --dataset {root} --student local:smollm2 --teacher reference --n all" in text
-    assert "--methods student-zero-shot,icd --budgets 0.5 --seeds 1" in text
+    hint = f"icd eval --dataset {root} --n all --shots 1 --warmup 12 --methods student-zero-shot,icd --budgets 0.5 --seeds 1"
+    assert hint in flat
+    import shlex
+
+    from icdistill.cli import build_parser
+
+    args = build_parser().parse_args(shlex.split(hint)[1:])  # the command runs as printed
+    assert (args.n, args.shots, args.warmup, args.budgets, args.seeds) == (None, 1, 12, (0.5,), (1,))
     assert "mean uncertainty (option questions, entropy 0-1)" in text
     from icdistill.report import teacher_warning
 

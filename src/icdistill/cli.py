@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from icdistill.loop_args import HelpFormatter, add_loop_args
 from icdistill.types import ICDError, SpecError
@@ -96,6 +97,25 @@ def _given_run_flags(argv: Sequence[str]) -> set[str]:
     except SystemExit:  # pragma: no cover - the real parser already accepted argv
         return set()
     return set(vars(ns))
+
+
+def config_flags(config: dict[str, Any], skip: Sequence[str] = ()) -> list[str]:
+    """The ``icd run`` flags that give a stored config's values where they differ from the defaults
+    (``skip``: fields left out), e.g. to repeat a run's setting in ``icd eval``."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_run_args(p)
+    out: list[str] = []
+    for action in p._actions:
+        dest = action.dest
+        if dest not in config or dest in skip or config[dest] == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        value = config[dest]
+        if action.nargs == 0:  # an on/off flag: its presence flips the default
+            out.append(flag)
+        else:
+            out += [flag, "all" if value is None else str(value)]
+    return out
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

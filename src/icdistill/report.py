@@ -113,19 +113,14 @@ def teacher_warning(summary: dict[str, Any]) -> str | None:
 def eval_hint(summary: dict[str, Any]) -> str | None:
     """The ``icd eval`` command that measures this run's setting against the zero-shot student (the
     first pass above already sees demos, so it is no zero-shot baseline)."""
+    from icdistill.cli import config_flags
+
     cfg = summary.get("config")
     if not cfg:
         return None
-    flags = [
-        ("--dataset", cfg["dataset"]),
-        ("--student", cfg["student"]),
-        ("--teacher", cfg["teacher"]),
-        ("--n", "all" if cfg["n"] is None else cfg["n"]),
-        ("--methods", "student-zero-shot,icd"),
-        ("--budgets", cfg["budget"]),
-        ("--seeds", cfg["seed"]),
-    ]
-    return "icd eval " + " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in flags)
+    grid = ["--methods", "student-zero-shot,icd", "--budgets", str(cfg["budget"]), "--seeds", str(cfg["seed"])]
+    args = ["--dataset", cfg["dataset"], *config_flags(cfg, skip=("dataset", "budget", "seed", "pool")), *grid]
+    return "icd eval " + shlex.join(args)
 
 
 def print_summary(summary: dict[str, Any], out: str | Path, console: Console) -> None:

@@ -117,6 +117,21 @@ def test_errors_are_one_line_and_name_what_exists(tmp_path: Path) -> None:
     assert len(load_dataset(f"hf:{tmp_path / 'thumbs'}?image=thumb")) == 6
 
 
+def test_a_dataset_in_the_local_cache_by_name(tmp_path: Path, offline_cache: Path) -> None:
+    """What a download once left in the datasets cache (<user>___<name>/<config>/<version>/<hash>)
+    loads by its name with downloads off."""
+    import shutil
+
+    colours().to_parquet(str(tmp_path / "train.parquet"))
+    datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "train.parquet")})
+    built = next(p for p in (offline_cache / "parquet").glob("*/*/*") if p.is_dir())
+    cached = offline_cache / "someone___colours" / "default" / "0.0.0" / "abc123"
+    shutil.copytree(built, cached)
+    (cached / "parquet-train.arrow").rename(cached / "colours-train.arrow")
+    ds = load_dataset("hf:someone/colours", split="test")  # its only split, whatever --split says
+    assert len(ds) == 6 and ds.options == tuple(COLOURS) and ds.item(5).label == "blue"
+
+
 def test_cached_name_and_relative_path_for_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     colours().save_to_disk(str(tmp_path / "c"))
     monkeypatch.chdir(tmp_path)

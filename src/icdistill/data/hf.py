@@ -73,6 +73,7 @@ def _open(target: str, source: str) -> Any:
             f"--dataset {source!r} needs the datasets package: pip install 'icdistill[hf-datasets]'"
         ) from e
     datasets.disable_progress_bars()  # they would print through icd's own progress display
+    datasets.logging.set_verbosity_error()  # "Using the latest cached version...": the run says what it reads
     path = Path(target).expanduser()
     looks_local = target.startswith((".", "/", "~")) or path.suffix.lower() in _LOCAL_FILE_FORMATS
     if not path.exists() and looks_local:
