@@ -321,7 +321,7 @@ def test_open_predictions_use_share_free_tags_and_clean_answers(monkeypatch):
     demo = Demo(id=1, query_id="d", image=img, prompt="Which colour?", answer="red")
     q = Query(id="q", image=img, prompt="Which colour?")
     p = student.predict(q, [demo])
-    assert p.answer == "red" and "%" not in seen["prompt"] and "Image: red, blue, green\n" in seen["prompt"]
+    assert p.answer == "red" and "%" not in seen["prompt"] and "Image: red, green, blue\n" in seen["prompt"]
     assert student.sample(q, [demo], 2, 0.7, 0) == ["green", "a red square"]
     classify = student.prompt_for(Query(id="c", image=img, prompt="Which colour?", options=("red", "blue")), [demo])
     assert "%" in classify  # option questions keep the shares: they are scored, not generated
