@@ -452,7 +452,7 @@ def test_serve_model_says_what_it_serves(monkeypatch, capsys):
     assert "icd serve-model: loading local:smollm2" in err
     assert f"serving fake-student and local:smollm2 at http://127.0.0.1:{port}/v1" in err
     assert ran and ran[0]["port"] == port
-    with pytest.raises(ICDError, match="cannot be served .*scheme 'reference' serves teacher only") as e:
+    with pytest.raises(ICDError, match="cannot be served by icd serve-model: scheme 'reference' can only be teacher") as e:
         serve_model.main("reference", port=port)
     assert "student" not in str(e.value) and "use local:, hf:, openai:" in str(e.value)
 

@@ -493,7 +493,7 @@ def main(
         )
     # mistakes in the command line fail before a slow model load
     plan = FaultPlan.parse(faults) if faults else None
-    check_spec(spec, "student", purpose="served (icd serve-model serves a model that answers about images)")
+    check_spec(spec, "student", purpose="served by icd serve-model")
     check_port(host, port)
     t0 = time.perf_counter()
     _say(f"loading {spec} (a first load takes tens of seconds)...")

@@ -156,12 +156,12 @@ def check_spec(raw: str, role: Role, purpose: str | None = None) -> Spec:
     if spec.scheme not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS))
         raise SpecError(f"unknown model spec {raw!r}: scheme {spec.scheme!r} is not one of {known}")
-    _, _, roles, description = _BACKENDS[spec.scheme]
+    roles = _BACKENDS[spec.scheme][2]
     if role not in roles:
         can = ", ".join(f"{scheme}:" for scheme, backend in _BACKENDS.items() if role in backend[2])
         raise SpecError(
-            f"spec {raw!r} cannot be {purpose or f'used as {role}'}: scheme {spec.scheme!r} serves "
-            f"{', '.join(roles)} only ({description.split(';')[0]}); use {can}"
+            f"spec {raw!r} cannot be {purpose or f'used as {role}'}: scheme {spec.scheme!r} can only be "
+            f"{' or '.join(roles)}; use {can}"
         )
     return spec
 
