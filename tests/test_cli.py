@@ -35,6 +35,7 @@ def icd(*args: str) -> subprocess.CompletedProcess:
         (["run", "--resume"], 2, "--resume needs --out"),
         (["run", "--dataset", "/no/such/folder"], 2, "/no/such/folder"),
         (["run", "--dataset", "hf:/no/such/folder"], 2, "/no/such/folder does not exist"),
+        (["eval", "--dataset", "/no/such/folder", "--seeds", "0"], 2, "/no/such/folder"),
     ],
 )
 def test_cli_user_errors_are_one_line(args, code, message, tmp_path):

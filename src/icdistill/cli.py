@@ -223,9 +223,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, _given_run_flags(args.argv))
     except ICDError as e:
         raise UsageError(str(e)) from e
+    from icdistill.data.stream import MissingDataset
+
     try:
         return cmd_eval(cfg, args)
     except SpecError as e:
+        raise UsageError(str(e)) from e
+    except MissingDataset as e:  # a mistyped --dataset (a resumed eval's stored path is no usage error)
+        if args.resume:
+            raise
         raise UsageError(str(e)) from e
 
 
