@@ -33,7 +33,9 @@ def icd(*args: str) -> subprocess.CompletedProcess:
         (["run", "--gate", "threshold", "--delta", "2"], 2, "--delta 2.0 is outside"),
         (["run", "--pool-max", "3", "--warmup", "5"], 2, "--pool-max 3 is below --warmup 5"),
         (["run", "--resume"], 2, "--resume needs --out"),
-        (["run", "--dataset", "/no/such/folder"], 1, "/no/such/folder"),
+        (["run", "--dataset", "/no/such/folder"], 2, "/no/such/folder"),
+        (["run", "--dataset", "hf:/no/such/folder"], 2, "/no/such/folder does not exist"),
+        (["eval", "--dataset", "/no/such/folder", "--seeds", "0"], 2, "/no/such/folder"),
     ],
 )
 def test_cli_user_errors_are_one_line(args, code, message, tmp_path):
@@ -69,11 +71,17 @@ def test_cli_refuses_existing_run_and_missing_resume(tmp_path):
     assert main(["run", "--resume", "--out", str(tmp_path / "empty")]) == 1
 
 
-def test_cli_models_lists_specs():
-    r = icd("models")
-    assert r.returncode == 0
+def test_cli_models_lists_specs(monkeypatch):
+    from icdistill.models.availability import availability
+
+    monkeypatch.setenv("COLUMNS", "80")
+    r = icd("models")  # to a pipe, as into a file
+    assert r.returncode == 0 and max(len(line) for line in r.stdout.splitlines()) < 300
     for spec in ("local:smollm2", "reference", "hf:", "openai:"):
         assert spec in r.stdout
+    for row in availability():
+        assert row["notes"] in r.stdout  # whole, not cut at 80 columns ("efficientnet-lite...")
+    assert "…" not in r.stdout
 
 
 def test_run_writes_log_summary_and_resumes(tmp_path):
@@ -232,12 +240,14 @@ def test_warnings_for_settings_that_cannot_be_meant(tmp_path, with_fakes, capsys
     root = colour_folder(tmp_path / "c", n_per_class=2)
     manifest = tmp_path / "m.jsonl"
     lines = [{"image": str(root / "red" / "0.png"), "label": "red", "options": ["red", "blue"]}]
-    lines.append({"image": str(root / "blue" / "0.png"), "options": ["red", "blue"]})  # no label
+    lines.append({"image": str(root / "blue" / "0.png"), "options": ["red", "blue"], "lable": "blue"})
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
     args = ["run", "--dataset", str(manifest), "--n", "500", "--shots", "0", "--uncertainty", "token-entropy"]
     assert main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert "1 of 2 items have no label" in err and "--n 500 but the dataset has 2 items" in err
+    assert f"1 of 2 items have no label (first: {manifest}:2)" in err
+    assert f'{manifest}:2: unknown key "lable" (did you mean "label"?)' in err
+    assert "--n 500 but the dataset has 2 items" in err
     assert "--shots 0" in err and "token-entropy on a classification dataset" in err
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["unlabelled_queries"] == 1
@@ -254,6 +264,10 @@ def test_version_and_help_text():
     assert r.returncode == 0 and r.stdout.startswith("icd ")
     h = icd("run", "--help").stdout
     assert "(default: True)" not in h and "(default: None)" not in h
+    e = " ".join(icd("eval", "--help").stdout.split())
+    assert "gated methods (default: 0.05)" in e and "stream orders (default: 0,1,2)" in e
+    assert e.count("(default: 0.05)") == 1  # once, never followed by "(default: (0.05,))"
+    assert "(0.05,)" not in e and "(0, 1, 2)" not in e
     for flag in ("--split", "--no-shuffle", "--k-tt", "--k-it", "--pool-max", "--max-calls", "--max-cost"):
         assert flag in h
 
@@ -269,7 +283,7 @@ def test_bad_spec_value_and_unknown_spec_share_exit_code(tmp_path):
 
 def test_a_run_that_never_started_leaves_no_folder(tmp_path, with_fakes):
     out = tmp_path / "o"
-    assert main(["run", "--dataset", str(tmp_path / "missing"), "--out", str(out)]) == 1
+    assert main(["run", "--dataset", str(tmp_path / "missing"), "--out", str(out)]) == 2  # a bad command line
     assert not out.exists()
 
 
@@ -289,3 +303,165 @@ def test_resume_with_the_dataset_moved_or_swapped(tmp_path, with_fakes, capsys):
     assert main(["run", "--resume", "--out", str(out), "--dataset", str(other), "--n", "12", "--quiet"]) == 1
     assert "dataset changed" in capsys.readouterr().err
     assert len(read_records(out / "log.jsonl")) == 10
+
+
+# --------------------------------------------------------------------------- new-user trial (issue 19)
+
+
+def test_unreachable_teacher_fails_before_the_stream(tmp_path, with_fakes, monkeypatch, capsys):
+    import socket
+
+    from icdistill.models.openai_api import OpenAIChatModel
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    teacher = OpenAIChatModel("m", f"http://127.0.0.1:{port}/v1", cache=None, retries=4, backoff=5.0)
+    student = FakeStudent()
+    monkeypatch.setattr(
+        "icdistill.runner.build_parts", lambda cfg, ctx=None: Parts(student, teacher, FakeEmbedder())
+    )
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    out = tmp_path / "o"
+    assert main(["run", "--dataset", str(root), "--n", "8", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
+    assert student.calls == 0 and teacher.usage.faults == 0  # no query streamed, no call retried
+    assert not out.exists()  # nothing blocks the same --out
+
+
+def test_a_failed_run_can_be_replaced_in_its_folder(tmp_path, with_fakes, capsys):
+    from fakes import FakeTeacher
+
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    out = tmp_path / "o"
+    args = ["run", "--dataset", str(root), "--n", "4", "--out", str(out), "--quiet"]
+    with_fakes["teacher"] = FakeTeacher(fail=True)
+    assert main(args) == 1
+    assert "run the same command with --replace" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    assert main(args) == 1 and "--replace to start it afresh" in capsys.readouterr().err
+    assert main([*args, "--replace", "--resume"]) == 2
+    with_fakes["teacher"] = None  # the teacher is fixed
+    assert main([*args, "--replace"]) == 0
+    recs = read_records(out / "log.jsonl")
+    assert len(recs) == 4 and all(r.get("teacher_error") is None for r in recs)
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_summary_names_teacher_quality_skips_and_the_zero_shot_comparison(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from fakes import FakeTeacher
+    from icdistill.report import print_summary
+
+    root = colour_folder(tmp_path / "c", n_per_class=3)
+    for i in range(7):
+        (root / "red" / f"bad{i}.png").write_bytes(b"not a png")
+    cfg = RunConfig(dataset=str(root), n=None, budget=0.5, warmup=12, shots=1, seed=1)
+    class KnowingStudent(FakeStudent):  # right on its own, whatever the demos say
+        def predict(self, query, demos):
+            pred = super().predict(query, [])
+            pred.answer = query.label
+            return pred
+
+    bad_teacher = FakeTeacher(wrong_every=1)  # every answer another option than the label
+    s = run_icd(cfg, tmp_path / "o", parts=Parts(KnowingStudent(), bad_teacher, FakeEmbedder()))
+    assert s["skipped_inputs"] == 7 and len(s["skipped_first"]) == 5
+    assert s["mean_uncertainty_by_kind"].keys() == {"options"}
+    buf = io.StringIO()
+    print_summary(s, tmp_path / "o", Console(file=buf, width=100))
+    text = buf.getvalue()
+    flat = " ".join(text.split())
+    assert "teacher label accuracy" in text and "0.000" in text
+    assert "the teacher's answers matched the labels only 0% of the time" in flat
+    assert "(the student's own, before the teacher: 100%)" in flat
+    assert "skipped inputs (first 5 of 7):" in text
+    first = s["skipped_first"][0]
+    assert f"position {first['position']}: {first['error']}" in flat and "bad" in first["error"]
+    hint = f"icd eval --dataset {root} --n all --shots 1 --warmup 12 --methods student-zero-shot,icd --budgets 0.5 --seeds 1"
+    assert hint in flat
+    import shlex
+
+    from icdistill.cli import build_parser
+
+    args = build_parser().parse_args(shlex.split(hint)[1:])  # the command runs as printed
+    assert (args.n, args.shots, args.warmup, args.budgets, args.seeds) == (None, 1, 12, (0.5,), (1,))
+    assert "mean uncertainty (option questions, entropy 0-1)" in text
+    from icdistill.report import teacher_warning
+
+    fair = {"accepted_annotations": 10, "rejected_annotations": 0, "first_pass_accuracy": 0.55}
+    assert teacher_warning({**fair, "teacher_label_accuracy": 0.6}) is None
+    assert teacher_warning({**fair, "teacher_label_accuracy": 0.4}) is not None  # wrong more than right
+    assert teacher_warning({**fair, "first_pass_accuracy": 0.8, "teacher_label_accuracy": 0.6}) is not None
+    assert teacher_warning({**fair, "accepted_annotations": 2, "teacher_label_accuracy": 0.0}) is None
+
+
+def test_run_plot_keeps_lines_inside_and_counts_calls_in_whole_numbers(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    shown = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (shown.append(fig), close(fig)))
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    s = run_icd(RunConfig(dataset=str(root), n=8, budget=0.2, warmup=3), tmp_path / "o", parts=fake_parts())
+    assert s["teacher_calls"] >= 3
+    ax, ax2 = shown[-1].axes
+    low, high = ax.get_ylim()
+    assert low < 0 and high > 1  # a running accuracy of 1.0 is not drawn on the frame
+    ticks = [t for t in ax2.get_yticks() if ax2.get_ylim()[0] <= t <= ax2.get_ylim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "accuracy (student's first pass, with demos)" in labels
+
+
+def test_progress_says_models_load_before_the_first_query():
+    import io
+
+    from rich.console import Console
+
+    from icdistill.report import STARTING, progress_callbacks
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=140)
+    with progress_callbacks(console) as (on_start, on_record):
+        on_start(0, 40)
+    assert "0/40" in buf.getvalue() and STARTING in buf.getvalue()
+    buf = io.StringIO()
+    with progress_callbacks(Console(file=buf, force_terminal=True, width=140)) as (on_start, on_record):
+        on_start(0, 40)
+        on_record({"event": "query", "correct": True, "teacher_asked": True, "pool_size": 1})
+    last = buf.getvalue().rsplit("\r", 1)[-1]
+    assert "1/40" in last and "acc 1.000" in last and STARTING not in last
+
+
+def test_serve_model_says_what_it_serves(monkeypatch, capsys):
+    import socket
+
+    from icdistill import serve_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ran = []
+    monkeypatch.setattr("icdistill.models.registry.resolve_student", lambda spec, ctx=None: FakeStudent())
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: ran.append(kw))
+    serve_model.main("local:smollm2", port=port)
+    err = capsys.readouterr().err
+    assert "icd serve-model: loading local:smollm2" in err
+    assert f"serving fake-student and local:smollm2 at http://127.0.0.1:{port}/v1" in err
+    assert ran and ran[0]["port"] == port
+    with pytest.raises(ICDError, match="cannot be served by icd serve-model: scheme 'reference' can only be teacher") as e:
+        serve_model.main("reference", port=port)
+    assert "student" not in str(e.value) and "use local:, hf:, openai:" in str(e.value)
+
+
+def test_counts_in_warnings_agree_with_their_noun(tmp_path, with_fakes, capsys):
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text(json.dumps({"image": str(root / "red" / "0.png"), "label": "red"}) + "\n")
+    assert main(["run", "--dataset", str(manifest), "--n", "3", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the dataset has 1 item: the stream has 1" in err

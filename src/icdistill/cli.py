@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from icdistill.loop_args import HelpFormatter, add_loop_args
 from icdistill.types import ICDError, SpecError
@@ -36,7 +37,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dataset",
         default=d.dataset,
-        help="fashion-mnist, a folder (one sub-folder per class) or a .jsonl manifest",
+        help="fashion-mnist, a folder (one sub-folder per class), a .jsonl manifest, or "
+        "hf:<Hugging Face dataset folder, parquet file or cached name>?image=COL&label=COL&split=NAME",
     )
     g.add_argument("--split", default=d.split, help="split of built-in datasets (default: %(default)s)")
     g.add_argument(
@@ -97,6 +99,25 @@ def _given_run_flags(argv: Sequence[str]) -> set[str]:
     return set(vars(ns))
 
 
+def config_flags(config: dict[str, Any], skip: Sequence[str] = ()) -> list[str]:
+    """The ``icd run`` flags that give a stored config's values where they differ from the defaults
+    (``skip``: fields left out), e.g. to repeat a run's setting in ``icd eval``."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_run_args(p)
+    out: list[str] = []
+    for action in p._actions:
+        dest = action.dest
+        if dest not in config or dest in skip or config[dest] == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        value = config[dest]
+        if action.nargs == 0:  # an on/off flag: its presence flips the default
+            out.append(flag)
+        else:
+            out += [flag, "all" if value is None else str(value)]
+    return out
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import time
     from dataclasses import fields
@@ -104,11 +125,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from icdistill.data.stream import MissingDataset
     from icdistill.report import print_summary, progress_callbacks
-    from icdistill.runner import RunConfig, build_parts, lock_run, preflight, run_icd, run_warnings
+    from icdistill.runner import (
+        RunConfig,
+        build_parts,
+        check_parts_reachable,
+        clear_run,
+        lock_run,
+        preflight,
+        run_icd,
+        run_warnings,
+    )
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out, the folder of the run to continue")
+    if args.resume and args.replace:
+        raise UsageError("--resume continues the run in --out, --replace deletes it: choose one")
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     names = [f.name for f in fields(RunConfig)]
     changes = None
@@ -127,7 +160,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with lock_run(out) as lock:
         try:
             try:
-                cfg, dataset = preflight(cfg, out, args.resume, changes)
+                cfg, dataset = preflight(cfg, out, args.resume, changes, replace=args.replace)
+            except MissingDataset as e:  # a mistyped --dataset; a resumed run's stored path is not
+                if not args.resume or "dataset" in (changes or {}):
+                    raise UsageError(str(e)) from e
+                raise
             except ICDError as e:
                 if args.resume and "flags differ" in str(e):
                     raise UsageError(str(e)) from e
@@ -139,6 +176,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     parts = build_parts(cfg)
                 except ICDError as e:  # an unknown spec or a bad spec value: the command line is wrong
                     raise UsageError(str(e)) from e
+            with console.status("checking that the teacher answers", spinner="dots"):
+                check_parts_reachable(parts)
+            if args.replace:
+                clear_run(out)
         except BaseException:
             if created and [p.name for p in out.iterdir()] == ["run.lock"]:
                 # a fresh run that never started leaves no folder behind
@@ -166,7 +207,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if calls and failures == calls:
         print(
             f"icd: error: all {calls} teacher calls failed (see teacher_error in {out / 'log.jsonl'}); "
-            "fix the teacher and start a new run",
+            "fix the teacher, then run the same command with --replace to start again in this folder",
             file=sys.stderr,
         )
         return 1
@@ -182,9 +223,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, _given_run_flags(args.argv))
     except ICDError as e:
         raise UsageError(str(e)) from e
+    from icdistill.data.stream import MissingDataset
+
     try:
         return cmd_eval(cfg, args)
     except SpecError as e:
+        raise UsageError(str(e)) from e
+    except MissingDataset as e:  # a mistyped --dataset (a resumed eval's stored path is no usage error)
+        if args.resume:
+            raise
         raise UsageError(str(e)) from e
 
 
@@ -194,16 +241,21 @@ class UsageError(ICDError):
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.padding import Padding
+    from rich.text import Text
 
     from icdistill.models.availability import availability
 
-    table = Table(title="model specs")
-    for col in ("spec", "roles", "available here", "notes"):
-        table.add_column(col)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(width=1000, highlight=False)  # a file or a pipe gets whole lines
+    console.print("model specs (spec, roles, whether it works on this machine; notes below each)")
     for row in availability():
-        table.add_row(row["spec"], row["roles"], "yes" if row["ok"] else "no", row["notes"])
-    Console().print(table)
+        head = Text.assemble((row["spec"], "bold"), f"  {row['roles']}  works here: ")
+        head.append("yes" if row["ok"] else "no", style="green" if row["ok"] else "red")
+        console.print(head)
+        # notes wrap at the terminal's width on their own indented line, never cut ("efficientnet-lite...")
+        console.print(Padding(Text(row["notes"]), (0, 0, 0, 4), expand=False))
     return 0
 
 
@@ -228,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     _add_run_args(run)
+    run.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete the run already in --out (log, pool, summary, config, plot; nothing else) and start "
+        "afresh, once the models have loaded and the teacher answers",
+    )
     run.set_defaults(func=_cmd_run)
     models = sub.add_parser("models", help="list model specs and whether they work on this machine")
     models.set_defaults(func=_cmd_models)

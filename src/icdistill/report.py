@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +46,8 @@ def progress_callbacks(
     state = {"task": None, "n": 0, "correct": 0, "labelled": 0, "calls": 0, "pool": 0}
 
     def on_start(start: int, total: int) -> None:
-        state["task"] = progress.add_task("icd", total=total, completed=start, stats="")
+        # models load lazily: the first query can take tens of seconds, say so instead of a still bar
+        state["task"] = progress.add_task("icd", total=total, completed=start, stats=STARTING)
 
     def on_record(rec: dict[str, Any]) -> None:
         if rec.get("event") == "query":
@@ -65,6 +67,62 @@ def progress_callbacks(
         yield on_start, on_record
 
 
+STARTING = "loading models (the first query waits for them)..."
+SKIPPED_SHOWN = 5  # skipped inputs named in the summary (all are in log.jsonl)
+# warned about: a teacher's label accuracy this far below the student's own (first pass), or below
+# TEACHER_FLOOR (a teacher wrong more often than right fills the pool with wrong demos)
+TEACHER_GAP = 0.1
+TEACHER_FLOOR = 0.5
+MIN_ANNOTATIONS = 5  # fewer teacher annotations say too little to warn about
+
+
+def summary_details(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the summary names beyond the counts: the first skipped inputs with their reasons, and the
+    mean uncertainty per kind of question (two scales: normalised option entropy in [0, 1], and the
+    mean token entropy of open answers in nats, unbounded)."""
+    skipped = [r for r in records if r.get("event") == "bad_input"]
+    qs = [r for r in records if r.get("event") == "query"]
+    by_kind: dict[str, list[float]] = {}
+    for r in qs:
+        by_kind.setdefault(r.get("ctx_kind") or "options", []).append(r["uncertainty"])
+    return {
+        "skipped_first": [
+            {"position": r.get("position"), "error": r.get("error")} for r in skipped[:SKIPPED_SHOWN]
+        ],
+        "mean_uncertainty_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+    }
+
+
+def teacher_warning(summary: dict[str, Any]) -> str | None:
+    """A warning when the teacher disagrees with the labels far more than the student alone does, or
+    more often than not: its demos then teach wrong answers (e.g. a small served LM pooling "13.5"
+    at agreement 1.0)."""
+    teacher, student = summary.get("teacher_label_accuracy"), summary.get("first_pass_accuracy")
+    annotations = summary.get("accepted_annotations", 0) + summary.get("rejected_annotations", 0)
+    if teacher is None or student is None or annotations < MIN_ANNOTATIONS:
+        return None
+    if teacher > student - TEACHER_GAP and teacher >= TEACHER_FLOOR:
+        return None
+    return (
+        f"the teacher's answers matched the labels only {teacher:.0%} of the time (the student's own, "
+        f"before the teacher: {student:.0%}): its demos teach wrong answers. Check the teacher (a "
+        "stronger model, --samples 5 --agreement 0.6) or the labels"
+    )
+
+
+def eval_hint(summary: dict[str, Any]) -> str | None:
+    """The ``icd eval`` command that measures this run's setting against the zero-shot student (the
+    first pass above already sees demos, so it is no zero-shot baseline)."""
+    from icdistill.cli import config_flags
+
+    cfg = summary.get("config")
+    if not cfg:
+        return None
+    grid = ["--methods", "student-zero-shot,icd", "--budgets", str(cfg["budget"]), "--seeds", str(cfg["seed"])]
+    args = ["--dataset", cfg["dataset"], *config_flags(cfg, skip=("dataset", "budget", "seed", "pool")), *grid]
+    return "icd eval " + shlex.join(args)
+
+
 def print_summary(summary: dict[str, Any], out: str | Path, console: Console) -> None:
     table = Table(title=f"ICD run: {out}", show_header=True)
     table.add_column("metric")
@@ -72,10 +130,11 @@ def print_summary(summary: dict[str, Any], out: str | Path, console: Console) ->
     rows = [
         ("queries", summary["n_queries"]),
         ("accuracy", summary["accuracy"]),
-        ("student accuracy before teacher (first pass)", summary["first_pass_accuracy"]),
+        ("student accuracy before teacher (first pass, with demos)", summary["first_pass_accuracy"]),
         ("teacher calls", summary["teacher_calls"]),
         ("teacher-call rate", f"{summary['teacher_call_rate']:.1%}"),
         ("calls the gate chose (not warm-up or pacing)", summary.get("gate_chosen_calls")),
+        ("teacher label accuracy (its answers = labels)", summary.get("teacher_label_accuracy")),
         ("rejected annotations", summary["rejected_annotations"]),
         ("teacher failures", summary["teacher_failures"]),
         ("pool size", summary["pool_size"]),
@@ -88,10 +147,28 @@ def print_summary(summary: dict[str, Any], out: str | Path, console: Console) ->
         ("teacher seconds", summary["teacher_seconds"]),
         ("seconds / query", summary["seconds_per_query"]),
     ]
+    scales = {"options": "option questions, entropy 0-1", "open": "open answers, token entropy in nats"}
+    for kind, mean in (summary.get("mean_uncertainty_by_kind") or {}).items():
+        rows.append((f"mean uncertainty ({scales.get(kind, kind)})", mean))
     for name, value in rows:
         table.add_row(name, _fmt(value))
     console.print(table)
     print_groups(summary, console)
+    skipped = summary.get("skipped_first") or []
+    if skipped:
+        console.print(f"skipped inputs (first {len(skipped)} of {summary['skipped_inputs']}):", soft_wrap=True)
+        for s in skipped:
+            console.print(f"  position {s['position']}: {s['error']}", markup=False, soft_wrap=True)
+    warning = teacher_warning(summary)
+    if warning:
+        console.print(f"warning: {warning}", style="yellow", markup=False, soft_wrap=True)
+    hint = eval_hint(summary)
+    if hint:
+        console.print(
+            "did ICD help? the first pass above already sees demos; for the zero-shot student run:",
+            soft_wrap=True,
+        )
+        console.print(f"  {hint}", markup=False, soft_wrap=True, highlight=False)
     console.print(f"log: {Path(out) / 'log.jsonl'}")
     console.print(f"summary: {Path(out) / 'summary.json'}")
     # a shared pool lives in PostgreSQL, not in the run folder
@@ -150,15 +227,20 @@ def plot_run(records: list[dict[str, Any]], path: str | Path) -> Path | None:
     first = np.cumsum([r["first_correct"] for r in qs]) / n
     calls = np.cumsum([r["teacher_asked"] for r in qs])
     fig, ax = plt.subplots(figsize=(7, 4))
+    from matplotlib.ticker import MaxNLocator
+
     ax.plot(pos, acc, label="accuracy (ICD answer)")
-    ax.plot(pos, first, label="accuracy (student before teacher)", alpha=0.7)
+    # the first pass already sees the pool's demos: the zero-shot student is `icd eval`'s baseline
+    ax.plot(pos, first, label="accuracy (student's first pass, with demos)", alpha=0.7)
     ax.set_xlabel("stream position")
     ax.set_ylabel("running accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(-0.03, 1.03)  # a line at 0 or 1 stays visible inside the frame
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
     ax2.plot(pos, calls, color="tab:red", linestyle="--", label="teacher calls")
     ax2.set_ylabel("teacher calls (cumulative)")
+    ax2.set_ylim(bottom=0)
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))  # calls are whole numbers
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [str(line.get_label()) for line in lines], loc="lower right", fontsize=8)
     ax.set_title(f"ICD run: {len(qs)} queries, {int(calls[-1])} teacher calls")

@@ -12,14 +12,20 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from icdistill.data.stream import FASHION_MNIST_NAMES, Dataset, load_dataset, stream_order
+from icdistill.data.stream import Dataset, absolute_source, load_dataset, plural, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.eval.metrics import summarize
 from icdistill.gate import GATE_SCORES, GATES, UNCERTAINTY, make_gate
-from icdistill.models.registry import ModelContext, resolve_embedder, resolve_student, resolve_teacher
+from icdistill.models.registry import (
+    ModelContext,
+    check_reachable,
+    resolve_embedder,
+    resolve_student,
+    resolve_teacher,
+)
 from icdistill.pool import SQLitePool
 from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
-from icdistill.report import plot_run
+from icdistill.report import plot_run, summary_details
 from icdistill.runlog import FolderLock, RunLog, write_json_atomic
 from icdistill.select import SELECTORS, make_selector
 from icdistill.teacher import TestTimeScaling
@@ -120,9 +126,7 @@ class RunConfig:
     def with_absolute_paths(self) -> RunConfig:
         """The dataset as an absolute path (a resume from another directory finds it); names such as
         ``fashion-mnist`` stay as they are."""
-        if self.dataset.strip().lower() in FASHION_MNIST_NAMES:
-            return self
-        return replace(self, dataset=str(Path(self.dataset).expanduser().resolve()))
+        return replace(self, dataset=absolute_source(self.dataset))
 
 
 @dataclass
@@ -141,6 +145,14 @@ def build_parts(cfg: RunConfig, ctx: ModelContext | None = None) -> Parts:
         teacher=resolve_teacher(cfg.teacher, ctx),
         embedder=resolve_embedder(cfg.embedder, ctx),
     )
+
+
+def check_parts_reachable(parts: Parts) -> None:
+    """The remote models of a run answer (one cheap request each), before any query is streamed: a
+    teacher that is down fails here in a second instead of after every query's retries."""
+    check_reachable(parts.teacher)
+    if parts.student is not parts.teacher:
+        check_reachable(parts.student)
 
 
 def query_stream(dataset: Dataset, order: list[int], start: int = 0) -> Iterator[Query | DataError]:
@@ -196,7 +208,39 @@ def check_out_path(out: Path) -> None:
 
 def _refuse_existing_run(out: Path) -> None:
     if (out / "log.jsonl").exists() or (out / "pool.sqlite").exists():
-        raise ICDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise ICDError(
+            f"{out} already holds a run; pass --resume to continue it, --replace to start it afresh, "
+            "or choose another --out"
+        )
+
+
+# what a run writes in its folder (README, "icd run"); --replace deletes these and nothing else
+RUN_FILES = (
+    "log.jsonl",
+    "summary.json",
+    "config.json",
+    "run.png",
+    "pool.sqlite",
+    "pool.sqlite-wal",
+    "pool.sqlite-shm",
+    "pool.sqlite-journal",
+    "pool.sqlite.lock",
+    "pool.sqlite.index",
+    "pool-index",
+)
+
+
+def clear_run(out: Path) -> None:
+    """Delete the run in ``out`` (its ``RUN_FILES``; other files stay) so a new one can start there.
+    A shared pool's annotations stay in its database."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def resume_config(out: Path, changes: dict[str, Any] | None = None) -> RunConfig:
@@ -271,16 +315,21 @@ def _write_config(out: Path, cfg: RunConfig, dataset: Dataset) -> None:
 
 def run_warnings(cfg: RunConfig, dataset: Dataset) -> list[str]:
     """Settings that are accepted but probably not what was meant."""
-    out = []
+    out = list(dataset.warnings)
     labels = dataset.labels()
-    unlabelled = sum(not label for label in labels)
+    unlabelled = [i for i, label in enumerate(labels) if not label]
     if unlabelled:
         extra = (
             " and the reference teacher cannot annotate them" if cfg.teacher.startswith("reference") else ""
         )
-        out.append(f"{unlabelled} of {len(labels)} items have no label: they are left out of accuracy{extra}")
+        out.append(
+            f"{len(unlabelled)} of {plural(len(labels), 'item')} have no label (first: "
+            f"{dataset.where(unlabelled[0])}): they are left out of accuracy{extra}"
+        )
     if cfg.n is not None and cfg.n > len(dataset):
-        out.append(f"--n {cfg.n} but the dataset has {len(dataset)} items: the stream has {len(dataset)}")
+        out.append(
+            f"--n {cfg.n} but the dataset has {plural(len(dataset), 'item')}: the stream has {len(dataset)}"
+        )
     if cfg.shots == 0 and cfg.gate not in ("never",):
         out.append(
             "--shots 0: the student never sees demonstrations, so teacher calls (warm-up included) cannot "
@@ -297,16 +346,23 @@ def run_warnings(cfg: RunConfig, dataset: Dataset) -> list[str]:
 
 
 def preflight(
-    cfg: RunConfig, out: str | Path, resume: bool, changes: dict[str, Any] | None = None
+    cfg: RunConfig,
+    out: str | Path,
+    resume: bool,
+    changes: dict[str, Any] | None = None,
+    replace: bool = False,
 ) -> tuple[RunConfig, Dataset]:
     """Cheap checks before any model loads: the output folder and the dataset. On resume the stored
-    config is read (with the allowed ``changes``) and the dataset must be the one the run started on."""
+    config is read (with the allowed ``changes``) and the dataset must be the one the run started on.
+    With ``replace`` a run already in ``out`` is allowed (the caller deletes it with ``clear_run``
+    once the models are up)."""
     out = Path(out)
     check_out_path(out)
     if resume:
         cfg = resume_config(out, changes)
     else:
-        _refuse_existing_run(out)
+        if not replace:
+            _refuse_existing_run(out)
         cfg = cfg.with_absolute_paths()
     dataset = load_dataset(cfg.dataset, split=cfg.split)
     stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)  # raises on an empty stream
@@ -412,7 +468,9 @@ def _run_locked(
     cfg = check_output_dir(out, cfg, resume, dataset, changes)
     dataset = dataset or load_dataset(cfg.dataset, split=cfg.split)
     order = stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)
-    parts = parts or build_parts(cfg)
+    if parts is None:
+        parts = build_parts(cfg)
+        check_parts_reachable(parts)
     if cfg.max_cost_usd is not None and getattr(parts.teacher, "price_known", True) is False:
         raise ICDError(
             f"--max-cost cannot hold: the price of teacher {cfg.teacher} is unknown; add price_in= and "
@@ -459,6 +517,7 @@ def _run_locked(
     summary["unlabelled_queries"] = sum(
         r.get("label") is None for r in distiller.records if r.get("event") == "query"
     )
+    summary.update(summary_details(distiller.records))
     summary["wall_seconds_this_session"] = time.perf_counter() - t0
     summary["resumed_at"] = start if resume else None
     summary["config"] = asdict(cfg)

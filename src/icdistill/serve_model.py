@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -448,6 +449,10 @@ def create_app(
     return app
 
 
+def _say(text: str) -> None:
+    print(f"icd serve-model: {text}", file=sys.stderr, flush=True)
+
+
 def check_port(host: str, port: int) -> None:
     """Fail before a slow model load when the address cannot be bound (in use, no permission)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -488,13 +493,19 @@ def main(
         )
     # mistakes in the command line fail before a slow model load
     plan = FaultPlan.parse(faults) if faults else None
-    check_spec(spec, "student")
+    check_spec(spec, "student", purpose="served by icd serve-model")
     check_port(host, port)
+    t0 = time.perf_counter()
+    _say(f"loading {spec} (a first load takes tens of seconds)...")
     student = resolve_student(spec, ModelContext(seed=seed))
     # Backends load weights lazily; pay that before listening so first clients don't time out.
-    log.info("warming up %s", spec)
     student.predict(sample_queries()[0], [])
     served = [getattr(student, "name", spec), spec]
+    shown = f"[{host}]" if ":" in host else host
+    _say(
+        f"loaded in {time.perf_counter() - t0:.0f}s; serving {' and '.join(dict.fromkeys(served))} at "
+        f"http://{shown}:{port}/v1 (POST chat/completions, GET models); Ctrl-C stops"
+    )
     app = create_app(
         student,
         plan,

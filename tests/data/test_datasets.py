@@ -301,3 +301,39 @@ def test_fingerprint_changes_with_the_data(tmp_path: Path) -> None:
     assert fp2 != fp
     Image.new("RGB", (40, 40), "blue").save(root / "b" / "1.png")  # an image replaced by another
     assert load_dataset(str(root)).fingerprint() != fp2
+
+
+def test_manifest_names_unknown_keys_with_their_line(tmp_path: Path) -> None:
+    Image.new("RGB", (10, 10), "red").save(tmp_path / "r.png")
+    m = _write_manifest(
+        tmp_path / "typos.jsonl",
+        [
+            {"image": "r.png", "label": "red", "option": ["red", "blue"]},  # "option" for "options"
+            {"image": "r.png", "lable": "red"},
+            {"image": "r.png", "lable": "blue", "source": "camera 2"},
+        ],
+    )
+    ds = load_dataset(m)
+    assert ds.options is None  # the typo still makes open questions: the warnings say why
+    assert len(ds.warnings) == 3, ds.warnings
+    option, lable, source = ds.warnings
+    assert option.startswith(f"{m}:1: ") and 'unknown key "option" (did you mean "options"?)' in option
+    assert lable.startswith(f"{m}:2 and 1 more line(s): ") and '"lable" (did you mean "label"?)' in lable
+    assert f"{m}:3: " in source and "did you mean" not in source
+    assert ds.where(1) == f"{m}:2"
+    ok = _write_manifest(tmp_path / "ok.jsonl", [{"image": "r.png", "label": "red", "id": "a"}])
+    assert load_dataset(ok).warnings == []
+
+
+def test_folder_counts_files_it_cannot_read(tmp_path: Path) -> None:
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (8, 8), "red").save(tmp_path / label / "a.png")
+    (tmp_path / "cat" / "b.svg").write_text("<svg/>")
+    (tmp_path / "dog" / "c.svg").write_text("<svg/>")
+    (tmp_path / "dog" / "notes.txt").write_text("x")
+    (tmp_path / "dog" / ".hidden.svg").write_text("x")  # hidden files stay out of the count
+    ds = load_dataset(tmp_path)
+    assert len(ds) == 2 and len(ds.warnings) == 1
+    w = ds.warnings[0]
+    assert "3 files in class folders left out" in w and ".svg 2, .txt 1" in w and "first: cat/b.svg" in w

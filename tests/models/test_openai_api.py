@@ -637,3 +637,36 @@ def test_quoted_system_prompt_reaches_the_server_whole() -> None:
         assert t.model == "fake"
         t.sample(QS[0], 1)
     assert app.state.bodies[0]["messages"][0] == {"role": "system", "content": system}
+
+
+def _dead_url() -> str:
+    """A loopback address nothing listens on (a port bound, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_reachability_probe_fails_at_once_when_the_server_is_down(server) -> None:
+    from icdistill.models.registry import check_reachable
+
+    base, app, _ = server
+    check_reachable(client(base))  # serve-model lists its models
+    assert app.state.requests == 0  # the probe is no chat call
+    with LocalServer(chat_server(lambda body: ok(["a"]))) as bare:
+        check_reachable(client(bare))  # no /models route (404): the server still answers
+    down = OpenAIChatModel("m", _dead_url(), cache=None, retries=4)
+    with pytest.raises(TeacherError, match="cannot reach http://127.0.0.1") as e:
+        check_reachable(down)
+    assert down.usage.faults == 0 and "\n" not in str(e.value)
+    keyed = FastAPI()
+
+    @keyed.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"error": {"message": "invalid api key"}}, status_code=401)
+
+    with LocalServer(keyed) as base2, pytest.raises(TeacherError, match="HTTP 401: invalid api key"):
+        check_reachable(client(base2))
+    check_reachable(FakeStudent())  # nothing to probe

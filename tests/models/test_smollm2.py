@@ -22,7 +22,7 @@ from icdistill.models.scoring import (
     score_continuations_naive,
 )
 from icdistill.models.smollm2 import SmolLM2Student, build_prompt, load_smollm2, option_continuation
-from icdistill.types import Demo, Query, SpecError, image_digest
+from icdistill.types import Demo, Query, SpecError
 
 FASHION = LABELS
 QUESTION = "What item of clothing is shown?"
@@ -271,3 +271,42 @@ def test_open_answers_are_sampled_reproducibly(lm):
     assert a == student.sample(q, [], 4, 1.0, seed=3)
     assert len(a) == 4 and all(isinstance(x, str) and "\n" not in x for x in a)
     assert len(set(a)) > 1  # samples, not four copies of the greedy answer
+
+
+# ---- open answers: the tag line's format does not leak (issue 19) ----
+
+
+def test_open_prompt_tags_have_no_shares_and_answers_are_cleaned():
+    from icdistill.models.smollm2 import clean_open_answer, open_tags, tag_names
+
+    assert tag_names("sandal 41%, running shoe 20%, clog 9.5%") == ["sandal", "running shoe", "clog"]
+    assert open_tags("chocolate sauce 41%, ice cream 12%") == "chocolate sauce, ice cream"
+    names = ["chocolate sauce", "toy store", "ice cream"]
+    assert clean_open_answer("chocolate sauce 41%", names) == "chocolate sauce"
+    assert clean_open_answer("toy store 19%, toy store 14%, toy store 1", names) == "toy store"
+    assert clean_open_answer("ice cream 30%, chocolate sauce 2", names) == "ice cream, chocolate sauce"
+    for kept in ("about 50%", "2014-02-21 23:3", "3 dogs", "toy store 2", "red, red", "sauce 40%"):
+        assert clean_open_answer(kept, names) == kept  # no known tag's share: as generated
+
+
+def test_open_predictions_use_share_free_tags_and_clean_answers(monkeypatch):
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompt, max_new_tokens, stop):
+        seen["prompt"] = prompt
+        return "red 81%, red 10%, red 4", [-0.1, -0.2], [0.5, 0.4]
+
+    def fake_samples(model, tokenizer, prompt, n, temperature, max_new_tokens, seed):
+        return ["green 12%", "a red square"][:n]
+
+    monkeypatch.setattr(smollm2, "generate_with_entropy", fake_generate)
+    monkeypatch.setattr(smollm2, "sample_generations", fake_samples)
+    student = SmolLM2Student(FakeTagger(), lm=(object(), object()))
+    img = Image.new("RGB", (16, 16), (200, 30, 30))
+    demo = Demo(id=1, query_id="d", image=img, prompt="Which colour?", answer="red")
+    q = Query(id="q", image=img, prompt="Which colour?")
+    p = student.predict(q, [demo])
+    assert p.answer == "red" and "%" not in seen["prompt"] and "Image: red, green, blue\n" in seen["prompt"]
+    assert student.sample(q, [demo], 2, 0.7, 0) == ["green", "a red square"]
+    classify = student.prompt_for(Query(id="c", image=img, prompt="Which colour?", options=("red", "blue")), [demo])
+    assert "%" in classify  # option questions keep the shares: they are scored, not generated

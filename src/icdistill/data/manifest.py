@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from icdistill.data.stream import DEFAULT_PROMPT, FileDataset, Record
+from icdistill.data.stream import DEFAULT_PROMPT, FileDataset, MissingDataset, Record
 from icdistill.types import DataError
 
 _KNOWN_KEYS = frozenset({"image", "prompt", "label", "options", "id"})
@@ -50,7 +52,23 @@ def _parse_line(obj: Any, where: str, base: Path, default_prompt: str) -> Record
             raise DataError(f"{where}: label {label!r} is not among the options {list(options)}")
     item_id = _text(obj["id"], '"id"', where) if obj.get("id") is not None else image
     meta = {k: v for k, v in obj.items() if k not in _KNOWN_KEYS}
-    return Record(id=item_id, path=path, prompt=prompt, label=label, options=options, meta=meta)
+    return Record(
+        id=item_id, path=path, prompt=prompt, label=label, options=options, meta=meta, where=where
+    )
+
+
+def _unknown_key_warnings(first_seen: dict[str, str], counts: Counter[str]) -> list[str]:
+    """One warning per unknown key: where it first appears, how often, and the key it may mistype."""
+    out = []
+    for key, where in first_seen.items():
+        close = difflib.get_close_matches(key.lower(), sorted(_KNOWN_KEYS), n=1, cutoff=0.6)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        times = f" and {counts[key] - 1} more line(s)" if counts[key] > 1 else ""
+        out.append(
+            f'{where}{times}: unknown key "{key}"{hint}; it is not read, only kept in the log '
+            f"(known keys: {', '.join(sorted(_KNOWN_KEYS))})"
+        )
+    return out
 
 
 def load_manifest(path: str | os.PathLike[str], prompt: str | None = None) -> FileDataset:
@@ -63,11 +81,13 @@ def load_manifest(path: str | os.PathLike[str], prompt: str | None = None) -> Fi
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"manifest {path} not found")
+        raise MissingDataset(f"manifest {path} not found")
     base = path.resolve().parent
     default_prompt = prompt or DEFAULT_PROMPT
     records: list[Record] = []
     seen: set[str] = set()
+    first_seen: dict[str, str] = {}  # unknown key -> file:line of its first use
+    unknown: Counter[str] = Counter()
     try:
         # utf-8-sig: manifests saved by Windows editors start with a BOM.
         lines = path.read_text(encoding="utf-8-sig").splitlines()
@@ -82,6 +102,9 @@ def load_manifest(path: str | os.PathLike[str], prompt: str | None = None) -> Fi
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from e
         record = _parse_line(obj, where, base, default_prompt)
+        for key in record.meta:
+            first_seen.setdefault(key, where)
+            unknown[key] += 1
         if record.id in seen:
             if obj.get("id") is not None:
                 raise DataError(f"{where}: duplicate id {record.id!r}")
@@ -92,4 +115,6 @@ def load_manifest(path: str | os.PathLike[str], prompt: str | None = None) -> Fi
         raise DataError(f"manifest {path} has no items")
     distinct = {r.options for r in records}
     options = distinct.pop() if len(distinct) == 1 else None
-    return FileDataset(path.stem, records, options)
+    dataset = FileDataset(path.stem, records, options)
+    dataset.warnings.extend(_unknown_key_warnings(first_seen, unknown))
+    return dataset

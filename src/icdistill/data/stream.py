@@ -31,6 +31,15 @@ CACHE_ITEMS = 20_000
 CACHE_BYTES = 512 * 1024 * 1024
 
 
+class MissingDataset(DataError):
+    """The dataset a command line names does not exist (a mistyped path): a usage error."""
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 item"``, ``"2 items"``: a count with its noun in the right number."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 class Dataset:
     """A finite, indexable collection of image queries; subclasses supply metadata and decoding.
 
@@ -51,6 +60,9 @@ class Dataset:
     ) -> None:
         self.name = name
         self.options = options
+        # what loading noticed but did not refuse (unknown manifest keys, files that are no images):
+        # ``icd run`` prints these before the stream starts
+        self.warnings: list[str] = []
         self._cache = ImageCache(cache_items, cache_bytes)
 
     def __len__(self) -> int:
@@ -87,6 +99,10 @@ class Dataset:
         """Per-item ground-truth labels aligned with indices ("" for an unlabelled item); no decoding."""
         return [self._query(i).label or "" for i in range(len(self))]
 
+    def where(self, i: int) -> str:
+        """Where item ``i`` comes from, for messages (a manifest's file:line; else its id)."""
+        return self._query(i).id
+
     def image(self, i: int) -> Image.Image:
         self._check_index(i)
         cached = self._cache.get(i)
@@ -114,6 +130,7 @@ class Record:
     label: str | None = None
     options: tuple[str, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    where: str = field(default="", compare=False)  # e.g. a manifest's file:line; "" for the id
 
 
 class FileDataset(Dataset):
@@ -149,6 +166,9 @@ class FileDataset(Dataset):
 
     def labels(self) -> list[str]:
         return [r.label or "" for r in self.records]
+
+    def where(self, i: int) -> str:
+        return self.records[i].where or self.records[i].id
 
 
 def is_image_file(path: Path) -> bool:
@@ -202,8 +222,9 @@ def _palette_is_grey(image: Image.Image) -> bool:
 def load_dataset(
     source: str | os.PathLike[str], *, split: str = "test", prompt: str | None = None
 ) -> Dataset:
-    """Open a dataset: ``fashion-mnist`` (``split`` test or train), a folder of class folders, or a
-    ``.jsonl`` manifest. ``prompt`` replaces the default question (a manifest line's own prompt wins).
+    """Open a dataset: ``fashion-mnist`` (``split`` test or train), a folder of class folders, a
+    ``.jsonl`` manifest, or ``hf:<path or cached name>?key=value`` (``icdistill.data.hf``; ``split``
+    when it names none). ``prompt`` replaces the default question (a manifest line's own prompt wins).
 
     The name ``fashion-mnist`` always means the packaged dataset; write ``./fashion-mnist`` for a
     folder of that name.
@@ -211,11 +232,14 @@ def load_dataset(
     # Imported here because those modules build on the classes above.
     from icdistill.data.fashion_mnist import load_fashion_mnist
     from icdistill.data.folder import load_folder
+    from icdistill.data.hf import is_hf_source, load_hf
     from icdistill.data.manifest import load_manifest
 
     text = os.fspath(source)
     if text.strip().lower() in FASHION_MNIST_NAMES:
         return load_fashion_mnist(split=split, prompt=prompt)
+    if is_hf_source(text):
+        return load_hf(text, split=split, prompt=prompt)
     path = Path(text).expanduser()
     if path.suffix.lower() == ".jsonl":
         return load_manifest(path, prompt=prompt)
@@ -223,10 +247,22 @@ def load_dataset(
         return load_folder(path, prompt=prompt)
     if path.exists():
         raise DataError(f"unsupported dataset file {text!r}: expected a .jsonl manifest or a folder")
-    raise DataError(
+    raise MissingDataset(
         f"no dataset {text!r}: expected 'fashion-mnist', a folder with one sub-folder per class, "
-        "or a .jsonl manifest"
+        "a .jsonl manifest, or hf:<Hugging Face dataset folder or cached name>"
     )
+
+
+def absolute_source(source: str) -> str:
+    """A dataset source with its local path made absolute (a resume from another folder finds it);
+    the name ``fashion-mnist`` and cached Hugging Face names stay as they are."""
+    from icdistill.data.hf import absolute_hf_source, is_hf_source
+
+    if source.strip().lower() in FASHION_MNIST_NAMES:
+        return source
+    if is_hf_source(source):
+        return absolute_hf_source(source)
+    return str(Path(source).expanduser().resolve())
 
 
 def stream_order(length: int, n: int | None = None, seed: int = 0, shuffle: bool = True) -> list[int]:
@@ -239,7 +275,7 @@ def stream_order(length: int, n: int | None = None, seed: int = 0, shuffle: bool
         raise DataError(f"stream length must be >= 0, got {n}")
     count = length if n is None else min(n, length)
     if count <= 0:
-        raise DataError(f"empty stream: dataset has {length} items, n={n}")
+        raise DataError(f"empty stream: the dataset has {plural(length, 'item')}, n={n}")
     if not shuffle:
         return list(range(count))
     perm = np.random.default_rng(seed).permutation(length)

@@ -46,9 +46,10 @@ def add_eval_args(
         help="comma-separated methods, each name[:key=value,...] (default: %(default)s). " + method_help(),
     )
     g.add_argument(
-        "--budgets", type=_floats, default=(0.05,), help="teacher-call rates of gated methods (default: 0.05)"
+        "--budgets", type=_floats, default="0.05", help="comma-separated teacher-call rates of gated methods"
     )
-    g.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="stream orders (default: 0,1,2)")
+    # string defaults: argparse converts them with ``type``, and the help shows them as typed
+    g.add_argument("--seeds", type=_ints, default="0,1,2", help="comma-separated stream orders")
     r = p.add_argument_group("Ray (pip install 'icdistill[ray]')")
     r.add_argument(
         "--ray",

@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_TEMPERATURE = 0.7
+_KEY_HINT = " (check the key in the api_key_env variable)"
 OPTIONS_PREFIX = "Answer with one of:"
 ANSWER_ONLY = "Reply with the answer only."
 
@@ -593,6 +594,26 @@ class OpenAIChatModel:
         pred.seconds = time.perf_counter() - t0
         return pred
 
+    def check_reachable(self) -> None:
+        """One cheap request (``GET /models``, no tokens) before a run: fail in a second, not after a
+        stream of retried calls, when the server is down, the URL wrong or the key refused. Any other
+        answer (a server without ``/models`` answers 404) counts as reachable."""
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        timeout = min(self.timeout, 10.0)
+        try:
+            resp = httpx.get(f"{self.base_url}/models", headers=headers, timeout=timeout)
+        except httpx.TimeoutException:
+            raise TeacherError(
+                f"{self.name}: {self.base_url} did not answer within {timeout:g}s; is the server up?"
+            ) from None
+        except httpx.HTTPError as e:
+            raise TeacherError(
+                f"{self.name}: cannot reach {self.base_url} ({type(e).__name__}: {e}); start the server "
+                "or fix the URL"
+            ) from None
+        if resp.status_code in (401, 403):
+            raise TeacherError(f"{self.name}: HTTP {resp.status_code}: {error_info(resp).message}{_KEY_HINT}")
+
     def close(self) -> None:
         """Close the HTTP connections and the private event loop (the object can be used again)."""
         if self._client is not None:
@@ -966,7 +987,7 @@ class OpenAIChatModel:
             raise _LogprobsRejected(text)
         if param:
             raise _Unsupported(param, text)
-        hint = " (check the key in the api_key_env variable)" if code in (401, 403) else ""
+        hint = _KEY_HINT if code in (401, 403) else ""
         raise TeacherError(f"{self.name}: HTTP {code}: {text}{hint}")
 
 

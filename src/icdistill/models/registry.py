@@ -42,7 +42,9 @@ _SEPARATORS = ",&"
 _QUOTES = "\"'"
 
 
-def _parse_options(text: str, raw: str) -> dict[str, str]:
+def parse_options(text: str, raw: str) -> dict[str, str]:
+    """``key=value`` pairs separated by ``,`` or ``&`` (quoted values may hold both); ``raw`` names
+    the whole spec in errors. Also reads the keys of ``--dataset hf:...``."""
     out: dict[str, str] = {}
     i = 0
     while i < len(text):
@@ -98,10 +100,10 @@ def parse_spec(raw: str) -> Spec:
     if "?" in body:
         # The first "?": option values may hold "?" (a system prompt), targets do not.
         target, qs = body.split("?", 1)
-        options = _parse_options(qs, raw)
+        options = parse_options(qs, raw)
     elif "=" in body and "/" not in body and "@" not in body:
         # ``reference:noise=0.2``: the body is all options
-        target, options = "", _parse_options(body, raw)
+        target, options = "", parse_options(body, raw)
     return Spec(raw=raw, scheme=scheme.strip().lower(), target=target.strip(), options=options)
 
 
@@ -147,16 +149,19 @@ _BACKENDS: dict[str, tuple[str, str, tuple[Role, ...], str]] = {
 }
 
 
-def check_spec(raw: str, role: Role) -> Spec:
-    """The parsed spec when its scheme exists and can fill ``role`` (cheap: nothing is loaded)."""
+def check_spec(raw: str, role: Role, purpose: str | None = None) -> Spec:
+    """The parsed spec when its scheme exists and can fill ``role`` (cheap: nothing is loaded).
+    ``purpose`` says what the spec was for in the refusal (default: "used as <role>")."""
     spec = parse_spec(raw)
     if spec.scheme not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS))
         raise SpecError(f"unknown model spec {raw!r}: scheme {spec.scheme!r} is not one of {known}")
     roles = _BACKENDS[spec.scheme][2]
     if role not in roles:
+        can = ", ".join(f"{scheme}:" for scheme, backend in _BACKENDS.items() if role in backend[2])
         raise SpecError(
-            f"spec {raw!r} cannot be used as {role} (scheme {spec.scheme!r} serves {', '.join(roles)})"
+            f"spec {raw!r} cannot be {purpose or f'used as {role}'}: scheme {spec.scheme!r} can only be "
+            f"{' or '.join(roles)}; use {can}"
         )
     return spec
 
@@ -182,3 +187,11 @@ def resolve_teacher(raw: str, ctx: ModelContext | None = None) -> Any:
 
 def resolve_embedder(raw: str, ctx: ModelContext | None = None) -> Any:
     return resolve(raw, "embedder", ctx)
+
+
+def check_reachable(backend: Any) -> None:
+    """Probe a remote backend once (e.g. an API's model list) so that a server that is down fails
+    before a run starts; local backends have nothing to probe. Raises ``ICDError``."""
+    probe = getattr(backend, "check_reachable", None)
+    if callable(probe):
+        probe()

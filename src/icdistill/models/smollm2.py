@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -148,6 +149,43 @@ def load_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, 
 def _one_line(text: str) -> str:
     # a newline inside a field would end the block early in the line-based prompt format
     return " ".join(text.split())
+
+
+# a tag's share as the tagger writes it ("sandal 41%"); the last one of a generation may be cut ("1")
+_SHARE = re.compile(r"\s+\d{1,3}(?:\.\d+)?%")
+_CUT_SHARE = re.compile(r"(.+?)\s+\d{1,3}(?:\.\d*)?%?")
+
+
+def tag_names(tags: str) -> list[str]:
+    """The labels of a tag line, without their shares: ``"sandal 41%, clog 9%"`` -> sandal, clog."""
+    return [name for name in (_SHARE.sub("", t).strip() for t in tags.split(",")) if name]
+
+
+def open_tags(tags: str) -> str:
+    """The tag line of an open question: the labels only. With the shares in the prompt SmolLM2
+    copied them into its answers ("chocolate sauce 41%"); options are scored, so theirs keep them."""
+    return ", ".join(tag_names(tags))
+
+
+def clean_open_answer(text: str, names: Sequence[str]) -> str:
+    """A generated answer without the tag-line artefacts that still leak: a known tag's share
+    (``"chocolate sauce 41%"`` -> ``"chocolate sauce"``, a cut last one too once a share was seen)
+    and the same item repeated (``"toy store 19%, toy store 14%, toy store 1"`` -> ``"toy store"``).
+    Anything else (numbers, dates, other lists) is left as generated."""
+    known = {n.lower() for n in names}
+    parts = [p.strip() for p in text.split(",")]
+    cleaned: list[str] = []
+    shared = False
+    for i, part in enumerate(parts):
+        has_share = _SHARE.search(part) is not None
+        m = _CUT_SHARE.fullmatch(part)
+        cut_last = i == len(parts) - 1 and shared
+        if m and m[1].strip().lower() in known and (has_share or cut_last):
+            part, shared = m[1].strip(), True
+        cleaned.append(part)
+    if not shared:
+        return text
+    return ", ".join(dict.fromkeys(p for p in cleaned if p))
 
 
 def instruction(options: Sequence[str] | None) -> str:
@@ -402,8 +440,18 @@ class SmolLM2Student:
     def prompt_for(self, query: Query, demos: Sequence[Demo]) -> str:
         if query.options and not demos:
             return zero_shot_prompt(self.describe(query.image), query.prompt, query.options, self.zero_shot)
-        shots = [(self.describe(d.image), d.prompt, d.answer) for d in demos]
-        return build_prompt(self.describe(query.image), query.prompt, shots, query.options)
+        describe = self.describe if query.options else self._open_describe
+        shots = [(describe(d.image), d.prompt, d.answer) for d in demos]
+        return build_prompt(describe(query.image), query.prompt, shots, query.options)
+
+    def _open_describe(self, image: Image.Image | None) -> str:
+        return open_tags(self.describe(image))
+
+    def _clean(self, text: str, query: Query, demos: Sequence[Demo]) -> str:
+        """An open answer cleaned of the tag names' artefacts (``clean_open_answer``)."""
+        images = (query.image, *(d.image for d in demos))
+        names = [name for image in images for name in tag_names(self.describe(image))]
+        return clean_open_answer(text, names)
 
     # ------------------------------------------------------------------ online state, replayable
     def drain_events(self) -> list[list[Any]]:
@@ -522,7 +570,8 @@ class SmolLM2Student:
         """``n`` answers to an open question sampled at ``temperature`` (reproducible by ``seed``)."""
         model, tokenizer = self.lm()
         prompt = self.prompt_for(query, demos)
-        return sample_generations(model, tokenizer, prompt, n, temperature, self.max_new_tokens, seed)
+        texts = sample_generations(model, tokenizer, prompt, n, temperature, self.max_new_tokens, seed)
+        return [self._clean(t, query, demos) for t in texts]
 
     def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         start = time.perf_counter()
@@ -536,7 +585,7 @@ class SmolLM2Student:
             model, tokenizer, prompt, self.max_new_tokens, stop=["\n"]
         )
         return Prediction(
-            answer=text,
+            answer=self._clean(text, query, demos),
             token_logprobs=logprobs,
             token_entropies=entropies,
             seconds=time.perf_counter() - start,
