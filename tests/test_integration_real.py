@@ -77,3 +77,15 @@ def test_sigkill_then_resume(tmp_path):
         pooled = {d.query_id for d in pool.demos()}
         assert pooled == asked  # every bought annotation is in the pool, and nothing twice
         assert len(pool) == summary["teacher_calls"]
+
+    # a resumed run changes nothing: the student's online state (calibration, what the teacher
+    # taught it), the gate and the stream density are replayed from the log
+    clean = tmp_path / "clean"
+    r = subprocess.run(
+        icd(*args[:-1], str(clean)), capture_output=True, text=True, timeout=900, env=ENV
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    uninterrupted = [json.loads(x) for x in (clean / "log.jsonl").read_text().splitlines()]
+    keys = ("answer", "first_answer", "option_probs", "teacher_asked", "demo_ids", "gate_signals", "uncertainty")
+    for a, b in zip(log, uninterrupted, strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["position"]

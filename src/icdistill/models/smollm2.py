@@ -310,6 +310,8 @@ def nearest_similarity(query_features: np.ndarray, demo_features: Sequence[np.nd
 # zero-shot readings remembered per query id: the re-run after a teacher call and the teacher's check
 # of the student (``learn``) reuse the first pass's
 _ZERO_SHOT_CACHE = 256
+# a shown demo this similar to the query is the same image: its answer is the answer
+SAME_IMAGE = 1.0 - 1e-4
 
 
 class SmolLM2Student:
@@ -553,7 +555,8 @@ class SmolLM2Student:
             probs = zero_shot
         else:
             vote, similarity = voted
-            w = self.vote_weight(options, similarity)
+            # a demo of the very same image is its answer (e.g. the re-run after a teacher call)
+            w = 1.0 if similarity >= SAME_IMAGE else self.vote_weight(options, similarity)
             probs = w * vote + (1.0 - w) * zero_shot
             details |= {
                 "vote_answer": options[int(np.argmax(vote))],
