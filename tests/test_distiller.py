@@ -6,7 +6,7 @@ from PIL import Image
 from fakes import FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
 from icdistill.data.stream import load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
-from icdistill.eval.metrics import summarize
+from icdistill.eval.metrics import never_pooled, summarize
 from icdistill.gate import AlwaysGate, BudgetGate, NeverGate
 from icdistill.pool import SQLitePool
 from icdistill.runlog import RunLog
@@ -234,3 +234,30 @@ def test_gate_sees_the_uncertainty_kind(tmp_path):
     ]
     recs = make(Spy()).run(qs)
     assert seen == ["options", "open"] and [r["ctx_kind"] for r in recs] == seen
+
+
+def test_the_summary_shows_each_label_and_kind_and_names_labels_the_pool_never_received(dataset, tmp_path):
+    """An average can hide a class: the summary reports every label (final, first pass, not asked),
+    each question kind, and names the labels the stream keeps meeting that no demo answers."""
+    pool = SQLitePool(None)
+    reds = [q for q in stream(dataset, n=30) if isinstance(q, Query) and q.label == "red"][:3]
+    make(AlwaysGate(), pool=pool).run(reds)  # the pool only learns red
+    log = RunLog(tmp_path / "log.jsonl")
+    recs = make(NeverGate(), pool=pool, log=log).run(stream(dataset, n=30))
+    s = summarize(recs)
+    assert set(s["per_label"]) == {r["label"] for r in recs} and len(s["per_label"]) >= 3
+    for label, g in s["per_label"].items():
+        rows = [r for r in recs if r["label"] == label]
+        assert g["n"] == len(rows)
+        assert g["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+        assert g["first_pass_accuracy"] == pytest.approx(sum(r["first_correct"] for r in rows) / len(rows))
+    assert set(s["per_kind"]) == {"options"} and s["per_kind"]["options"]["n"] == 30
+    assert never_pooled(recs, set(pool.answers()), min_queries=5) == {
+        k: g["n"] for k, g in s["per_label"].items() if k != "red"
+    }
+    assert s["first_answer_is_nearest_demo"] is not None  # FakeStudent copies its demos
+    # every record says what the gate saw: how near the nearest same-kind demo is, how typical
+    # (the three red queries the first run annotated are recovered from the pool, not gated)
+    fresh = [r for r in recs if not r["teacher_asked"]]
+    assert len(fresh) == 27 and all(r["gate_signals"]["nearest_demo_similarity"] > 0 for r in fresh)
+    assert all("typicality" in r["gate_signals"] for r in recs[12:])

@@ -14,7 +14,7 @@ from typing import Any
 
 from icdistill.data.stream import Dataset, absolute_source, load_dataset, plural, stream_order
 from icdistill.distiller import Distiller, LoopConfig
-from icdistill.eval.metrics import summarize
+from icdistill.eval.metrics import never_pooled, summarize
 from icdistill.gate import GATE_SCORES, GATES, UNCERTAINTY, make_gate
 from icdistill.models.registry import (
     ModelContext,
@@ -511,6 +511,8 @@ def _run_locked(
         distiller.run(query_stream(dataset, order, start), on_record=on_record)
         summary = summarize(distiller.records)
         summary["pool"] = pool.stats()
+        # what the pool holds now (a resumed or shared pool holds more than this run's annotations)
+        summary["never_pooled_labels"] = never_pooled(distiller.records, set(pool.answers()))
         # where the pool lives: the run's file, or the shared database (its URL holds no password)
         summary["pool_location"] = cfg.pool if cfg.pool is not None else str(out / "pool.sqlite")
     summary["dataset"] = {"name": dataset.name, "size": len(dataset), "stream_length": len(order)}

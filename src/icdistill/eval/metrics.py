@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Collection
 from typing import Any
 
 
@@ -34,16 +35,15 @@ def _group_accuracy(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str,
 NEVER_POOLED_MIN = 10
 
 
-def never_pooled(records: list[dict[str, Any]], min_queries: int = NEVER_POOLED_MIN) -> dict[str, int]:
-    """Labels the stream met at least ``min_queries`` times whose answer never entered the pool (no
-    accepted teacher answer equal to it): label -> queries. Where the pool is blind to a class, the
-    demos can only pull its queries toward other classes."""
+def never_pooled(
+    records: list[dict[str, Any]], pooled: Collection[str] | None = None, min_queries: int = NEVER_POOLED_MIN
+) -> dict[str, int]:
+    """Labels the stream met at least ``min_queries`` times that are no pooled demo's answer: label ->
+    queries. ``pooled``: the pool's answers (default: the accepted teacher answers of ``records``).
+    Where the pool is blind to a class, the demos can only pull its queries toward other classes."""
     qs = [r for r in records if r.get("event") == "query" and r.get("label") is not None]
-    pooled = {
-        r["annotation"]["answer"]
-        for r in qs
-        if r.get("annotation") and r["annotation"].get("accepted") and r.get("pool_status") != "rejected"
-    }
+    if pooled is None:
+        pooled = {r["annotation"]["answer"] for r in qs if r.get("annotation") and r["annotation"].get("accepted")}
     counts: dict[str, int] = {}
     for r in qs:
         counts[r["label"]] = counts.get(r["label"], 0) + 1
