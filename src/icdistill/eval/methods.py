@@ -143,7 +143,9 @@ def _self_label(parts: Parts, cfg: RunConfig, opts: dict[str, str]) -> Parts:
 def _finetune(parts: Parts, cfg: RunConfig, opts: dict[str, str]) -> Parts:
     from icdistill.eval.finetune import LoRAStudent
 
-    return replace(parts, student=LoRAStudent.from_student(parts.student, **LoRAStudent.parse_options(opts)))
+    # the stream's seed also seeds the LoRA initialisation and the replay batches
+    kwargs = {**LoRAStudent.parse_options(opts), "seed": cfg.seed}
+    return replace(parts, student=LoRAStudent.from_student(parts.student, **kwargs))
 
 
 def _needs_local_lm(cfg: RunConfig) -> str | None:
