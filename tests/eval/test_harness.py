@@ -210,3 +210,26 @@ def test_cli_eval_with_the_real_embedder(tmp_path):
     assert resumed.returncode == 0 and _rows(out / "results.csv") == rows
     changed = _icd("eval", "--resume", "--out", str(out), "--seeds", "0,1,2", "--n", "20")
     assert changed.returncode == 2 and "--n, --seeds" in changed.stderr
+
+
+def test_random_gate_makes_as_many_calls_as_icd_on_the_same_seed(tmp_path):
+    # it matched the target rate, not icd's count (16/15/15 calls vs 16/14/14)
+    data = colour_folder(tmp_path / "c", n_per_class=8)
+    cfg = EvalConfig(
+        base=RunConfig(dataset=str(data), n=30, warmup=2, shots=2),
+        methods=("icd-random-gate", "icd", "icd-random-gate:calls=rate"),
+        budgets=(0.1, 0.3),
+        seeds=(0, 1, 2),
+    )
+    rows = run_eval(cfg, tmp_path / "out", parts=_parts(FakeStudent(confident=0.3)))
+    by = {(r["method"], r["budget"], r["seed"]): r for r in rows}
+    for b in cfg.budgets:
+        for s in cfg.seeds:
+            icd, rnd = by[("icd", b, s)], by[("icd-random-gate", b, s)]
+            assert rnd["teacher_calls"] == icd["teacher_calls"] == rnd["matched_calls"], (b, s)
+            assert by[("icd-random-gate:calls=rate", b, s)]["matched_calls"] is None
+    # listed first, it still ran after icd in its seed
+    assert [c.spec.raw for c in plan(cfg)[:5]] == ["icd", "icd", "icd-random-gate:calls=rate"] * 1 + [
+        "icd-random-gate:calls=rate",
+        "icd-random-gate",
+    ]
