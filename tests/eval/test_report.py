@@ -86,6 +86,7 @@ def test_cells_whose_gate_chose_no_call_are_flagged_and_compare_no_gate():
     notes = "\n".join(report.summary_notes(rows))
     assert "No gate-chosen call" in notes and "`icd @ 10%` (seeds 0, 1)" in notes
     assert "`icd-random-gate @ 10%` (seeds 0, 1)" in notes and "icd @ 30%" not in notes
+    assert "Not matched to `icd`'s call count" in notes  # these rows have no matched_calls
     paired = report.paired_table(rows, "icd")
     line = next(x for x in paired.splitlines() if x.startswith("| icd-random-gate | 10% |"))
     assert "0 / 2 / 0" in line and "(no gate compared)" in line  # ties are not losses

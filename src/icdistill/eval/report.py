@@ -158,6 +158,18 @@ def summary_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
         )
         + ".",
     ]
+    unmatched = [
+        f"`{series_label(r['method'], r['budget'])}` seed {r['seed']}"
+        for r in rows
+        if r["method"].split(":")[0] == "icd-random-gate"
+        and "calls=rate" not in r["method"]
+        and r.get("matched_calls") is None
+    ]
+    if unmatched:
+        notes.append(
+            "- **Not matched to `icd`'s call count** (held the target rate instead: `icd` was not in the "
+            "grid, or had not finished when the cell started, e.g. on Ray): " + ", ".join(unmatched) + "."
+        )
     empty = [
         f"`{series_label(m, b)}` (seeds {', '.join(str(r['seed']) for r in rs if r.get('gate_chosen_calls') == 0)})"
         for (m, b), rs in _groups(rows).items()
