@@ -393,8 +393,9 @@ def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> None:
     ]
     for name, title, fn in plots:
         notes = fn(rows, out, out / name)
-        parts.append(f"![{title}]({name})")
-        parts += [f"- {n}" for n in notes or []]
+        parts += [f"![{title}]({name})", ""]
+        if notes:
+            parts += [*(f"- {n}" for n in notes), ""]
     (out / "report.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
