@@ -143,8 +143,13 @@ def summary_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
         "- **not asked**: final answers of the queries the teacher was *not* asked.",
         "- **gate-chosen calls**: teacher calls the gate chose on its own (from the uncertainty, or the "
         "random gate's draw); the other calls were forced by pacing (warm-up, behind budget, "
-        "calibrating). `icd-random-gate` makes as many calls as `icd` on the same seed and budget "
-        "(`icd-random-gate:calls=rate` holds the target rate instead).",
+        "calibrating)."
+        + (
+            " `icd-random-gate` makes as many calls as `icd` on the same seed and budget, at random "
+            "queries after the same warm-up (`icd-random-gate:calls=rate` holds the target rate instead)."
+            if any(r["method"].split(":")[0] == "icd-random-gate" for r in rows)
+            else ""
+        ),
         f"- **demo accuracy @{k}**: share of the first {k} selected demos with the query's label, the "
         "same k for every method; **(own k)** uses each method's own shots (not comparable across k)."
         if k
