@@ -210,3 +210,87 @@ def test_cli_eval_with_the_real_embedder(tmp_path):
     assert resumed.returncode == 0 and _rows(out / "results.csv") == rows
     changed = _icd("eval", "--resume", "--out", str(out), "--seeds", "0,1,2", "--n", "20")
     assert changed.returncode == 2 and "--n, --seeds" in changed.stderr
+
+
+def test_random_gate_makes_as_many_calls_as_icd_on_the_same_seed(tmp_path):
+    # it matched the target rate, not icd's count (16/15/15 calls vs 16/14/14)
+    data = colour_folder(tmp_path / "c", n_per_class=8)
+    cfg = EvalConfig(
+        base=RunConfig(dataset=str(data), n=30, warmup=2, shots=2),
+        methods=("icd-random-gate", "icd", "icd-random-gate:calls=rate"),
+        budgets=(0.1, 0.3),
+        seeds=(0, 1, 2),
+    )
+    rows = run_eval(cfg, tmp_path / "out", parts=_parts(FakeStudent(confident=0.3)))
+    by = {(r["method"], r["budget"], r["seed"]): r for r in rows}
+    for b in cfg.budgets:
+        for s in cfg.seeds:
+            icd, rnd = by[("icd", b, s)], by[("icd-random-gate", b, s)]
+            assert rnd["teacher_calls"] == icd["teacher_calls"] == rnd["matched_calls"], (b, s)
+            assert by[("icd-random-gate:calls=rate", b, s)]["matched_calls"] is None
+    # listed first, it still ran after icd in its seed
+    assert [c.spec.raw for c in plan(cfg)[:5]] == ["icd", "icd", "icd-random-gate:calls=rate"] * 1 + [
+        "icd-random-gate:calls=rate",
+        "icd-random-gate",
+    ]
+
+
+def test_every_stream_image_is_embedded_before_any_cell_runs(tmp_path):
+    # s/query depended on which cell warmed the image cache (knn-pool showed 0.00 while it needs the CNN)
+    events = []
+
+    class Embedder(FakeEmbedder):
+        def embed_query(self, query):
+            events.append(("embed", query.id))
+            return super().embed_query(query)
+
+    class Student(FakeStudent):
+        def predict(self, query, demos):
+            events.append(("predict", query.id))
+            return super().predict(query, demos)
+
+    data = colour_folder(tmp_path / "c", n_per_class=4)
+    cfg = EvalConfig(
+        base=RunConfig(dataset=str(data), n=10, warmup=1),
+        methods=("student-zero-shot", "icd"),
+        budgets=(0.2,),
+        seeds=(0, 1),
+    )
+    rows = run_eval(cfg, tmp_path / "out", parts=Parts(Student(), ReferenceTeacher(), Embedder()))
+    first_predict = events.index(next(e for e in events if e[0] == "predict"))
+    first_cell_ids = {
+        json.loads(x)["query_id"] for x in (tmp_path / "out" / plan(cfg)[0].path / "log.jsonl").open()
+    }
+    assert first_cell_ids <= {q for e, q in events[:first_predict] if e == "embed"}
+    assert all(r["image_embed_seconds"] is not None for r in rows)
+    assert "s/query (warm cache)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_short_grid_says_its_gate_chose_nothing_and_reports_per_class(tmp_path):
+    # n=40 at 10%: every call of every gated cell was a warm-up call, and the report compared gates
+    data = colour_folder(tmp_path / "c", n_per_class=12)
+    cfg = EvalConfig(
+        base=RunConfig(dataset=str(data), n=40, warmup=5, shots=2),
+        methods=("student-zero-shot", "icd", "icd-random-gate", "knn-pool"),
+        budgets=(0.1,),
+        seeds=(0, 1),
+    )
+    rows = run_eval(cfg, tmp_path / "out", parts=_parts())
+    for r in rows:
+        log = (
+            tmp_path
+            / "out"
+            / next(c for c in plan(cfg) if (c.spec.raw, c.seed) == (r["method"], r["seed"])).path
+        )
+        recs = [json.loads(x) for x in (log / "log.jsonl").open()]
+        assert r["first_pass_accuracy"] == pytest.approx(sum(x["first_correct"] for x in recs) / len(recs))
+        unasked = [x["correct"] for x in recs if not x["teacher_asked"]]
+        assert r["unasked_accuracy"] == pytest.approx(sum(unasked) / len(unasked))
+    icd = [r for r in rows if r["method"] == "icd"]
+    assert all(r["teacher_calls"] == 5 and r["gate_chosen_calls"] == 0 for r in icd)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "No gate-chosen call" in report and "`icd @ 10%` (seeds 0, 1)" in report
+    assert "## Per class" in report and "| label | queries | student-zero-shot |" in report
+    for label in ("red", "green", "blue", "yellow"):
+        assert f"| {label} |" in report
+    assert (tmp_path / "out" / "per_class.png").read_bytes()[:4] == b"\x89PNG"

@@ -27,6 +27,9 @@ def test_unknown_method_and_option_are_refused():
         split_methods("icd,icd")
     with pytest.raises(ICDError, match="key=value"):
         parse_method("icd:shots")
+    with pytest.raises(ICDError, match="calls must be match or rate"):
+        parse_method("icd-random-gate:calls=some")
+    assert parse_method("icd-random-gate:calls=rate,shots=3").options == {"calls": "rate", "shots": "3"}
 
 
 def test_run_config_of_each_method():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,7 +122,9 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
                 f"ran on {len(w)} Ray actors on {len({x['node'] for x in w})} node(s), "
                 f"{w[0]['torch_threads']} torch thread(s) each"
             )
-    Console().print(summary_table(rows))
+    # plain text: rich would wrap the markdown table at 80 columns when stdout is a file or a pipe
+    sys.stdout.write(summary_table(rows) + "\n")
+    sys.stdout.flush()
     console.print(f"results: {out / 'results.csv'}  report: {out / 'report.md'}")
     return 0
 

@@ -13,8 +13,17 @@ from typing import Any
 import torch
 
 from icdistill.models.scoring import encode_continuation, encode_prefix
-from icdistill.models.smollm2 import SmolLM2Student, build_prompt, option_continuation
+from icdistill.models.smollm2 import SmolLM2Student, option_continuation
 from icdistill.types import Demo, ICDError, Prediction, Query
+
+
+def training_text(student: SmolLM2Student, query: Query, answer: str) -> tuple[str, str]:
+    """``(prompt, target)`` of a LoRA training example: the prompt is ``student.prompt_for(query, ())``,
+    the one its predictions are scored after (it was once ``Image: <tags>\nAnswer:`` while answers were
+    scored after the question and options lines: trained on one prompt, scored on another)."""
+    prompt = student.prompt_for(query, ())
+    target = option_continuation(answer) if query.options else f" {answer}\n"
+    return prompt, target
 
 
 class LoRAStudent:
@@ -22,7 +31,9 @@ class LoRAStudent:
 
     ``learn(query, answer)`` adds the example and runs ``steps`` optimiser steps on mini-batches of
     ``batch`` examples drawn from everything learnt so far (replay, so early labels are not forgotten).
-    The loss is the answer's token cross-entropy after the zero-shot prompt the student is asked with.
+    The loss is the answer's token cross-entropy after the zero-shot prompt the student is asked with
+    (``training_text``). ``seed`` sets the LoRA initialisation and the mini-batch draws (the eval passes
+    the stream's seed).
     """
 
     name = "finetune-online"
@@ -85,9 +96,14 @@ class LoRAStudent:
         # what is learnt lives in the weights: the prompt has no demonstrations
         return self.student.predict(query, ())
 
+    def training_text(self, query: Query, answer: str) -> tuple[str, str]:
+        """The prompt and the target of a training example: the prompt ``predict`` asks the query with
+        (the student's zero-shot prompt, e.g. with its question and options lines), so the weights learn
+        the answer in the very context they are scored in."""
+        return training_text(self.student, query, answer)
+
     def _example(self, query: Query, answer: str) -> tuple[list[int], list[int]]:
-        prompt = build_prompt(self.student.describe(query.image), query.prompt, (), query.options)
-        target = option_continuation(answer) if query.options else f" {answer}\n"
+        prompt, target = self.training_text(query, answer)
         return encode_prefix(self.tokenizer, prompt), encode_continuation(self.tokenizer, target)
 
     def learn(self, query: Query, answer: str) -> None:

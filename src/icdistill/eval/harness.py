@@ -13,17 +13,21 @@ import json
 import os
 import resource
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from icdistill.data.stream import Dataset, load_dataset, stream_order
+from icdistill.eval.gates import FixedCountRandomGate
 from icdistill.eval.methods import METHODS, MethodSpec, parse_method
-from icdistill.eval.scores import cell_scores
+from icdistill.eval.scores import cell_scores, query_breakdown
 from icdistill.models.registry import ModelContext, resolve_teacher
 from icdistill.runlog import read_records, write_json_atomic
-from icdistill.runner import Parts, RunConfig, build_parts, run_icd
+from icdistill.runner import Parts, RunConfig, build_parts, query_stream, run_icd
 from icdistill.types import ICDError
 
 COLUMNS = (
@@ -38,6 +42,10 @@ COLUMNS = (
     "teacher_failures",
     "demonstration_accuracy",
     "first_pass_accuracy",
+    "unasked_accuracy",
+    "gate_chosen_calls",
+    "forced_calls",
+    "matched_calls",
     "auroc",
     "seconds_per_query",
     "student_seconds_per_query",
@@ -51,6 +59,7 @@ COLUMNS = (
     "chrf",
     "train_seconds",
     "peak_rss_mb",
+    "image_embed_seconds",
 )
 
 
@@ -119,11 +128,27 @@ class Cell:
         return f"{self.spec.raw}{b} seed {self.seed}"
 
 
+def reference_method(methods: Sequence[str]) -> str | None:
+    """The ``icd`` the others are paired with and ``icd-random-gate`` matches its call count to:
+    plain ``icd`` when it runs, else the first ``icd:...`` listed; None without one."""
+    specs = [parse_method(m) for m in methods]
+    plain = [s.raw for s in specs if s.raw == "icd"]
+    return (plain or [s.raw for s in specs if s.name == "icd"] or [None])[0]
+
+
+def _matches_calls(spec: MethodSpec) -> bool:
+    return spec.name == "icd-random-gate" and spec.options.get("calls", "match") == "match"
+
+
 def plan(cfg: EvalConfig) -> list[Cell]:
-    """All cells, seed-major so that every method's first seed finishes before any second seed."""
+    """All cells, seed-major so that every method's first seed finishes before any second seed; an
+    ``icd-random-gate`` that matches ``icd``'s call count comes after that ``icd`` in its seed."""
     cells = []
+    specs = cfg.specs()
+    if reference_method(cfg.methods) is not None:
+        specs = [s for s in specs if not _matches_calls(s)] + [s for s in specs if _matches_calls(s)]
     for seed in cfg.seeds:
-        for spec in cfg.specs():
+        for spec in specs:
             budgets: Sequence[float | None] = cfg.budgets if METHODS[spec.name].uses_budget else (None,)
             cells.extend(Cell(spec, b, seed) for b in budgets)
     return cells
@@ -169,6 +194,8 @@ class _PartsCache:
         self.ctx = ctx
         self.injected = injected
         self.cache: dict[tuple[str, str, str], Parts] = {}
+        self.warmed: set[tuple[Any, ...]] = set()
+        self.embed_seconds: dict[tuple[str, str, str], float] = {}
 
     def for_config(self, cfg: RunConfig) -> Parts:
         if self.injected is not None:
@@ -185,6 +212,28 @@ class _PartsCache:
             # a fresh reference teacher per cell: its noise draws depend on the seed, not on cell order
             parts = replace(parts, teacher=resolve_teacher(cfg.teacher, ModelContext(seed=cfg.seed)))
         return parts
+
+    def warm(self, cfg: RunConfig, parts: Parts, dataset: Dataset) -> float | None:
+        """Run every image (and prompt) of the cell's stream through the embedder once, before the cell,
+        so that every cell's s/query is measured from a warm cache (the student's image tags and the
+        embedder share the tagger's cache): which cell paid for the CNN no longer depends on the order
+        the cells ran in. Returns the seconds per query the first warming of these models took."""
+        key = (cfg.student, cfg.teacher, cfg.embedder)
+        stream = (key, cfg.seed, cfg.n, cfg.shuffle)
+        if stream not in self.warmed:
+            order = stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)
+            timed, t0 = 0, 0.0
+            for q in query_stream(dataset, order):
+                if isinstance(q, Exception):
+                    continue
+                parts.embedder.embed_query(q)
+                if timed == 0:
+                    t0 = time.perf_counter()  # the first one loads the models: not timed
+                timed += 1
+            self.warmed.add(stream)
+            if timed > 1:
+                self.embed_seconds.setdefault(key, (time.perf_counter() - t0) / (timed - 1))
+        return self.embed_seconds.get(key)
 
 
 def _is_open(records: Sequence[dict[str, Any]]) -> bool:
@@ -231,6 +280,20 @@ def cell_row(cell: Cell, summary: dict[str, Any], records: Sequence[dict[str, An
         # the "teacher" was the student itself: nothing was bought
         row["self_labels"] = summary["accepted_annotations"]
         row.update(teacher_calls=0, teacher_call_rate=0.0, teacher_seconds_per_query=0.0, cost_usd=0.0)
+    breakdown = query_breakdown(records)
+    # teacher-zero-shot's student only abstains: it has no first pass
+    no_first = cell.spec.name == "teacher-zero-shot"
+    row["first_pass_accuracy"] = None if no_first else breakdown["first_pass_accuracy"]
+    row["unasked_accuracy"] = breakdown["unasked_accuracy"]
+    if method.uses_budget:
+        # calls a gate chose from the uncertainty (or its random draw) vs. forced by warm-up or pacing
+        row["gate_chosen_calls"] = breakdown["gate_chosen_calls"]
+        row["forced_calls"] = breakdown["forced_calls"]
+    else:
+        row["gate_chosen_calls"] = row["forced_calls"] = None
+    row["demo_accuracy_at"] = breakdown["demo_accuracy_at"]
+    row["matched_calls"] = summary.get("matched_calls")
+    row["image_embed_seconds"] = summary.get("image_embed_seconds")
     row["reliability"] = scores["reliability"]
     return row
 
@@ -260,11 +323,25 @@ def run_cell(
         shutil.rmtree(folder)  # e.g. LoRA weights are not on disk: start the cell again
         resume = False
     parts = parts_cache.for_config(run_cfg)
+    embed_seconds = parts_cache.warm(run_cfg, parts, dataset)
     if method.wrap is not None:
         parts = method.wrap(parts, run_cfg, cell.spec.options)
-    summary = run_icd(
-        run_cfg, folder, resume=resume, parts=parts, dataset=dataset, on_start=on_start, on_record=on_record
-    )
+    gate = _matched_gate(cell, cfg, out, run_cfg, dataset, resume) if _matches_calls(cell.spec) else None
+    with _gate_override(gate) as installed:
+        summary = run_icd(
+            run_cfg,
+            folder,
+            resume=resume,
+            parts=parts,
+            dataset=dataset,
+            on_start=on_start,
+            on_record=on_record,
+        )
+    if gate is not None:
+        if not installed:
+            raise ICDError(f"{cell.label()}: the matched-count random gate was not installed in the run")
+        summary["matched_calls"] = gate.calls
+    summary["image_embed_seconds"] = embed_seconds
     extra = getattr(parts.student, "training_stats", None)
     if callable(extra):
         summary.update(extra())
@@ -272,6 +349,62 @@ def run_cell(
     row = cell_row(cell, summary, read_records(folder / "log.jsonl"))
     write_json_atomic(folder / "row.json", row)
     return row
+
+
+def _matched_gate(
+    cell: Cell, cfg: EvalConfig, out: Path, run_cfg: RunConfig, dataset: Dataset, resume: bool
+) -> FixedCountRandomGate | None:
+    """``icd-random-gate``'s gate: as many calls as the reference ``icd`` made on the same seed and
+    budget (its finished row), at random queries. The count is stored in the cell's folder, so a
+    resumed cell keeps it. None (the rate-paced random gate) when no reference row is there to match,
+    e.g. ``icd`` not in the grid, or running elsewhere at the same time (Ray)."""
+    stored = out / cell.path / "matched_calls.json"
+    n = len(stream_order(len(dataset), run_cfg.n, run_cfg.seed, run_cfg.shuffle))
+    if resume and stored.exists():
+        calls = int(json.loads(stored.read_text())["calls"])
+    elif resume:
+        return None  # it started rate-paced: it continues so
+    else:
+        ref = reference_method(cfg.methods)
+        row = finished_row(Cell(parse_method(ref), cell.budget, cell.seed), out) if ref else None
+        if row is None:
+            return None
+        calls = int(row["teacher_calls"])
+        (out / cell.path).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stored, {"calls": calls, "matched": ref, "n": n})
+    return FixedCountRandomGate(calls, n, warmup=run_cfg.warmup, seed=run_cfg.seed)
+
+
+_override_lock = threading.Lock()
+
+
+@contextmanager
+def _gate_override(gate: Any) -> Iterator[list[bool]]:
+    """While the block runs, the runner builds ``gate`` (wrapped in the same caps) instead of the
+    configured one. ``run_icd`` has no way to be handed a gate yet; the yielded list is truthy once the
+    runner has taken it, so a runner that stops building its gates there fails loudly here."""
+    import icdistill.runner as runner_module
+    from icdistill.gate import CappedGate
+
+    taken: list[bool] = []
+    if gate is None:
+        taken.append(True)
+        yield taken
+        return
+
+    def make_gate(kind: str, **kw: Any) -> Any:
+        taken.append(True)
+        if kw.get("max_calls") is not None or kw.get("max_cost_usd") is not None:
+            return CappedGate(gate, kw.get("max_calls"), kw.get("max_cost_usd"))
+        return gate
+
+    with _override_lock:
+        original = runner_module.make_gate
+        runner_module.make_gate = make_gate
+        try:
+            yield taken
+        finally:
+            runner_module.make_gate = original
 
 
 def finished_row(cell: Cell, out: Path) -> dict[str, Any] | None:
@@ -305,7 +438,9 @@ class CellWorker:
         on_start: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         job = self.job
-        return run_cell(cell, job.cfg, job.out, self.cache, job.dataset, on_record=on_record, on_start=on_start)
+        return run_cell(
+            cell, job.cfg, job.out, self.cache, job.dataset, on_record=on_record, on_start=on_start
+        )
 
 
 class CellRunner(Protocol):

@@ -42,6 +42,8 @@ def parse_method(raw: str) -> MethodSpec:
         raise ICDError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     spec = MethodSpec(raw=raw, name=name, options=options)
     METHODS[name].check_options(spec)
+    if name == "icd-random-gate" and options.get("calls", "match") not in ("match", "rate"):
+        raise ICDError(f"method {raw!r}: calls must be match or rate, got {options['calls']!r}")
     return spec
 
 
@@ -143,7 +145,9 @@ def _self_label(parts: Parts, cfg: RunConfig, opts: dict[str, str]) -> Parts:
 def _finetune(parts: Parts, cfg: RunConfig, opts: dict[str, str]) -> Parts:
     from icdistill.eval.finetune import LoRAStudent
 
-    return replace(parts, student=LoRAStudent.from_student(parts.student, **LoRAStudent.parse_options(opts)))
+    # the stream's seed also seeds the LoRA initialisation and the replay batches
+    kwargs = {**LoRAStudent.parse_options(opts), "seed": cfg.seed}
+    return replace(parts, student=LoRAStudent.from_student(parts.student, **kwargs))
 
 
 def _needs_local_lm(cfg: RunConfig) -> str | None:
@@ -190,9 +194,13 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "icd-random-gate",
-            "ICD with the teacher asked at random queries at the same rate",
+            "ICD with the teacher asked at random queries, as many times as icd on the same seed",
             uses_budget=True,
             config={"gate": "random"},
+            options={
+                "calls": "match (default): as many calls as icd on the same seed and budget, at random "
+                "queries; rate: the target rate, paced like icd's gate",
+            },
             run_options=True,
         ),
         Method(

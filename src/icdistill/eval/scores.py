@@ -78,8 +78,13 @@ def cell_scores(records: Sequence[dict[str, Any]], open_answers: bool) -> dict[s
     qs = [r for r in records if r.get("event") == "query" and r.get("label") is not None]
     out: dict[str, Any] = {}
     firsts = [(r["uncertainty"], bool(r["first_correct"])) for r in qs if _finite(r["uncertainty"])]
-    out["auroc"] = auroc([u for u, _ in firsts], [not c for _, c in firsts])
-    out["reliability"] = reliability([u for u, _ in firsts], [c for _, c in firsts])
+    if len({u for u, _ in firsts}) > 1:
+        out["auroc"] = auroc([u for u, _ in firsts], [not c for _, c in firsts])
+        out["reliability"] = reliability([u for u, _ in firsts], [c for _, c in firsts])
+    else:
+        # a constant uncertainty (e.g. a student that always abstains for the teacher) ranks nothing:
+        # no AUROC of 0.5 and no reliability curve for it
+        out["auroc"], out["reliability"] = None, []
     if open_answers and qs:
         answers = [str(r["answer"] or "") for r in qs]
         refs = [str(r["label"]) for r in qs]
@@ -91,3 +96,69 @@ def cell_scores(records: Sequence[dict[str, Any]], open_answers: bool) -> dict[s
 
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
+
+
+# gate reasons of decisions forced by pacing, not chosen from the uncertainty (logs written before
+# ``gate_forced`` was recorded)
+FORCED_REASONS = ("warm-up", "behind budget", "calibrating", "over budget", "cap reached", "cost cap")
+
+
+def gate_forced(rec: dict[str, Any]) -> bool:
+    """Whether a query's call or skip was forced by pacing (warm-up, behind or over budget, calibrating,
+    caps): the record's ``gate_forced`` when it has one, else read from its ``gate_reason``."""
+    forced = rec.get("gate_forced")
+    if forced is not None:
+        return bool(forced)
+    return str(rec.get("gate_reason") or "").startswith(FORCED_REASONS)
+
+
+def _acc(xs: Sequence[Any]) -> float | None:
+    return sum(bool(x) for x in xs) / len(xs) if xs else None
+
+
+def query_breakdown(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What a summary's averages hide, from a cell's query records.
+
+    ``first_pass_accuracy``: the student's answers before any teacher call (no query's own demo in its
+    prompt). ``unasked_accuracy``: final answers of the queries the teacher was not asked (a query sent
+    to the teacher is re-answered with its own new demo, a copy at cosine 1, or forwarded).
+    ``gate_chosen_calls`` / ``forced_calls``: teacher calls the gate chose on its own vs. those forced
+    by pacing (warm-up, behind budget, calibrating). ``demo_accuracy_at``: demonstration accuracy of
+    the first k demos, k = 1.. (methods with different shot counts compared at the same k).
+    """
+    qs = [r for r in records if r.get("event") == "query"]
+    labelled = [r for r in qs if r.get("label") is not None and r.get("correct") is not None]
+    asked = [r for r in qs if r.get("teacher_asked")]
+    forced = sum(gate_forced(r) for r in asked)
+    at: dict[int, list[float]] = {}
+    for r in labelled:
+        answers = r.get("demo_answers") or []
+        for k in range(1, len(answers) + 1):
+            at.setdefault(k, []).append(sum(a == r["label"] for a in answers[:k]) / k)
+    return {
+        "first_pass_accuracy": _acc([r["first_correct"] for r in labelled]),
+        "unasked_accuracy": _acc([r["correct"] for r in labelled if not r.get("teacher_asked")]),
+        "unasked_n": sum(not r.get("teacher_asked") for r in labelled),
+        "gate_chosen_calls": len(asked) - forced,
+        "forced_calls": forced,
+        "demo_accuracy_at": {str(k): sum(v) / len(v) for k, v in sorted(at.items())},
+    }
+
+
+def per_group(records: Sequence[dict[str, Any]], key: str = "label") -> dict[str, dict[str, int]]:
+    """Per label (``key="label"``) or per question kind (``key="kind"``: options / open): queries, right
+    final answers, right first passes, teacher calls."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        if r.get("event") != "query" or r.get("label") is None or r.get("correct") is None:
+            continue
+        if key == "kind":
+            g = r.get("ctx_kind") or ("options" if r.get("option_probs") is not None else "open")
+        else:
+            g = str(r[key])
+        s = out.setdefault(g, {"n": 0, "correct": 0, "first_correct": 0, "asked": 0})
+        s["n"] += 1
+        s["correct"] += int(bool(r["correct"]))
+        s["first_correct"] += int(bool(r.get("first_correct")))
+        s["asked"] += int(bool(r.get("teacher_asked")))
+    return out
