@@ -406,6 +406,11 @@ def make_gate(
         inner = RandomGate(budget, warmup=warmup, seed=seed)
     else:
         raise ICDError(f"unknown gate {kind!r}; choose one of {', '.join(GATES)}")
+    return with_caps(inner, max_calls, max_cost_usd)
+
+
+def with_caps(inner: Gate, max_calls: int | None = None, max_cost_usd: float | None = None) -> Gate:
+    """``inner`` under the hard caps on teacher calls and dollars, when any is set."""
     if max_calls is not None or max_cost_usd is not None:
         if max_calls is not None and max_calls < 0:
             raise ICDError("max teacher calls must be >= 0")

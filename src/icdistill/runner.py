@@ -15,7 +15,7 @@ from typing import Any
 from icdistill.data.stream import Dataset, absolute_source, load_dataset, plural, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.eval.metrics import never_pooled, summarize
-from icdistill.gate import GATE_SCORES, GATES, UNCERTAINTY, make_gate
+from icdistill.gate import GATE_SCORES, GATES, UNCERTAINTY, make_gate, with_caps
 from icdistill.models.registry import (
     ModelContext,
     check_reachable,
@@ -25,6 +25,7 @@ from icdistill.models.registry import (
 )
 from icdistill.pool import SQLitePool
 from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
+from icdistill.protocols import Gate
 from icdistill.report import plot_run, summary_details
 from icdistill.runlog import FolderLock, RunLog, write_json_atomic
 from icdistill.select import SELECTORS, make_selector
@@ -441,15 +442,17 @@ def run_icd(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     changes: dict[str, Any] | None = None,
     lock: FolderLock | None = None,
+    gate: Gate | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ICD over the configured stream; returns the summary written to summary.json
-    (the run's plot goes to run.png). One process per run folder: without a held ``lock`` (from
+    (the run's plot goes to run.png). ``gate``: this gate (under the config's caps) instead of the
+    configured one, e.g. an evaluation's baseline. One process per run folder: without a held ``lock`` (from
     ``lock_run``) the folder is locked here, and a second process gets an ICDError."""
     out = Path(out)
     check_out_path(out)
     own_lock = lock_run(out).acquire() if lock is None else None
     try:
-        return _run_locked(cfg, out, resume, parts, dataset, on_start, on_record, changes)
+        return _run_locked(cfg, out, resume, parts, dataset, on_start, on_record, changes, gate)
     finally:
         if own_lock is not None:
             own_lock.release()
@@ -464,6 +467,7 @@ def _run_locked(
     on_start: Callable[[int, int], None] | None,
     on_record: Callable[[dict[str, Any]], None] | None,
     changes: dict[str, Any] | None,
+    gate: Gate | None = None,
 ) -> dict[str, Any]:
     cfg = check_output_dir(out, cfg, resume, dataset, changes)
     dataset = dataset or load_dataset(cfg.dataset, split=cfg.split)
@@ -500,7 +504,9 @@ def _run_locked(
                 max_calls=cfg.max_calls,
                 max_cost_usd=cfg.max_cost_usd,
                 seed=cfg.seed,
-            ),
+            )
+            if gate is None
+            else with_caps(gate, cfg.max_calls, cfg.max_cost_usd),
             pool=pool,
             config=cfg.loop_config(),
             log=log,

@@ -13,10 +13,8 @@ import json
 import os
 import resource
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -327,19 +325,17 @@ def run_cell(
     if method.wrap is not None:
         parts = method.wrap(parts, run_cfg, cell.spec.options)
     gate = _matched_gate(cell, cfg, out, run_cfg, dataset, resume) if _matches_calls(cell.spec) else None
-    with _gate_override(gate) as installed:
-        summary = run_icd(
-            run_cfg,
-            folder,
-            resume=resume,
-            parts=parts,
-            dataset=dataset,
-            on_start=on_start,
-            on_record=on_record,
-        )
+    summary = run_icd(
+        run_cfg,
+        folder,
+        resume=resume,
+        parts=parts,
+        dataset=dataset,
+        on_start=on_start,
+        on_record=on_record,
+        gate=gate,
+    )
     if gate is not None:
-        if not installed:
-            raise ICDError(f"{cell.label()}: the matched-count random gate was not installed in the run")
         summary["matched_calls"] = gate.calls
     summary["image_embed_seconds"] = embed_seconds
     extra = getattr(parts.student, "training_stats", None)
@@ -373,38 +369,6 @@ def _matched_gate(
         (out / cell.path).mkdir(parents=True, exist_ok=True)
         write_json_atomic(stored, {"calls": calls, "matched": ref, "n": n})
     return FixedCountRandomGate(calls, n, warmup=run_cfg.warmup, seed=run_cfg.seed)
-
-
-_override_lock = threading.Lock()
-
-
-@contextmanager
-def _gate_override(gate: Any) -> Iterator[list[bool]]:
-    """While the block runs, the runner builds ``gate`` (wrapped in the same caps) instead of the
-    configured one. ``run_icd`` has no way to be handed a gate yet; the yielded list is truthy once the
-    runner has taken it, so a runner that stops building its gates there fails loudly here."""
-    import icdistill.runner as runner_module
-    from icdistill.gate import CappedGate
-
-    taken: list[bool] = []
-    if gate is None:
-        taken.append(True)
-        yield taken
-        return
-
-    def make_gate(kind: str, **kw: Any) -> Any:
-        taken.append(True)
-        if kw.get("max_calls") is not None or kw.get("max_cost_usd") is not None:
-            return CappedGate(gate, kw.get("max_calls"), kw.get("max_cost_usd"))
-        return gate
-
-    with _override_lock:
-        original = runner_module.make_gate
-        runner_module.make_gate = make_gate
-        try:
-            yield taken
-        finally:
-            runner_module.make_gate = original
 
 
 def finished_row(cell: Cell, out: Path) -> dict[str, Any] | None:
