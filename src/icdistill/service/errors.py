@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from starlette.responses import JSONResponse
+
 
 class ServiceError(Exception):
     """A request the service refuses, with an HTTP status (4xx) and a message meant for the caller."""
@@ -27,3 +29,11 @@ def conflict(message: str) -> ServiceError:
 
 def unprocessable(message: str, code: str = "invalid_field") -> ServiceError:
     return ServiceError(422, code, message)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "status": status}}, status, headers=headers
+    )
