@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import threading
 import time
 import zipfile
 
@@ -14,10 +15,12 @@ import httpx
 import pytest
 from PIL import Image
 
+from fakes import FakeStudent
 from icdistill.pool import SQLitePool
 from icdistill.service.config import ServeConfig
 from icdistill.types import ICDError
 from service_helpers import (
+    AUTH,
     KEY,
     OPTIONS,
     SQLITE,
@@ -114,6 +117,59 @@ def test_an_import_counts_the_pixels_of_every_image_it_names(tmp_path):
         assert r.status_code == 200 and r.json()["statuses"] == {"added": 1, "duplicate": 2}, r.text
 
 
+class BlockingStudent(FakeStudent):
+    """Blocks in ``predict`` once ``block()`` is called, until ``release()`` (a long model pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocking = threading.Event()
+        self.inside = threading.Event()
+        self.gate = threading.Event()
+
+    def predict(self, query, demos):
+        if self.blocking.is_set():
+            self.inside.set()
+            self.gate.wait(timeout=60)
+        return super().predict(query, demos)
+
+
+def test_a_prompt_is_bounded_in_tokens_not_characters(tmp_path):
+    """4000 combining marks held the inference thread 13x as long as 4000 ASCII letters."""
+    marks = "a" + "\u0301" * 3999
+    with running_service(tmp_path) as (c, _):
+        r = c.post("/v1/predict", json={**query_json("red"), "prompt": marks})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "prompt_too_long", r.text
+        assert "tokens" in r.json()["error"]["message"]
+        r = c.post("/v1/predict", files={"image": ("x.png", colour_png("red"))}, data={"prompt": marks})
+        assert r.status_code == 422, r.text
+        r = c.post("/v1/demos", json={"image_b64": b64(colour_png("red")), "prompt": marks, "label": "x"})
+        assert r.status_code == 422 and pool_size(c) == 0, r.text
+        assert c.post("/v1/predict", json={**query_json("red"), "prompt": "a" * 4000}).status_code == 200
+
+
+def test_reading_a_query_never_waits_behind_the_student(tmp_path):
+    student = BlockingStudent()
+    with running_service(tmp_path, student=student, gate="never") as (c, _):
+        url = str(c.base_url)
+        qid = c.post("/v1/predict", json=query_json("red")).json()["query_id"]
+        student.blocking.set()
+        stuck = threading.Thread(
+            target=lambda: httpx.post(url + "/v1/predict", json=query_json("blue"), headers=AUTH, timeout=90)
+        )
+        stuck.start()
+        try:
+            assert student.inside.wait(timeout=30)  # the loop thread is now inside a model pass
+            got: list[httpx.Response] = []
+            reader = threading.Thread(target=lambda: got.append(c.get(f"/v1/queries/{qid}")))
+            reader.start()
+            reader.join(timeout=30)
+            assert got and got[0].status_code == 200 and got[0].json()["query_id"] == qid
+            assert student.gate.is_set() is False  # answered while the student was still busy
+        finally:
+            student.gate.set()
+            stuck.join(timeout=60)
+
+
 # ---------------------------------------------------------------------- 5: atomic, validated imports
 
 
@@ -130,7 +186,17 @@ def test_an_import_counts_the_pixels_of_every_image_it_names(tmp_path):
         ({"prompt": 5}, 422),
         ({"image": "images/missing.png"}, 422),
     ],
-    ids=["label", "long-label", "options", "votes", "agreement", "agreement-range", "prompt", "prompt-type", "image"],
+    ids=[
+        "label",
+        "long-label",
+        "options",
+        "votes",
+        "agreement",
+        "agreement-range",
+        "prompt",
+        "prompt-type",
+        "image",
+    ],
 )
 def test_an_import_with_one_bad_line_adds_nothing(tmp_path, bad, status):
     good = [demo_line(OPTIONS[i], i) for i in range(2)]
@@ -143,7 +209,11 @@ def test_an_import_with_one_bad_line_adds_nothing(tmp_path, bad, status):
         assert "line 3" in r.json()["error"]["message"]
         assert pool_size(c) == 1  # the two good lines were not added either
         if set(bad) <= {"prompt", "label", "options"}:  # the same rules as POST /v1/demos
-            fields = {k: v for k, v in {**demo_line("green", 2), **bad}.items() if k in ("prompt", "label", "options")}
+            fields = {
+                k: v
+                for k, v in {**demo_line("green", 2), **bad}.items()
+                if k in ("prompt", "label", "options")
+            }
             r = c.post("/v1/demos", json={"image_b64": b64(colour_png("green")), **fields})
             assert r.status_code == 422, r.text
 

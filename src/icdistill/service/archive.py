@@ -44,7 +44,9 @@ def read_import(data: bytes, limits: ImportLimits) -> list[DemoRecord]:
         return _from_sqlite(data, limits, budget)
     if data[:4] == ZIP_MAGIC:
         return _from_zip(data, limits, budget)
-    raise ServiceError(415, "bad_archive", "import takes a zip archive from /v1/export or an icd run pool.sqlite")
+    raise ServiceError(
+        415, "bad_archive", "import takes a zip archive from /v1/export or an icd run pool.sqlite"
+    )
 
 
 def _record(fields: dict[str, Any], image: Any, where: str) -> DemoRecord:
@@ -97,8 +99,15 @@ def _from_sqlite(data: bytes, limits: ImportLimits, budget: PixelBudget) -> list
         try:
             db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
             try:
-                if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'annotations'").fetchone() is None:
-                    raise bad_request("not an icd pool: the SQLite file has no annotations table", "bad_archive")
+                if (
+                    db.execute(
+                        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'annotations'"
+                    ).fetchone()
+                    is None
+                ):
+                    raise bad_request(
+                        "not an icd pool: the SQLite file has no annotations table", "bad_archive"
+                    )
                 return [_sqlite_record(row, limits, budget) for row in db.execute(_POOL_ROWS)]
             finally:
                 db.close()

@@ -82,6 +82,7 @@ class ServeConfig:
     max_body_bytes: int = 10 * MiB
     max_import_bytes: int = 512 * MiB
     max_pixels: int = 24_000_000
+    max_prompt_tokens: int = 1024
     # an import holds its decoded images at once (all-or-nothing): ~3 bytes a pixel
     max_import_pixels: int = 100_000_000
     wait_timeout_s: float = 120.0
@@ -101,7 +102,14 @@ class ServeConfig:
             check_api_key(self.api_key, self.host)
         if not 0 <= self.port <= 65535:
             raise ICDError(f"--port must be in 0..65535, got {self.port}")
-        for name in ("teacher_concurrency", "max_body_bytes", "max_import_bytes", "max_pixels", "max_import_pixels"):
+        for name in (
+            "teacher_concurrency",
+            "max_body_bytes",
+            "max_import_bytes",
+            "max_pixels",
+            "max_import_pixels",
+            "max_prompt_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ICDError(f"{name.replace('_', '-')} must be >= 1")
         if self.wait_timeout_s <= 0 or self.label_lease_s <= 0 or self.claim_lease_s <= 0:
@@ -154,6 +162,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d["max_pixels"].default,
         help="largest image accepted (width x height)",
+    )
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=d["max_prompt_tokens"].default,
+        help="longest prompt accepted, in the student's tokens (a query's, or an added demo's)",
     )
     g.add_argument(
         "--max-import-pixels",

@@ -48,7 +48,7 @@ from icdistill.service.store import (
     Store,
 )
 from icdistill.service.store_pg import PostgresServiceStore
-from icdistill.service.validate import DemoRecord, demo_record
+from icdistill.service.validate import DemoRecord, check_prompt_cost, demo_record, token_counter
 from icdistill.teacher import TestTimeScaling
 from icdistill.types import (
     ANSWER,
@@ -191,6 +191,7 @@ class Engine:
             config=run.loop_config(),
         )
         self.labels = LabelQueue(self.store, cfg.label_lease_s)
+        self._prompt_tokens = token_counter(student)
         self._restore()
         self._warm_up(student, embedder)
 
@@ -306,6 +307,7 @@ class Engine:
     def _answer_now(
         self, image: Image.Image, prompt: str, options: list[str] | None, label: str | None
     ) -> dict[str, Any]:
+        check_prompt_cost(prompt, self._prompt_tokens, self.cfg.max_prompt_tokens)
         qid = uuid.uuid4().hex
         position, calls = self.store.take_slot()
         if calls is not None:  # other servers spend too: the gate paces the whole stream's calls
@@ -593,14 +595,14 @@ class Engine:
 
     # ------------------------------------------------------------------ reading state
     async def query(self, qid: str) -> dict[str, Any]:
-        row = await self.thread.call(self.store.get, qid)
+        row = await asyncio.to_thread(self.store.read, qid)  # never queued behind model passes
         if row is None:
             raise not_found(f"no query {qid}")
         return self._public(row, None)
 
     async def saved_label(self, qid: str) -> str | None:
         """The label a person gave query ``qid`` (the /label page's confirmation), else None."""
-        row = await self.thread.call(self.store.get, qid)
+        row = await asyncio.to_thread(self.store.read, qid)
         if row is None or not str(row.get("teacher") or "").startswith("human"):
             return None
         return row["teacher_answer"]
@@ -728,6 +730,8 @@ class Engine:
         """Pool checked demos, all or none: every embedding is computed before the first write, and a
         failed write takes back the demos already added."""
         embedder = self.distiller.embedder
+        for rec in records:  # a demo's prompt is in every prompt that shows the demo
+            check_prompt_cost(rec.prompt, self._prompt_tokens, self.cfg.max_prompt_tokens)
         items = []
         for rec in records:
             q = Query(
