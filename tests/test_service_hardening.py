@@ -15,10 +15,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from fakes import FakeStudent
+from fakes import FakeStudent, FakeTeacher, GatedTeacher
 from icdistill.pool import SQLitePool
 from icdistill.service.config import ServeConfig
-from icdistill.types import ICDError
+from icdistill.types import ICDError, TeacherResponse, Usage
 from service_helpers import (
     AUTH,
     KEY,
@@ -29,6 +29,7 @@ from service_helpers import (
     colour_png,
     query_json,
     running_service,
+    wait_until,
 )
 
 
@@ -306,6 +307,33 @@ def test_after_a_persons_label_the_query_shows_it_as_the_answer(tmp_path):
         q = c.get(f"/v1/queries/{qid}").json()
         assert q["state"] == "annotated" and q["answer"] == "blue" and q["answered_by"] == "teacher"
         assert q["student_answer"] == "red" and q["teacher_answer"] == "blue"
+
+
+# ---------------------------------------------------------------------- 9: what a crash cut off was paid
+
+
+class PricedTeacher(FakeTeacher):
+    def sample(self, query, n):
+        out = super().sample(query, n)
+        return TeacherResponse(out.answers, Usage(calls=1, cost_usd=0.5))
+
+
+def test_an_attempt_cut_off_by_a_crash_is_counted_as_paid(tmp_path):
+    """The request in flight at the crash was sent (maybe answered and billed); the restart buys the
+    label again: the ledger counts both, in calls and in money, and so does the cost cap."""
+    gated = GatedTeacher()
+    with running_service(tmp_path, teacher=gated) as (c, _):
+        qid = c.post("/v1/predict", json=query_json("red", label="red")).json()["query_id"]
+        wait_until(lambda: gated.started == 1)  # the request is out when the process dies
+        assert c.get(f"/v1/queries/{qid}").json()["ledger"]["attempts"] == 1
+    try:
+        with running_service(tmp_path, teacher=PricedTeacher(), max_cost_usd=10.0) as (c, _):
+            done = wait_until(lambda: (q := c.get(f"/v1/queries/{qid}").json())["state"] == "annotated" and q)
+            assert done["ledger"]["attempts"] == 2
+            assert done["ledger"]["calls"] == 2 and done["ledger"]["cost_usd"] == 1.0
+            assert c.get("/v1/stats").json()["budget"]["usd_spent"] == 1.0
+    finally:
+        gated.release()
 
 
 # ---------------------------------------------------------------------- 10: no cross-site writes

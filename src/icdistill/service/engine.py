@@ -523,6 +523,7 @@ class Engine:
         asked = bool(rec["teacher_asked"])
         state = ANSWERED if refused is not None else FAILED if ann is None else ANNOTATED if ann.accepted else REJECTED
         usage = ann.usage if ann is not None else Usage()
+        calls, cost = self._spent(qid, usage) if asked else (usage.calls, usage.cost_usd)
         final_answer, answered_by = rec["answer"], rec["answered_by"]
         if state == ANNOTATED and answered_by == "student" and ann is not None:
             # nobody waited for the student's second pass: the answer to use now is the label itself
@@ -535,8 +536,8 @@ class Engine:
             answered_by=answered_by,
             pool_status=rec["pool_status"] or ("reused" if rec.get("reused_demo") is not None else None),
             error=error,
-            calls=usage.calls,
-            cost_usd=usage.cost_usd,
+            calls=calls,
+            cost_usd=cost,
             asked=asked,
             gate_reason=rec["gate_reason"],
         )
@@ -552,13 +553,26 @@ class Engine:
                 self._ledger["failed" if state == FAILED else "paid"] += 1
             else:
                 self._ledger["teacher_calls"] -= 1
-            self._ledger["cost_usd"] += usage.cost_usd
-            self._ledger["requests"] += usage.calls
+            self._ledger["cost_usd"] += cost
+            self._ledger["requests"] += calls
             if state != ANSWERED:
                 self.events["teacher_failures" if state == FAILED else state] += 1
         if self.on_event is not None:
             self.on_event(f"teacher_{state if asked else 'not_called' if state == ANSWERED else 'reused'}", 0.0)
         return self._public(self.store.get(qid), None)
+
+    def _spent(self, qid: str, usage: Usage) -> tuple[int, float]:
+        """Calls and cost of every attempt at ``qid``'s label. An attempt is spent once its request
+        was sent (``count_attempt``): one that a crash cut off may have been answered and billed, so
+        it counts as the attempt that answered did (bought again, not free). The gate is charged the
+        lost attempts too, so ``--max-cost`` holds in real money."""
+        row = self.store.get(qid)
+        attempts = int(row["attempts"] or 0) if row is not None else 0
+        lost = max(0, attempts - 1)
+        add_cost = getattr(self.distiller.gate, "add_cost", None)
+        for _ in range(lost if add_cost is not None else 0):
+            add_cost(usage.cost_usd)
+        return usage.calls + lost * max(1, usage.calls), usage.cost_usd * (1 + lost)
 
     def _wake(self, qid: str, row: dict[str, Any]) -> None:
         for fut in self._waiters.get(qid, []):
