@@ -392,6 +392,28 @@ def test_sessions_expire_end_at_logout_and_are_secure_over_https(tmp_path):
         assert httpx.get(url + "/label", cookies=cookie).headers.get("location") == "/login"
 
 
+def test_wrong_keys_and_logins_are_throttled_per_address(tmp_path):
+    """97 wrong keys a second, 400 wrong logins in 3.9 s: an address that keeps guessing must wait."""
+    with running_service(tmp_path) as (c, _):
+        url = str(c.base_url)
+        other = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=url, transport=other) as guesser:
+            codes = [
+                guesser.get("/v1/stats", headers={"Authorization": f"Bearer guess-{i:08d}"}).status_code
+                for i in range(30)
+            ]
+            assert codes[:10] == [401] * 10 and set(codes[10:]) == {429}
+            r = guesser.get("/v1/stats", headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+            logins = [guesser.post("/login", data={"key": f"guess-{i}"}).status_code for i in range(5)]
+            assert set(logins) == {429}
+        # another address (the real client) is not locked out
+        assert c.get("/v1/stats").status_code == 200
+        with httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address="127.0.0.3")) as person:
+            logins = [person.post("/login", data={"key": f"guess-{i}"}).status_code for i in range(12)]
+            assert logins[:10] == [401] * 10 and set(logins[10:]) == {429}
+
+
 @pytest.mark.parametrize("key", [" " * 9, "aaaaaaaaaaaaaaaaaaaa", "short-key-123", "tab\tinside-key-0123456"])
 def test_weak_api_keys_are_refused_beyond_loopback(key):
     with pytest.raises(ICDError, match="API key"):

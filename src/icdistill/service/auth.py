@@ -12,6 +12,7 @@ import hmac
 import secrets
 import threading
 import time
+from collections import deque
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -20,6 +21,41 @@ from icdistill.service.errors import ServiceError
 
 COOKIE = "icd_label_session"
 SESSION_S = 12 * 3600
+FAILURES_ALLOWED = 10  # wrong keys or logins per client address and window, before it must wait
+FAILURE_WINDOW_S = 60.0
+
+
+class Throttle:
+    """Wrong keys and logins per client address: after ``limit`` in ``window_s`` the address gets 429
+    until the oldest ages out (guessing slows to ``limit`` a minute; other addresses are unaffected)."""
+
+    def __init__(self, limit: int = FAILURES_ALLOWED, window_s: float = FAILURE_WINDOW_S) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def wait_s(self, client: str) -> float:
+        """Seconds ``client`` must wait before its next try; 0 when it may try now."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._failures.get(client)
+            while times and times[0] <= now - self.window_s:
+                times.popleft()
+            if not times:
+                self._failures.pop(client, None)
+                return 0.0
+            return times[0] + self.window_s - now if len(times) >= self.limit else 0.0
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            if len(self._failures) > 10_000:  # many addresses: forget the quiet ones
+                self._failures = {k: v for k, v in self._failures.items() if len(v) >= self.limit}
+            self._failures.setdefault(client, deque(maxlen=self.limit)).append(time.monotonic())
+
+
+def client_of(request: Request) -> str:
+    return request.client.host if request.client is not None else "?"
 
 
 class Auth:
@@ -30,6 +66,7 @@ class Auth:
         # signs session cookies and CSRF tokens; derived from the key so sessions survive restarts
         seed = api_key.encode() if api_key else secrets.token_bytes(32)
         self._secret = hashlib.sha256(b"icd-label-session\x00" + seed).digest()
+        self.throttle = Throttle()
         self._ended: dict[str, float] = {}  # session id -> when it would have expired
         self._lock = threading.Lock()
 
@@ -42,10 +79,23 @@ class Auth:
         """FastAPI dependency for the JSON API."""
         if self.api_key is None:
             return
+        self.check_throttle(request)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not self.key_ok(token.strip()):
+            self.throttle.failed(client_of(request))
             raise ServiceError(
                 401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            )
+
+    def check_throttle(self, request: Request) -> None:
+        """429 for an address that sent too many wrong keys lately."""
+        wait = self.throttle.wait_s(client_of(request))
+        if wait > 0:
+            raise ServiceError(
+                429,
+                "too_many_failures",
+                f"too many wrong keys from this address; try again in {wait:.0f} s",
+                {"Retry-After": str(max(1, round(wait)))},
             )
 
     def _sign(self, purpose: str, value: str) -> str:

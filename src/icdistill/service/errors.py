@@ -8,11 +8,12 @@ from starlette.responses import JSONResponse
 class ServiceError(Exception):
     """A request the service refuses, with an HTTP status (4xx) and a message meant for the caller."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 def bad_request(message: str, code: str = "bad_request") -> ServiceError:

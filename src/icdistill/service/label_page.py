@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from icdistill.service.auth import COOKIE, Auth
+from icdistill.service.auth import COOKIE, Auth, client_of
 from icdistill.service.engine import Engine
 from icdistill.service.errors import ServiceError
 
@@ -110,9 +110,14 @@ def label_router(engine: Engine, auth: Auth) -> APIRouter:
 
     @r.post("/login")
     async def login(request: Request) -> Response:
+        try:
+            auth.check_throttle(request)
+        except ServiceError:
+            return login_form("Too many wrong keys from this address: wait a minute and try again.", 429)
         form = await request.form(max_fields=4, max_files=0)
         key = form.get("key")
         if not isinstance(key, str) or not auth.key_ok(key):
+            auth.throttle.failed(client_of(request))
             return login_form("Wrong key.", 401)
         return logged_in(request)
 
