@@ -13,17 +13,18 @@ import sqlite3
 import tempfile
 import uuid
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from icdistill.service.errors import ServiceError, bad_request, unprocessable
-from icdistill.service.images import PixelBudget, decode_image
+from icdistill.service.images import PixelBudget, decode_image, open_image
 from icdistill.service.validate import DemoRecord, demo_record, parse_json
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 ZIP_MAGIC = b"PK\x03\x04"
 # the columns of an icd run pool's pooled demos
+_HAS_POOL = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'annotations'"
 _POOL_ROWS = (
     "SELECT id, query_id, image_png, prompt, options, answer, teacher, votes, agreement "
     "FROM annotations WHERE in_pool = 1 ORDER BY id"
@@ -37,23 +38,47 @@ class ImportLimits:
     max_unpacked_bytes: int
 
 
+# one demo as read, before its image is decoded: its fields, its image's bytes, where it was
+Pending = tuple[dict[str, Any], bytes | None, str]
+
+
 def read_import(data: bytes, limits: ImportLimits) -> list[DemoRecord]:
     """The demos of an import, all checked; raises a 4xx naming the first bad line or row."""
-    budget = PixelBudget(limits.max_import_pixels)
     if data[:16] == SQLITE_MAGIC:
-        return _from_sqlite(data, limits, budget)
+        return _checked(_from_sqlite(data), limits)
     if data[:4] == ZIP_MAGIC:
-        return _from_zip(data, limits, budget)
+        return _checked(_from_zip(data, limits), limits)
     raise ServiceError(
         415, "bad_archive", "import takes a zip archive from /v1/export or an icd run pool.sqlite"
     )
 
 
-def _record(fields: dict[str, Any], image: Any, where: str) -> DemoRecord:
-    return demo_record(fields, image, f"import-{uuid.uuid4().hex}", "import", where)
+def _checked(items: list[Pending], limits: ImportLimits) -> list[DemoRecord]:
+    """Every demo's fields, then every image's header (its size, shape and the import's pixel
+    budget), then the pixels: an import refused for its size decodes nothing."""
+    records = [demo_record(f, None, f"import-{uuid.uuid4().hex}", "import", where) for f, _, where in items]
+    budget = PixelBudget(limits.max_import_pixels)
+    for _, image, where in items:
+        if image:
+            _at(where, open_image, image, limits.max_pixels, budget)
+    decoded: dict[int, Any] = {}  # one archive file named by many lines: decoded once, by identity
+    out = []
+    for rec, (_, image, where) in zip(records, items, strict=True):
+        if image and id(image) not in decoded:
+            decoded[id(image)] = _at(where, decode_image, image, limits.max_pixels)
+        out.append(replace(rec, image=decoded[id(image)]) if image else rec)
+    return out
 
 
-def _from_zip(data: bytes, limits: ImportLimits, budget: PixelBudget) -> list[DemoRecord]:
+def _at(where: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, its 4xx naming the line or row."""
+    try:
+        return fn(*args)
+    except ServiceError as e:
+        raise ServiceError(e.status, e.code, f"{where}: {e.message}", e.headers) from e
+
+
+def _from_zip(data: bytes, limits: ImportLimits) -> list[Pending]:
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
         if sum(i.file_size for i in z.infolist()) > limits.max_unpacked_bytes:
@@ -62,6 +87,7 @@ def _from_zip(data: bytes, limits: ImportLimits, budget: PixelBudget) -> list[De
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, EOFError) as e:
         raise bad_request(f"not a pool archive (zip with demos.jsonl): {e}", "bad_archive") from e
     out = []
+    members: dict[str, bytes] = {}  # a file named by many lines is unpacked once
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -69,55 +95,46 @@ def _from_zip(data: bytes, limits: ImportLimits, budget: PixelBudget) -> list[De
         rec = parse_json(line, where)
         if not isinstance(rec, dict):
             raise unprocessable(f"{where}: not a JSON object", "invalid_demo")
-        out.append(_record(rec, _zip_image(z, rec.get("image"), limits, budget, where), where))
+        out.append((rec, _zip_member(z, rec.get("image"), members, where), where))
     return out
 
 
-def _zip_image(z: zipfile.ZipFile, name: Any, limits: ImportLimits, budget: PixelBudget, where: str) -> Any:
+def _zip_member(z: zipfile.ZipFile, name: Any, members: dict[str, bytes], where: str) -> bytes | None:
     if name is None or name == "":
         return None
     if not isinstance(name, str):
         raise unprocessable(f"{where}: image must be a file name in the archive", "invalid_demo")
-    try:
-        data = z.read(name)
-    except (KeyError, zipfile.BadZipFile, EOFError) as e:
-        raise unprocessable(f"{where}: cannot read image {name!r}: {e}", "invalid_demo") from e
-    return _decoded(data, limits, budget, where)
+    if name not in members:
+        try:
+            members[name] = z.read(name)
+        except (KeyError, zipfile.BadZipFile, EOFError) as e:
+            raise unprocessable(f"{where}: cannot read image {name!r}: {e}", "invalid_demo") from e
+    return members[name]
 
 
-def _decoded(data: bytes, limits: ImportLimits, budget: PixelBudget, where: str) -> Any:
-    try:
-        return decode_image(data, limits.max_pixels, budget)
-    except ServiceError as e:
-        raise ServiceError(e.status, e.code, f"{where}: {e.message}") from e
-
-
-def _from_sqlite(data: bytes, limits: ImportLimits, budget: PixelBudget) -> list[DemoRecord]:
+def _from_sqlite(data: bytes) -> list[Pending]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "import.sqlite"
         path.write_bytes(data)
         try:
             db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
             try:
-                if (
-                    db.execute(
-                        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'annotations'"
-                    ).fetchone()
-                    is None
-                ):
+                if db.execute(_HAS_POOL).fetchone() is None:
                     raise bad_request(
                         "not an icd pool: the SQLite file has no annotations table", "bad_archive"
                     )
-                return [_sqlite_record(row, limits, budget) for row in db.execute(_POOL_ROWS)]
+                return [_sqlite_row(row) for row in db.execute(_POOL_ROWS)]
             finally:
                 db.close()
         except sqlite3.DatabaseError as e:
             raise bad_request(f"not a readable icd pool: {e}", "bad_archive") from e
 
 
-def _sqlite_record(row: tuple[Any, ...], limits: ImportLimits, budget: PixelBudget) -> DemoRecord:
+def _sqlite_row(row: tuple[Any, ...]) -> Pending:
     demo_id, query_id, image_png, prompt, options, answer, teacher, votes, agreement = row
     where = f"pool demo {demo_id}"
+    if image_png is not None and not isinstance(image_png, bytes):
+        raise unprocessable(f"{where}: image_png is not a blob", "invalid_demo")
     fields = {
         "prompt": prompt,
         "label": answer,
@@ -127,7 +144,4 @@ def _sqlite_record(row: tuple[Any, ...], limits: ImportLimits, budget: PixelBudg
         "votes": parse_json(votes, f"{where}: votes") if votes else None,
         "agreement": agreement,
     }
-    if image_png is not None and not isinstance(image_png, bytes):
-        raise unprocessable(f"{where}: image_png is not a blob", "invalid_demo")
-    image = _decoded(image_png, limits, budget, where) if image_png else None
-    return _record(fields, image, where)
+    return fields, image_png, where

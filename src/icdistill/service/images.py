@@ -9,6 +9,8 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from PIL import Image, UnidentifiedImageError
 
@@ -50,16 +52,13 @@ def check_header(w: int, h: int, max_pixels: int, budget: PixelBudget | None) ->
         budget.spend(w * h)
 
 
-def decode_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
-    """A fully decoded image; its size and shape are checked from the header before any pixel is decoded."""
-    if not data:
-        raise bad_request("the image is empty", "bad_image")
+@contextmanager
+def _image_errors() -> Iterator[None]:
+    """Pillow's many failures as the service's 4xx."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            check_header(*img.size, max_pixels, budget)
-            img.load()
+            yield
     except ServiceError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -68,6 +67,23 @@ def decode_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None
         raise bad_request("the image is corrupt or not in a known image format", "bad_image") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise bad_request(f"the image cannot be decoded (corrupt or not an image): {e}", "bad_image") from e
+
+
+def open_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
+    """The image with only its header read, its size and shape checked (and spent from ``budget``)."""
+    if not data:
+        raise bad_request("the image is empty", "bad_image")
+    with _image_errors():
+        img = Image.open(io.BytesIO(data))
+        check_header(*img.size, max_pixels, budget)
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
+    """A fully decoded image; its size and shape are checked from the header before any pixel is decoded."""
+    img = open_image(data, max_pixels, budget)
+    with _image_errors():
+        img.load()
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
     return img
