@@ -4,7 +4,8 @@
 Usage: ``nice -n 19 .venv/bin/python benchmarks/bench_service_hostile.py [--n 20]``.
 One `icd serve` (offline default student local:smollm2, embedder local:conse, --gate never) on
 127.0.0.1. A victim client sends ``--n`` Fashion-MNIST queries one after another, first alone (idle),
-then while one hostile client, from another address (127.0.0.2), sends back to back, in turn:
+then while one hostile client, from other addresses (127.0.0.2, and 127.0.0.3 for its wrong keys:
+the throttle would otherwise refuse the rest with 429), sends back to back, in turn:
 
 * item 1: a 118-byte 1 x 20,000 PNG, and a 1 x 20,000,000 PNG (multipart);
 * item 2: a 72 KB zip whose 40 lines all name one 23 MP image (``/v1/import``);
@@ -97,7 +98,7 @@ def victim(url: str, reqs: list[dict[str, Any]], ids: list[str]) -> list[float]:
 
 
 class Hostile(threading.Thread):
-    """One client, back to back, from 127.0.0.2; keeps going until ``stop``."""
+    """One client, back to back, from 127.0.0.2 (its wrong keys from 127.0.0.3); until ``stop``."""
 
     def __init__(self, url: str, requests: list[tuple[str, dict[str, Any]]], ids: list[str]) -> None:
         super().__init__(daemon=True)
@@ -107,8 +108,15 @@ class Hostile(threading.Thread):
         self.seconds: dict[str, list[float]] = {name: [] for name, _ in requests}
 
     def run(self) -> None:
-        transport = httpx.HTTPTransport(local_address="127.0.0.2")
-        with httpx.Client(base_url=self.url, headers=AUTH, timeout=600, transport=transport) as c:
+        # wrong keys from an address of their own: after 10 that address is throttled (429), which
+        # would otherwise spare the server the other requests
+        main, guesser = (
+            httpx.Client(
+                base_url=self.url, headers=AUTH, timeout=600, transport=httpx.HTTPTransport(local_address=a)
+            )
+            for a in ("127.0.0.2", "127.0.0.3")
+        )
+        with main, guesser:
             while not self.stop.is_set():
                 for name, kw in self.requests:
                     if self.stop.is_set():
@@ -116,7 +124,7 @@ class Hostile(threading.Thread):
                     kw = dict(kw)
                     kw["url"] = kw["url"].replace("{victim}", self.ids[-1] if self.ids else "none")
                     t0 = time.perf_counter()
-                    r = c.request(**kw)
+                    r = (guesser if name == "wrong key" else main).request(**kw)
                     self.seconds[name].append(time.perf_counter() - t0)
                     self.codes[name][r.status_code] += 1
 

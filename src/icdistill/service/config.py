@@ -44,7 +44,7 @@ def check_api_key(key: str, host: str) -> None:
     least = MIN_KEY_CHARS if is_loopback(host) else MIN_PUBLIC_KEY_CHARS
     if len(key) < least or len(set(key)) < 4:
         raise ICDError(
-            f"the API key must have at least {least} characters (and not one repeated) on {host}: "
+            f"the API key must have at least {least} characters, 4 of them different, on {host}: "
             "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
         )
 

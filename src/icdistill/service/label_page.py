@@ -1,7 +1,9 @@
 """The /label page: a person labels the queries the student is unsure about.
 
 Server-rendered HTML forms, no script and no external asset (a strict CSP says so). Login with the
-API key sets a signed HttpOnly SameSite=Strict cookie; every form carries a CSRF token bound to it.
+API key sets a signed HttpOnly SameSite=Strict cookie (Secure over https, expiring on the server's
+clock, ended by Log out); every form carries a CSRF token bound to it. The page prints only messages
+the server chose: the address carries codes (``?error=bad_label``, ``?saved=<query id>``), never text.
 """
 
 from __future__ import annotations
@@ -137,10 +139,10 @@ def label_router(engine: Engine, auth: Auth) -> APIRouter:
             return "<div class=flash>This is the only item left: skipping it brings it back.</div>"
         saved = p.get("saved")
         if saved:
-            row = await engine.saved_label(saved)
-            if row is not None:
+            label = await engine.saved_label(saved)
+            if label is not None:
                 size = plural(engine.stats()["pool_size"], "demo", "demos")
-                return f"<div class=flash>Saved &ldquo;{e(row)}&rdquo;. The pool now has {size}.</div>"
+                return f"<div class=flash>Saved &ldquo;{e(label)}&rdquo;. The pool now has {size}.</div>"
         return ""
 
     @r.get("/label")
