@@ -363,6 +363,17 @@ def test_no_cross_site_writes_nor_foreign_hosts_even_without_auth(tmp_path):
         r = httpx.get(url + "/v1/stats", headers={"Host": f"evil.example:{port}"})
         assert r.status_code == 421 and r.json()["error"]["code"] == "wrong_host", r.text
         assert pool_size(c) == 0 and c.get("/v1/stats").json()["queries"] == 0
+        # behind a proxy: the public host comes in X-Forwarded-Host (no page can send it unasked)
+        public = {"Host": "icd.example.com", "X-Forwarded-Host": "icd.example.com"}
+        old_browser = {**public, "Origin": "https://icd.example.com"}
+        assert httpx.post(url + "/v1/predict", json=query_json("red"), headers=old_browser).status_code == 200
+        foreign = {**public, "Origin": "https://evil.example"}
+        assert httpx.post(url + "/v1/predict", json=query_json("red"), headers=foreign).status_code == 403
+        rebound = {"Origin": f"http://evil.example:{port}", "Sec-Fetch-Site": "same-origin"}
+        r = httpx.post(
+            url + "/v1/predict", json=query_json("red"), headers={**rebound, "Host": f"evil.example:{port}"}
+        )
+        assert r.status_code == 421, r.text
         # the page itself (same origin) and clients without Origin still write
         same = {"Origin": url, "Sec-Fetch-Site": "same-origin"}
         assert httpx.post(url + "/v1/predict", json=query_json("red"), headers=same).status_code == 200

@@ -34,14 +34,20 @@ def host_name(netloc: str) -> str:
 
 
 def refusal(scope: Scope, bound_host: str) -> tuple[int, str, str] | None:
-    """Why this request is refused (status, code, message), or None."""
-    host = _header(scope, b"host") or ""
-    if is_loopback(bound_host) and host_name(host) not in LOOPBACK_NAMES:
+    """Why this request is refused (status, code, message), or None.
+
+    A proxy in front names the public host in ``X-Forwarded-Host``: a browser page cannot send that
+    header without a CORS preflight, which this server never grants, so it is trusted."""
+    forwarded = (_header(scope, b"x-forwarded-host") or "").split(",")[0].strip()
+    host = forwarded or _header(scope, b"host") or ""
+    if not forwarded and is_loopback(bound_host) and host_name(host) not in LOOPBACK_NAMES:
         return 421, "wrong_host", "this server answers to its loopback address only (Host header)"
     if scope["method"] in SAFE_METHODS:
         return None
     site = _header(scope, b"sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
+    if site is not None:  # the browser's own word on who sent it
+        if site in ("same-origin", "none"):
+            return None
         return 403, "cross_origin", "a page of another site may not write to this server"
     origin = _header(scope, b"origin")
     if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
