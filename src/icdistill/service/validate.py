@@ -98,7 +98,7 @@ def check_label(label: Any, options: list[str] | None) -> str:
     if len(clean) > MAX_LABEL_CHARS:
         raise ValueError(f"the label is longer than {MAX_LABEL_CHARS} characters")
     if options:
-        same = [o for o in options if o.casefold() == clean.casefold()]
+        same = [clean] if clean in options else [o for o in options if o.casefold() == clean.casefold()]
         if len(same) != 1:
             raise ValueError(f"label {clean!r} is not one of the options {options}")
         clean = same[0]
