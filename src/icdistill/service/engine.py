@@ -523,7 +523,7 @@ class Engine:
         asked = bool(rec["teacher_asked"])
         state = ANSWERED if refused is not None else FAILED if ann is None else ANNOTATED if ann.accepted else REJECTED
         usage = ann.usage if ann is not None else Usage()
-        calls, cost = self._spent(qid, usage) if asked else (usage.calls, usage.cost_usd)
+        calls, cost = self._charge_attempts(qid, usage) if asked else (usage.calls, usage.cost_usd)
         final_answer, answered_by = rec["answer"], rec["answered_by"]
         if state == ANNOTATED and answered_by == "student" and ann is not None:
             # nobody waited for the student's second pass: the answer to use now is the label itself
@@ -561,7 +561,7 @@ class Engine:
             self.on_event(f"teacher_{state if asked else 'not_called' if state == ANSWERED else 'reused'}", 0.0)
         return self._public(self.store.get(qid), None)
 
-    def _spent(self, qid: str, usage: Usage) -> tuple[int, float]:
+    def _charge_attempts(self, qid: str, usage: Usage) -> tuple[int, float]:
         """Calls and cost of every attempt at ``qid``'s label. An attempt is spent once its request
         was sent (``count_attempt``): one that a crash cut off may have been answered and billed, so
         it counts as the attempt that answered did (bought again, not free). The gate is charged the
