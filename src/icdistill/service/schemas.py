@@ -46,7 +46,9 @@ class QueryOut(BaseModel):
     position: int
     state: str = Field(description="answered, pending_teacher, pending_human, annotated, rejected or failed")
     answer: str = Field(
-        description="the answer to use: the student's, or after the teacher the distilled one"
+        description="the answer to use: the student's until the teacher (or a person) answers, then that "
+        "label (answered_by 'teacher'), or with wait=true the student re-run with it (answered_by "
+        "'student+new-demo')"
     )
     student_answer: str
     uncertainty: float | None
