@@ -21,6 +21,8 @@ from icdistill.service.config import ServeConfig
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 OPTIONS = list(COLOURS)
+ZIP = {"content-type": "application/zip"}
+SQLITE = {"content-type": "application/vnd.sqlite3"}
 
 
 def colour_png(name: str, seed: int = 0, size: int = 16) -> bytes:

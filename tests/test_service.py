@@ -16,7 +16,18 @@ from fakes import FakeTeacher, GatedTeacher, colour_folder
 from icdistill.pool import SQLitePool
 from icdistill.service.config import ServeConfig, config_from_args
 from icdistill.types import ICDError
-from service_helpers import AUTH, KEY, OPTIONS, b64, colour_png, query_json, running_service, wait_until
+from service_helpers import (
+    AUTH,
+    KEY,
+    OPTIONS,
+    SQLITE,
+    ZIP,
+    b64,
+    colour_png,
+    query_json,
+    running_service,
+    wait_until,
+)
 
 
 def test_predict_answers_before_the_teacher_and_the_annotation_joins_the_pool_later(tmp_path):
@@ -294,16 +305,16 @@ def test_export_then_import_into_a_fresh_service(tmp_path):
         names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
         assert "demos.jsonl" in names and sum(n.startswith("images/") for n in names) == 4
     with running_service(tmp_path / "b", gate="never") as (c, _):
-        r = c.post("/v1/import", content=archive.content, headers={"content-type": "application/zip"}).json()
+        r = c.post("/v1/import", content=archive.content, headers=ZIP).json()
         assert r["imported"] == 4 and r["pool_size"] == 4
-        again = c.post("/v1/import", content=archive.content).json()
+        again = c.post("/v1/import", content=archive.content, headers=ZIP).json()
         assert again["imported"] == 0 and again["pool_size"] == 4  # idempotent: same query ids
         demos = c.get("/v1/demos").json()["demos"]
         assert sorted(d["label"] for d in demos) == sorted(OPTIONS)
         assert all(d["options"] == OPTIONS for d in demos)
         assert c.post("/v1/predict", json=query_json("yellow", seed=3)).json()["demo_ids"]
-        assert c.post("/v1/import", content=b"PK\x03\x04broken").status_code == 400
-        assert c.post("/v1/import", content=b"hello").status_code == 415
+        assert c.post("/v1/import", content=b"PK\x03\x04broken", headers=ZIP).status_code == 400
+        assert c.post("/v1/import", content=b"hello", headers=ZIP).status_code == 415
 
 
 def test_import_an_icd_run_pool(tmp_path):
@@ -317,7 +328,7 @@ def test_import_an_icd_run_pool(tmp_path):
     n_run = len(SQLitePool(tmp_path / "run" / "pool.sqlite"))
     assert n_run > 0
     with running_service(tmp_path / "svc", gate="never") as (c, _):
-        r = c.post("/v1/import", content=(tmp_path / "run" / "pool.sqlite").read_bytes()).json()
+        r = c.post("/v1/import", content=(tmp_path / "run" / "pool.sqlite").read_bytes(), headers=SQLITE).json()
         assert r["imported"] == n_run and r["pool_size"] == n_run
         options = list(load_dataset(str(data)).item(0).options)
         p = c.post("/v1/predict", json={**query_json("green", seed=9), "options": options}).json()

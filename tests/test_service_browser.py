@@ -6,6 +6,7 @@ import io
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 
@@ -133,3 +134,92 @@ def test_two_labellers_label_the_queue_in_chromium(tmp_path):
         # no cookie at all: the label page asks for a login
         anon = httpx.get(f"{url}/label")
         assert anon.status_code == 303 and anon.headers["location"] == "/login"
+
+
+ATTACK_PAGE = """<!doctype html><html><body><script>
+(async () => {
+  const zip = Uint8Array.from(atob("%(zip)s"), c => c.charCodeAt(0));
+  const img = Uint8Array.from(atob("%(png)s"), c => c.charCodeAt(0));
+  const results = [];
+  try {
+    await fetch("%(url)s/v1/import", {method: "POST", mode: "no-cors",
+      headers: {"Content-Type": "text/plain"}, body: zip});
+    results.push("import sent");
+  } catch (e) { results.push("import failed " + e); }
+  const form = new FormData();
+  form.append("image", new Blob([img], {type: "image/png"}), "x.png");
+  form.append("prompt", "colour?");
+  try {
+    await fetch("%(url)s/v1/predict", {method: "POST", mode: "no-cors", body: form});
+    results.push("predict sent");
+  } catch (e) { results.push("predict failed " + e); }
+  document.title = "done: " + results.join(", ");
+})();
+</script></body></html>"""
+
+
+def test_label_page_and_cross_site_pages_in_chromium(tmp_path):
+    """Issue 17, items 10, 11, 13 in a real browser: a page of another origin cannot write to a
+    --no-auth server; the page shows only messages the server chose; the student's guess does not
+    look chosen; an open question's uncertainty has a scale; skipping the last item says so."""
+    import zipfile
+
+    from playwright.sync_api import sync_playwright
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    from fakes import LocalServer
+    from service_helpers import OPTIONS, colour_png, query_json
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        line = {"prompt": "colour?", "label": "red", "options": OPTIONS, "image": "i.png", "query_id": "evil"}
+        z.writestr("demos.jsonl", __import__("json").dumps(line) + "\n")
+        z.writestr("i.png", colour_png("red"))
+    with running_service(tmp_path, human=True, gate="always", api_key=None, no_auth=True) as (c, _):
+        url = str(c.base_url)
+        page_html = ATTACK_PAGE % {"zip": b64(buf.getvalue()), "png": b64(colour_png("red")), "url": url}
+        attacker = Starlette(routes=[Route("/", lambda request: HTMLResponse(page_html))])
+        chosen = c.post("/v1/predict", json=query_json("red")).json()["query_id"]
+        open_q = c.post("/v1/predict", json={**query_json("blue"), "options": None, "prompt": "What is it?"})
+        assert open_q.json()["state"] == "pending_human"
+        with LocalServer(attacker) as evil_url, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+            try:
+                page = browser.new_context(viewport={"width": 900, "height": 600}).new_page()
+                page.goto(url + "/label")
+                page.wait_for_url(re.compile(r".*/label$"))
+                # the guess is marked, not drawn as the chosen (filled) button
+                guess = page.locator("button.guess")
+                assert guess.count() == 1 and "guess" in guess.inner_text()
+                fill = guess.evaluate("b => getComputedStyle(b).backgroundColor")
+                primary = "rgb(74, 91, 212)"
+                assert fill != primary
+                # ?error= and ?done= carry codes; attacker text is never printed
+                lure = "Your key expired: call Mallory"
+                page.goto(url + "/label?" + urlencode({"error": lure, "done": lure, "saved": lure}))
+                assert "Mallory" not in page.content() and page.locator(".flash").count() == 0
+                page.goto(url + "/label?error=bad_label")
+                assert "not saved" in page.locator(".flash").inner_text()
+                # label the first item: the page confirms what the server stored
+                page.click("button[name=label][value='green']")
+                page.wait_for_selector(".flash")
+                assert "Saved “green”" in page.locator(".flash").inner_text()
+                assert "1 demo" in page.locator(".flash").inner_text()
+                assert "pool: 1 demo " in page.locator("header").inner_text() + " "
+                # the open question: its uncertainty has a scale; skipping the only item says so
+                assert page.locator("input[name=label]").count() == 1
+                assert "0 is sure" in page.content()
+                page.click("button.skip")
+                page.wait_for_selector(".flash")
+                assert "only item left" in page.locator(".flash").inner_text()
+                # a page of another origin tries to write through the browser
+                evil = browser.new_context().new_page()
+                evil.goto(evil_url + "/")
+                evil.wait_for_function("document.title.startsWith('done')", timeout=30_000)
+            finally:
+                browser.close()
+        s = c.get("/v1/stats").json()
+        assert s["pool_size"] == 1 and s["queries"] == 2  # nothing the attacker sent got in
+        assert c.get(f"/v1/queries/{chosen}").json()["answer"] == "green"

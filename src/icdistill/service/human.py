@@ -9,12 +9,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from icdistill.service.errors import unprocessable
 from icdistill.service.store import Store
-from icdistill.teacher import match_option
+from icdistill.service.validate import checked_label
 from icdistill.types import Annotation, Query, TeacherError, TeacherResponse, Usage
-
-MAX_LABEL_CHARS = 500
 
 
 class HumanTeacher:
@@ -28,17 +25,9 @@ class HumanTeacher:
 
 
 def human_annotation(label: str, options: list[str] | None, labeller: str) -> Annotation:
-    """A person's label, checked against the options (matched like a teacher's answer)."""
-    label = " ".join(label.split())
-    if not label:
-        raise unprocessable("the label is empty", "bad_label")
-    if len(label) > MAX_LABEL_CHARS:
-        raise unprocessable(f"the label is longer than {MAX_LABEL_CHARS} characters", "bad_label")
-    if options:
-        opt = match_option(label, options)
-        if opt is None:
-            raise unprocessable(f"label {label!r} is not one of the options {options}", "bad_label")
-        label = opt
+    """A person's label, checked as every demo's is: one of the options (case aside), never the
+    nearest one ("not a Bag" is not "Bag")."""
+    label = checked_label(label, options)
     return Annotation(
         answer=label,
         samples=[label],

@@ -1,4 +1,6 @@
-"""Decoding images sent by clients: bytes or base64 only (no URL is ever fetched), with a pixel limit."""
+"""Decoding images sent by clients: bytes or base64 only (no URL is ever fetched), with limits on the
+pixels of one image, their shape (the preprocessing's aspect-ratio bound) and, for an import, their
+total."""
 
 from __future__ import annotations
 
@@ -7,29 +9,56 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from PIL import Image, UnidentifiedImageError
 
+from icdistill.models.efficientnet import check_image_shape
 from icdistill.service.errors import ServiceError, bad_request
+from icdistill.types import DataError
 
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """A fully decoded image; its size is checked from the header before any pixel is decoded."""
-    if not data:
-        raise bad_request("the image is empty", "bad_image")
+class PixelBudget:
+    """The pixels an import may decode in all (one image named by 40 lines counts 40 times)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.spent = 0
+
+    def spend(self, pixels: int) -> None:
+        self.spent += pixels
+        if self.spent > self.limit:
+            raise ServiceError(
+                413,
+                "import_too_large",
+                f"the import's images hold more than {self.limit} pixels in all (--max-import-pixels)",
+            )
+
+
+def check_header(w: int, h: int, max_pixels: int, budget: PixelBudget | None) -> None:
+    if w * h > max_pixels:
+        raise ServiceError(
+            413, "image_too_large", f"image has {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
+        )
+    try:
+        check_image_shape(w, h)
+    except DataError as e:
+        raise bad_request(str(e), "bad_image") from e
+    if budget is not None:
+        budget.spend(w * h)
+
+
+@contextmanager
+def _image_errors() -> Iterator[None]:
+    """Pillow's many failures as the service's 4xx."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ServiceError(
-                    413, "image_too_large", f"image has {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
-                )
-            img.load()
+            yield
     except ServiceError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -38,6 +67,23 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise bad_request("the image is corrupt or not in a known image format", "bad_image") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise bad_request(f"the image cannot be decoded (corrupt or not an image): {e}", "bad_image") from e
+
+
+def open_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
+    """The image with only its header read, its size and shape checked (and spent from ``budget``)."""
+    if not data:
+        raise bad_request("the image is empty", "bad_image")
+    with _image_errors():
+        img = Image.open(io.BytesIO(data))
+        check_header(*img.size, max_pixels, budget)
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
+    """A fully decoded image; its size and shape are checked from the header before any pixel is decoded."""
+    img = open_image(data, max_pixels, budget)
+    with _image_errors():
+        img.load()
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
     return img

@@ -1,7 +1,9 @@
 """The /label page: a person labels the queries the student is unsure about.
 
 Server-rendered HTML forms, no script and no external asset (a strict CSP says so). Login with the
-API key sets a signed HttpOnly SameSite=Strict cookie; every form carries a CSRF token bound to it.
+API key sets a signed HttpOnly SameSite=Strict cookie (Secure over https, expiring on the server's
+clock, ended by Log out); every form carries a CSRF token bound to it. The page prints only messages
+the server chose: the address carries codes (``?error=bad_label``, ``?saved=<query id>``), never text.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from icdistill.service.auth import COOKIE, Auth
+from icdistill.service.auth import COOKIE, Auth, client_of
 from icdistill.service.engine import Engine
 from icdistill.service.errors import ServiceError
 
@@ -30,7 +32,8 @@ box-shadow:0 1px 4px rgba(0,0,0,.12)} .row{display:flex;gap:24px;align-items:fle
 img.q{width:256px;height:256px;object-fit:contain;image-rendering:pixelated;border:1px solid #ccd;border-radius:6px;background:#000}
 .prompt{font-size:18px;margin:0 0 10px} .meta{color:#555;font-size:14px;margin:4px 0}
 .opts{display:flex;flex-wrap:wrap;gap:8px;margin:16px 0} button{font-size:15px;padding:8px 14px;border-radius:6px;
-border:1px solid #4a5bd4;background:#eef0ff;color:#1d2a99;cursor:pointer} button.guess{background:#4a5bd4;color:#fff}
+border:1px solid #4a5bd4;background:#eef0ff;color:#1d2a99;cursor:pointer} button.primary{background:#4a5bd4;color:#fff}
+button.guess{border:2px dashed #e0883a} .tag{font-size:11px;color:#a0521a;margin-left:6px}
 button.skip{border-color:#999;background:#fafafa;color:#444} input[type=text],input[type=password]{font-size:15px;
 padding:8px;border:1px solid #aab;border-radius:6px;width:260px} .flash{background:#e8f6ea;border:1px solid #9c9;
 padding:8px 12px;border-radius:6px;margin-bottom:16px} .err{background:#fdecec;border-color:#d99}
@@ -52,12 +55,31 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     )
 
 
+# the only messages the page shows: chosen by code, never text from the address (?error=<code>)
+ERRORS = {
+    "no_label": "Choose or type a label.",
+    "bad_label": "That label was not saved: pick one of the options (an open question takes 1 to 500 characters).",
+    "conflict": "That query is no longer waiting for a label (someone else labelled it).",
+    "not_found": "That query does not exist.",
+}
+
+
+def plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _header(stats: dict[str, Any]) -> str:
     return (
         "<header><b>icd &middot; label</b><span>"
-        f"{stats['pending_human']} waiting &middot; pool {stats['pool_size']} demos &middot; "
-        f"{stats['queries']} queries</span></header>"
+        f"{stats['pending_human']} waiting &middot; pool: {plural(stats['pool_size'], 'demo', 'demos')} &middot; "
+        f"{plural(stats['queries'], 'query', 'queries')}</span></header>"
     )
+
+
+LOGOUT = (
+    "<footer style='max-width:760px;margin:0 auto;text-align:right'><form method=post action='/logout'>"
+    "<button type=submit class=logout>Log out</button></form></footer>"
+)
 
 
 def label_router(engine: Engine, auth: Auth) -> APIRouter:
@@ -71,7 +93,7 @@ def label_router(engine: Engine, auth: Auth) -> APIRouter:
             "<header><b>icd &middot; label</b></header><main>"
             f"{flash}<h2>Log in to label</h2><form method=post action='/login'>"
             "<p><input type=password name=key placeholder='API key' autofocus required></p>"
-            "<p><button type=submit class=guess>Log in</button></p></form></main>",
+            "<p><button type=submit class=primary>Log in</button></p></form></main>",
             status,
         )
 
@@ -79,49 +101,71 @@ def label_router(engine: Engine, auth: Auth) -> APIRouter:
         sid = auth.session(request)
         return RedirectResponse("/login", status_code=303) if sid is None else sid
 
+    def logged_in(request: Request) -> Response:
+        resp = RedirectResponse("/label", status_code=303)
+        auth.set_session(resp, request)
+        return resp
+
     @r.get("/login")
-    async def login_page() -> Response:
-        if auth.api_key is None:
-            resp = RedirectResponse("/label", status_code=303)
-            _set_cookie(resp, auth.new_session())
-            return resp
-        return login_form()
+    async def login_page(request: Request) -> Response:
+        return logged_in(request) if auth.api_key is None else login_form()
 
     @r.post("/login")
     async def login(request: Request) -> Response:
+        try:
+            auth.check_throttle(request)
+        except ServiceError:
+            return login_form("Too many wrong keys from this address: wait a minute and try again.", 429)
         form = await request.form(max_fields=4, max_files=0)
         key = form.get("key")
         if not isinstance(key, str) or not auth.key_ok(key):
+            auth.throttle.failed(client_of(request))
             return login_form("Wrong key.", 401)
-        resp = RedirectResponse("/label", status_code=303)
-        _set_cookie(resp, auth.new_session())
+        return logged_in(request)
+
+    @r.post("/logout")
+    async def logout(request: Request) -> Response:
+        auth.end_session(request)
+        resp = RedirectResponse("/login" if auth.api_key else "/label", status_code=303)
+        resp.delete_cookie(COOKIE, path="/")
         return resp
 
+    async def flash_for(request: Request, item: dict[str, Any] | None) -> str:
+        """The one message the page shows, chosen by the server from codes in the address."""
+        p = request.query_params
+        if p.get("error") in ERRORS:
+            return f"<div class='flash err'>{e(ERRORS[p['error']])}</div>"
+        if item is not None and p.get("skipped") == item["query_id"]:
+            return "<div class=flash>This is the only item left: skipping it brings it back.</div>"
+        saved = p.get("saved")
+        if saved:
+            label = await engine.saved_label(saved)
+            if label is not None:
+                size = plural(engine.stats()["pool_size"], "demo", "demos")
+                return f"<div class=flash>Saved &ldquo;{e(label)}&rdquo;. The pool now has {size}.</div>"
+        return ""
+
     @r.get("/label")
-    async def label_page(request: Request, done: str = "", error: str = "") -> Response:
+    async def label_page(request: Request) -> Response:
         sid = session_or_login(request)
         if not isinstance(sid, str):
             return sid
         await engine.start()
         stats = engine.stats()
-        flash = ""
-        if done:
-            flash = f"<div class=flash>Saved &ldquo;{e(done[:200])}&rdquo;. The pool now has {stats['pool_size']} demos.</div>"
-        if error:
-            flash = f"<div class='flash err'>{e(error[:300])}</div>"
         if not engine.cfg.human_teacher:
+            flash = await flash_for(request, None)
             body = f"<main>{flash}<h2>This service's teacher is a model</h2><p>Nothing to label.</p></main>"
-            return _page("icd label", _header(stats) + body)
+            return _page("icd label", _header(stats) + body + LOGOUT)
         item = await engine.next_label_item(sid)
+        flash = await flash_for(request, item)
         if item is None:
             body = (
                 f"<main>{flash}<h2>Nothing to label</h2><p>No query is waiting for a person. "
                 "<a href='/label'>Check again</a>.</p></main>"
             )
-            return _page("icd label", _header(stats) + body)
-        return _page(
-            "icd label", _header(stats) + f"<main>{flash}{_item_form(item, auth.csrf_token(sid))}</main>"
-        )
+            return _page("icd label", _header(stats) + body + LOGOUT)
+        form = _item_form(item, auth.csrf_token(sid), engine.cfg.uncertainty)
+        return _page("icd label", _header(stats) + f"<main>{flash}{form}</main>" + LOGOUT)
 
     @r.post("/label/{query_id}")
     async def submit(request: Request, query_id: str) -> Response:
@@ -132,36 +176,38 @@ def label_router(engine: Engine, auth: Auth) -> APIRouter:
         token = form.get("csrf")
         if not isinstance(token, str) or not auth.csrf_ok(sid, token):
             return _page("icd label", "<main><h2>Forbidden</h2><p>Bad or missing CSRF token.</p></main>", 403)
-        action = form.get("action")
-        if action == "skip":
+        if form.get("action") == "skip":
             await engine.skip_label(query_id, sid)
-            return RedirectResponse("/label", status_code=303)
+            return RedirectResponse("/label?" + urlencode({"skipped": query_id}), status_code=303)
         label = form.get("label")
         if not isinstance(label, str):
-            return RedirectResponse("/label?error=Choose+or+type+a+label.", status_code=303)
+            return RedirectResponse("/label?error=no_label", status_code=303)
         try:
-            row = await engine.submit_label(query_id, label, sid)
+            await engine.submit_label(query_id, label, sid)
         except ServiceError as err:
-            return RedirectResponse("/label?" + urlencode({"error": err.message}), status_code=303)
-        return RedirectResponse("/label?" + urlencode({"done": row["teacher_answer"] or ""}), status_code=303)
+            code = err.code if err.code in ERRORS else "bad_label"
+            return RedirectResponse("/label?" + urlencode({"error": code}), status_code=303)
+        return RedirectResponse("/label?" + urlencode({"saved": query_id}), status_code=303)
 
     return r
 
 
-def _set_cookie(resp: Response, value: str) -> None:
-    resp.set_cookie(COOKIE, value, httponly=True, samesite="strict", path="/", max_age=7 * 24 * 3600)
+def _uncertainty(u: float | None, measure: str) -> str:
+    """A bar on a 0..1 scale; an unbounded value (an open question's entropy) says what it measures."""
+    if u is None:
+        return ""
+    if 0 <= u <= 1:
+        pct = int(round(100 * u))
+        return (
+            f"<p class=meta>Uncertainty {u:.2f} of 1 <span class=bar><i style='width:{pct}%'></i></span></p>"
+        )
+    return f"<p class=meta>Uncertainty {u:.2f} ({html.escape(measure)}: 0 is sure, higher is less sure)</p>"
 
 
-def _item_form(item: dict[str, Any], csrf: str) -> str:
+def _item_form(item: dict[str, Any], csrf: str, measure: str) -> str:
     e = html.escape
     qid = e(item["query_id"])
-    u = item["uncertainty"]
-    pct = int(round(100 * u)) if u is not None and 0 <= u <= 1 else None
-    unsure = (
-        f"<p class=meta>Uncertainty {u:.2f} <span class=bar><i style='width:{pct}%'></i></span></p>"
-        if pct is not None
-        else (f"<p class=meta>Uncertainty {u:.2f}</p>" if u is not None else "")
-    )
+    unsure = _uncertainty(item["uncertainty"], measure)
     guess = item["answer"]
     img = (
         f"<img class=q alt='query image' src='data:image/png;base64,{item['image_b64']}'>"
@@ -171,14 +217,15 @@ def _item_form(item: dict[str, Any], csrf: str) -> str:
     hidden = f"<input type=hidden name=csrf value='{e(csrf)}'>"
     if item["options_list"]:
         buttons = "".join(
-            f"<button type=submit name=label value='{e(o)}' class='{'guess' if o == guess else ''}'>{e(o)}</button>"
+            f"<button type=submit name=label value='{e(o)}' class='{'guess' if o == guess else ''}'>{e(o)}"
+            f"{'<span class=tag>guess</span>' if o == guess else ''}</button>"
             for o in item["options_list"]
         )
         answer = f"<div class=opts>{buttons}</div>"
     else:
         answer = (
             f"<p><input type=text name=label value='{e(guess)}' required maxlength=500 autofocus> "
-            "<button type=submit class=guess>Save</button></p>"
+            "<button type=submit class=primary>Save</button></p>"
         )
     return (
         f"<div class=row>{img}<div>"

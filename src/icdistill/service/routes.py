@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -15,11 +14,13 @@ from icdistill.service.engine import Engine
 from icdistill.service.errors import ServiceError, bad_request, unprocessable
 from icdistill.service.images import decode_b64_image, decode_image
 from icdistill.service.metrics import CONTENT_TYPE, Metrics
-from icdistill.service.schemas import PREDICT_BODY, DemoIn, LabelIn, PredictJSON, QueryOut, check_options
+from icdistill.service.schemas import PREDICT_BODY, DemoIn, LabelIn, PredictJSON, QueryOut
+from icdistill.service.validate import check_options, check_prompt, parse_json
 
 FORM_FIELDS = {"image", "prompt", "options", "wait", "label"}
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
+IMPORT_TYPES = {"application/zip", "application/vnd.sqlite3", "application/x-sqlite3", "application/octet-stream"}
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -42,18 +43,19 @@ def _bool(value: str, name: str) -> bool:
     raise unprocessable(f"{name} must be true or false, got {value!r}")
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def _json_body(request: Request) -> Any:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = _content_type(request)
     if ctype != "application/json":
         raise ServiceError(
             415, "unsupported_media_type", f"send application/json, not {ctype or 'no content type'}"
         )
     body = await request.body()
-    try:
-        # a multi-megabyte body is parsed off the event loop, so /healthz never waits for it
-        return json.loads(body) if len(body) < 256 * 1024 else await asyncio.to_thread(json.loads, body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the body is not valid JSON: {e}", "bad_json") from e
+    # a multi-megabyte body is parsed off the event loop, so /healthz never waits for it
+    return parse_json(body) if len(body) < 256 * 1024 else await asyncio.to_thread(parse_json, body)
 
 
 def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
@@ -78,17 +80,17 @@ def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
         image = form.get("image")
         if not isinstance(image, UploadFile):
             raise unprocessable("the multipart field 'image' (a file) is required")
-        prompt = form.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise unprocessable("the field 'prompt' is required")
+        try:
+            prompt = check_prompt(form.get("prompt"))
+        except ValueError as e:
+            raise unprocessable(f"prompt: {e}") from e
         options = None
         raw_opts = form.get("options")
         if isinstance(raw_opts, str) and raw_opts.strip():
             try:
-                parsed = json.loads(raw_opts)
-                if not isinstance(parsed, list) or not all(isinstance(o, str) for o in parsed):
-                    raise ValueError("must be a JSON list of strings")
-                options = check_options(parsed)
+                options = check_options(parse_json(raw_opts, "options"))
+            except ServiceError as e:
+                raise unprocessable(f"options: {e.message}") from e
             except ValueError as e:
                 raise unprocessable(f"options: {e}") from e
         data = await image.read()
@@ -97,7 +99,7 @@ def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
         wait = form.get("wait")
         return {
             "image": img,
-            "prompt": prompt.strip(),
+            "prompt": prompt,
             "options": options,
             "label": label if isinstance(label, str) and label else None,
             "wait": _bool(wait, "wait") if isinstance(wait, str) else False,
@@ -112,7 +114,7 @@ def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
         summary="Answer an image query now; uncertain ones go to the teacher in the background",
     )
     async def predict(request: Request, wait: bool | None = Query(None)) -> dict[str, Any]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = _content_type(request)
         if ctype == "multipart/form-data":
             args = await predict_from_form(request)
         elif ctype == "application/json":
@@ -183,7 +185,7 @@ def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
         except ValidationError as e:
             raise unprocessable(_validation_message(e)) from e
         img = await asyncio.to_thread(decode_b64_image, body.image_b64, cfg.max_pixels)
-        return await engine.add_demo(img, body.prompt.strip(), " ".join(body.label.split()), body.options)
+        return await engine.add_demo(img, body.model_dump(exclude={"image_b64"}))
 
     @r.get("/v1/export", dependencies=protected, summary="The pool as a zip: demos.jsonl + images/")
     async def export() -> Response:
@@ -200,6 +202,12 @@ def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
         summary="Add demos from a /v1/export zip or an icd run pool.sqlite (raw body)",
     )
     async def import_pool(request: Request) -> dict[str, Any]:
+        ctype = _content_type(request)
+        if ctype not in IMPORT_TYPES:
+            # text/plain and the form types are what a page of another site may send without asking
+            raise ServiceError(
+                415, "unsupported_media_type", f"send the archive as one of {sorted(IMPORT_TYPES)}, not {ctype or 'nothing'}"
+            )
         data = await request.body()
         if not data:
             raise bad_request("empty body: send the archive bytes", "bad_archive")

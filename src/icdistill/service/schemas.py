@@ -6,23 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_PROMPT_CHARS = 4000
-MAX_OPTIONS = 1000
-
-
-def check_options(v: list[str] | None) -> list[str] | None:
-    if v is None:
-        return None
-    if not v:
-        raise ValueError("options must be a non-empty list of strings, or left out for open questions")
-    if len(v) > MAX_OPTIONS:
-        raise ValueError(f"at most {MAX_OPTIONS} options")
-    clean = [" ".join(str(o).split()) for o in v]
-    if any(not o for o in clean):
-        raise ValueError("options must not be empty strings")
-    if len(set(clean)) != len(clean):
-        raise ValueError("options must be unique")
-    return clean
+from icdistill.service.validate import MAX_LABEL_CHARS, MAX_PROMPT_CHARS, check_options, check_prompt
 
 
 class _Strict(BaseModel):
@@ -41,19 +25,20 @@ class PredictJSON(_Strict):
     )
 
     _opts = field_validator("options")(classmethod(lambda cls, v: check_options(v)))
+    _prompt = field_validator("prompt")(classmethod(lambda cls, v: check_prompt(v)))
 
 
 class DemoIn(_Strict):
+    """Checked as every demo is, by ``validate.demo_record``."""
+
     image_b64: str
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    label: str = Field(min_length=1, max_length=500)
+    label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS)
     options: list[str] | None = None
-
-    _opts = field_validator("options")(classmethod(lambda cls, v: check_options(v)))
 
 
 class LabelIn(_Strict):
-    label: str = Field(min_length=1, max_length=500)
+    label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS)
 
 
 class QueryOut(BaseModel):
@@ -61,7 +46,9 @@ class QueryOut(BaseModel):
     position: int
     state: str = Field(description="answered, pending_teacher, pending_human, annotated, rejected or failed")
     answer: str = Field(
-        description="the answer to use: the student's, or after the teacher the distilled one"
+        description="the answer to use: the student's until the teacher (or a person) answers, then that "
+        "label (answered_by 'teacher'), or with wait=true the student re-run with it (answered_by "
+        "'student+new-demo')"
     )
     student_answer: str
     uncertainty: float | None

@@ -10,12 +10,18 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from icdistill.types import ICDError
+
+_GET = (
+    "SELECT q.*, l.state AS ledger_state, l.attempts, l.calls, l.cost_usd, l.teacher "
+    "FROM service_queries q LEFT JOIN service_ledger l USING (query_id) WHERE q.query_id = ?"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS service_queries (
@@ -98,6 +104,7 @@ class Store(Protocol):
     ) -> bool: ...
     def count_attempt(self, query_id: str) -> None: ...
     def get(self, query_id: str) -> dict[str, Any] | None: ...
+    def read(self, query_id: str) -> dict[str, Any] | None: ...
     def pending(self, state: str) -> list[dict[str, Any]]: ...
     def gate_history(self) -> list[dict[str, Any]]: ...
     def take_slot(self) -> tuple[int, int | None]: ...
@@ -140,6 +147,8 @@ class ServiceStore:
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
             raise ICDError(f"cannot open service store {self.path}: {e}") from e
+        self._reader: sqlite3.Connection | None = None  # ``read``'s own connection (WAL: never blocked)
+        self._read_lock = threading.Lock()
 
     def _tx(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         try:
@@ -238,11 +247,17 @@ class ServiceStore:
         )
 
     def get(self, query_id: str) -> dict[str, Any] | None:
-        row = self._db.execute(
-            "SELECT q.*, l.state AS ledger_state, l.attempts, l.calls, l.cost_usd, l.teacher "
-            "FROM service_queries q LEFT JOIN service_ledger l USING (query_id) WHERE q.query_id = ?",
-            (query_id,),
-        ).fetchone()
+        row = self._db.execute(_GET, (query_id,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def read(self, query_id: str) -> dict[str, Any] | None:
+        """``get`` from any thread, on a connection of its own: a client reading a query never waits
+        for the loop thread's model passes."""
+        with self._read_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+                self._reader.row_factory = sqlite3.Row
+            row = self._reader.execute(_GET, (query_id,)).fetchone()
         return dict(row) if row is not None else None
 
     def pending(self, state: str) -> list[dict[str, Any]]:
@@ -347,4 +362,7 @@ class ServiceStore:
         return []
 
     def close(self) -> None:
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
         self._db.close()

@@ -38,6 +38,11 @@ from icdistill.service.store import (
 )
 from icdistill.types import ICDError
 
+_GET = (
+    "SELECT q.*, l.state AS ledger_state, l.attempts, l.calls, l.cost_usd, l.teacher "
+    "FROM icd_service_queries q LEFT JOIN icd_service_ledger l USING (query_id) WHERE q.query_id = %s"
+)
+
 _SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS icd_service_position MINVALUE 0 START 0;
 CREATE TABLE IF NOT EXISTS icd_service_queries (
@@ -100,6 +105,8 @@ class PostgresServiceStore:
         self._errors = psycopg.Error
         self._beat: Any = None  # heartbeat's own connection, opened on first use
         self._beat_lock = threading.Lock()
+        self._reader: Any = None  # ``read``'s own connection, opened on first use
+        self._read_lock = threading.Lock()
         self._db: Any = None
         try:
             self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
@@ -226,11 +233,18 @@ class PostgresServiceStore:
         )
 
     def get(self, query_id: str) -> dict[str, Any] | None:
-        row = self._db.execute(
-            "SELECT q.*, l.state AS ledger_state, l.attempts, l.calls, l.cost_usd, l.teacher "
-            "FROM icd_service_queries q LEFT JOIN icd_service_ledger l USING (query_id) WHERE q.query_id = %s",
-            (query_id,),
-        ).fetchone()
+        row = self._db.execute(_GET, (query_id,)).fetchone()
+        return _plain(row) if row is not None else None
+
+    def read(self, query_id: str) -> dict[str, Any] | None:
+        """``get`` from any thread, on a connection of its own (never behind the loop thread)."""
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with self._read_lock:
+            if self._reader is None or self._reader.closed or self._reader.broken:
+                self._reader = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
+            row = self._reader.execute(_GET, (query_id,)).fetchone()
         return _plain(row) if row is not None else None
 
     def pending(self, state: str) -> list[dict[str, Any]]:
@@ -324,6 +338,9 @@ class PostgresServiceStore:
         with self._beat_lock:
             if self._beat is not None:
                 self._beat.close()
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
