@@ -78,8 +78,8 @@ def pool_size(c: httpx.Client) -> int:
 
 def test_preprocess_of_an_extreme_aspect_ratio_costs_the_output_only():
     """A 1 x 20,000,000 image raised OverflowError (a 224 x 4.48e9 intermediate); 1 x 20,000 took gigabytes."""
-    from icdistill.models.efficientnet import check_image_shape, preprocess
-    from icdistill.types import DataError
+    from icdistill.models.efficientnet import preprocess
+    from icdistill.types import DataError, check_image_shape
 
     x = preprocess(Image.new("L", (1, 20_000_000)))
     assert tuple(x.shape) == (3, 224, 224)

@@ -41,6 +41,21 @@ def png_to_image(data: bytes) -> Image.Image:
     return img
 
 
+# the longest side over the shortest that an image may have: a 1 x 20,000 PNG of 118 bytes is no photo
+MAX_ASPECT_RATIO = 50
+
+
+def check_image_shape(width: int, height: int, max_aspect: float = MAX_ASPECT_RATIO) -> None:
+    """Raise ``DataError`` for an empty or extremely elongated image (read from the header, before any
+    pixel is decoded): the service answers it with a 4xx, ``icd run`` skips it as ``bad_input``."""
+    if width < 1 or height < 1:
+        raise DataError(f"the image is {width}x{height} pixels: empty")
+    if max(width, height) > max_aspect * min(width, height):
+        raise DataError(
+            f"the image is {width}x{height} pixels: its sides differ by more than {max_aspect:g}x (the limit)"
+        )
+
+
 @dataclass(frozen=True)
 class Query:
     """One item of the stream: an image and a prompt, optionally with candidate answers and a label.

@@ -337,3 +337,17 @@ def test_folder_counts_files_it_cannot_read(tmp_path: Path) -> None:
     assert len(ds) == 2 and len(ds.warnings) == 1
     w = ds.warnings[0]
     assert "3 files in class folders left out" in w and ".svg 2, .txt 1" in w and "first: cat/b.svg" in w
+
+
+def test_a_strip_of_an_image_is_skipped_from_its_header_not_decoded(tmp_path: Path) -> None:
+    """A 1 x 20,000 PNG (a few hundred bytes) would cost gigabytes once scaled for the tagger: the
+    loader refuses it from the header, so a run logs it as a bad input and carries on."""
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / label / "ok.png")
+    Image.new("L", (1, 20_000)).save(tmp_path / "a" / "strip.png")
+    ds = load_dataset(tmp_path)
+    errors: list[tuple[int, str]] = []
+    got = list(stream(ds, seed=0, on_error=lambda pos, e: errors.append((pos, str(e)))))
+    assert len(got) == 2 and len(errors) == 1
+    assert "strip.png" in errors[0][1] and "1x20000" in errors[0][1]

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from icdistill.image_cache import ImageCache
-from icdistill.types import DataError, Query
+from icdistill.types import DataError, Query, check_image_shape
 
 DEFAULT_PROMPT = "What is shown in this image?"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -179,10 +179,11 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
     """Decode an image file to RGB or L (EXIF rotation applied, alpha flattened onto white)."""
     try:
         with Image.open(path) as im:
+            check_image_shape(*im.size)  # from the header: a 1 x 20,000,000 strip is never decoded
             # exif_transpose returns a loaded copy, so the result outlives the closed file.
             return normalise_mode(ImageOps.exif_transpose(im))
-    except DataError:
-        raise
+    except DataError as e:
+        raise DataError(f"cannot use image {path}: {e}") from e
     # Broad on purpose: decoders raise assorted types (OSError, SyntaxError, struct.error...) on bad files.
     except Exception as e:
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e

