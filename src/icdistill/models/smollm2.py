@@ -4,7 +4,9 @@ SmolLM2-135M-Instruct through label log-likelihood scoring with in-context demon
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -310,6 +312,8 @@ def nearest_similarity(query_features: np.ndarray, demo_features: Sequence[np.nd
 # zero-shot readings remembered per query id: the re-run after a teacher call and the teacher's check
 # of the student (``learn``) reuse the first pass's
 _ZERO_SHOT_CACHE = 256
+# zero-shot LM readings kept per prompt (a few hundred bytes each)
+RAW_CACHE_SIZE = 100_000
 # a shown demo this similar to the query is the same image: its answer is the answer
 SAME_IMAGE = 1.0 - 1e-4
 
@@ -390,6 +394,8 @@ class SmolLM2Student:
         self._load_lock = threading.Lock()
         self._tags_lock = threading.Lock()
         self._tags: OrderedDict[str, TagsLike] = OrderedDict()
+        self._raw_lock = threading.Lock()
+        self._raw: OrderedDict[str, np.ndarray] = OrderedDict()  # shared with twins, like the tags
         self._reset_online_state()
 
     def _reset_online_state(self) -> None:
@@ -502,15 +508,7 @@ class SmolLM2Student:
             cached = self._zero_shot_cache.get(query.id)
         if cached is not None and len(cached) == len(options):
             return cached
-        model, tokenizer = self.lm()
-        scores = score_continuations(
-            model,
-            tokenizer,
-            self.prompt_for(query, ()),
-            [option_continuation(o) for o in options],
-            normalise=self.score == "mean",
-        )
-        logp = _log_softmax(np.asarray(scores, dtype=np.float64))
+        logp = self._raw_zero_shot(self.prompt_for(query, ()), options)
         with self._state_lock:
             if self.calibration is not None:
                 calibrated = self._record(["calibrate", list(options), False, logp.tolist()])
@@ -521,6 +519,28 @@ class SmolLM2Student:
             while len(self._zero_shot_cache) > _ZERO_SHOT_CACHE:
                 self._zero_shot_cache.popitem(last=False)
         return probs
+
+    def _raw_zero_shot(self, prompt: str, options: Sequence[str]) -> np.ndarray:
+        """The LM's option log-probabilities after ``prompt``, a pure function of its text: cached
+        across queries and across the twins ``fresh()`` makes (the cells of an evaluation read each
+        image once)."""
+        key = hashlib.sha1(json.dumps([prompt, list(options)]).encode()).hexdigest()
+        with self._raw_lock:
+            hit = self._raw.get(key)
+            if hit is not None:
+                self._raw.move_to_end(key)
+                return hit
+        model, tokenizer = self.lm()
+        scores = score_continuations(
+            model, tokenizer, prompt, [option_continuation(o) for o in options], normalise=self.score == "mean"
+        )
+        logp = _log_softmax(np.asarray(scores, dtype=np.float64))
+        logp.flags.writeable = False
+        with self._raw_lock:
+            self._raw[key] = logp
+            while len(self._raw) > RAW_CACHE_SIZE:
+                self._raw.popitem(last=False)
+        return logp
 
     def _vote(
         self, query: Query, demos: Sequence[Demo], options: Sequence[str]
