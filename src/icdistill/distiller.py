@@ -286,6 +286,7 @@ class Distiller:
             "ctx_pool_size": ctx.pool_size,
             "ctx_kind": ctx.kind,
             "gate_signals": dict(ctx.signals),
+            "gate_score": decision.score,
             "gate_forced": is_forced(decision.reason),
             "stream_sketch": draft.sketch,
             "annotation": _annotation_record(annotation) if reused is None else None,

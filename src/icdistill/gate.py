@@ -6,7 +6,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -273,19 +273,19 @@ class BudgetGate:
 
     def decide(self, uncertainty: float, ctx: GateContext) -> GateDecision:
         counts = self._counts(ctx)
+        g = gate_score(self.score, uncertainty, ctx)
         forced = self.pacing.forced(counts, ctx)
         if forced is not None:
-            return forced
-        g = gate_score(self.score, uncertainty, ctx)
+            return replace(forced, score=g)
         thr = self.threshold(ctx)
         name = "uncertainty" if self.score == "uncertainty" else f"{self.score} score"
         if thr is None:
             # too little history for a quantile: ask when behind schedule
             ask = counts.calls < self.rate * (counts.seen + 1)
-            return GateDecision(ask, "calibrating: " + ("behind budget" if ask else "on budget"))
+            return GateDecision(ask, "calibrating: " + ("behind budget" if ask else "on budget"), score=g)
         if g > thr or (g == thr and counts.calls < self.rate * (counts.seen + 1)):
-            return GateDecision(True, f"{name} {g:.3f} > quantile {thr:.3f}", thr)
-        return GateDecision(False, f"{name} {g:.3f} <= quantile {thr:.3f}", thr)
+            return GateDecision(True, f"{name} {g:.3f} > quantile {thr:.3f}", thr, g)
+        return GateDecision(False, f"{name} {g:.3f} <= quantile {thr:.3f}", thr, g)
 
     def observe(self, uncertainty: float, ctx: GateContext, asked: bool) -> None:
         counts = self.counts_.setdefault(ctx.kind, _KindCounts())

@@ -194,3 +194,4 @@ class GateDecision:
     ask: bool
     reason: str  # e.g. "uncertainty 0.71 > threshold 0.55", "warm-up", "cap reached"
     threshold: float | None = None
+    score: float | None = None  # what the gate ranked the query by, when it ranks

@@ -85,6 +85,10 @@ def cell_scores(records: Sequence[dict[str, Any]], open_answers: bool) -> dict[s
         # a constant uncertainty (e.g. a student that always abstains for the teacher) ranks nothing:
         # no AUROC of 0.5 and no reliability curve for it
         out["auroc"], out["reliability"] = None, []
+    # the budget gate's own score (coverage, uncertainty or both) as a detector of first-pass errors
+    scored = [(r["gate_score"], bool(r["first_correct"])) for r in qs if _finite(r.get("gate_score"))]
+    distinct = len({g for g, _ in scored}) > 1 and len({c for _, c in scored}) > 1
+    out["gate_auroc"] = auroc([g for g, _ in scored], [not c for _, c in scored]) if distinct else None
     if open_answers and qs:
         answers = [str(r["answer"] or "") for r in qs]
         refs = [str(r["label"]) for r in qs]
