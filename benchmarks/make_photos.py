@@ -11,7 +11,7 @@ Writes, under ``--out``:
   class names as options) and open questions ("Name the main thing in this photo in one or two
   words.", answered by the class name) on alternating images.
 
-    python benchmarks/make_photos.py --out data/bench --per-class 40 --seed 0
+    python benchmarks/make_photos.py --out data/bench --per-class 40 --seed 0   # data/ is git-ignored
 """
 
 from __future__ import annotations
