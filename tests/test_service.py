@@ -141,6 +141,12 @@ def test_auth_is_required_and_checked(tmp_path):
         } <= set(paths)
 
 
+def test_serve_refuses_a_coverage_gate_it_could_not_restore():
+    with pytest.raises(ICDError, match="uncertainty only"):
+        ServeConfig(no_auth=True, gate_score="coverage")
+    assert ServeConfig(no_auth=True).gate_score == "uncertainty"
+
+
 def test_no_auth_only_on_loopback_and_key_from_env(monkeypatch):
     with pytest.raises(ICDError, match="loopback"):
         ServeConfig(no_auth=True, host="0.0.0.0")

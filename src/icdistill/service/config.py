@@ -94,6 +94,13 @@ class ServeConfig:
     claim_lease_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.gate_score != "uncertainty":
+            # the service restores its gate from stored rows that keep no coverage signals, so a
+            # coverage gate would come back from a restart ranking every query alike
+            raise ICDError(
+                f"icd serve ranks queries by uncertainty only (--gate-score {self.gate_score} is for icd run and "
+                "icd eval): its gate is restored after a restart from rows without coverage signals"
+            )
         if self.no_auth and not is_loopback(self.host):
             raise ICDError(f"--no-auth is only allowed on a loopback address, not {self.host!r}")
         if not self.no_auth and not self.api_key:
