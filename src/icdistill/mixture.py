@@ -78,9 +78,9 @@ class SimilarityMixture:
         shots: int = 2,
         temperature: float = 0.05,
         bandwidth: float = 0.1,
-        prior: float = 1.0,
+        prior: float = 0.5,
         iterations: int = 30,
-        max_taught: int = 5000,
+        max_taught: int = 2000,
     ) -> None:
         if shots < 1 or temperature <= 0 or bandwidth <= 0 or prior <= 0 or iterations < 1 or max_taught < 2:
             raise ICDError(
