@@ -136,6 +136,12 @@ class Distiller:
         if add_cost is not None:
             add_cost(cost_usd)
 
+    def _refund(self, ctx: GateContext) -> None:
+        """Give back to the gate a call it counted in ``answer_now`` that was not made."""
+        refund = getattr(self.gate, "refund", None)  # gates that count their own calls
+        if refund is not None:
+            refund(ctx)
+
     def next_position(self) -> int:
         return max((r["position"] for r in self.records), default=-1) + 1
 
@@ -243,10 +249,12 @@ class Distiller:
             # another worker of a shared pool bought this label while we waited for its claim: a pool
             # hit, not a teacher call of ours (the gate counted one in answer_now: take it back)
             self.teacher_calls -= 1
+            self._refund(draft.ctx)
             asked, reason = False, f"{draft.reason}; not asked: bought by another worker meanwhile (demo {reused})"
         elif refused is not None:
             # not a teacher failure (a run must not stop on it), and not a call of ours either
             self.teacher_calls -= 1
+            self._refund(draft.ctx)
             asked, reason = False, f"{draft.reason}; not asked: {refused}"
         if annotation is not None and reused is None:
             # once, always: a recovered annotation was never logged, so replay did not charge it
