@@ -520,6 +520,14 @@ class SmolLM2Student:
                 self._zero_shot_cache.popitem(last=False)
         return probs
 
+    def forget_readings(self) -> None:
+        """Drop the cached LM readings (per prompt and per query): for a student whose weights just
+        changed (the online LoRA baseline), where a cached reading is the untrained model's."""
+        with self._raw_lock:
+            self._raw.clear()
+        with self._state_lock:
+            self._zero_shot_cache.clear()
+
     def _raw_zero_shot(self, prompt: str, options: Sequence[str]) -> np.ndarray:
         """The LM's option log-probabilities after ``prompt``, a pure function of its text: cached
         across queries and across the twins ``fresh()`` makes (the cells of an evaluation read each
