@@ -297,3 +297,18 @@ def test_a_refused_call_is_given_back_to_the_gate_as_on_resume(dataset, tmp_path
         resumed_gate = gate()
         make(resumed_gate, pool=pool, log=log)
     assert resumed_gate.counts_ == live_gate.counts_
+
+
+def test_a_stream_whose_questions_each_have_their_own_options_leaves_the_warm_up(dataset):
+    # multiple-choice questions with per-question options (a manifest, an HF dataset): the pool
+    # never holds a demo of the very same option set, so counting only those kept the budget gate
+    # in its warm-up for the whole stream, never ranking a query by its score
+    labels = sorted({q.label for q in stream(dataset)})
+    qs = []
+    for i, q in enumerate(stream(dataset, n=60)):
+        options = (q.label, *[x for x in labels if x != q.label][:1], f"none of these ({i})")
+        qs.append(replace(q, options=options))
+    recs = make(BudgetGate(0.2, warmup=3, min_history=5)).run(qs)
+    reasons = [r["gate_reason"] for r in recs]
+    assert sum(r.startswith("warm-up") for r in reasons) <= 3
+    assert any("quantile" in r for r in reasons)

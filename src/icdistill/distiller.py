@@ -11,7 +11,7 @@ from icdistill.coverage import StreamDensity, decode_sketch, encode_sketch
 from icdistill.gate import is_forced, uncertainty_measure
 from icdistill.protocols import Embedder, Gate, Selector, Student
 from icdistill.runlog import RunLog
-from icdistill.select import nearest_demo_similarity, same_kind_count
+from icdistill.select import nearest_demo_similarity, question_kind_count
 from icdistill.teacher import TestTimeScaling, normalise_answer
 from icdistill.types import (
     ANSWER,
@@ -176,7 +176,7 @@ class Distiller:
         own = int(stored is not None and any(d.query_id == query.id for d in self.pool.demos()))
         kind = "options" if query.options else "open"  # uncertainty scales differ: per-kind gate statistics
         signals, sketch = self._coverage(query, emb, own)
-        ctx = GateContext(query.position, self.teacher_calls, same_kind_count(query, self.pool) - own, kind, signals)
+        ctx = GateContext(query.position, self.teacher_calls, question_kind_count(query, self.pool) - own, kind, signals)
         decision = self.gate.decide(u, ctx)  # 3. gate
         asked = decision.ask or stored is not None
         reason = "recovered from pool after a crash" if stored is not None else decision.reason
