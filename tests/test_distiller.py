@@ -261,3 +261,54 @@ def test_the_summary_shows_each_label_and_kind_and_names_labels_the_pool_never_r
     fresh = [r for r in recs if not r["teacher_asked"]]
     assert len(fresh) == 27 and all(r["gate_signals"]["nearest_demo_similarity"] > 0 for r in fresh)
     assert all("typicality" in r["gate_signals"] for r in recs[12:])
+
+
+class _RefusingTeacher(FakeTeacher):
+    """Answers every other request; the others are refused before any call (a shared budget spent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = 0
+
+    def sample(self, query, n):
+        self.requests += 1
+        if self.requests % 2 == 0:
+            err = TeacherError("shared budget spent")
+            err.not_called = True  # type: ignore[attr-defined]
+            raise err
+        return super().sample(query, n)
+
+
+def test_a_refused_call_is_given_back_to_the_gate_as_on_resume(dataset, tmp_path):
+    # the gate counts a call in answer_now; a refused one (not made) must be taken back, or the
+    # gate's per-kind spend runs ahead of the real one (under-spending) and a resumed run, which
+    # replays the logged teacher_asked=False, paces differently
+    def gate():
+        return BudgetGate(0.3, warmup=3, min_history=5)
+
+    live_gate = gate()
+    with SQLitePool(tmp_path / "pool.sqlite") as pool, RunLog(tmp_path / "log.jsonl") as log:
+        d = make(live_gate, teacher=_RefusingTeacher(), pool=pool, log=log)
+        recs = d.run(stream(dataset, 30))
+    real_calls = sum(r["teacher_asked"] for r in recs)
+    assert any("not asked: shared budget spent" in r["gate_reason"] for r in recs)
+    assert live_gate.counts_["options"].calls == real_calls == d.teacher_calls
+    with SQLitePool(tmp_path / "pool.sqlite") as pool, RunLog(tmp_path / "log.jsonl") as log:
+        resumed_gate = gate()
+        make(resumed_gate, pool=pool, log=log)
+    assert resumed_gate.counts_ == live_gate.counts_
+
+
+def test_a_stream_whose_questions_each_have_their_own_options_leaves_the_warm_up(dataset):
+    # multiple-choice questions with per-question options (a manifest, an HF dataset): the pool
+    # never holds a demo of the very same option set, so counting only those kept the budget gate
+    # in its warm-up for the whole stream, never ranking a query by its score
+    labels = sorted({q.label for q in stream(dataset)})
+    qs = []
+    for i, q in enumerate(stream(dataset, n=60)):
+        options = (q.label, *[x for x in labels if x != q.label][:1], f"none of these ({i})")
+        qs.append(replace(q, options=options))
+    recs = make(BudgetGate(0.2, warmup=3, min_history=5)).run(qs)
+    reasons = [r["gate_reason"] for r in recs]
+    assert sum(r.startswith("warm-up") for r in reasons) <= 3
+    assert any("quantile" in r for r in reasons)

@@ -89,3 +89,59 @@ def test_option_sets_learn_apart_and_bad_settings_are_refused():
     assert m.vote_weight(("x", "y"), 0.9) == 0.5
     with pytest.raises(ICDError):
         SimilarityMixture(bandwidth=0.0)
+
+
+def _brute_checks(m: SimilarityMixture, rows: list[tuple[np.ndarray, np.ndarray, str]]):
+    """The checks recomputed from scratch over ``rows`` (what ``checks`` must equal)."""
+    feats = np.stack([f / np.linalg.norm(f) for f, _, _ in rows]).astype(np.float32)
+    sims = feats @ feats.T
+    np.fill_diagonal(sims, -np.inf)
+    labels = np.array([a for _, _, a in rows])
+    t = m.zero_shot_temperature(OPTIONS)
+    near, p = [], []
+    for i, (_, zs, ans) in enumerate(rows):
+        y = OPTIONS.index(ans)
+        for others in (np.flatnonzero(np.isfinite(sims[i])), np.flatnonzero(labels != ans)):
+            if not len(others):
+                continue
+            top = others[np.argsort(-sims[i, others], kind="stable")[: m.shots]]
+            v = vote(sims[i, top], [rows[j][2] for j in top], OPTIONS, m.temperature)
+            near.append(float(sims[i, top[0]]))
+            p.append((float(v[y]), float(temper(zs, t)[y])))
+    return np.array(near), np.maximum(np.array(p).reshape(-1, 2), 1e-4)
+
+
+def test_checks_kept_up_to_date_one_taught_query_at_a_time_equal_the_checks_from_scratch():
+    rng = np.random.default_rng(1)
+    m = SimilarityMixture(shots=2, max_taught=25)
+    rows: list[tuple[np.ndarray, np.ndarray, str]] = []
+    for i in range(60):
+        # a few repeated images (tied similarities, the same answer: which twin is nearer is a matter
+        # of rounding) and a class that comes late
+        label = OPTIONS[2] if i > 20 and i % 4 == 0 else OPTIONS[i % 2]
+        f, label = (rows[i - 7][0], rows[i - 7][2]) if i % 9 == 8 else (rng.standard_normal(6), label)
+        row = (np.asarray(f, dtype=np.float32), rng.dirichlet(np.ones(3)), label)
+        rows.append(row)
+        m.teach(OPTIONS, *row)
+        if i % 5 == 0 or i > 50:
+            near, p = m.checks(OPTIONS)
+            want_near, want_p = _brute_checks(m, rows[-25:])
+            assert near == pytest.approx(want_near, abs=1e-6) and p == pytest.approx(want_p, abs=1e-6)
+    assert m.taught(OPTIONS) == 25
+
+
+def test_a_long_taught_stream_costs_no_square_per_teach():
+    # the checks were recomputed from scratch (n x n similarities, a sort per row) after every
+    # teach: 1-2 s per teacher answer at 2000 taught queries, hours over a 5000-query budget
+    import time
+
+    rng = np.random.default_rng(0)
+    m = SimilarityMixture(max_taught=5000)
+    for i in range(2500):
+        m.teach(OPTIONS, rng.standard_normal(64), rng.dirichlet(np.ones(3)), OPTIONS[i % 3])
+    m.vote_weight(OPTIONS, 0.5)
+    t0 = time.perf_counter()
+    for i in range(10):
+        m.teach(OPTIONS, rng.standard_normal(64), rng.dirichlet(np.ones(3)), OPTIONS[i % 3])
+        m.vote_weight(OPTIONS, 0.5)
+    assert time.perf_counter() - t0 < 2.0

@@ -348,3 +348,26 @@ def test_open_answers_are_really_sampled_when_the_backend_can() -> None:
         json={"model": "m", "messages": [user("Describe.")], "n": 3, "temperature": 1.0},
     )
     assert r.status_code == 400 and "greedily" in r.json()["error"]["message"]
+
+
+def test_a_served_student_does_not_pile_up_its_online_events() -> None:
+    # local:smollm2 keeps every calibration update as an event for a run log to drain; nobody drains
+    # them in serve-model, so a long-lived server grew by one event per request, forever
+    class Learning(FakeStudent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.events: list[list] = []
+
+        def predict(self, query, demos):
+            self.events.append(["calibrate", query.id])
+            return super().predict(query, demos)
+
+        def drain_events(self) -> list[list]:
+            out, self.events = self.events, []
+            return out
+
+    student = Learning()
+    c = TestClient(create_app(student))
+    for _ in range(3):
+        chat(c, [user("What item of clothing is shown?", (200, 30, 30))], options=list(OPTIONS))
+    assert student.events == []

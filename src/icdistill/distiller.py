@@ -11,7 +11,7 @@ from icdistill.coverage import StreamDensity, decode_sketch, encode_sketch
 from icdistill.gate import is_forced, uncertainty_measure
 from icdistill.protocols import Embedder, Gate, Selector, Student
 from icdistill.runlog import RunLog
-from icdistill.select import nearest_demo_similarity, same_kind_count
+from icdistill.select import nearest_demo_similarity, question_kind_count
 from icdistill.teacher import TestTimeScaling, normalise_answer
 from icdistill.types import (
     ANSWER,
@@ -136,6 +136,12 @@ class Distiller:
         if add_cost is not None:
             add_cost(cost_usd)
 
+    def _refund(self, ctx: GateContext) -> None:
+        """Give back to the gate a call it counted in ``answer_now`` that was not made."""
+        refund = getattr(self.gate, "refund", None)  # gates that count their own calls
+        if refund is not None:
+            refund(ctx)
+
     def next_position(self) -> int:
         return max((r["position"] for r in self.records), default=-1) + 1
 
@@ -170,7 +176,7 @@ class Distiller:
         own = int(stored is not None and any(d.query_id == query.id for d in self.pool.demos()))
         kind = "options" if query.options else "open"  # uncertainty scales differ: per-kind gate statistics
         signals, sketch = self._coverage(query, emb, own)
-        ctx = GateContext(query.position, self.teacher_calls, same_kind_count(query, self.pool) - own, kind, signals)
+        ctx = GateContext(query.position, self.teacher_calls, question_kind_count(query, self.pool) - own, kind, signals)
         decision = self.gate.decide(u, ctx)  # 3. gate
         asked = decision.ask or stored is not None
         reason = "recovered from pool after a crash" if stored is not None else decision.reason
@@ -243,10 +249,12 @@ class Distiller:
             # another worker of a shared pool bought this label while we waited for its claim: a pool
             # hit, not a teacher call of ours (the gate counted one in answer_now: take it back)
             self.teacher_calls -= 1
+            self._refund(draft.ctx)
             asked, reason = False, f"{draft.reason}; not asked: bought by another worker meanwhile (demo {reused})"
         elif refused is not None:
             # not a teacher failure (a run must not stop on it), and not a call of ours either
             self.teacher_calls -= 1
+            self._refund(draft.ctx)
             asked, reason = False, f"{draft.reason}; not asked: {refused}"
         if annotation is not None and reused is None:
             # once, always: a recovered annotation was never logged, so replay did not charge it

@@ -169,6 +169,12 @@ def is_forced(reason: str) -> bool:
     return reason.startswith(FORCED_REASONS)
 
 
+def _refund(counts: dict[str, _KindCounts], ctx: GateContext) -> None:
+    c = counts.get(ctx.kind)
+    if c is not None and c.calls > 0:
+        c.calls -= 1
+
+
 def _check_rate(rate: float, warmup: int) -> None:
     if not 0.0 < rate <= 1.0:
         raise ICDError(f"budget rate must be in (0, 1], got {rate}")
@@ -302,6 +308,11 @@ class BudgetGate:
             old = recent.popleft()
             del history[bisect.bisect_left(history, old)]
 
+    def refund(self, ctx: GateContext) -> None:
+        """A call ``observe`` counted was not made after all (refused, or bought by another worker):
+        the log then says not asked, which is what a resumed run replays."""
+        _refund(self.counts_, ctx)
+
 
 class RandomGate:
     """A baseline: asks at random at the target rate, ignoring uncertainty, paced like ``BudgetGate``
@@ -343,6 +354,9 @@ class RandomGate:
         counts.seen += 1
         counts.calls += int(asked)
 
+    def refund(self, ctx: GateContext) -> None:
+        _refund(self.counts_, ctx)
+
 
 class CappedGate:
     """Wraps a gate with a hard cap on teacher calls (and optionally on spent dollars).
@@ -376,6 +390,11 @@ class CappedGate:
 
     def observe(self, uncertainty: float, ctx: GateContext, asked: bool) -> None:
         self.inner.observe(uncertainty, ctx, asked)
+
+    def refund(self, ctx: GateContext) -> None:
+        refund = getattr(self.inner, "refund", None)
+        if refund is not None:
+            refund(ctx)
 
 
 GATES = ("budget", "threshold", "always", "never", "random")

@@ -41,13 +41,39 @@ def vote(sims: np.ndarray, answers: Sequence[str], options: Sequence[str], tempe
 
 @dataclass
 class _Taught:
-    """The queries of one option set the teacher answered, as the student read them."""
+    """The queries of one option set the teacher answered, as the student read them, and each one's
+    check neighbours, kept up to date one taught query at a time (a teach costs O(n), not O(n^2))."""
 
-    features: list[np.ndarray] = field(default_factory=list)  # unit norm
+    features: np.ndarray | None = None  # (capacity, d) unit rows; the first len(answers) are used
     zero_shot: list[np.ndarray] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
+    # per taught query, its ``shots`` nearest others (leave-one-out) and nearest others of other
+    # labels (leave-label-out), nearest first, ties to the earlier taught: index (-1: none), cosine
+    loo: tuple[np.ndarray, np.ndarray] | None = None
+    llo: tuple[np.ndarray, np.ndarray] | None = None
     checks: tuple[np.ndarray, np.ndarray] | None = None  # (similarity, p_true (n, 2)), cached
     temperature: float | None = None  # of the zero-shot reading, fitted to the taught answers, cached
+
+
+def _nearest(sims: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` candidates of highest similarity, nearest first (ties: lower index), padded."""
+    top = candidates[np.argsort(-sims[candidates], kind="stable")[:k]]
+    idx = np.full(k, -1, dtype=np.int64)
+    sim = np.full(k, -np.inf)
+    idx[: len(top)] = top
+    sim[: len(top)] = sims[top]
+    return idx, sim
+
+
+def _offer(nbrs: tuple[np.ndarray, np.ndarray], sims: np.ndarray, new: int, rows: np.ndarray) -> None:
+    """Offer taught query ``new`` (at ``sims`` to each row) as a neighbour of ``rows``: it enters a
+    row's list where it is nearer than that row's last (on a tie the earlier taught stays first)."""
+    idx, sim = nbrs
+    for r in rows[sims[rows] > sim[rows, -1]]:
+        pos = int((sim[r] >= sims[r]).sum())
+        idx[r, pos + 1 :] = idx[r, pos:-1].copy()
+        sim[r, pos + 1 :] = sim[r, pos:-1].copy()
+        idx[r, pos], sim[r, pos] = new, sims[r]
 
 
 # temperatures tried for the zero-shot reading (log-spaced), and the prior's spread on log T
@@ -102,13 +128,47 @@ class SimilarityMixture:
         f = np.asarray(features, dtype=np.float32).ravel()
         f = f / max(float(np.linalg.norm(f)), 1e-12)
         t = self._taught.setdefault(options, _Taught())
-        t.features.append(f)
+        n, k = len(t.answers), self.shots
+        if t.features is None or t.loo is None or t.llo is None:
+            t.features = np.zeros((16, f.size), dtype=np.float32)
+            t.loo = (np.zeros((0, k), dtype=np.int64), np.zeros((0, k)))
+            t.llo = (np.zeros((0, k), dtype=np.int64), np.zeros((0, k)))
+        if n == len(t.features):
+            t.features = np.concatenate([t.features, np.zeros_like(t.features)])
+        sims = (t.features[:n] @ f).astype(np.float64)
+        other = np.flatnonzero(np.array([a != answer for a in t.answers], dtype=bool))
+        _offer(t.loo, sims, n, np.arange(n))
+        _offer(t.llo, sims, n, other)
+        loo, llo = _nearest(sims, np.arange(n), k), _nearest(sims, other, k)
+        t.loo = (np.vstack([t.loo[0], loo[0]]), np.vstack([t.loo[1], loo[1]]))
+        t.llo = (np.vstack([t.llo[0], llo[0]]), np.vstack([t.llo[1], llo[1]]))
+        t.features[n] = f
         t.zero_shot.append(np.asarray(zero_shot, dtype=np.float64))
         t.answers.append(answer)
         if len(t.answers) > self.max_taught:
-            del t.features[0], t.zero_shot[0], t.answers[0]
+            self._forget_first(t)
         t.checks = None
         t.temperature = None
+
+    def _forget_first(self, t: _Taught) -> None:
+        """Drop the oldest taught query; the rows that had it as a neighbour look again."""
+        assert t.features is not None and t.loo is not None and t.llo is not None
+        n = len(t.answers)
+        t.features[: n - 1] = t.features[1:n].copy()
+        del t.zero_shot[0], t.answers[0]
+        n -= 1
+        labels = np.array(t.answers)
+        lists = []
+        for (idx, sim), same_label_too in ((t.loo, True), (t.llo, False)):
+            idx, sim = idx[1:].copy(), sim[1:].copy()
+            lost = np.flatnonzero((idx == 0).any(axis=1))
+            idx[idx > 0] -= 1
+            for r in lost:
+                sims = (t.features[:n] @ t.features[r]).astype(np.float64)
+                cand = np.flatnonzero(np.arange(n) != r) if same_label_too else np.flatnonzero(labels != labels[r])
+                idx[r], sim[r] = _nearest(sims, cand, self.shots)
+            lists.append((idx, sim))
+        t.loo, t.llo = lists
 
     def zero_shot_temperature(self, options: Sequence[str]) -> float:
         """The temperature that makes the zero-shot reading best predict the teacher's answers (maximum
@@ -151,24 +211,29 @@ class SimilarityMixture:
         if t is None or len(t.answers) < 2:
             return np.zeros(0), np.zeros((0, 2))
         if t.checks is None:
-            feats = np.stack(t.features)
-            sims = feats @ feats.T
-            np.fill_diagonal(sims, -np.inf)
-            labels = np.array(t.answers)
-            near: list[float] = []
-            p: list[tuple[float, float]] = []
-            for i, ans in enumerate(t.answers):
-                y = options.index(ans)
-                # what the vote of the nearest others said, and what it says where the pool lacks
-                # this query's class (only the others of other labels): both at their similarity
-                for others in (np.flatnonzero(np.isfinite(sims[i])), np.flatnonzero(labels != ans)):
-                    if not len(others):
-                        continue
-                    top = others[np.argsort(-sims[i, others], kind="stable")[: self.shots]]
-                    v = vote(sims[i, top], [t.answers[j] for j in top], options, self.temperature)
-                    near.append(float(sims[i, top[0]]))
-                    p.append((float(v[y]), float(self.zero_shot(options, t.zero_shot[i])[y])))
-            t.checks = (np.array(near), np.maximum(np.array(p).reshape(-1, 2), _P_FLOOR))
+            assert t.loo is not None and t.llo is not None
+            n = len(t.answers)
+            y = np.array([options.index(a) for a in t.answers])
+            # each one's zero-shot reading at the fitted temperature (``temper``, row by row)
+            logp = np.log(np.maximum(np.stack(t.zero_shot), 1e-300)) / self.zero_shot_temperature(options)
+            q = np.exp(logp - logp.max(axis=1, keepdims=True))
+            zs = (q / q.sum(axis=1, keepdims=True))[np.arange(n), y]
+            near, p, valid = [], [], []
+            for idx, sim in (t.loo, t.llo):
+                # the vote of the row's neighbours (``vote``), for the row's own answer
+                ok = idx >= 0
+                top = np.where(ok[:, :1], sim[:, :1], 0.0)
+                w = np.where(ok, np.exp((np.where(ok, sim, top) - top) / self.temperature), 0.0)
+                w = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+                p_vote = (w * ((y[np.where(ok, idx, 0)] == y[:, None]) & ok)).sum(axis=1)
+                near.append(sim[:, 0])
+                p.append(np.stack([p_vote, zs], axis=1))
+                valid.append(ok[:, 0])
+            # two checks per query, in order (leave-one-out, leave-label-out), those that exist
+            keep = np.stack(valid, axis=1).ravel()
+            near_all = np.stack(near, axis=1).ravel()[keep]
+            p_all = np.stack(p, axis=1).reshape(-1, 2)[keep]
+            t.checks = (near_all, np.maximum(p_all, _P_FLOOR))
         return t.checks
 
     def vote_weight(self, options: Sequence[str], similarity: float) -> float:

@@ -227,3 +227,16 @@ def same_kind_count(query: Query, pool: Pool) -> int:
     """How many pooled demos answer the query's kind of question (the same options, or open)."""
     candidates = _eligible(query, pool, mix=False)
     return len(pool) if candidates is None else len(candidates)
+
+
+def question_kind_count(query: Query, pool: Pool) -> int:
+    """How many pooled demos answer a question of the query's kind as a gate keeps it
+    (``GateContext.kind``): with options (any option set) or open. Per option set it would stay 0
+    on a stream whose questions each have their own options."""
+    kind_ids = getattr(pool, "kind_ids", None)
+    if kind_ids is not None:
+        open_ids = kind_ids(None)
+        n_open = len(pool) if open_ids is None else len(open_ids)
+    else:
+        n_open = sum(not d.provenance.get("options") for d in pool.demos())
+    return len(pool) - n_open if query.options else n_open

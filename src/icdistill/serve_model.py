@@ -283,6 +283,17 @@ async def _read_limited(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def _predict(student: Student, query: Query, demos: Sequence[Demo]) -> Prediction:
+    """``student.predict``, dropping what a learning student keeps for a run log to replay (its
+    events): no log here, and a long-lived server must not keep one event per request."""
+    try:
+        return student.predict(query, demos)
+    finally:
+        drain = getattr(student, "drain_events", None)
+        if drain is not None:
+            drain()
+
+
 def create_app(
     student: Student,
     faults: FaultPlan | None = None,
@@ -394,7 +405,7 @@ def create_app(
             return _error(400, str(e), param=e.param)
         async with predict_lock:
             try:
-                pred = await asyncio.to_thread(student.predict, query, demos)
+                pred = await asyncio.to_thread(_predict, student, query, demos)
             except Exception:  # the client must see a server error, not a dropped connection
                 ref = uuid.uuid4().hex[:12]
                 log.exception("student failed on request %s", ref)  # the details stay in the server log

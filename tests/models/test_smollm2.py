@@ -310,3 +310,29 @@ def test_open_predictions_use_share_free_tags_and_clean_answers(monkeypatch):
     assert student.sample(q, [demo], 2, 0.7, 0) == ["green", "a red square"]
     classify = student.prompt_for(Query(id="c", image=img, prompt="Which colour?", options=("red", "blue")), [demo])
     assert "%" in classify  # option questions keep the shares: they are scored, not generated
+
+
+def test_a_teacher_answer_that_comes_late_does_not_calibrate_its_query_twice(monkeypatch):
+    # the service labels a query long after its first pass (a person, a slow teacher): its zero-shot
+    # reading has left the per-query cache by then, and learn() read it again as a new query,
+    # counting it a second time in the online calibration
+    student = SmolLM2Student(_FeatureTagger(), lm=(object(), object()))
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(
+        student, "_raw_zero_shot", lambda prompt, options: np.log(rng.dirichlet(np.ones(len(options))))
+    )
+    opts = ("red", "green", "blue")
+
+    def query(i: int) -> Query:
+        img = Image.new("RGB", (4, 4), (i % 250, 40, 200 - i % 200))
+        return Query(id=f"q{i}", image=img, prompt="colour?", options=opts)
+
+    first = query(0)
+    student.predict(first, [])
+    for i in range(1, 300):  # other queries answered meanwhile
+        student.predict(query(i), [])
+    student.drain_events()
+    student.learn(first, "blue")
+    events = student.drain_events()
+    assert [e[0] for e in events] == ["teach"]
+    assert student.calibration is not None and student.calibration._n[(opts, False)] == 300

@@ -128,6 +128,7 @@ class LoRAStudent:
             self.optimizer.zero_grad(set_to_none=True)
             self.train_steps += 1
         self.model.eval()
+        self.student.forget_readings()  # its cached readings are the weights' before this step
         self.train_seconds += time.perf_counter() - t0
 
     def training_stats(self) -> dict[str, Any]:

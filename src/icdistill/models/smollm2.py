@@ -273,6 +273,13 @@ class OnlineCalibration:
         self._n: dict[tuple[tuple[str, ...], bool], int] = {}
         self._lock = threading.Lock()
 
+    def peek(self, options: Sequence[str], with_demos: bool, logp: np.ndarray) -> np.ndarray:
+        """``logp`` calibrated against the mean so far, without counting it (a query read again)."""
+        key = (tuple(options), with_demos)
+        with self._lock:
+            n = self._n.get(key, 0)
+            return logp - self._sum[key] / n if n else logp.copy()
+
     def __call__(self, options: Sequence[str], with_demos: bool, logp: np.ndarray) -> np.ndarray:
         key = (tuple(options), with_demos)
         with self._lock:
@@ -496,20 +503,25 @@ class SmolLM2Student:
         if features is None:
             return
         options = tuple(dict.fromkeys(query.options))
-        zero_shot = self._zero_shot_probs(query, options)
+        # read again if its first pass left the cache (a late label): not counted in the calibration twice
+        zero_shot = self._zero_shot_probs(query, options, count=False)
         with self._state_lock:
             # features go to the log as float16: rounded here too, so a replay is exact
             self._record(["teach", list(options), encode_sketch(np.asarray(features)), zero_shot.tolist(), answer])
 
     # ------------------------------------------------------------------ the experts
-    def _zero_shot_probs(self, query: Query, options: Sequence[str]) -> np.ndarray:
-        """The LM's calibrated option distribution after the zero-shot prompt, once per query."""
+    def _zero_shot_probs(self, query: Query, options: Sequence[str], count: bool = True) -> np.ndarray:
+        """The LM's calibrated option distribution after the zero-shot prompt, once per query.
+        ``count=False``: a reading not counted in the online calibration (nor kept), for a query that
+        was counted when first read."""
         with self._state_lock:
             cached = self._zero_shot_cache.get(query.id)
         if cached is not None and len(cached) == len(options):
             return cached
         logp = self._raw_zero_shot(self.prompt_for(query, ()), options)
         with self._state_lock:
+            if self.calibration is not None and not count:
+                return np.exp(_log_softmax(self.calibration.peek(options, False, logp)))
             if self.calibration is not None:
                 calibrated = self._record(["calibrate", list(options), False, logp.tolist()])
                 assert calibrated is not None
@@ -519,6 +531,14 @@ class SmolLM2Student:
             while len(self._zero_shot_cache) > _ZERO_SHOT_CACHE:
                 self._zero_shot_cache.popitem(last=False)
         return probs
+
+    def forget_readings(self) -> None:
+        """Drop the cached LM readings (per prompt and per query): for a student whose weights just
+        changed (the online LoRA baseline), where a cached reading is the untrained model's."""
+        with self._raw_lock:
+            self._raw.clear()
+        with self._state_lock:
+            self._zero_shot_cache.clear()
 
     def _raw_zero_shot(self, prompt: str, options: Sequence[str]) -> np.ndarray:
         """The LM's option log-probabilities after ``prompt``, a pure function of its text: cached
