@@ -4,7 +4,7 @@ similarity and learned from the teacher's answers (no model)."""
 import numpy as np
 import pytest
 
-from icdistill.mixture import SimilarityMixture, temper, vote
+from icdistill.mixture import SimilarityMixture, vote
 from icdistill.types import ICDError
 
 OPTIONS = ("a", "b", "c")
@@ -29,8 +29,9 @@ def test_checks_replay_the_vote_of_the_other_taught_queries_and_of_the_other_lab
     m.teach(OPTIONS, unit(1, 0.1, 0), np.array([0.2, 0.7, 0.1]), "a")
     m.teach(OPTIONS, unit(0, 0, 1), np.array([0.1, 0.1, 0.8]), "c")
     near, p = m.checks(OPTIONS)
-    t = m.zero_shot_temperature(OPTIONS)
-    zs0 = temper(np.array([0.6, 0.3, 0.1]), t)[0]
+    # query 0's own reading ("a", right) is judged on the others': one read "b" for an "a", one "c"
+    # for a "c" (accuracy (1 + 1) / (2 + 2)); the "a" row has no count, so its prior: 0.5
+    zs0 = 0.5
     # query 0 left out: its nearest other (query 1) says "a", the vote right, at their similarity
     assert near[0] == pytest.approx(float(unit(1, 0, 0) @ unit(1, 0.1, 0)), abs=1e-6)
     assert p[0] == pytest.approx([1.0, zs0])
@@ -39,17 +40,18 @@ def test_checks_replay_the_vote_of_the_other_taught_queries_and_of_the_other_lab
     assert len(near) == 6  # two checks for each of the three queries
 
 
-def test_the_zero_shot_reading_is_sharpened_where_it_reads_right_and_flattened_where_not():
-    right, wrong = SimilarityMixture(), SimilarityMixture()
+def test_the_zero_shot_reading_counts_for_what_its_top_option_has_meant_so_far():
+    """A small LM's option distribution is flat where it reads right: what counts is whether its top
+    option has been the teacher's answer, per option it reads (a confusion, smoothed)."""
+    m = SimilarityMixture()
+    flat = np.array([0.4, 0.3, 0.3])
+    assert m.zero_shot(OPTIONS, flat) == pytest.approx([0.5, 0.25, 0.25])  # nothing taught: prior
     for i in range(8):
-        y = OPTIONS[i % 3]
-        p = np.full(3, 0.3)
-        p[i % 3] = 0.4
-        right.teach(OPTIONS, unit(1, i), p, y)  # argmax right, but flat
-        wrong.teach(OPTIONS, unit(1, i), p, OPTIONS[(i + 1) % 3])  # argmax wrong
-    assert right.zero_shot_temperature(OPTIONS) < 0.5 < 1.0 < wrong.zero_shot_temperature(OPTIONS)
-    sharp = right.zero_shot(OPTIONS, np.array([0.4, 0.3, 0.3]))
-    assert sharp[0] > 0.7
+        m.teach(OPTIONS, unit(1, i), flat, "a")  # it reads "a" (barely) and is right every time
+        m.teach(OPTIONS, unit(i, 1), np.array([0.3, 0.3, 0.4]), "b")  # it reads "c" where it is "b"
+    assert m.zero_shot(OPTIONS, flat)[0] > 0.85
+    says_c = m.zero_shot(OPTIONS, np.array([0.1, 0.1, 0.8]))
+    assert says_c[1] > 0.7 and says_c[2] < 0.2  # confidently "c", and it has meant "b"
 
 
 def test_the_vote_weighs_more_where_near_demos_were_right_and_less_where_far_ones_were_wrong():
@@ -97,9 +99,9 @@ def _brute_checks(m: SimilarityMixture, rows: list[tuple[np.ndarray, np.ndarray,
     sims = feats @ feats.T
     np.fill_diagonal(sims, -np.inf)
     labels = np.array([a for _, _, a in rows])
-    t = m.zero_shot_temperature(OPTIONS)
+    read = np.array([int(np.argmax(zs)) for _, zs, _ in rows])
     near, p = [], []
-    for i, (_, zs, ans) in enumerate(rows):
+    for i, (_, _zs, ans) in enumerate(rows):
         y = OPTIONS.index(ans)
         for others in (np.flatnonzero(np.isfinite(sims[i])), np.flatnonzero(labels != ans)):
             if not len(others):
@@ -107,7 +109,15 @@ def _brute_checks(m: SimilarityMixture, rows: list[tuple[np.ndarray, np.ndarray,
             top = others[np.argsort(-sims[i, others], kind="stable")[: m.shots]]
             v = vote(sims[i, top], [rows[j][2] for j in top], OPTIONS, m.temperature)
             near.append(float(sims[i, top[0]]))
-            p.append((float(v[y]), float(temper(zs, t)[y])))
+            others_read = [(read[j], OPTIONS.index(rows[j][2])) for j in range(len(rows)) if j != i]
+            counts = np.zeros((3, 3))
+            for c, yy in others_read:
+                counts[c, yy] += 1
+            acc = (np.trace(counts) + 1) / (counts.sum() + 2)
+            prior = np.full(3, (1 - acc) / 2)
+            prior[read[i]] = acc
+            zs_i = (counts[read[i]] + 2.0 * prior) / (counts[read[i]].sum() + 2.0)
+            p.append((float(v[y]), float(zs_i[y])))
     return np.array(near), np.maximum(np.array(p).reshape(-1, 2), 1e-4)
 
 

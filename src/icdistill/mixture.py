@@ -52,7 +52,8 @@ class _Taught:
     loo: tuple[np.ndarray, np.ndarray] | None = None
     llo: tuple[np.ndarray, np.ndarray] | None = None
     checks: tuple[np.ndarray, np.ndarray] | None = None  # (similarity, p_true (n, 2)), cached
-    temperature: float | None = None  # of the zero-shot reading, fitted to the taught answers, cached
+    # the zero-shot reading's confusion: counts[c, y] = taught queries it read as c whose answer was y
+    confusion: np.ndarray | None = None
 
 
 def _nearest(sims: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,16 +77,25 @@ def _offer(nbrs: tuple[np.ndarray, np.ndarray], sims: np.ndarray, new: int, rows
         idx[r, pos], sim[r, pos] = new, sims[r]
 
 
-# temperatures tried for the zero-shot reading (log-spaced), and the prior's spread on log T
-_TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(10.0), 61))
-_LOG_T_PRIOR_SD = 1.0
+# pseudo-counts of the prior on each row of the zero-shot reading's confusion
+_CONFUSION_PRIOR = 2.0
 
 
-def temper(p: np.ndarray, temperature: float) -> np.ndarray:
-    """``p ** (1 / temperature)``, renormalised: sharper below 1, flatter above."""
-    logp = np.log(np.maximum(np.asarray(p, dtype=np.float64), 1e-300)) / temperature
-    q = np.exp(logp - logp.max())
-    return q / q.sum()
+def _calibrated(counts: np.ndarray, read: np.ndarray) -> np.ndarray:
+    """``P(answer = y | the zero-shot reading's top option is c)`` for each ``c`` in ``read``: the
+    confusion counts smoothed toward the reading's overall accuracy (Dirichlet, ``_CONFUSION_PRIOR``
+    pseudo-counts; Beta(1, 1) on the accuracy). ``counts`` may be per row (leave-one-out)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim == 2:
+        counts = np.broadcast_to(counts, (len(read), *counts.shape))
+    k = counts.shape[-1]
+    hits = np.trace(counts, axis1=1, axis2=2)
+    total = counts.sum(axis=(1, 2))
+    accuracy = (hits + 1.0) / (total + 2.0)
+    prior = np.repeat(((1.0 - accuracy) / max(k - 1, 1))[:, None], k, axis=1)
+    prior[np.arange(len(read)), read] = accuracy if k > 1 else 1.0
+    row = counts[np.arange(len(read)), read]
+    return (row + _CONFUSION_PRIOR * prior) / (row.sum(axis=1, keepdims=True) + _CONFUSION_PRIOR)
 
 
 class SimilarityMixture:
@@ -95,8 +105,9 @@ class SimilarityMixture:
     checks of the taught queries: ``sum_i K(s, s_i) log(w p_vote,i + (1 - w) p_zs,i)`` plus a
     Beta prior of ``prior`` pseudo-checks split evenly (EM, ``iterations`` steps from 0.5).
     ``bandwidth`` is the kernel's width in cosine units; ``shots`` and ``temperature`` are those of
-    the vote the checks replay. The zero-shot reading enters at a temperature fitted to the taught
-    answers too (``zero_shot``).
+    the vote the checks replay. The zero-shot reading enters as what its top option has meant so far
+    (``zero_shot``): a small LM's option distribution is nearly flat where it reads right and
+    confident where it reads wrong, so its probabilities are not comparable with the vote's.
     """
 
     def __init__(
@@ -148,7 +159,7 @@ class SimilarityMixture:
         if len(t.answers) > self.max_taught:
             self._forget_first(t)
         t.checks = None
-        t.temperature = None
+        t.confusion = None
 
     def _forget_first(self, t: _Taught) -> None:
         """Drop the oldest taught query; the rows that had it as a neighbour look again."""
@@ -170,31 +181,24 @@ class SimilarityMixture:
             lists.append((idx, sim))
         t.loo, t.llo = lists
 
-    def zero_shot_temperature(self, options: Sequence[str]) -> float:
-        """The temperature that makes the zero-shot reading best predict the teacher's answers (maximum
-        a posteriori, a log-normal prior around 1): a small LM's calibrated option distribution is far
-        too flat where it reads right, and should be flattened where it reads wrong."""
-        t = self._taught.get(tuple(options))
-        if t is None or not t.answers:
-            return 1.0
-        if t.temperature is None:
-            options = tuple(options)
-            logp = np.log(np.maximum(np.stack(t.zero_shot), 1e-300))
-            y = np.array([options.index(a) for a in t.answers])
-            best, best_score = 1.0, -np.inf
-            for temp in _TEMPERATURES:
-                z = logp / temp
-                z = z - z.max(axis=1, keepdims=True)
-                ll = (z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).sum()
-                score = ll - 0.5 * (np.log(temp) / _LOG_T_PRIOR_SD) ** 2
-                if score > best_score:
-                    best, best_score = float(temp), float(score)
-            t.temperature = best
-        return t.temperature
+    def _confusion(self, options: tuple[str, ...], t: _Taught) -> np.ndarray:
+        if t.confusion is None:
+            k = len(options)
+            counts = np.zeros((k, k))
+            for zs, a in zip(t.zero_shot, t.answers, strict=True):
+                counts[int(np.argmax(zs)), options.index(a)] += 1
+            t.confusion = counts
+        return t.confusion
 
     def zero_shot(self, options: Sequence[str], p: np.ndarray) -> np.ndarray:
-        """The zero-shot reading at the fitted temperature."""
-        return temper(p, self.zero_shot_temperature(options))
+        """The zero-shot reading as a distribution over the answer: ``P(y | its top option)`` from the
+        taught queries' confusion, smoothed toward its accuracy so far (uniform accuracy 1/2 before
+        any). What matters is whether its top option has been right, not how sure it sounded."""
+        options = tuple(options)
+        t = self._taught.get(options)
+        k = len(options)
+        counts = self._confusion(options, t) if t is not None and t.answers else np.zeros((k, k))
+        return _calibrated(counts, np.array([int(np.argmax(p))]))[0]
 
     def taught(self, options: Sequence[str]) -> int:
         t = self._taught.get(tuple(options))
@@ -214,10 +218,11 @@ class SimilarityMixture:
             assert t.loo is not None and t.llo is not None
             n = len(t.answers)
             y = np.array([options.index(a) for a in t.answers])
-            # each one's zero-shot reading at the fitted temperature (``temper``, row by row)
-            logp = np.log(np.maximum(np.stack(t.zero_shot), 1e-300)) / self.zero_shot_temperature(options)
-            q = np.exp(logp - logp.max(axis=1, keepdims=True))
-            zs = (q / q.sum(axis=1, keepdims=True))[np.arange(n), y]
+            # each one's zero-shot reading, calibrated on the confusion of the others (leave-one-out)
+            read = np.array([int(np.argmax(z)) for z in t.zero_shot])
+            own = np.zeros((n, len(options), len(options)))
+            own[np.arange(n), read, y] = 1.0
+            zs = _calibrated(self._confusion(options, t)[None] - own, read)[np.arange(n), y]
             near, p, valid = [], [], []
             for idx, sim in (t.loo, t.llo):
                 # the vote of the row's neighbours (``vote``), for the row's own answer
