@@ -145,3 +145,16 @@ def test_a_long_taught_stream_costs_no_square_per_teach():
         m.teach(OPTIONS, rng.standard_normal(64), rng.dirichlet(np.ones(3)), OPTIONS[i % 3])
         m.vote_weight(OPTIONS, 0.5)
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_a_mixture_with_other_shots_is_re_taught_the_same_queries():
+    rng = np.random.default_rng(2)
+    m = SimilarityMixture(shots=2)
+    for i in range(12):
+        m.teach(OPTIONS, rng.standard_normal(5), rng.dirichlet(np.ones(3)), OPTIONS[i % 3])
+    five = m.with_shots(5)
+    assert five.shots == 5 and five.taught(OPTIONS) == 12
+    fresh = SimilarityMixture(shots=5)
+    for f, z, a in zip(m._taught[OPTIONS].features[:12], m._taught[OPTIONS].zero_shot, m._taught[OPTIONS].answers, strict=True):
+        fresh.teach(OPTIONS, f, z, a)
+    assert np.array_equal(five.checks(OPTIONS)[1], fresh.checks(OPTIONS)[1])

@@ -170,6 +170,17 @@ class SimilarityMixture:
             lists.append((idx, sim))
         t.loo, t.llo = lists
 
+    def with_shots(self, shots: int) -> SimilarityMixture:
+        """The same mixture checking a vote of ``shots`` neighbours, re-taught what this one was."""
+        twin = SimilarityMixture(
+            shots, self.temperature, self.bandwidth, self.prior, self.iterations, self.max_taught
+        )
+        for options, t in self._taught.items():
+            assert t.features is not None or not t.answers
+            for i, answer in enumerate(t.answers):
+                twin.teach(options, t.features[i], t.zero_shot[i], answer)  # type: ignore[index]
+        return twin
+
     def zero_shot_temperature(self, options: Sequence[str]) -> float:
         """The temperature that makes the zero-shot reading best predict the teacher's answers (maximum
         a posteriori, a log-normal prior around 1): a small LM's calibrated option distribution is far
