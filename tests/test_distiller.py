@@ -312,3 +312,22 @@ def test_a_stream_whose_questions_each_have_their_own_options_leaves_the_warm_up
     reasons = [r["gate_reason"] for r in recs]
     assert sum(r.startswith("warm-up") for r in reasons) <= 3
     assert any("quantile" in r for r in reasons)
+
+
+def test_the_student_checks_its_demos_vote_with_the_run_s_number_of_shots():
+    # local:smollm2's mixture replays a vote of ``shots`` taught neighbours to learn how far to
+    # trust the demos; it replayed 2 whatever --shots showed the student
+    from fakes import FakeTagger
+    from icdistill.models.smollm2 import SmolLM2Student
+
+    student = SmolLM2Student(FakeTagger(), lm=(object(), object()))
+    Distiller(
+        student=student,
+        annotator=TestTimeScaling(FakeTeacher()),
+        embedder=FakeEmbedder(),
+        selector=make_selector("image"),
+        gate=AlwaysGate(),
+        pool=SQLitePool(None),
+        config=LoopConfig(shots=5),
+    )
+    assert student.mixture.shots == 5

@@ -107,6 +107,9 @@ class Distiller:
         self.records: list[dict[str, Any]] = []
         # how typical each query is of the stream so far: one of the gate's coverage signals
         self.density = StreamDensity()
+        use_shots = getattr(student, "use_shots", None)  # a student that checks its demos' vote
+        if use_shots is not None:
+            use_shots(self.config.shots)
         if log is not None:
             self._replay(log.records)
 

@@ -78,7 +78,7 @@ def _offer(nbrs: tuple[np.ndarray, np.ndarray], sims: np.ndarray, new: int, rows
 
 
 # pseudo-counts of the prior on each row of the zero-shot reading's confusion
-_CONFUSION_PRIOR = 2.0
+_CONFUSION_PRIOR = 4.0
 
 
 def _calibrated(counts: np.ndarray, read: np.ndarray) -> np.ndarray:
@@ -180,6 +180,17 @@ class SimilarityMixture:
                 idx[r], sim[r] = _nearest(sims, cand, self.shots)
             lists.append((idx, sim))
         t.loo, t.llo = lists
+
+    def with_shots(self, shots: int) -> SimilarityMixture:
+        """The same mixture checking a vote of ``shots`` neighbours, re-taught what this one was."""
+        twin = SimilarityMixture(
+            shots, self.temperature, self.bandwidth, self.prior, self.iterations, self.max_taught
+        )
+        for options, t in self._taught.items():
+            assert t.features is not None or not t.answers
+            for i, answer in enumerate(t.answers):
+                twin.teach(options, t.features[i], t.zero_shot[i], answer)  # type: ignore[index]
+        return twin
 
     def _confusion(self, options: tuple[str, ...], t: _Taught) -> np.ndarray:
         if t.confusion is None:

@@ -221,14 +221,16 @@ def test_far_demos_do_not_overwrite_what_the_student_reads_right_alone_and_a_res
     demos. A student replaying the first one's events gives the very same scores."""
     from icdistill.models.efficientnet import ImageTagger
 
-    options = ("cat", "coffee cup", "rocket")
+    options = ("astronaut", "cat", "coffee cup", "galaxy", "motorcycle", "rocket")
     student = SmolLM2Student(ImageTagger(), lm=lm)
     cups = [
         Demo(id=i, query_id=f"c{i}", image=_photo("coffee", 20 + i), prompt=QUESTION, answer="coffee cup")
         for i in range(2)
     ]
+    # the first reading of an option set is not calibrated yet: a query nobody labels starts it
+    student.predict(Query(id="start", image=_photo("rocket", 30), prompt=QUESTION, options=options), cups)
     for i, (name, label) in enumerate([("coffee", "coffee cup"), ("rocket", "rocket")] * 3):
-        q = Query(id=f"t{i}", image=_photo(name, i), prompt=QUESTION, options=options)
+        q = Query(id=f"t{i}", image=_photo(name, 2 + i), prompt=QUESTION, options=options)
         student.predict(q, cups)
         student.learn(q, label)  # the teacher's answer checks both readings
     cat = Query(id="cat", image=_photo("chelsea", 0), prompt=QUESTION, options=options)

@@ -418,6 +418,15 @@ class SmolLM2Student:
         self._zero_shot_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._events: list[list[Any]] = []
 
+    def use_shots(self, shots: int) -> None:
+        """The number of demos a run shows (``LoopConfig.shots``): the mixture's checks replay a
+        vote of as many."""
+        shots = max(1, shots)
+        with self._state_lock:
+            self.shots = shots
+            if self.mixture.shots != shots:
+                self.mixture = self.mixture.with_shots(shots)
+
     def lm(self) -> tuple[Any, Any]:
         """``(model, tokenizer)``, loaded on first use."""
         with self._load_lock:
