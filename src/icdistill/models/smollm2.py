@@ -595,15 +595,15 @@ class SmolLM2Student:
     def _predict_options(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         options = tuple(dict.fromkeys(query.options or ()))
         zero_shot = self._zero_shot_probs(query, options)
-        if self.mix is None:
-            with self._state_lock:
-                zero_shot = self.mixture.zero_shot(options, zero_shot)
         voted = self._vote(query, demos, options)
         details: dict[str, Any] = {"zero_shot_answer": options[int(np.argmax(zero_shot))]}
         if voted is None:
-            probs = zero_shot
+            probs = zero_shot  # no demos: the LM's own (calibrated) reading, as the student alone
         else:
             vote, similarity = voted
+            if self.mix is None:  # against the vote, its reading counts for what it has meant so far
+                with self._state_lock:
+                    zero_shot = self.mixture.zero_shot(options, zero_shot)
             # a demo of the very same image is its answer (e.g. the re-run after a teacher call)
             w = 1.0 if similarity >= SAME_IMAGE else self.vote_weight(options, similarity)
             probs = w * vote + (1.0 - w) * zero_shot
