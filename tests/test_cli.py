@@ -465,3 +465,17 @@ def test_counts_in_warnings_agree_with_their_noun(tmp_path, with_fakes, capsys):
     assert main(["run", "--dataset", str(manifest), "--n", "3", "--out", str(tmp_path / "o"), "--quiet"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "the dataset has 1 item: the stream has 1" in err
+
+
+def test_a_run_stored_before_the_gate_score_existed_resumes_ranking_by_uncertainty(tmp_path):
+    import json as _json
+
+    from icdistill.runner import RunConfig, stored_config, write_json_atomic
+
+    (tmp_path / "old").mkdir()
+    old = {k: v for k, v in vars(RunConfig()).items() if k != "gate_score"}
+    write_json_atomic(tmp_path / "old" / "config.json", old)
+    assert stored_config(tmp_path / "old").gate_score == "uncertainty"
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "config.json").write_text(_json.dumps({**old, "gate_score": "coverage"}))
+    assert stored_config(tmp_path / "new").gate_score == "coverage"

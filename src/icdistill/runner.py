@@ -182,9 +182,10 @@ def _read_config_file(out: Path) -> dict[str, Any]:
 
 
 def stored_config(out: str | Path) -> RunConfig:
-    """The config of the run in ``out`` (for --resume)."""
+    """The config of the run in ``out`` (for --resume). A run stored before a setting existed keeps
+    the behaviour it started with: its gate ranked by uncertainty."""
     try:
-        return RunConfig.from_dict(_read_config_file(Path(out)))
+        return RunConfig.from_dict({"gate_score": "uncertainty", **_read_config_file(Path(out))})
     except TypeError as e:
         raise ICDError(f"cannot read {Path(out) / 'config.json'}: {e}") from e
 
