@@ -67,7 +67,18 @@ def test_the_vote_weighs_more_where_near_demos_were_right_and_less_where_far_one
     near, p = m.checks(OPTIONS)
     assert near[::2].min() > 0.9 and near[1::2].max() < 0.2  # left out: a twin; label left out: far
     assert m.vote_weight(OPTIONS, 0.98) > 0.8
-    assert m.vote_weight(OPTIONS, 0.05) < 0.1
+    # every option is taught, each more than once: a query whose class the pool lacks is rare
+    # (Good-Turing), so the always-wrong leave-label-out checks count little
+    assert 0.1 < m.vote_weight(OPTIONS, 0.05) < 0.3
+    # the same stream with three more options nobody taught: half the classes may be missing
+    six = (*OPTIONS, "d", "e", "f")
+    m6 = SimilarityMixture(shots=2)
+    for i in range(12):
+        base = np.eye(3)[i % 3] + 0.05 * rng.standard_normal(3)
+        m6.teach(six, base, np.full(6, 1 / 6), six[i % 3])
+    assert m6.vote_weight(six, 0.05) < 0.1 < m6.vote_weight(six, 0.98)
+    weights = m6.check_weights(six)
+    assert set(np.round(weights, 6)) == {1.0, 0.5}  # leave-one-out 1; leave-label-out 3 of 6 untaught
     far = SimilarityMixture(shots=1, bandwidth=0.1)
     for k in range(6):  # each query alone in its direction: nearest others at cos 0.1-0.3, other labels
         v = np.zeros(8)

@@ -52,6 +52,7 @@ class _Taught:
     loo: tuple[np.ndarray, np.ndarray] | None = None
     llo: tuple[np.ndarray, np.ndarray] | None = None
     checks: tuple[np.ndarray, np.ndarray] | None = None  # (similarity, p_true (n, 2)), cached
+    check_weights: np.ndarray | None = None  # how much each check counts, cached with them
     # the zero-shot reading's confusion: counts[c, y] = taught queries it read as c whose answer was y
     confusion: np.ndarray | None = None
 
@@ -79,6 +80,17 @@ def _offer(nbrs: tuple[np.ndarray, np.ndarray], sims: np.ndarray, new: int, rows
 
 # pseudo-counts of the prior on each row of the zero-shot reading's confusion
 _CONFUSION_PRIOR = 4.0
+
+
+def _unseen_weights(answers: Sequence[str], k: int) -> np.ndarray:
+    """Per taught query, the weight of its leave-label-out check (see ``check_weights``)."""
+    counts: dict[str, int] = {}
+    for a in answers:
+        counts[a] = counts.get(a, 0) + 1
+    once = sum(1 for a in answers if counts[a] == 1)
+    # Good-Turing, but never below the share of the ``k`` options no one has taught yet
+    unseen = max((once + 1.0) / (len(answers) + 2.0), (k - len(counts)) / k)
+    return np.array([0.0 if counts[a] == 1 else unseen for a in answers])
 
 
 def _calibrated(counts: np.ndarray, read: np.ndarray) -> np.ndarray:
@@ -250,14 +262,27 @@ class SimilarityMixture:
             near_all = np.stack(near, axis=1).ravel()[keep]
             p_all = np.stack(p, axis=1).reshape(-1, 2)[keep]
             t.checks = (near_all, np.maximum(p_all, _P_FLOOR))
+            t.check_weights = np.stack([np.ones(n), _unseen_weights(t.answers, len(options))], axis=1).ravel()[keep]
         return t.checks
+
+    def check_weights(self, options: Sequence[str]) -> np.ndarray:
+        """How much each check of ``checks`` counts: 1 for a leave-one-out check; for a leave-label-out
+        check, an estimate of how often a new query's label is one the pool lacks (Good-Turing,
+        ``(labels taught once + 1) / (taught + 2)``, or the share of options never taught if that is
+        larger), and 0 for a label taught once, whose
+        leave-one-out check already is that case. Without it, one always-wrong leave-label-out check
+        per taught query would pull the vote's weight down wherever classes look alike, long after
+        every class is pooled."""
+        self.checks(options)
+        t = self._taught.get(tuple(options))
+        return np.zeros(0) if t is None or t.check_weights is None else t.check_weights
 
     def vote_weight(self, options: Sequence[str], similarity: float) -> float:
         """``w(s)``: the vote's weight at ``similarity`` (0.5 before any check)."""
         near, p = self.checks(options)
         if not len(near):
             return 0.5
-        kern = np.exp(-0.5 * ((near - similarity) / self.bandwidth) ** 2)
+        kern = np.exp(-0.5 * ((near - similarity) / self.bandwidth) ** 2) * self.check_weights(options)
         w = 0.5
         for _ in range(self.iterations):
             joint_vote = w * p[:, 0]
