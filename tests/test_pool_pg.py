@@ -382,7 +382,7 @@ def test_a_label_bought_while_waiting_for_its_claim_is_not_this_workers_call(url
         teacher = CountingTeacher()
         d = Distiller(
             student=FakeStudent(),
-            annotator=ClaimingAnnotator(TestTimeScaling(teacher), b, poll_s=0.02),
+            annotator=ClaimingAnnotator(TestTimeScaling(teacher), b),
             embedder=embedder,
             selector=make_selector("image"),
             gate=AlwaysGate(),
