@@ -471,7 +471,7 @@ class PostgresPool:
         if not added and not removed:
             return 0
         try:
-            return self._retrying("reading new demos", lambda: self._apply(added, removed))
+            return self._apply(added, removed)
         except BaseException:
             self._must_catch_up = True  # what was read is lost: the next refresh compares ids
             raise
@@ -489,22 +489,26 @@ class PostgresPool:
                 self._index.remove(demo_id)
                 self._kinds.remove(demo_id)
         fresh = sorted(i for i in set(added) if i not in self._demos and i not in removed)
-        if fresh:
-            vecs: dict[int, Embeddings] = {}
-            for demo_id, key, blob in self._db.execute(
-                "SELECT demo_id, key, vec FROM icd_embeddings WHERE demo_id = ANY(%s)", (fresh,)
-            ):
-                vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
-            for row in self._db.execute(
-                f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE id = ANY(%s) AND in_pool ORDER BY id",
-                (fresh,),
-            ):
+        if fresh:  # only these need the database
+            vecs, rows = self._retrying("reading new demos", lambda: self._read_demos(fresh))
+            for row in rows:
                 demo = stored_demo(row, vecs.get(row[0], {}), self.images, self._shared)
                 self._demos[demo.id] = demo
                 self._index.add(demo.id, demo.embeddings)
                 demo.embeddings = self._index.embeddings_of(demo.id)  # the index holds the one copy
                 self._kinds.add(demo.id, demo.provenance.get("options"))
         return len(fresh) + len(removed)
+
+    def _read_demos(self, ids: list[int]) -> tuple[dict[int, Embeddings], list[tuple[Any, ...]]]:
+        vecs: dict[int, Embeddings] = {}
+        for demo_id, key, blob in self._db.execute(
+            "SELECT demo_id, key, vec FROM icd_embeddings WHERE demo_id = ANY(%s)", (ids,)
+        ):
+            vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
+        rows = self._db.execute(
+            f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE id = ANY(%s) AND in_pool ORDER BY id", (ids,)
+        ).fetchall()
+        return vecs, rows
 
     # ------------------------------------------------------------------ reading (the Pool protocol)
     def __len__(self) -> int:
