@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fakes import wait_for
 from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
 from icdistill.types import ANSWER, IMAGE, Annotation, ICDError, Query, TeacherError, Usage
 
@@ -42,15 +43,6 @@ def emb(i: int) -> dict:
         IMAGE: rng.standard_normal(8).astype(np.float32),
         ANSWER: rng.standard_normal(4).astype(np.float32),
     }
-
-
-def wait_for(done, what: str, limit_s: float = 300.0) -> None:
-    """Until ``done()`` (an event: a notification applied, a row written); the limit only stops a
-    test that would hang, far past anything a busy machine needs."""
-    deadline = time.monotonic() + limit_s
-    while not done():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.01)
 
 
 def wait_until_lock_waiting(url: str, pool: PostgresPool) -> None:
@@ -752,17 +744,17 @@ def test_workers_survive_database_restarts_losing_nothing_and_buying_nothing_twi
             return int(conn.execute("SELECT COUNT(*) FROM icd_annotations").fetchone()[0])
 
     restarts = 0
-    for threshold in (10, 40, 80):  # of 3 x 60 rows: each restart in the middle of the work
+    for threshold in (10, 25, 40):  # of ~60 rows (a pooled item is skipped): restarts mid-work
         wait_for(lambda t=threshold: stored() >= t or all(w.poll() is not None for w in workers), f"{threshold} rows")
         if all(w.poll() is not None for w in workers):
             break
         restart_cluster(url)
         restarts += 1
-    assert restarts == 3, "the workers finished before the restarts: give them more work"
     outputs = [w.communicate(timeout=600) for w in workers]
     for w, (_out, err) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, err
         assert "Traceback" not in err
+    assert restarts == 3, "the workers finished before the restarts: give them more work"
     calls = sum(int(out.split("teacher_calls=")[1]) for out, _ in outputs)
     with psycopg.connect(url, autocommit=True) as conn:
         pooled = conn.execute("SELECT image_digest, prompt FROM icd_annotations WHERE in_pool").fetchall()
