@@ -209,6 +209,8 @@ def test_a_killed_ray_driver_resumes_to_the_single_process_results(tmp_path, loc
         limit_s=900,
     )
     assert proc.poll() is None, "the driver ended before it was killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     finished = len(list(killed.glob("cells/*/*/*/row.json")))
     half_done = [c for c in killed.glob("cells/*/*/*") if not (c / "row.json").exists()]
     assert 2 <= finished < 8 and half_done and not (killed / "report.md").exists()
