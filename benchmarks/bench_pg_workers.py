@@ -9,6 +9,12 @@ of Fashion-MNIST, all on one fresh database. Reports wall time from launch to th
 loading included), queries per second, teacher calls bought (ledger) and pooled demos. On a 2-core
 machine this shows the cost of sharing, not a speed-up: every worker loads its own models and they
 compete for the same cores. The last line printed is one JSON object.
+
+``--restart-trial N``: instead, N ``pg_ctl -m fast restart`` of the cluster under 3 running workers
+(the shared-pool workers of ``tests/test_pool_pg.py``: a 50 ms fake teacher, so the trial is about the
+database, not the models), each restart when the pool has grown by ``--items / (N + 1)``. Reports
+each restart's length and how long the workers took to commit again, then whether anything was
+lost, bought twice or printed a traceback, and the connections each worker held.
 """
 
 from __future__ import annotations
@@ -91,13 +97,78 @@ def run_workers(url: str, workers: int, queries: int, folder: Path) -> dict[str,
     }
 
 
+def restart_trial(admin: str, restarts: int, items: int, folder: Path) -> dict[str, Any]:
+    import psycopg
+
+    from icdistill.pool_pg import PostgresPool
+    from pg_cluster import restart_cluster
+    from test_pool_pg import WORKER
+
+    url = fresh_database(admin, "bench_restarts")
+    script = folder / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).resolve().parents[1] / "tests"), url=url, n=items, lease_s=120.0))
+    PostgresPool(url).close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"w{k}", str(k)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for k in range(3)
+    ]
+
+    def query(sql: str) -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return int(conn.execute(sql).fetchone()[0])
+
+    stored = "SELECT COUNT(*) FROM icd_annotations"
+    trials, connections = [], []
+    for r in range(1, restarts + 1):
+        while query(stored) < r * items // (restarts + 1) and any(p.poll() is None for p in procs):
+            time.sleep(0.01)
+        if all(p.poll() is not None for p in procs):
+            break
+        connections.append(
+            query("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        )
+        before = query(stored)
+        t0 = time.perf_counter()
+        restart_cluster(url)
+        up = time.perf_counter() - t0
+        while query(stored) <= before and any(p.poll() is None for p in procs):
+            time.sleep(0.01)
+        trials.append({"restart_s": round(up, 2), "first_commit_after_s": round(time.perf_counter() - t0, 2)})
+    outs = [p.communicate() for p in procs]
+    calls = sum(int(o.split("teacher_calls=")[1]) for o, _ in outs if "teacher_calls=" in o)
+    return {
+        "workers": 3,
+        "items": items,
+        "restarts": trials,
+        "exit_codes": [p.returncode for p in procs],
+        "tracebacks": sum("Traceback" in e for _, e in outs),
+        "pooled": query("SELECT COUNT(*) FROM icd_annotations WHERE in_pool"),
+        "pooled_twice": query(
+            "SELECT COUNT(*) FROM (SELECT image_digest, prompt FROM icd_annotations WHERE in_pool "
+            "GROUP BY 1, 2 HAVING COUNT(*) > 1) t"
+        ),
+        "teacher_calls": calls,
+        "ledger_calls": query("SELECT calls FROM icd_ledger"),
+        "connections_of_3_workers": connections,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--queries", type=int, default=48, help="queries in total, split over the workers")
     p.add_argument("--workers", default="1,2,4")
+    p.add_argument("--restart-trial", type=int, default=0, metavar="N", help="N database restarts under 3 workers")
+    p.add_argument("--items", type=int, default=300, help="--restart-trial: items the workers label")
     args = p.parse_args(argv)
     # a SIGTERM (e.g. from `timeout`) must still stop the cluster and remove its folder
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.restart_trial:
+        with throwaway_cluster() as admin, tempfile.TemporaryDirectory() as tmp:
+            out = restart_trial(admin, args.restart_trial, args.items, Path(tmp))
+        print(json.dumps({"benchmark": "pg_restarts", "cpus": os.cpu_count(), **out}))
+        return 0
     rows = []
     with throwaway_cluster() as admin, tempfile.TemporaryDirectory() as tmp:
         for w in (int(x) for x in args.workers.split(",")):
