@@ -790,16 +790,19 @@ def test_a_resumed_worker_takes_over_its_dead_predecessors_claims_at_once(url, t
     out = tmp_path / "run"
     out.mkdir()
     cfg = RunConfig(pool=url)
-    with open_pool(cfg, out) as first:  # then killed mid-call: its claim stays for the lease (600 s)
+    with open_pool(cfg, out) as first:  # then killed mid-call: its claims stay for the lease (600 s)
         first.lease_s = 600.0
         assert first.claim(item(1)) == "claimed"
+        assert first.claim(Query(id="t", image=None, prompt="p")) == "claimed"  # a text-only call
     with PostgresPool(url, owner="another run") as other:
         assert other.claim(item(1, qid="o1")) == "busy"
         with open_pool(cfg, out) as resumed:  # the runner holds the folder's lock when it opens it
             assert resumed.worker != first.worker
             assert resumed.claim(item(1)) == "claimed"  # was "busy" until the lease ran out
             assert other.claim(item(1, qid="o1")) == "busy"  # taken over, not released
-            assert resumed.ledger_state()["calls"] == 2  # the dead call, and this one
+            assert resumed.ledger_state()["calls"] == 3  # the dead calls, and this one
+            # the dead text-only call reserves nothing any more: only the image claim is left
+            assert resumed.renew_claims() == 1
         # a pool of the same owner without the lock takes nothing over
         with PostgresPool(url, owner=resumed.owner) as unlocked:
             assert unlocked.claim(item(1)) == "busy"

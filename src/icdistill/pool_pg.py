@@ -710,20 +710,28 @@ class PostgresPool:
 
     def take_over_claims(self) -> int:
         """Make the claims of this owner's earlier workers this worker's (the caller holds the owner's
-        exclusive lock, so they are dead): their items are claimed again at once, by this worker only."""
+        exclusive lock, so they are dead): their items are claimed again at once, by this worker only.
+        Their text-only claims (a reservation for a call in flight, keyed by worker) are dropped: that
+        call is over. Returns how many image claims were taken over."""
         if not self.owner:
             return 0
         prefix = f"{self.owner}|"
-        return self._retrying(
-            "taking over claims",
-            lambda: int(
+        mine = "left(worker, length(%s)) = %s AND worker <> %s"
+
+        def take() -> int:
+            with self._db.transaction():
                 self._db.execute(
-                    f"UPDATE icd_claims SET worker = %s, expires = {DB_NOW} + %s "
-                    "WHERE left(worker, length(%s)) = %s AND worker <> %s",
-                    (self.worker, self.lease_s, prefix, prefix, self.worker),
-                ).rowcount
-            ),
-        )
+                    f"DELETE FROM icd_claims WHERE {mine} AND image_digest LIKE 'text:%%'",
+                    (prefix, prefix, self.worker),
+                )
+                return int(
+                    self._db.execute(
+                        f"UPDATE icd_claims SET worker = %s, expires = {DB_NOW} + %s WHERE {mine}",
+                        (self.worker, self.lease_s, prefix, prefix, self.worker),
+                    ).rowcount
+                )
+
+        return self._retrying("taking over claims", take)
 
     def wait_for_claim(self, query: Query, timeout: float) -> None:
         """Wait, by LISTEN, until the claim on ``query``'s item is deleted (its demo committed, or it
