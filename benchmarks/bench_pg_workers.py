@@ -9,6 +9,19 @@ of Fashion-MNIST, all on one fresh database. Reports wall time from launch to th
 loading included), queries per second, teacher calls bought (ledger) and pooled demos. On a 2-core
 machine this shows the cost of sharing, not a speed-up: every worker loads its own models and they
 compete for the same cores. The last line printed is one JSON object.
+
+``--restart-trial N``: instead, N ``pg_ctl -m fast restart`` of the cluster under 3 running workers
+(the shared-pool workers of ``tests/test_pool_pg.py``: a 50 ms fake teacher, so the trial is about the
+database, not the models), each restart when the pool has grown by ``--items / (N + 1)``. Reports
+each restart's length and how long the workers took to commit again, then whether anything was
+lost, bought twice or printed a traceback, and the connections each worker held.
+
+``--rss-trial N``: memory per worker with N pooled demos of the default embedder's shapes (image 1280
++ image-text, text, answer 384 float32: 9,728 bytes of vectors per demo), synthetic unit vectors
+written straight into the database. One worker opens the pool first and saves its graphs (the cost of
+a new run folder: read every vector, build every graph); then 1, 2 and 4 workers, each with its own
+copy of the saved graphs (as ``icd run`` keeps them, one per run folder), open the pool at the same
+time and report their RSS, peak RSS, PSS (what they share counts once) and open time.
 """
 
 from __future__ import annotations
@@ -91,13 +104,183 @@ def run_workers(url: str, workers: int, queries: int, folder: Path) -> dict[str,
     }
 
 
+def restart_trial(admin: str, restarts: int, items: int, folder: Path) -> dict[str, Any]:
+    import psycopg
+
+    from icdistill.pool_pg import PostgresPool
+    from pg_cluster import restart_cluster
+    from test_pool_pg import WORKER
+
+    url = fresh_database(admin, "bench_restarts")
+    script = folder / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).resolve().parents[1] / "tests"), url=url, n=items, lease_s=120.0))
+    PostgresPool(url).close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"w{k}", str(k)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for k in range(3)
+    ]
+
+    def query(sql: str) -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return int(conn.execute(sql).fetchone()[0])
+
+    stored = "SELECT COUNT(*) FROM icd_annotations"
+    trials, connections = [], []
+    for r in range(1, restarts + 1):
+        while query(stored) < r * items // (restarts + 1) and any(p.poll() is None for p in procs):
+            time.sleep(0.01)
+        if all(p.poll() is not None for p in procs):
+            break
+        connections.append(
+            query("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        )
+        before = query(stored)
+        t0 = time.perf_counter()
+        restart_cluster(url)
+        up = time.perf_counter() - t0
+        while query(stored) <= before and any(p.poll() is None for p in procs):
+            time.sleep(0.01)
+        trials.append({"restart_s": round(up, 2), "first_commit_after_s": round(time.perf_counter() - t0, 2)})
+    outs = [p.communicate() for p in procs]
+    calls = sum(int(o.split("teacher_calls=")[1]) for o, _ in outs if "teacher_calls=" in o)
+    return {
+        "workers": 3,
+        "items": items,
+        "restarts": trials,
+        "exit_codes": [p.returncode for p in procs],
+        "tracebacks": sum("Traceback" in e for _, e in outs),
+        "pooled": query("SELECT COUNT(*) FROM icd_annotations WHERE in_pool"),
+        "pooled_twice": query(
+            "SELECT COUNT(*) FROM (SELECT image_digest, prompt FROM icd_annotations WHERE in_pool "
+            "GROUP BY 1, 2 HAVING COUNT(*) > 1) t"
+        ),
+        "teacher_calls": calls,
+        "ledger_calls": query("SELECT calls FROM icd_ledger"),
+        "connections_of_3_workers": connections,
+    }
+
+
+_OPEN_WORKER = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+from icdistill.pool_pg import PostgresPool
+pool = PostgresPool(sys.argv[1], index_dir=sys.argv[2])
+opened = time.perf_counter() - t0
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+def pss():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+print(json.dumps({"open_s": round(opened, 1), "rss_mb": round(status("VmRSS:")), "peak_rss_mb": round(status("VmHWM:")),
+                  "index": pool.index_status(), "demos": pool.known_size()}), flush=True)
+sys.stdin.read()  # held open until every worker has reported
+print(json.dumps({"pss_mb": round(pss())}), flush=True)
+pool.close()  # saves the graphs (the first worker's are the others' copies)
+"""
+
+DIMS = {"image": 1280, "image_text": 384, "text": 384, "answer": 384}
+
+
+def fill(url: str, n: int) -> None:
+    """``n`` pooled demos with unit vectors of the default embedder's shapes, by binary COPY."""
+    import numpy as np
+    import psycopg
+
+    from icdistill.pool_pg import PostgresPool
+
+    PostgresPool(url).close()  # the schema
+    rng = np.random.default_rng(0)
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        with cur.copy(
+            "COPY icd_annotations (id, query_id, position, image_digest, prompt, options, answer, accepted, "
+            "in_pool, status, teacher, votes, agreement) FROM STDIN"
+        ) as cp:
+            for i in range(1, n + 1):
+                cp.write_row((i, f"q{i}", i, f"d{i}", "what?", '["a", "b"]', "ab"[i % 2], True, True, "added",
+                              "t", '{"a": 1}', 1.0))
+        cur.execute("SELECT setval('icd_annotations_id_seq', %s)", (n,))
+        with cur.copy("COPY icd_embeddings (demo_id, key, vec) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.set_types(["int8", "text", "bytea"])
+            for start in range(1, n + 1, 10_000):
+                stop = min(n + 1, start + 10_000)
+                for key, dim in DIMS.items():
+                    m = rng.standard_normal((stop - start, dim)).astype(np.float32)
+                    m /= np.linalg.norm(m, axis=1, keepdims=True)
+                    for j, i in enumerate(range(start, stop)):
+                        cp.write_row((i, key, m[j].tobytes()))
+        conn.commit()
+
+
+def open_workers(url: str, dirs: list[Path]) -> list[dict[str, Any]]:
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _OPEN_WORKER, url, str(d)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+        for d in dirs
+    ]
+    rows = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
+    for p, row in zip(procs, rows, strict=True):
+        p.stdin.close()  # type: ignore[union-attr]
+        row.update(json.loads(p.stdout.readline()))  # type: ignore[union-attr]
+        p.wait()
+    return rows
+
+
+def rss_trial(admin: str, n: int, counts: list[int], folder: Path) -> dict[str, Any]:
+    import shutil
+
+    url = fresh_database(admin, "bench_rss")
+    t0 = time.perf_counter()
+    fill(url, n)
+    filled = time.perf_counter() - t0
+    first = open_workers(url, [folder / "saved"])[0]  # builds the graphs and saves them on close
+    print(json.dumps({"fill_s": round(filled, 1), "first_open": first}), file=sys.stderr, flush=True)
+    rows = []
+    for w in counts:
+        dirs = [folder / f"w{w}-{k}" for k in range(w)]
+        for d in dirs:
+            shutil.copytree(folder / "saved", d)
+        got = open_workers(url, dirs)
+        row = {
+            "workers": w,
+            "rss_mb_each": [r["rss_mb"] for r in got],
+            "peak_rss_mb_each": [r["peak_rss_mb"] for r in got],
+            "pss_mb_total": sum(r["pss_mb"] for r in got),
+            "open_s_each": [r["open_s"] for r in got],
+            "index": got[0]["index"],
+        }
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+        for d in dirs:
+            shutil.rmtree(d)
+    return {"demos": n, "fill_s": round(filled, 1), "first_open": first, "results": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--queries", type=int, default=48, help="queries in total, split over the workers")
     p.add_argument("--workers", default="1,2,4")
+    p.add_argument("--restart-trial", type=int, default=0, metavar="N", help="N database restarts under 3 workers")
+    p.add_argument("--items", type=int, default=300, help="--restart-trial: items the workers label")
+    p.add_argument("--rss-trial", type=int, default=0, metavar="N", help="memory per worker at N demos")
     args = p.parse_args(argv)
     # a SIGTERM (e.g. from `timeout`) must still stop the cluster and remove its folder
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.restart_trial:
+        with throwaway_cluster() as admin, tempfile.TemporaryDirectory() as tmp:
+            out = restart_trial(admin, args.restart_trial, args.items, Path(tmp))
+        print(json.dumps({"benchmark": "pg_restarts", "cpus": os.cpu_count(), **out}))
+        return 0
+    if args.rss_trial:
+        with throwaway_cluster() as admin, tempfile.TemporaryDirectory() as tmp:
+            counts = [int(x) for x in args.workers.split(",")]
+            out = rss_trial(admin, args.rss_trial, counts, Path(tmp))
+        print(json.dumps({"benchmark": "pg_worker_memory", "cpus": os.cpu_count(), **out}))
+        return 0
     rows = []
     with throwaway_cluster() as admin, tempfile.TemporaryDirectory() as tmp:
         for w in (int(x) for x in args.workers.split(",")):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -228,3 +229,13 @@ class GatedTeacher(FakeTeacher):
         if not self._open.wait(timeout=30):
             raise TeacherError("gated teacher was never released")
         return super().sample(query, n)
+
+
+def wait_for(done: Callable[[], object], what: str, limit_s: float = 300.0) -> None:
+    """Until ``done()`` (an event: a notification applied, a row or file written). Tests wait on the
+    event, never on the clock: the limit only stops a test that would hang, far past anything a busy
+    machine needs."""
+    deadline = time.monotonic() + limit_s
+    while not done():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)

@@ -1,7 +1,9 @@
 """A throwaway PostgreSQL cluster for tests: Debian's server binaries, a free port, a temp folder.
 
 PostgreSQL refuses to run as root, so under root the cluster belongs to ``nobody``. The cluster is
-stopped and its folder removed when the context exits.
+stopped and its folder removed when the context exits; ``restart_cluster`` restarts it in between
+(``pg_ctl -m fast restart``: every backend is terminated, the port stays), ``pg_ctl_cluster`` runs any
+``pg_ctl`` command on it (``stop``, ``start``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# the running clusters by URL: how to run pg_ctl on each
+_PG_CTL: dict[str, Callable[..., None]] = {}
 
 
 def pg_bin() -> Path | None:
@@ -79,11 +84,27 @@ def throwaway_cluster() -> Iterator[str]:
             "60",
             "start",
         )
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        # the server's output to its log file: a pipe to pg_ctl would be held open by the server
+        _PG_CTL[url] = lambda *args: run(
+            str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-t", "120", *args
+        )
+        yield url
     finally:
+        _PG_CTL.pop(f"postgresql://postgres@127.0.0.1:{port}/postgres", None)
         with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
             run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def pg_ctl_cluster(url: str, *args: str) -> None:
+    """``pg_ctl ARGS`` on the throwaway cluster of ``url`` (any database's URL on it)."""
+    _PG_CTL[url.rsplit("/", 1)[0] + "/postgres"](*args)
+
+
+def restart_cluster(url: str) -> None:
+    """``pg_ctl -m fast restart``; returns once the cluster accepts connections again."""
+    pg_ctl_cluster(url, "-m", "fast", "-w", "restart")
 
 
 def fresh_database(admin_url: str, name: str) -> str:

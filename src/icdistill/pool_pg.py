@@ -17,9 +17,18 @@ Query ids are namespaced by an *owner* (a run folder, or ``""`` for the service,
 UUIDs): two workers fed the same dataset share query ids, and one worker's annotation of ``q5`` is
 not the other's crash-recovered ``q5`` but a label already bought (a pool hit, not a teacher call).
 
-A listener connection can drop (the server restarts, an admin terminates the backend): the next
-read notices, reconnects and catches up by id, and a cheap id check every ``catchup_s`` seconds
-covers a drop that raised nothing.
+A connection can drop (the server restarts, an admin terminates the backend). The work connection
+reconnects with backoff and retries the statement or transaction that failed (each is idempotent:
+a transaction that never committed left nothing, and one that did is found again by its key) for up
+to ``reconnect_s`` seconds, then stops with a one-line ``PoolUnavailable`` (resume once the database
+is back). The listener reconnects, re-LISTENs and catches up by id; a cheap count check every
+``catchup_s`` seconds, run after the notifications already received are applied, covers a drop that
+raised nothing, and re-reads the pooled ids only when it still disagrees.
+
+Connections: two per pool, the work connection and the listener; the listener also reads demos'
+images and renews claims (a connection that only LISTENs is idle between notifications). A claim's
+lease runs on the database's clock, never a worker's. Every connection sets ``statement_timeout``
+and TCP keepalives, so a hung query or a dead peer is an error, not a hang.
 """
 
 from __future__ import annotations
@@ -32,10 +41,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -64,8 +73,15 @@ from icdistill.types import (
 )
 
 ClaimResult = Literal["claimed", "pooled", "busy", "budget"]
+T = TypeVar("T")
 
 CHANNEL = "icd_pool"
+# a claim deleted (its demo committed, or released): the item's image digest (or text claim key)
+CLAIMS_CHANNEL = "icd_pool_claims"
+# the database's clock in seconds since the epoch: leases compare times of many hosts
+DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+# how many times a count check that disagrees is retried after applying the notifications it brought
+CHECK_ROUNDS = 3
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +146,11 @@ def is_postgres_url(spec: str | os.PathLike[str] | None) -> bool:
     return isinstance(spec, str) and spec.startswith(("postgresql://", "postgres://"))
 
 
+class PoolUnavailable(ICDError):
+    """The pool's database stayed out of reach for ``reconnect_s`` seconds: the work stops here, and
+    what was stored is kept (resume once the database is back)."""
+
+
 class PostgresPool:
     """The ``Pool`` of ``SQLitePool`` (same reads, same ``add`` statuses) over a PostgreSQL database.
 
@@ -138,7 +159,11 @@ class PostgresPool:
     ``lease_s`` is how long a claim protects a purchase in progress (``renew_claims`` extends it).
     ``owner`` is the namespace of this worker's query ids: ``annotation_for`` recovers only its own
     (a resumed run finds what its killed process stored, never another run's annotation of an item
-    with the same id).
+    with the same id). ``take_over``: this process holds the owner's exclusive lock (a run folder's),
+    so every earlier worker of the owner is dead and its claims become this worker's at once (a
+    resumed run does not wait out its predecessor's leases, nor buy those items twice).
+    ``reconnect_s`` bounds how long a lost database is retried; ``statement_timeout_s`` how long one
+    statement (a lock wait included) may run.
     """
 
     def __init__(
@@ -155,6 +180,9 @@ class PostgresPool:
         worker: str | None = None,
         owner: str = "",
         catchup_s: float = 5.0,
+        take_over: bool = False,
+        reconnect_s: float = 120.0,
+        statement_timeout_s: float = 120.0,
     ) -> None:
         try:
             import psycopg
@@ -171,33 +199,52 @@ class PostgresPool:
         self.max_size = max_size
         self.ledger = ledger
         self.lease_s = lease_s
-        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.owner = owner
+        host = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # an owner's workers share a prefix: a successor holding the owner's lock finds their claims
+        self.worker = worker or (f"{owner}|{host}" if owner else host)
         self.catchup_s = catchup_s
+        self.reconnect_s = reconnect_s
         self.reconnects = 0  # listener reconnections (for tests and stats)
-        self._beat: Any = None  # renew_claims' own connection, opened on first use
-        self._beat_lock = threading.Lock()
+        self.db_reconnects = 0  # work connection reconnections
+        self.full_catchups = 0  # re-reads of every pooled id (a lost notification)
+        self._connect_kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": 10,
+            # a dead peer (host gone, network cut) is noticed in about a minute, not hours
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
+        }
+        # the listener also reads demos' images and renews claims, from any thread: one at a time
+        self._listen_lock = threading.RLock()
         self._db: Any = None
         self._listen: Any = None
-        self._reader: Any = (
-            None  # demos' images are read on use, from any thread, through their own connection
-        )
+        self._pending: tuple[list[int], list[int]] = ([], [])  # notified, not applied: added, removed
+        self._must_catch_up = False  # the listener was lost: notifications may be missing
         self.images = DemoImages(self._fetch_image, f"pool {_redact(url)}")
         self._shared: dict[Any, Any] = {}  # values many demos repeat (see stored_demo)
         self._closed = False
         try:
-            self._db = psycopg.connect(url, autocommit=True)
-            self._listen = psycopg.connect(url, autocommit=True)
+            self._db = self._connect()
+            self._listen = self._connect()
         except psycopg.Error as e:
             self._close_connections()
             raise ICDError(f"cannot connect to pool {_redact(url)}: {e}") from e
         try:
             self._open(ledger, max_calls, max_cost_usd, index, index_dir)
+            if take_over:
+                self.take_over_claims()
         except BaseException as e:
             self._close_connections()  # a half-opened pool holds no backends
             if isinstance(e, psycopg.Error):
                 raise ICDError(f"cannot open pool {_redact(url)}: {e}") from e
             raise
+
+    def _connect(self) -> Any:
+        return self._psycopg.connect(self.url, **self._connect_kwargs)
 
     def _open(
         self,
@@ -239,12 +286,93 @@ class PostgresPool:
                         f"the pool's budget ledger {ledger!r} has {flag} {cap}, this worker asked for "
                         f"{flag} {asked}: pass the same cap (or none to join it)"
                     )
-        self._listen.execute(f"LISTEN {CHANNEL}")
+        self._listen_to(self._listen)
         self._next_check = time.monotonic() + self.catchup_s
         self._demos: dict[int, Demo] = {}
         self._index = _Index(Path(index_dir) if index_dir is not None else None, index)
         self._kinds = _Kinds()
         self._load()
+
+    @staticmethod
+    def _listen_to(conn: Any) -> None:
+        conn.execute(f"LISTEN {CHANNEL}")
+        conn.execute(f"LISTEN {CLAIMS_CHANNEL}")
+
+    # ------------------------------------------------------------------ connections
+    def _lost(self, e: BaseException, conn: Any) -> bool:
+        """Whether ``e`` means the connection (or the server) is gone, not that the statement failed."""
+        if not isinstance(e, self._psycopg.OperationalError):
+            return False
+        if conn is None or conn.closed or conn.broken:
+            return True
+        state = getattr(e, "sqlstate", None)
+        # 08: connection exception; 57P01-57P03: admin/crash shutdown, cannot connect now
+        return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+
+    def _retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` on the work connection; a lost connection is reopened with backoff and ``fn`` run
+        again (every caller's work is idempotent) for up to ``reconnect_s``; other database errors
+        are an ICDError (an integrity error is the caller's to read)."""
+        deadline: float | None = None
+        delay = 0.1
+        while True:
+            if self._closed:
+                raise ICDError("the pool is closed")
+            try:
+                if self._db is None or self._db.closed or self._db.broken:
+                    with contextlib.suppress(Exception):
+                        self._db.close()
+                    self._db = self._connect()
+                    self.db_reconnects += 1
+                return fn()
+            except self._psycopg.IntegrityError:
+                raise
+            except self._psycopg.Error as e:
+                if not self._lost(e, self._db):
+                    raise ICDError(f"pool {_redact(self.url)}: {what} failed: {_first_line(e)}") from e
+                deadline = self._backoff(deadline, e, what)
+                delay = _sleep(delay)
+
+    def _backoff(self, deadline: float | None, e: BaseException, what: str) -> float:
+        """The retry deadline of a lost connection (set on its first loss); past it, PoolUnavailable."""
+        now = time.monotonic()
+        if deadline is None:
+            log.warning("lost the pool database while %s (%s): reconnecting", what, _first_line(e))
+            return now + self.reconnect_s
+        if now > deadline:
+            raise PoolUnavailable(
+                f"lost the pool database {_redact(self.url)} for {self.reconnect_s:g} s while {what} "
+                f"({_first_line(e)}); what was stored is kept: resume once the database is back"
+            ) from None
+        return deadline
+
+    def _on_listener(self, what: str, fn: Callable[[Any], T]) -> T:
+        """``fn(listener)`` under the listener's lock; a lost listener is reopened (it LISTENs again,
+        and the next refresh catches up by id, since notifications may have been lost meanwhile)."""
+        deadline: float | None = None
+        delay = 0.1
+        with self._listen_lock:
+            while True:
+                if self._closed:
+                    raise ICDError("the pool is closed")
+                try:
+                    if self._listen is None or self._listen.closed or self._listen.broken:
+                        with contextlib.suppress(Exception):
+                            self._listen.close()
+                        self._listen = None
+                        conn = self._connect()
+                        self._listen_to(conn)
+                        self._listen = conn
+                        self.reconnects += 1
+                        self._must_catch_up = True
+                    return fn(self._listen)
+                except self._psycopg.Error as e:
+                    if not self._lost(e, self._listen):
+                        raise ICDError(f"pool {_redact(self.url)}: {what} failed: {_first_line(e)}") from e
+                    with contextlib.suppress(Exception):
+                        self._listen.close()
+                    deadline = self._backoff(deadline, e, what)
+                    delay = _sleep(delay)
 
     # ------------------------------------------------------------------ sync
     def _load(self) -> None:
@@ -281,75 +409,76 @@ class PostgresPool:
     def _fetch_image(self, demo_id: int) -> bytes | None:
         if self._closed:  # not a lost connection to reopen: nothing would close it again
             raise ICDError("the pool is closed")
-        for attempt in (0, 1):
-            try:
-                if self._reader is None:
-                    self._reader = self._psycopg.connect(self.url, autocommit=True)
-                row = self._reader.execute(
-                    "SELECT image_png FROM icd_annotations WHERE id = %s", (demo_id,)
-                ).fetchone()
-                break
-            except self._psycopg.OperationalError:
-                # the server restarted or dropped the backend: one fresh connection, then give up
-                with contextlib.suppress(Exception):
-                    self._reader.close()
-                self._reader = None
-                if attempt:
-                    raise
+        row = self._on_listener(
+            "reading a demo's image",
+            lambda c: c.execute("SELECT image_png FROM icd_annotations WHERE id = %s", (demo_id,)).fetchone(),
+        )
         if row is None:
             raise ICDError("no such annotation")
         return bytes(row[0]) if row[0] is not None else None
 
-    def refresh(self) -> int:
-        """Apply the other workers' committed changes (new demos, evictions). Returns how many."""
-        added: list[int] = []
-        removed: list[int] = []
-        try:
-            for note in self._listen.notifies(timeout=0):
-                for part in note.payload.split(","):
-                    if part.startswith("-"):
-                        removed.append(int(part[1:]))
-                    elif part:
-                        added.append(int(part))
-            if time.monotonic() >= self._next_check:
-                self._next_check = time.monotonic() + self.catchup_s
-                n, top = self._db.execute(
-                    "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM icd_annotations WHERE in_pool"
-                ).fetchone()
-                if n != len(self._demos) or (n and top != max(self._demos)):
-                    return self._catch_up()
-        except self._psycopg.OperationalError:
-            # a backend is gone (terminated, or the server restarted): notifications sent meanwhile
-            # are lost, so reconnect first (nothing after this point is missed), then compare ids
-            self._reconnect_listener()
-            return self._catch_up()
-        return self._apply(added, removed)
+    def _drain(self, conn: Any, timeout: float = 0.0, claim: str | None = None) -> bool:
+        """Move the notifications ``conn`` (the listener) has received into the pending changes,
+        waiting up to ``timeout`` for the first; True when one says ``claim`` was deleted."""
+        added, removed = self._pending
+        freed = False
+        for note in conn.notifies(timeout=timeout, stop_after=1 if timeout else None):
+            if note.channel == CLAIMS_CHANNEL:
+                freed = freed or note.payload == claim
+                continue
+            for part in note.payload.split(","):
+                if part.startswith("-"):
+                    removed.append(int(part[1:]))
+                elif part:
+                    added.append(int(part))
+        if timeout and not freed:  # more may have come with the first
+            freed = self._drain(conn, 0.0, claim)
+        return freed
 
-    def _reconnect_listener(self) -> None:
-        with contextlib.suppress(Exception):
-            self._listen.close()
-        deadline = time.monotonic() + 30.0
-        while True:
-            try:
-                self._listen = self._psycopg.connect(self.url, autocommit=True)
-                self._listen.execute(f"LISTEN {CHANNEL}")
-                break
-            except self._psycopg.OperationalError as e:
-                if time.monotonic() > deadline:
-                    raise ICDError(
-                        f"lost the pool's listener and cannot reconnect to {_redact(self.url)}: {e}"
-                    ) from e
-                time.sleep(0.2)
-        try:  # the other connection may have lost its backend too (a restarted server)
-            self._db.execute("SELECT 1")
-        except self._psycopg.OperationalError:
-            with contextlib.suppress(Exception):
-                self._db.close()
-            self._db = self._psycopg.connect(self.url, autocommit=True)
-        self.reconnects += 1
+    def refresh(self) -> int:
+        """Apply the other workers' committed changes (new demos, evictions). Returns how many.
+
+        The notifications received are applied first; every ``catchup_s`` a count check (on the
+        listener, so the notifications of every commit it counts have arrived when it returns)
+        compares the pool with ours, and only a disagreement that applying them does not resolve, or
+        a lost listener, re-reads every pooled id."""
+        check = time.monotonic() >= self._next_check
+        if check:
+            self._next_check = time.monotonic() + self.catchup_s
+        with self._listen_lock:
+            self._on_listener("reading notifications", self._drain)
+            changed = self._apply_pending()
+            for _round in range(CHECK_ROUNDS if check and not self._must_catch_up else 0):
+                n, top = self._on_listener("checking the pool", self._count_pooled)
+                changed += self._apply_pending()
+                if n == len(self._demos) and (not n or top == max(self._demos)):
+                    return changed
+            if check or self._must_catch_up:
+                self._must_catch_up = False
+                return changed + self._retrying("catching up with the pool", self._catch_up)
+        return changed
+
+    def _count_pooled(self, conn: Any) -> tuple[int, int]:
+        n, top = conn.execute(
+            "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM icd_annotations WHERE in_pool"
+        ).fetchone()
+        self._drain(conn)
+        return int(n), int(top)
+
+    def _apply_pending(self) -> int:
+        added, removed = self._pending
+        self._pending = ([], [])
+        if not added and not removed:
+            return 0
+        try:
+            return self._apply(added, removed)
+        except BaseException:
+            self._must_catch_up = True  # what was read is lost: the next refresh compares ids
+            raise
 
     def _catch_up(self) -> int:
         """Sync by id: the pooled ids in the table against ours (after a lost notification)."""
+        self.full_catchups += 1
         pooled = {int(r[0]) for r in self._db.execute("SELECT id FROM icd_annotations WHERE in_pool")}
         mine = set(self._demos)
         return self._apply(sorted(pooled - mine), sorted(mine - pooled))
@@ -360,22 +489,26 @@ class PostgresPool:
                 self._index.remove(demo_id)
                 self._kinds.remove(demo_id)
         fresh = sorted(i for i in set(added) if i not in self._demos and i not in removed)
-        if fresh:
-            vecs: dict[int, Embeddings] = {}
-            for demo_id, key, blob in self._db.execute(
-                "SELECT demo_id, key, vec FROM icd_embeddings WHERE demo_id = ANY(%s)", (fresh,)
-            ):
-                vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
-            for row in self._db.execute(
-                f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE id = ANY(%s) AND in_pool ORDER BY id",
-                (fresh,),
-            ):
+        if fresh:  # only these need the database
+            vecs, rows = self._retrying("reading new demos", lambda: self._read_demos(fresh))
+            for row in rows:
                 demo = stored_demo(row, vecs.get(row[0], {}), self.images, self._shared)
                 self._demos[demo.id] = demo
                 self._index.add(demo.id, demo.embeddings)
                 demo.embeddings = self._index.embeddings_of(demo.id)  # the index holds the one copy
                 self._kinds.add(demo.id, demo.provenance.get("options"))
         return len(fresh) + len(removed)
+
+    def _read_demos(self, ids: list[int]) -> tuple[dict[int, Embeddings], list[tuple[Any, ...]]]:
+        vecs: dict[int, Embeddings] = {}
+        for demo_id, key, blob in self._db.execute(
+            "SELECT demo_id, key, vec FROM icd_embeddings WHERE demo_id = ANY(%s)", (ids,)
+        ):
+            vecs.setdefault(demo_id, {})[key] = np.frombuffer(blob, dtype=np.float32).copy()
+        rows = self._db.execute(
+            f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE id = ANY(%s) AND in_pool ORDER BY id", (ids,)
+        ).fetchall()
+        return vecs, rows
 
     # ------------------------------------------------------------------ reading (the Pool protocol)
     def __len__(self) -> int:
@@ -418,38 +551,50 @@ class PostgresPool:
         return out
 
     def annotation_for(self, query_id: str) -> Annotation | None:
-        row = self._db.execute(
-            "SELECT answer, samples, votes, agreement, accepted, teacher, usage, seconds FROM icd_annotations "
-            "WHERE owner = %s AND query_id = %s",
-            (self.owner, query_id),
-        ).fetchone()
+        row = self._retrying(
+            "reading a stored annotation",
+            lambda: self._db.execute(
+                "SELECT answer, samples, votes, agreement, accepted, teacher, usage, seconds FROM icd_annotations "
+                "WHERE owner = %s AND query_id = %s",
+                (self.owner, query_id),
+            ).fetchone(),
+        )
         return _annotation(row) if row is not None else None
 
     def demo_like(self, query: Query) -> Demo | None:
         if query.image is None:
             return None
-        row = self._db.execute(
-            "SELECT id FROM icd_annotations WHERE in_pool AND image_digest = %s AND prompt = %s "
-            "AND NOT (owner = %s AND query_id = %s)",
-            (image_digest(query.image), query.prompt, self.owner, query.id),
-        ).fetchone()
+        row = self._retrying(
+            "looking for a pooled demo",
+            lambda: self._db.execute(
+                "SELECT id FROM icd_annotations WHERE in_pool AND image_digest = %s AND prompt = %s "
+                "AND NOT (owner = %s AND query_id = %s)",
+                (image_digest(query.image), query.prompt, self.owner, query.id),
+            ).fetchone(),
+        )
         if row is None:
             return None
         self.refresh()
         return self._demos.get(row[0])
 
     def stats(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT status, COUNT(*) FROM icd_annotations GROUP BY status").fetchall()
+        rows = self._retrying(
+            "reading the pool's counts",
+            lambda: self._db.execute("SELECT status, COUNT(*) FROM icd_annotations GROUP BY status").fetchall(),
+        )
         out = {k: 0 for k in ("added", "rejected", "duplicate", "evicted")}
         out.update({k: int(v) for k, v in rows})
         out["pool_size"] = len(self)
         return out
 
     def ledger_state(self) -> dict[str, Any]:
-        row = self._db.execute(
-            "SELECT calls, cost_usd, max_calls, max_cost_usd, dearest_call_usd FROM icd_ledger WHERE name = %s",
-            (self.ledger,),
-        ).fetchone()
+        row = self._retrying(
+            "reading the ledger",
+            lambda: self._db.execute(
+                "SELECT calls, cost_usd, max_calls, max_cost_usd, dearest_call_usd FROM icd_ledger WHERE name = %s",
+                (self.ledger,),
+            ).fetchone(),
+        )
         return {
             "calls": int(row[0]),
             "cost_usd": float(row[1]),
@@ -462,16 +607,20 @@ class PostgresPool:
     def claim(self, query: Query) -> ClaimResult:
         """Before calling the teacher: "claimed" (go ahead, one call charged to the global ledger),
         "pooled" (another worker's demo of this image+prompt exists: reuse it), "busy" (another
-        worker is buying it now), "budget" (the ledger's cap is reached)."""
-        now = time.time()
+        worker is buying it now), "budget" (the ledger's cap is reached). Leases are on the
+        database's clock."""
+        return self._retrying("claiming an item", lambda: self._claim_once(query))
+
+    def _claim_once(self, query: Query) -> ClaimResult:
         if query.image is None:
             # nothing to buy once, but its call in flight must be a claim too: the other workers'
             # dollar checks reserve a call for each claim
             with self._db.transaction():
                 self._db.execute(
-                    "INSERT INTO icd_claims (image_digest, prompt, query_id, worker, expires) VALUES (%s, %s, %s, %s, %s) "
+                    "INSERT INTO icd_claims (image_digest, prompt, query_id, worker, expires) "
+                    f"VALUES (%s, %s, %s, %s, {DB_NOW} + %s) "
                     "ON CONFLICT (image_digest, prompt) DO UPDATE SET expires = EXCLUDED.expires",
-                    (self._text_claim(query), query.prompt, query.id, self.worker, now + self.lease_s),
+                    (self._text_claim(query), query.prompt, query.id, self.worker, self.lease_s),
                 )
                 if not self._charge():
                     self._release_text(query)
@@ -486,14 +635,15 @@ class PostgresPool:
             if pooled is not None:
                 return "pooled"
             got = self._db.execute(
-                "INSERT INTO icd_claims (image_digest, prompt, query_id, worker, expires) VALUES (%s, %s, %s, %s, %s) "
+                "INSERT INTO icd_claims (image_digest, prompt, query_id, worker, expires) "
+                f"VALUES (%s, %s, %s, %s, {DB_NOW} + %s) "
                 "ON CONFLICT (image_digest, prompt) DO UPDATE SET query_id = EXCLUDED.query_id, "
                 "worker = EXCLUDED.worker, expires = EXCLUDED.expires "
                 # this worker may take its own claim again for the same query only: a service
                 # answers concurrent queries, and a twin of one in flight must wait for its label
-                "WHERE icd_claims.expires < %s OR (icd_claims.worker = EXCLUDED.worker "
+                f"WHERE icd_claims.expires < {DB_NOW} OR (icd_claims.worker = EXCLUDED.worker "
                 "AND icd_claims.query_id = EXCLUDED.query_id) RETURNING 1",
-                (digest, query.prompt, query.id, self.worker, now + self.lease_s, now),
+                (digest, query.prompt, query.id, self.worker, self.lease_s),
             ).fetchone()
             if got is None:
                 return "busy"
@@ -504,15 +654,10 @@ class PostgresPool:
                 (digest, query.prompt),
             ).fetchone()
             if pooled is not None:
-                self._db.execute(
-                    "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s AND worker = %s",
-                    (digest, query.prompt, self.worker),
-                )
+                self._delete_claim(digest, query.prompt, " AND worker = %s", (self.worker,))
                 return "pooled"
             if not self._charge():
-                self._db.execute(
-                    "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s", (digest, query.prompt)
-                )
+                self._delete_claim(digest, query.prompt)
                 return "budget"
         return "claimed"
 
@@ -528,31 +673,76 @@ class PostgresPool:
             row = self._db.execute(
                 "UPDATE icd_ledger SET calls = calls + 1 WHERE name = %s AND (max_calls IS NULL OR calls < max_calls) "
                 "AND (max_cost_usd IS NULL OR cost_usd + dearest_call_usd * ("
-                "(SELECT COUNT(*) FROM icd_claims WHERE expires >= %s)) <= max_cost_usd) RETURNING calls",
-                (self.ledger, time.time()),
+                f"(SELECT COUNT(*) FROM icd_claims WHERE expires >= {DB_NOW})) <= max_cost_usd) RETURNING calls",
+                (self.ledger,),
             ).fetchone()
         return row is not None
+
+    def _delete_claim(self, key: str, prompt: str, where: str = "", params: tuple[Any, ...] = ()) -> None:
+        """Delete a claim and wake the workers waiting on it (at commit)."""
+        self._db.execute(
+            f"DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s{where}", (key, prompt, *params)
+        )
+        self._db.execute("SELECT pg_notify(%s, %s)", (CLAIMS_CHANNEL, key))
+
+    def _claim_key(self, query: Query) -> str:
+        return image_digest(query.image) if query.image is not None else self._text_claim(query)
 
     def _text_claim(self, query: Query) -> str:
         """The claim key of a query without an image (in the image digest column: never a digest)."""
         return f"text:{self.worker}:{query.id}"
 
     def _release_text(self, query: Query) -> None:
-        self._db.execute(
-            "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s",
-            (self._text_claim(query), query.prompt),
-        )
+        self._delete_claim(self._text_claim(query), query.prompt)
 
     def release(self, query: Query) -> None:
         """Give a claim back without a demo (the teacher failed): another worker may buy it."""
         if query.image is None:
-            self._release_text(query)
+            self._retrying("releasing a claim", lambda: self._release_text(query))
             return
         # only this query's claim: the same item may be claimed anew, by this worker, for another query
-        self._db.execute(
-            "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s AND worker = %s AND query_id = %s",
-            (image_digest(query.image), query.prompt, self.worker, query.id),
+        self._retrying(
+            "releasing a claim",
+            lambda: self._delete_claim(
+                image_digest(query.image), query.prompt, " AND worker = %s AND query_id = %s", (self.worker, query.id)
+            ),
         )
+
+    def take_over_claims(self) -> int:
+        """Make the claims of this owner's earlier workers this worker's (the caller holds the owner's
+        exclusive lock, so they are dead): their items are claimed again at once, by this worker only.
+        Their text-only claims (a reservation for a call in flight, keyed by worker) are dropped: that
+        call is over. Returns how many image claims were taken over."""
+        if not self.owner:
+            return 0
+        prefix = f"{self.owner}|"
+        mine = "left(worker, length(%s)) = %s AND worker <> %s"
+
+        def take() -> int:
+            with self._db.transaction():
+                self._db.execute(
+                    f"DELETE FROM icd_claims WHERE {mine} AND image_digest LIKE 'text:%%'",
+                    (prefix, prefix, self.worker),
+                )
+                return int(
+                    self._db.execute(
+                        f"UPDATE icd_claims SET worker = %s, expires = {DB_NOW} + %s WHERE {mine}",
+                        (self.worker, self.lease_s, prefix, prefix, self.worker),
+                    ).rowcount
+                )
+
+        return self._retrying("taking over claims", take)
+
+    def wait_for_claim(self, query: Query, timeout: float) -> None:
+        """Wait, by LISTEN, until the claim on ``query``'s item is deleted (its demo committed, or it
+        was released) or ``timeout`` passes; the caller then claims again. No polling: one worker
+        waiting costs the database nothing."""
+        key = self._claim_key(query)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            # short slices: the listener also serves other threads (images, heartbeats, refreshes)
+            if self._on_listener("waiting for a claim", lambda c: self._drain(c, min(left, 0.5), key)):
+                return
 
     # ------------------------------------------------------------------ writing
     def add(
@@ -563,25 +753,33 @@ class PostgresPool:
         errors = self._psycopg.errors
         digest = image_digest(query.image) if query.image is not None else None
         status: AddStatus = "added" if annotation.accepted else "rejected"
+
+        def write() -> tuple[Demo | None, AddStatus] | _Written:
+            # retried whole after a lost connection: a commit that did land is found by its query id
+            with self._db.transaction():
+                return self._add_once(query, annotation, embeddings, digest, status)
+
         for _attempt in range(2):
             try:
-                with self._db.transaction():
-                    done = self._add_once(query, annotation, embeddings, digest, status)
+                done = self._retrying("writing to the pool", write)
             except errors.UniqueViolation as e:
                 if e.diag.constraint_name != "icd_one_demo_per_item":
                     break  # this owner's query id is stored already
                 status = "duplicate"  # a twin was pooled by another worker between our check and insert
                 continue
             except self._psycopg.Error as e:
-                raise ICDError(f"could not write to pool {_redact(self.url)}: {e}") from e
+                raise ICDError(f"could not write to pool {_redact(self.url)}: {_first_line(e)}") from e
             if isinstance(done, tuple):
                 return done
             # committed: our copy follows (the notification reaches the other workers)
             demo_id, in_pool, evicted, status = done.demo_id, done.in_pool, done.evicted, done.status
             return self._apply_own(query, annotation, embeddings, demo_id, in_pool, evicted), status
-        existing = self._db.execute(
-            "SELECT id FROM icd_annotations WHERE owner = %s AND query_id = %s", (self.owner, query.id)
-        ).fetchone()
+        existing = self._retrying(
+            "reading a stored annotation",
+            lambda: self._db.execute(
+                "SELECT id FROM icd_annotations WHERE owner = %s AND query_id = %s", (self.owner, query.id)
+            ).fetchone(),
+        )
         self.refresh()
         return (self._demos.get(existing[0]) if existing else None), "exists"
 
@@ -650,9 +848,7 @@ class PostgresPool:
                 )
             evicted = self._evict_for_one_more(demo_id)
         if digest is not None:
-            self._db.execute(
-                "DELETE FROM icd_claims WHERE image_digest = %s AND prompt = %s", (digest, query.prompt)
-            )
+            self._delete_claim(digest, query.prompt)
         else:
             self._release_text(query)
         payload = ",".join([str(demo_id)] * in_pool + [f"-{i}" for i in evicted])
@@ -699,31 +895,33 @@ class PostgresPool:
 
     def remove(self, demo_id: int) -> bool:
         """Take a demo out of the pool for every worker; its annotation stays, status 'deleted'."""
-        with self._db.transaction():
-            row = self._db.execute(
-                "UPDATE icd_annotations SET in_pool = false, status = 'deleted' WHERE id = %s AND in_pool RETURNING id",
-                (demo_id,),
-            ).fetchone()
-            if row is not None:
-                self._db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"-{demo_id}"))
+
+        def take_out() -> Any:
+            with self._db.transaction():
+                row = self._db.execute(
+                    "UPDATE icd_annotations SET in_pool = false, status = 'deleted' WHERE id = %s AND in_pool RETURNING id",
+                    (demo_id,),
+                ).fetchone()
+                if row is not None:
+                    self._db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"-{demo_id}"))
+            return row
+
+        row = self._retrying("removing a demo", take_out)
         self._apply([], [demo_id])
         return row is not None
 
     def renew_claims(self, query_ids: Sequence[str] | None = None) -> int:
         """Extend this worker's claims by ``lease_s`` (a heartbeat for teacher calls in flight), so a
         short lease still protects a long call while a dead worker's claims expire soon; only those
-        of ``query_ids`` when given (a claim whose release failed lapses). Any thread: it has its own
-        connection, so a worker busy elsewhere still renews on time."""
+        of ``query_ids`` when given (a claim whose release failed lapses). Any thread: it runs on the
+        listener, not on the work connection, so a worker busy elsewhere still renews on time."""
         sql, params = (
-            "UPDATE icd_claims SET expires = %s WHERE worker = %s",
-            [time.time() + self.lease_s, self.worker],
+            f"UPDATE icd_claims SET expires = {DB_NOW} + %s WHERE worker = %s",
+            [self.lease_s, self.worker],
         )
         if query_ids is not None:
             sql, params = sql + " AND query_id = ANY(%s)", [*params, list(query_ids)]
-        with self._beat_lock:
-            if self._beat is None or self._beat.closed or self._beat.broken:
-                self._beat = self._psycopg.connect(self.url, autocommit=True)
-            return int(self._beat.execute(sql, params).rowcount)
+        return self._on_listener("renewing claims", lambda c: int(c.execute(sql, params).rowcount))
 
     def known_size(self) -> int:
         """The pool size as this worker last saw it, without a database round trip (any thread)."""
@@ -737,12 +935,11 @@ class PostgresPool:
 
     def _close_connections(self) -> None:
         self._closed = True
-        for conn in (self._db, self._listen, self._reader):
-            if conn is not None:
-                conn.close()
-        with self._beat_lock:
-            if self._beat is not None:
-                self._beat.close()
+        if self._db is not None:
+            self._db.close()
+        with self._listen_lock:
+            if self._listen is not None:
+                self._listen.close()
 
     def __enter__(self) -> PostgresPool:
         return self
@@ -773,6 +970,16 @@ def _annotation(row: tuple[Any, ...]) -> Annotation:
     )
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _sleep(delay: float) -> float:
+    """Sleep ``delay`` (a reconnection's backoff) and return the next one, doubled up to 2 s."""
+    time.sleep(delay)
+    return min(delay * 2, 2.0)
+
+
 def _redact(url: str) -> str:
     """The URL without its password, for error messages."""
     if "@" not in url or "://" not in url:
@@ -787,15 +994,16 @@ class ClaimingAnnotator:
     image+prompt once, within one global budget.
 
     ``annotate`` claims the item first. Claimed: the teacher is called (a failure releases the claim).
-    Already pooled, or bought by another worker meanwhile (waits up to the claim lease): that demo's
-    answer is returned at no cost, marked as reused (a pool hit: nothing stored, no call counted). Ledger cap
-    reached: ``NotCalled`` (a ``TeacherError`` the Distiller counts as no call).
+    Already pooled, or bought by another worker meanwhile (waits up to the claim lease, by LISTEN: the
+    claim's deletion wakes it, and ``recheck_s`` bounds a wait whose wake-up was lost or whose claimant
+    died): that demo's answer is returned at no cost, marked as reused (a pool hit: nothing stored, no
+    call counted). Ledger cap reached: ``NotCalled`` (a ``TeacherError`` the Distiller counts as no call).
     """
 
-    def __init__(self, inner: Any, pool: PostgresPool, poll_s: float = 0.05) -> None:
+    def __init__(self, inner: Any, pool: PostgresPool, recheck_s: float = 5.0) -> None:
         self.inner = inner
         self.pool = pool
-        self.poll_s = poll_s
+        self.recheck_s = recheck_s
 
     def annotate(self, query: Query) -> Annotation:
         deadline = time.monotonic() + self.pool.lease_s + 1.0
@@ -810,13 +1018,16 @@ class ClaimingAnnotator:
                     raise
             if state == "budget":
                 raise NotCalled("the shared pool's teacher budget is spent (ledger cap reached)")
+            wait = self.recheck_s
             if state == "pooled":
                 twin = self.pool.demo_like(query)
                 if twin is not None:
                     return reused_annotation(twin)
-            if time.monotonic() > deadline:
+                wait = 0.05  # pooled a moment ago and gone again (evicted): look once more soon
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise NotCalled("another worker holds the claim on this image and prompt; gave up waiting")
-            time.sleep(self.poll_s)
+            self.pool.wait_for_claim(query, min(wait, left))
 
 
 @contextlib.contextmanager
@@ -829,8 +1040,8 @@ def _renewing(pool: PostgresPool) -> Iterator[None]:
         while not stop.wait(pool.lease_s / 3):
             try:
                 pool.renew_claims()
-            except Exception:  # the database is briefly away: the next beat tries again
-                log.warning("could not renew the pool's claims", exc_info=True)
+            except Exception as e:  # the database is briefly away: the next beat tries again
+                log.warning("could not renew the pool's claims: %s", _first_line(e))
 
     t = threading.Thread(target=beat, name="icd-claim-heartbeat", daemon=True)
     t.start()

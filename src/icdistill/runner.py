@@ -416,7 +416,8 @@ def check_pool_url(url: str) -> None:
 
 def open_pool(cfg: RunConfig, out: Path) -> SQLitePool | PostgresPool:
     """The run's pool: its own SQLite file, or a PostgreSQL pool shared with other workers (each keeps
-    its index beside its run folder; the global caps are ``--max-calls`` and ``--max-cost``)."""
+    its index beside its run folder; the global caps are ``--max-calls`` and ``--max-cost``). The
+    caller holds the run folder's lock (``lock_run``)."""
     if cfg.pool is None:
         return SQLitePool(out / "pool.sqlite", max_size=cfg.pool_max, lock=True)
     # the owner of its query ids: this run folder (a resumed process recovers what the killed one
@@ -429,6 +430,9 @@ def open_pool(cfg: RunConfig, out: Path) -> SQLitePool | PostgresPool:
         max_cost_usd=cfg.max_cost_usd,
         index_dir=out / "pool-index",
         owner=owner,
+        # the caller holds the run folder's lock: an earlier process of this folder is dead, and its
+        # claims (a teacher call it was making when killed) are this one's at once
+        take_over=True,
     )
 
 

@@ -70,6 +70,14 @@ def add_eval_args(
         default=1,
         help="CPUs (and torch threads) each actor holds; one actor per this many CPUs",
     )
+    r.add_argument(
+        "--ray-cell-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a cell with no result after this long fails (its actor is replaced) and the other cells go "
+        "on; --resume runs it again (default: no limit)",
+    )
     add_run_args(p)
     for action in p._actions:
         if action.dest in _PER_CELL:
@@ -135,8 +143,8 @@ def _ray_runner(args: argparse.Namespace) -> Iterator[Any]:
     from icdistill.cli import UsageError
 
     if args.ray is None:
-        if args.ray_cpus is not None or args.ray_actor_cpus != 1:
-            raise UsageError("--ray-cpus and --ray-actor-cpus need --ray")
+        if args.ray_cpus is not None or args.ray_actor_cpus != 1 or args.ray_cell_timeout is not None:
+            raise UsageError("--ray-cpus, --ray-actor-cpus and --ray-cell-timeout need --ray")
         yield None
         return
     from icdistill.eval.ray_runner import RayCells, RayOptions, RaySetupError
@@ -147,6 +155,7 @@ def _ray_runner(args: argparse.Namespace) -> Iterator[Any]:
                 address=None if args.ray == "local" else args.ray,
                 cpus=args.ray_cpus,
                 actor_cpus=args.ray_actor_cpus,
+                cell_timeout_s=args.ray_cell_timeout,
             )
         )
         runner.connect()

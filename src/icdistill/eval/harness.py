@@ -59,6 +59,7 @@ COLUMNS = (
     "train_seconds",
     "peak_rss_mb",
     "image_embed_seconds",
+    "error",  # a cell that failed (an error, or no result within its timeout): why; its other columns empty
 )
 
 
@@ -298,6 +299,12 @@ def cell_row(cell: Cell, summary: dict[str, Any], records: Sequence[dict[str, An
     return row
 
 
+def failed_row(cell: Cell, error: str) -> dict[str, Any]:
+    """The results.csv row of a cell that did not finish: which cell, and why (never a row.json:
+    ``--resume`` runs it again)."""
+    return {"method": cell.spec.raw, "budget": cell.budget, "seed": cell.seed, "error": error}
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -310,8 +317,10 @@ def run_cell(
     dataset: Dataset,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    write_row: bool = True,
 ) -> dict[str, Any]:
-    """Run (or finish) one cell and return its row; a finished cell is read back, not rerun."""
+    """Run (or finish) one cell and return its row; a finished cell is read back, not rerun.
+    ``write_row`` False: the caller stores the row (a Ray driver, from the row its actor returned)."""
     folder = out / cell.path
     done = finished_row(cell, out)
     if done is not None:
@@ -345,7 +354,8 @@ def run_cell(
         summary.update(extra())
         summary["peak_rss_mb"] = _peak_rss_mb()
     row = cell_row(cell, summary, read_records(folder / "log.jsonl"))
-    write_json_atomic(folder / "row.json", row)
+    if write_row:
+        write_row_json(cell, out, row)
     return row
 
 
@@ -371,6 +381,11 @@ def _matched_gate(
         (out / cell.path).mkdir(parents=True, exist_ok=True)
         write_json_atomic(stored, {"calls": calls, "matched": ref, "n": n})
     return FixedCountRandomGate(calls, n, warmup=run_cfg.warmup, seed=run_cfg.seed)
+
+
+def write_row_json(cell: Cell, out: Path, row: dict[str, Any]) -> None:
+    """Mark a cell finished: its row, in its folder."""
+    write_json_atomic(out / cell.path / "row.json", row)
 
 
 def finished_row(cell: Cell, out: Path) -> dict[str, Any] | None:
@@ -402,15 +417,24 @@ class CellWorker:
         cell: Cell,
         on_record: Callable[[dict[str, Any]], None] | None = None,
         on_start: Callable[[int, int], None] | None = None,
+        write_row: bool = True,
     ) -> dict[str, Any]:
         job = self.job
         return run_cell(
-            cell, job.cfg, job.out, self.cache, job.dataset, on_record=on_record, on_start=on_start
+            cell,
+            job.cfg,
+            job.out,
+            self.cache,
+            job.dataset,
+            on_record=on_record,
+            on_start=on_start,
+            write_row=write_row,
         )
 
 
 class CellRunner(Protocol):
-    """Runs the cells of an eval somewhere; yields ``(index in cells, row)`` as each finishes, in any order."""
+    """Runs the cells of an eval somewhere; yields ``(index in cells, row)`` as each finishes, in any order
+    (a ``failed_row``, with its ``error``, for a cell that failed while the others went on)."""
 
     def run(self, cells: Sequence[Cell], job: CellJob) -> Iterator[tuple[int, dict[str, Any]]]: ...
 
@@ -481,9 +505,13 @@ def run_eval(
         write_results_csv([done[j] for j in sorted(done)], out / "results.csv")
         if on_cell_done is not None:
             on_cell_done(len(done), len(cells), cells[i])
+    failed = [f"{cells[i].label()} ({row['error']})" for i, row in sorted(done.items()) if row.get("error")]
     missing = [c.label() for i, c in enumerate(cells) if i not in done]
-    if missing:
-        raise ICDError(f"cells never finished: {', '.join(missing)}; continue with --resume")
+    if failed or missing:
+        why = ([f"cells failed: {'; '.join(failed)}"] if failed else []) + (
+            [f"cells never finished: {', '.join(missing)}"] if missing else []
+        )
+        raise ICDError(f"{'; '.join(why)}; the other cells are in results.csv: continue with --resume")
     rows = [done[i] for i in range(len(cells))]
     write_report(rows, cfg, out)
     return rows

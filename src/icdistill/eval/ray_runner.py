@@ -7,15 +7,28 @@ driver takes its actors with it (Ray ends a job's actors when its driver dies); 
 skips finished cells and continues half-done ones. A killed actor is restarted by Ray and its cell
 retried, which continues that cell from its log.
 
-Cell folders are written by the actors, so on a cluster ``--out`` must be on storage every node
-sees at the same path: a marker file written by the driver is read back by every actor before any
-cell runs, and a worker that cannot see it stops the eval with an error.
+One cell does not stop the others: a cell that raises, whose actor dies past its restarts, or that
+gives no result within ``cell_timeout_s`` (its actor is then killed and replaced) becomes a failure
+row (``error``) and the eval goes on; ``run_eval`` then names the failed cells, and ``--resume`` runs
+them again. ``ray.util.ActorPool`` is not used: its ``get_next_unordered(timeout=)`` says only that
+*some* result is late, not which cell or actor, and it cannot replace an actor, so a per-cell deadline
+needs this loop's own bookkeeping anyway.
+
+Cell folders (logs, pools) are written by the actors, so on a cluster ``--out`` must be on storage
+every node sees at the same path: a marker file written by the driver is read back by every actor
+before any cell runs, and a worker that cannot see it stops the eval with an error. A cell's row
+comes back through Ray's object store and the driver writes it (``row.json``, results.csv): what
+marks a cell finished never depends on a lock or a write across hosts. The cell's own lock
+(``run.lock``, ``flock``) only guards a cell against an actor of a killed driver that is still
+exiting; where ``flock`` is not shared between hosts (some NFS mounts) only the driver's dispatch,
+which sends a cell to one actor at a time, keeps a cell single.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -26,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from icdistill.eval.harness import Cell, CellJob, CellWorker, finished_row
+from icdistill.eval.harness import Cell, CellJob, CellWorker, failed_row, finished_row, write_row_json
 from icdistill.runlog import FolderLock
 from icdistill.types import ICDError
 
@@ -58,8 +71,11 @@ class RayOptions:
     cpus: int | None = None
     actor_cpus: int = 1
     max_restarts: int = 3
+    cell_timeout_s: float | None = None  # a cell with no result after this long fails (None: no limit)
 
     def __post_init__(self) -> None:
+        if self.cell_timeout_s is not None and not self.cell_timeout_s > 0:
+            raise RaySetupError(f"--ray-cell-timeout must be > 0 seconds, got {self.cell_timeout_s}")
         if self.cpus is not None and self.cpus < 1:
             raise RaySetupError(f"--ray-cpus must be at least 1, got {self.cpus}")
         if self.actor_cpus < 1:
@@ -152,7 +168,7 @@ class _CellActor:
 
             self.worker = CellWorker(ray.get(job_ref[0]))
         wait_for_cell(self.out / cell.path)
-        return self.worker.run(cell)
+        return self.worker.run(cell, write_row=False)  # the row goes back to the driver, which stores it
 
 
 def _storage_message(out: Path, node: str, problem: str) -> str:
@@ -171,6 +187,8 @@ class RayCells:
         self._ray: Any = None
         self._owns = False  # whether close() disconnects (and stops the local instance we started)
         self._job_ref: Any = None
+        self._new_actor: Any = None  # starts one more actor like the others (a replacement)
+        self._job_out = Path()
 
     def connect(self) -> None:
         """Import Ray and start or join the instance now (errors before anything is written)."""
@@ -207,6 +225,7 @@ class RayCells:
         write_marker(out, token)
         actors: list[Any] = []
         try:
+            self._job_out = out
             self._start_actors(ray, replace(job, out=out), token, len(pending), actors)
             yield from self._dispatch(ray, cells, pending, actors)
         finally:
@@ -272,29 +291,69 @@ class RayCells:
         # the dataset and any injected models are sent once, not per actor; the reference is held until
         # the eval ends because a restarted actor is constructed from it again
         self._job_ref = ray.put(job)
-        actors.extend(actor_cls.remote(job.out, token, opts.actor_cpus) for _ in range(n))
-        self.workers = [_get(ray, ref, "starting") for ref in [a.describe.remote() for a in actors]]
-        for w in self.workers:
+        self._new_actor = lambda: actor_cls.remote(job.out, token, opts.actor_cpus)
+        actors.extend(self._new_actor() for _ in range(n))
+        self.workers = []
+        self._ready(ray, actors)
+
+    def _ready(self, ray: Any, actors: list[Any]) -> None:
+        """Wait until ``actors`` have started (into ``workers``); each must see --out."""
+        described = [_get(ray, ref, "starting") for ref in [a.describe.remote() for a in actors]]
+        self.workers.extend(described)
+        for w in described:
             if w["storage_problem"]:
-                raise RaySetupError(_storage_message(job.out, w["node"], w["storage_problem"]))
+                raise RaySetupError(_storage_message(self._job_out, w["node"], w["storage_problem"]))
 
     def _dispatch(
         self, ray: Any, cells: Sequence[Cell], pending: list[int], actors: list[Any]
     ) -> Iterator[tuple[int, dict[str, Any]]]:
         queue = deque(pending)
-        running: dict[Any, tuple[Any, int]] = {}
+        running: dict[Any, tuple[Any, int, float]] = {}  # result ref -> actor, cell, deadline
+        limit = self.options.cell_timeout_s
+        out = self._job_out
 
         def submit(actor: Any) -> None:
             if queue:
                 i = queue.popleft()
-                running[actor.run.remote([self._job_ref], cells[i])] = (actor, i)
+                deadline = time.monotonic() + limit if limit is not None else math.inf
+                running[actor.run.remote([self._job_ref], cells[i])] = (actor, i, deadline)
+
+        def replace_actor(actor: Any) -> None:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            actors.remove(actor)
+            actors.append(self._new_actor())
+            self._ready(ray, actors[-1:])  # started before its cell's deadline runs
+            submit(actors[-1])
 
         for actor in actors:
             submit(actor)
         while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            actor, i = running.pop(ready[0])
-            row = _get(ray, ready[0], f"running {cells[i].label()}")
+            nearest = min(deadline for _, _, deadline in running.values())
+            wait_s = None if nearest == math.inf else max(0.0, nearest - time.monotonic())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
+            if not ready:  # a cell ran past its deadline: it fails, its (hung) actor is replaced
+                now = time.monotonic()
+                for ref, (actor, i, deadline) in list(running.items()):
+                    if deadline <= now:
+                        del running[ref]
+                        replace_actor(actor)
+                        yield i, failed_row(cells[i], f"no result within {limit:g} s; its actor was stopped")
+                continue
+            actor, i, _ = running.pop(ready[0])
+            try:
+                row = _get(ray, ready[0], f"running {cells[i].label()}")
+            except RaySetupError:
+                raise  # the eval cannot work as set up: no cell can
+            except _ActorLost as e:
+                replace_actor(actor)
+                yield i, failed_row(cells[i], str(e))
+                continue
+            except Exception as e:  # this cell's own failure: the others go on
+                submit(actor)
+                yield i, failed_row(cells[i], f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            write_row_json(cells[i], out, row)
             submit(actor)
             yield i, row
 
@@ -327,7 +386,11 @@ def _get(ray: Any, ref: Any, doing: str) -> Any:
             raise cause from None
         raise
     except ray.exceptions.RayActorError as e:
-        raise ICDError(
+        raise _ActorLost(
             f"a Ray worker died {doing} and could not be restarted ({str(e).splitlines()[0]}); "
             "finished cells are kept: continue with --resume"
         ) from e
+
+
+class _ActorLost(ICDError):
+    """An actor died past its restarts."""

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from icdistill.pool_pg import _redact
+from icdistill.pool_pg import DB_NOW, _redact
 from icdistill.service.store import (
     ANNOTATED,
     ANSWERED,
@@ -89,7 +89,8 @@ CREATE TABLE IF NOT EXISTS icd_service_ledger (
 
 class PostgresServiceStore:
     """The shared ``Store``. ``worker`` names this server in leases (the pool's worker id);
-    ``lease_s`` is how long a silent server keeps its teacher work before another adopts it."""
+    ``lease_s`` is how long a silent server keeps its teacher work before another adopts it. Leases
+    are on the database's clock (``DB_NOW``), never a server's."""
 
     shared = True
 
@@ -147,7 +148,7 @@ class PostgresServiceStore:
                 "INSERT INTO icd_service_queries (query_id, position, created, updated, prompt, options, image_png, "
                 "state, answer, uncertainty, teacher_asked, gate_reason, ctx_teacher_calls, ctx_pool_size, "
                 "ctx_kind, demo_ids, label, claimed_by, claimed_until, server) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {DB_NOW} + %s, %s)",
                 (
                     row["query_id"],
                     row["position"],
@@ -167,7 +168,7 @@ class PostgresServiceStore:
                     json.dumps(row["demo_ids"]),
                     row.get("label"),
                     self.worker if leased else None,
-                    now + self.lease_s if leased else None,
+                    self.lease_s if leased else None,  # the lease on the database's clock (NULL: none)
                     self.worker,
                 ),
             )
@@ -291,20 +292,20 @@ class PostgresServiceStore:
             if self._beat is None or self._beat.closed or self._beat.broken:
                 self._beat = psycopg.connect(self.url, autocommit=True)
             self._beat.execute(
-                "UPDATE icd_service_queries SET claimed_until = %s "
+                f"UPDATE icd_service_queries SET claimed_until = {DB_NOW} + %s "
                 "WHERE claimed_by = %s AND state = %s AND query_id = ANY(%s)",
-                (time.time() + self.lease_s, self.worker, PENDING_TEACHER, list(query_ids)),
+                (self.lease_s, self.worker, PENDING_TEACHER, list(query_ids)),
             )
 
     def adopt_orphans(self) -> list[str]:
         """Lease to this server the teacher work whose server went silent (killed, or gone before
         the lease was written); returns the adopted query ids, oldest first."""
-        now = time.time()
         rows = self._db.execute(
-            "UPDATE icd_service_queries SET claimed_by = %s, claimed_until = %s WHERE query_id IN ("
+            f"UPDATE icd_service_queries SET claimed_by = %s, claimed_until = {DB_NOW} + %s WHERE query_id IN ("
             "SELECT query_id FROM icd_service_queries WHERE state = %s "
-            "AND (claimed_until IS NULL OR claimed_until < %s) FOR UPDATE SKIP LOCKED) RETURNING query_id, position",
-            (self.worker, now + self.lease_s, PENDING_TEACHER, now),
+            f"AND (claimed_until IS NULL OR claimed_until < {DB_NOW}) FOR UPDATE SKIP LOCKED) "
+            "RETURNING query_id, position",
+            (self.worker, self.lease_s, PENDING_TEACHER),
         ).fetchall()
         return [r["query_id"] for r in sorted(rows, key=lambda r: r["position"])]
 
@@ -312,14 +313,13 @@ class PostgresServiceStore:
     def claim_next(self, labeller: str, lease_s: float, skip: Sequence[str] = ()) -> dict[str, Any] | None:
         """The oldest queued item nobody else holds (this labeller's own first), leased to ``labeller``;
         one statement, so two servers never lease one item to two people."""
-        now = time.time()
         row = self._db.execute(
-            "UPDATE icd_service_queries SET claimed_by = %s, claimed_until = %s WHERE query_id = ("
+            f"UPDATE icd_service_queries SET claimed_by = %s, claimed_until = {DB_NOW} + %s WHERE query_id = ("
             "SELECT query_id FROM icd_service_queries WHERE state = %s AND NOT (query_id = ANY(%s)) "
-            "AND (claimed_by IS NULL OR claimed_by = %s OR claimed_until <= %s) "
-            "ORDER BY (claimed_by IS NOT DISTINCT FROM %s AND claimed_until > %s) DESC, position "
+            f"AND (claimed_by IS NULL OR claimed_by = %s OR claimed_until <= {DB_NOW}) "
+            f"ORDER BY (claimed_by IS NOT DISTINCT FROM %s AND claimed_until > {DB_NOW}) DESC, position "
             "LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING query_id",
-            (labeller, now + lease_s, PENDING_HUMAN, list(skip), labeller, now, labeller, now),
+            (labeller, lease_s, PENDING_HUMAN, list(skip), labeller, labeller),
         ).fetchone()
         return self.get(row["query_id"]) if row is not None else None
 
