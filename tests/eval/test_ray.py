@@ -25,7 +25,13 @@ from icdistill.runner import Parts, RunConfig
 TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"
 # wall-clock fields: everything else in a row must be the same whichever process ran the cell
-TIMING = ("seconds_per_query", "student_seconds_per_query", "teacher_seconds_per_query", "peak_rss_mb")
+TIMING = (
+    "seconds_per_query",
+    "student_seconds_per_query",
+    "teacher_seconds_per_query",
+    "peak_rss_mb",
+    "image_embed_seconds",
+)
 
 
 @pytest.fixture(scope="module")
