@@ -111,11 +111,13 @@ def _calibrated(counts: np.ndarray, read: np.ndarray) -> np.ndarray:
 
 
 class SimilarityMixture:
-    """``p(o) = w(s) vote(o) + (1 - w(s)) zero_shot(o)``, ``s`` the nearest shown demo's similarity.
+    """``p(o) ∝ vote_s(o) zero_shot(o)``: the two readings as independent evidence (``combine``), the
+    vote calibrated by ``rho(s)``, how often a vote of demos at the nearest demo's similarity ``s``
+    has been right, and the zero-shot reading by what its top option has meant so far.
 
-    ``w(s)`` maximises the kernel-weighted likelihood of the teacher's answers over the leave-one-out
-    checks of the taught queries: ``sum_i K(s, s_i) log(w p_vote,i + (1 - w) p_zs,i)`` plus a
-    Beta prior of ``prior`` pseudo-checks split evenly (EM, ``iterations`` steps from 0.5).
+    ``rho(s)`` is the kernel-weighted share of checks of the taught queries (leave-one-out, and
+    leave-label-out weighted by how often a label is missing) at which the vote gave the teacher's
+    answer, with a Beta prior of ``prior`` pseudo-checks at 0.5 (``vote_weight``).
     ``bandwidth`` is the kernel's width in cosine units; ``shots`` and ``temperature`` are those of
     the vote the checks replay. The zero-shot reading enters as what its top option has meant so far
     (``zero_shot``): a small LM's option distribution is nearly flat where it reads right and
@@ -278,14 +280,25 @@ class SimilarityMixture:
         return np.zeros(0) if t is None or t.check_weights is None else t.check_weights
 
     def vote_weight(self, options: Sequence[str], similarity: float) -> float:
-        """``w(s)``: the vote's weight at ``similarity`` (0.5 before any check)."""
+        """``rho(s)``: how often the vote of demos this near has given the teacher's answer, from the
+        checks (kernel-weighted mean of the probability the vote gave the answer, each check weighted
+        by ``check_weights``, a Beta prior of ``prior`` pseudo-checks at 0.5)."""
         near, p = self.checks(options)
         if not len(near):
             return 0.5
         kern = np.exp(-0.5 * ((near - similarity) / self.bandwidth) ** 2) * self.check_weights(options)
-        w = 0.5
-        for _ in range(self.iterations):
-            joint_vote = w * p[:, 0]
-            resp = joint_vote / (joint_vote + (1.0 - w) * p[:, 1])
-            w = float((self.prior / 2 + kern @ resp) / (self.prior + kern.sum()))
-        return w
+        return float((self.prior / 2 + kern @ p[:, 0]) / (self.prior + kern.sum()))
+
+    def combine(self, options: Sequence[str], vote: np.ndarray, zero_shot: np.ndarray, similarity: float) -> np.ndarray:
+        """The answer's distribution from both readings as independent evidence (naive Bayes over a
+        uniform prior): the vote, right with probability ``rho(s)`` (``vote_weight``), otherwise any
+        other option alike; times the zero-shot reading calibrated on its confusion (``zero_shot``).
+        Each reading counts for how often it has been right where it stands now, not for how sure
+        it sounds: a one-hot vote of far demos of another class counts little, a flat zero-shot
+        reading that has been right counts much."""
+        k = len(options)
+        rho = self.vote_weight(options, similarity)
+        vote = np.asarray(vote, dtype=np.float64)
+        vote_cal = rho * vote + (1.0 - rho) * (1.0 - vote) / max(k - 1, 1)
+        joint = vote_cal * self.zero_shot(options, zero_shot)
+        return joint / joint.sum()
