@@ -4,7 +4,7 @@ similarity and learned from the teacher's answers (no model)."""
 import numpy as np
 import pytest
 
-from icdistill.mixture import SimilarityMixture, vote
+from icdistill.mixture import SimilarityMixture, temper, vote
 from icdistill.types import ICDError
 
 OPTIONS = ("a", "b", "c")
@@ -29,9 +29,8 @@ def test_checks_replay_the_vote_of_the_other_taught_queries_and_of_the_other_lab
     m.teach(OPTIONS, unit(1, 0.1, 0), np.array([0.2, 0.7, 0.1]), "a")
     m.teach(OPTIONS, unit(0, 0, 1), np.array([0.1, 0.1, 0.8]), "c")
     near, p = m.checks(OPTIONS)
-    # query 0's own reading ("a", right) is judged on the others': one read "b" for an "a", one "c"
-    # for a "c" (accuracy (1 + 1) / (2 + 2)); the "a" row has no count, so its prior: 0.5
-    zs0 = 0.5
+    t = m.zero_shot_temperature(OPTIONS)
+    zs0 = temper(np.array([0.6, 0.3, 0.1]), t)[0]
     # query 0 left out: its nearest other (query 1) says "a", the vote right, at their similarity
     assert near[0] == pytest.approx(float(unit(1, 0, 0) @ unit(1, 0.1, 0)), abs=1e-6)
     assert p[0] == pytest.approx([1.0, zs0])
@@ -40,18 +39,17 @@ def test_checks_replay_the_vote_of_the_other_taught_queries_and_of_the_other_lab
     assert len(near) == 6  # two checks for each of the three queries
 
 
-def test_the_zero_shot_reading_counts_for_what_its_top_option_has_meant_so_far():
-    """A small LM's option distribution is flat where it reads right: what counts is whether its top
-    option has been the teacher's answer, per option it reads (a confusion, smoothed)."""
-    m = SimilarityMixture()
-    flat = np.array([0.4, 0.3, 0.3])
-    assert m.zero_shot(OPTIONS, flat) == pytest.approx([0.5, 0.25, 0.25])  # nothing taught: prior
+def test_the_zero_shot_reading_is_sharpened_where_it_reads_right_and_flattened_where_not():
+    right, wrong = SimilarityMixture(), SimilarityMixture()
     for i in range(8):
-        m.teach(OPTIONS, unit(1, i), flat, "a")  # it reads "a" (barely) and is right every time
-        m.teach(OPTIONS, unit(i, 1), np.array([0.3, 0.3, 0.4]), "b")  # it reads "c" where it is "b"
-    assert m.zero_shot(OPTIONS, flat)[0] > 0.8
-    says_c = m.zero_shot(OPTIONS, np.array([0.1, 0.1, 0.8]))
-    assert says_c[1] > 0.7 and says_c[2] < 0.2  # confidently "c", and it has meant "b"
+        y = OPTIONS[i % 3]
+        p = np.full(3, 0.3)
+        p[i % 3] = 0.4
+        right.teach(OPTIONS, unit(1, i), p, y)  # argmax right, but flat
+        wrong.teach(OPTIONS, unit(1, i), p, OPTIONS[(i + 1) % 3])  # argmax wrong
+    assert right.zero_shot_temperature(OPTIONS) < 0.5 < 1.0 < wrong.zero_shot_temperature(OPTIONS)
+    sharp = right.zero_shot(OPTIONS, np.array([0.4, 0.3, 0.3]))
+    assert sharp[0] > 0.7
 
 
 def test_the_vote_weighs_more_where_near_demos_were_right_and_less_where_far_ones_were_wrong():
@@ -67,18 +65,7 @@ def test_the_vote_weighs_more_where_near_demos_were_right_and_less_where_far_one
     near, p = m.checks(OPTIONS)
     assert near[::2].min() > 0.9 and near[1::2].max() < 0.2  # left out: a twin; label left out: far
     assert m.vote_weight(OPTIONS, 0.98) > 0.8
-    # every option is taught, each more than once: a query whose class the pool lacks is rare
-    # (Good-Turing), so the always-wrong leave-label-out checks count little
-    assert 0.1 < m.vote_weight(OPTIONS, 0.05) < 0.3
-    # the same stream with three more options nobody taught: half the classes may be missing
-    six = (*OPTIONS, "d", "e", "f")
-    m6 = SimilarityMixture(shots=2)
-    for i in range(12):
-        base = np.eye(3)[i % 3] + 0.05 * rng.standard_normal(3)
-        m6.teach(six, base, np.full(6, 1 / 6), six[i % 3])
-    assert m6.vote_weight(six, 0.05) < 0.1 < m6.vote_weight(six, 0.98)
-    weights = m6.check_weights(six)
-    assert set(np.round(weights, 6)) == {1.0, 0.5}  # leave-one-out 1; leave-label-out 3 of 6 untaught
+    assert m.vote_weight(OPTIONS, 0.05) < 0.1
     far = SimilarityMixture(shots=1, bandwidth=0.1)
     for k in range(6):  # each query alone in its direction: nearest others at cos 0.1-0.3, other labels
         v = np.zeros(8)
@@ -110,9 +97,9 @@ def _brute_checks(m: SimilarityMixture, rows: list[tuple[np.ndarray, np.ndarray,
     sims = feats @ feats.T
     np.fill_diagonal(sims, -np.inf)
     labels = np.array([a for _, _, a in rows])
-    read = np.array([int(np.argmax(zs)) for _, zs, _ in rows])
+    t = m.zero_shot_temperature(OPTIONS)
     near, p = [], []
-    for i, (_, _zs, ans) in enumerate(rows):
+    for i, (_, zs, ans) in enumerate(rows):
         y = OPTIONS.index(ans)
         for others in (np.flatnonzero(np.isfinite(sims[i])), np.flatnonzero(labels != ans)):
             if not len(others):
@@ -120,15 +107,7 @@ def _brute_checks(m: SimilarityMixture, rows: list[tuple[np.ndarray, np.ndarray,
             top = others[np.argsort(-sims[i, others], kind="stable")[: m.shots]]
             v = vote(sims[i, top], [rows[j][2] for j in top], OPTIONS, m.temperature)
             near.append(float(sims[i, top[0]]))
-            others_read = [(read[j], OPTIONS.index(rows[j][2])) for j in range(len(rows)) if j != i]
-            counts = np.zeros((3, 3))
-            for c, yy in others_read:
-                counts[c, yy] += 1
-            acc = (np.trace(counts) + 1) / (counts.sum() + 2)
-            prior = np.full(3, (1 - acc) / 2)
-            prior[read[i]] = acc
-            zs_i = (counts[read[i]] + 4.0 * prior) / (counts[read[i]].sum() + 4.0)
-            p.append((float(v[y]), float(zs_i[y])))
+            p.append((float(v[y]), float(temper(zs, t)[y])))
     return np.array(near), np.maximum(np.array(p).reshape(-1, 2), 1e-4)
 
 

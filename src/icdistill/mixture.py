@@ -52,9 +52,7 @@ class _Taught:
     loo: tuple[np.ndarray, np.ndarray] | None = None
     llo: tuple[np.ndarray, np.ndarray] | None = None
     checks: tuple[np.ndarray, np.ndarray] | None = None  # (similarity, p_true (n, 2)), cached
-    check_weights: np.ndarray | None = None  # how much each check counts, cached with them
-    # the zero-shot reading's confusion: counts[c, y] = taught queries it read as c whose answer was y
-    confusion: np.ndarray | None = None
+    temperature: float | None = None  # of the zero-shot reading, fitted to the taught answers, cached
 
 
 def _nearest(sims: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,50 +76,27 @@ def _offer(nbrs: tuple[np.ndarray, np.ndarray], sims: np.ndarray, new: int, rows
         idx[r, pos], sim[r, pos] = new, sims[r]
 
 
-# pseudo-counts of the prior on each row of the zero-shot reading's confusion
-_CONFUSION_PRIOR = 4.0
+# temperatures tried for the zero-shot reading (log-spaced), and the prior's spread on log T
+_TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(10.0), 61))
+_LOG_T_PRIOR_SD = 1.0
 
 
-def _unseen_weights(answers: Sequence[str], k: int) -> np.ndarray:
-    """Per taught query, the weight of its leave-label-out check (see ``check_weights``)."""
-    counts: dict[str, int] = {}
-    for a in answers:
-        counts[a] = counts.get(a, 0) + 1
-    once = sum(1 for a in answers if counts[a] == 1)
-    # Good-Turing, but never below the share of the ``k`` options no one has taught yet
-    unseen = max((once + 1.0) / (len(answers) + 2.0), (k - len(counts)) / k)
-    return np.array([0.0 if counts[a] == 1 else unseen for a in answers])
-
-
-def _calibrated(counts: np.ndarray, read: np.ndarray) -> np.ndarray:
-    """``P(answer = y | the zero-shot reading's top option is c)`` for each ``c`` in ``read``: the
-    confusion counts smoothed toward the reading's overall accuracy (Dirichlet, ``_CONFUSION_PRIOR``
-    pseudo-counts; Beta(1, 1) on the accuracy). ``counts`` may be per row (leave-one-out)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim == 2:
-        counts = np.broadcast_to(counts, (len(read), *counts.shape))
-    k = counts.shape[-1]
-    hits = np.trace(counts, axis1=1, axis2=2)
-    total = counts.sum(axis=(1, 2))
-    accuracy = (hits + 1.0) / (total + 2.0)
-    prior = np.repeat(((1.0 - accuracy) / max(k - 1, 1))[:, None], k, axis=1)
-    prior[np.arange(len(read)), read] = accuracy if k > 1 else 1.0
-    row = counts[np.arange(len(read)), read]
-    return (row + _CONFUSION_PRIOR * prior) / (row.sum(axis=1, keepdims=True) + _CONFUSION_PRIOR)
+def temper(p: np.ndarray, temperature: float) -> np.ndarray:
+    """``p ** (1 / temperature)``, renormalised: sharper below 1, flatter above."""
+    logp = np.log(np.maximum(np.asarray(p, dtype=np.float64), 1e-300)) / temperature
+    q = np.exp(logp - logp.max())
+    return q / q.sum()
 
 
 class SimilarityMixture:
-    """``p(o) ∝ vote_s(o) zero_shot(o)``: the two readings as independent evidence (``combine``), the
-    vote calibrated by ``rho(s)``, how often a vote of demos at the nearest demo's similarity ``s``
-    has been right, and the zero-shot reading by what its top option has meant so far.
+    """``p(o) = w(s) vote(o) + (1 - w(s)) zero_shot(o)``, ``s`` the nearest shown demo's similarity.
 
-    ``rho(s)`` is the kernel-weighted share of checks of the taught queries (leave-one-out, and
-    leave-label-out weighted by how often a label is missing) at which the vote gave the teacher's
-    answer, with a Beta prior of ``prior`` pseudo-checks at 0.5 (``vote_weight``).
+    ``w(s)`` maximises the kernel-weighted likelihood of the teacher's answers over the leave-one-out
+    checks of the taught queries: ``sum_i K(s, s_i) log(w p_vote,i + (1 - w) p_zs,i)`` plus a
+    Beta prior of ``prior`` pseudo-checks split evenly (EM, ``iterations`` steps from 0.5).
     ``bandwidth`` is the kernel's width in cosine units; ``shots`` and ``temperature`` are those of
-    the vote the checks replay. The zero-shot reading enters as what its top option has meant so far
-    (``zero_shot``): a small LM's option distribution is nearly flat where it reads right and
-    confident where it reads wrong, so its probabilities are not comparable with the vote's.
+    the vote the checks replay. The zero-shot reading enters at a temperature fitted to the taught
+    answers too (``zero_shot``).
     """
 
     def __init__(
@@ -129,9 +104,9 @@ class SimilarityMixture:
         shots: int = 2,
         temperature: float = 0.05,
         bandwidth: float = 0.1,
-        prior: float = 0.5,
+        prior: float = 1.0,
         iterations: int = 30,
-        max_taught: int = 2000,
+        max_taught: int = 5000,
     ) -> None:
         if shots < 1 or temperature <= 0 or bandwidth <= 0 or prior <= 0 or iterations < 1 or max_taught < 2:
             raise ICDError(
@@ -173,7 +148,7 @@ class SimilarityMixture:
         if len(t.answers) > self.max_taught:
             self._forget_first(t)
         t.checks = None
-        t.confusion = None
+        t.temperature = None
 
     def _forget_first(self, t: _Taught) -> None:
         """Drop the oldest taught query; the rows that had it as a neighbour look again."""
@@ -206,24 +181,31 @@ class SimilarityMixture:
                 twin.teach(options, t.features[i], t.zero_shot[i], answer)  # type: ignore[index]
         return twin
 
-    def _confusion(self, options: tuple[str, ...], t: _Taught) -> np.ndarray:
-        if t.confusion is None:
-            k = len(options)
-            counts = np.zeros((k, k))
-            for zs, a in zip(t.zero_shot, t.answers, strict=True):
-                counts[int(np.argmax(zs)), options.index(a)] += 1
-            t.confusion = counts
-        return t.confusion
+    def zero_shot_temperature(self, options: Sequence[str]) -> float:
+        """The temperature that makes the zero-shot reading best predict the teacher's answers (maximum
+        a posteriori, a log-normal prior around 1): a small LM's calibrated option distribution is far
+        too flat where it reads right, and should be flattened where it reads wrong."""
+        t = self._taught.get(tuple(options))
+        if t is None or not t.answers:
+            return 1.0
+        if t.temperature is None:
+            options = tuple(options)
+            logp = np.log(np.maximum(np.stack(t.zero_shot), 1e-300))
+            y = np.array([options.index(a) for a in t.answers])
+            best, best_score = 1.0, -np.inf
+            for temp in _TEMPERATURES:
+                z = logp / temp
+                z = z - z.max(axis=1, keepdims=True)
+                ll = (z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).sum()
+                score = ll - 0.5 * (np.log(temp) / _LOG_T_PRIOR_SD) ** 2
+                if score > best_score:
+                    best, best_score = float(temp), float(score)
+            t.temperature = best
+        return t.temperature
 
     def zero_shot(self, options: Sequence[str], p: np.ndarray) -> np.ndarray:
-        """The zero-shot reading as a distribution over the answer: ``P(y | its top option)`` from the
-        taught queries' confusion, smoothed toward its accuracy so far (uniform accuracy 1/2 before
-        any). What matters is whether its top option has been right, not how sure it sounded."""
-        options = tuple(options)
-        t = self._taught.get(options)
-        k = len(options)
-        counts = self._confusion(options, t) if t is not None and t.answers else np.zeros((k, k))
-        return _calibrated(counts, np.array([int(np.argmax(p))]))[0]
+        """The zero-shot reading at the fitted temperature."""
+        return temper(p, self.zero_shot_temperature(options))
 
     def taught(self, options: Sequence[str]) -> int:
         t = self._taught.get(tuple(options))
@@ -243,11 +225,10 @@ class SimilarityMixture:
             assert t.loo is not None and t.llo is not None
             n = len(t.answers)
             y = np.array([options.index(a) for a in t.answers])
-            # each one's zero-shot reading, calibrated on the confusion of the others (leave-one-out)
-            read = np.array([int(np.argmax(z)) for z in t.zero_shot])
-            own = np.zeros((n, len(options), len(options)))
-            own[np.arange(n), read, y] = 1.0
-            zs = _calibrated(self._confusion(options, t)[None] - own, read)[np.arange(n), y]
+            # each one's zero-shot reading at the fitted temperature (``temper``, row by row)
+            logp = np.log(np.maximum(np.stack(t.zero_shot), 1e-300)) / self.zero_shot_temperature(options)
+            q = np.exp(logp - logp.max(axis=1, keepdims=True))
+            zs = (q / q.sum(axis=1, keepdims=True))[np.arange(n), y]
             near, p, valid = [], [], []
             for idx, sim in (t.loo, t.llo):
                 # the vote of the row's neighbours (``vote``), for the row's own answer
@@ -264,41 +245,17 @@ class SimilarityMixture:
             near_all = np.stack(near, axis=1).ravel()[keep]
             p_all = np.stack(p, axis=1).reshape(-1, 2)[keep]
             t.checks = (near_all, np.maximum(p_all, _P_FLOOR))
-            t.check_weights = np.stack([np.ones(n), _unseen_weights(t.answers, len(options))], axis=1).ravel()[keep]
         return t.checks
 
-    def check_weights(self, options: Sequence[str]) -> np.ndarray:
-        """How much each check of ``checks`` counts: 1 for a leave-one-out check; for a leave-label-out
-        check, an estimate of how often a new query's label is one the pool lacks (Good-Turing,
-        ``(labels taught once + 1) / (taught + 2)``, or the share of options never taught if that is
-        larger), and 0 for a label taught once, whose
-        leave-one-out check already is that case. Without it, one always-wrong leave-label-out check
-        per taught query would pull the vote's weight down wherever classes look alike, long after
-        every class is pooled."""
-        self.checks(options)
-        t = self._taught.get(tuple(options))
-        return np.zeros(0) if t is None or t.check_weights is None else t.check_weights
-
     def vote_weight(self, options: Sequence[str], similarity: float) -> float:
-        """``rho(s)``: how often the vote of demos this near has given the teacher's answer, from the
-        checks (kernel-weighted mean of the probability the vote gave the answer, each check weighted
-        by ``check_weights``, a Beta prior of ``prior`` pseudo-checks at 0.5)."""
+        """``w(s)``: the vote's weight at ``similarity`` (0.5 before any check)."""
         near, p = self.checks(options)
         if not len(near):
             return 0.5
-        kern = np.exp(-0.5 * ((near - similarity) / self.bandwidth) ** 2) * self.check_weights(options)
-        return float((self.prior / 2 + kern @ p[:, 0]) / (self.prior + kern.sum()))
-
-    def combine(self, options: Sequence[str], vote: np.ndarray, zero_shot: np.ndarray, similarity: float) -> np.ndarray:
-        """The answer's distribution from both readings as independent evidence (naive Bayes over a
-        uniform prior): the vote, right with probability ``rho(s)`` (``vote_weight``), otherwise any
-        other option alike; times the zero-shot reading calibrated on its confusion (``zero_shot``).
-        Each reading counts for how often it has been right where it stands now, not for how sure
-        it sounds: a one-hot vote of far demos of another class counts little, a flat zero-shot
-        reading that has been right counts much."""
-        k = len(options)
-        rho = self.vote_weight(options, similarity)
-        vote = np.asarray(vote, dtype=np.float64)
-        vote_cal = rho * vote + (1.0 - rho) * (1.0 - vote) / max(k - 1, 1)
-        joint = vote_cal * self.zero_shot(options, zero_shot)
-        return joint / joint.sum()
+        kern = np.exp(-0.5 * ((near - similarity) / self.bandwidth) ** 2)
+        w = 0.5
+        for _ in range(self.iterations):
+            joint_vote = w * p[:, 0]
+            resp = joint_vote / (joint_vote + (1.0 - w) * p[:, 1])
+            w = float((self.prior / 2 + kern @ resp) / (self.prior + kern.sum()))
+        return w

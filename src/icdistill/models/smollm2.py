@@ -586,8 +586,8 @@ class SmolLM2Student:
         return np.array([votes.get(o, 0.0) for o in options]), nearest_similarity(feats[0], feats[1:])
 
     def vote_weight(self, options: Sequence[str], similarity: float) -> float:
-        """How much the vote counts at the nearest demo's ``similarity``: ``mix`` when fixed, else how
-        often such a vote has been right (``SimilarityMixture.vote_weight``)."""
+        """The vote's weight in the mixture at the nearest demo's ``similarity``: ``mix`` when fixed,
+        else learned (``SimilarityMixture.vote_weight``)."""
         if self.mix is not None:
             return self.mix
         with self._state_lock:
@@ -602,14 +602,12 @@ class SmolLM2Student:
             probs = zero_shot  # no demos: the LM's own (calibrated) reading, as the student alone
         else:
             vote, similarity = voted
-            w = self.vote_weight(options, similarity)
-            if similarity >= SAME_IMAGE:  # a demo of the very same image is its answer (the re-run)
-                probs = vote
-            elif self.mix is not None:  # a fixed mixture
-                probs = self.mix * vote + (1.0 - self.mix) * zero_shot
-            else:  # each reading counts for how often it has been right where it stands now
+            if self.mix is None:  # against the vote, its reading enters at its fitted temperature
                 with self._state_lock:
-                    probs = self.mixture.combine(options, vote, zero_shot, similarity)
+                    zero_shot = self.mixture.zero_shot(options, zero_shot)
+            # a demo of the very same image is its answer (e.g. the re-run after a teacher call)
+            w = 1.0 if similarity >= SAME_IMAGE else self.vote_weight(options, similarity)
+            probs = w * vote + (1.0 - w) * zero_shot
             details |= {
                 "vote_answer": options[int(np.argmax(vote))],
                 "vote_weight": round(w, 4),
