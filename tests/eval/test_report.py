@@ -225,6 +225,7 @@ def test_cli_table_is_not_wrapped_when_stdout_is_a_file(tmp_path, monkeypatch, c
     monkeypatch.setattr(harness, "run_eval", lambda *a, **k: rows)
     args = argparse.Namespace(out=str(tmp_path / "o"), quiet=True, resume=False, ray=None, ray_cpus=None)
     args.ray_actor_cpus = 1
+    args.ray_cell_timeout = None
     cfg = EvalConfig(base=RunConfig(), methods=("icd",), seeds=(0,))
     assert cmd_eval(cfg, args) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
