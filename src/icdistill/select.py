@@ -223,12 +223,6 @@ def nearest_demo_similarity(query: Query, embeddings: Embeddings, pool: Pool, ke
     return None if got is None else float(got[1][0])
 
 
-def same_kind_count(query: Query, pool: Pool) -> int:
-    """How many pooled demos answer the query's kind of question (the same options, or open)."""
-    candidates = _eligible(query, pool, mix=False)
-    return len(pool) if candidates is None else len(candidates)
-
-
 def question_kind_count(query: Query, pool: Pool) -> int:
     """How many pooled demos answer a question of the query's kind as a gate keeps it
     (``GateContext.kind``): with options (any option set) or open. Per option set it would stay 0

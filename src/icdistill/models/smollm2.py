@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from icdistill.coverage import decode_sketch, encode_sketch
-from icdistill.mixture import SimilarityMixture
+from icdistill.mixture import SimilarityMixture, vote
 from icdistill.models.scoring import generate_with_entropy, sample_generations, score_continuations
 from icdistill.types import Demo, Prediction, Query, SpecError, image_digest
 
@@ -295,25 +295,20 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+def cosines(query_features: np.ndarray, demo_features: Sequence[np.ndarray]) -> np.ndarray:
+    """Cosine similarity of the query's features to each demo's."""
+    q = query_features / max(float(np.linalg.norm(query_features)), 1e-12)
+    return np.array([float(q @ (d / max(float(np.linalg.norm(d)), 1e-12))) for d in demo_features])
+
+
 def demo_vote(
     query_features: np.ndarray, demo_features: Sequence[np.ndarray], answers: Sequence[str], temperature: float
 ) -> dict[str, float]:
     """The demos' answers weighted by ``softmax(cos(query, demo) / temperature)`` of the student's own
     image features: what the student sees of how alike the demo images are to the query."""
-    q = query_features / max(float(np.linalg.norm(query_features)), 1e-12)
-    sims = np.array([float(q @ (d / max(float(np.linalg.norm(d)), 1e-12))) for d in demo_features])
-    w = np.exp((sims - sims.max()) / temperature)
-    w /= w.sum()
-    out: dict[str, float] = {}
-    for a, wi in zip(answers, w, strict=True):
-        out[a] = out.get(a, 0.0) + float(wi)
-    return out
-
-
-def nearest_similarity(query_features: np.ndarray, demo_features: Sequence[np.ndarray]) -> float:
-    """The largest cosine similarity between the query's features and a demo's."""
-    q = query_features / max(float(np.linalg.norm(query_features)), 1e-12)
-    return max(float(q @ (d / max(float(np.linalg.norm(d)), 1e-12))) for d in demo_features)
+    options = list(dict.fromkeys(answers))
+    w = vote(cosines(query_features, demo_features), answers, options, temperature)
+    return dict(zip(options, w.tolist(), strict=True))
 
 
 # zero-shot readings remembered per query id: the re-run after a teacher call and the teacher's check
@@ -582,8 +577,8 @@ class SmolLM2Student:
         feats = [getattr(self._tags_of(i), "features", None) for i in images]  # type: ignore[arg-type]
         if any(f is None for f in feats):
             return None
-        votes = demo_vote(feats[0], feats[1:], [d.answer for d in demos], self.mix_temperature)
-        return np.array([votes.get(o, 0.0) for o in options]), nearest_similarity(feats[0], feats[1:])
+        sims = cosines(feats[0], feats[1:])  # once, for the vote and the nearest similarity
+        return vote(sims, [d.answer for d in demos], options, self.mix_temperature), float(sims.max())
 
     def vote_weight(self, options: Sequence[str], similarity: float) -> float:
         """The vote's weight in the mixture at the nearest demo's ``similarity``: ``mix`` when fixed,
