@@ -134,6 +134,29 @@ def test_resume_after_pool_write_without_log_line(dataset, tmp_path):
     assert all(by_query.get(i) != r["query_id"] for r in recs for i in r["demo_ids"])
 
 
+def test_a_recovered_query_sees_the_coverage_it_saw_before_the_crash(dataset, tmp_path):
+    """A query pooled before a crash but not logged is re-run on resume: its gate signals (nearest
+    pooled demo, leaving out its own) must be those of the uninterrupted run, or a coverage gate
+    could decide differently after a resume."""
+    order = stream_order(len(dataset), 6, 0, True)
+    ref = make(AlwaysGate()).run(query_stream(dataset, order))
+    pool_path, log_path = tmp_path / "pool.sqlite", tmp_path / "log.jsonl"
+    with SQLitePool(pool_path) as pool, RunLog(log_path) as log:
+        make(AlwaysGate(), pool=pool, log=log).run(query_stream(dataset, order[:3]))
+    with SQLitePool(pool_path) as pool:  # query 3 is pooled, its log line lost in the crash
+        make(AlwaysGate(), pool=pool).run(query_stream(dataset, order[:4], start=3))
+    with SQLitePool(pool_path) as pool, RunLog(log_path) as log:
+        d = make(AlwaysGate(), pool=pool, log=log)
+        assert d.next_position() == 3
+        recs = d.run(query_stream(dataset, order, start=3))[3:]
+    assert [r["position"] for r in recs] == [3, 4, 5]
+    assert "recovered" in recs[0]["gate_reason"]
+    assert "nearest_demo_similarity" in ref[3]["gate_signals"]
+    for r, want in zip(recs, ref[3:], strict=True):
+        assert r["gate_signals"] == want["gate_signals"]
+        assert r["gate_score"] == want["gate_score"]
+
+
 def test_loop_config_validation():
     with pytest.raises(ICDError):
         LoopConfig(shots=-1)

@@ -176,9 +176,10 @@ class Distiller:
         u = self._measure(first)
         stored = self.pool.annotation_for(query.id)
         # a recovered annotation's own demo was not in the pool when the gate first saw this query
-        own = int(stored is not None and any(d.query_id == query.id for d in self.pool.demos()))
+        own_ids = [d.id for d in self.pool.demos() if d.query_id == query.id] if stored is not None else []
+        own = int(bool(own_ids))
         kind = "options" if query.options else "open"  # uncertainty scales differ: per-kind gate statistics
-        signals, sketch = self._coverage(query, emb, own)
+        signals, sketch = self._coverage(query, emb, own_ids)
         ctx = GateContext(query.position, self.teacher_calls, question_kind_count(query, self.pool) - own, kind, signals)
         decision = self.gate.decide(u, ctx)  # 3. gate
         asked = decision.ask or stored is not None
@@ -193,11 +194,12 @@ class Distiller:
             self.teacher_calls += 1
         return Draft(query, emb, demos, first, u, ctx, decision, stored, asked, reason, t0, t_embed, sketch)
 
-    def _coverage(self, query: Query, emb: Embeddings, own: int) -> tuple[dict[str, float], str | None]:
+    def _coverage(self, query: Query, emb: Embeddings, own_ids: list[int]) -> tuple[dict[str, float], str | None]:
         """The gate's coverage signals (how near the closest pooled demo of the query's kind is; how
-        typical the query is of the stream so far) and the query's sketch, added to the stream."""
+        typical the query is of the stream so far) and the query's sketch, added to the stream.
+        ``own_ids``: the query's own demos, pooled before a crash; left out, as the gate first saw it."""
         signals: dict[str, float] = {}
-        near = None if own else nearest_demo_similarity(query, emb, self.pool)
+        near = nearest_demo_similarity(query, emb, self.pool, exclude=own_ids)
         if near is not None:
             signals["nearest_demo_similarity"] = near
         vec = emb.get(IMAGE)

@@ -7,6 +7,8 @@ scanned exactly with the same ranking. Ranking: cosine rounded to 1e-5, ties old
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from icdistill.protocols import Pool, Selector
@@ -211,12 +213,20 @@ def make_selector(
     raise ICDError(f"unknown selector {name!r}; choose one of {', '.join(SELECTORS)}")
 
 
-def nearest_demo_similarity(query: Query, embeddings: Embeddings, pool: Pool, key: str = IMAGE) -> float | None:
+def nearest_demo_similarity(
+    query: Query, embeddings: Embeddings, pool: Pool, key: str = IMAGE, exclude: Sequence[int] = ()
+) -> float | None:
     """Cosine similarity of the query to its nearest pooled demo of the same kind under ``key``: how
-    well the pool covers it. None when the pool holds no such demo (or the query has no ``key``)."""
+    well the pool covers it. None when the pool holds no such demo (or the query has no ``key``).
+    ``exclude``: demo ids left out (a resumed query's own demo, pooled before its log line)."""
     if len(pool) == 0:
         return None
     candidates = _eligible(query, pool, mix=False)
+    if exclude:
+        left_out = {int(i) for i in exclude}
+        candidates = np.asarray(
+            [i for i in _in_order(pool, candidates) if i not in left_out], dtype=np.int64
+        )
     if candidates is not None and not len(candidates):
         return None
     got = _rank(embeddings.get(key), pool, key, 1, candidates)
