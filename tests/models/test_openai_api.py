@@ -18,6 +18,7 @@ from PIL import Image
 
 from fakes import FakeStudent, LocalServer, RecordingStudent
 from icdistill.conformance import check_student, check_teacher, sample_demos, sample_queries
+from icdistill.errors import SpecError, TeacherError
 from icdistill.models.openai_api import (
     OpenAIChatModel,
     closest_option,
@@ -32,7 +33,7 @@ from icdistill.models.openai_api import (
 from icdistill.models.registry import ModelContext, resolve_student, resolve_teacher
 from icdistill.models.response_cache import CACHE_FILE, ResponseCache
 from icdistill.serve_model import FaultPlan, create_app
-from icdistill.types import Query, SpecError, TeacherError, TeacherResponse
+from icdistill.types import Query, TeacherResponse
 
 QS = sample_queries()
 OPTIONS = QS[0].options

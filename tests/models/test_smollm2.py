@@ -14,6 +14,7 @@ from PIL import Image
 from fakes import FakeTagger
 from icdistill.conformance import check_student
 from icdistill.data.fashion_mnist import LABELS
+from icdistill.errors import SpecError
 from icdistill.models import smollm2
 from icdistill.models.scoring import (
     encode_continuation,
@@ -22,7 +23,7 @@ from icdistill.models.scoring import (
     score_continuations_naive,
 )
 from icdistill.models.smollm2 import SmolLM2Student, build_prompt, load_smollm2, option_continuation
-from icdistill.types import Demo, Query, SpecError
+from icdistill.types import Demo, Query
 
 FASHION = LABELS
 QUESTION = "What item of clothing is shown?"

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from icdistill.errors import DataError, ICDError, SpecError
 from icdistill.models.registry import ModelContext, Spec
 from icdistill.models.scoring import continuation_batch
 from icdistill.teacher import match_option
-from icdistill.types import DataError, Demo, ICDError, Prediction, Query, SpecError, TeacherResponse, Usage
+from icdistill.types import Demo, Prediction, Query, TeacherResponse, Usage
 
 log = logging.getLogger(__name__)
 

@@ -32,18 +32,10 @@ import httpx
 from PIL import Image
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
+from icdistill.errors import SpecError, TeacherError
 from icdistill.models.registry import ModelContext, Spec
 from icdistill.models.response_cache import CACHE_FILE, ResponseCache, cache_key, default_cache_dir
-from icdistill.types import (
-    Demo,
-    Prediction,
-    Query,
-    SpecError,
-    TeacherError,
-    TeacherResponse,
-    Usage,
-    image_digest,
-)
+from icdistill.types import Demo, Prediction, Query, TeacherResponse, Usage, image_digest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -23,9 +23,10 @@ import numpy as np
 from PIL import Image
 
 from icdistill.coverage import decode_sketch, encode_sketch
+from icdistill.errors import SpecError
 from icdistill.mixture import SimilarityMixture, vote
 from icdistill.models.scoring import generate_with_entropy, sample_generations, score_continuations
-from icdistill.types import Demo, Prediction, Query, SpecError, image_digest
+from icdistill.types import Demo, Prediction, Query, image_digest
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image
 
 from icdistill.distiller import Distiller, Draft
+from icdistill.errors import ICDError, NotCalled, TeacherError
 from icdistill.gate import make_gate
-from icdistill.pool import SQLitePool
-from icdistill.pool_pg import NotCalled, PostgresPool, is_postgres_url, reused_annotation
+from icdistill.pool import PostgresPool, SQLitePool, is_postgres_url, reused_annotation
 from icdistill.select import make_selector
 from icdistill.service.archive import ImportLimits, read_import
 from icdistill.service.config import ServeConfig
@@ -55,10 +55,8 @@ from icdistill.types import (
     Annotation,
     GateContext,
     GateDecision,
-    ICDError,
     Prediction,
     Query,
-    TeacherError,
     Usage,
     image_to_png,
     png_to_image,

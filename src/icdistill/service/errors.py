@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-
-class ServiceError(Exception):
-    """A request the service refuses, with an HTTP status (4xx) and a message meant for the caller."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
+from icdistill.errors import ServiceError
 
 
 def bad_request(message: str, code: str = "bad_request") -> ServiceError:
