@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 
 from icdistill.errors import ICDError, SpecError
-from icdistill.models.openai_api import parse_prompt
+from icdistill.models.openai_request import parse_prompt
 from icdistill.protocols import Student
 from icdistill.types import Demo, Prediction, Query
 
