@@ -1,12 +1,14 @@
-"""The package's layout: no import circle (imports inside functions count), no source file over 600
-lines, an opening docstring in every module, and every error class in ``icdistill.errors``."""
+"""The package's layout: no import circle (imports inside functions count), the command line on top,
+no source file over 600 lines, an opening docstring in every module, every error class in
+``icdistill.errors``, and README's module map naming every module."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 PACKAGE = SRC / "icdistill"
 MAX_LINES = 600
 
@@ -140,3 +142,31 @@ def test_no_source_file_over_600_lines():
 def test_every_module_says_what_it_is_for():
     missing = [name for name, p in _modules().items() if not ast.get_docstring(ast.parse(p.read_text()))]
     assert not missing, f"modules without an opening docstring: {missing}"
+
+
+def test_the_command_line_is_on_top():
+    """Only ``icd`` imports its subcommands, and nothing imports ``icd``'s module."""
+    graph = import_graph()
+    commands = {"icdistill.cli", "icdistill.eval.cli", "icdistill.service.cli"}
+    upward = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        for d in deps & commands
+        if m not in ("icdistill.cli", "icdistill.__main__")
+    )
+    assert not upward, f"imports of the command line: {upward}"
+
+
+def test_the_readme_module_map_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Module map")
+    section = text[start : text.index("\n## ", start + 1) if "\n## " in text[start + 1 :] else len(text)]
+    words = set(section.replace("/", " ").split())
+    missing = [
+        str(p.relative_to(PACKAGE))
+        for p in _modules().values()
+        if p.name not in ("__init__.py", "__main__.py") and p.name not in words
+    ]
+    assert not missing, f"modules missing from README's module map: {missing}"
+    packages = {p.parent.name + "/" for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    assert all(pkg in section for pkg in packages)

@@ -1,4 +1,5 @@
-"""Client errors of the service: one exception type, rendered as ``{"error": {"code", "message"}}``."""
+"""Client errors of the service: ``ServiceError`` (defined in ``icdistill.errors``) built per status, and
+rendered as ``{"error": {"code", "message"}}``."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from icdistill.serve_model import FaultPlan, create_app  # noqa: E402
 from pg_cluster import free_port  # noqa: E402
 from service_helpers import AUTH, KEY, OPTIONS, b64, colour_png, query_json, running_service, wait_until  # noqa: E402
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]  # the tests folder, where service_server.py is
 
 
 class Server:
