@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from icdistill.eval import plots, report, rows
+from icdistill.eval import plots, report
 from icdistill.eval.cells import Cell, reference_method
 from icdistill.eval.methods import parse_method
+from icdistill.eval.rows import series_label
 from icdistill.eval.scores import cell_scores, query_breakdown
 
 
@@ -109,8 +110,8 @@ def test_demo_accuracy_is_compared_at_the_same_k():
 
 def test_ranges_ties_legends_and_the_paired_reference():
     assert report._cell([-0.3, -0.425, -0.35]) == "-0.350 [-0.425, -0.300]"
-    assert rows.series_label("student-zero-shot", None) == "student-zero-shot"
-    assert rows.series_label("icd", 0.05) == "icd @ 5%"
+    assert series_label("student-zero-shot", None) == "student-zero-shot"
+    assert series_label("icd", 0.05) == "icd @ 5%"
     # the plain icd is the reference, wherever it is listed
     assert reference_method(["icd:selector=random", "knn-pool", "icd"]) == "icd"
     assert reference_method(["knn-pool", "icd:shots=3", "icd:shots=1"]) == "icd:shots=3"
@@ -148,7 +149,7 @@ class _Figures:
 
 def test_plots_tick_whole_quintiles_and_show_coinciding_series(tmp_path, monkeypatch):
     figs = _Figures(plots._plt())
-    monkeypatch.setattr(report, "_plt", lambda: figs)
+    monkeypatch.setattr(plots, "_plt", lambda: figs)
     rel = [{"accuracy": a, "uncertainty_mean": 0.1 * i, "n": 4.0} for i, a in enumerate((0.9, 0.8, 0.5))]
     other = [{**b, "accuracy": 0.5} for b in rel]
     rows = [

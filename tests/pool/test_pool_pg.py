@@ -217,7 +217,7 @@ WORKER = textwrap.dedent(
     sys.path[:0] = [{tests!r}, {tests!r} + '/..']
     from test_pool_pg import item, emb, SlowTeacher
     from icdistill.pool import PostgresPool, ClaimingAnnotator
-    from icdistill.types import TeacherError
+    from icdistill.errors import TeacherError
     name, seed = sys.argv[1], int(sys.argv[2])
     pool = PostgresPool({url!r}, lease_s={lease_s}, worker=name)
     teacher = SlowTeacher()
