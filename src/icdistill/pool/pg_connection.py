@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class _Connections:
-    """The connection part of ``PostgresPool`` (a mixin: it works on the pool's own state)."""
+    """The connections part of ``PostgresPool`` (reconnects, retries; a mixin: it works on the
+    pool's own state)."""
 
     # ------------------------------------------------------------------ connections
     def _lost(self, e: BaseException, conn: Any) -> bool:

@@ -19,7 +19,8 @@ from icdistill.types import Embeddings
 
 
 class _Notifications:
-    """The notify part of ``PostgresPool`` (a mixin: it works on the pool's own state)."""
+    """The sync part of ``PostgresPool`` (load, LISTEN/NOTIFY, catch-up; a mixin: it works on
+    the pool's own state)."""
 
     @staticmethod
     def _listen_to(conn: Any) -> None:
