@@ -43,8 +43,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_pool_search import LowRankMixture, Mixture, percentiles  # noqa: E402
 
 from icdistill.gate import BudgetGate  # noqa: E402
-from icdistill.index import unit_rows  # noqa: E402
-from icdistill.pool import SQLitePool  # noqa: E402
+from icdistill.pool import (
+    SQLitePool,  # noqa: E402
+    unit_rows,
+)
 from icdistill.select import make_selector  # noqa: E402
 from icdistill.types import ANSWER, IMAGE, IMAGE_TEXT, TEXT, Annotation, GateContext, Query  # noqa: E402
 

@@ -11,7 +11,7 @@ machine this shows the cost of sharing, not a speed-up: every worker loads its o
 compete for the same cores. The last line printed is one JSON object.
 
 ``--restart-trial N``: instead, N ``pg_ctl -m fast restart`` of the cluster under 3 running workers
-(the shared-pool workers of ``tests/test_pool_pg.py``: a 50 ms fake teacher, so the trial is about the
+(the shared-pool workers of ``tests/pool/test_pool_pg.py``: a 50 ms fake teacher, so the trial is about the
 database, not the models), each restart when the pool has grown by ``--items / (N + 1)``. Reports
 each restart's length and how long the workers took to commit again, then whether anything was
 lost, bought twice or printed a traceback, and the connections each worker held.
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "pool"))
 from pg_cluster import fresh_database, throwaway_cluster  # noqa: E402
 
 
@@ -106,14 +107,14 @@ def run_workers(url: str, workers: int, queries: int, folder: Path) -> dict[str,
 
 def restart_trial(admin: str, restarts: int, items: int, folder: Path) -> dict[str, Any]:
     import psycopg
-
-    from icdistill.pool_pg import PostgresPool
-    from pg_cluster import restart_cluster
     from test_pool_pg import WORKER
+
+    from icdistill.pool import PostgresPool
+    from pg_cluster import restart_cluster
 
     url = fresh_database(admin, "bench_restarts")
     script = folder / "worker.py"
-    script.write_text(WORKER.format(tests=str(Path(__file__).resolve().parents[1] / "tests"), url=url, n=items, lease_s=120.0))
+    script.write_text(WORKER.format(tests=str(Path(__file__).resolve().parents[1] / "tests" / "pool"), url=url, n=items, lease_s=120.0))
     PostgresPool(url).close()
     procs = [
         subprocess.Popen(
@@ -165,7 +166,7 @@ def restart_trial(admin: str, restarts: int, items: int, folder: Path) -> dict[s
 _OPEN_WORKER = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from icdistill.pool_pg import PostgresPool
+from icdistill.pool import PostgresPool
 pool = PostgresPool(sys.argv[1], index_dir=sys.argv[2])
 opened = time.perf_counter() - t0
 def status(field):
@@ -191,7 +192,7 @@ def fill(url: str, n: int) -> None:
     import numpy as np
     import psycopg
 
-    from icdistill.pool_pg import PostgresPool
+    from icdistill.pool import PostgresPool
 
     PostgresPool(url).close()  # the schema
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Pool search at 10k / 100k / 1M demos: the HNSW index (icdistill.index) against exact search, same run.
+"""Pool search at 10k / 100k / 1M demos: the HNSW index (icdistill.pool.index) against exact search, same run.
 
 Usage: ``nice -n 19 .venv/bin/python benchmarks/bench_pool_search.py [--quick] [--sizes 10000,100000]
 [--dims 384,1280] [--data lowrank] [--queries 200] [--k 8] [--ef-search 96,160] [--faiss]``.
@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from icdistill.index import IndexConfig, VectorIndex, unit_rows  # noqa: E402
+from icdistill.pool import IndexConfig, VectorIndex, unit_rows
 
 CLUSTERS = 2000
 

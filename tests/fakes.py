@@ -8,17 +8,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from icdistill.types import (
-    IMAGE,
-    IMAGE_TEXT,
-    TEXT,
-    Demo,
-    Prediction,
-    Query,
-    TeacherError,
-    TeacherResponse,
-    Usage,
-)
+from icdistill.errors import TeacherError
+from icdistill.types import IMAGE, IMAGE_TEXT, TEXT, Demo, Prediction, Query, TeacherResponse, Usage
 
 
 def _text_vec(text: str, dim: int = 16) -> np.ndarray:

@@ -6,11 +6,11 @@ import pytest
 
 from fakes import FakeEmbedder, FakeStudent, colour_folder
 from icdistill.cli import main
+from icdistill.errors import ICDError
 from icdistill.models.reference import ReferenceTeacher
-from icdistill.report import plot_run
+from icdistill.run_summary import plot_run
 from icdistill.runlog import read_records
 from icdistill.runner import Parts, RunConfig, run_icd
-from icdistill.types import ICDError
 
 
 def icd(*args: str) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ from PIL import Image
 from fakes import FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
 from icdistill.data.stream import load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
+from icdistill.errors import ICDError, TeacherError
 from icdistill.eval.metrics import never_pooled, summarize
 from icdistill.gate import AlwaysGate, BudgetGate, NeverGate
 from icdistill.pool import SQLitePool
@@ -13,7 +14,7 @@ from icdistill.runlog import RunLog
 from icdistill.runner import query_stream
 from icdistill.select import make_selector
 from icdistill.teacher import TestTimeScaling
-from icdistill.types import ICDError, Query, TeacherError
+from icdistill.types import Query
 
 
 @pytest.fixture()

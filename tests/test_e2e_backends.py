@@ -87,7 +87,7 @@ def _dead_url() -> str:
 
 def test_a_teacher_that_is_down_stops_the_run_and_resume_finishes_it(tmp_path):
     from fakes import FakeEmbedder, FakeStudent
-    from icdistill.distiller import TeacherUnavailable
+    from icdistill.errors import TeacherUnavailable
     from icdistill.models.openai_api import OpenAIChatModel
     from icdistill.runner import Parts, RunConfig, run_icd
 
@@ -112,9 +112,9 @@ def test_a_teacher_that_is_down_stops_the_run_and_resume_finishes_it(tmp_path):
 
 def test_max_cost_with_an_unpriced_paid_teacher_is_refused(tmp_path):
     from fakes import FakeEmbedder, FakeStudent
+    from icdistill.errors import ICDError
     from icdistill.models.openai_api import OpenAIChatModel
     from icdistill.runner import Parts, RunConfig, run_icd
-    from icdistill.types import ICDError
 
     data = colour_folder(tmp_path / "colours", n_per_class=1)
     cfg = RunConfig(

@@ -8,8 +8,9 @@ from PIL import Image
 
 from icdistill.conformance import check_embedder
 from icdistill.embed import ConSEEmbedder, MiniLMTextEncoder
+from icdistill.errors import SpecError
 from icdistill.models.efficientnet import FEATURE_DIM, ImageTagger
-from icdistill.types import IMAGE, IMAGE_TEXT, TEXT, Query, SpecError
+from icdistill.types import IMAGE, IMAGE_TEXT, TEXT, Query
 
 
 def _photo(name: str) -> Image.Image:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from icdistill.conformance import check_gate
+from icdistill.errors import ICDError
 from icdistill.gate import (
     AlwaysGate,
     BudgetGate,
@@ -18,7 +19,7 @@ from icdistill.gate import (
     margin,
     token_entropy,
 )
-from icdistill.types import GateContext, ICDError, Prediction
+from icdistill.types import GateContext, Prediction
 
 
 def simulate(gate, us, demos_per_call=1.0):

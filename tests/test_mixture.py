@@ -4,8 +4,8 @@ similarity and learned from the teacher's answers (no model)."""
 import numpy as np
 import pytest
 
+from icdistill.errors import ICDError
 from icdistill.mixture import SimilarityMixture, temper, vote
-from icdistill.types import ICDError
 
 OPTIONS = ("a", "b", "c")
 

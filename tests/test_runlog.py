@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from icdistill.errors import ICDError
 from icdistill.runlog import FolderLock, RunLog, read_records
-from icdistill.types import ICDError
 
 
 def test_read_records_keeps_answers_with_unicode_line_separators(tmp_path):

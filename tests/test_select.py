@@ -3,9 +3,10 @@ import pytest
 
 from fakes import FakeEmbedder
 from icdistill.conformance import check_selector
+from icdistill.errors import ICDError
 from icdistill.pool import SQLitePool
 from icdistill.select import CrossModalSelector, RandomSelector, SimilaritySelector, make_selector
-from icdistill.types import ANSWER, IMAGE, IMAGE_TEXT, TEXT, Annotation, ICDError, Query
+from icdistill.types import ANSWER, IMAGE, IMAGE_TEXT, TEXT, Annotation, Query
 
 
 def unit(*xs):

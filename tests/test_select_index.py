@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from icdistill.index import IndexConfig
-from icdistill.pool import SQLitePool
+from icdistill.pool import IndexConfig, SQLitePool
 from icdistill.select import SELECTORS, make_selector
 from icdistill.types import ANSWER, IMAGE, IMAGE_TEXT, TEXT, Annotation, Query
 

@@ -15,10 +15,11 @@ from PIL import Image
 from fakes import FakeStudent, RecordingStudent
 from icdistill import serve_model
 from icdistill.conformance import sample_queries
+from icdistill.errors import ICDError, SpecError
 from icdistill.models import registry
-from icdistill.models.openai_api import format_prompt
+from icdistill.models.openai_request import format_prompt
 from icdistill.serve_model import Fault, FaultPlan, create_app, parse_messages
-from icdistill.types import ICDError, Prediction, SpecError
+from icdistill.types import Prediction
 
 OPTIONS = sample_queries()[0].options
 

@@ -2,10 +2,10 @@ import pytest
 
 from fakes import FakeTeacher
 from icdistill.conformance import check_teacher, sample_queries
+from icdistill.errors import ICDError, TeacherError
 from icdistill.models.reference import ReferenceTeacher
 from icdistill.models.registry import resolve_teacher
 from icdistill.teacher import TestTimeScaling, match_option, normalise_answer, vote
-from icdistill.types import ICDError, TeacherError
 
 
 def test_normalise_and_match():

@@ -1,17 +1,14 @@
 """icdistill: online in-context distillation of vision-language models."""
 
+from icdistill.errors import DataError, ICDError, SpecError, TeacherError
 from icdistill.protocols import Embedder, Gate, Pool, Selector, Student, Teacher
 from icdistill.types import (
     Annotation,
-    DataError,
     Demo,
     GateContext,
     GateDecision,
-    ICDError,
     Prediction,
     Query,
-    SpecError,
-    TeacherError,
     TeacherResponse,
     Usage,
 )

@@ -13,7 +13,7 @@ from collections import deque
 
 import numpy as np
 
-from icdistill.types import ICDError
+from icdistill.errors import ICDError
 
 
 class StreamDensity:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from icdistill.coverage import StreamDensity, decode_sketch, encode_sketch
+from icdistill.errors import DataError, ICDError, TeacherError, TeacherUnavailable
 from icdistill.gate import is_forced, uncertainty_measure
 from icdistill.protocols import Embedder, Gate, Selector, Student
 from icdistill.runlog import RunLog
@@ -17,22 +18,16 @@ from icdistill.types import (
     ANSWER,
     IMAGE,
     Annotation,
-    DataError,
     Demo,
     Embeddings,
     GateContext,
     GateDecision,
-    ICDError,
     Prediction,
     Query,
-    TeacherError,
 )
 
 AnswerPolicy = Literal["student", "forward"]
 
-
-class TeacherUnavailable(ICDError):
-    """The teacher failed too many times in a row: the run stops (resumable) instead of going on blind."""
 
 DemoOrder = Literal["best-last", "best-first"]
 

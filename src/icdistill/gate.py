@@ -10,8 +10,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from icdistill.errors import ICDError
 from icdistill.protocols import Gate
-from icdistill.types import GateContext, GateDecision, ICDError, Prediction
+from icdistill.types import GateContext, GateDecision, Prediction
 
 # --------------------------------------------------------------------------- uncertainty measures
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from icdistill.types import ICDError
+from icdistill.errors import ICDError
 
 # the probability a reading gives the true answer is floored here, so one confident miss is not
 # infinitely bad evidence against it

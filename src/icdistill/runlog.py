@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from icdistill.types import ICDError
+from icdistill.errors import ICDError
 
 
 class RunLog:

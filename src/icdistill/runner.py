@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from icdistill.data.stream import Dataset, absolute_source, load_dataset, plural, stream_order
+from icdistill.data.dataset import Dataset, plural
+from icdistill.data.stream import absolute_source, load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
+from icdistill.errors import DataError, ICDError
 from icdistill.eval.metrics import never_pooled, summarize
 from icdistill.gate import GATE_SCORES, GATES, UNCERTAINTY, make_gate, with_caps
 from icdistill.models.registry import (
@@ -23,14 +25,13 @@ from icdistill.models.registry import (
     resolve_student,
     resolve_teacher,
 )
-from icdistill.pool import SQLitePool
-from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
+from icdistill.pool import ClaimingAnnotator, PostgresPool, SQLitePool, is_postgres_url
 from icdistill.protocols import Gate
-from icdistill.report import plot_run, summary_details
+from icdistill.run_summary import plot_run, summary_details
 from icdistill.runlog import FolderLock, RunLog, write_json_atomic
 from icdistill.select import SELECTORS, make_selector
 from icdistill.teacher import TestTimeScaling
-from icdistill.types import DataError, ICDError, Query
+from icdistill.types import Query
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class RunConfig:
     demo_order: str = "best-last"
     max_teacher_failures: int = 10
     pool_max: int | None = None
-    # a PostgreSQL URL shares the pool with other workers (``icdistill.pool_pg``); None: pool.sqlite
+    # a PostgreSQL URL shares the pool with other workers (``icdistill.pool.pg``); None: pool.sqlite
     pool: str | None = None
     seed: int = 0
     shuffle: bool = True

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from icdistill.errors import ICDError
 from icdistill.protocols import Pool, Selector
-from icdistill.types import ANSWER, IMAGE, IMAGE_TEXT, TEXT, Demo, Embeddings, ICDError, Query
+from icdistill.types import ANSWER, IMAGE, IMAGE_TEXT, TEXT, Demo, Embeddings, Query
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

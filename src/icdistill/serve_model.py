@@ -28,9 +28,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 
-from icdistill.models.openai_api import parse_prompt
+from icdistill.errors import ICDError, SpecError
+from icdistill.models.openai_request import parse_prompt
 from icdistill.protocols import Student
-from icdistill.types import Demo, ICDError, Prediction, Query, SpecError
+from icdistill.types import Demo, Prediction, Query
 
 log = logging.getLogger(__name__)
 

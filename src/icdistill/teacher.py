@@ -9,8 +9,9 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
+from icdistill.errors import ICDError, TeacherError
 from icdistill.protocols import Teacher
-from icdistill.types import Annotation, ICDError, Query, TeacherError
+from icdistill.types import Annotation, Query
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})

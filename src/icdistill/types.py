@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from icdistill.errors import DataError
+
 # Keys of the embedding spaces a Demo or a query can carry. A selector stage is skipped when a
 # key is missing on either side.
 IMAGE = "image"  # image-image space (e.g. EfficientNet pooled features)
@@ -155,22 +157,6 @@ class Annotation:
     teacher: str
     usage: Usage = field(default_factory=Usage)
     seconds: float = 0.0
-
-
-class ICDError(Exception):
-    """A user-facing error: its message is shown as one line, without a traceback."""
-
-
-class SpecError(ICDError):
-    """An unknown or unavailable model spec."""
-
-
-class DataError(ICDError):
-    """A missing dataset, an unreadable image, an empty stream, a label outside the options."""
-
-
-class TeacherError(ICDError):
-    """The teacher failed to answer (timeout, server error, garbage) after its retries."""
 
 
 @dataclass(frozen=True)

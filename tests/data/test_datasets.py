@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from icdistill.data.dataset import Dataset, FileDataset
 from icdistill.data.fashion_mnist import DEFAULT_DIR, DIR_ENV, LABELS
-from icdistill.data.stream import Dataset, FileDataset, load_dataset, stream, stream_order
-from icdistill.types import DataError
+from icdistill.data.stream import load_dataset, stream, stream_order
+from icdistill.errors import DataError
 
 needs_fmnist = pytest.mark.skipif(
     not (DEFAULT_DIR / "t10k-labels-idx1-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icdistill.data.stream import MissingDataset, absolute_source, load_dataset
-from icdistill.types import DataError
+from icdistill.data.stream import absolute_source, load_dataset
+from icdistill.errors import DataError, MissingDataset
 
 datasets = pytest.importorskip("datasets")
 

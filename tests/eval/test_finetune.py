@@ -4,9 +4,11 @@ import pytest
 from PIL import Image
 
 from fakes import FakeTagger
+from icdistill.errors import ICDError
 from icdistill.eval.finetune import LoRAStudent, training_text
-from icdistill.models.smollm2 import SmolLM2Student, load_smollm2
-from icdistill.types import ICDError, Query, image_digest
+from icdistill.models.smollm2 import SmolLM2Student
+from icdistill.models.smollm2_load import load_smollm2
+from icdistill.types import Query, image_digest
 
 pytest.importorskip("peft")
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from fakes import FakeEmbedder, FakeStudent, colour_folder
+from icdistill.errors import ICDError
 from icdistill.eval.harness import COLUMNS, EvalConfig, plan, run_eval
 from icdistill.models.reference import ReferenceTeacher
 from icdistill.runner import Parts, RunConfig
-from icdistill.types import ICDError
 
 WORKER = Path(__file__).with_name("eval_worker.py")
 

@@ -1,8 +1,8 @@
 import pytest
 
+from icdistill.errors import ICDError
 from icdistill.eval.methods import METHODS, parse_method, split_methods
 from icdistill.runner import RunConfig
-from icdistill.types import ICDError
 
 
 def test_split_methods_keeps_options_with_their_method():

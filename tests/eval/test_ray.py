@@ -17,8 +17,9 @@ import ray
 from test_harness import WORKER, _timeless
 
 from fakes import FakeEmbedder, FakeStudent, colour_folder, wait_for
+from icdistill.errors import RaySetupError
 from icdistill.eval.harness import EvalConfig, plan, run_eval
-from icdistill.eval.ray_runner import RayCells, RayOptions, RaySetupError
+from icdistill.eval.ray_runner import RayCells, RayOptions
 from icdistill.models.reference import ReferenceTeacher
 from icdistill.runner import Parts, RunConfig
 
@@ -148,7 +149,7 @@ def test_a_killed_actor_is_restarted_and_its_cell_resumed(tmp_path, local_ray):
 def test_a_failing_and_a_hung_cell_fail_alone_and_resume(tmp_path, local_ray):
     """One cell raising aborted every other cell; one hung actor hung the eval (``ray.wait`` had no
     timeout). Each is now a failure row, the other cells finish, and ``--resume`` runs the two again."""
-    from icdistill.types import ICDError
+    from icdistill.errors import ICDError
 
     data = colour_folder(tmp_path / "c", n_per_class=5)
     cfg = _grid(data)

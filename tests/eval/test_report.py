@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from icdistill.eval import report
-from icdistill.eval.harness import Cell, reference_method
+from icdistill.eval import plots, report
+from icdistill.eval.cells import Cell, reference_method
 from icdistill.eval.methods import parse_method
+from icdistill.eval.rows import series_label
 from icdistill.eval.scores import cell_scores, query_breakdown
 
 
@@ -109,13 +110,13 @@ def test_demo_accuracy_is_compared_at_the_same_k():
 
 def test_ranges_ties_legends_and_the_paired_reference():
     assert report._cell([-0.3, -0.425, -0.35]) == "-0.350 [-0.425, -0.300]"
-    assert report.series_label("student-zero-shot", None) == "student-zero-shot"
-    assert report.series_label("icd", 0.05) == "icd @ 5%"
+    assert series_label("student-zero-shot", None) == "student-zero-shot"
+    assert series_label("icd", 0.05) == "icd @ 5%"
     # the plain icd is the reference, wherever it is listed
     assert reference_method(["icd:selector=random", "knn-pool", "icd"]) == "icd"
     assert reference_method(["knn-pool", "icd:shots=3", "icd:shots=1"]) == "icd:shots=3"
     assert reference_method(["knn-pool", "icd-forward"]) is None
-    merged, notes = report.merge_identical([("a", [1, 2]), ("b", [1, 3]), ("c", [1, 2])])
+    merged, notes = plots.merge_identical([("a", [1, 2]), ("b", [1, 3]), ("c", [1, 2])])
     assert merged == [("a = c", [1, 2]), ("b", [1, 3])] and notes == ["a, c coincide (drawn as one line)"]
 
 
@@ -130,7 +131,7 @@ def test_a_constant_uncertainty_has_no_auroc_and_no_reliability_curve():
 
 def test_running_accuracy_is_the_first_pass_so_the_warm_up_does_not_start_it_at_one():
     recs = [_rec(i, "a", True, i >= 2, asked=i < 2, reason="warm-up: pool 0 < 2") for i in range(4)]
-    assert report._running(recs) == [0.0, 0.0, 1 / 3, 0.5]
+    assert plots._running(recs) == [0.0, 0.0, 1 / 3, 0.5]
 
 
 class _Figures:
@@ -147,8 +148,8 @@ class _Figures:
 
 
 def test_plots_tick_whole_quintiles_and_show_coinciding_series(tmp_path, monkeypatch):
-    figs = _Figures(report._plt())
-    monkeypatch.setattr(report, "_plt", lambda: figs)
+    figs = _Figures(plots._plt())
+    monkeypatch.setattr(plots, "_plt", lambda: figs)
     rel = [{"accuracy": a, "uncertainty_mean": 0.1 * i, "n": 4.0} for i, a in enumerate((0.9, 0.8, 0.5))]
     other = [{**b, "accuracy": 0.5} for b in rel]
     rows = [
@@ -157,7 +158,7 @@ def test_plots_tick_whole_quintiles_and_show_coinciding_series(tmp_path, monkeyp
         _row("student-zero-shot", None, 0, reliability=other, auroc=0.6),
         _row("teacher-zero-shot", None, 0, reliability=[]),
     ]
-    notes = report.plot_reliability(rows, tmp_path, tmp_path / "r.png")
+    notes = plots.plot_reliability(rows, tmp_path, tmp_path / "r.png")
     ax = figs.figs[-1].axes[0]
     ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
     assert ticks and all(float(t).is_integer() for t in ticks)  # not 1.5 and 2.5
@@ -169,7 +170,7 @@ def test_plots_tick_whole_quintiles_and_show_coinciding_series(tmp_path, monkeyp
     ]
     assert any("coincide" in n for n in notes) and any("teacher-zero-shot" in n for n in notes)
     rows[1]["accuracy"] = 0.7
-    report.plot_tradeoff(rows, tmp_path, tmp_path / "t.png")
+    plots.plot_tradeoff(rows, tmp_path, tmp_path / "t.png")
     legend = [t.get_text() for t in figs.figs[-1].axes[0].get_legend().get_texts()]
     assert legend == ["icd = student-zero-shot = teacher-zero-shot", "knn-pool"]
 

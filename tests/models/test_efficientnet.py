@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from icdistill.errors import SpecError
 from icdistill.models.efficientnet import (
     FEATURE_DIM,
     ImageTagger,
@@ -18,7 +19,6 @@ from icdistill.models.efficientnet import (
     preprocess,
     to_rgb,
 )
-from icdistill.types import SpecError
 
 CAT_IDS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 

@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 
 from icdistill.conformance import check_student, check_teacher, sample_demos, sample_queries
-from icdistill.models.hf_vlm import HFOptions, HFVisionLanguageModel, fit_image
+from icdistill.errors import DataError, SpecError
+from icdistill.models.hf_load import HFOptions
+from icdistill.models.hf_vlm import HFVisionLanguageModel, fit_image
 from icdistill.models.registry import ModelContext, resolve_student, resolve_teacher
-from icdistill.types import DataError, Demo, Query, SpecError
+from icdistill.types import Demo, Query
 from tiny_vlms import FAMILIES  # noqa: E402
 
 

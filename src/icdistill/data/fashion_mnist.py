@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from icdistill.data.stream import Dataset
-from icdistill.types import DataError, Query
+from icdistill.data.dataset import Dataset
+from icdistill.errors import DataError
+from icdistill.types import Query
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIR_ENV = "ICDISTILL_FASHION_MNIST_DIR"

@@ -6,16 +6,15 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from icdistill.data.stream import (
+from icdistill.data.dataset import (
     DEFAULT_PROMPT,
     IMAGE_EXTENSIONS,
     FileDataset,
-    MissingDataset,
     Record,
     is_image_file,
     plural,
 )
-from icdistill.types import DataError
+from icdistill.errors import DataError, MissingDataset
 
 
 def _hidden(name: str) -> bool:

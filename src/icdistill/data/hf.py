@@ -19,8 +19,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from icdistill.data.stream import DEFAULT_PROMPT, Dataset, MissingDataset, normalise_mode
-from icdistill.types import DataError, Query
+from icdistill.data.dataset import DEFAULT_PROMPT, Dataset, normalise_mode
+from icdistill.errors import DataError, MissingDataset
+from icdistill.types import Query
 
 PREFIX = "hf:"
 KEYS = ("image", "label", "prompt", "options", "split")

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from icdistill.data.stream import DEFAULT_PROMPT, FileDataset, MissingDataset, Record
-from icdistill.types import DataError
+from icdistill.data.dataset import DEFAULT_PROMPT, FileDataset, Record
+from icdistill.errors import DataError, MissingDataset
 
 _KNOWN_KEYS = frozenset({"image", "prompt", "label", "options", "id"})
 

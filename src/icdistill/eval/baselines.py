@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from icdistill.errors import ICDError
 from icdistill.protocols import Embedder, Student
-from icdistill.types import IMAGE, Demo, ICDError, Prediction, Query, TeacherResponse, Usage
+from icdistill.types import IMAGE, Demo, Prediction, Query, TeacherResponse, Usage
 
 # log-score given to options no demo votes for: finite, so entropy and margin stay defined
 _FLOOR = math.log(1e-6)

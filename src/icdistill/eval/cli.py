@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from icdistill.types import ICDError
+from icdistill.errors import ICDError
 
 # `icd run` flags that an eval sets per cell: given on `icd eval` they would be silently overridden
 _PER_CELL = ("seed", "budget")
@@ -140,14 +140,15 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
 @contextmanager
 def _ray_runner(args: argparse.Namespace) -> Iterator[Any]:
     """None without --ray; otherwise a connected RayCells, checked before anything is written."""
-    from icdistill.cli import UsageError
+    from icdistill.errors import UsageError
 
     if args.ray is None:
         if args.ray_cpus is not None or args.ray_actor_cpus != 1 or args.ray_cell_timeout is not None:
             raise UsageError("--ray-cpus, --ray-actor-cpus and --ray-cell-timeout need --ray")
         yield None
         return
-    from icdistill.eval.ray_runner import RayCells, RayOptions, RaySetupError
+    from icdistill.errors import RaySetupError
+    from icdistill.eval.ray_runner import RayCells, RayOptions
 
     try:
         runner = RayCells(

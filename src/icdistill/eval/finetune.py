@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from icdistill.errors import ICDError
 from icdistill.models.scoring import encode_continuation, encode_prefix
 from icdistill.models.smollm2 import SmolLM2Student, option_continuation
-from icdistill.types import Demo, ICDError, Prediction, Query
+from icdistill.types import Demo, Prediction, Query
 
 
 def training_text(student: SmolLM2Student, query: Query, answer: str) -> tuple[str, str]:

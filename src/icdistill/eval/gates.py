@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from icdistill.types import GateContext, GateDecision, ICDError
+from icdistill.errors import ICDError
+from icdistill.types import GateContext, GateDecision
 
 
 class FixedCountRandomGate:

@@ -19,14 +19,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from icdistill.data.stream import Dataset, load_dataset, stream_order
+from icdistill.data.dataset import Dataset
+from icdistill.data.stream import load_dataset, stream_order
+from icdistill.errors import ICDError
+from icdistill.eval.cells import Cell, reference_method
 from icdistill.eval.gates import FixedCountRandomGate
 from icdistill.eval.methods import METHODS, MethodSpec, parse_method
 from icdistill.eval.scores import cell_scores, query_breakdown
 from icdistill.models.registry import ModelContext, resolve_teacher
 from icdistill.runlog import read_records, write_json_atomic
 from icdistill.runner import Parts, RunConfig, build_parts, query_stream, run_icd
-from icdistill.types import ICDError
 
 COLUMNS = (
     "method",
@@ -110,30 +112,6 @@ class EvalConfig:
             budgets=tuple(float(b) for b in d["budgets"]),
             seeds=tuple(int(s) for s in d["seeds"]),
         )
-
-
-@dataclass(frozen=True)
-class Cell:
-    spec: MethodSpec
-    budget: float | None
-    seed: int
-
-    @property
-    def path(self) -> Path:
-        b = "no-budget" if self.budget is None else f"budget-{self.budget:g}"
-        return Path("cells") / self.spec.slug / b / f"seed-{self.seed}"
-
-    def label(self) -> str:
-        b = "" if self.budget is None else f" @ {self.budget:.0%}"
-        return f"{self.spec.raw}{b} seed {self.seed}"
-
-
-def reference_method(methods: Sequence[str]) -> str | None:
-    """The ``icd`` the others are paired with and ``icd-random-gate`` matches its call count to:
-    plain ``icd`` when it runs, else the first ``icd:...`` listed; None without one."""
-    specs = [parse_method(m) for m in methods]
-    plain = [s.raw for s in specs if s.raw == "icd"]
-    return (plain or [s.raw for s in specs if s.name == "icd"] or [None])[0]
 
 
 def _matches_calls(spec: MethodSpec) -> bool:

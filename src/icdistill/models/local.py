@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from icdistill.errors import SpecError
 from icdistill.models.registry import ModelContext, Spec
-from icdistill.types import SpecError
 
 STUDENTS = {"smollm2": "SmolLM2-135M-Instruct reading EfficientNet-Lite0 tags, label log-likelihood scoring"}
 EMBEDDERS = {"conse": "EfficientNet-Lite0 features (image), MiniLM (text), ConSE image-in-text-space"}

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from icdistill.errors import ICDError, SpecError, TeacherError
 from icdistill.models.registry import ModelContext, Spec
-from icdistill.types import ICDError, Query, SpecError, TeacherError, TeacherResponse, Usage
+from icdistill.types import Query, TeacherResponse, Usage
 
 
 class ReferenceTeacher:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from icdistill.types import SpecError
+from icdistill.errors import SpecError
 
 Role = Literal["student", "teacher", "embedder"]
 

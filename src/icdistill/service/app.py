@@ -14,15 +14,15 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from icdistill.errors import ICDError, ServiceError
 from icdistill.service.auth import Auth
 from icdistill.service.config import ServeConfig
 from icdistill.service.engine import Engine
-from icdistill.service.errors import ServiceError, error_response
+from icdistill.service.errors import error_response
 from icdistill.service.guard import SameOrigin
 from icdistill.service.label_page import label_router
 from icdistill.service.metrics import Metrics
 from icdistill.service.routes import api_router
-from icdistill.types import ICDError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from icdistill.service.errors import ServiceError, bad_request, unprocessable
+from icdistill.errors import ServiceError
+from icdistill.service.errors import bad_request, unprocessable
 from icdistill.service.images import PixelBudget, decode_image, open_image
 from icdistill.service.validate import DemoRecord, demo_record, parse_json
 

@@ -17,7 +17,7 @@ from collections import deque
 from fastapi import Request
 from fastapi.responses import Response
 
-from icdistill.service.errors import ServiceError
+from icdistill.errors import ServiceError
 
 COOKIE = "icd_label_session"
 SESSION_S = 12 * 3600

@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import Any
 
+from icdistill.errors import ICDError
 from icdistill.loop_args import add_loop_args
-from icdistill.types import ICDError
 
 HUMAN = "human"
 # the options `icd serve` shares with `icd run` (by name; RunConfig has others, e.g. its own `pool`)
@@ -217,14 +217,3 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         values["api_key"] = None
     return ServeConfig(**values)
 
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from icdistill.cli import UsageError
-    from icdistill.service.app import serve
-
-    try:
-        cfg = config_from_args(args)
-    except ICDError as e:
-        raise UsageError(str(e)) from e  # a bad command line: exit code 2, before any model loads
-    serve(cfg)
-    return 0

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import math
 import threading
-import time
 import uuid
-import zipfile
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,39 +26,32 @@ from PIL import Image
 
 from icdistill.distiller import Distiller, Draft
 from icdistill.gate import make_gate
-from icdistill.pool import SQLitePool
-from icdistill.pool_pg import NotCalled, PostgresPool, is_postgres_url, reused_annotation
+from icdistill.pool import PostgresPool, SQLitePool, is_postgres_url
 from icdistill.select import make_selector
-from icdistill.service.archive import ImportLimits, read_import
+from icdistill.service.answering import _Answering
 from icdistill.service.config import ServeConfig
-from icdistill.service.errors import conflict, not_found
-from icdistill.service.human import HumanTeacher, LabelQueue, human_annotation
+from icdistill.service.errors import not_found
+from icdistill.service.human import HumanTeacher, LabelQueue
 from icdistill.service.images import png_b64
+from icdistill.service.import_export import _ImportExport
+from icdistill.service.labelling import _Labelling
+from icdistill.service.leases import _Leases
 from icdistill.service.store import (
-    ANNOTATED,
-    ANSWERED,
-    FAILED,
     PENDING_HUMAN,
     PENDING_TEACHER,
-    REJECTED,
     ServiceStore,
     Store,
 )
 from icdistill.service.store_pg import PostgresServiceStore
+from icdistill.service.teacher_queue import _TeacherQueue
 from icdistill.service.validate import DemoRecord, check_prompt_cost, demo_record, token_counter
 from icdistill.teacher import TestTimeScaling
 from icdistill.types import (
     ANSWER,
     Annotation,
     GateContext,
-    GateDecision,
-    ICDError,
     Prediction,
     Query,
-    TeacherError,
-    Usage,
-    image_to_png,
-    png_to_image,
 )
 
 log = logging.getLogger(__name__)
@@ -106,7 +96,7 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}
 
 
-class Engine:
+class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
     """Answers queries now, annotates them later (a teacher in the background, or a person), and keeps
     the pool, the labelling queue and the budget ledger in one SQLite file, or in a PostgreSQL
     database shared with other ``icd serve`` processes and ``icd run`` workers (``--pool
@@ -263,350 +253,6 @@ class Engine:
     def _close_db(self) -> None:
         self.pool.close()
         self.store.close()
-
-    # ------------------------------------------------------------------ answer now
-    async def predict(
-        self,
-        image: Image.Image,
-        prompt: str,
-        options: list[str] | None,
-        label: str | None = None,
-        wait: bool = False,
-    ) -> dict[str, Any]:
-        await self.start()
-        t0 = time.perf_counter()
-        row = await self.thread.call(self._answer_now, image, prompt, options, label)
-        qid = row["query_id"]
-        fut: asyncio.Future[dict[str, Any]] | None = None
-        if wait and row["state"] in (PENDING_TEACHER, PENDING_HUMAN):
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(qid, []).append(fut)
-        if row["state"] == PENDING_TEACHER:
-            self._spawn(qid)
-        if fut is not None:
-            # a person may have labelled it before the waiter was registered
-            now = await self.thread.call(self.store.get, qid)
-            if now is not None and now["state"] not in (PENDING_TEACHER, PENDING_HUMAN) and not fut.done():
-                fut.set_result(self._public(now, None))
-            try:
-                row = await asyncio.wait_for(asyncio.shield(fut), self.cfg.wait_timeout_s)
-            except TimeoutError:
-                row = {**row, "wait_timed_out": True}
-            finally:
-                waiters = self._waiters.get(qid, [])
-                if fut in waiters:
-                    waiters.remove(fut)
-                if not waiters:
-                    self._waiters.pop(qid, None)
-        dt = time.perf_counter() - t0
-        with self._stats_lock:
-            self.latencies.append(dt)
-        if self.on_event is not None:
-            self.on_event("predict", dt)
-        return row
-
-    def _answer_now(
-        self, image: Image.Image, prompt: str, options: list[str] | None, label: str | None
-    ) -> dict[str, Any]:
-        check_prompt_cost(prompt, self._prompt_tokens, self.cfg.max_prompt_tokens)
-        qid = uuid.uuid4().hex
-        position, calls = self.store.take_slot()
-        if calls is not None:  # other servers spend too: the gate paces the whole stream's calls
-            self.distiller.teacher_calls = calls
-        q = Query(
-            id=qid,
-            image=image,
-            prompt=prompt,
-            options=tuple(options) if options else None,
-            label=label,
-            position=position,
-        )
-        draft = self.distiller.answer_now(q)
-        state = ANSWERED
-        if draft.asked:
-            state = PENDING_HUMAN if self.cfg.human_teacher else PENDING_TEACHER
-        row = {
-            "query_id": qid,
-            "position": q.position,
-            "prompt": prompt,
-            "options": options,
-            "image_png": image_to_png(image) if draft.asked else None,
-            "label": label,
-            "state": state,
-            "answer": draft.first.answer,
-            "uncertainty": draft.uncertainty,
-            "teacher_asked": draft.asked,
-            "gate_reason": draft.reason,
-            "ctx_teacher_calls": draft.ctx.teacher_calls,
-            "ctx_pool_size": draft.ctx.pool_size,
-            "ctx_kind": getattr(draft.ctx, "kind", ""),
-            "demo_ids": [d.id for d in draft.demos],
-        }
-        self.store.add_query(row, self.teacher_name)
-        if draft.asked:
-            self._drafts[qid] = draft
-        with self._stats_lock:
-            self._counts[state] += 1
-            self.events["queries"] += 1
-            if draft.asked:
-                self._ledger["teacher_calls"] += 1
-                self._ledger["reserved"] += 1
-        return self._public(self.store.get(qid), draft.first)
-
-    # ------------------------------------------------------------------ annotate later
-    def _spawn(self, qid: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._annotate(qid))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _annotate(self, qid: str) -> None:
-        if qid in self._inflight:  # adopted again after a stall of this very server
-            return
-        self._inflight.add(qid)
-        claimed: Query | None = None
-        try:
-            draft = await self.thread.call(self._draft_for, qid)
-            annotation: Annotation | None = None
-            error: str | None = None
-            refused: str | None = None  # no call: the shared budget is spent (not a teacher failure)
-            if draft.stored is None and isinstance(self.pool, PostgresPool):
-                try:
-                    annotation = await self._claim_label(draft)
-                    claimed = draft.query if annotation is None else None
-                except NotCalled as e:
-                    refused = str(e)
-            if annotation is None and error is None and refused is None:
-                if draft.stored is None:
-                    await self.thread.call(self.store.count_attempt, qid)
-                loop = asyncio.get_running_loop()
-                try:
-                    annotation = await loop.run_in_executor(
-                        self._teacher_pool, self.distiller.ask_teacher, draft
-                    )
-                except TeacherError as e:
-                    error = str(e)
-                except Exception as e:  # a teacher backend bug must not kill the service or lose the query
-                    log.exception("teacher failed on query %s", qid)
-                    error = f"teacher crashed: {e!r}"
-            row = await self.thread.call(self._finish, qid, annotation, error, refused)
-            if error is None:
-                claimed = None  # the annotation's commit dropped the claim (a late release could drop a newer one)
-            self._wake(qid, row)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception(
-                "annotating query %s failed; it stays pending and resumes after a restart "
-                "(with a shared pool: when its lease lapses, here or on another server)",
-                qid,
-            )
-        finally:
-            self._inflight.discard(qid)
-            if claimed is not None and isinstance(self.pool, PostgresPool):
-                # no demo came of it (or its commit already deleted the claim): another server may buy it
-                self.thread.post(self.pool.release, claimed)
-
-    async def _claim_label(self, draft: Draft) -> Annotation | None:
-        """Claim the label in the shared pool before the teacher is called. None: ours to buy (one call
-        charged to the pool's global ledger); or the label another worker bought, reused at no cost.
-        Raises ``NotCalled`` when the global cap is reached. Waits while another worker holds the
-        claim: its lease runs out if it dies."""
-        assert isinstance(self.pool, PostgresPool)
-        pool = self.pool
-        deadline = time.monotonic() + max(600.0, 2 * pool.lease_s)
-        while True:
-            state = await self.thread.call(pool.claim, draft.query)
-            if state == "claimed":
-                return None
-            if state == "budget":
-                raise NotCalled("the shared pool's teacher budget is spent (ledger cap reached)")
-            if state == "pooled":
-                twin = await self.thread.call(pool.demo_like, draft.query)
-                if twin is not None:
-                    return reused_annotation(twin)
-            if time.monotonic() > deadline:
-                raise NotCalled("another worker holds the claim on this image and prompt; gave up waiting")
-            await asyncio.sleep(0.05)
-
-    # ------------------------------------------------------------------ many servers, one database
-    async def _sweep_loop(self) -> None:
-        tick = min(1.0, self.cfg.claim_lease_s / 3)
-        while True:
-            try:
-                # on their own connections, off the loop thread: a queue of student passes there
-                # must not let this live server's leases run out. Only the work in flight here: one
-                # whose attempt failed (a lost connection) lapses and is adopted again, not held forever
-                await asyncio.to_thread(self._heartbeat, sorted(self._inflight))
-                orphans, finished = await self.thread.call(self._sweep)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("sweep of the shared store failed; retrying")
-                orphans, finished = [], {}
-            for qid, row in finished.items():
-                self._wake(qid, row)
-            for qid in orphans:
-                if qid not in self._inflight:
-                    self._spawn(qid)
-            if orphans:
-                log.info("adopted %d teacher requests of a server that went silent", len(orphans))
-            await asyncio.sleep(tick)
-
-    def _heartbeat(self, query_ids: list[str]) -> None:
-        assert isinstance(self.pool, PostgresPool)
-        self.store.heartbeat(query_ids)
-        self.pool.renew_claims(query_ids)
-
-    def _sweep(self) -> tuple[list[str], dict[str, dict[str, Any]]]:
-        """Adopt expired work, refresh the stats mirrors, and find waited-on queries another server
-        closed (loop thread)."""
-        assert isinstance(self.pool, PostgresPool)
-        orphans = self.store.adopt_orphans()
-        self.pool.refresh()
-        finished: dict[str, dict[str, Any]] = {}
-        for qid in list(self._waiters):
-            row = self.store.get(qid)
-            if row is not None and row["state"] not in (PENDING_TEACHER, PENDING_HUMAN):
-                finished[qid] = self._public(row, None)
-        counts, ledger, pool_ledger = self.store.counts(), self.store.ledger_totals(), self.pool.ledger_state()
-        with self._stats_lock:
-            self._counts, self._ledger, self._pool_ledger = counts, ledger, pool_ledger
-        return orphans, finished
-
-    def _draft_for(self, qid: str) -> Draft:
-        """The in-memory draft, or one rebuilt from the store after a restart."""
-        draft = self._drafts.get(qid)
-        if draft is not None:
-            return draft
-        row = self.store.get(qid)
-        if row is None or row["image_png"] is None:
-            raise ICDError(f"query {qid} cannot be resumed: no stored image")
-        q = Query(
-            id=qid,
-            image=png_to_image(row["image_png"]),
-            prompt=row["prompt"],
-            options=tuple(json.loads(row["options"])) if row["options"] else None,
-            label=row["label"],
-            position=row["position"],
-        )
-        ids = json.loads(row["demo_ids"])
-        pooled = {d.id: d for d in self.pool.demos()}
-        u = row["uncertainty"] if row["uncertainty"] is not None else math.nan
-        draft = Draft(
-            query=q,
-            embeddings=self.distiller.embedder.embed_query(q),
-            demos=[pooled[i] for i in ids if i in pooled],
-            first=Prediction(answer=row["answer"]),
-            uncertainty=u,
-            ctx=GateContext(
-                row["position"], row["ctx_teacher_calls"], row["ctx_pool_size"], row["ctx_kind"] or ""
-            ),
-            decision=GateDecision(True, row["gate_reason"] or ""),
-            stored=self.pool.annotation_for(qid),  # paid for before the crash: never bought twice
-            asked=True,
-            reason=row["gate_reason"] or "",
-            t0=time.perf_counter(),
-            t_embed=0.0,
-        )
-        self._drafts[qid] = draft
-        return draft
-
-    def _finish(
-        self, qid: str, annotation: Annotation | None, error: str | None, refused: str | None = None
-    ) -> dict[str, Any]:
-        draft = self._draft_for(qid)
-        rerun = qid in self._waiters
-        rec = self.distiller.annotate_later(
-            draft, annotation=annotation, teacher_error=error, rerun=rerun, not_called=refused
-        )
-        ann = annotation if error is None else None
-        # a label reused from another worker, or a spent shared budget: no teacher call after all
-        asked = bool(rec["teacher_asked"])
-        state = ANSWERED if refused is not None else FAILED if ann is None else ANNOTATED if ann.accepted else REJECTED
-        usage = ann.usage if ann is not None else Usage()
-        calls, cost = self._charge_attempts(qid, usage) if asked else (usage.calls, usage.cost_usd)
-        final_answer, answered_by = rec["answer"], rec["answered_by"]
-        if state == ANNOTATED and answered_by == "student" and ann is not None:
-            # nobody waited for the student's second pass: the answer to use now is the label itself
-            final_answer, answered_by = ann.answer, "teacher"
-        closed = self.store.finish_query(
-            qid,
-            state=state,
-            teacher_answer=ann.answer if ann is not None else None,
-            final_answer=final_answer,
-            answered_by=answered_by,
-            pool_status=rec["pool_status"] or ("reused" if rec.get("reused_demo") is not None else None),
-            error=error,
-            calls=calls,
-            cost_usd=cost,
-            asked=asked,
-            gate_reason=rec["gate_reason"],
-        )
-        self._drafts.pop(qid, None)
-        if not closed:  # another server closed it first (it adopted our work while we stalled)
-            return self._public(self.store.get(qid), None)
-        old = PENDING_HUMAN if self.cfg.human_teacher else PENDING_TEACHER
-        with self._stats_lock:
-            self._counts[old] -= 1
-            self._counts[state] += 1
-            self._ledger["reserved"] -= 1
-            if asked:
-                self._ledger["failed" if state == FAILED else "paid"] += 1
-            else:
-                self._ledger["teacher_calls"] -= 1
-            self._ledger["cost_usd"] += cost
-            self._ledger["requests"] += calls
-            if state != ANSWERED:
-                self.events["teacher_failures" if state == FAILED else state] += 1
-        if self.on_event is not None:
-            self.on_event(f"teacher_{state if asked else 'not_called' if state == ANSWERED else 'reused'}", 0.0)
-        return self._public(self.store.get(qid), None)
-
-    def _charge_attempts(self, qid: str, usage: Usage) -> tuple[int, float]:
-        """Calls and cost of every attempt at ``qid``'s label. An attempt is spent once its request
-        was sent (``count_attempt``): one that a crash cut off may have been answered and billed, so
-        it counts as the attempt that answered did (bought again, not free). The gate is charged the
-        lost attempts too, so ``--max-cost`` holds in real money."""
-        row = self.store.get(qid)
-        attempts = int(row["attempts"] or 0) if row is not None else 0
-        lost = max(0, attempts - 1)
-        add_cost = getattr(self.distiller.gate, "add_cost", None)
-        for _ in range(lost if add_cost is not None else 0):
-            add_cost(usage.cost_usd)
-        return usage.calls + lost * max(1, usage.calls), usage.cost_usd * (1 + lost)
-
-    def _wake(self, qid: str, row: dict[str, Any]) -> None:
-        for fut in self._waiters.get(qid, []):
-            if not fut.done():
-                fut.set_result(row)
-
-    # ------------------------------------------------------------------ a person labels
-    async def next_label_item(self, labeller: str) -> dict[str, Any] | None:
-        item = await self.thread.call(self.labels.next_item, labeller)
-        if item is None:
-            return None
-        item["image_b64"] = png_b64(png_to_image(item["image_png"])) if item["image_png"] else None
-        item["options_list"] = json.loads(item["options"]) if item["options"] else None
-        return item
-
-    async def skip_label(self, qid: str, labeller: str) -> None:
-        await self.thread.call(self.labels.skip, qid, labeller)
-
-    async def submit_label(self, qid: str, label: str, labeller: str) -> dict[str, Any]:
-        if not self.cfg.human_teacher:
-            raise conflict("this service's teacher is a model, not a person")
-        row = await self.thread.call(self._label, qid, label, labeller)
-        self._wake(qid, row)
-        return row
-
-    def _label(self, qid: str, label: str, labeller: str) -> dict[str, Any]:
-        row = self.store.get(qid)
-        if row is None:
-            raise not_found(f"no query {qid}")
-        if row["state"] != PENDING_HUMAN:
-            raise conflict(f"query {qid} is not waiting for a label (state: {row['state']})")
-        options = json.loads(row["options"]) if row["options"] else None
-        return self._finish(qid, human_annotation(label, options, labeller), None)
 
     # ------------------------------------------------------------------ reading state
     async def query(self, qid: str) -> dict[str, Any]:
@@ -781,30 +427,4 @@ class Engine:
             raise
         return {"ids": ids, "statuses": statuses, "pool_size": len(self.pool)}
 
-    # ------------------------------------------------------------------ export / import
-    async def export_archive(self) -> bytes:
-        return await self.thread.call(self._export)
 
-    def _export(self) -> bytes:
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            lines = []
-            for d in sorted(self.pool.demos(), key=lambda d: d.id):
-                rec = self._demo(d, image=False)
-                rec["votes"] = d.provenance.get("votes") or {}
-                if d.image is not None:
-                    rec["image"] = f"images/{d.id}.png"
-                    z.writestr(rec["image"], image_to_png(d.image))
-                lines.append(json.dumps(rec))
-            z.writestr("demos.jsonl", "\n".join(lines) + ("\n" if lines else ""))
-        return buf.getvalue()
-
-    async def import_archive(self, data: bytes) -> dict[str, Any]:
-        cfg = self.cfg
-        limits = ImportLimits(cfg.max_pixels, cfg.max_import_pixels, cfg.max_import_bytes)
-        records = await asyncio.to_thread(read_import, data, limits)
-        out = await self.thread.call(self._add_demos, records)
-        statuses: dict[str, int] = {}
-        for status in out["statuses"]:
-            statuses[status] = statuses.get(status, 0) + 1
-        return {"imported": statuses.get("added", 0), "statuses": statuses, "pool_size": out["pool_size"]}

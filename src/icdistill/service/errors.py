@@ -1,19 +1,11 @@
-"""Client errors of the service: one exception type, rendered as ``{"error": {"code", "message"}}``."""
+"""Client errors of the service: ``ServiceError`` (defined in ``icdistill.errors``) built per status, and
+rendered as ``{"error": {"code", "message"}}``."""
 
 from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-
-class ServiceError(Exception):
-    """A request the service refuses, with an HTTP status (4xx) and a message meant for the caller."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
+from icdistill.errors import ServiceError
 
 
 def bad_request(message: str, code: str = "bad_request") -> ServiceError:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from icdistill.errors import TeacherError
 from icdistill.service.store import Store
 from icdistill.service.validate import checked_label
-from icdistill.types import Annotation, Query, TeacherError, TeacherResponse, Usage
+from icdistill.types import Annotation, Query, TeacherResponse, Usage
 
 
 class HumanTeacher:

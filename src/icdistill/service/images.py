@@ -14,8 +14,9 @@ from contextlib import contextmanager
 
 from PIL import Image, UnidentifiedImageError
 
-from icdistill.service.errors import ServiceError, bad_request
-from icdistill.types import DataError, check_image_shape
+from icdistill.errors import DataError, ServiceError
+from icdistill.service.errors import bad_request
+from icdistill.types import check_image_shape
 
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)

@@ -15,9 +15,9 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from icdistill.errors import ServiceError
 from icdistill.service.auth import COOKIE, Auth, client_of
 from icdistill.service.engine import Engine
-from icdistill.service.errors import ServiceError
 
 CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; form-action 'self'; "

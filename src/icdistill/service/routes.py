@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from icdistill.errors import ServiceError
 from icdistill.service.auth import Auth
 from icdistill.service.engine import Engine
-from icdistill.service.errors import ServiceError, bad_request, unprocessable
+from icdistill.service.errors import bad_request, unprocessable
 from icdistill.service.images import decode_b64_image, decode_image
 from icdistill.service.metrics import CONTENT_TYPE, Metrics
 from icdistill.service.schemas import PREDICT_BODY, DemoIn, LabelIn, PredictJSON, QueryOut

@@ -24,7 +24,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from icdistill.pool_pg import DB_NOW, _redact
+from icdistill.errors import ICDError
+from icdistill.pool.pg_connection import _redact
+from icdistill.pool.pg_schema import DB_NOW
 from icdistill.service.store import (
     ANNOTATED,
     ANSWERED,
@@ -36,7 +38,6 @@ from icdistill.service.store import (
     _finite,
     _not_asked,
 )
-from icdistill.types import ICDError
 
 _GET = (
     "SELECT q.*, l.state AS ledger_state, l.attempts, l.calls, l.cost_usd, l.teacher "

@@ -23,7 +23,7 @@ FLAGS = [
     "--disable-sync",
 ]
 # the README's screenshot is refreshed only on request (ICD_UPDATE_SCREENSHOT=1), not by every test run
-README_SCREENSHOT = Path(__file__).parent.parent / "docs" / "label_page.png"
+README_SCREENSHOT = Path(__file__).parents[2] / "docs" / "label_page.png"
 
 
 def png_b64(image) -> str:

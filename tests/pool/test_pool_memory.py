@@ -9,11 +9,11 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image
-
-from icdistill.index import IndexConfig, VectorIndex, unit_rows
-from icdistill.pool import IndexedEmbeddings, SQLitePool, StoredDemo
-from icdistill.types import ANSWER, IMAGE, Demo, ICDError, Query
 from test_pool import ann, emb, make_query
+
+from icdistill.errors import ICDError
+from icdistill.pool import IndexConfig, IndexedEmbeddings, SQLitePool, StoredDemo, VectorIndex, unit_rows
+from icdistill.types import ANSWER, IMAGE, Demo, Query
 
 
 def test_demos_read_their_vectors_from_the_index_after_add_and_reopen(tmp_path):

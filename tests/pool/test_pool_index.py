@@ -7,8 +7,7 @@ import textwrap
 
 import numpy as np
 
-from icdistill.index import IndexConfig
-from icdistill.pool import SQLitePool
+from icdistill.pool import IndexConfig, SQLitePool
 from icdistill.types import IMAGE, TEXT, Annotation, Query
 
 ANN = IndexConfig(exact_below=0, exact_candidates=0)

@@ -26,7 +26,7 @@ from icdistill.serve_model import FaultPlan, create_app  # noqa: E402
 from pg_cluster import free_port  # noqa: E402
 from service_helpers import AUTH, KEY, OPTIONS, b64, colour_png, query_json, running_service, wait_until  # noqa: E402
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]  # the tests folder, where service_server.py is
 
 
 class Server:
@@ -224,7 +224,7 @@ def test_people_on_two_servers_label_one_queue(url, tmp_path):
 
 def test_a_server_and_an_icd_run_worker_share_one_pool_and_ledger(url, tmp_path):
     from fakes import FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
-    from icdistill.pool_pg import PostgresPool
+    from icdistill.pool import PostgresPool
     from icdistill.runner import Parts, RunConfig, run_icd
     from icdistill.types import image_to_png
 
@@ -284,7 +284,7 @@ def test_a_spent_shared_budget_is_the_students_answer_not_a_teacher_failure(url,
     """Other workers spent the pool's global cap: the server's claim is refused. No call was made, so
     the query is answered by the student, not failed, and no teacher call is on its books."""
     from fakes import FakeTeacher
-    from icdistill.pool_pg import PostgresPool
+    from icdistill.pool import PostgresPool
     from icdistill.types import Query
 
     with PostgresPool(url, max_calls=1) as run_worker:  # an icd run worker spends the whole cap
@@ -304,7 +304,7 @@ def test_a_label_reused_from_another_worker_is_no_teacher_call_of_this_server(ur
     """The server waits for another worker's claim and reuses its label: a pool hit, so neither the
     stream (the gate's pace, restored after a restart) nor the ledger counts it as a teacher call."""
     from fakes import FakeEmbedder, FakeTeacher
-    from icdistill.pool_pg import PostgresPool
+    from icdistill.pool import PostgresPool
     from icdistill.service.images import decode_image
     from icdistill.types import ANSWER, Annotation, Query
 
@@ -334,7 +334,7 @@ def test_the_dollar_cap_of_a_server_is_the_pools_global_one(url, tmp_path):
     """``--max-cost`` on a shared pool: what other workers paid counts. It used to be per server, so
     this server (0 spent by itself) called the teacher though the pool's cap was as good as spent."""
     from fakes import FakeTeacher
-    from icdistill.pool_pg import PostgresPool
+    from icdistill.pool import PostgresPool
     from icdistill.types import Annotation, Query, Usage
 
     with PostgresPool(url, max_cost_usd=1.0) as run_worker:  # an icd run worker paid $0.6 for one call

@@ -13,9 +13,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakes import FakeTeacher, GatedTeacher, colour_folder
+from icdistill.errors import ICDError
 from icdistill.pool import SQLitePool
 from icdistill.service.config import ServeConfig, config_from_args
-from icdistill.types import ICDError
 from service_helpers import (
     AUTH,
     KEY,

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from fakes import wait_for
-from icdistill.pool_pg import ClaimingAnnotator, PostgresPool, is_postgres_url
-from icdistill.types import ANSWER, IMAGE, Annotation, ICDError, Query, TeacherError, Usage
+from icdistill.errors import ICDError, TeacherError
+from icdistill.pool import ClaimingAnnotator, PostgresPool, is_postgres_url
+from icdistill.types import ANSWER, IMAGE, Annotation, Query, Usage
 
 pytest.importorskip("psycopg")
 
@@ -213,10 +214,10 @@ def test_unreachable_server_clear_error():
 WORKER = textwrap.dedent(
     """
     import random, sys, time
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {tests!r} + '/..']
     from test_pool_pg import item, emb, SlowTeacher
-    from icdistill.pool_pg import PostgresPool, ClaimingAnnotator
-    from icdistill.types import TeacherError
+    from icdistill.pool import PostgresPool, ClaimingAnnotator
+    from icdistill.errors import TeacherError
     name, seed = sys.argv[1], int(sys.argv[2])
     pool = PostgresPool({url!r}, lease_s={lease_s}, worker=name)
     teacher = SlowTeacher()
@@ -698,9 +699,9 @@ def test_a_text_only_call_in_flight_is_reserved_for_every_worker(url):
 def test_values_shared_between_demos_do_not_outlive_them_without_bound(url, monkeypatch):
     """Each demo another worker adds brings its prompt, answer and votes into the pool's table of
     shared values; with unique prompts and evictions that table grew for as long as the worker ran."""
-    import icdistill.pool
+    import icdistill.pool.demos
 
-    monkeypatch.setattr(icdistill.pool, "SHARED_VALUES_MAX", 16)
+    monkeypatch.setattr(icdistill.pool.demos, "SHARED_VALUES_MAX", 16)
     with PostgresPool(url, max_size=3) as a, PostgresPool(url) as b:
         for i in range(40):
             a.add(Query(id=f"u{i}", image=None, prompt=f"question {i}?"), ann(f"answer {i}"), emb(i))
@@ -770,7 +771,7 @@ def test_workers_survive_database_restarts_losing_nothing_and_buying_nothing_twi
 
 
 def test_a_lost_database_is_retried_then_a_one_line_resumable_error(own_cluster):
-    from icdistill.pool_pg import PoolUnavailable
+    from icdistill.errors import PoolUnavailable
     from pg_cluster import pg_ctl_cluster
 
     with PostgresPool(own_cluster, reconnect_s=1.0) as pool:

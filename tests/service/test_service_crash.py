@@ -21,7 +21,7 @@ from fakes import ColourStudent, LocalServer
 from icdistill.serve_model import FaultPlan, create_app
 from service_helpers import AUTH, OPTIONS, b64, colour_png, query_json, wait_until
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]  # the tests folder, where service_server.py is
 ROUNDS = 10
 MAX_CALLS = 30
 HUMAN_ROUNDS = 4  # the first test covers the 10+ kills; this one adds people's labels

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from icdistill.errors import ICDError
 from icdistill.pool import SQLitePool
-from icdistill.types import ANSWER, IMAGE, Annotation, ICDError, Query
+from icdistill.types import ANSWER, IMAGE, Annotation, Query
 
 
 def make_query(i: int, colour=None) -> Query:

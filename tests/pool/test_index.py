@@ -3,8 +3,8 @@ import shutil
 import numpy as np
 import pytest
 
-from icdistill.index import IndexConfig, VectorIndex, unit_rows
-from icdistill.types import ICDError
+from icdistill.errors import ICDError
+from icdistill.pool import IndexConfig, VectorIndex, unit_rows
 
 
 def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:

@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from fakes import FakeStudent, FakeTeacher, GatedTeacher
+from icdistill.errors import ICDError
 from icdistill.pool import SQLitePool
 from icdistill.service.config import ServeConfig
-from icdistill.types import ICDError, TeacherResponse, Usage
+from icdistill.types import TeacherResponse, Usage
 from service_helpers import (
     AUTH,
     KEY,
@@ -78,8 +79,9 @@ def pool_size(c: httpx.Client) -> int:
 
 def test_preprocess_of_an_extreme_aspect_ratio_costs_the_output_only():
     """A 1 x 20,000,000 image raised OverflowError (a 224 x 4.48e9 intermediate); 1 x 20,000 took gigabytes."""
+    from icdistill.errors import DataError
     from icdistill.models.efficientnet import preprocess
-    from icdistill.types import DataError, check_image_shape
+    from icdistill.types import check_image_shape
 
     x = preprocess(Image.new("L", (1, 20_000_000)))
     assert tuple(x.shape) == (3, 224, 224)
