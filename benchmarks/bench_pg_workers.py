@@ -22,6 +22,12 @@ written straight into the database. One worker opens the pool first and saves it
 a new run folder: read every vector, build every graph); then 1, 2 and 4 workers, each with its own
 copy of the saved graphs (as ``icd run`` keeps them, one per run folder), open the pool at the same
 time and report their RSS, peak RSS, PSS (what they share counts once) and open time.
+``--shared`` (issue 18): the same, with the workers of the host sharing one saved, memory-mapped
+index (``icdistill.pool.shared_index``): the first worker builds the host's snapshot, then 1, 2 and 4
+workers map it. Each worker then runs 200 searches per key and reads every pooled vector once (so
+the mapped pages it needs are resident, as in a worker that has been serving a while) before it
+reports RSS, PSS and USS (its private pages: what one more worker costs). ``--expansion-add`` builds
+the graphs with fewer candidates (faster; a graph's memory depends on its connectivity, not on this).
 """
 
 from __future__ import annotations
@@ -165,26 +171,49 @@ def restart_trial(admin: str, restarts: int, items: int, folder: Path) -> dict[s
 
 _OPEN_WORKER = """
 import json, resource, sys, time
+from pathlib import Path
+import numpy as np
 t0 = time.perf_counter()
-from icdistill.pool import PostgresPool
-pool = PostgresPool(sys.argv[1], index_dir=sys.argv[2])
+from icdistill.pool import IndexConfig, PostgresPool, SharedIndexConfig
+mode, folder, expansion_add = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+cfg = IndexConfig(expansion_add=expansion_add)
+if mode == "shared":
+    pool = PostgresPool(sys.argv[1], index=cfg, shared_index=SharedIndexConfig(folder))
+else:
+    pool = PostgresPool(sys.argv[1], index=cfg, index_dir=folder)
 opened = time.perf_counter() - t0
+rng = np.random.default_rng(0)
+t1 = time.perf_counter()
+for key, dim in DIMS.items():
+    for _ in range(200):
+        pool.search(key, rng.standard_normal(dim).astype(np.float32), 8)
+    ids, mat = pool.vectors(key)
+    float(np.asarray(mat, dtype=np.float32).sum())  # every vector read once: its pages resident
+used = time.perf_counter() - t1
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) / 1024
-def pss():
+def rollup():
+    out = {}
     for line in open("/proc/self/smaps_rollup"):
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-print(json.dumps({"open_s": round(opened, 1), "rss_mb": round(status("VmRSS:")), "peak_rss_mb": round(status("VmHWM:")),
-                  "index": pool.index_status(), "demos": pool.known_size()}), flush=True)
-sys.stdin.read()  # held open until every worker has reported
-print(json.dumps({"pss_mb": round(pss())}), flush=True)
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "kB":
+            out[parts[0].rstrip(":")] = int(parts[1]) / 1024
+    return out
+print(json.dumps({"open_s": round(opened, 1), "search_s": round(used, 1), "rss_mb": round(status("VmRSS:")),
+                  "peak_rss_mb": round(status("VmHWM:")), "index": pool.index_status(), "demos": pool.known_size()}),
+      flush=True)
+sys.stdin.readline()  # every worker has reported and is alive: measure what each maps
+r = rollup()
+print(json.dumps({"pss_mb": round(r["Pss"]), "uss_mb": round(r["Private_Clean"] + r["Private_Dirty"]),
+                  "shared_mb": round(r["Shared_Clean"] + r["Shared_Dirty"])}), flush=True)
+sys.stdin.read()  # held open until every worker has been measured
 pool.close()  # saves the graphs (the first worker's are the others' copies)
 """
 
 DIMS = {"image": 1280, "image_text": 384, "text": 384, "answer": 384}
+_OPEN_WORKER = f"DIMS = {DIMS!r}\n" + _OPEN_WORKER
 
 
 def fill(url: str, n: int) -> None:
@@ -217,48 +246,62 @@ def fill(url: str, n: int) -> None:
         conn.commit()
 
 
-def open_workers(url: str, dirs: list[Path]) -> list[dict[str, Any]]:
+def open_workers(url: str, dirs: list[Path], mode: str = "copies", expansion_add: int = 128) -> list[dict[str, Any]]:
     procs = [
-        subprocess.Popen([sys.executable, "-c", _OPEN_WORKER, url, str(d)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", _OPEN_WORKER, url, mode, str(d), str(expansion_add)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         for d in dirs
     ]
     rows = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
+    # PSS while every worker is alive (one that had exited would leave the others its shared pages)
     for p, row in zip(procs, rows, strict=True):
-        p.stdin.close()  # type: ignore[union-attr]
+        p.stdin.write("\n")  # type: ignore[union-attr]
+        p.stdin.flush()  # type: ignore[union-attr]
         row.update(json.loads(p.stdout.readline()))  # type: ignore[union-attr]
+    for p in procs:
+        p.stdin.close()  # type: ignore[union-attr]
         p.wait()
     return rows
 
 
-def rss_trial(admin: str, n: int, counts: list[int], folder: Path) -> dict[str, Any]:
+def rss_trial(
+    admin: str, n: int, counts: list[int], folder: Path, shared: bool = False, expansion_add: int = 128
+) -> dict[str, Any]:
     import shutil
 
     url = fresh_database(admin, "bench_rss")
     t0 = time.perf_counter()
     fill(url, n)
     filled = time.perf_counter() - t0
-    first = open_workers(url, [folder / "saved"])[0]  # builds the graphs and saves them on close
-    print(json.dumps({"fill_s": round(filled, 1), "first_open": first}), file=sys.stderr, flush=True)
+    mode = "shared" if shared else "copies"
+    # builds the graphs: saved in the folder on close (copies), or as the host's snapshot (shared)
+    first = open_workers(url, [folder / ("cache" if shared else "saved")], mode, expansion_add)[0]
+    print(json.dumps({"mode": mode, "fill_s": round(filled, 1), "first_open": first}), file=sys.stderr, flush=True)
     rows = []
     for w in counts:
-        dirs = [folder / f"w{w}-{k}" for k in range(w)]
-        for d in dirs:
-            shutil.copytree(folder / "saved", d)
-        got = open_workers(url, dirs)
+        dirs = [folder / "cache"] * w if shared else [folder / f"w{w}-{k}" for k in range(w)]
+        if not shared:
+            for d in dirs:
+                shutil.copytree(folder / "saved", d)
+        got = open_workers(url, dirs, mode, expansion_add)
         row = {
             "workers": w,
             "rss_mb_each": [r["rss_mb"] for r in got],
             "peak_rss_mb_each": [r["peak_rss_mb"] for r in got],
+            "pss_mb_each": [r["pss_mb"] for r in got],
+            "uss_mb_each": [r["uss_mb"] for r in got],
             "pss_mb_total": sum(r["pss_mb"] for r in got),
             "open_s_each": [r["open_s"] for r in got],
+            "search_s_each": [r["search_s"] for r in got],
             "index": got[0]["index"],
         }
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
-        for d in dirs:
-            shutil.rmtree(d)
-    return {"demos": n, "fill_s": round(filled, 1), "first_open": first, "results": rows}
+        if not shared:
+            for d in dirs:
+                shutil.rmtree(d)
+    return {"mode": mode, "expansion_add": expansion_add, "demos": n, "fill_s": round(filled, 1),
+            "first_open": first, "results": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restart-trial", type=int, default=0, metavar="N", help="N database restarts under 3 workers")
     p.add_argument("--items", type=int, default=300, help="--restart-trial: items the workers label")
     p.add_argument("--rss-trial", type=int, default=0, metavar="N", help="memory per worker at N demos")
+    p.add_argument("--shared", action="store_true", help="--rss-trial: workers share one mapped index")
+    p.add_argument("--expansion-add", type=int, default=128, help="--rss-trial: HNSW expansion_add")
     args = p.parse_args(argv)
     # a SIGTERM (e.g. from `timeout`) must still stop the cluster and remove its folder
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -279,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_trial:
         with throwaway_cluster() as admin, tempfile.TemporaryDirectory() as tmp:
             counts = [int(x) for x in args.workers.split(",")]
-            out = rss_trial(admin, args.rss_trial, counts, Path(tmp))
+            out = rss_trial(admin, args.rss_trial, counts, Path(tmp), args.shared, args.expansion_add)
         print(json.dumps({"benchmark": "pg_worker_memory", "cpus": os.cpu_count(), **out}))
         return 0
     rows = []

@@ -1,6 +1,7 @@
 import itertools
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 # With 2 cores shared by the test process and in-process servers, OpenMP's busy-waiting threads
 # stall small matmuls (measured: 162 s -> 37 s for the SmolLM2 tests). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# shared-pool workers map this host's saved index from a cache folder: the tests' own, not ~/.cache
+os.environ.setdefault("ICD_POOL_CACHE", tempfile.mkdtemp(prefix="icd-pool-cache-"))
 
 _pg_databases = itertools.count()
 

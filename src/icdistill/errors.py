@@ -41,6 +41,11 @@ class PoolUnavailable(ICDError):
     what was stored is kept (resume once the database is back)."""
 
 
+class DatabaseUnavailable(ICDError):
+    """The database stayed out of reach for ``reconnect_s`` seconds; what was committed is kept
+    (the service's store, ``icdistill.pool.pg_reconnect.Reconnecting``)."""
+
+
 class NotCalled(TeacherError):
     """The teacher was not called for this query (the shared budget is spent, or another worker held
     the claim too long): no answer, but neither a teacher failure nor a call of this worker's."""

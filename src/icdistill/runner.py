@@ -25,7 +25,14 @@ from icdistill.models.registry import (
     resolve_student,
     resolve_teacher,
 )
-from icdistill.pool import ClaimingAnnotator, PostgresPool, SQLitePool, is_postgres_url
+from icdistill.pool import (
+    LISTEN_URL_ENV,
+    ClaimingAnnotator,
+    PostgresPool,
+    SQLitePool,
+    is_postgres_url,
+    shared_index_from_env,
+)
 from icdistill.protocols import Gate
 from icdistill.run_summary import plot_run, summary_details
 from icdistill.runlog import FolderLock, RunLog, write_json_atomic
@@ -416,8 +423,9 @@ def check_pool_url(url: str) -> None:
 
 
 def open_pool(cfg: RunConfig, out: Path) -> SQLitePool | PostgresPool:
-    """The run's pool: its own SQLite file, or a PostgreSQL pool shared with other workers (each keeps
-    its index beside its run folder; the global caps are ``--max-calls`` and ``--max-cost``). The
+    """The run's pool: its own SQLite file, or a PostgreSQL pool shared with other workers (the workers
+    of a host map one saved index, ``$ICD_POOL_CACHE``; with it off each keeps its own beside its run
+    folder; the global caps are ``--max-calls`` and ``--max-cost``). The
     caller holds the run folder's lock (``lock_run``)."""
     if cfg.pool is None:
         return SQLitePool(out / "pool.sqlite", max_size=cfg.pool_max, lock=True)
@@ -431,6 +439,9 @@ def open_pool(cfg: RunConfig, out: Path) -> SQLitePool | PostgresPool:
         max_cost_usd=cfg.max_cost_usd,
         index_dir=out / "pool-index",
         owner=owner,
+        # workers on one host map one saved index ($ICD_POOL_CACHE, "off": each its own copy)
+        shared_index=shared_index_from_env(),
+        listen_url=os.environ.get(LISTEN_URL_ENV) or None,
         # the caller holds the run folder's lock: an earlier process of this folder is dead, and its
         # claims (a teacher call it was making when killed) are this one's at once
         take_over=True,

@@ -746,6 +746,16 @@ def test_workers_survive_database_restarts_losing_nothing_and_buying_nothing_twi
         with psycopg.connect(url, autocommit=True) as conn:
             return int(conn.execute("SELECT COUNT(*) FROM icd_annotations").fetchone()[0])
 
+    def connected() -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return int(
+                conn.execute(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()[0]
+            )
+
+    # every worker connected before the first restart (a pool's first connection is not retried)
+    wait_for(lambda: connected() >= 6 or any(w.poll() is not None for w in workers), "3 workers connected")
     restarts = 0
     for threshold in (10, 25, 40):  # of ~60 rows (a pooled item is skipped): restarts mid-work
         wait_for(lambda t=threshold: stored() >= t or all(w.poll() is not None for w in workers), f"{threshold} rows")

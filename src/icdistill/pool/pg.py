@@ -4,7 +4,9 @@ PostgreSQL holds the annotations (images, embeddings, answers), the labelling qu
 which image+prompt a worker is buying right now) and the budget ledger (``icd_ledger``). Every
 worker keeps its own in-memory copy of the pooled demos and a ``VectorIndex`` per key, kept in sync
 by LISTEN/NOTIFY: a demo committed by one worker is announced at commit, and the others pick it up
-on their next read (``refresh``), so a new demo is visible within one query.
+on their next read (``refresh``), so a new demo is visible within one query. With ``shared_index``
+the workers of one host map one saved snapshot of the index instead of each holding a copy
+(``icdistill.pool.shared_index``).
 
 Buying a label once across workers: a worker first *claims* the image+prompt (a row keyed on both,
 inserted only if absent or expired) in the same transaction that charges the global ledger; only the
@@ -54,12 +56,17 @@ from icdistill.pool.demos import (
     pooled_demo,
 )
 from icdistill.pool.index import IndexConfig
+from icdistill.pool.index_snapshot import SharedIndexConfig, SnapshotStore, pool_identity
 from icdistill.pool.pg_claims import _Claims
 from icdistill.pool.pg_connection import _Connections, _first_line, _redact
 from icdistill.pool.pg_ledger import _Ledger
 from icdistill.pool.pg_notify import _Notifications
 from icdistill.pool.pg_schema import _SCHEMA, CHANNEL
+from icdistill.pool.shared_index import SharedIndexes
 from icdistill.types import Annotation, Demo, Embeddings, Query, Usage, image_digest, image_to_png
+
+# a session-mode URL for the listener when the pool's URL goes through a transaction-mode PgBouncer
+LISTEN_URL_ENV = "ICD_POOL_LISTEN_URL"
 
 
 def is_postgres_url(spec: str | os.PathLike[str] | None) -> bool:
@@ -79,6 +86,9 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
     resumed run does not wait out its predecessor's leases, nor buy those items twice).
     ``reconnect_s`` bounds how long a lost database is retried; ``statement_timeout_s`` how long one
     statement (a lock wait included) may run.
+    ``shared_index``: map this host's snapshot of the pool's index instead of holding a copy
+    (``icdistill.pool.shared_index``; ``index_dir`` is then unused). ``listen_url``: the listener's own URL
+    (a session-mode connection), when ``url`` goes through a transaction-mode PgBouncer.
     """
 
     def __init__(
@@ -98,6 +108,8 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
         take_over: bool = False,
         reconnect_s: float = 120.0,
         statement_timeout_s: float = 120.0,
+        shared_index: SharedIndexConfig | None = None,
+        listen_url: str | None = None,
     ) -> None:
         try:
             import psycopg
@@ -111,6 +123,9 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
             raise ICDError(f"--max-cost must be >= 0, got {max_cost_usd}")
         self._psycopg = psycopg
         self.url = url
+        # --- hook (issue 18): a separate session-mode URL for the listener (LISTEN, images, claims)
+        self.listen_url = listen_url or url
+        self.shared_index = shared_index
         self.max_size = max_size
         self.ledger = ledger
         self.lease_s = lease_s
@@ -133,6 +148,10 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
             "keepalives_count": 3,
             "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
         }
+        if listen_url:
+            # the work connection goes through a transaction-mode pooler: no server-side prepared
+            # statements (a transaction's backend is not the next one's)
+            self._connect_kwargs["prepare_threshold"] = None
         # the listener also reads demos' images and renews claims, from any thread: one at a time
         self._listen_lock = threading.RLock()
         self._db: Any = None
@@ -144,7 +163,7 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
         self._closed = False
         try:
             self._db = self._connect()
-            self._listen = self._connect()
+            self._listen = self._connect(self.listen_url)
         except psycopg.Error as e:
             self._close_connections()
             raise ICDError(f"cannot connect to pool {_redact(url)}: {e}") from e
@@ -158,8 +177,8 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
                 raise ICDError(f"cannot open pool {_redact(url)}: {e}") from e
             raise
 
-    def _connect(self) -> Any:
-        return self._psycopg.connect(self.url, **self._connect_kwargs)
+    def _connect(self, url: str | None = None) -> Any:
+        return self._psycopg.connect(url or self.url, **self._connect_kwargs)
 
     def _open(
         self,
@@ -204,7 +223,11 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
         self._listen_to(self._listen)
         self._next_check = time.monotonic() + self.catchup_s
         self._demos: dict[int, Demo] = {}
-        self._index = _Index(Path(index_dir) if index_dir is not None else None, index)
+        self._index: _Index = _Index(Path(index_dir) if index_dir is not None else None, index)
+        self._own_index = self._index  # without a usable snapshot folder: this worker's own copy
+        if self.shared_index is not None:  # --- hook (issue 18): this host's shared snapshots
+            store = SnapshotStore(self.shared_index.root / pool_identity(self._db))
+            self._index = SharedIndexes(store, index, self.shared_index)
         self._kinds = _Kinds()
         self._load()
 

@@ -82,7 +82,7 @@ class _Connections:
                         with contextlib.suppress(Exception):
                             self._listen.close()
                         self._listen = None
-                        conn = self._connect()
+                        conn = self._connect(self.listen_url)
                         self._listen_to(conn)
                         self._listen = conn
                         self.reconnects += 1

@@ -3,6 +3,7 @@ LISTEN/NOTIFY (other workers' commits and evictions), with a count check and a c
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,7 +16,10 @@ from icdistill.pool.demos import (
     stored_demo,
 )
 from icdistill.pool.pg_schema import CHANNEL, CHECK_ROUNDS, CLAIMS_CHANNEL
+from icdistill.pool.shared_index import SharedIndexes
 from icdistill.types import Embeddings
+
+log = logging.getLogger(__name__)
 
 
 class _Notifications:
@@ -29,6 +33,21 @@ class _Notifications:
 
     # ------------------------------------------------------------------ sync
     def _load(self) -> None:
+        if isinstance(self._index, SharedIndexes):  # --- hook (issue 18): map, read only what is missing
+            try:
+                rows = self._index.open(
+                    self._db,
+                    lambda: self._db.execute(
+                        f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"
+                    ).fetchall(),
+                )
+            except OSError as e:  # an unwritable or full snapshot folder: this worker keeps its own copy
+                folder = self._index.store.folder
+                log.warning("cannot use the shared index in %s (%s): this worker keeps its own", folder, e)
+                self._index = self._own_index
+            else:
+                self._add_loaded(rows)
+                return
         loaded: list[tuple[str, np.ndarray, np.ndarray]] = []
         # every read from one snapshot: a demo committed between them would be loaded without its
         # vectors (and its notification then skipped as known), an eviction would leave a stale vector
@@ -53,6 +72,9 @@ class _Notifications:
         while loaded:
             key, ids, mat = loaded.pop(0)
             self._index.load(key, ids, mat)
+        self._add_loaded(rows)
+
+    def _add_loaded(self, rows: list[tuple[Any, ...]]) -> None:
         for row in rows:
             demo = self._demos[row[0]] = stored_demo(
                 row, self._index.embeddings_of(row[0]), self.images, self._shared

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import threading
 import uuid
 from collections import deque
@@ -26,7 +27,7 @@ from PIL import Image
 
 from icdistill.distiller import Distiller, Draft
 from icdistill.gate import make_gate
-from icdistill.pool import PostgresPool, SQLitePool, is_postgres_url
+from icdistill.pool import LISTEN_URL_ENV, PostgresPool, SQLitePool, is_postgres_url, shared_index_from_env
 from icdistill.select import make_selector
 from icdistill.service.answering import _Answering
 from icdistill.service.config import ServeConfig
@@ -153,6 +154,8 @@ class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
                 max_calls=cfg.max_calls,
                 max_cost_usd=cfg.max_cost_usd,
                 lease_s=cfg.claim_lease_s,
+                listen_url=os.environ.get(LISTEN_URL_ENV) or None,
+                shared_index=shared_index_from_env(),  # servers on one host map one saved index
             )
             try:
                 self.store = PostgresServiceStore(cfg.pool, self.pool.worker, cfg.claim_lease_s)

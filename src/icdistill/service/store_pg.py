@@ -12,20 +12,26 @@ per-query budget ledger), plus what several processes need:
   servers never get one item.
 
 The global teacher-call cap and the claim before a teacher call are the pool's (``PostgresPool``),
-not this store's. Used from one thread (the service's loop thread), but for ``heartbeat`` (its own
-connection, any thread); every write commits before the caller acknowledges anything.
+not this store's. Used from one thread (the service's loop thread), but for ``heartbeat`` and
+``read`` (each its own connection, any thread); every write commits before the caller acknowledges
+anything.
+
+The database may restart under a running service: each connection is reopened with backoff and the
+statement or transaction that failed run again (``icdistill.pool.pg_reconnect``) for up to ``reconnect_s``,
+then a one-line ``DatabaseUnavailable``. Writes are idempotent when run again: a query's insert whose
+commit landed is found by its id, a close that landed is recognised by its final state.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-from icdistill.errors import ICDError
+from icdistill.errors import DatabaseUnavailable, ICDError
 from icdistill.pool.pg_connection import _redact
+from icdistill.pool.pg_reconnect import Reconnecting, first_line
 from icdistill.pool.pg_schema import DB_NOW
 from icdistill.service.store import (
     ANNOTATED,
@@ -38,6 +44,8 @@ from icdistill.service.store import (
     _finite,
     _not_asked,
 )
+
+T = TypeVar("T")
 
 _GET = (
     "SELECT q.*, l.state AS ledger_state, l.attempts, l.calls, l.cost_usd, l.teacher "
@@ -95,7 +103,7 @@ class PostgresServiceStore:
 
     shared = True
 
-    def __init__(self, url: str, worker: str, lease_s: float) -> None:
+    def __init__(self, url: str, worker: str, lease_s: float, reconnect_s: float = 120.0) -> None:
         import psycopg
         from psycopg.rows import dict_row
 
@@ -105,38 +113,71 @@ class PostgresServiceStore:
         self.worker = worker
         self.lease_s = lease_s
         self._errors = psycopg.Error
-        self._beat: Any = None  # heartbeat's own connection, opened on first use
-        self._beat_lock = threading.Lock()
-        self._reader: Any = None  # ``read``'s own connection, opened on first use
-        self._read_lock = threading.Lock()
-        self._db: Any = None
+        where = f"the service store in {_redact(url)}"
+
+        def connect(rows: Any = dict_row) -> Any:
+            return psycopg.connect(url, autocommit=True, row_factory=rows, connect_timeout=10)
+
+        self._main = Reconnecting(connect, where, reconnect_s)
+        self._beat = Reconnecting(lambda: connect(psycopg.rows.tuple_row), where, reconnect_s)  # heartbeat's
+        self._reader = Reconnecting(connect, where, reconnect_s)  # ``read``'s, any thread
         try:
-            self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
-            with self._db.transaction():
-                self._db.execute("SELECT pg_advisory_xact_lock(7414223)")  # one schema creator at a time
+            db = self._main.open()
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(7414223)")  # one schema creator at a time
                 # DDL locks the tables even when there is nothing to do: only a missing schema runs it
-                if self._db.execute("SELECT to_regclass('icd_service_ledger') AS t").fetchone()["t"] is None:  # type: ignore[index]
-                    self._db.execute(_SCHEMA)
+                if db.execute("SELECT to_regclass('icd_service_ledger') AS t").fetchone()["t"] is None:  # type: ignore[index]
+                    db.execute(_SCHEMA)
         except psycopg.Error as e:
-            if self._db is not None:
-                self._db.close()  # a half-opened store holds no backend
+            self._main.close()  # a half-opened store holds no backend
             raise ICDError(f"cannot open the service store in {_redact(url)}: {e}") from e
 
-    def _tx(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
-        """Run statements in one transaction; returns their row counts."""
+    @property
+    def reconnects(self) -> int:
+        """Connections reopened after the database dropped them (tests, stats)."""
+        return self._main.reconnects + self._beat.reconnects + self._reader.reconnects
+
+    def _do(
+        self,
+        what: str,
+        fn: Callable[[Any], T],
+        again: Callable[[Any], T] | None = None,
+        conn: Reconnecting | None = None,
+    ) -> T:
+        """``fn(connection)`` on the main (or ``conn``) connection, retried after a lost one; other
+        database errors are a one-line ICDError."""
         try:
-            with self._db.transaction():
-                return [self._db.execute(sql, params).rowcount for sql, params in statements]
+            return (conn or self._main).run(what, fn, again)
+        except DatabaseUnavailable:
+            raise
         except self._errors as e:
-            raise ICDError(f"could not write to the service store in {_redact(self.url)}: {e}") from e
+            raise ICDError(
+                f"{what} failed in the service store in {_redact(self.url)}: {first_line(e)}"
+            ) from e
+
+    def _tx(
+        self, statements: Sequence[tuple[str, Sequence[Any]]], again: Callable[[Any], list[int]] | None = None
+    ) -> list[int]:
+        """Run statements in one transaction; returns their row counts. ``again``: what to run
+        instead after a lost connection (to recognise a commit that landed)."""
+
+        def tx(db: Any) -> list[int]:
+            with db.transaction():
+                return [db.execute(sql, params).rowcount for sql, params in statements]
+
+        return self._do("writing", tx, again)
 
     # ------------------------------------------------------------------ queries
     def take_slot(self) -> tuple[int, int | None]:
         """A fresh stream position, and the teacher calls every server has decided so far."""
-        row = self._db.execute(
-            "SELECT nextval('icd_service_position') AS pos, "
-            "(SELECT COUNT(*) FROM icd_service_queries WHERE teacher_asked) AS calls"
-        ).fetchone()
+        # run again after a lost connection, a position may be skipped: positions stay unique
+        row = self._do(
+            "taking a stream position",
+            lambda db: db.execute(
+                "SELECT nextval('icd_service_position') AS pos, "
+                "(SELECT COUNT(*) FROM icd_service_queries WHERE teacher_asked) AS calls"
+            ).fetchone(),
+        )
         assert row is not None
         return int(row["pos"]), int(row["calls"])
 
@@ -182,7 +223,17 @@ class PostgresServiceStore:
                     (row["query_id"], teacher or "", now, now),
                 )
             )
-        self._tx(stmts)
+
+        def again(db: Any) -> list[int]:  # the insert may have committed before the connection dropped
+            found = db.execute(
+                "SELECT 1 FROM icd_service_queries WHERE query_id = %s", (row["query_id"],)
+            ).fetchone()
+            if found is not None:
+                return [1] * len(stmts)
+            with db.transaction():
+                return [db.execute(sql, params).rowcount for sql, params in stmts]
+
+        self._tx(stmts, again)
 
     def finish_query(
         self,
@@ -202,16 +253,27 @@ class PostgresServiceStore:
         """Close a pending query and settle its ledger entry in one transaction. False (nothing
         written) when another server closed it first."""
         now = time.time()
-        try:
-            with self._db.transaction():
-                done = self._db.execute(
+
+        def close(db: Any) -> bool:
+            with db.transaction():
+                done = db.execute(
                     "UPDATE icd_service_queries SET state = %s, teacher_answer = %s, final_answer = %s, "
                     "answered_by = %s, pool_status = %s, error = %s, image_png = NULL, claimed_by = NULL, "
                     "claimed_until = NULL, updated = %s WHERE query_id = %s AND state = ANY(%s)",
-                    (state, teacher_answer, final_answer, answered_by, pool_status, error, now, query_id, list(PENDING)),
+                    (
+                        state,
+                        teacher_answer,
+                        final_answer,
+                        answered_by,
+                        pool_status,
+                        error,
+                        now,
+                        query_id,
+                        list(PENDING),
+                    ),
                 ).rowcount
                 if done:
-                    self._db.execute(
+                    db.execute(
                         "UPDATE icd_service_ledger SET state = %s, calls = %s, cost_usd = %s, updated = %s "
                         "WHERE query_id = %s",
                         ("failed" if state == FAILED else "paid", calls, cost_usd, now, query_id),
@@ -219,10 +281,19 @@ class PostgresServiceStore:
                     for sql, params in _not_asked(
                         asked, gate_reason, query_id, "icd_service_queries", "icd_service_ledger", "%s"
                     ):
-                        self._db.execute(sql, params)
-        except self._errors as e:
-            raise ICDError(f"could not write to the service store in {_redact(self.url)}: {e}") from e
-        return bool(done)
+                        db.execute(sql, params)
+            return bool(done)
+
+        def again(db: Any) -> bool:  # a close that committed before the connection dropped is ours
+            if close(db):
+                return True
+            mine = db.execute(
+                "SELECT 1 FROM icd_service_queries WHERE query_id = %s AND state = %s AND updated = %s",
+                (query_id, state, now),
+            ).fetchone()
+            return mine is not None
+
+        return self._do("closing a query", close, again)
 
     def count_attempt(self, query_id: str) -> None:
         self._tx(
@@ -235,50 +306,57 @@ class PostgresServiceStore:
         )
 
     def get(self, query_id: str) -> dict[str, Any] | None:
-        row = self._db.execute(_GET, (query_id,)).fetchone()
+        row = self._do("reading a query", lambda db: db.execute(_GET, (query_id,)).fetchone())
         return _plain(row) if row is not None else None
 
     def read(self, query_id: str) -> dict[str, Any] | None:
         """``get`` from any thread, on a connection of its own (never behind the loop thread)."""
-        import psycopg
-        from psycopg.rows import dict_row
-
-        with self._read_lock:
-            if self._reader is None or self._reader.closed or self._reader.broken:
-                self._reader = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
-            row = self._reader.execute(_GET, (query_id,)).fetchone()
+        row = self._do(
+            "reading a query", lambda db: db.execute(_GET, (query_id,)).fetchone(), conn=self._reader
+        )
         return _plain(row) if row is not None else None
 
     def pending(self, state: str) -> list[dict[str, Any]]:
-        return [
-            _plain(r)
-            for r in self._db.execute(
+        rows = self._do(
+            "reading pending queries",
+            lambda db: db.execute(
                 "SELECT * FROM icd_service_queries WHERE state = %s ORDER BY position", (state,)
-            )
-        ]
+            ).fetchall(),
+        )
+        return [_plain(r) for r in rows]
 
     def gate_history(self) -> list[dict[str, Any]]:
         """The whole stream, every server's queries, in position order."""
-        return list(
-            self._db.execute(
+        return self._do(
+            "reading the stream",
+            lambda db: db.execute(
                 "SELECT position, uncertainty, teacher_asked, ctx_teacher_calls, ctx_pool_size, ctx_kind "
                 "FROM icd_service_queries ORDER BY position"
-            )
+            ).fetchall(),
         )
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in (ANSWERED, PENDING_TEACHER, PENDING_HUMAN, ANNOTATED, REJECTED, FAILED)}
-        for r in self._db.execute("SELECT state, COUNT(*) AS n FROM icd_service_queries GROUP BY state"):
+        rows = self._do(
+            "counting queries",
+            lambda db: db.execute(
+                "SELECT state, COUNT(*) AS n FROM icd_service_queries GROUP BY state"
+            ).fetchall(),
+        )
+        for r in rows:
             out[r["state"]] = int(r["n"])
         return out
 
     def ledger_totals(self) -> dict[str, Any]:
-        row = self._db.execute(
-            "SELECT COUNT(*) AS teacher_calls, COALESCE(SUM(attempts), 0) AS attempts, "
-            "COALESCE(SUM(calls), 0) AS requests, COALESCE(SUM(cost_usd), 0) AS cost_usd, "
-            "COUNT(*) FILTER (WHERE state = 'paid') AS paid, COUNT(*) FILTER (WHERE state = 'failed') AS failed, "
-            "COUNT(*) FILTER (WHERE state = 'reserved') AS reserved FROM icd_service_ledger"
-        ).fetchone()
+        row = self._do(
+            "reading the ledger",
+            lambda db: db.execute(
+                "SELECT COUNT(*) AS teacher_calls, COALESCE(SUM(attempts), 0) AS attempts, "
+                "COALESCE(SUM(calls), 0) AS requests, COALESCE(SUM(cost_usd), 0) AS cost_usd, "
+                "COUNT(*) FILTER (WHERE state = 'paid') AS paid, COUNT(*) FILTER (WHERE state = 'failed') AS failed, "
+                "COUNT(*) FILTER (WHERE state = 'reserved') AS reserved FROM icd_service_ledger"
+            ).fetchone(),
+        )
         assert row is not None
         return {k: (float(v) if k == "cost_usd" else int(v)) for k, v in row.items()}
 
@@ -287,61 +365,66 @@ class PostgresServiceStore:
         """Renew this server's leases on its teacher work in flight (``query_ids``; the rest lapses, so
         work whose attempt failed here is adopted again). Any thread: it has its own connection, so a
         loop thread busy with a queue of student passes does not let them lapse."""
-        import psycopg
-
-        with self._beat_lock:
-            if self._beat is None or self._beat.closed or self._beat.broken:
-                self._beat = psycopg.connect(self.url, autocommit=True)
-            self._beat.execute(
+        self._do(
+            "renewing leases",
+            lambda db: db.execute(
                 f"UPDATE icd_service_queries SET claimed_until = {DB_NOW} + %s "
                 "WHERE claimed_by = %s AND state = %s AND query_id = ANY(%s)",
                 (self.lease_s, self.worker, PENDING_TEACHER, list(query_ids)),
-            )
+            ),
+            conn=self._beat,
+        )
 
     def adopt_orphans(self) -> list[str]:
         """Lease to this server the teacher work whose server went silent (killed, or gone before
         the lease was written); returns the adopted query ids, oldest first."""
-        rows = self._db.execute(
-            f"UPDATE icd_service_queries SET claimed_by = %s, claimed_until = {DB_NOW} + %s WHERE query_id IN ("
-            "SELECT query_id FROM icd_service_queries WHERE state = %s "
-            f"AND (claimed_until IS NULL OR claimed_until < {DB_NOW}) FOR UPDATE SKIP LOCKED) "
-            "RETURNING query_id, position",
-            (self.worker, self.lease_s, PENDING_TEACHER),
-        ).fetchall()
+        # run again after a lost connection, work adopted by a commit whose reply was lost stays
+        # leased to this server until its lease runs out, then is adopted again
+        rows = self._do(
+            "adopting orphaned work",
+            lambda db: db.execute(
+                f"UPDATE icd_service_queries SET claimed_by = %s, claimed_until = {DB_NOW} + %s WHERE query_id IN ("
+                "SELECT query_id FROM icd_service_queries WHERE state = %s "
+                f"AND (claimed_until IS NULL OR claimed_until < {DB_NOW}) FOR UPDATE SKIP LOCKED) "
+                "RETURNING query_id, position",
+                (self.worker, self.lease_s, PENDING_TEACHER),
+            ).fetchall(),
+        )
         return [r["query_id"] for r in sorted(rows, key=lambda r: r["position"])]
 
     # ------------------------------------------------------------------ the human-labelling queue
     def claim_next(self, labeller: str, lease_s: float, skip: Sequence[str] = ()) -> dict[str, Any] | None:
         """The oldest queued item nobody else holds (this labeller's own first), leased to ``labeller``;
         one statement, so two servers never lease one item to two people."""
-        row = self._db.execute(
-            f"UPDATE icd_service_queries SET claimed_by = %s, claimed_until = {DB_NOW} + %s WHERE query_id = ("
-            "SELECT query_id FROM icd_service_queries WHERE state = %s AND NOT (query_id = ANY(%s)) "
-            f"AND (claimed_by IS NULL OR claimed_by = %s OR claimed_until <= {DB_NOW}) "
-            f"ORDER BY (claimed_by IS NOT DISTINCT FROM %s AND claimed_until > {DB_NOW}) DESC, position "
-            "LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING query_id",
-            (labeller, lease_s, PENDING_HUMAN, list(skip), labeller, labeller),
-        ).fetchone()
+        row = self._do(
+            "leasing a queued item",
+            lambda db: db.execute(
+                f"UPDATE icd_service_queries SET claimed_by = %s, claimed_until = {DB_NOW} + %s WHERE query_id = ("
+                "SELECT query_id FROM icd_service_queries WHERE state = %s AND NOT (query_id = ANY(%s)) "
+                f"AND (claimed_by IS NULL OR claimed_by = %s OR claimed_until <= {DB_NOW}) "
+                f"ORDER BY (claimed_by IS NOT DISTINCT FROM %s AND claimed_until > {DB_NOW}) DESC, position "
+                "LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING query_id",
+                (labeller, lease_s, PENDING_HUMAN, list(skip), labeller, labeller),
+            ).fetchone(),
+        )
         return self.get(row["query_id"]) if row is not None else None
 
     def release(self, query_id: str, labeller: str) -> None:
-        self._db.execute(
-            "UPDATE icd_service_queries SET claimed_by = NULL, claimed_until = NULL "
-            "WHERE query_id = %s AND claimed_by = %s AND state = %s",
-            (query_id, labeller, PENDING_HUMAN),
+        self._do(
+            "releasing a queued item",
+            lambda db: db.execute(
+                "UPDATE icd_service_queries SET claimed_by = NULL, claimed_until = NULL "
+                "WHERE query_id = %s AND claimed_by = %s AND state = %s",
+                (query_id, labeller, PENDING_HUMAN),
+            ),
         )
 
     def release_all(self) -> None:
         """Nothing: the leases may belong to people labelling on another server; they run out."""
 
     def close(self) -> None:
-        self._db.close()
-        with self._beat_lock:
-            if self._beat is not None:
-                self._beat.close()
-        with self._read_lock:
-            if self._reader is not None:
-                self._reader.close()
+        for conn in (self._main, self._beat, self._reader):
+            conn.close()
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
