@@ -172,7 +172,8 @@ def print_groups(summary: dict[str, Any], console: Console) -> None:
         title = "worst labels" + (f" ({WORST_LABELS} of {len(labels)})" if len(labels) > WORST_LABELS else "")
         table = Table(title=title + (" and question kinds" if len(kinds) > 1 else ""), show_header=True)
         for col in ("group", "queries", "accuracy", "first pass", "not asked", "teacher calls"):
-            table.add_column(col, justify="left" if col == "group" else "right")
+            # a group's name stays on one line (an 80-column pipe wraps the numbers' headers instead)
+            table.add_column(col, justify="left" if col == "group" else "right", no_wrap=col == "group")
         for name, g in groups:
             table.add_row(
                 name,
