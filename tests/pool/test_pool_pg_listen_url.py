@@ -11,6 +11,7 @@ psycopg = pytest.importorskip("psycopg")
 
 from test_pool_pg import ann, emb, item  # noqa: E402
 
+from icdistill.errors import ICDError  # noqa: E402
 from icdistill.pool import PostgresPool  # noqa: E402
 
 
@@ -33,3 +34,19 @@ def test_the_listener_uses_its_own_url_and_notifications_still_arrive(url):
         b.add(item(2), ann(), emb(2))
         wait_for(lambda: len(a) == 2, "a demo after the listener reconnected")
         assert a._listen.info.dsn.find("application_name=icd-listen") >= 0
+
+
+def test_a_listen_url_of_another_database_is_refused_at_open(url, cluster):
+    """The listener also reads images and renews claims: pointed at another database it would
+    silently serve them from there. Refused at open, with the setting's name, leaving no backend."""
+    from pg_cluster import fresh_database
+
+    other = fresh_database(cluster, url.rsplit("/", 1)[1] + "_other")
+    with psycopg.connect(url, autocommit=True) as admin:
+        before = admin.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname IS NOT NULL").fetchone()[0]
+        with pytest.raises(ICDError, match="ICD_POOL_LISTEN_URL reaches another database"):
+            PostgresPool(url, listen_url=other)
+        after = admin.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname IS NOT NULL").fetchone()[0]
+    assert after == before
+    with PostgresPool(url, listen_url=url + "?application_name=same") as pool:  # the same database: fine
+        assert len(pool) == 0

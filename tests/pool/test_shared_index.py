@@ -183,6 +183,35 @@ def test_a_demo_added_after_the_snapshot_is_found(url, tmp_path):
             assert [c.get(i).query_id for i in got.tolist()] == ["q500"]
 
 
+def test_a_snapshot_merge_runs_outside_the_listeners_lock(url, tmp_path):
+    """A merge can take minutes at scale: while it runs, the listener (images, claim renewals from
+    the heartbeat's thread) must stay free. The roll is called after a refresh or an add, with no
+    lock held; another thread checks the lock while the roll is running."""
+    import threading
+
+    fill(url, 20)
+    cfg = shared(tmp_path)
+    with PostgresPool(url, shared_index=cfg) as a, PostgresPool(url, shared_index=cfg) as b:
+        free_during_roll: list[bool] = []
+
+        def probe() -> None:
+            got = a._listen_lock.acquire(blocking=False)
+            if got:
+                a._listen_lock.release()
+            free_during_roll.append(got)
+
+        def roll(force: bool = False) -> None:
+            t = threading.Thread(target=probe)
+            t.start()
+            t.join()
+
+        a._index.maybe_roll = roll  # type: ignore[attr-defined]
+        b.add(item(500), ann(), emb(500))
+        wait_for(lambda: len(a) == 21, "b's demo, notified to a")  # refresh applies it, then rolls
+        a.add(item(501), ann(), emb(501))  # its own add rolls too
+        assert free_during_roll and all(free_during_roll)
+
+
 def test_a_torn_snapshot_is_rebuilt_by_the_next_worker(url, tmp_path):
     fill(url, 30)
     cfg = shared(tmp_path)

@@ -113,3 +113,41 @@ def test_a_lost_database_is_a_one_line_error_after_the_retry_window(own_cluster)
     pg_ctl_cluster(own_cluster, "-w", "start")
     assert store.counts()[ANNOTATED] == 0  # and it is back
     store.close()
+
+
+def test_an_attempt_whose_commit_landed_before_the_connection_dropped_is_counted_once(url):
+    """``count_attempt`` is run again after a lost connection: an increment that committed before the
+    reply was lost must not be counted twice (it would charge a phantom teacher attempt)."""
+    import contextlib
+
+    import psycopg
+
+    store = PostgresServiceStore(url, "w1", 60.0, reconnect_s=30)
+    try:
+        store.add_query(query_row("q1", store.take_slot()[0]), "t")
+        real = store._main._conn
+        dropped: list[bool] = []
+
+        class DropsAfterCommit:
+            """The connection, which closes right after its first transaction committed."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            @contextlib.contextmanager
+            def transaction(self) -> Any:
+                with real.transaction():
+                    yield
+                if not dropped:
+                    dropped.append(True)
+                    real.close()
+                    raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        store._main._conn = DropsAfterCommit()
+        store.count_attempt("q1")
+        assert dropped == [True]
+        assert store.get("q1")["attempts"] == 1
+        store.count_attempt("q1")  # and the next one counts as usual, on the new connection
+        assert store.get("q1")["attempts"] == 2
+    finally:
+        store.close()

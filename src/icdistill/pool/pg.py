@@ -164,9 +164,14 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
         try:
             self._db = self._connect()
             self._listen = self._connect(self.listen_url)
+            if self.listen_url:
+                self._check_same_database()
         except psycopg.Error as e:
             self._close_connections()
             raise ICDError(f"cannot connect to pool {_redact(url)}: {e}") from e
+        except ICDError:
+            self._close_connections()
+            raise
         try:
             self._open(ledger, max_calls, max_cost_usd, index, index_dir)
             if take_over:
@@ -179,6 +184,21 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
 
     def _connect(self, url: str | None = None) -> Any:
         return self._psycopg.connect(url or self.url, **self._connect_kwargs)
+
+    def _check_same_database(self) -> None:
+        """The listener (``listen_url``) also reads images and renews claims: it must reach the very
+        database of the pool's URL (same name, oid and server start), or notifications, images and
+        claims would silently come from another one."""
+        sql = (
+            "SELECT current_database(), (SELECT oid FROM pg_database WHERE datname = current_database())::text, "
+            "pg_postmaster_start_time()::text"
+        )
+        work, listen = (tuple(c.execute(sql).fetchone()) for c in (self._db, self._listen))
+        if work != listen:
+            raise ICDError(
+                f"{LISTEN_URL_ENV} reaches another database than the pool's URL {_redact(self.url)} "
+                f"(database {listen[0]!r} against {work[0]!r}): point it at the same database"
+            )
 
     def _open(
         self,
@@ -337,7 +357,9 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
                 return done
             # committed: our copy follows (the notification reaches the other workers)
             demo_id, in_pool, evicted, status = done.demo_id, done.in_pool, done.evicted, done.status
-            return self._apply_own(query, annotation, embeddings, demo_id, in_pool, evicted), status
+            own = self._apply_own(query, annotation, embeddings, demo_id, in_pool, evicted)
+            self._roll_index()
+            return own, status
         existing = self._retrying(
             "reading a stored annotation",
             lambda: self._db.execute(

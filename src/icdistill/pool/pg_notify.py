@@ -116,7 +116,20 @@ class _Notifications:
         The notifications received are applied first; every ``catchup_s`` a count check (on the
         listener, so the notifications of every commit it counts have arrived when it returns)
         compares the pool with ours, and only a disagreement that applying them does not resolve, or
-        a lost listener, re-reads every pooled id."""
+        a lost listener, re-reads every pooled id. A shared index due for a new snapshot is merged
+        after, outside the listener's lock."""
+        changed = self._refresh_locked()
+        self._roll_index()
+        return changed
+
+    def _roll_index(self) -> None:
+        """Let a host-shared index map a newer snapshot or merge its delta (``SharedIndexes``); called
+        with no lock held, so claims and images are served by other threads meanwhile."""
+        roll = getattr(self._index, "maybe_roll", None)
+        if roll is not None:
+            roll()
+
+    def _refresh_locked(self) -> int:
         check = time.monotonic() >= self._next_check
         if check:
             self._next_check = time.monotonic() + self.catchup_s

@@ -293,9 +293,8 @@ class SharedIndexes(_Index):
         return rows
 
     # ------------------------------------------------------------------ keeping up
-    def add(self, demo_id: int, embeddings: Any) -> None:
-        super().add(demo_id, embeddings)
-        self.maybe_roll()
+    # ``add`` does not roll: a merge can take minutes at scale, so the pool calls ``maybe_roll`` once
+    # it holds no lock (its heartbeat renews claims on the listener meanwhile)
 
     def save(self) -> None:
         """Nothing to save per worker: the host's snapshots are written by merges."""

@@ -296,14 +296,19 @@ class PostgresServiceStore:
         return self._do("closing a query", close, again)
 
     def count_attempt(self, query_id: str) -> None:
-        self._tx(
-            [
-                (
-                    "UPDATE icd_service_ledger SET attempts = attempts + 1, updated = %s WHERE query_id = %s",
-                    (time.time(), query_id),
-                )
-            ]
-        )
+        now = time.time()
+        stmt = ("UPDATE icd_service_ledger SET attempts = attempts + 1, updated = %s WHERE query_id = %s", (now, query_id))
+
+        def again(db: Any) -> list[int]:  # the increment may have committed before the connection dropped
+            found = db.execute(
+                "SELECT 1 FROM icd_service_ledger WHERE query_id = %s AND updated = %s", (query_id, now)
+            ).fetchone()
+            if found is not None:
+                return [1]
+            with db.transaction():
+                return [db.execute(*stmt).rowcount]
+
+        self._tx([stmt], again)
 
     def get(self, query_id: str) -> dict[str, Any] | None:
         row = self._do("reading a query", lambda db: db.execute(_GET, (query_id,)).fetchone())
