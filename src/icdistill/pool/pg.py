@@ -123,7 +123,7 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
             raise ICDError(f"--max-cost must be >= 0, got {max_cost_usd}")
         self._psycopg = psycopg
         self.url = url
-        # --- hook (issue 18): a separate session-mode URL for the listener (LISTEN, images, claims)
+        # a separate session-mode URL for the listener (LISTEN, images, claims)
         self.listen_url = listen_url or url
         self.shared_index = shared_index
         self.max_size = max_size
@@ -245,7 +245,7 @@ class PostgresPool(_Connections, _Notifications, _Ledger, _Claims):
         self._demos: dict[int, Demo] = {}
         self._index: _Index = _Index(Path(index_dir) if index_dir is not None else None, index)
         self._own_index = self._index  # without a usable snapshot folder: this worker's own copy
-        if self.shared_index is not None:  # --- hook (issue 18): this host's shared snapshots
+        if self.shared_index is not None:  # this host's shared snapshots
             store = SnapshotStore(self.shared_index.root / pool_identity(self._db))
             self._index = SharedIndexes(store, index, self.shared_index)
         self._kinds = _Kinds()

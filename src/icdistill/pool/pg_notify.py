@@ -21,6 +21,8 @@ from icdistill.types import Embeddings
 
 log = logging.getLogger(__name__)
 
+_POOLED_ROWS = f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"
+
 
 class _Notifications:
     """The sync part of ``PostgresPool`` (load, LISTEN/NOTIFY, catch-up; a mixin: it works on
@@ -33,13 +35,11 @@ class _Notifications:
 
     # ------------------------------------------------------------------ sync
     def _load(self) -> None:
-        if isinstance(self._index, SharedIndexes):  # --- hook (issue 18): map, read only what is missing
+        if isinstance(self._index, SharedIndexes):  # a host-shared index: map it, read only what it lacks
             try:
                 rows = self._index.open(
                     self._db,
-                    lambda: self._db.execute(
-                        f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"
-                    ).fetchall(),
+                    lambda: self._db.execute(_POOLED_ROWS).fetchall(),
                 )
             except OSError as e:  # an unwritable or full snapshot folder: this worker keeps its own copy
                 folder = self._index.store.folder
@@ -65,9 +65,7 @@ class _Notifications:
                     ids, mat = read_vectors(cur, int(count))
                 if mat is not None:
                     loaded.append((key, ids, mat))
-            rows = self._db.execute(
-                f"SELECT {DEMO_COLUMNS} FROM icd_annotations WHERE in_pool ORDER BY id"
-            ).fetchall()
+            rows = self._db.execute(_POOLED_ROWS).fetchall()
         # the graphs are built outside the snapshot (minutes at 1M: no transaction held that long)
         while loaded:
             key, ids, mat = loaded.pop(0)
