@@ -93,11 +93,16 @@ def test_cells_whose_gate_chose_no_call_are_flagged_and_compare_no_gate():
     assert "0 / 2 / 0" in line and "(no gate compared)" in line  # ties are not losses
 
 
-def test_demo_accuracy_is_compared_at_the_same_k():
-    recs2 = [_rec(i, "a", True, True, demo_answers=["a", "b"]) for i in range(4)]
+def test_demo_accuracy_at_k_scores_the_k_nearest_demos():
+    # demos are logged in prompt order, nearest last: icd's 2 demos (nearest right), knn-pool's 3
+    # (the 2 nearest right, the farthest wrong)
+    recs2 = [_rec(i, "a", True, True, demo_answers=["b", "a"]) for i in range(4)]
     recs3 = [_rec(i, "a", True, True, demo_answers=["b", "a", "a"]) for i in range(4)]
     at2, at3 = query_breakdown(recs2)["demo_accuracy_at"], query_breakdown(recs3)["demo_accuracy_at"]
-    assert at2 == {"1": 1.0, "2": 0.5} and at3 == {"1": 0.0, "2": 0.5, "3": pytest.approx(2 / 3)}
+    assert at2 == {"1": 1.0, "2": 0.5} and at3 == {"1": 1.0, "2": 1.0, "3": pytest.approx(2 / 3)}
+    # with --demo-order best-first the nearest is logged first
+    first = query_breakdown(recs3, demo_order="best-first")["demo_accuracy_at"]
+    assert first == {"1": 0.0, "2": 0.5, "3": pytest.approx(2 / 3)}
     rows = [
         _row("icd", 0.1, 0, demo_accuracy_at=at2, demonstration_accuracy=0.5),
         _row("knn-pool", 0.1, 0, demo_accuracy_at=at3, demonstration_accuracy=2 / 3),
@@ -105,7 +110,8 @@ def test_demo_accuracy_is_compared_at_the_same_k():
     assert report.common_k(rows) == 2
     table = report.summary_table(rows)
     assert "demo accuracy @2 | demo accuracy (own k)" in table
-    assert "| 0.500 | 0.667 |" in table  # knn-pool: 0.5 at k=2, 0.667 at its own k=3
+    assert "| 1.000 | 0.667 |" in table  # knn-pool: its 2 nearest at k=2, 0.667 at its own k=3
+    assert "the 2 nearest selected demos" in "\n".join(report.summary_notes(rows))
 
 
 def test_ranges_ties_legends_and_the_paired_reference():

@@ -161,6 +161,8 @@ def _prepare_out(cfg: EvalConfig, out: Path, resume: bool) -> EvalConfig:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ICDError(f"cannot create --out {out}: {e}") from e
+    # the dataset stored absolute, as ``icd run`` stores it: ``--resume`` from another folder finds it
+    cfg = replace(cfg, base=cfg.base.with_absolute_paths())
     write_json_atomic(stored, cfg.to_dict())
     return cfg
 
@@ -259,7 +261,7 @@ def cell_row(cell: Cell, summary: dict[str, Any], records: Sequence[dict[str, An
         # the "teacher" was the student itself: nothing was bought
         row["self_labels"] = summary["accepted_annotations"]
         row.update(teacher_calls=0, teacher_call_rate=0.0, teacher_seconds_per_query=0.0, cost_usd=0.0)
-    breakdown = query_breakdown(records)
+    breakdown = query_breakdown(records, (summary.get("config") or {}).get("demo_order", "best-last"))
     # teacher-zero-shot's student only abstains: it has no first pass
     no_first = cell.spec.name == "teacher-zero-shot"
     row["first_pass_accuracy"] = None if no_first else breakdown["first_pass_accuracy"]

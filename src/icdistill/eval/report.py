@@ -131,8 +131,9 @@ def summary_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
             if any(r["method"].split(":")[0] == "icd-random-gate" for r in rows)
             else ""
         ),
-        f"- **demo accuracy @{k}**: share of the first {k} selected demos with the query's label, the "
-        "same k for every method; **(own k)** uses each method's own shots (not comparable across k)."
+        f"- **demo accuracy @{k}**: share of the {k} nearest selected demos (by the method's own "
+        "ranking) with the query's label, the same k for every method; **(own k)** uses each method's "
+        "own shots (not comparable across k)."
         if k
         else "- **demo accuracy**: share of selected demos with the query's label.",
         "- **s/query (warm cache)**: seconds per query with every stream image already through the "

@@ -120,7 +120,7 @@ def _acc(xs: Sequence[Any]) -> float | None:
     return sum(bool(x) for x in xs) / len(xs) if xs else None
 
 
-def query_breakdown(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def query_breakdown(records: Sequence[dict[str, Any]], demo_order: str = "best-last") -> dict[str, Any]:
     """What a summary's averages hide, from a cell's query records.
 
     ``first_pass_accuracy``: the student's answers before any teacher call (no query's own demo in its
@@ -128,7 +128,8 @@ def query_breakdown(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     to the teacher is re-answered with its own new demo, a copy at cosine 1, or forwarded).
     ``gate_chosen_calls`` / ``forced_calls``: teacher calls the gate chose on its own vs. those forced
     by pacing (warm-up, behind budget, calibrating). ``demo_accuracy_at``: demonstration accuracy of
-    the first k demos, k = 1.. (methods with different shot counts compared at the same k).
+    the k nearest demos, k = 1.. (methods with different shot counts compared at the same k). Demos are
+    logged in prompt order: nearest last with ``demo_order`` "best-last" (the default), else first.
     """
     qs = [r for r in records if r.get("event") == "query"]
     labelled = [r for r in qs if r.get("label") is not None and r.get("correct") is not None]
@@ -136,7 +137,9 @@ def query_breakdown(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     forced = sum(gate_forced(r) for r in asked)
     at: dict[int, list[float]] = {}
     for r in labelled:
-        answers = r.get("demo_answers") or []
+        answers = list(r.get("demo_answers") or [])
+        if demo_order == "best-last":
+            answers.reverse()  # nearest first: the k nearest are answers[:k]
         for k in range(1, len(answers) + 1):
             at.setdefault(k, []).append(sum(a == r["label"] for a in answers[:k]) / k)
     return {
