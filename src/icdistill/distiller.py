@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from icdistill.coverage import StreamDensity, decode_sketch, encode_sketch
-from icdistill.errors import DataError, ICDError, TeacherError, TeacherUnavailable
+from icdistill.errors import DataError, ICDError, TeacherError, TeacherRefused, TeacherUnavailable
 from icdistill.gate import is_forced, uncertainty_measure
 from icdistill.protocols import Embedder, Gate, Selector, Student
 from icdistill.runlog import RunLog
@@ -99,6 +99,9 @@ class Distiller:
         self.log = log
         self._measure = uncertainty_measure(self.config.uncertainty)
         self.teacher_calls = 0
+        # this session's teacher answers so far, and whether the last failure was a refusal for good
+        self.teacher_answers = 0
+        self.last_teacher_refused = False
         self.records: list[dict[str, Any]] = []
         # how typical each query is of the stream so far: one of the gate's coverage signals
         self.density = StreamDensity()
@@ -239,6 +242,7 @@ class Distiller:
                     refused = str(e)
                 else:
                     teacher_error = str(e)
+                    self.last_teacher_refused = isinstance(e, TeacherRefused)
                     failed_seconds = float(getattr(e, "seconds", 0.0))
                     failed_faults = int(getattr(e, "faults", 1))
         if not draft.asked:
@@ -352,6 +356,13 @@ class Distiller:
                 rec = self.step(item)
                 if rec["teacher_asked"]:
                     failures = failures + 1 if rec["teacher_error"] else 0
+                    self.teacher_answers += int(not rec["teacher_error"])
+                    if rec["teacher_error"] and self.last_teacher_refused and not self.teacher_answers:
+                        # a wrong URL, model or key: every call would fail the same way
+                        raise TeacherUnavailable(
+                            f"stopped at the first teacher call, which the server refused ({rec['teacher_error']}); "
+                            "retrying cannot help: fix the teacher, then continue with --resume"
+                        )
                 limit = self.config.max_teacher_failures
                 if limit and failures >= limit:
                     raise TeacherUnavailable(

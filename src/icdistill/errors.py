@@ -24,6 +24,11 @@ class TeacherError(ICDError):
     """The teacher failed to answer (timeout, server error, garbage) after its retries."""
 
 
+class TeacherRefused(TeacherError):
+    """The teacher's server refused the request for good (HTTP 401, 403, 404: a wrong key, URL or
+    model): retrying cannot help."""
+
+
 class UsageError(ICDError):
     """A bad command line: exit code 2."""
 

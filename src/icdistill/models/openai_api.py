@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from icdistill.errors import SpecError, TeacherError
+from icdistill.errors import SpecError, TeacherError, TeacherRefused
 from icdistill.models.openai_parse import (
     _best,
     _Parsing,
@@ -37,7 +37,7 @@ from icdistill.models.openai_parse import (
 from icdistill.models.openai_prices import is_paid_endpoint, known_price
 from icdistill.models.openai_quirks import _LogprobsRejected, _Quirks, is_reasoning_model
 from icdistill.models.openai_request import _Requests
-from icdistill.models.openai_transport import _KEY_HINT, _LoopThread, _Transport
+from icdistill.models.openai_transport import _LoopThread, _Transport, key_hint
 from icdistill.models.registry import ModelContext, Spec
 from icdistill.models.response_cache import CACHE_FILE, ResponseCache, default_cache_dir
 from icdistill.types import Demo, Prediction, Query, TeacherResponse, Usage
@@ -68,6 +68,7 @@ class OpenAIChatModel(_Requests, _Parsing, _Quirks, _Transport):
         base_url: str = DEFAULT_BASE_URL,
         *,
         api_key: str | None = None,
+        key_env: str | None = None,
         timeout: float | None = None,
         concurrency: int = 4,
         retries: int = 4,
@@ -155,6 +156,7 @@ class OpenAIChatModel(_Requests, _Parsing, _Quirks, _Transport):
         self.usage = Usage()
         self.cache_hits = 0
         self._api_key = api_key or None  # only ever sent as a header; kept out of repr and cache keys
+        self.key_env = key_env  # the environment variable the key came from (named after a 401)
         self._lock = threading.Lock()
         self._images: OrderedDict[str, str] = OrderedDict()
         self._server_n: bool | None = None  # learnt: does the server honour ``n``?
@@ -208,13 +210,35 @@ class OpenAIChatModel(_Requests, _Parsing, _Quirks, _Transport):
         return pred
 
     def check_reachable(self) -> None:
-        """One cheap request (``GET /models``, no tokens) before a run: fail in a second, not after a
-        stream of retried calls, when the server is down, the URL wrong or the key refused. Any other
-        answer (a server without ``/models`` answers 404) counts as reachable."""
+        """Cheap requests before a run (no tokens): fail in a second, not after a stream of retried
+        calls, when the server is down, the URL wrong or the key refused. ``GET /models`` first; a
+        server without it (404) is asked ``POST /chat/completions`` with an empty body, the endpoint
+        the run uses: a 400 says it is there, a 404 that the URL is wrong (e.g. without ``/v1``)."""
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        resp = self._probe("GET", "models", headers)
+        self._refuse_key(resp)
+        if resp.is_success:
+            return
+        chat = self._probe("POST", "chat/completions", headers)
+        self._refuse_key(chat)
+        if chat.status_code in (404, 405):
+            hint = (
+                ""
+                if self.base_url.endswith("/v1")
+                else f"; OpenAI-compatible servers serve it under /v1: try {self.base_url}/v1"
+            )
+            raise TeacherRefused(
+                f"{self.name}: HTTP {chat.status_code} for POST {self.base_url}/chat/completions: no chat "
+                f"API at this URL{hint}"
+            )
+
+    def _probe(self, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
         timeout = min(self.timeout, 10.0)
         try:
-            resp = httpx.get(f"{self.base_url}/models", headers=headers, timeout=timeout)
+            body = {} if method == "POST" else None  # no model, no messages: refused, nothing generated
+            return httpx.request(
+                method, f"{self.base_url}/{path}", headers=headers, json=body, timeout=timeout
+            )
         except httpx.TimeoutException:
             raise TeacherError(
                 f"{self.name}: {self.base_url} did not answer within {timeout:g}s; is the server up?"
@@ -224,8 +248,12 @@ class OpenAIChatModel(_Requests, _Parsing, _Quirks, _Transport):
                 f"{self.name}: cannot reach {self.base_url} ({type(e).__name__}: {e}); start the server "
                 "or fix the URL"
             ) from None
+
+    def _refuse_key(self, resp: httpx.Response) -> None:
         if resp.status_code in (401, 403):
-            raise TeacherError(f"{self.name}: HTTP {resp.status_code}: {error_info(resp).message}{_KEY_HINT}")
+            raise TeacherRefused(
+                f"{self.name}: HTTP {resp.status_code}: {error_info(resp).message}{key_hint(self.key_env)}"
+            )
 
     def close(self) -> None:
         """Close the HTTP connections and the private event loop (the object can be used again)."""
@@ -364,6 +392,7 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> OpenAIChatModel:
         model,
         base_url,
         api_key=api_key,
+        key_env=key_env,
         timeout=spec.opt("timeout", None, float),
         concurrency=spec.opt("concurrency", 4, int),
         retries=spec.opt("retries", 4, int),

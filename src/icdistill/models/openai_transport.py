@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from icdistill.errors import TeacherError
+from icdistill.errors import TeacherError, TeacherRefused
 from icdistill.models.openai_parse import (
     _parse_choice,
     error_info,
@@ -32,7 +32,13 @@ from icdistill.types import Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_KEY_HINT = " (check the key in the api_key_env variable)"
+
+
+def key_hint(key_env: str | None) -> str:
+    """What to check after a 401 or 403: the environment variable the key was read from."""
+    if key_env:
+        return f" (check the key in the {key_env} environment variable)"
+    return " (check the API key)"
 
 
 class _Retryable(Exception):
@@ -286,5 +292,7 @@ class _Transport:
             raise _LogprobsRejected(text)
         if param:
             raise _Unsupported(param, text)
-        hint = _KEY_HINT if code in (401, 403) else ""
-        raise TeacherError(f"{self.name}: HTTP {code}: {text}{hint}")
+        if code in (401, 403, 404):
+            hint = key_hint(self.key_env) if code in (401, 403) else ""
+            raise TeacherRefused(f"{self.name}: HTTP {code}: {text}{hint}")
+        raise TeacherError(f"{self.name}: HTTP {code}: {text}")
