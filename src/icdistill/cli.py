@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from icdistill.errors import ICDError, MissingDataset, SpecError, UsageError
 from icdistill.loop_args import HelpFormatter
-from icdistill.run_args import _add_run_args, _given_run_flags
+from icdistill.run_args import _add_run_args, _given_run_flags, add_ray_run_args
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -45,6 +45,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             changes = {name: getattr(cfg, name) for name in names if name in given}
     except ICDError as e:
         raise UsageError(str(e)) from e
+    if args.ray is not None:
+        from icdistill.run_ray import cmd_run_ray
+
+        args.workers = 2 if args.workers is None else args.workers
+        return cmd_run_ray(args, cfg, changes)
+    if args.workers is not None or args.ray_stall_timeout is not None or args.ray_cpus is not None:
+        raise UsageError("--workers, --ray-cpus and --ray-stall-timeout need --ray")
     console = Console(stderr=True)
     from icdistill.runner import check_out_path
 
@@ -105,6 +112,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from icdistill.merge import merge_shards
+    from icdistill.report import print_summary
+
+    result = merge_shards(args.folders, args.out)
+    print_summary(result.summary, result.out, Console())
+    for problem in result.problems():
+        print(f"icd: error: {problem}; the summary covers the shards' finished part", file=sys.stderr)
+    return 0 if result.complete else 1
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -174,7 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete the run already in --out (log, pool, summary, config, plot; nothing else) and start "
         "afresh, once the models have loaded and the teacher answers",
     )
+    add_ray_run_args(run)
     run.set_defaults(func=_cmd_run)
+    merge = sub.add_parser(
+        "merge",
+        help="one summary, per-label table and run.png for a stream answered in shards (icd run --shard)",
+        formatter_class=HelpFormatter,
+    )
+    merge.add_argument("folders", nargs="+", help="the shards' run folders, e.g. runs/big/shard-*")
+    merge.add_argument("--out", default=None, help="where to write (default: the shards' common parent)")
+    merge.set_defaults(func=_cmd_merge)
     models = sub.add_parser("models", help="list model specs and whether they work on this machine")
     models.set_defaults(func=_cmd_models)
     serve = sub.add_parser(

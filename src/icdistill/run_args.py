@@ -65,6 +65,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="share the pool with other workers in PostgreSQL (default: the run's own pool.sqlite)",
     )
     demos.add_argument(
+        "--shard",
+        default=d.shard,
+        metavar="K/N",
+        help="answer shard K of N of the stream (split by item id; --n counts the whole stream); the N "
+        "workers share one --pool postgresql://... (see icd merge)",
+    )
+    demos.add_argument(
         "--mix-questions",
         action="store_true",
         help="let a query see demos of other kinds of question (another option set, or open vs options)",
@@ -74,6 +81,21 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.max_teacher_failures,
         help="stop (resumable) after this many failed teacher calls in a row; 0: never",
+    )
+    teacher.add_argument(
+        "--teacher-concurrency",
+        type=int,
+        default=d.teacher_concurrency,
+        help="teacher calls in flight while the stream goes on (1: the stream waits for each call; "
+        "default: %(default)s)",
+    )
+    g = p.add_argument_group("speed")
+    g.add_argument(
+        "--batch",
+        type=int,
+        default=d.batch,
+        help="queries per student pass (each sees the pool as it stood when its batch started; "
+        "default: %(default)s)",
     )
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument(
@@ -114,3 +136,36 @@ def config_flags(config: dict[str, Any], skip: Sequence[str] = ()) -> list[str]:
         else:
             out += [flag, "all" if value is None else str(value)]
     return out
+
+
+def add_ray_run_args(p: argparse.ArgumentParser) -> None:
+    """``icd run --ray``'s flags: the stream in shards on Ray actors (``icdistill.run_ray``)."""
+    r = p.add_argument_group("Ray: the stream in shards on a cluster (pip install 'icdistill[ray]')")
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="answer the stream in --workers shards on Ray actors (models loaded once per actor, one "
+        "--pool postgresql://... shared): a local Ray instance, or the cluster at ADDRESS (auto, host:port "
+        "or ray://host:port; --out is then required, on storage every node sees)",
+    )
+    r.add_argument("--workers", type=int, default=None, help="shard actors (--ray; default: 2)")
+    r.add_argument(
+        "--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all cores)"
+    )
+    r.add_argument(
+        "--ray-actor-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs each actor holds (its torch threads: the whole part, at least 1)",
+    )
+    r.add_argument("--ray-actor-gpus", type=float, default=0.0, help="GPUs each actor holds")
+    r.add_argument(
+        "--ray-stall-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="replace an actor whose shard logs nothing this long (model loading included; default: never)",
+    )
