@@ -170,3 +170,11 @@ def test_the_readme_module_map_names_every_module():
     assert not missing, f"modules missing from README's module map: {missing}"
     packages = {p.parent.name + "/" for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
     assert all(pkg in section for pkg in packages)
+
+
+def test_a_run_imports_nothing_of_the_eval_above_it():
+    """``icd run`` is a floor below ``icd eval``: what the run needs (its summary metrics) lives beside it."""
+    graph = import_graph()
+    for module in ("icdistill.runner", "icdistill.run_summary", "icdistill.report", "icdistill.distiller"):
+        upward = sorted(d for d in graph[module] if d.startswith("icdistill.eval"))
+        assert not upward, f"{module} imports the eval above it: {upward}"
