@@ -16,6 +16,7 @@ from icdistill.data.dataset import Dataset, plural
 from icdistill.data.stream import absolute_source, load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.errors import DataError, ICDError
+from icdistill.flow import check_flow, run_stream
 from icdistill.gate import GATE_SCORES, GATES, UNCERTAINTY, make_gate, with_caps
 from icdistill.models.registry import (
     ModelContext,
@@ -37,6 +38,7 @@ from icdistill.run_metrics import never_pooled, summarize
 from icdistill.run_summary import plot_run, summary_details
 from icdistill.runlog import FolderLock, RunLog, write_json_atomic
 from icdistill.select import SELECTORS, make_selector
+from icdistill.shard import check_shard, run_order
 from icdistill.teacher import TestTimeScaling
 from icdistill.types import Query
 
@@ -68,15 +70,23 @@ class RunConfig:
     uncertainty: str = "entropy"
     demo_order: str = "best-last"
     max_teacher_failures: int = 10
+    # weigh the student's ICL and zero-shot readings and the pool's vote (icdistill.judge); off: plain ICL
+    judge: str = "on"
     pool_max: int | None = None
     # a PostgreSQL URL shares the pool with other workers (``icdistill.pool.pg``); None: pool.sqlite
     pool: str | None = None
     seed: int = 0
     shuffle: bool = True
     mix_questions: bool = False
+    # teacher calls in flight while the stream goes on (1: the stream waits for each call), and the
+    # student's micro-batch (``icdistill.flow``); speed knobs, so a resumed run may change them
+    teacher_concurrency: int = 1
+    batch: int = 1
+    # "K/N": this run answers shard K of the stream's N (``icdistill.shard``; needs a shared pool)
+    shard: str | None = None
 
     # flags a resumed run may change: ``n`` (extend the stream) and ``dataset`` (the same data moved)
-    RESUMABLE = frozenset({"n", "dataset"})
+    RESUMABLE = frozenset({"n", "dataset", "teacher_concurrency", "batch"})
 
     def __post_init__(self) -> None:
         if self.n is not None and self.n < 1:
@@ -93,6 +103,8 @@ class RunConfig:
             raise ICDError(f"--pool-max must be >= 1, got {self.pool_max}")
         if self.pool is not None:
             check_pool_url(self.pool)
+        check_flow(self.teacher_concurrency, self.batch)
+        check_shard(self.shard, self.pool)
         if self.max_calls is not None and self.max_calls < 0:
             raise ICDError(f"--max-calls must be >= 0, got {self.max_calls}")
         if self.gate in ("budget", "random") and self.pool_max is not None and self.pool_max < self.warmup:
@@ -112,6 +124,8 @@ class RunConfig:
             )
         if not 0 < self.budget <= 1:
             raise ICDError(f"--budget is a teacher-call rate in (0, 1], got {self.budget}")
+        if self.judge not in ("on", "off"):
+            raise ICDError(f"--judge must be 'on' or 'off', got {self.judge!r}")
         if self.samples < 1:
             raise ICDError(f"--samples must be >= 1, got {self.samples}")
         if not 0 <= self.agreement <= 1:
@@ -125,6 +139,7 @@ class RunConfig:
             uncertainty=self.uncertainty,
             demo_order=self.demo_order,  # type: ignore[arg-type]
             max_teacher_failures=self.max_teacher_failures,
+            judge=self.judge == "on",
         )
 
     @classmethod
@@ -281,6 +296,9 @@ def resume_config(out: Path, changes: dict[str, Any] | None = None) -> RunConfig
         cfg = replace(cfg, n=new_n)
     if changes.get("dataset") is not None:
         cfg = replace(cfg, dataset=changes["dataset"])
+    for speed in ("teacher_concurrency", "batch"):  # how fast, not what: a resumed run may change them
+        if changes.get(speed) is not None:
+            cfg = replace(cfg, **{speed: changes[speed]})
     return cfg.with_absolute_paths()
 
 
@@ -488,7 +506,7 @@ def _run_locked(
 ) -> dict[str, Any]:
     cfg = check_output_dir(out, cfg, resume, dataset, changes)
     dataset = dataset or load_dataset(cfg.dataset, split=cfg.split)
-    order = stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle)
+    order = run_order(dataset, cfg.n, cfg.seed, cfg.shuffle, cfg.shard)
     if parts is None:
         parts = build_parts(cfg)
         check_parts_reachable(parts)
@@ -531,7 +549,13 @@ def _run_locked(
         start = distiller.next_position()
         if on_start is not None:
             on_start(start, len(order))
-        distiller.run(query_stream(dataset, order, start), on_record=on_record)
+        run_stream(
+            distiller,
+            query_stream(dataset, order, start),
+            on_record=on_record,
+            teacher_concurrency=cfg.teacher_concurrency,
+            batch=cfg.batch,
+        )
         summary = summarize(distiller.records)
         summary["pool"] = pool.stats()
         # what the pool holds now (a resumed or shared pool holds more than this run's annotations)
@@ -539,6 +563,8 @@ def _run_locked(
         # where the pool lives: the run's file, or the shared database (its URL holds no password)
         summary["pool_location"] = cfg.pool if cfg.pool is not None else str(out / "pool.sqlite")
     summary["dataset"] = {"name": dataset.name, "size": len(dataset), "stream_length": len(order)}
+    if cfg.shard is not None:  # the stream_length above is this shard's; `icd merge` adds the shards up
+        summary["shard"] = cfg.shard
     summary["unlabelled_queries"] = sum(
         r.get("label") is None for r in distiller.records if r.get("event") == "query"
     )
