@@ -206,3 +206,16 @@ def test_sigkill_with_calls_in_flight_then_resume(data: Path, tmp_path: Path) ->
         assert len(pool) == n and {d.query_id for d in pool.demos()} == {r["query_id"] for r in log}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_queries"] == n and summary["teacher_calls"] == n
+
+
+def test_progress_bar_shows_calls_in_flight() -> None:
+    from rich.console import Console
+
+    from icdistill.report import progress_callbacks
+
+    console = Console(record=True, width=200, force_terminal=True)
+    rec = {"event": "query", "correct": True, "teacher_asked": True, "pool_size": 1, "in_flight": 3}
+    with progress_callbacks(console) as (on_start, on_record):
+        on_start(0, 2)
+        on_record(rec)
+    assert "in flight 3" in console.export_text()

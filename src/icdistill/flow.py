@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from icdistill import errors
 from icdistill.distiller import Distiller, Draft
-from icdistill.errors import DataError, ICDError, TeacherError, TeacherUnavailable
+from icdistill.errors import DataError, ICDError, TeacherError, TeacherRefused, TeacherUnavailable
 from icdistill.types import Annotation, Query
 
 # at most this many queries wait for an earlier position's call before the stream waits on it
@@ -100,11 +99,6 @@ class _Failures:
             )
 
 
-def _is_refusal(e: BaseException) -> bool:
-    refused = getattr(errors, "TeacherRefused", None)  # HTTP 401/403/404: retrying cannot help
-    return refused is not None and isinstance(e, refused)
-
-
 def _bad_input(item: DataError, next_position: int) -> dict[str, Any]:
     return {"event": "bad_input", "position": getattr(item, "position", next_position), "error": str(item)}
 
@@ -136,7 +130,7 @@ def finish_call(
         rec = distiller.annotate_later(draft, teacher_error=str(e), rerun=rerun)
         rec["teacher_error_faults"] = int(getattr(e, "faults", 1))
         rec["seconds"]["teacher"] += float(getattr(e, "seconds", 0.0))
-        return rec, _is_refusal(e)
+        return rec, isinstance(e, TeacherRefused)  # HTTP 401/403/404: retrying cannot help
     return distiller.annotate_later(draft, annotation, rerun=rerun), False
 
 

@@ -43,7 +43,7 @@ def progress_callbacks(
         console=console,
         disable=disabled,
     )
-    state = {"task": None, "n": 0, "correct": 0, "labelled": 0, "calls": 0, "pool": 0}
+    state = {"task": None, "n": 0, "correct": 0, "labelled": 0, "calls": 0, "pool": 0, "in_flight": 0}
 
     def on_start(start: int, total: int) -> None:
         # models load lazily: the first query can take tens of seconds, say so instead of a still bar
@@ -57,9 +57,13 @@ def progress_callbacks(
                 state["correct"] += int(rec["correct"])
             state["calls"] += int(rec["teacher_asked"])
             state["pool"] = rec["pool_size"]
+            # teacher calls still running when the record was written (--teacher-concurrency)
+            state["in_flight"] = rec.get("in_flight", 0)
         acc = state["correct"] / state["labelled"] if state["labelled"] else 0.0
         rate = state["calls"] / state["n"] if state["n"] else 0.0
         stats = f"acc {acc:.3f}  teacher {state['calls']} ({rate:.1%})  pool {state['pool']}"
+        if state["in_flight"]:
+            stats += f"  in flight {state['in_flight']}"
         if state["task"] is not None:
             progress.update(state["task"], advance=1, stats=stats)  # type: ignore[arg-type]
 

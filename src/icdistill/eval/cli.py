@@ -233,5 +233,6 @@ class _progress:
         self.progress.update(
             self.queries,
             advance=1,
-            stats=f"acc {self.state['correct'] / n:.3f}  teacher {self.state['calls'] / n:.1%}",
+            stats=f"acc {self.state['correct'] / n:.3f}  teacher {self.state['calls'] / n:.1%}"
+            + (f"  in flight {rec['in_flight']}" if rec.get("in_flight") else ""),
         )
