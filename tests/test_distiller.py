@@ -338,15 +338,11 @@ def test_a_stream_whose_questions_each_have_their_own_options_leaves_the_warm_up
     assert any("quantile" in r for r in reasons)
 
 
-def test_the_student_checks_its_demos_vote_with_the_run_s_number_of_shots():
-    # local:smollm2's mixture replays a vote of ``shots`` taught neighbours to learn how far to
-    # trust the demos; it replayed 2 whatever --shots showed the student
-    from fakes import FakeTagger
-    from icdistill.models.smollm2 import SmolLM2Student
-
-    student = SmolLM2Student(FakeTagger(), lm=(object(), object()))
-    Distiller(
-        student=student,
+def test_the_judge_checks_the_pool_s_vote_with_the_run_s_number_of_shots():
+    # the judge replays a vote of ``shots`` taught neighbours to learn how far to trust the demos;
+    # the student's old mixture replayed 2 whatever --shots showed the student
+    d = Distiller(
+        student=FakeStudent(),
         annotator=TestTimeScaling(FakeTeacher()),
         embedder=FakeEmbedder(),
         selector=make_selector("image"),
@@ -354,4 +350,14 @@ def test_the_student_checks_its_demos_vote_with_the_run_s_number_of_shots():
         pool=SQLitePool(None),
         config=LoopConfig(shots=5),
     )
-    assert student.mixture.shots == 5
+    assert d.judge is not None and d.judge.shots == 5 and d.judge._synthetic.shots == 5
+    off = Distiller(
+        student=FakeStudent(),
+        annotator=TestTimeScaling(FakeTeacher()),
+        embedder=FakeEmbedder(),
+        selector=make_selector("image"),
+        gate=AlwaysGate(),
+        pool=SQLitePool(None),
+        config=LoopConfig(shots=5, judge=False),
+    )
+    assert off.judge is None

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from icdistill.coverage import StreamDensity, decode_sketch, encode_sketch
 from icdistill.errors import DataError, ICDError, TeacherError, TeacherRefused, TeacherUnavailable
 from icdistill.gate import is_forced, uncertainty_measure
+from icdistill.judge import Judge, Judging
 from icdistill.protocols import Embedder, Gate, Selector, Student
 from icdistill.runlog import RunLog
 from icdistill.select import nearest_demo_similarity, question_kind_count
@@ -43,6 +44,9 @@ class LoopConfig:
     # stop the run after this many teacher calls in a row failed (0: never), instead of spending
     # the stream without a teacher
     max_teacher_failures: int = 10
+    # the judge (``icdistill.judge``) weighs the student's ICL and zero-shot readings and the pool's
+    # vote for option questions; off: plain ICL, the student's reading with its demos is the answer
+    judge: bool = True
 
     def __post_init__(self) -> None:
         if self.shots < 0:
@@ -88,6 +92,7 @@ class Distiller:
         pool: Any,  # icdistill.pool.SQLitePool or any Pool with add()/annotation_for()
         config: LoopConfig | None = None,
         log: RunLog | None = None,
+        judge: Judging | None = None,
     ) -> None:
         self.student = student
         self.annotator = annotator
@@ -105,9 +110,9 @@ class Distiller:
         self.records: list[dict[str, Any]] = []
         # how typical each query is of the stream so far: one of the gate's coverage signals
         self.density = StreamDensity()
-        use_shots = getattr(student, "use_shots", None)  # a student that checks its demos' vote
-        if use_shots is not None:
-            use_shots(self.config.shots)
+        self.judge: Judging | None = judge
+        if judge is None and self.config.judge:
+            self.judge = Judge(student, self.config.shots)
         if log is not None:
             self._replay(log.records)
 
@@ -126,6 +131,8 @@ class Distiller:
             replay = getattr(self.student, "replay_events", None)  # what the student learned online
             if replay is not None and r.get("student_events"):
                 replay(r["student_events"])
+            if self.judge is not None:
+                self.judge.replay(r)
             if r.get("stream_sketch"):
                 self.density.add(decode_sketch(r["stream_sketch"]))
             self.teacher_calls += int(r["teacher_asked"])
@@ -160,21 +167,48 @@ class Distiller:
         """One query through the whole loop: ``annotate_later(answer_now(query))``."""
         return self.annotate_later(self.answer_now(query))
 
+    def _read(
+        self, query: Query, emb: Embeddings, demos: list[Demo], exclude: list[int], icl: Prediction | None = None
+    ) -> Prediction:
+        """The student's answer shown ``demos``: judged (option questions), or its plain ICL reading.
+        ``icl``: that reading, when a micro-batch already read it; ``exclude``: demos the judge's vote
+        must not see."""
+        if self.judge is not None:
+            return self.judge.answer(query, emb, demos, self.pool, exclude=exclude, icl=icl)
+        return icl if icl is not None else self.student.predict(query, demos)
+
+    def _prepare(self, query: Query) -> tuple[Embeddings, list[Demo], float, float]:
+        t0 = time.perf_counter()
+        emb = self.embedder.embed_query(query)
+        t_embed = time.perf_counter() - t0
+        return emb, self._select(query, emb), t0, t_embed  # 1. select demonstrations
+
     def answer_now(self, query: Query) -> Draft:
         """Steps 1-3 (select, student pass, gate): what a service can answer before any teacher call.
 
         The gate observes the query and a teacher call is counted here, so queries answered while an
         annotation is still pending see the spend."""
-        t0 = time.perf_counter()
-        emb = self.embedder.embed_query(query)
-        t_embed = time.perf_counter() - t0
+        return self._answer(query, *self._prepare(query))
 
-        demos = self._select(query, emb)  # 1. select demonstrations
-        first = self.student.predict(query, demos)  # 2. student pass
-        u = self._measure(first)
+    def answer_now_batch(self, queries: list[Query]) -> list[Draft]:
+        """``answer_now`` for consecutive queries, the student's readings with demos in one batched call
+        (``predict_batch``, when the student has it). Each query sees the pool as it stood at the
+        start (nothing is pooled before ``annotate_later``); the gate decides in stream order."""
+        prepared = [self._prepare(q) for q in queries]
+        batch = getattr(self.student, "predict_batch", None)
+        if batch is None or len(queries) < 2:
+            return [self._answer(q, *p) for q, p in zip(queries, prepared, strict=True)]
+        icls = batch(queries, [p[1] for p in prepared])
+        return [self._answer(q, *p, icl=icl) for q, p, icl in zip(queries, prepared, icls, strict=True)]
+
+    def _answer(
+        self, query: Query, emb: Embeddings, demos: list[Demo], t0: float, t_embed: float, icl: Prediction | None = None
+    ) -> Draft:
         stored = self.pool.annotation_for(query.id)
         # a recovered annotation's own demo was not in the pool when the gate first saw this query
         own_ids = [d.id for d in self.pool.demos() if d.query_id == query.id] if stored is not None else []
+        first = self._read(query, emb, demos, own_ids, icl)  # 2. student pass
+        u = self._measure(first)
         own = int(bool(own_ids))
         kind = "options" if query.options else "open"  # uncertainty scales differ: per-kind gate statistics
         signals, sketch = self._coverage(query, emb, own_ids)
@@ -268,6 +302,8 @@ class Distiller:
             learn = getattr(self.student, "learn", None)  # online learners (e.g. a LoRA baseline) train here
             if learn is not None and annotation.accepted:
                 learn(query, annotation.answer)
+            if self.judge is not None and annotation.accepted:  # a check of each of the judge's experts
+                self.judge.teach(query, emb, first, annotation.answer)
 
         final, answered_by, final_demos = first, "student", demos  # 6. answer
         if annotation is not None and annotation.accepted:
@@ -275,7 +311,7 @@ class Distiller:
                 answered_by = "teacher"
             elif rerun:
                 final_demos = self._select(query, emb, exclude_self=False)
-                final = self.student.predict(query, final_demos)
+                final = self._read(query, emb, final_demos, [])
                 answered_by = "student+new-demo"
         answer = annotation.answer if answered_by == "teacher" and annotation else final.answer
         u, ctx, decision = draft.uncertainty, draft.ctx, draft.decision
@@ -328,6 +364,8 @@ class Distiller:
         drain = getattr(self.student, "drain_events", None)
         if drain is not None:  # replayed on resume, so a resumed run answers as an uninterrupted one
             rec["student_events"] = drain()
+        if self.judge is not None:
+            rec["judge_events"] = self.judge.drain_events()
         return rec
 
     def _write(self, rec: dict[str, Any]) -> None:

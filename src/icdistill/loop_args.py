@@ -32,6 +32,13 @@ def add_loop_args(demos: Any, gate: Any, teacher: Any, d: Any) -> None:
         help="where the most similar demo goes in the prompt",
     )
     demos.add_argument(
+        "--judge",
+        default=getattr(d, "judge", "on"),
+        choices=["on", "off"],
+        help="option questions: weigh the student's reading with its demos, its zero-shot reading and the "
+        "nearest demos' vote, learned from the teacher's answers (off: the reading with demos alone)",
+    )
+    demos.add_argument(
         "--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos"
     )
     gate.add_argument("--gate", default=d.gate, help="budget, threshold, always, never, random")

@@ -88,6 +88,23 @@ def temper(p: np.ndarray, temperature: float) -> np.ndarray:
     return q / q.sum()
 
 
+def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
+    """The temperature at which the rows of ``p`` (n, options) best predict the answers ``y`` (maximum
+    a posteriori over a log-spaced grid, a log-normal prior around 1): a small LM's calibrated option
+    distribution is far too flat where it reads right, and should be flattened where it reads wrong."""
+    logp = np.log(np.maximum(np.asarray(p, dtype=np.float64), 1e-300))
+    y = np.asarray(y)
+    best, best_score = 1.0, -np.inf
+    for temp in _TEMPERATURES:
+        z = logp / temp
+        z = z - z.max(axis=1, keepdims=True)
+        ll = (z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).sum()
+        score = ll - 0.5 * (np.log(temp) / _LOG_T_PRIOR_SD) ** 2
+        if score > best_score:
+            best, best_score = float(temp), float(score)
+    return best
+
+
 class SimilarityMixture:
     """``p(o) = w(s) vote(o) + (1 - w(s)) zero_shot(o)``, ``s`` the nearest shown demo's similarity.
 
@@ -190,17 +207,8 @@ class SimilarityMixture:
             return 1.0
         if t.temperature is None:
             options = tuple(options)
-            logp = np.log(np.maximum(np.stack(t.zero_shot), 1e-300))
             y = np.array([options.index(a) for a in t.answers])
-            best, best_score = 1.0, -np.inf
-            for temp in _TEMPERATURES:
-                z = logp / temp
-                z = z - z.max(axis=1, keepdims=True)
-                ll = (z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).sum()
-                score = ll - 0.5 * (np.log(temp) / _LOG_T_PRIOR_SD) ** 2
-                if score > best_score:
-                    best, best_score = float(temp), float(score)
-            t.temperature = best
+            t.temperature = fit_temperature(np.stack(t.zero_shot), y)
         return t.temperature
 
     def zero_shot(self, options: Sequence[str], p: np.ndarray) -> np.ndarray:

@@ -214,13 +214,12 @@ def make_selector(
     raise ICDError(f"unknown selector {name!r}; choose one of {', '.join(SELECTORS)}")
 
 
-def nearest_demo_similarity(
-    query: Query, embeddings: Embeddings, pool: Pool, key: str = IMAGE, exclude: Sequence[int] = ()
-) -> float | None:
-    """Cosine similarity of the query to its nearest pooled demo of the same kind under ``key``: how
-    well the pool covers it. None when the pool holds no such demo (or the query has no ``key``).
-    ``exclude``: demo ids left out (a resumed query's own demo, pooled before its log line)."""
-    if len(pool) == 0:
+def _nearest_ids(
+    query: Query, embeddings: Embeddings, pool: Pool, k: int, key: str, exclude: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Ids and cosines of the ``k`` pooled demos of the query's kind nearest under ``key``, best first;
+    None when there is none (or the query has no ``key``). ``exclude``: demo ids left out."""
+    if len(pool) == 0 or k < 1:
         return None
     candidates = _eligible(query, pool, mix=False)
     if exclude:
@@ -230,8 +229,29 @@ def nearest_demo_similarity(
         )
     if candidates is not None and not len(candidates):
         return None
-    got = _rank(embeddings.get(key), pool, key, 1, candidates)
+    return _rank(embeddings.get(key), pool, key, k, candidates)
+
+
+def nearest_demo_similarity(
+    query: Query, embeddings: Embeddings, pool: Pool, key: str = IMAGE, exclude: Sequence[int] = ()
+) -> float | None:
+    """Cosine similarity of the query to its nearest pooled demo of the same kind under ``key``: how
+    well the pool covers it. None when the pool holds no such demo (or the query has no ``key``).
+    ``exclude``: demo ids left out (a resumed query's own demo, pooled before its log line)."""
+    got = _nearest_ids(query, embeddings, pool, 1, key, exclude)
     return None if got is None else float(got[1][0])
+
+
+def nearest_demos(
+    query: Query, embeddings: Embeddings, pool: Pool, k: int, key: str = IMAGE, exclude: Sequence[int] = ()
+) -> tuple[list[Demo], np.ndarray] | None:
+    """The ``k`` pooled demos of the query's kind nearest under ``key`` and their cosines, best first
+    (the judge's vote); None when there is none."""
+    got = _nearest_ids(query, embeddings, pool, k, key, exclude)
+    if got is None:
+        return None
+    ids, sims = got
+    return [pool.get(int(i)) for i in ids], np.asarray(sims, dtype=np.float64)
 
 
 def question_kind_count(query: Query, pool: Pool) -> int:

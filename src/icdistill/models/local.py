@@ -35,10 +35,6 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> Any:
             "max_tags": int,
             "score": str,
             "calibrate": _flag,
-            "mix": float,
-            "mix_bandwidth": float,
-            "mix_prior": float,
-            "mix_temperature": float,
             "zero_shot": str,
         }
         unknown = set(spec.options) - set(casts)

@@ -17,9 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from icdistill.coverage import decode_sketch, encode_sketch
 from icdistill.errors import SpecError
-from icdistill.mixture import SimilarityMixture, vote
 from icdistill.models.scoring import generate_with_entropy, sample_generations, score_continuations
 from icdistill.models.smollm2_load import load_smollm2
 from icdistill.types import Demo, Prediction, Query, image_digest
@@ -165,13 +163,6 @@ class OnlineCalibration:
         self._n: dict[tuple[tuple[str, ...], bool], int] = {}
         self._lock = threading.Lock()
 
-    def peek(self, options: Sequence[str], with_demos: bool, logp: np.ndarray) -> np.ndarray:
-        """``logp`` calibrated against the mean so far, without counting it (a query read again)."""
-        key = (tuple(options), with_demos)
-        with self._lock:
-            n = self._n.get(key, 0)
-            return logp - self._sum[key] / n if n else logp.copy()
-
     def __call__(self, options: Sequence[str], with_demos: bool, logp: np.ndarray) -> np.ndarray:
         key = (tuple(options), with_demos)
         with self._lock:
@@ -187,55 +178,26 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
-def cosines(query_features: np.ndarray, demo_features: Sequence[np.ndarray]) -> np.ndarray:
-    """Cosine similarity of the query's features to each demo's."""
-    q = query_features / max(float(np.linalg.norm(query_features)), 1e-12)
-    return np.array([float(q @ (d / max(float(np.linalg.norm(d)), 1e-12))) for d in demo_features])
-
-
-def demo_vote(
-    query_features: np.ndarray, demo_features: Sequence[np.ndarray], answers: Sequence[str], temperature: float
-) -> dict[str, float]:
-    """The demos' answers weighted by ``softmax(cos(query, demo) / temperature)`` of the student's own
-    image features: what the student sees of how alike the demo images are to the query."""
-    options = list(dict.fromkeys(answers))
-    w = vote(cosines(query_features, demo_features), answers, options, temperature)
-    return dict(zip(options, w.tolist(), strict=True))
-
-
-# zero-shot readings remembered per query id: the re-run after a teacher call and the teacher's check
-# of the student (``learn``) reuse the first pass's
-_ZERO_SHOT_CACHE = 256
 # zero-shot LM readings kept per prompt (a few hundred bytes each)
 RAW_CACHE_SIZE = 100_000
-# a shown demo this similar to the query is the same image: its answer is the answer
-SAME_IMAGE = 1.0 - 1e-4
 
 
 class SmolLM2Student:
     """Student ``local:smollm2``: tags each image with ``tagger`` and asks SmolLM2-135M-Instruct.
 
-    Classification queries are answered by mixing two readings:
-
-    - its own zero-shot reading: the LM's option log-likelihoods after the zero-shot prompt (no
-      demos), calibrated online (``calibrate``, see ``OnlineCalibration``);
-    - the shown demos' vote: their answers weighted by how alike their images are to the query in
-      the tagger's features (``mix_temperature``), what the student's vision encoder sees.
-
-    ``p(o) = w(s) vote(o) + (1 - w(s)) zero_shot(o)`` with ``s`` the nearest shown demo's similarity:
-    far demos must not overwrite a reading the student gets right alone. ``w(s)`` is learned online
-    from the teacher's answers (``learn``; see ``icdistill.mixture.SimilarityMixture``,
-    ``mix_bandwidth``, ``mix_prior``), or fixed with ``mix``. The LM does not read the demos: with
-    them in its prompt it copied the nearest demo's answer (39 of 39 queries measured), adding
-    nothing to the vote and overwriting what it read right alone where the pool lacks a class.
+    A plain student: classification queries are answered by the LM's option log-likelihoods after the
+    prompt, with the demos in it (its ICL reading) or without (its zero-shot reading, in the
+    ``zero_shot`` prompt style), calibrated online (``calibrate``, see ``OnlineCalibration``). How far
+    to trust either reading against the pool's vote is the engine's judge's business
+    (``icdistill.judge``), the same for every student backend.
 
     Open queries are answered by greedy generation with the demos in the prompt, up to the end of
     the line. The model loads on the first ``predict`` (once per instance, thread-safe), unless a
     loaded ``lm=(model, tokenizer)`` is given to share one model between instances.
 
-    Everything the student learns online (calibration, taught queries) is also kept as events
-    (``drain_events``) that a resumed run replays (``replay_events``), so a resumed run answers
-    exactly as the uninterrupted one. BENCHMARKS.md has the measurements behind the defaults.
+    The calibration's updates are kept as events (``drain_events``) that a resumed run replays
+    (``replay_events``), so a resumed run answers exactly as the uninterrupted one. BENCHMARKS.md has
+    the measurements behind the defaults.
     """
 
     name = "local:smollm2"
@@ -251,33 +213,17 @@ class SmolLM2Student:
         lm: tuple[Any, Any] | None = None,
         score: str = "mean",
         calibrate: bool = True,
-        mix: float | None = None,
-        mix_temperature: float = 0.05,
-        mix_bandwidth: float = 0.1,
-        mix_prior: float = 0.5,
-        shots: int = 2,
         zero_shot: str = "options",
     ) -> None:
         if score not in ("mean", "sum"):
             raise SpecError(f"local:smollm2 score must be 'mean' (length-normalised) or 'sum', got {score!r}")
-        if mix is not None and not 0.0 <= mix <= 1.0:
-            raise SpecError(f"local:smollm2 mix must be in [0, 1], got {mix}")
-        if mix_temperature <= 0:
-            raise SpecError(f"local:smollm2 mix_temperature must be > 0, got {mix_temperature}")
-        if mix_bandwidth <= 0 or mix_prior <= 0:
-            raise SpecError("local:smollm2 mix_bandwidth and mix_prior must be > 0")
         if zero_shot not in ZERO_SHOT_STYLES:
             raise SpecError(
                 f"local:smollm2 zero_shot must be one of {', '.join(ZERO_SHOT_STYLES)}, got {zero_shot!r}"
             )
-        self.shots = shots
         self.zero_shot = zero_shot
         self.score = score
         self.calibrate = calibrate
-        self.mix = mix
-        self.mix_temperature = mix_temperature
-        self.mix_bandwidth = mix_bandwidth
-        self.mix_prior = mix_prior
         self.tagger = tagger
         self.cache_dir = cache_dir
         self.max_tags = max_tags
@@ -294,25 +240,8 @@ class SmolLM2Student:
 
     def _reset_online_state(self) -> None:
         self.calibration = OnlineCalibration() if self.calibrate else None
-        self.mixture = SimilarityMixture(
-            shots=max(1, self.shots),
-            temperature=self.mix_temperature,
-            bandwidth=self.mix_bandwidth,
-            prior=self.mix_prior,
-        )
         self._state_lock = threading.RLock()
-        # query id -> its zero-shot reading (calibrated once: the re-run after a teacher call reuses it)
-        self._zero_shot_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._events: list[list[Any]] = []
-
-    def use_shots(self, shots: int) -> None:
-        """The number of demos a run shows (``LoopConfig.shots``): the mixture's checks replay a
-        vote of as many."""
-        shots = max(1, shots)
-        with self._state_lock:
-            self.shots = shots
-            if self.mixture.shots != shots:
-                self.mixture = self.mixture.with_shots(shots)
 
     def lm(self) -> tuple[Any, Any]:
         """``(model, tokenizer)``, loaded on first use."""
@@ -381,8 +310,6 @@ class SmolLM2Student:
         """Apply one event; returns the calibrated log-probabilities of a calibration event."""
         if ev[0] == "calibrate" and self.calibration is not None:
             return self.calibration(tuple(ev[1]), bool(ev[2]), np.asarray(ev[3], dtype=np.float64))
-        if ev[0] == "teach":
-            self.mixture.teach(ev[1], decode_sketch(ev[2]).astype(np.float32), np.asarray(ev[3]), ev[4])
         return None
 
     def _record(self, ev: list[Any]) -> np.ndarray | None:
@@ -390,53 +317,14 @@ class SmolLM2Student:
         self._events.append(ev)
         return self._apply(ev)
 
-    def learn(self, query: Query, answer: str) -> None:
-        """The teacher's answer to ``query``: the student remembers what it read of it (features and
-        zero-shot reading), which checks both of its readings for the mixture's weights."""
-        if not query.options or query.image is None or self.mix is not None:
-            return
-        features = getattr(self._tags_of(query.image), "features", None)
-        if features is None:
-            return
-        options = tuple(dict.fromkeys(query.options))
-        # read again if its first pass left the cache (a late label): not counted in the calibration twice
-        zero_shot = self._zero_shot_probs(query, options, count=False)
-        with self._state_lock:
-            # features go to the log as float16: rounded here too, so a replay is exact
-            self._record(["teach", list(options), encode_sketch(np.asarray(features)), zero_shot.tolist(), answer])
-
-    # ------------------------------------------------------------------ the experts
-    def _zero_shot_probs(self, query: Query, options: Sequence[str], count: bool = True) -> np.ndarray:
-        """The LM's calibrated option distribution after the zero-shot prompt, once per query.
-        ``count=False``: a reading not counted in the online calibration (nor kept), for a query that
-        was counted when first read."""
-        with self._state_lock:
-            cached = self._zero_shot_cache.get(query.id)
-        if cached is not None and len(cached) == len(options):
-            return cached
-        logp = self._raw_zero_shot(self.prompt_for(query, ()), options)
-        with self._state_lock:
-            if self.calibration is not None and not count:
-                return np.exp(_log_softmax(self.calibration.peek(options, False, logp)))
-            if self.calibration is not None:
-                calibrated = self._record(["calibrate", list(options), False, logp.tolist()])
-                assert calibrated is not None
-                logp = _log_softmax(calibrated)
-            probs = np.exp(logp)
-            self._zero_shot_cache[query.id] = probs
-            while len(self._zero_shot_cache) > _ZERO_SHOT_CACHE:
-                self._zero_shot_cache.popitem(last=False)
-        return probs
-
+    # ------------------------------------------------------------------ the readings
     def forget_readings(self) -> None:
-        """Drop the cached LM readings (per prompt and per query): for a student whose weights just
-        changed (the online LoRA baseline), where a cached reading is the untrained model's."""
+        """Drop the cached LM readings: for a student whose weights just changed (the online LoRA
+        baseline), where a cached reading is the untrained model's."""
         with self._raw_lock:
             self._raw.clear()
-        with self._state_lock:
-            self._zero_shot_cache.clear()
 
-    def _raw_zero_shot(self, prompt: str, options: Sequence[str]) -> np.ndarray:
+    def _raw_scores(self, prompt: str, options: Sequence[str]) -> np.ndarray:
         """The LM's option log-probabilities after ``prompt``, a pure function of its text: cached
         across queries and across the twins ``fresh()`` makes (the cells of an evaluation read each
         image once)."""
@@ -450,6 +338,9 @@ class SmolLM2Student:
         scores = score_continuations(
             model, tokenizer, prompt, [option_continuation(o) for o in options], normalise=self.score == "mean"
         )
+        return self._keep_raw(key, scores)
+
+    def _keep_raw(self, key: str, scores: Sequence[float]) -> np.ndarray:
         logp = _log_softmax(np.asarray(scores, dtype=np.float64))
         logp.flags.writeable = False
         with self._raw_lock:
@@ -458,51 +349,20 @@ class SmolLM2Student:
                 self._raw.popitem(last=False)
         return logp
 
-    def _vote(
-        self, query: Query, demos: Sequence[Demo], options: Sequence[str]
-    ) -> tuple[np.ndarray, float] | None:
-        """The demos' vote over ``options`` and the nearest demo's similarity, in the tagger's
-        features; None without demos, images or features."""
-        images = [query.image, *[d.image for d in demos]]
-        if not demos or any(i is None for i in images):
-            return None
-        feats = [getattr(self._tags_of(i), "features", None) for i in images]  # type: ignore[arg-type]
-        if any(f is None for f in feats):
-            return None
-        sims = cosines(feats[0], feats[1:])  # once, for the vote and the nearest similarity
-        return vote(sims, [d.answer for d in demos], options, self.mix_temperature), float(sims.max())
-
-    def vote_weight(self, options: Sequence[str], similarity: float) -> float:
-        """The vote's weight in the mixture at the nearest demo's ``similarity``: ``mix`` when fixed,
-        else learned (``SimilarityMixture.vote_weight``)."""
-        if self.mix is not None:
-            return self.mix
-        with self._state_lock:
-            return self.mixture.vote_weight(options, similarity)
+    def _options_prediction(self, options: tuple[str, ...], with_demos: bool, logp: np.ndarray) -> Prediction:
+        """The prediction from raw option log-probabilities, calibrated online (an event)."""
+        if self.calibration is not None:
+            with self._state_lock:
+                calibrated = self._record(["calibrate", list(options), with_demos, logp.tolist()])
+            assert calibrated is not None
+            logp = _log_softmax(calibrated)
+        option_scores = dict(zip(options, logp.tolist(), strict=True))
+        answer = max(options, key=option_scores.__getitem__)
+        return Prediction(answer=answer, option_scores=option_scores)
 
     def _predict_options(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         options = tuple(dict.fromkeys(query.options or ()))
-        zero_shot = self._zero_shot_probs(query, options)
-        voted = self._vote(query, demos, options)
-        details: dict[str, Any] = {"zero_shot_answer": options[int(np.argmax(zero_shot))]}
-        if voted is None:
-            probs = zero_shot  # no demos: the LM's own (calibrated) reading, as the student alone
-        else:
-            vote, similarity = voted
-            if self.mix is None:  # against the vote, its reading enters at its fitted temperature
-                with self._state_lock:
-                    zero_shot = self.mixture.zero_shot(options, zero_shot)
-            # a demo of the very same image is its answer (e.g. the re-run after a teacher call)
-            w = 1.0 if similarity >= SAME_IMAGE else self.vote_weight(options, similarity)
-            probs = w * vote + (1.0 - w) * zero_shot
-            details |= {
-                "vote_answer": options[int(np.argmax(vote))],
-                "vote_weight": round(w, 4),
-                "nearest_similarity": round(similarity, 5),
-            }
-        option_scores = dict(zip(options, np.log(np.maximum(probs, 1e-12)).tolist(), strict=True))
-        answer = max(options, key=option_scores.__getitem__)
-        return Prediction(answer=answer, option_scores=option_scores, details=details)
+        return self._options_prediction(options, bool(demos), self._raw_scores(self.prompt_for(query, demos), options))
 
     def sample(
         self, query: Query, demos: Sequence[Demo], n: int, temperature: float, seed: int

@@ -1,0 +1,401 @@
+"""The judge: one rule, in the engine, that weighs a student's own readings against its demonstrations
+for every student backend, learned online from the teacher's answers.
+
+A classification query has up to three experts:
+
+- ``icl``: the student's reading with the demos in its prompt (the paper's step 2);
+- ``zero-shot``: the student's reading without demos (``predict(query, [])``), cached per image,
+  prompt and options;
+- ``vote``: the similarity-weighted vote of the nearest pooled demos in the embedder's image space
+  (free: no model call).
+
+The answer is the mixture ``p(o) = sum_e w_e(s) p_e(o)``, ``s`` the nearest pooled demo's cosine in
+the image space. The weights are the posterior mean over a grid of the weight simplex, each grid point
+scored by the kernel-weighted (in ``s``) likelihood of the teacher's answers over the judge's checks:
+
+- the **met** check of every taught query: what each expert said of it at its first pass, at the
+  similarity it met (its class was often not pooled yet: the check the gate's first calls give);
+- the **leave-one-out** and **leave-label-out** checks of ``SimilarityMixture``: the vote of the other
+  taught queries (of the other labels) and the zero-shot reading, at their similarity (the ICL
+  reading was not read there: it is left out of those checks, the weights renormalised over the
+  experts present).
+
+Each LM reading enters at a temperature fitted to the teacher's answers (small LMs' option
+distributions are far too flat where they read right). An expert is only computed when it can
+change the answer: the zero-shot reading is skipped when the other experts' weighted margin exceeds
+its weight (then no distribution it could give changes the argmax). A taught query's skipped
+readings are read when it is taught (its checks need them).
+
+Everything the judge learns is an event (``drain_events``), logged per query and replayed on resume
+(``replay_events``), so a resumed run answers as an uninterrupted one. The zero-shot readings it read
+are logged too (``details.judge.zero_shot``) and put back in its cache on replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from icdistill.coverage import decode_sketch, encode_sketch
+from icdistill.errors import ICDError
+from icdistill.mixture import SimilarityMixture, fit_temperature, temper, vote
+from icdistill.protocols import Pool, Student
+from icdistill.select import nearest_demos
+from icdistill.types import IMAGE, Demo, Embeddings, Prediction, Query, image_digest
+
+ICL, ZERO_SHOT, VOTE = "icl", "zero-shot", "vote"
+EXPERTS = (ICL, ZERO_SHOT, VOTE)
+# a pooled demo this similar to the query is the same image: its (teacher's) answer is the answer
+SAME_IMAGE = 1.0 - 1e-4
+# the probability an expert gives the teacher's answer is floored here: one confident miss is not
+# infinitely bad evidence against it
+_P_FLOOR = 1e-4
+_ZERO_SHOT_CACHE = 50_000
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """``temperature``: of the vote's softmax over cosines; ``bandwidth``: the kernel's width in cosine
+    units; ``prior``: pseudo-checks that pull the weights to even where no check is near; ``grid``:
+    steps per unit of the weight simplex; ``skip``: compute the zero-shot reading only when it can
+    change the answer (off: every expert on every query, to measure the envelope)."""
+
+    temperature: float = 0.05
+    bandwidth: float = 0.1
+    prior: float = 1.0
+    grid: int = 20
+    skip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.bandwidth <= 0 or self.prior <= 0 or self.grid < 2:
+            raise ICDError("judge: temperature, bandwidth and prior must be > 0 and grid >= 2")
+
+
+class Judging(Protocol):
+    """What the loop needs of a judge (``icdistill.distiller``)."""
+
+    def answer(
+        self, query: Query, emb: Embeddings, demos: Sequence[Demo], pool: Pool, *, exclude: Sequence[int] = (),
+        icl: Prediction | None = None,
+    ) -> Prediction: ...
+
+    def teach(self, query: Query, emb: Embeddings, first: Prediction, answer: str) -> None: ...
+
+    def drain_events(self) -> list[list[Any]]: ...
+
+    def replay(self, record: dict[str, Any]) -> None: ...
+
+
+def _simplex(steps: int) -> np.ndarray:
+    """Every weight triple on a grid of ``1/steps``, summing to 1: (G, 3)."""
+    pts = [(i, j, steps - i - j) for i, j in itertools.product(range(steps + 1), repeat=2) if i + j <= steps]
+    return np.asarray(pts, dtype=np.float64) / steps
+
+
+def _probs(pred: Prediction, options: Sequence[str]) -> np.ndarray:
+    p = pred.option_probs()
+    out = np.array([p.get(o, 0.0) for o in options], dtype=np.float64)
+    s = out.sum()
+    return out / s if s > 0 else np.full(len(options), 1.0 / len(options))
+
+
+@dataclass
+class _Met:
+    """The met checks of one option set: per taught query, the nearest demo's similarity at its first
+    pass and each expert's distribution there (NaN rows where an expert was not read)."""
+
+    sims: list[float]
+    icl: list[np.ndarray | None]
+    zero_shot: list[np.ndarray]
+    vote: list[np.ndarray | None]
+    answers: list[int]
+
+
+class Judge:
+    """Combines a student's readings and the pool's vote for option questions (see the module doc).
+
+    Open questions pass through: the student's ICL reading is the answer."""
+
+    def __init__(self, student: Student, shots: int, config: JudgeConfig | None = None) -> None:
+        self.student = student
+        self.shots = max(1, shots)
+        self.config = config or JudgeConfig()
+        self._grid = _simplex(self.config.grid)
+        self._log_prior = self.config.prior * np.log(self._grid + 1.0 / self.config.grid).sum(axis=1) / 3
+        self._reset()
+
+    def _reset(self) -> None:
+        self._synthetic = SimilarityMixture(shots=self.shots, temperature=self.config.temperature)
+        self._met: dict[tuple[str, ...], _Met] = {}
+        self._fits: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, float, float]] = {}
+        self._zs: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._events: list[list[Any]] = []
+        self.seconds = dict.fromkeys(EXPERTS, 0.0)
+        self.reads = dict.fromkeys(EXPERTS, 0)
+
+    # ------------------------------------------------------------------ the readings
+    @staticmethod
+    def _key(query: Query, options: Sequence[str]) -> str:
+        image = image_digest(query.image) if query.image is not None else ""
+        return hashlib.sha1(json.dumps([image, query.prompt, list(options)]).encode()).hexdigest()
+
+    def zero_shot(self, query: Query, options: tuple[str, ...]) -> np.ndarray:
+        """The student's option distribution without demos, read once per image, prompt and options."""
+        key = self._key(query, options)
+        hit = self._zs.get(key)
+        if hit is not None:
+            self._zs.move_to_end(key)
+            return hit
+        t0 = time.perf_counter()
+        p = _probs(self.student.predict(query, []), options)
+        self.seconds[ZERO_SHOT] += time.perf_counter() - t0
+        self.reads[ZERO_SHOT] += 1
+        return self._remember_zero_shot(key, p)
+
+    def _remember_zero_shot(self, key: str, p: np.ndarray) -> np.ndarray:
+        """Cache a zero-shot reading, as an event: a resumed run finds it where it was (a student
+        whose reading changes online, e.g. calibrated, is not asked again)."""
+        self._record(["zero-shot", key, [float(x) for x in p]])
+        return self._zs[key]
+
+    def _icl(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        t0 = time.perf_counter()
+        pred = self.student.predict(query, demos)
+        self.seconds[ICL] += time.perf_counter() - t0
+        self.reads[ICL] += 1
+        return pred
+
+    def _vote(
+        self, query: Query, emb: Embeddings, pool: Pool, options: Sequence[str], exclude: Sequence[int]
+    ) -> tuple[np.ndarray, float] | None:
+        t0 = time.perf_counter()
+        found = nearest_demos(query, emb, pool, self.shots, key=IMAGE, exclude=exclude)
+        self.seconds[VOTE] += time.perf_counter() - t0
+        if found is None:
+            return None
+        demos, sims = found
+        self.reads[VOTE] += 1
+        p = vote(sims, [d.answer for d in demos], options, self.config.temperature)
+        return p, float(sims.max())
+
+    # ------------------------------------------------------------------ the answer
+    def answer(
+        self,
+        query: Query,
+        emb: Embeddings,
+        demos: Sequence[Demo],
+        pool: Pool,
+        *,
+        exclude: Sequence[int] = (),
+        icl: Prediction | None = None,
+    ) -> Prediction:
+        """The judged answer to ``query`` shown ``demos``; ``icl``: the student's reading with them, when
+        already read (a micro-batch); ``exclude``: pooled demos the vote must not see (the query's own
+        on its first pass)."""
+        start = time.perf_counter()
+        if not query.options:
+            pred = icl if icl is not None else self._icl(query, demos)
+            return pred
+        options = tuple(dict.fromkeys(query.options))
+        voted = self._vote(query, emb, pool, options, exclude)
+        details: dict[str, Any] = {}
+        if voted is not None and voted[1] >= SAME_IMAGE:
+            # the pooled demo of this very image (the re-run after a teacher call): its answer is the answer
+            p, s = voted
+            details = {"by": "same-image", "similarity": round(s, 5), "vote_answer": options[int(np.argmax(p))]}
+            return self._prediction(options, p, details, start)
+        if not demos:  # the student alone: its zero-shot reading is its ICL reading
+            p = self.zero_shot(query, options) if icl is None else _probs(icl, options)
+            if icl is not None:
+                p = self._remember_zero_shot(self._key(query, options), p)
+            details = {"by": "zero-shot", "zero_shot": _round(p)}
+            if voted is not None:  # demos of no shown kind, e.g. shots 0: the vote is still read
+                details["vote"], details["similarity"] = _round(voted[0]), round(voted[1], 5)
+            return self._prediction(options, p, details, start)
+        icl_pred = icl if icl is not None else self._icl(query, demos)
+        s = voted[1] if voted is not None else None
+        w, t_icl, t_zs = self.weights(options, s)
+        readings: dict[str, np.ndarray | None] = {
+            ICL: temper(_probs(icl_pred, options), t_icl),
+            ZERO_SHOT: None,
+            VOTE: voted[0] if voted is not None else None,
+        }
+        # the zero-shot reading only where it can change the answer: it adds at most w_zs to any option
+        partial = w[0] * readings[ICL] + (w[2] * readings[VOTE] if readings[VOTE] is not None else 0.0)
+        top2 = np.sort(np.asarray(partial))[-2:]
+        if not self.config.skip or top2[1] - top2[0] <= w[1]:
+            readings[ZERO_SHOT] = temper(self.zero_shot(query, options), t_zs)
+        p = _mix(readings, w)
+        nearest_answer = demos[-1].answer if demos else None
+        details = {
+            "by": "judge",
+            "weights": [round(float(x), 4) for x in w],
+            "similarity": None if s is None else round(s, 5),
+            "icl": _round(_probs(icl_pred, options)),
+            "icl_answer": icl_pred.answer,
+            "icl_copies_nearest_demo": icl_pred.answer == nearest_answer,
+            "zero_shot": None if readings[ZERO_SHOT] is None else _round(self.zero_shot(query, options)),
+            "vote": None if voted is None else _round(voted[0]),
+            "temperatures": [round(t_icl, 4), round(t_zs, 4)],
+        }
+        for name in (ZERO_SHOT, VOTE):
+            if readings[name] is not None:
+                details[f"{name.replace('-', '_')}_answer"] = options[int(np.argmax(readings[name]))]
+        if icl_pred.details:
+            details["student"] = icl_pred.details
+        return self._prediction(options, p, details, start)
+
+    @staticmethod
+    def _prediction(options: tuple[str, ...], p: np.ndarray, details: dict[str, Any], start: float) -> Prediction:
+        scores = dict(zip(options, np.log(np.maximum(p, 1e-12)).tolist(), strict=True))
+        answer = max(options, key=scores.__getitem__)
+        return Prediction(answer, option_scores=scores, seconds=time.perf_counter() - start, details={"judge": details})
+
+    # ------------------------------------------------------------------ learning
+    def weights(self, options: tuple[str, ...], similarity: float | None) -> tuple[np.ndarray, float, float]:
+        """``(w_icl, w_zero_shot, w_vote)`` at the nearest demo's ``similarity`` (even before any
+        check), and the temperatures of the ICL and zero-shot readings."""
+        fit = self._fit(options)
+        if fit is None:
+            return np.full(3, 1.0 / 3), 1.0, 1.0
+        sims, ll, t_icl, t_zs = fit
+        s = 0.0 if similarity is None else similarity
+        kern = np.exp(-0.5 * ((sims - s) / self.config.bandwidth) ** 2)
+        score = ll @ kern + self._log_prior
+        post = np.exp(score - score.max())
+        w = post @ self._grid / post.sum()
+        return w, t_icl, t_zs
+
+    def _fit(self, options: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+        """The checks' similarities and their log-likelihood under each grid point (G, n), cached
+        until the next teach."""
+        if options in self._fits:
+            return self._fits[options]
+        met = self._met.get(options)
+        if met is None:
+            return None
+        y = np.asarray(met.answers)
+        t_zs = self._synthetic.zero_shot_temperature(options)
+        icl_rows = [i for i, r in enumerate(met.icl) if r is not None]
+        t_icl = fit_temperature(np.stack([met.icl[i] for i in icl_rows]), y[icl_rows]) if icl_rows else 1.0
+        rows_p, rows_s = [], []
+        for i, yi in enumerate(y):
+            icl = met.icl[i]
+            v = met.vote[i]
+            rows_p.append(
+                [
+                    temper(icl, t_icl)[yi] if icl is not None else np.nan,
+                    temper(met.zero_shot[i], t_zs)[yi],
+                    v[yi] if v is not None else np.nan,
+                ]
+            )
+            rows_s.append(met.sims[i])
+        near, p2 = self._synthetic.checks(options)  # (n, 2): vote, zero-shot
+        for s, (pv, pz) in zip(near, p2, strict=True):
+            rows_p.append([np.nan, pz, pv])
+            rows_s.append(float(s))
+        if not rows_p:
+            return None
+        P = np.asarray(rows_p, dtype=np.float64)
+        present = ~np.isnan(P)
+        # the renormalised mixture over the experts present in each check, under every grid point
+        P = np.where(present, np.maximum(P, _P_FLOOR), 0.0)
+        num = self._grid @ P.T  # (G, n)
+        den = self._grid @ present.T.astype(np.float64)
+        even = P.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+        lik = np.where(den > 0, num / np.maximum(den, 1e-12), even[None, :])
+        ll = np.log(np.maximum(lik, _P_FLOOR))
+        fit = (np.asarray(rows_s, dtype=np.float64), ll, float(t_icl), float(t_zs))
+        self._fits[options] = fit
+        return fit
+
+    def teach(self, query: Query, emb: Embeddings, first: Prediction, answer: str) -> None:
+        """The teacher's answer to ``query``, whose first pass was ``first``: a check of each expert
+        (the readings the first pass skipped are read now)."""
+        if not query.options or answer not in query.options:
+            return
+        options = tuple(dict.fromkeys(query.options))
+        j = first.details.get("judge") or {}
+        zs = self.zero_shot(query, options)
+        features = emb.get(IMAGE)
+        self._record(
+            [
+                "teach",
+                list(options),
+                answer,
+                None if features is None else encode_sketch(np.asarray(features, dtype=np.float32)),
+                j.get("similarity"),
+                j.get("icl"),
+                [float(x) for x in zs],
+                j.get("vote"),
+            ]
+        )
+
+    def _record(self, ev: list[Any]) -> None:
+        self._events.append(ev)
+        self._apply(ev)
+
+    def _apply(self, ev: Sequence[Any]) -> None:
+        if ev[0] == "zero-shot":
+            self._zs[ev[1]] = np.asarray(ev[2], dtype=np.float64)
+            self._zs.move_to_end(ev[1])
+            while len(self._zs) > _ZERO_SHOT_CACHE:
+                self._zs.popitem(last=False)
+            return
+        if ev[0] != "teach":
+            return
+        _, options_l, answer, sketch, sim, icl, zs, voted = ev
+        options = tuple(options_l)
+        y = options.index(answer)
+        zs_a = np.asarray(zs, dtype=np.float64)
+        met = self._met.setdefault(options, _Met([], [], [], [], []))
+        if sim is not None and icl is not None:  # a met check: demos were shown at its first pass
+            met.sims.append(float(sim))
+            met.icl.append(_normalised(icl))
+            met.zero_shot.append(zs_a)
+            met.vote.append(None if voted is None else _normalised(voted))
+            met.answers.append(y)
+        if sketch is not None:
+            self._synthetic.teach(options, decode_sketch(sketch).astype(np.float32), zs_a, answer)
+        self._fits.pop(options, None)
+
+    def drain_events(self) -> list[list[Any]]:
+        events, self._events = self._events, []
+        return events
+
+    def replay(self, record: dict[str, Any]) -> None:
+        """Re-learn what an earlier process logged for one query (resume): what it was taught and the
+        zero-shot readings it read (back into the cache, so the student is asked as before)."""
+        for ev in record.get("judge_events") or ():
+            self._apply(ev)
+
+
+def _normalised(p: Sequence[float]) -> np.ndarray:
+    a = np.asarray(p, dtype=np.float64)
+    s = a.sum()
+    return a / s if s > 0 else np.full(len(a), 1.0 / len(a))
+
+
+def _round(p: np.ndarray) -> list[float]:
+    return [round(float(x), 6) for x in p]
+
+
+def _mix(readings: dict[str, np.ndarray | None], w: np.ndarray) -> np.ndarray:
+    """The weighted mixture of the readings present, the weights renormalised over them."""
+    total, out = 0.0, None
+    for wi, name in zip(w, EXPERTS, strict=True):
+        r = readings[name]
+        if r is None:
+            continue
+        out = wi * r if out is None else out + wi * r
+        total += wi
+    assert out is not None
+    return out / total if total > 0 else out
