@@ -29,3 +29,29 @@ def test_worst_labels_stay_on_one_line_and_the_never_pooled_label_is_warned_abou
     assert [r.split("label: ")[1].split("│")[0].strip() for r in rows[:3]] == ["Pullover", "T-shirt/top", "Trouser"]
     assert "0.273" in rows[1] and "33" in rows[1]
     assert "label 'Pullover' came 30 times but never entered the pool" in text.replace("\n", " ")
+
+
+def test_an_always_wrong_teacher_on_a_short_stream_is_warned_about_with_its_counts(tmp_path, monkeypatch, capsys):
+    # 3 teacher answers (the warm-up), none right: too few for rates, but the counts say enough
+    from fakes import FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
+    from icdistill.cli import main
+    from icdistill.runner import Parts
+
+    teacher = FakeTeacher(wrong_every=1)
+    monkeypatch.setattr(
+        "icdistill.runner.build_parts", lambda cfg, ctx=None: Parts(FakeStudent(), teacher, FakeEmbedder())
+    )
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    args = ["run", "--dataset", str(root), "--n", "8", "--warmup", "4", "--budget", "0.1"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "only 0 of 3 teacher answers matched the labels" in text
+
+
+def test_a_short_teacher_record_that_mostly_matches_is_not_warned_about():
+    from icdistill.report import teacher_warning
+
+    base = {"first_pass_accuracy": 0.8, "accepted_annotations": 4, "rejected_annotations": 0}
+    assert teacher_warning({**base, "teacher_label_accuracy": 0.75, "teacher_label_checked": 4}) is None
+    said = teacher_warning({**base, "teacher_label_accuracy": 0.25, "teacher_label_checked": 4})
+    assert said is not None and "only 1 of 4 teacher answers" in said

@@ -76,7 +76,7 @@ STARTING = "loading models (the first query waits for them)..."
 # TEACHER_FLOOR (a teacher wrong more often than right fills the pool with wrong demos)
 TEACHER_GAP = 0.1
 TEACHER_FLOOR = 0.5
-MIN_ANNOTATIONS = 5  # fewer teacher annotations say too little to warn about
+MIN_ANNOTATIONS = 5  # fewer teacher annotations say too little to compare rates: their counts are said
 
 
 def teacher_warning(summary: dict[str, Any]) -> str | None:
@@ -85,8 +85,19 @@ def teacher_warning(summary: dict[str, Any]) -> str | None:
     at agreement 1.0)."""
     teacher, student = summary.get("teacher_label_accuracy"), summary.get("first_pass_accuracy")
     annotations = summary.get("accepted_annotations", 0) + summary.get("rejected_annotations", 0)
-    if teacher is None or student is None or annotations < MIN_ANNOTATIONS:
+    checked = int(summary.get("teacher_label_checked", annotations))  # teacher answers with a label
+    if teacher is None or student is None or not checked:
         return None
+    if checked < MIN_ANNOTATIONS:
+        # too few to compare rates: say what the counts show when most of them missed
+        matched = round(teacher * checked)
+        if 2 * matched >= checked:
+            return None
+        return (
+            f"only {matched} of {checked} teacher answers matched the labels (too few to say more; the "
+            f"student's own, before the teacher: {student:.0%}): its demos may teach wrong answers. Check "
+            "the teacher (a stronger model, --samples 5 --agreement 0.6) or the labels"
+        )
     if teacher > student - TEACHER_GAP and teacher >= TEACHER_FLOOR:
         return None
     return (
