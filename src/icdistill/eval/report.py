@@ -4,20 +4,15 @@ accuracy along the stream, uncertainty reliability, per-class accuracy)."""
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from icdistill.eval.plots import (
-    plot_per_class,
-    plot_reliability,
-    plot_running,
-    plot_tradeoff,
-)
-from icdistill.eval.rows import _budget, _cell_log, _groups, series_label, spread
-from icdistill.runlog import read_records
+__all__ = ["class_results", "class_section", "class_table", "paired_table", "summary_table", "write_report"]
+
+from icdistill.eval.per_class import class_results, class_section, class_table
+from icdistill.eval.plots import plot_reliability, plot_running, plot_tradeoff
+from icdistill.eval.rows import _budget, _groups, series_label, spread
 
 
 def _fmt(v: float, pct: bool = False, digits: int = 3) -> str:
@@ -219,124 +214,6 @@ def paired_table(rows: Sequence[dict[str, Any]], reference: str) -> str:
             f"{_cell(firsts)} | {calls} |"
         )
     return "\n".join(lines)
-
-
-# per-class results -------------------------------------------------------------------------------
-
-WORSE_BY = 0.05  # a class this much below student-zero-shot is flagged
-MIN_QUERIES = 10  # ... when it has at least this many queries
-ZERO_SHOT = "student-zero-shot"
-
-
-def class_results(rows: Sequence[dict[str, Any]], out: Path, key: str = "label") -> dict[str, Any]:
-    """Per label (or per question kind, ``key="kind"``), from the cells' logs: for each column (a
-    method x budget, and the first pass of ``icd``) the median accuracy over seeds, and the median
-    number of queries of the label per stream.
-
-    Returns ``{"columns": [...], "groups": {g: {"n": median count, column: median accuracy}}}``; a
-    method scored on its first pass (``oracle-icl``) is so here too."""
-    from icdistill.eval.methods import METHODS, parse_method
-    from icdistill.eval.scores import per_group
-
-    columns: list[str] = []
-    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    counts: dict[str, dict[int, int]] = defaultdict(dict)
-    for (method, budget), rs in _groups(rows).items():
-        spec = parse_method(method)
-        first_only = METHODS[spec.name].accuracy_key == "first_pass_accuracy"
-        label = series_label(method, budget)
-        cols = [(label, "first_correct" if first_only else "correct")]
-        if spec.name == "icd":
-            cols.insert(0, (f"{label} first pass", "first_correct"))
-        stats_by_seed = []
-        for r in rs:
-            log = _cell_log(out, method, budget, r["seed"])
-            if log.exists():
-                stats_by_seed.append((r["seed"], per_group(read_records(log), key)))
-        if not stats_by_seed:
-            continue
-        columns += [c for c, _ in cols]
-        for seed, stats in stats_by_seed:
-            for g, st in stats.items():
-                counts[g].setdefault(seed, st["n"])
-                for col, field in cols:
-                    values[g][col].append(st[field] / st["n"])
-    groups: dict[str, dict[str, Any]] = {}
-    for g in sorted(values):
-        groups[g] = {"n": statistics.median(counts[g].values())}
-        for col in columns:
-            xs = values[g].get(col)
-            groups[g][col] = statistics.median(xs) if xs else None
-    return {"columns": columns, "groups": groups}
-
-
-def class_table(res: dict[str, Any], what: str = "label") -> tuple[str, list[str]]:
-    """Markdown: rows = labels with their query count, columns = methods, median accuracy over seeds;
-    a cell more than ``WORSE_BY`` below ``student-zero-shot`` on a label with ``MIN_QUERIES`` queries
-    or more is marked, and listed in the returned flags."""
-    columns, groups = res["columns"], res["groups"]
-    if not groups:
-        return "", []
-    ref = ZERO_SHOT if ZERO_SHOT in columns else None
-    order = ([ref] if ref else []) + [c for c in columns if c != ref]
-    lines = [
-        f"| {what} | queries | " + " | ".join(order) + " |",
-        "|---|---|" + "---|" * len(order),
-    ]
-    flags = []
-    for g, st in groups.items():
-        cells = []
-        for col in order:
-            v = st.get(col)
-            text = "-" if v is None else f"{v:.3f}"
-            base = st.get(ref) if ref else None
-            if (
-                ref
-                and col != ref
-                and v is not None
-                and base is not None
-                and st["n"] >= MIN_QUERIES
-                and v < base - WORSE_BY
-            ):
-                text = f"**{text} ▼**"
-                flags.append(f"`{col}` on `{g}`: {v:.3f} vs {base:.3f} ({st['n']:g} queries)")
-            cells.append(text)
-        lines.append(f"| {g} | {st['n']:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), flags
-
-
-def class_section(rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
-    """The report's per-class part: the table per label, per question kind when both kinds are
-    asked, and the flags against the student alone."""
-    res = class_results(rows, out, "label")
-    table, flags = class_table(res, "label")
-    if not table:
-        return []
-    parts = [
-        "## Per class",
-        "",
-        f"Median accuracy over seeds per label (queries: per stream, median over seeds), final answers "
-        f"unless marked first pass. An average can hide a class that got worse: **▼** marks a class with "
-        f">= {MIN_QUERIES} queries where a method is more than {WORSE_BY} below `{ZERO_SHOT}`.",
-        "",
-        table,
-        "",
-    ]
-    kinds = class_results(rows, out, "kind")
-    if len(kinds["groups"]) > 1:
-        k_table, k_flags = class_table(kinds, "question kind")
-        flags += k_flags
-        parts += ["Per question kind (options vs open answers):", "", k_table, ""]
-    if ZERO_SHOT not in res["columns"]:
-        parts += [f"No `{ZERO_SHOT}` in this grid: nothing to flag a class against.", ""]
-    elif flags:
-        parts += [f"Classes worse than `{ZERO_SHOT}` by more than {WORSE_BY}:", ""]
-        parts += [f"- {f}" for f in flags] + [""]
-    else:
-        parts += [f"No class with >= {MIN_QUERIES} queries is more than {WORSE_BY} below `{ZERO_SHOT}`.", ""]
-    plot_per_class(res, out / "per_class.png")
-    parts += ["![per-class accuracy](per_class.png)", ""]
-    return parts
 
 
 def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> None:
