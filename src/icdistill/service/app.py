@@ -85,7 +85,7 @@ class BodyLimit:
 def create_app(cfg: ServeConfig, parts: Any = None) -> FastAPI:
     """The service. ``parts`` (student, teacher, embedder objects) replaces the specs in ``cfg`` (tests)."""
     engine = Engine(cfg, parts)
-    auth = Auth(cfg.api_key)
+    auth = Auth(cfg.api_key, engine.ended_sessions)
     metrics = Metrics(engine)
 
     @asynccontextmanager
@@ -146,10 +146,10 @@ def create_app(cfg: ServeConfig, parts: Any = None) -> FastAPI:
 
 
 def serve(cfg: ServeConfig) -> None:
-    import uvicorn
+    from icdistill.service.server import run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
     auth = "no auth (loopback only)" if cfg.api_key is None else "Bearer key required"
     log.info("icd serve on http://%s:%d (%s); label page /label, API docs /docs", cfg.host, cfg.port, auth)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+    run_server(app, cfg, log_level="info")

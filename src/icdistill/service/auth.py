@@ -1,7 +1,9 @@
 """API keys (Bearer, compared in constant time), and the labelling page's login cookie and CSRF tokens.
 
 A session cookie is ``<id>.<issued>.<signature>``: the server refuses it after ``SESSION_S`` whatever the
-browser keeps, and after a logout (ids ended are remembered until they would expire anyway). It is
+browser keeps, and after a logout (ids ended are written to the store and remembered, through
+restarts, until they would expire anyway). The client of the wrong-key throttle is the socket's peer
+(``icd serve`` believes ``X-Forwarded-For`` only from ``--forwarded-allow-ips``). It is
 ``Secure`` when the page is served over https, or behind a proxy that says so (X-Forwarded-Proto).
 """
 
@@ -61,13 +63,14 @@ def client_of(request: Request) -> str:
 class Auth:
     """``api_key=None`` means no authentication (only allowed on loopback, checked in ``ServeConfig``)."""
 
-    def __init__(self, api_key: str | None) -> None:
+    def __init__(self, api_key: str | None, ended: dict[str, float] | None = None) -> None:
         self.api_key = api_key
         # signs session cookies and CSRF tokens; derived from the key so sessions survive restarts
         seed = api_key.encode() if api_key else secrets.token_bytes(32)
         self._secret = hashlib.sha256(b"icd-label-session\x00" + seed).digest()
         self.throttle = Throttle()
-        self._ended: dict[str, float] = {}  # session id -> when it would have expired
+        # session id -> when it would have expired; the logouts before a restart come from the store
+        self._ended: dict[str, float] = dict(ended or {})
         self._lock = threading.Lock()
 
     def key_ok(self, presented: str) -> bool:
@@ -137,14 +140,18 @@ class Auth:
         with self._lock:
             return None if sid in self._ended else sid
 
-    def end_session(self, request: Request) -> None:
+    def end_session(self, request: Request) -> tuple[str, float] | None:
+        """Ends the request's session here; returns (its id, when it would expire) for the caller to
+        write down, so that the logout holds after a restart too."""
         parsed = self._parse(request)
         if parsed is None:
-            return
+            return None
         now = time.time()
+        until = parsed[1] + SESSION_S
         with self._lock:
             self._ended = {s: t for s, t in self._ended.items() if t > now}
-            self._ended[parsed[0]] = parsed[1] + SESSION_S
+            self._ended[parsed[0]] = until
+        return parsed[0], until
 
     def csrf_token(self, sid: str) -> str:
         return self._sign("csrf", sid)

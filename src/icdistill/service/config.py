@@ -92,6 +92,17 @@ class ServeConfig:
     # with a PostgreSQL pool: how long a silent server keeps its teacher work and label claims before
     # another server adopts them (a live server renews them every second)
     claim_lease_s: float = 30.0
+    # the proxies whose X-Forwarded-For names the client (uvicorn's syntax: "10.0.0.1,10.0.0.2" or "*");
+    # None: the client is the socket's peer, whatever a header says
+    forwarded_allow_ips: str | None = None
+    # a request's headers must arrive within this long of the connection opening (slowloris)
+    header_timeout_s: float = 10.0
+    # connections open at once (kept below the open-files limit); one more gets 503 and is closed
+    max_connections: int = 1000
+    # model requests (predictions, demos, imports) admitted at once; one more gets 503 + Retry-After
+    max_queued: int = 32
+    # lines of an import's demos.jsonl (each checked as it is read)
+    max_import_lines: int = 100_000
 
     def __post_init__(self) -> None:
         if self.gate_score != "uncertainty":
@@ -118,11 +129,18 @@ class ServeConfig:
             "max_pixels",
             "max_import_pixels",
             "max_prompt_tokens",
+            "max_connections",
+            "max_queued",
+            "max_import_lines",
         ):
             if getattr(self, name) < 1:
                 raise ICDError(f"{name.replace('_', '-')} must be >= 1")
         if self.wait_timeout_s <= 0 or self.label_lease_s <= 0 or self.claim_lease_s <= 0:
             raise ICDError("wait and lease timeouts must be > 0")
+        if self.header_timeout_s <= 0:
+            raise ICDError("--header-timeout must be > 0")
+        if self.forwarded_allow_ips is not None and not self.forwarded_allow_ips.strip():
+            raise ICDError("--forwarded-allow-ips needs the proxies' addresses (or '*')")
         self.run_config()  # validates the loop options exactly as `icd run` does
 
     @property
@@ -197,6 +215,37 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d["claim_lease_s"].default,
         help="PostgreSQL pool: seconds before another server adopts the teacher work of a silent one",
+    )
+    g.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        help="proxies trusted to name the client in X-Forwarded-For (comma-separated addresses, or '*'); "
+        "by default the client is the socket's peer, so the wrong-key throttle cannot be dodged",
+    )
+    g.add_argument(
+        "--header-timeout",
+        dest="header_timeout_s",
+        type=float,
+        default=d["header_timeout_s"].default,
+        help="seconds a client has to send a request's headers (slow clients are cut off)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=d["max_connections"].default,
+        help="connections open at once (one more is answered 503 and closed)",
+    )
+    g.add_argument(
+        "--max-queued",
+        type=int,
+        default=d["max_queued"].default,
+        help="predictions, demos and imports admitted at once; one more is answered 503 with Retry-After",
+    )
+    g.add_argument(
+        "--max-import-lines",
+        type=int,
+        default=d["max_import_lines"].default,
+        help="most lines an import's demos.jsonl may have",
     )
     g = p.add_argument_group("models")
     g.add_argument("--student", default=d["student"].default, help="student spec")

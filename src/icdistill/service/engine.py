@@ -9,7 +9,6 @@ state needs no locks and the event loop never runs a model. Teacher requests run
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -18,14 +17,14 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from icdistill.distiller import Distiller, Draft
+from icdistill.errors import ServiceError
 from icdistill.gate import make_gate
 from icdistill.pool import LISTEN_URL_ENV, PostgresPool, SQLitePool, is_postgres_url, shared_index_from_env
 from icdistill.select import make_selector
@@ -37,6 +36,7 @@ from icdistill.service.images import png_b64
 from icdistill.service.import_export import _ImportExport
 from icdistill.service.labelling import _Labelling
 from icdistill.service.leases import _Leases
+from icdistill.service.loop_thread import LoopThread
 from icdistill.service.store import (
     PENDING_HUMAN,
     PENDING_TEACHER,
@@ -57,33 +57,6 @@ from icdistill.types import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class LoopThread:
-    """A single worker thread that owns the loop state; ``await call(fn)`` runs ``fn`` there."""
-
-    def __init__(self) -> None:
-        self._ex = ThreadPoolExecutor(1, thread_name_prefix="icd-loop")
-
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._ex, partial(fn, *args, **kwargs))
-
-    def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        return self._ex.submit(fn, *args).result()
-
-    def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` there without waiting for it (a clean-up that must not be cancelled)."""
-        with contextlib.suppress(RuntimeError):  # shut down already
-            self._ex.submit(fn, *args).add_done_callback(_log_failure)
-
-    def close(self) -> None:
-        self._ex.shutdown(wait=True, cancel_futures=True)
-
-
-def _log_failure(fut: Future[Any]) -> None:
-    """Nobody waits for a posted clean-up: its failure is logged, not dropped with the future."""
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("a clean-up on the loop thread failed", exc_info=fut.exception())
 
 
 def _finite(x: float | None) -> float | None:
@@ -184,10 +157,20 @@ class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
             pool=self.pool,
             config=run.loop_config(),
         )
+        self._undo_cut_imports()
         self.labels = LabelQueue(self.store, cfg.label_lease_s)
         self._prompt_tokens = token_counter(student)
         self._restore()
         self._warm_up(student, embedder)
+
+    def _undo_cut_imports(self) -> None:
+        """An import a crash cut off leaves nothing in the pool (its demos are taken out and deleted)."""
+        rows = self.store.unfinished_import_rows()
+        for demo_id in rows:
+            self.pool.remove(demo_id)
+        self.store.undo_imports()
+        if rows:
+            log.warning("took back %d demos of an import that a crash cut off (all or nothing)", len(rows))
 
     @staticmethod
     def _warm_up(student: Any, embedder: Any) -> None:
@@ -211,12 +194,15 @@ class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
             )
             d.teacher_calls += int(r["teacher_asked"])
         ledger = self.store.ledger_totals()
+        # --max-calls caps requests paid: those a crash cut off and a restart sent again count too
+        d.teacher_calls += ledger["rebought"]
         add_cost = getattr(gate, "add_cost", None)
         if add_cost is not None:
             add_cost(ledger["cost_usd"])
         self.store.release_all()  # leases of labellers from before the restart
         # a shared store's pending work may be another live server's: the sweep adopts orphans only
         self._resume = [] if self.store.shared else [r["query_id"] for r in self.store.pending(PENDING_TEACHER)]
+        self.ended_sessions = self.store.ended_sessions()
         with self._stats_lock:
             self._counts = self.store.counts()
             self._ledger = ledger
@@ -341,6 +327,8 @@ class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
                 "pool_ledger": pool_ledger,
             },
             "latency_seconds": _percentiles(lat),
+            # calls waiting for (or running on) the loop thread: model passes, imports, labels
+            "loop_queue": self.thread.queued,
         }
 
     # ------------------------------------------------------------------ demos
@@ -390,12 +378,20 @@ class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
         out = await self.thread.call(self._add_demos, [rec])
         return {"id": out["ids"][0], "status": out["statuses"][0], "pool_size": out["pool_size"]}
 
+    async def end_session(self, sid: str, until: float) -> None:
+        """A logout, written before the browser is told (a person waits: ahead of queued predictions)."""
+        await self.thread.call_first(self.store.end_session, sid, until)
+
     def _add_demos(self, records: list[DemoRecord]) -> dict[str, Any]:
-        """Pool checked demos, all or none: every embedding is computed before the first write, and a
-        failed write takes back the demos already added."""
+        """Pool checked demos, all or none: every embedding is computed before the first write, a
+        failed write takes back the demos already added, and so does a restart after a crash
+        (``begin_import``)."""
         embedder = self.distiller.embedder
         for rec in records:  # a demo's prompt is in every prompt that shows the demo
-            check_prompt_cost(rec.prompt, self._prompt_tokens, self.cfg.max_prompt_tokens)
+            try:
+                check_prompt_cost(rec.prompt, self._prompt_tokens, self.cfg.max_prompt_tokens)
+            except ServiceError as e:
+                raise ServiceError(e.status, e.code, f"{rec.where}: {e.message}" if rec.where else e.message) from e
         items = []
         for rec in records:
             q = Query(
@@ -418,6 +414,7 @@ class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
             items.append((q, ann, emb))
         ids: list[int | None] = []
         statuses: list[str] = []
+        journal = self.store.begin_import() if len(items) > 1 else None
         try:
             for q, ann, emb in items:
                 demo, status = self.pool.add(q, ann, emb)
@@ -427,7 +424,10 @@ class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
             for demo_id, status in zip(ids, statuses, strict=True):
                 if status == "added" and demo_id is not None:
                     self.pool.remove(demo_id)
+            if journal is not None:
+                self._undo_cut_imports()
             raise
+        self.store.end_import(journal)
         return {"ids": ids, "statuses": statuses, "pool_size": len(self.pool)}
 
 

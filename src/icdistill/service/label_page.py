@@ -114,18 +114,23 @@ def label_router(engine: Engine, auth: Auth) -> APIRouter:
     async def login(request: Request) -> Response:
         try:
             auth.check_throttle(request)
-        except ServiceError:
-            return login_form("Too many wrong keys from this address: wait a minute and try again.", 429)
+        except ServiceError as err:
+            resp = login_form("Too many wrong keys from this address: wait a minute and try again.", 429)
+            resp.headers.update(err.headers or {})
+            return resp
         form = await request.form(max_fields=4, max_files=0)
         key = form.get("key")
-        if not isinstance(key, str) or not auth.key_ok(key):
+        # trimmed as the Bearer header's key is: a pasted key often brings a space or a newline
+        if not isinstance(key, str) or not auth.key_ok(key.strip()):
             auth.throttle.failed(client_of(request))
             return login_form("Wrong key.", 401)
         return logged_in(request)
 
     @r.post("/logout")
     async def logout(request: Request) -> Response:
-        auth.end_session(request)
+        ended = auth.end_session(request)
+        if ended is not None:
+            await engine.end_session(*ended)  # written down before the browser is told
         resp = RedirectResponse("/login" if auth.api_key else "/label", status_code=303)
         resp.delete_cookie(COOKIE, path="/")
         return resp

@@ -24,7 +24,8 @@ class _Labelling:
 
     # ------------------------------------------------------------------ a person labels
     async def next_label_item(self, labeller: str) -> dict[str, Any] | None:
-        item = await self.thread.call(self.labels.next_item, labeller)
+        # a person waits on these: ahead of the queued predictions (see ``LoopThread``)
+        item = await self.thread.call_first(self.labels.next_item, labeller)
         if item is None:
             return None
         item["image_b64"] = png_b64(png_to_image(item["image_png"])) if item["image_png"] else None
@@ -32,12 +33,12 @@ class _Labelling:
         return item
 
     async def skip_label(self, qid: str, labeller: str) -> None:
-        await self.thread.call(self.labels.skip, qid, labeller)
+        await self.thread.call_first(self.labels.skip, qid, labeller)
 
     async def submit_label(self, qid: str, label: str, labeller: str) -> dict[str, Any]:
         if not self.cfg.human_teacher:
             raise conflict("this service's teacher is a model, not a person")
-        row = await self.thread.call(self._label, qid, label, labeller)
+        row = await self.thread.call_first(self._label, qid, label, labeller)
         self._wake(qid, row)
         return row
 

@@ -32,9 +32,15 @@ class Metrics:
         Gauge("icd_queries", "Queries answered since the pool was created", registry=r).set_function(
             lambda: stats()["queries"]
         )
-        Gauge("icd_teacher_calls", "Queries sent to the teacher (model or person)", registry=r).set_function(
-            lambda: stats()["teacher_calls"]
-        )
+        Gauge(
+            "icd_teacher_calls",
+            "Teacher requests paid for (queries sent to the teacher, and requests a crash cut off that were "
+            "sent again); what --max-calls caps",
+            registry=r,
+        ).set_function(lambda: stats()["teacher_calls"])
+        Gauge(
+            "icd_teacher_requests", "Teacher API requests recorded in the ledger (retries included)", registry=r
+        ).set_function(lambda: stats()["budget"]["teacher_requests"])
         Gauge(
             "icd_pending_annotations", "Queries waiting for the teacher or a person", registry=r
         ).set_function(lambda: stats()["pending"])

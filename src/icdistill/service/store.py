@@ -61,6 +61,15 @@ CREATE TABLE IF NOT EXISTS service_ledger (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS service_sessions_ended (
+    sid TEXT PRIMARY KEY,
+    until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS service_imports (
+    id INTEGER PRIMARY KEY,
+    after_demo INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 """
 
 ANSWERED = "answered"
@@ -115,6 +124,12 @@ class Store(Protocol):
     def release_all(self) -> None: ...
     def heartbeat(self, query_ids: Sequence[str]) -> None: ...
     def adopt_orphans(self) -> list[str]: ...
+    def end_session(self, sid: str, until: float) -> None: ...
+    def ended_sessions(self) -> dict[str, float]: ...
+    def begin_import(self) -> int | None: ...
+    def end_import(self, import_id: int | None) -> None: ...
+    def unfinished_import_rows(self) -> list[int]: ...
+    def undo_imports(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -297,10 +312,13 @@ class ServiceStore:
         row = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(attempts), 0), COALESCE(SUM(calls), 0), COALESCE(SUM(cost_usd), 0), "
             "COALESCE(SUM(state = 'paid'), 0), COALESCE(SUM(state = 'failed'), 0), "
-            "COALESCE(SUM(state = 'reserved'), 0) FROM service_ledger"
+            "COALESCE(SUM(state = 'reserved'), 0), COALESCE(SUM(MAX(attempts - 1, 0)), 0) FROM service_ledger"
         ).fetchone()
-        keys = ("teacher_calls", "attempts", "requests", "cost_usd", "paid", "failed", "reserved")
-        return dict(zip(keys, tuple(row), strict=True))
+        keys = ("teacher_calls", "attempts", "requests", "cost_usd", "paid", "failed", "reserved", "rebought")
+        out = dict(zip(keys, tuple(row), strict=True))
+        # a request cut off by a crash and sent again was paid for twice: both count against --max-calls
+        out["teacher_calls"] += out["rebought"]
+        return out
 
     # ------------------------------------------------------------------ the human-labelling queue
     def claim_next(self, labeller: str, lease_s: float, skip: Sequence[str] = ()) -> dict[str, Any] | None:
@@ -360,6 +378,56 @@ class ServiceStore:
 
     def adopt_orphans(self) -> list[str]:
         return []
+
+    # ------------------------------------------------------------------ logouts
+    def end_session(self, sid: str, until: float) -> None:
+        """A logged-out session stays ended through restarts (until it would have expired anyway)."""
+        self._tx(
+            [
+                ("DELETE FROM service_sessions_ended WHERE until <= ?", (time.time(),)),
+                ("INSERT OR REPLACE INTO service_sessions_ended (sid, until) VALUES (?, ?)", (sid, until)),
+            ]
+        )
+
+    def ended_sessions(self) -> dict[str, float]:
+        rows = self._db.execute("SELECT sid, until FROM service_sessions_ended WHERE until > ?", (time.time(),))
+        return {r[0]: float(r[1]) for r in rows}
+
+    # ------------------------------------------------------------------ imports, all or nothing
+    # The pool shares this file: an import notes the last annotation id before its first demo, and
+    # deletes the note in the same breath as the client is answered. A note found at start means an
+    # import was cut off (SIGKILL, power): every annotation after it is the import's, and is deleted.
+    def begin_import(self) -> int | None:
+        after = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM annotations").fetchone()[0]
+        self._tx([("INSERT INTO service_imports (after_demo, created) VALUES (?, ?)", (after, time.time()))])
+        return int(self._db.execute("SELECT MAX(id) FROM service_imports").fetchone()[0])
+
+    def end_import(self, import_id: int | None) -> None:
+        if import_id is not None:
+            self._tx([("DELETE FROM service_imports WHERE id = ?", (import_id,))])
+
+    def _undo_after(self) -> int | None:
+        row = self._db.execute("SELECT MIN(after_demo) FROM service_imports").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def unfinished_import_rows(self) -> list[int]:
+        """The annotation ids an unfinished import wrote (to take out of the pool's index first)."""
+        after = self._undo_after()
+        if after is None:
+            return []
+        return [int(r[0]) for r in self._db.execute("SELECT id FROM annotations WHERE id > ?", (after,))]
+
+    def undo_imports(self) -> None:
+        """Delete what unfinished imports wrote, and their notes: one commit (run again if cut off)."""
+        after = self._undo_after()
+        stmts: list[tuple[str, Sequence[Any]]] = [("DELETE FROM service_imports", ())]
+        if after is not None:
+            stmts = [
+                ("DELETE FROM embeddings WHERE demo_id > ?", (after,)),
+                ("DELETE FROM annotations WHERE id > ?", (after,)),
+                *stmts,
+            ]
+        self._tx(stmts)
 
     def close(self) -> None:
         with self._read_lock:

@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS icd_service_ledger (
     updated DOUBLE PRECISION NOT NULL
 );
 """
+_SESSIONS = "CREATE TABLE IF NOT EXISTS icd_service_sessions_ended (sid TEXT PRIMARY KEY, until DOUBLE PRECISION NOT NULL)"
 
 
 class PostgresServiceStore:
@@ -128,6 +129,8 @@ class PostgresServiceStore:
                 # DDL locks the tables even when there is nothing to do: only a missing schema runs it
                 if db.execute("SELECT to_regclass('icd_service_ledger') AS t").fetchone()["t"] is None:  # type: ignore[index]
                     db.execute(_SCHEMA)
+                if db.execute("SELECT to_regclass('icd_service_sessions_ended') AS t").fetchone()["t"] is None:  # type: ignore[index]
+                    db.execute(_SESSIONS)
         except psycopg.Error as e:
             self._main.close()  # a half-opened store holds no backend
             raise ICDError(f"cannot open the service store in {_redact(url)}: {e}") from e
@@ -359,11 +362,14 @@ class PostgresServiceStore:
                 "SELECT COUNT(*) AS teacher_calls, COALESCE(SUM(attempts), 0) AS attempts, "
                 "COALESCE(SUM(calls), 0) AS requests, COALESCE(SUM(cost_usd), 0) AS cost_usd, "
                 "COUNT(*) FILTER (WHERE state = 'paid') AS paid, COUNT(*) FILTER (WHERE state = 'failed') AS failed, "
-                "COUNT(*) FILTER (WHERE state = 'reserved') AS reserved FROM icd_service_ledger"
+                "COUNT(*) FILTER (WHERE state = 'reserved') AS reserved, "
+                "COALESCE(SUM(GREATEST(attempts - 1, 0)), 0) AS rebought FROM icd_service_ledger"
             ).fetchone(),
         )
         assert row is not None
-        return {k: (float(v) if k == "cost_usd" else int(v)) for k, v in row.items()}
+        out = {k: (float(v) if k == "cost_usd" else int(v)) for k, v in row.items()}
+        out["teacher_calls"] += out["rebought"]  # requests re-sent after a crash were paid twice
+        return out
 
     # ------------------------------------------------------------------ teacher work of dead servers
     def heartbeat(self, query_ids: Sequence[str]) -> None:
@@ -426,6 +432,44 @@ class PostgresServiceStore:
 
     def release_all(self) -> None:
         """Nothing: the leases may belong to people labelling on another server; they run out."""
+
+    # ------------------------------------------------------------------ logouts
+    def end_session(self, sid: str, until: float) -> None:
+        """A logged-out session stays ended through restarts (read by every server when it starts)."""
+        self._tx(
+            [
+                ("DELETE FROM icd_service_sessions_ended WHERE until <= %s", (time.time(),)),
+                (
+                    "INSERT INTO icd_service_sessions_ended (sid, until) VALUES (%s, %s) "
+                    "ON CONFLICT (sid) DO UPDATE SET until = EXCLUDED.until",
+                    (sid, until),
+                ),
+            ]
+        )
+
+    def ended_sessions(self) -> dict[str, float]:
+        rows = self._do(
+            "reading ended sessions",
+            lambda db: db.execute(
+                "SELECT sid, until FROM icd_service_sessions_ended WHERE until > %s", (time.time(),)
+            ).fetchall(),
+        )
+        return {r["sid"]: float(r["until"]) for r in rows}
+
+    # ------------------------------------------------------------------ imports
+    # The shared pool's demos are written by PostgresPool in its own tables: an import cut off by a
+    # crash is not journaled here (see the README's serve section).
+    def begin_import(self) -> int | None:
+        return None
+
+    def end_import(self, import_id: int | None) -> None:
+        """Nothing to close (see ``begin_import``)."""
+
+    def unfinished_import_rows(self) -> list[int]:
+        return []
+
+    def undo_imports(self) -> None:
+        """Nothing to undo (see ``begin_import``)."""
 
     def close(self) -> None:
         for conn in (self._main, self._beat, self._reader):

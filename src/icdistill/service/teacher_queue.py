@@ -64,7 +64,7 @@ class _TeacherQueue:
                     refused = str(e)
             if annotation is None and error is None and refused is None:
                 if draft.stored is None:
-                    await self.thread.call(self.store.count_attempt, qid)
+                    await self.thread.call(self._count_attempt, qid)
                 loop = asyncio.get_running_loop()
                 try:
                     annotation = await loop.run_in_executor(
@@ -92,6 +92,18 @@ class _TeacherQueue:
             if claimed is not None and isinstance(self.pool, PostgresPool):
                 # no demo came of it (or its commit already deleted the claim): another server may buy it
                 self.thread.post(self.pool.release, claimed)
+
+    def _count_attempt(self, qid: str) -> None:
+        """On the books before the request is sent. A second attempt re-buys one a crash cut off
+        (it may have been answered and billed): it counts against ``--max-calls`` as a call of its
+        own, in the gate's count and in ``calls_spent``."""
+        self.store.count_attempt(qid)
+        row = self.store.get(qid)
+        if row is not None and int(row["attempts"] or 0) > 1:
+            self.distiller.teacher_calls += 1
+            with self._stats_lock:
+                self._ledger["teacher_calls"] += 1
+                self._ledger["rebought"] = self._ledger.get("rebought", 0) + 1
 
     async def _claim_label(self, draft: Draft) -> Annotation | None:
         """Claim the label in the shared pool before the teacher is called. None: ours to buy (one call

@@ -153,6 +153,7 @@ class DemoRecord:
     teacher: str
     votes: dict[str, int]
     agreement: float
+    where: str = ""  # where it came from, for errors found later ("demos.jsonl line 3")
 
 
 def demo_record(
@@ -173,6 +174,7 @@ def demo_record(
             teacher=_name(fields.get("teacher"), "teacher", teacher),
             votes=_votes(fields.get("votes"), label),
             agreement=_agreement(fields.get("agreement")),
+            where=where,
         )
     except ValueError as e:
         raise unprocessable(f"{where}: {e}" if where else str(e), "invalid_demo") from e
