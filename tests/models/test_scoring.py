@@ -156,3 +156,24 @@ def test_unnormalised_scores_are_sums(tiny):
     lengths = [len(encode_continuation(tok, o)) for o in OPTIONS]
     assert all(abs(t - m * n) < 1e-4 for t, m, n in zip(total, mean, lengths, strict=True))
     assert any(n > 1 for n in lengths)
+
+
+def test_batched_prompts_score_as_one_prompt_at_a_time(tiny) -> None:
+    from icdistill.models.scoring import score_continuations_batch
+
+    model, tok = tiny
+    # prompts of different lengths (right padding), each with its own continuations of mixed lengths
+    prompts = [
+        ("Q: shoe?\nA:", [" sandal\n", " boot\n", " bag\n"]),
+        ("A much longer question about what this item could be?\nAnswer:", [" x\n", " trouser\n"]),
+        ("Hi:", [" a\n", " ankle boot\n", " coat\n", " t\n"]),
+    ]
+    batched = score_continuations_batch(model, tok, prompts)
+    for (prefix, conts), got in zip(prompts, batched, strict=True):
+        want = score_continuations(model, tok, prefix, conts)
+        assert got == pytest.approx(want, abs=1e-4)
+        assert got == pytest.approx(score_continuations_naive(model, tok, prefix, conts), abs=1e-4)
+    totals = score_continuations_batch(model, tok, prompts, normalise=False)
+    assert totals[1] == pytest.approx(score_continuations(model, tok, *prompts[1], normalise=False), abs=1e-4)
+    # the scores differ from prompt to prompt: a batch that mixed rows up would fail above
+    assert len({round(v, 3) for row in batched for v in row}) > 5
