@@ -323,3 +323,22 @@ def test_open_predictions_use_share_free_tags_and_clean_answers(monkeypatch):
     assert student.sample(q, [demo], 2, 0.7, 0) == ["green", "a red square"]
     classify = student.prompt_for(Query(id="c", image=img, prompt="Which colour?", options=("red", "blue")), [demo])
     assert "%" in classify  # option questions keep the shares: they are scored, not generated
+
+
+def test_predict_batch_answers_as_predict(lm):
+    # a micro-batch (--batch) reads each query in one batched LM pass: same answers, scores and
+    # calibration events as one predict per query, in order
+    colours = [(200, 30, 30), (30, 180, 40), (30, 40, 200), (220, 210, 40), (120, 120, 120)]
+    images = [Image.new("RGB", (16, 16), c) for c in colours]
+    demos = [Demo(id=i, query_id=f"d{i}", image=im, prompt=QUESTION, answer=FASHION[i]) for i, im in enumerate(images)]
+    queries = [Query(id=f"q{i}", image=im, prompt=QUESTION, options=FASHION) for i, im in enumerate(images)]
+    demo_lists = [demos[:2], [], demos[3:], demos[1:2], demos[:3]]
+    one, batched = SmolLM2Student(FakeTagger(), lm=lm), SmolLM2Student(FakeTagger(), lm=lm)
+    want = [one.predict(q, d) for q, d in zip(queries, demo_lists, strict=True)]
+    got = batched.predict_batch(queries, demo_lists)
+    for w, g in zip(want, got, strict=True):
+        assert g.answer == w.answer
+        assert g.option_scores == pytest.approx(w.option_scores, abs=1e-4)
+    ev_one, ev_batch = one.drain_events(), batched.drain_events()
+    assert [e[:3] for e in ev_batch] == [e[:3] for e in ev_one]
+    assert np.allclose(np.array([e[3] for e in ev_batch]), np.array([e[3] for e in ev_one]), atol=1e-4)

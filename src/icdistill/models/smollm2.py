@@ -18,7 +18,12 @@ import numpy as np
 from PIL import Image
 
 from icdistill.errors import SpecError
-from icdistill.models.scoring import generate_with_entropy, sample_generations, score_continuations
+from icdistill.models.scoring import (
+    generate_with_entropy,
+    sample_generations,
+    score_continuations,
+    score_continuations_batch,
+)
 from icdistill.models.smollm2_load import load_smollm2
 from icdistill.types import Demo, Prediction, Query, image_digest
 
@@ -182,6 +187,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 RAW_CACHE_SIZE = 100_000
 
 
+def _raw_key(prompt: str, options: Sequence[str]) -> str:
+    """The key of the LM's option reading after ``prompt`` in the reading cache."""
+    return hashlib.sha1(json.dumps([prompt, list(options)]).encode()).hexdigest()
+
+
 class SmolLM2Student:
     """Student ``local:smollm2``: tags each image with ``tagger`` and asks SmolLM2-135M-Instruct.
 
@@ -328,7 +338,7 @@ class SmolLM2Student:
         """The LM's option log-probabilities after ``prompt``, a pure function of its text: cached
         across queries and across the twins ``fresh()`` makes (the cells of an evaluation read each
         image once)."""
-        key = hashlib.sha1(json.dumps([prompt, list(options)]).encode()).hexdigest()
+        key = _raw_key(prompt, options)
         with self._raw_lock:
             hit = self._raw.get(key)
             if hit is not None:
@@ -372,6 +382,33 @@ class SmolLM2Student:
         prompt = self.prompt_for(query, demos)
         texts = sample_generations(model, tokenizer, prompt, n, temperature, self.max_new_tokens, seed)
         return [self._clean(t, query, demos) for t in texts]
+
+    def predict_batch(self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]) -> list[Prediction]:
+        """``predict`` for a micro-batch (``--batch``): the option readings not cached yet go through
+        the LM in one batched pass (``score_continuations_batch``), then each query is answered as
+        ``predict`` answers it, in order (the calibration's events too). Open queries are generated
+        one by one. Each prediction's ``seconds`` is its share of the batch's time."""
+        start = time.perf_counter()
+        todo: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for q, demos in zip(queries, demos_lists, strict=True):
+            if q.options:
+                prompt, options = self.prompt_for(q, demos), tuple(dict.fromkeys(q.options))
+                key = _raw_key(prompt, options)
+                with self._raw_lock:
+                    cached = key in self._raw
+                if not cached:
+                    todo[key] = (prompt, options)
+        if todo:
+            model, tokenizer = self.lm()
+            prompts = [(p, [option_continuation(o) for o in opts]) for p, opts in todo.values()]
+            scores = score_continuations_batch(model, tokenizer, prompts, normalise=self.score == "mean")
+            for key, row in zip(todo, scores, strict=True):
+                self._keep_raw(key, row)
+        preds = [self.predict(q, demos) for q, demos in zip(queries, demos_lists, strict=True)]
+        share = (time.perf_counter() - start) / max(1, len(preds))
+        for p in preds:
+            p.seconds = share
+        return preds
 
     def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         start = time.perf_counter()
