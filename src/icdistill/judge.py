@@ -23,12 +23,13 @@ scored by the kernel-weighted (in ``s``) likelihood of the teacher's answers ove
 Each LM reading enters at a temperature fitted to the teacher's answers (small LMs' option
 distributions are far too flat where they read right). An expert is only computed when it can
 change the answer: the zero-shot reading is skipped when the other experts' weighted margin exceeds
-its weight (then no distribution it could give changes the argmax). A taught query's skipped
+its weight (then no distribution it could give changes the argmax); it then enters the mixture as the
+even distribution, so the gate's uncertainty still carries its weight. A taught query's skipped
 readings are read when it is taught (its checks need them).
 
 Everything the judge learns is an event (``drain_events``), logged per query and replayed on resume
 (``replay_events``), so a resumed run answers as an uninterrupted one. The zero-shot readings it read
-are logged too (``details.judge.zero_shot``) and put back in its cache on replay.
+are events too, put back in its cache on replay.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ from icdistill.types import IMAGE, Demo, Embeddings, Prediction, Query, image_di
 
 ICL, ZERO_SHOT, VOTE = "icl", "zero-shot", "vote"
 EXPERTS = (ICL, ZERO_SHOT, VOTE)
-# a pooled demo this similar to the query is the same image: its (teacher's) answer is the answer
+# a pooled demo this similar to the query, of the same query or image content, is the same image: its
+# (teacher's) answer is the answer
 SAME_IMAGE = 1.0 - 1e-4
 # the probability an expert gives the teacher's answer is floored here: one confident miss is not
 # infinitely bad evidence against it
@@ -83,7 +85,13 @@ class Judging(Protocol):
     """What the loop needs of a judge (``icdistill.distiller``)."""
 
     def answer(
-        self, query: Query, emb: Embeddings, demos: Sequence[Demo], pool: Pool, *, exclude: Sequence[int] = (),
+        self,
+        query: Query,
+        emb: Embeddings,
+        demos: Sequence[Demo],
+        pool: Pool,
+        *,
+        exclude: Sequence[int] = (),
         icl: Prediction | None = None,
     ) -> Prediction: ...
 
@@ -175,7 +183,9 @@ class Judge:
 
     def _vote(
         self, query: Query, emb: Embeddings, pool: Pool, options: Sequence[str], exclude: Sequence[int]
-    ) -> tuple[np.ndarray, float] | None:
+    ) -> tuple[np.ndarray, float, bool] | None:
+        """The vote of the nearest pooled demos, the nearest one's cosine, and whether that demo is
+        of this very image (the re-run after a teacher call, or a repeated image)."""
         t0 = time.perf_counter()
         found = nearest_demos(query, emb, pool, self.shots, key=IMAGE, exclude=exclude)
         self.seconds[VOTE] += time.perf_counter() - t0
@@ -184,7 +194,16 @@ class Judge:
         demos, sims = found
         self.reads[VOTE] += 1
         p = vote(sims, [d.answer for d in demos], options, self.config.temperature)
-        return p, float(sims.max())
+        near = demos[int(np.argmax(sims))]
+        same = bool(sims.max() >= SAME_IMAGE) and (
+            near.query_id == query.id
+            or (
+                near.image is not None
+                and query.image is not None
+                and image_digest(near.image) == image_digest(query.image)
+            )
+        )
+        return p, float(sims.max()), same
 
     # ------------------------------------------------------------------ the answer
     def answer(
@@ -207,10 +226,14 @@ class Judge:
         options = tuple(dict.fromkeys(query.options))
         voted = self._vote(query, emb, pool, options, exclude)
         details: dict[str, Any] = {}
-        if voted is not None and voted[1] >= SAME_IMAGE:
+        if voted is not None and voted[2]:
             # the pooled demo of this very image (the re-run after a teacher call): its answer is the answer
-            p, s = voted
-            details = {"by": "same-image", "similarity": round(s, 5), "vote_answer": options[int(np.argmax(p))]}
+            p, s, _ = voted
+            details = {
+                "by": "same-image",
+                "similarity": round(s, 5),
+                "vote_answer": options[int(np.argmax(p))],
+            }
             return self._prediction(options, p, details, start)
         if not demos:  # the student alone: its zero-shot reading is its ICL reading
             p = self.zero_shot(query, options) if icl is None else _probs(icl, options)
@@ -233,7 +256,15 @@ class Judge:
         top2 = np.sort(np.asarray(partial))[-2:]
         if not self.config.skip or top2[1] - top2[0] <= w[1]:
             readings[ZERO_SHOT] = temper(self.zero_shot(query, options), t_zs)
-        p = _mix(readings, w)
+        # a skipped reading enters as the even distribution: the argmax is the same, and the
+        # uncertainty the gate sees keeps the weight the judge would have given it
+        p = _mix(
+            {
+                **readings,
+                ZERO_SHOT: readings[ZERO_SHOT] if readings[ZERO_SHOT] is not None else _even(options),
+            },
+            w,
+        )
         nearest_answer = demos[-1].answer if demos else None
         details = {
             "by": "judge",
@@ -254,10 +285,14 @@ class Judge:
         return self._prediction(options, p, details, start)
 
     @staticmethod
-    def _prediction(options: tuple[str, ...], p: np.ndarray, details: dict[str, Any], start: float) -> Prediction:
+    def _prediction(
+        options: tuple[str, ...], p: np.ndarray, details: dict[str, Any], start: float
+    ) -> Prediction:
         scores = dict(zip(options, np.log(np.maximum(p, 1e-12)).tolist(), strict=True))
         answer = max(options, key=scores.__getitem__)
-        return Prediction(answer, option_scores=scores, seconds=time.perf_counter() - start, details={"judge": details})
+        return Prediction(
+            answer, option_scores=scores, seconds=time.perf_counter() - start, details={"judge": details}
+        )
 
     # ------------------------------------------------------------------ learning
     def weights(self, options: tuple[str, ...], similarity: float | None) -> tuple[np.ndarray, float, float]:
@@ -382,6 +417,10 @@ def _normalised(p: Sequence[float]) -> np.ndarray:
     a = np.asarray(p, dtype=np.float64)
     s = a.sum()
     return a / s if s > 0 else np.full(len(a), 1.0 / len(a))
+
+
+def _even(options: Sequence[str]) -> np.ndarray:
+    return np.full(len(options), 1.0 / len(options))
 
 
 def _round(p: np.ndarray) -> list[float]:
