@@ -311,3 +311,22 @@ def test_demos_are_dropped_to_fit_the_context(
     hopeless = HFVisionLanguageModel("hopeless", vlm.loaded, HFOptions(max_context=length[0]))
     with pytest.raises(DataError, match="even without demos"):
         hopeless.score_options(query, demos)
+
+
+def test_predict_batch_answers_as_predict(vlm: HFVisionLanguageModel) -> None:
+    # a micro-batch (--batch): prompts of different lengths (0, 1, 2 demos) and images padded into
+    # one pass score as one query at a time
+    queries = sample_queries()
+    demos = sample_demos(queries)
+    options = ("red", "dark green", "light sky blue")
+    batch = [
+        Query(id=f"q{i}", image=q.image, prompt="Which colour is this image?", options=options)
+        for i, q in enumerate(queries[:3])
+    ]
+    demo_lists = [demos[:2], [], demos[1:2]]
+    got = vlm.predict_batch(batch, demo_lists)
+    for q, d, g in zip(batch, demo_lists, got, strict=True):
+        want = vlm.predict(q, d)
+        assert g.answer == want.answer
+        assert g.option_scores == pytest.approx(want.option_scores, abs=1e-4)
+    assert len({round(v, 4) for g in got for v in g.option_scores.values()}) > 3

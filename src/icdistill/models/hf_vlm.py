@@ -28,7 +28,12 @@ from icdistill.models.hf_load import (
     load,
 )
 from icdistill.models.registry import ModelContext, Spec
-from icdistill.models.scoring import continuation_batch
+from icdistill.models.scoring import (
+    continuation_batch,
+    keep_positions,
+    last_token_logits,
+    score_after_prefixes,
+)
 from icdistill.teacher import match_option
 from icdistill.types import Demo, Prediction, Query, TeacherResponse, Usage
 
@@ -301,6 +306,90 @@ class HFVisionLanguageModel:
             logp = torch.log_softmax(logits[n_prefix - 1 : n_prefix - 1 + len(c)], dim=-1)
             out[option] = float(logp[torch.arange(len(c)), extra[0]].double().mean())
         return out
+
+    # -- micro-batches (``--batch``) ------------------------------------------------------------------------
+
+    # families whose processor outputs this backend pads into one batch itself (their image tensors
+    # carry a per-sample dimension); the others answer a batch one query at a time
+    BATCHED_FAMILIES = ("idefics3",)
+
+    def _collate(self, encoded: Sequence[Any]) -> dict[str, Any]:
+        """One batch of several prompts' processor outputs: token rows padded on the right (the pad
+        id, mask 0), per-sample image tensors padded with all-zero images (which Idefics3 drops)."""
+        out: dict[str, Any] = {}
+        for key in encoded[0]:
+            values = [e[key] for e in encoded]
+            shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+            fill = self._pad_id() if key == "input_ids" else 0
+            padded = []
+            for v in values:
+                grow = [shape[d] - v.shape[d] for d in range(v.dim())]
+                if any(grow):
+                    pad: list[int] = []
+                    for g in reversed(grow):
+                        pad += [0, g]
+                    v = torch.nn.functional.pad(v, pad, value=fill)
+                padded.append(v)
+            out[key] = torch.cat(padded, dim=0)
+        return out
+
+    @torch.inference_mode()
+    def score_options_batch(
+        self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]
+    ) -> list[dict[str, float]]:
+        """``score_options`` for several queries in one batched pass: the prompts (images included)
+        right-padded into one prefix forward, then every query's options in one forward over its
+        prefix's cache row (``scoring.score_after_prefixes``). Equal to ``score_options`` per query
+        within float tolerance."""
+        options = [list(dict.fromkeys(q.options or ())) for q in queries]
+        for q, o in zip(queries, options, strict=True):
+            if not o:
+                raise DataError(f"query {q.id}: no options to score")
+        conts = [self.option_token_ids(o) for o in options]
+        encoded = [
+            self.build_inputs(q, d, reserve=max(len(c) for c in cs))
+            for q, d, cs in zip(queries, demos_lists, conts, strict=True)
+        ]
+        lengths = [int(e["input_ids"].shape[1]) for e in encoded]
+        inputs = self._collate(encoded)
+        keep, kept = keep_positions(self.model, lengths)
+        out = self.model(**inputs, use_cache=True, **keep)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        first = torch.log_softmax(last_token_logits(out.logits, kept, lengths).float(), dim=-1)
+        rows = score_after_prefixes(
+            lambda batch, c: self._forward(batch, cache=c),
+            first,
+            cache,
+            inputs["attention_mask"],
+            conts,
+            self._pad_id(),
+            lengths,
+        )
+        return [dict(zip(o, r, strict=True)) for o, r in zip(options, rows, strict=True)]
+
+    def predict_batch(
+        self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]
+    ) -> list[Prediction]:
+        """``predict`` for a micro-batch: option questions of a batched family in one batched pass
+        (``score_options_batch``); open questions, and other families, one by one. Each prediction's
+        ``seconds`` is its share of the batch's time."""
+        t0 = time.perf_counter()
+        batched = [i for i, q in enumerate(queries) if q.options and self.family in self.BATCHED_FAMILIES]
+        preds: list[Prediction | None] = [None] * len(queries)
+        if len(batched) > 1:
+            scores = self.score_options_batch(
+                [queries[i] for i in batched], [demos_lists[i] for i in batched]
+            )
+            for i, s in zip(batched, scores, strict=True):
+                preds[i] = Prediction(answer=max(s, key=s.__getitem__), option_scores=s)
+        done = [
+            p if p is not None else self.predict(q, d)
+            for p, q, d in zip(preds, queries, demos_lists, strict=True)
+        ]
+        share = (time.perf_counter() - t0) / max(1, len(done))
+        for p in done:
+            p.seconds = share
+        return done
 
     # -- generation ------------------------------------------------------------------------------------
 

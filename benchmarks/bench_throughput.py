@@ -1,0 +1,361 @@
+"""Throughput of the stream (issue 25): micro-batched student passes (``--batch``) and teacher calls in
+flight (``--teacher-concurrency``). Ratios are measured within one run of this script, on one machine.
+
+    # the default student (local:smollm2) on Fashion-MNIST at 5%: student seconds a query and accuracy
+    python benchmarks/bench_throughput.py student --n 100 --batches 1,8 --orders 0,1,2
+
+    # a full-size random-weight SmolVLM-256M-Instruct (hf:, built from its published config values,
+    # no download) scoring the 10 Fashion-MNIST options with 2 demos: queries a second at each batch
+    python benchmarks/bench_throughput.py vlm --queries 16 --batches 1,4,8,16 [--device cuda]
+
+    # a loopback OpenAI-compatible teacher that sleeps --latency s a call, at 5%, C=1 vs C=4: how much
+    # of the teacher's latency the stream hides ((wall slow - wall instant) vs 0.2 x calls x latency)
+    python benchmarks/bench_throughput.py teacher --n 200 --latency 3 --concurrency 1,4 --student-seconds 0.1
+
+Each prints a table and writes JSON to benchmarks/results/throughput_<part>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _median_spread(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{statistics.median(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]"
+
+
+def _write(part: str, data: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"throughput_{part}.json"
+    path.write_text(json.dumps(data, indent=1))
+    print(f"wrote {path}")
+
+
+def _log(out: Path) -> list[dict[str, Any]]:
+    from icdistill.runlog import read_records
+
+    return [r for r in read_records(out / "log.jsonl") if r.get("event") == "query"]
+
+
+def _per_class(log: list[dict[str, Any]]) -> dict[str, float]:
+    by: dict[str, list[bool]] = {}
+    for r in log:
+        by.setdefault(r["label"], []).append(bool(r["correct"]))
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(by.items())}
+
+
+# -- the default student ------------------------------------------------------------------------------
+
+
+def bench_student(args: argparse.Namespace) -> None:
+    from icdistill.runner import RunConfig, build_parts, run_icd
+
+    batches = [int(b) for b in args.batches.split(",")]
+    orders = [int(s) for s in args.orders.split(",")]
+    parts = build_parts(RunConfig())
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in batches:
+            for seed in orders if b == 1 else orders[:1]:
+                forget = getattr(parts.student, "forget_readings", None)
+                if forget is not None:
+                    forget()  # no reading cached by an earlier run
+                out = Path(tmp) / f"b{b}s{seed}"
+                t0 = time.perf_counter()
+                run_icd(RunConfig(n=args.n, batch=b, seed=seed), out, parts=parts)
+                wall = time.perf_counter() - t0
+                log = _log(out)
+                student = [r["seconds"]["student"] for r in log]
+                row = {
+                    "batch": b,
+                    "seed": seed,
+                    "n": len(log),
+                    "wall_s": round(wall, 2),
+                    "student_s_per_query_median": round(statistics.median(student), 4),
+                    "student_s_per_query_mean": round(statistics.fmean(student), 4),
+                    "accuracy": round(sum(r["correct"] for r in log) / len(log), 3),
+                    "teacher_calls": sum(r["teacher_asked"] for r in log),
+                    "per_class": _per_class(log),
+                }
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "per_class"}), flush=True)
+    base = [r for r in rows if r["batch"] == 1]
+    print("\nbatch  seed  student s/query (mean)  ratio vs B=1 (same seed)  accuracy  wall s")
+    for r in rows:
+        ref = next(x for x in base if x["seed"] == r["seed"])
+        ratio = ref["student_s_per_query_mean"] / r["student_s_per_query_mean"]
+        print(
+            f"{r['batch']:>5}  {r['seed']:>4}  {r['student_s_per_query_mean']:>22.3f}  {ratio:>24.2f}  "
+            f"{r['accuracy']:>8.3f}  {r['wall_s']:>6.1f}"
+        )
+    _write("student", {"args": vars(args), "rows": rows})
+
+
+# -- a full-size random-weight hf: VLM ------------------------------------------------------------------
+
+# SmolVLM-256M-Instruct's published config.json (HuggingFaceTB/SmolVLM-256M-Instruct), the values that
+# set its size: the SigLIP vision tower, the 9x9 pixel shuffle and the SmolLM2-135M-sized text model
+SMOLVLM_256M = {
+    "scale_factor": 4,
+    "image_token_id": 49190,
+    "vision_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "image_size": 512,
+        "patch_size": 16,
+    },
+    "text_config": {
+        "vocab_size": 49280,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+def build_full_size_smolvlm(path: Path) -> None:
+    """A random-weight Idefics3 model with SmolVLM-256M-Instruct's sizes and a processor in its shape
+    (images at 512 px, one tile: 64 image tokens each), saved as an hf: model folder."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from tiny_vlms import IDEFICS3_TEMPLATE, _save_processor, _tokenizer
+
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = _tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid])
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 512}, max_image_size={"longest_edge": 512})
+    cfg = json.loads(json.dumps(SMOLVLM_256M))
+    cfg["image_token_id"] = tok.convert_tokens_to_ids("<image>")
+    text = cfg.pop("text_config")
+    vision = cfg.pop("vision_config")
+    text |= {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    config = Idefics3Config(text_config=text, vision_config=vision, **cfg)
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    seq_len = (512 // 16) ** 2 // cfg["scale_factor"] ** 2
+    _save_processor(path, tok, ip, IDEFICS3_TEMPLATE, {"image_seq_len": seq_len})
+
+
+def bench_vlm(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from icdistill.data.fashion_mnist import LABELS
+    from icdistill.models.registry import ModelContext, resolve_student
+    from icdistill.types import Demo, Query
+
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "smolvlm-256m-random"
+        build_full_size_smolvlm(path)
+        spec = f"hf:{path}?dtype={args.dtype}&device={args.device}&split=0&max_side=512"
+        student = resolve_student(spec, ModelContext())
+        rng = np.random.default_rng(0)
+
+        def image() -> Image.Image:
+            return Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).convert("RGB")
+
+        q = "What item of clothing is shown?"
+        queries = [Query(id=f"q{i}", image=image(), prompt=q, options=LABELS) for i in range(args.queries)]
+        demos = [[Demo(id=j, query_id=f"d{i}{j}", image=image(), prompt=q, answer=LABELS[j]) for j in range(2)]
+                 for i in range(args.queries)]  # fmt: skip
+        student.predict(queries[0], demos[0])  # warm-up
+        rows = []
+        for b in batches:
+            times = []
+            for _rep in range(args.repeats):
+                t0 = time.perf_counter()
+                for i in range(0, len(queries), b):
+                    if b == 1:
+                        student.predict(queries[i], demos[i])
+                    else:
+                        student.predict_batch(queries[i : i + b], demos[i : i + b])
+                times.append(time.perf_counter() - t0)
+            qps = [len(queries) / t for t in times]
+            rows.append({"batch": b, "queries_per_s": [round(x, 3) for x in qps], "median_qps": statistics.median(qps)})
+            print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]["median_qps"]
+    print("\nbatch  queries/s (median)  ratio vs B=1")
+    for r in rows:
+        print(f"{r['batch']:>5}  {r['median_qps']:>19.3f}  {r['median_qps'] / base:>12.2f}")
+    import torch
+
+    device = args.device if args.device == "cpu" else torch.cuda.get_device_name(0)
+    _write(f"vlm_{args.device}", {"args": vars(args), "device": device, "rows": rows})
+
+
+# -- a slow loopback teacher -----------------------------------------------------------------------------
+
+
+def _pixel_key(image: Any) -> str:
+    return hashlib.sha1(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
+
+
+def teacher_app(labels: dict[str, str], latency: float) -> Any:
+    """An OpenAI-compatible app that answers each image's label after ``latency`` seconds."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from PIL import Image
+
+    app = FastAPI()
+    app.state.calls = 0
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> JSONResponse:
+        app.state.calls += 1
+        part = next(p for p in reversed(body["messages"][-1]["content"]) if p.get("type") == "image_url")
+        image = Image.open(io.BytesIO(base64.b64decode(part["image_url"]["url"].split(",", 1)[1])))
+        await asyncio.sleep(latency)
+        answer = labels.get(_pixel_key(image), "unknown")
+        choices = [{"index": i, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+                   for i in range(int(body.get("n", 1)))]  # fmt: skip
+        return JSONResponse({"choices": choices, "usage": {"prompt_tokens": 10, "completion_tokens": 1}})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"data": [{"id": "teacher"}]}
+
+    return app
+
+
+class _Server:
+    def __init__(self, app: Any) -> None:
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class SleepingStudent:
+    """Stands in for a GPU student that takes ``seconds`` a query: copies the nearest demo's answer."""
+
+    name = "sleeping-student"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def predict(self, query: Any, demos: Any) -> Any:
+        from icdistill.types import Prediction
+
+        time.sleep(self.seconds)
+        scores = {o: 0.0 for o in query.options}
+        if demos and demos[-1].answer in scores:
+            scores[demos[-1].answer] = 2.0
+        return Prediction(answer=max(scores, key=scores.__getitem__), option_scores=scores, seconds=self.seconds)
+
+
+def bench_teacher(args: argparse.Namespace) -> None:
+    from icdistill.data.stream import load_dataset, stream_order
+    from icdistill.models.registry import ModelContext, resolve_embedder, resolve_teacher
+    from icdistill.runner import Parts, RunConfig, run_icd
+
+    dataset = load_dataset("fashion-mnist", split="test")
+    order = stream_order(len(dataset), args.n, 0, True)
+    labels = {}
+    for i in order:
+        item = dataset.item(i)
+        labels[_pixel_key(item.image)] = item.label
+    embedder = resolve_embedder("local:conse", ModelContext())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for latency in (0.0, args.latency):
+            app = teacher_app(labels, latency)
+            with _Server(app) as url:
+                spec = f"openai:teacher@{url}/v1?timeout=600&retries=0&cache=0&image_format=png&concurrency=16"
+                teacher = resolve_teacher(spec, ModelContext())
+                for c in [int(x) for x in args.concurrency.split(",")]:
+                    out = Path(tmp) / f"l{latency}c{c}"
+                    parts = Parts(SleepingStudent(args.student_seconds), teacher, embedder)
+                    cfg = RunConfig(n=args.n, teacher=spec, judge="off", teacher_concurrency=c)
+                    t0 = time.perf_counter()
+                    run_icd(cfg, out, parts=parts)
+                    wall = time.perf_counter() - t0
+                    log = _log(out)
+                    rows.append({
+                        "latency_s": latency, "concurrency": c, "wall_s": round(wall, 2),
+                        "calls": sum(r["teacher_asked"] for r in log),
+                        "accuracy": round(sum(r["correct"] for r in log) / len(log), 3),
+                    })  # fmt: skip
+                    print(json.dumps(rows[-1]), flush=True)
+    print("\nC  wall instant  wall slow  added  calls  0.2 x calls x latency  hidden  accuracy (slow)")
+    for c in sorted({r["concurrency"] for r in rows}):
+        fast = next(r for r in rows if r["concurrency"] == c and r["latency_s"] == 0.0)
+        slow = next(r for r in rows if r["concurrency"] == c and r["latency_s"] == args.latency)
+        added = slow["wall_s"] - fast["wall_s"]
+        budget = 0.2 * slow["calls"] * args.latency
+        hidden = 1 - added / (slow["calls"] * args.latency) if slow["calls"] else 1.0
+        print(
+            f"{c}  {fast['wall_s']:>12.1f}  {slow['wall_s']:>9.1f}  {added:>5.1f}  {slow['calls']:>5}  "
+            f"{budget:>21.1f}  {hidden:>6.0%}  {slow['accuracy']:.3f}"
+        )
+    _write("teacher", {"args": vars(args), "rows": rows})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="part", required=True)
+    s = sub.add_parser("student")
+    s.add_argument("--n", type=int, default=100)
+    s.add_argument("--batches", default="1,8")
+    s.add_argument("--orders", default="0,1,2", help="stream orders (seeds) run at B=1; the first at every B")
+    v = sub.add_parser("vlm")
+    v.add_argument("--queries", type=int, default=16)
+    v.add_argument("--batches", default="1,4,8,16")
+    v.add_argument("--repeats", type=int, default=3)
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--dtype", default="float32")
+    t = sub.add_parser("teacher")
+    t.add_argument("--n", type=int, default=200)
+    t.add_argument("--latency", type=float, default=3.0)
+    t.add_argument("--concurrency", default="1,4")
+    t.add_argument("--student-seconds", type=float, default=0.1)
+    args = p.parse_args()
+    {"student": bench_student, "vlm": bench_vlm, "teacher": bench_teacher}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
