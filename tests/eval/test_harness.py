@@ -263,7 +263,7 @@ def test_every_stream_image_is_embedded_before_any_cell_runs(tmp_path):
     }
     assert first_cell_ids <= {q for e, q in events[:first_predict] if e == "embed"}
     assert all(r["image_embed_seconds"] is not None for r in rows)
-    assert "s/query (warm cache)" in (tmp_path / "out" / "report.md").read_text()
+    assert "s/query (first seed)" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_short_grid_says_its_gate_chose_nothing_and_reports_per_class(tmp_path):
@@ -290,7 +290,7 @@ def test_short_grid_says_its_gate_chose_nothing_and_reports_per_class(tmp_path):
     assert all(r["teacher_calls"] == 5 and r["gate_chosen_calls"] == 0 for r in icd)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "No gate-chosen call" in report and "`icd @ 10%` (seeds 0, 1)" in report
-    assert "## Per class" in report and "| label | queries | student-zero-shot |" in report
+    assert "## Per class" in report and "| label | queries | lift | student-zero-shot |" in report
     for label in ("red", "green", "blue", "yellow"):
         assert f"| {label} |" in report
     assert (tmp_path / "out" / "per_class.png").read_bytes()[:4] == b"\x89PNG"

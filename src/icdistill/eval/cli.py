@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,7 +116,7 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from icdistill.eval.harness import plan, run_eval
-    from icdistill.eval.report import summary_table
+    from icdistill.eval.screen import print_screen
 
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     console = Console(stderr=True)
@@ -130,10 +129,10 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
                 f"ran on {len(w)} Ray actors on {len({x['node'] for x in w})} node(s), "
                 f"{w[0]['torch_threads']} torch thread(s) each"
             )
-    # plain text: rich would wrap the markdown table at 80 columns when stdout is a file or a pipe
-    sys.stdout.write(summary_table(rows) + "\n")
-    sys.stdout.flush()
-    console.print(f"results: {out / 'results.csv'}  report: {out / 'report.md'}")
+    # a table that fits the terminal (80 columns in a file or a pipe), the per-class drops below the
+    # student alone and the teacher warning; every column and figure is in report.md
+    print_screen(rows, out, Console(highlight=False))
+    console.print(f"results: {out / 'results.csv'}  report: {out / 'report.md'} (all columns, plots)")
     return 0
 
 

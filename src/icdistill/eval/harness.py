@@ -237,6 +237,8 @@ def cell_row(cell: Cell, summary: dict[str, Any], records: Sequence[dict[str, An
         "teacher_calls": summary["teacher_calls"],
         "rejected_annotations": summary["rejected_annotations"],
         "teacher_failures": summary.get("teacher_failures", 0),
+        "teacher_label_accuracy": summary.get("teacher_label_accuracy"),
+        "teacher_label_checked": summary.get("teacher_label_checked"),
         "demonstration_accuracy": summary["demonstration_accuracy"],
         "first_pass_accuracy": summary["first_pass_accuracy"],
         "auroc": scores["auroc"],
