@@ -202,6 +202,28 @@ class ColourStudent:
         return Prediction(answer=answer, option_scores=scores)
 
 
+class CopyingColourStudent:
+    """Knows colours alone (``ColourStudent``), but with demos in its prompt copies the nearest one:
+    the small VLM that leans on its demos, whose ICL reading is wrong wherever the pool lacks the
+    query's class."""
+
+    name = "copying-colour-student"
+
+    def __init__(self) -> None:
+        self.alone = ColourStudent()
+        self.calls = {"icl": 0, "zero-shot": 0}
+
+    def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        if not demos:
+            self.calls["zero-shot"] += 1
+            return self.alone.predict(query, demos)
+        self.calls["icl"] += 1
+        assert query.options
+        scores = dict.fromkeys(query.options, 0.0)
+        scores[demos[-1].answer] = 3.0
+        return Prediction(max(scores, key=scores.__getitem__), option_scores=scores)
+
+
 class GatedTeacher(FakeTeacher):
     """A FakeTeacher that answers only once ``release()`` is called (a slow teacher, under test control)."""
 

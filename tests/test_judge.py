@@ -4,12 +4,10 @@ tests/models and tests/test_judge_backends.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 
-from fakes import ColourStudent, FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
+from fakes import ColourStudent, CopyingColourStudent, FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
 from icdistill.data.stream import load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.judge import Judge, JudgeConfig
@@ -18,29 +16,7 @@ from icdistill.runlog import RunLog
 from icdistill.runner import query_stream
 from icdistill.select import make_selector
 from icdistill.teacher import TestTimeScaling
-from icdistill.types import Demo, GateContext, GateDecision, Prediction, Query
-
-
-class CopyingColourStudent:
-    """Knows colours alone (``ColourStudent``), but with demos in its prompt copies the nearest one:
-    the small VLM that leans on its demos, whose ICL reading is wrong wherever the pool lacks the
-    query's class."""
-
-    name = "copying-colour-student"
-
-    def __init__(self) -> None:
-        self.alone = ColourStudent()
-        self.calls = {"icl": 0, "zero-shot": 0}
-
-    def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
-        if not demos:
-            self.calls["zero-shot"] += 1
-            return self.alone.predict(query, demos)
-        self.calls["icl"] += 1
-        assert query.options
-        scores = dict.fromkeys(query.options, 0.0)
-        scores[demos[-1].answer] = 3.0
-        return Prediction(max(scores, key=scores.__getitem__), option_scores=scores)
+from icdistill.types import GateContext, GateDecision, Query
 
 
 class PositionsGate:
