@@ -664,3 +664,33 @@ def test_reachability_probe_fails_at_once_when_the_server_is_down(server) -> Non
     with LocalServer(keyed) as base2, pytest.raises(TeacherError, match="HTTP 401: invalid api key"):
         check_reachable(client(base2))
     check_reachable(FakeStudent())  # nothing to probe
+
+
+def test_predict_batch_sends_the_batch_together() -> None:
+    # a micro-batch of an openai: student (--batch 4): four requests open at once at the server,
+    # the same answers as one predict each
+    app = create_app(RecordingStudent())
+    state = {"now": 0, "max": 0}
+    four_open = asyncio.Event()
+
+    @app.middleware("http")
+    async def track(request: Request, call_next):
+        state["now"] += 1
+        state["max"] = max(state["max"], state["now"])
+        if state["now"] == 4:
+            four_open.set()
+        try:
+            if state["max"] < 4:  # the first requests wait (generously) for the rest of the batch
+                await asyncio.wait_for(four_open.wait(), timeout=120)
+            return await call_next(request)
+        finally:
+            state["now"] -= 1
+
+    queries = (QS * 2)[:4]
+    with LocalServer(app) as base:
+        model = client(base, concurrency=4)
+        got = model.predict_batch(queries, [[]] * 4)
+        want = [model.predict(q, []) for q in queries]
+    assert state["max"] == 4
+    assert [g.answer for g in got] == [w.answer for w in want]
+    assert all(g.option_scores == pytest.approx(w.option_scores) for g, w in zip(got, want, strict=True))
