@@ -160,3 +160,21 @@ def test_icd_run_on_an_hf_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert main(["run", "--resume", "--out", str(out), "--n", "9", "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_queries"] == 9 and summary["dataset"]["size"] == 9
+
+
+def test_a_text_label_column_says_its_questions_are_open_and_offers_its_values_as_options(tmp_path: Path) -> None:
+    # `hf:photos.parquet` with a string `label`: open questions without a word (answers "car wheel")
+    names = [c for c in COLOURS for _ in range(2)]
+    ds = colours()
+    ds = ds.remove_columns("label").add_column("label", names)  # the same labels, as plain text
+    ds.to_parquet(str(tmp_path / "photos.parquet"))
+    source = f"hf:{tmp_path / 'photos.parquet'}"
+    open_ = load_dataset(source)
+    assert open_.options is None
+    (warning,) = open_.warnings
+    assert "the label column 'label' holds text, not classes: the questions are open" in warning
+    assert "3 distinct values ('blue', 'green', 'red')" in warning
+    assert f"--dataset '{source}?options=labels'" in warning
+    closed = load_dataset(f"{source}?options=labels")
+    assert closed.options == ("blue", "green", "red") and closed.warnings == []
+    assert closed.item(2).options == ("blue", "green", "red") and closed.item(2).label == "green"

@@ -6,8 +6,9 @@ one such file, or the name of a dataset in the local Hugging Face cache. With
 fails. Keys (all optional): ``image=`` the image column (default: the one ``Image`` column),
 ``label=`` the label column (default: the one ``ClassLabel`` column, else ``label``/``labels``),
 ``prompt=`` a column of questions or the question itself, ``options=`` a column of per-row option
-lists (default: the ``ClassLabel`` names; none: open questions), ``split=`` the split (default: the
-run's ``--split`` when the dataset has it, else its only split).
+lists, or ``options=labels``: the label column's distinct values, for every row (default: the
+``ClassLabel`` names; none: open questions, said in a warning when the labels are text), ``split=``
+the split (default: the run's ``--split`` when the dataset has it, else its only split).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from icdistill.types import Query
 
 PREFIX = "hf:"
 KEYS = ("image", "label", "prompt", "options", "split")
+LABELS = "labels"  # options=labels: the label column's distinct values (unless a column is so named)
+MAX_SUGGESTED_OPTIONS = 50  # more distinct text labels than this look like captions, not classes
 _LOCAL_FILE_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -255,11 +258,18 @@ def load_hf(source: str, *, split: str = "test", prompt: str | None = None) -> H
         prompts = [str(p) if p else prompt or DEFAULT_PROMPT for p in ds[question]]
     else:
         prompts = [question or prompt or DEFAULT_PROMPT] * len(ds)
-    options_column = _column(ds, "options", keys.get("options"), source)
-    if options_column is not None:
+    warnings = []
+    distinct = tuple(sorted({label for label in labels if label is not None}))
+    if keys.get("options") == LABELS and (LABELS not in ds.features or label_column == LABELS):
+        if not distinct:
+            raise DataError(f"--dataset {source!r}: options=labels but no row has a label")
+        options: list[tuple[str, ...] | None] = [distinct] * len(ds)
+    elif (options_column := _column(ds, "options", keys.get("options"), source)) is not None:
         options = [tuple(map(str, o)) if o else None for o in ds[options_column]]
     else:
         options = [class_names] * len(ds)
+        if class_names is None and distinct:
+            warnings.append(_open_warning(source, label_column, distinct))
     for i, (label, opts) in enumerate(zip(labels, options, strict=True)):
         if label is not None and opts is not None and label not in opts:
             raise DataError(
@@ -268,4 +278,20 @@ def load_hf(source: str, *, split: str = "test", prompt: str | None = None) -> H
     if not labels:
         raise DataError(f"--dataset {source!r}: split {split!r} has no rows")
     name = Path(target).name or target
-    return HFDataset(name, ds, split, image_column, labels, prompts, options)
+    dataset = HFDataset(name, ds, split, image_column, labels, prompts, options)
+    dataset.warnings.extend(warnings)
+    return dataset
+
+
+def _open_warning(source: str, column: str | None, distinct: tuple[str, ...]) -> str:
+    """What a text label column makes of the questions, and how to ask them as a choice instead."""
+    shown = ", ".join(repr(d) for d in distinct[:5]) + (", ..." if len(distinct) > 5 else "")
+    said = (
+        f"the label column {column!r} holds text, not classes: the questions are open (the student "
+        f"writes an answer, scored by normalised exact match against the label). It has "
+        f"{len(distinct)} distinct values ({shown})"
+    )
+    if len(distinct) > MAX_SUGGESTED_OPTIONS:
+        return said
+    with_options = f"{source}{'&' if '?' in source else '?'}options={LABELS}"
+    return f"{said}; to ask them as a choice among these, use --dataset '{with_options}'"

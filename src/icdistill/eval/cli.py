@@ -120,9 +120,13 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     console = Console(stderr=True)
+
+    def warn(text: str) -> None:
+        console.print(f"icd: warning: {text}", style="yellow", markup=False, highlight=False)
+
     with _ray_runner(args) as runner:
         with _progress(console, args.quiet, len(plan(cfg)), queries=runner is None) as callbacks:
-            rows = run_eval(cfg, out, resume=args.resume, runner=runner, **callbacks)
+            rows = run_eval(cfg, out, resume=args.resume, runner=runner, on_warning=warn, **callbacks)
         if runner is not None and runner.workers:
             w = runner.workers
             console.print(

@@ -461,12 +461,14 @@ def run_eval(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     runner: CellRunner | None = None,
     on_cell_done: Callable[[int, int, Cell], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell (skipping finished ones on resume); write results.csv, report.md and plots.
 
     ``runner`` decides where cells run (default: here, in plan order, with the progress callbacks);
     results.csv always lists the finished cells in plan order, rewritten as each one finishes.
-    ``on_cell_done(done, total, cell)`` follows every finished cell."""
+    ``on_cell_done(done, total, cell)`` follows every finished cell; ``on_warning`` gets what the
+    dataset warns about (e.g. text labels that make open questions) before any cell runs."""
     from icdistill.eval.report import write_report
 
     out = Path(out)
@@ -479,6 +481,8 @@ def run_eval(
         cfg = _prepare_out(cfg, out, resume=False)
     dataset = dataset or load_dataset(cfg.base.dataset, split=cfg.base.split)
     stream_order(len(dataset), cfg.base.n, 0, cfg.base.shuffle)  # raises on an empty stream
+    for warning in dataset.warnings if on_warning is not None else ():
+        on_warning(warning)
     cells = plan(cfg)
     runner = runner or LocalCells(on_cell=on_cell, on_start=on_start, on_record=on_record)
     done: dict[int, dict[str, Any]] = {}
