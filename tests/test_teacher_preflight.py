@@ -84,3 +84,25 @@ def test_a_refused_first_teacher_call_ends_the_run_at_once(
     assert shown in err and "api_key_env variable" not in err
     assert app.state.calls == 1  # not retried, and not 10 calls before the run gives up
     assert read_records(out / "log.jsonl") == []  # the refused query is asked again on --resume
+
+
+def test_the_reference_teacher_on_a_dataset_without_labels_is_refused_before_the_models_load(
+    tmp_path, monkeypatch, capsys
+):
+    import json
+
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    manifest = tmp_path / "m.jsonl"
+    images = sorted(root.glob("*/*.png"))
+    manifest.write_text("".join(json.dumps({"image": str(p), "options": ["red", "blue"]}) + "\n" for p in images))
+
+    def no_loading(cfg, ctx=None):
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr("icdistill.runner.build_parts", no_loading)
+    out = tmp_path / "o"
+    args = ["run", "--dataset", str(manifest), "--teacher", "reference", "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--teacher reference answers with the dataset's labels, and none of its 8 items has one" in err
+    assert "Traceback" not in err and not out.exists()

@@ -69,6 +69,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 if args.resume and "flags differ" in str(e):
                     raise UsageError(str(e)) from e
                 raise
+            from icdistill.models.reference import unlabelled_refusal
+
+            why = unlabelled_refusal(cfg.teacher, dataset.labels())
+            if why:
+                raise UsageError(why)  # before the models load
             for warning in run_warnings(cfg, dataset):
                 console.print(f"icd: warning: {warning}", style="yellow", markup=False, highlight=False)
             with console.status("loading models", spinner="dots"):

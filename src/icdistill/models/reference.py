@@ -12,6 +12,18 @@ from icdistill.models.registry import ModelContext, Spec
 from icdistill.types import Query, TeacherResponse, Usage
 
 
+def unlabelled_refusal(teacher: str, labels: list[str]) -> str | None:
+    """Why a run cannot start, checked before any model loads: ``--teacher reference`` answers with the
+    labels, and the dataset has none; None when it can."""
+    if teacher.split("?")[0].split(":")[0].strip().lower() != "reference" or any(labels):
+        return None
+    return (
+        f"--teacher {teacher} answers with the dataset's labels, and none of its {len(labels)} items has "
+        "one: it would have nothing to teach. Use a model as teacher (e.g. --teacher "
+        "openai:gpt-4o-mini) or a labelled dataset"
+    )
+
+
 class ReferenceTeacher:
     """Answers with ``query.label``; each sample is independently wrong with probability ``noise``.
 
