@@ -358,6 +358,6 @@ def test_the_judge_checks_the_pool_s_vote_with_the_run_s_number_of_shots():
         selector=make_selector("image"),
         gate=AlwaysGate(),
         pool=SQLitePool(None),
-        config=LoopConfig(shots=5, judge=False),
+        config=LoopConfig(shots=5, judge="off"),
     )
     assert off.judge is None

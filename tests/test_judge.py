@@ -40,11 +40,13 @@ def colours(tmp_path_factory):
     queries = [q for q in query_stream(ds, order) if isinstance(q, Query)]
     # the teacher answers the first 4 red and the first 4 green queries only: blue and yellow are
     # never pooled, as a class the gate has not reached yet
-    taught = {p for label in ("red", "green") for p in sorted(q.position for q in queries if q.label == label)[:4]}
+    taught = {
+        p for label in ("red", "green") for p in sorted(q.position for q in queries if q.label == label)[:4]
+    }
     return queries, taught
 
 
-def _run(queries, taught, student, judge: bool, log=None, config=None):
+def _run(queries, taught, student, judge: str, log=None, config=None):
     return Distiller(
         student=student,
         annotator=TestTimeScaling(FakeTeacher()),
@@ -64,8 +66,8 @@ def _accuracy(records, labels=None, key="first_answer", shown=False):
 
 def test_the_judge_keeps_what_a_copying_student_reads_right_alone_where_the_pool_lacks_the_class(colours):
     queries, taught = colours
-    plain = _run(queries, taught, CopyingColourStudent(), judge=False)
-    judged = _run(queries, taught, CopyingColourStudent(), judge=True)
+    plain = _run(queries, taught, CopyingColourStudent(), judge="off")
+    judged = _run(queries, taught, CopyingColourStudent(), judge="on")
     alone = [ColourStudent().predict(q, []).answer == q.label for q in queries]
     # plain ICL copies a red or green demo for every blue query shown demos
     assert _accuracy(plain, {"blue"}, shown=True) == 0.0
@@ -88,18 +90,8 @@ def test_the_judge_keeps_what_a_copying_student_reads_right_alone_where_the_pool
 def test_skipping_the_zero_shot_reading_never_changes_an_answer_and_saves_reads(colours):
     queries, taught = colours
     skipping, full = CopyingColourStudent(), CopyingColourStudent()
-    a = _run(queries, taught, skipping, judge=True)
-    d = Distiller(
-        student=full,
-        annotator=TestTimeScaling(FakeTeacher()),
-        embedder=FakeEmbedder(),
-        selector=make_selector("image"),
-        gate=PositionsGate(taught),
-        pool=SQLitePool(None),
-        config=LoopConfig(shots=2),
-        judge=Judge(full, 2, JudgeConfig(skip=False)),
-    )
-    b = d.run(queries)
+    a = _run(queries, taught, skipping, judge="on")
+    b = _run(queries, taught, full, judge="full")
     assert [r["answer"] for r in a] == [r["answer"] for r in b]
     assert [r["first_answer"] for r in a] == [r["first_answer"] for r in b]
     # the zero-shot reading is read where it could change the answer, and for every taught query
@@ -110,7 +102,7 @@ def test_skipping_the_zero_shot_reading_never_changes_an_answer_and_saves_reads(
 
 def test_a_resumed_run_answers_as_the_uninterrupted_one(colours, tmp_path):
     queries, taught = colours
-    whole = _run(queries, taught, CopyingColourStudent(), judge=True)
+    whole = _run(queries, taught, CopyingColourStudent(), judge="on")
 
     def distiller(student, pool, log):
         return Distiller(
@@ -133,12 +125,15 @@ def test_a_resumed_run_answers_as_the_uninterrupted_one(colours, tmp_path):
         resumed = d.run(queries[17:])
     assert [r["option_probs"] for r in resumed] == [r["option_probs"] for r in whole]
     assert [r["answer"] for r in resumed] == [r["answer"] for r in whole]
-    assert [r["student_details"] for r in resumed] == [r["student_details"] for r in whole]
+    def judged(records):  # what the judge read and weighed, without its timings
+        return [{k: v for k, v in r["student_details"]["judge"].items() if k != "seconds"} for r in records]
+
+    assert judged(resumed) == judged(whole)
 
 
 def test_a_same_image_demo_answers_and_open_questions_pass_through(colours):
     queries, taught = colours
-    recs = _run(queries, taught, CopyingColourStudent(), judge=True)
+    recs = _run(queries, taught, CopyingColourStudent(), judge="on")
     rerun = [r for r in recs if r["teacher_asked"]]
     assert rerun and all(r["answer"] == r["label"] for r in rerun)  # the re-run sees its own demo
     student = FakeStudent()
@@ -153,3 +148,20 @@ def test_weights_are_even_before_any_check_and_bad_config_is_refused():
     assert w == pytest.approx([1 / 3] * 3) and t_icl == t_zs == 1.0
     with pytest.raises(Exception, match="judge"):
         JudgeConfig(bandwidth=0)
+
+
+def test_the_summary_reports_each_expert_and_the_envelope(colours):
+    from icdistill.run_metrics import judge_summary
+
+    queries, taught = colours
+    full = judge_summary(_run(queries, taught, CopyingColourStudent(), judge="full"))
+    assert full is not None and full["all_read"] == full["judged_queries"] > 0
+    icl, zs, vote = (full["experts"][k] for k in ("icl", "zero-shot", "vote"))
+    assert icl["read"] == zs["read"] == vote["read"] == full["judged_queries"]
+    # the student alone knows every colour here; its copies of demos do not
+    assert zs["first_pass_accuracy"] == 1.0 and icl["first_pass_accuracy"] < 1.0
+    assert full["envelope"] == 1.0 and full["first_pass_accuracy_all_read"] <= full["envelope"]
+    assert full["icl_copies_nearest_demo"] == 1.0
+    on = judge_summary(_run(queries, taught, CopyingColourStudent(), judge="on"))
+    assert on is not None and on["experts"]["zero-shot"]["read"] < on["judged_queries"]
+    assert judge_summary(_run(queries, taught, CopyingColourStudent(), judge="off")) is None

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from icdistill.coverage import StreamDensity, decode_sketch, encode_sketch
 from icdistill.errors import DataError, ICDError, TeacherError, TeacherRefused, TeacherUnavailable
 from icdistill.gate import is_forced, uncertainty_measure
-from icdistill.judge import Judge, Judging
+from icdistill.judge import JUDGE_MODES, Judge, JudgeConfig, Judging
 from icdistill.protocols import Embedder, Gate, Selector, Student
 from icdistill.runlog import RunLog
 from icdistill.select import nearest_demo_similarity, question_kind_count
@@ -45,8 +45,9 @@ class LoopConfig:
     # the stream without a teacher
     max_teacher_failures: int = 10
     # the judge (``icdistill.judge``) weighs the student's ICL and zero-shot readings and the pool's
-    # vote for option questions; off: plain ICL, the student's reading with its demos is the answer
-    judge: bool = True
+    # vote for option questions: "on" (a reading only where it can change the answer), "full" (every
+    # reading of every query, to measure each one), "off" (plain ICL: the reading with demos answers)
+    judge: str = "on"
 
     def __post_init__(self) -> None:
         if self.shots < 0:
@@ -56,6 +57,8 @@ class LoopConfig:
         if self.answer not in ("student", "forward"):
             raise ICDError(f"answer policy must be 'student' or 'forward', got {self.answer!r}")
         uncertainty_measure(self.uncertainty)
+        if self.judge not in JUDGE_MODES:
+            raise ICDError(f"judge must be one of {', '.join(JUDGE_MODES)}, got {self.judge!r}")
         if self.demo_order not in ("best-last", "best-first"):
             raise ICDError(f"demo order must be 'best-last' or 'best-first', got {self.demo_order!r}")
 
@@ -111,8 +114,8 @@ class Distiller:
         # how typical each query is of the stream so far: one of the gate's coverage signals
         self.density = StreamDensity()
         self.judge: Judging | None = judge
-        if judge is None and self.config.judge:
-            self.judge = Judge(student, self.config.shots)
+        if judge is None and self.config.judge != "off":
+            self.judge = Judge(student, self.config.shots, JudgeConfig(skip=self.config.judge == "on"))
         if log is not None:
             self._replay(log.records)
 

@@ -53,6 +53,7 @@ from icdistill.select import nearest_demos
 from icdistill.types import IMAGE, Demo, Embeddings, Prediction, Query, image_digest
 
 ICL, ZERO_SHOT, VOTE = "icl", "zero-shot", "vote"
+JUDGE_MODES = ("on", "full", "off")  # LoopConfig.judge
 EXPERTS = (ICL, ZERO_SHOT, VOTE)
 # a pooled demo this similar to the query, of the same query or image content, is the same image: its
 # (teacher's) answer is the answer
@@ -243,6 +244,7 @@ class Judge:
             if voted is not None:  # demos of no shown kind, e.g. shots 0: the vote is still read
                 details["vote"], details["similarity"] = _round(voted[0]), round(voted[1], 5)
             return self._prediction(options, p, details, start)
+        zs_seconds = self.seconds[ZERO_SHOT]
         icl_pred = icl if icl is not None else self._icl(query, demos)
         s = voted[1] if voted is not None else None
         w, t_icl, t_zs = self.weights(options, s)
@@ -276,6 +278,11 @@ class Judge:
             "zero_shot": None if readings[ZERO_SHOT] is None else _round(self.zero_shot(query, options)),
             "vote": None if voted is None else _round(voted[0]),
             "temperatures": [round(t_icl, 4), round(t_zs, 4)],
+            # the student's time on each reading of this query (a micro-batch's ICL reading: its share)
+            "seconds": {
+                ICL: round(icl_pred.seconds, 6),
+                ZERO_SHOT: round(self.seconds[ZERO_SHOT] - zs_seconds, 6),
+            },
         }
         for name in (ZERO_SHOT, VOTE):
             if readings[name] is not None:

@@ -34,9 +34,10 @@ def add_loop_args(demos: Any, gate: Any, teacher: Any, d: Any) -> None:
     demos.add_argument(
         "--judge",
         default=getattr(d, "judge", "on"),
-        choices=["on", "off"],
+        choices=["on", "full", "off"],
         help="option questions: weigh the student's reading with its demos, its zero-shot reading and the "
-        "nearest demos' vote, learned from the teacher's answers (off: the reading with demos alone)",
+        "nearest demos' vote, learned from the teacher's answers (full: every reading of every query, to "
+        "measure each; off: the reading with demos alone)",
     )
     demos.add_argument(
         "--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos"

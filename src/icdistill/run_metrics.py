@@ -44,7 +44,9 @@ def never_pooled(
     Where the pool is blind to a class, the demos can only pull its queries toward other classes."""
     qs = [r for r in records if r.get("event") == "query" and r.get("label") is not None]
     if pooled is None:
-        pooled = {r["annotation"]["answer"] for r in qs if r.get("annotation") and r["annotation"].get("accepted")}
+        pooled = {
+            r["annotation"]["answer"] for r in qs if r.get("annotation") and r["annotation"].get("accepted")
+        }
     counts: dict[str, int] = {}
     for r in qs:
         counts[r["label"]] = counts.get(r["label"], 0) + 1
@@ -56,6 +58,46 @@ def copy_rate(records: list[dict[str, Any]]) -> float | None:
     copies its nearest demo whatever it reads itself."""
     rows = [r for r in records if r.get("event") == "query" and r.get("nearest_demo_answer") is not None]
     return _mean([float(r["first_answer"] == r["nearest_demo_answer"]) for r in rows])
+
+
+_EXPERT_ANSWERS = (("icl", "icl_answer"), ("zero-shot", "zero_shot_answer"), ("vote", "vote_answer"))
+
+
+def judge_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What each of the judge's experts said on the first passes it judged (``icdistill.judge``): how
+    often it was read, its accuracy there, the student's seconds per judged query on it; and, over the
+    queries where all three were read (every query with ``--judge full``), the share where any of them
+    was right (the envelope) beside the judged first pass. None when no query was judged."""
+    rows = [
+        r
+        for r in records
+        if r.get("event") == "query"
+        and ((r.get("student_details") or {}).get("judge") or {}).get("by") == "judge"
+    ]
+    if not rows:
+        return None
+    details = [r["student_details"]["judge"] for r in rows]
+    labelled = [(r, j) for r, j in zip(rows, details, strict=True) if r.get("label") is not None]
+    experts: dict[str, Any] = {}
+    for name, key in _EXPERT_ANSWERS:
+        read = [(r, j) for r, j in labelled if key in j]
+        experts[name] = {
+            "read": sum(key in j for j in details),
+            "first_pass_accuracy": _mean([float(j[key] == r["label"]) for r, j in read]),
+            "seconds_per_judged_query": _mean(
+                [float((j.get("seconds") or {}).get(name, 0.0)) for j in details]
+            ),
+        }
+    every = [(r, j) for r, j in labelled if all(key in j for _, key in _EXPERT_ANSWERS)]
+    return {
+        "judged_queries": len(rows),
+        "first_pass_accuracy": _mean([float(r["first_correct"]) for r, _ in labelled]),
+        "experts": experts,
+        "icl_copies_nearest_demo": _mean([float(j.get("icl_copies_nearest_demo", False)) for j in details]),
+        "all_read": len(every),
+        "envelope": _mean([float(any(j[key] == r["label"] for _, key in _EXPERT_ANSWERS)) for r, j in every]),
+        "first_pass_accuracy_all_read": _mean([float(r["first_correct"]) for r, _ in every]),
+    }
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -122,4 +164,5 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "teacher_seconds": sum(r["seconds"]["teacher"] for r in qs),
         "embed_seconds": sum(r["seconds"]["embed"] for r in qs),
         "seconds_per_query": _mean([r["seconds"]["total"] for r in qs]),
+        "judge": judge_summary(records),
     }

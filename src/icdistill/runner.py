@@ -70,7 +70,8 @@ class RunConfig:
     uncertainty: str = "entropy"
     demo_order: str = "best-last"
     max_teacher_failures: int = 10
-    # weigh the student's ICL and zero-shot readings and the pool's vote (icdistill.judge); off: plain ICL
+    # weigh the student's ICL and zero-shot readings and the pool's vote (icdistill.judge): on, full
+    # (every reading of every query), off (plain ICL)
     judge: str = "on"
     pool_max: int | None = None
     # a PostgreSQL URL shares the pool with other workers (``icdistill.pool.pg``); None: pool.sqlite
@@ -124,8 +125,6 @@ class RunConfig:
             )
         if not 0 < self.budget <= 1:
             raise ICDError(f"--budget is a teacher-call rate in (0, 1], got {self.budget}")
-        if self.judge not in ("on", "off"):
-            raise ICDError(f"--judge must be 'on' or 'off', got {self.judge!r}")
         if self.samples < 1:
             raise ICDError(f"--samples must be >= 1, got {self.samples}")
         if not 0 <= self.agreement <= 1:
@@ -139,7 +138,7 @@ class RunConfig:
             uncertainty=self.uncertainty,
             demo_order=self.demo_order,  # type: ignore[arg-type]
             max_teacher_failures=self.max_teacher_failures,
-            judge=self.judge == "on",
+            judge=self.judge,
         )
 
     @classmethod

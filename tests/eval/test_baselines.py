@@ -80,3 +80,23 @@ def test_self_teacher_samples_the_students_own_distribution():
     assert a.count("blue") <= 2
     with pytest.raises(Exception, match="no student prediction"):
         SelfTeacher(MemoStudent(Sure())).sample(q, 1)
+
+
+def test_knn_or_zero_shot_switches_at_its_cosine():
+    from PIL import Image
+
+    from fakes import ColourStudent, FakeEmbedder
+    from icdistill.eval.baselines import NearestOrZeroShotStudent
+
+    emb = FakeEmbedder()
+    red = Image.new("RGB", (4, 4), (200, 30, 30))
+    blue = Image.new("RGB", (4, 4), (30, 40, 200))
+    opts = ("red", "green", "blue")
+    demo = Demo(id=1, query_id="d", image=red, prompt="c?", answer="green",
+                embeddings={IMAGE: emb.embed_query(Query(id="d", image=red, prompt="c?"))[IMAGE]})
+    switch = NearestOrZeroShotStudent(ColourStudent(), emb, cos=0.7)
+    near = switch.predict(Query(id="a", image=red, prompt="c?", options=opts), [demo])
+    assert near.answer == "green" and near.details["switch"] == "nearest-demo"  # the demo, even if wrong
+    far = switch.predict(Query(id="b", image=blue, prompt="c?", options=opts), [demo])
+    assert far.answer == "blue" and far.details["switch"] == "zero-shot"  # cosine ~0.4: its own reading
+    assert switch.predict(Query(id="c", image=red, prompt="c?", options=opts), []).answer == "red"

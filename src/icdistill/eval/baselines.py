@@ -79,6 +79,49 @@ class KNNStudent:
         return Prediction(answer=answer, option_scores=scores, seconds=time.perf_counter() - start)
 
 
+class NearestOrZeroShotStudent:
+    """``knn-or-zero-shot``: the fixed switch a sceptic tries first. The nearest shown demo's answer when
+    its cosine to the query (in the embedder's space ``key``) is at least ``cos``, else the student's
+    own zero-shot answer. No learning: one threshold for every dataset."""
+
+    def __init__(self, student: Student, embedder: Embedder, cos: float = 0.7, key: str = IMAGE) -> None:
+        if not -1.0 <= cos <= 1.0:
+            raise ICDError(f"knn-or-zero-shot cos must be in [-1, 1], got {cos}")
+        self.student = student
+        self.embedder = embedder
+        self.cos = cos
+        self.key = key
+        self.name = f"knn-or-zero-shot:{student.name}"
+
+    def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        start = time.perf_counter()
+        q = self.embedder.embed_query(query).get(self.key) if demos else None
+        if q is not None and all(self.key in d.embeddings for d in demos):
+            qv = _unit(q)
+            sims = [float(_unit(d.embeddings[self.key]) @ qv) for d in demos]
+            best = int(np.argmax(sims))
+            if sims[best] >= self.cos:
+                answer = demos[best].answer
+                if query.options is None or answer in query.options:
+                    options = query.options or (answer,)
+                    scores = {o: 0.0 if o == answer else _FLOOR for o in options}
+                    details = {"switch": "nearest-demo", "similarity": round(sims[best], 5)}
+                    if query.options is None:
+                        return Prediction(
+                            answer,
+                            token_logprobs=[0.0],
+                            token_entropies=[0.0],
+                            details=details,
+                            seconds=time.perf_counter() - start,
+                        )
+                    return Prediction(
+                        answer, option_scores=scores, details=details, seconds=time.perf_counter() - start
+                    )
+        pred = self.student.predict(query, [])
+        pred.details = {**pred.details, "switch": "zero-shot"}
+        return pred
+
+
 class AbstainingStudent:
     """Answers nothing, at no cost: with ``answer=forward`` and the ``always`` gate, the run is the
     teacher alone on every query (``teacher-zero-shot``)."""

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from icdistill.errors import ICDError
-from icdistill.eval.baselines import AbstainingStudent, KNNStudent, MemoStudent, SelfTeacher
+from icdistill.eval.baselines import (
+    AbstainingStudent,
+    KNNStudent,
+    MemoStudent,
+    NearestOrZeroShotStudent,
+    SelfTeacher,
+)
 from icdistill.runner import Parts, RunConfig
 
 _RUN_FIELDS = {f.name: f for f in fields(RunConfig)}
@@ -133,6 +139,11 @@ def _knn(parts: Parts, cfg: RunConfig, opts: dict[str, str]) -> Parts:
     return replace(parts, student=KNNStudent(parts.embedder, temperature=temperature))
 
 
+def _nearest_or_zero_shot(parts: Parts, cfg: RunConfig, opts: dict[str, str]) -> Parts:
+    cos = float(opts.get("cos", 0.7))
+    return replace(parts, student=NearestOrZeroShotStudent(parts.student, parts.embedder, cos=cos))
+
+
 def _teacher_only(parts: Parts, cfg: RunConfig, opts: dict[str, str]) -> Parts:
     return replace(parts, student=AbstainingStudent())
 
@@ -175,7 +186,7 @@ METHODS: dict[str, Method] = {
             "teacher-zero-shot",
             "the teacher on every query (the ceiling and its price)",
             uses_budget=False,
-            config={"gate": "always", "shots": 0, "answer": "forward"},
+            config={"gate": "always", "shots": 0, "answer": "forward", "judge": "off"},
             options={"teacher": "teacher spec", "samples": "teacher samples per query", "agreement": "floor"},
             wrap=_teacher_only,
         ),
@@ -207,7 +218,7 @@ METHODS: dict[str, Method] = {
             "knn-pool",
             "similarity-weighted k-NN vote over the teacher-labelled pool, gated by its vote margin; no LM",
             uses_budget=True,
-            config={"shots": 3, "uncertainty": "margin"},
+            config={"shots": 3, "uncertainty": "margin", "judge": "off"},
             options={
                 "shots": "neighbours that vote (default 3)",
                 "temperature": "softmax temperature of the cosine weights (default 0.05)",
@@ -215,6 +226,18 @@ METHODS: dict[str, Method] = {
                 "selector": "how neighbours are found (default: the ICD selector)",
             },
             wrap=_knn,
+        ),
+        Method(
+            "knn-or-zero-shot",
+            "a fixed switch, no learning: the nearest demo's answer if its cosine is >= cos, else the "
+            "student's zero-shot answer",
+            uses_budget=True,
+            config={"judge": "off"},
+            options={
+                "cos": "the switch's cosine threshold (default 0.7)",
+                "shots": "demos searched (default 2)",
+            },
+            wrap=_nearest_or_zero_shot,
         ),
         Method(
             "oracle-icl",
@@ -234,7 +257,7 @@ METHODS: dict[str, Method] = {
             "self-label",
             "no teacher: the student's own answers enter the pool when N samples of its distribution agree",
             uses_budget=False,
-            config={"gate": "always", "answer": "forward", "samples": 5, "agreement": 0.8},
+            config={"gate": "always", "answer": "forward", "samples": 5, "agreement": 0.8, "judge": "off"},
             options={
                 "samples": "samples drawn from the student (default 5)",
                 "agreement": "floor (default 0.8)",
