@@ -219,3 +219,9 @@ def test_progress_bar_shows_calls_in_flight() -> None:
         on_start(0, 2)
         on_record(rec)
     assert "in flight 3" in console.export_text()
+
+
+def test_calls_in_flight_on_a_shared_pool_are_refused_clearly(data: Path) -> None:
+    with pytest.raises(ICDError, match="not supported yet"):
+        _cfg(data, pool="postgresql://localhost/icd", teacher_concurrency=4)
+    _cfg(data, pool="postgresql://localhost/icd", teacher_concurrency=1, batch=8)  # batches are fine

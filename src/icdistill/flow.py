@@ -43,12 +43,20 @@ from icdistill.types import Annotation, Query
 DEFAULT_WINDOW = 256
 
 
-def check_flow(teacher_concurrency: int, batch: int) -> None:
-    """Validate the two knobs (the command line's ``--teacher-concurrency`` and ``--batch``)."""
+def check_flow(teacher_concurrency: int, batch: int, shared_pool: bool = False) -> None:
+    """Validate the two knobs (the command line's ``--teacher-concurrency`` and ``--batch``).
+    ``shared_pool``: the run's pool is a PostgreSQL pool, whose claims (taken when a call starts)
+    run on the pool's one work connection: no calls in flight there yet."""
     if not isinstance(teacher_concurrency, int) or teacher_concurrency < 1:
         raise ICDError(f"--teacher-concurrency must be a whole number >= 1, got {teacher_concurrency!r}")
     if not isinstance(batch, int) or batch < 1:
         raise ICDError(f"--batch must be a whole number >= 1, got {batch!r}")
+    if shared_pool and teacher_concurrency > 1:
+        raise ICDError(
+            f"--teacher-concurrency {teacher_concurrency} with a shared --pool postgresql://... is not "
+            "supported yet (the pool's claims run on one connection); use --teacher-concurrency 1 there, "
+            "or more workers (--shard)"
+        )
 
 
 def answer_batch(distiller: Distiller, queries: list[Query]) -> list[Draft]:

@@ -104,7 +104,7 @@ class RunConfig:
             raise ICDError(f"--pool-max must be >= 1, got {self.pool_max}")
         if self.pool is not None:
             check_pool_url(self.pool)
-        check_flow(self.teacher_concurrency, self.batch)
+        check_flow(self.teacher_concurrency, self.batch, shared_pool=self.pool is not None)
         check_shard(self.shard, self.pool)
         if self.max_calls is not None and self.max_calls < 0:
             raise ICDError(f"--max-calls must be >= 0, got {self.max_calls}")
