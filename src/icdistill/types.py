@@ -58,6 +58,22 @@ def check_image_shape(width: int, height: int, max_aspect: float = MAX_ASPECT_RA
         )
 
 
+def too_many_pixels(error: Exception, limit: int | None = None, flag: str | None = None) -> str:
+    """Pillow's decompression-bomb refusal said plainly: the image's pixels, the limit, and what sets
+    it (``flag``, else Pillow's own guard, ``PIL.Image.MAX_IMAGE_PIXELS``)."""
+    import re
+
+    m = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(m.group(1)):,} pixels" if m else "more pixels than the limit"
+    guard = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if limit is not None:
+        shown = min(limit, guard) if guard else limit
+        by = f" ({flag})" if flag and shown == limit else " (Pillow's decompression-bomb guard)"
+    else:
+        shown, by = guard, " (Pillow's decompression-bomb guard): downscale it"
+    return f"the image has {size}; the limit is {shown:,}{by}" if shown else f"the image has {size}"
+
+
 @dataclass(frozen=True)
 class Query:
     """One item of the stream: an image and a prompt, optionally with candidate answers and a label.

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from icdistill.errors import DataError
 from icdistill.pool.image_cache import ImageCache
-from icdistill.types import Query, check_image_shape
+from icdistill.types import Query, check_image_shape, too_many_pixels
 
 DEFAULT_PROMPT = "What is shown in this image?"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -182,6 +182,8 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
             return normalise_mode(ImageOps.exif_transpose(im))
     except DataError as e:
         raise DataError(f"cannot use image {path}: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"cannot use image {path}: {too_many_pixels(e)}") from e
     # Broad on purpose: decoders raise assorted types (OSError, SyntaxError, struct.error...) on bad files.
     except Exception as e:
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e

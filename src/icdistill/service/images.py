@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from icdistill.errors import DataError, ServiceError
 from icdistill.service.errors import bad_request
-from icdistill.types import check_image_shape
+from icdistill.types import check_image_shape, too_many_pixels
 
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -53,7 +53,7 @@ def check_header(w: int, h: int, max_pixels: int, budget: PixelBudget | None) ->
 
 
 @contextmanager
-def _image_errors() -> Iterator[None]:
+def _image_errors(max_pixels: int | None = None) -> Iterator[None]:
     """Pillow's many failures as the service's 4xx."""
     try:
         with warnings.catch_warnings():
@@ -62,7 +62,7 @@ def _image_errors() -> Iterator[None]:
     except ServiceError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ServiceError(413, "image_too_large", f"image rejected as a decompression bomb: {e}") from e
+        raise ServiceError(413, "image_too_large", too_many_pixels(e, max_pixels, "--max-pixels")) from e
     except UnidentifiedImageError:
         raise bad_request("the image is corrupt or not in a known image format", "bad_image") from None
     except (OSError, ValueError, SyntaxError) as e:
@@ -73,7 +73,7 @@ def open_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None) 
     """The image with only its header read, its size and shape checked (and spent from ``budget``)."""
     if not data:
         raise bad_request("the image is empty", "bad_image")
-    with _image_errors():
+    with _image_errors(max_pixels):
         img = Image.open(io.BytesIO(data))
         check_header(*img.size, max_pixels, budget)
     return img
@@ -82,7 +82,7 @@ def open_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None) 
 def decode_image(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
     """A fully decoded image; its size and shape are checked from the header before any pixel is decoded."""
     img = open_image(data, max_pixels, budget)
-    with _image_errors():
+    with _image_errors(max_pixels):
         img.load()
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
