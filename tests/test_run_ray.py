@@ -5,6 +5,7 @@ actor mid-stream loses nothing and buys nothing twice. One local Ray instance (2
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import psycopg
@@ -51,6 +52,20 @@ class DyingStudent(FakeStudent):
         if self.calls + 1 == self.at and not os.path.exists(self.flag):
             Path(self.flag).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+        return super().predict(query, demos)
+
+
+class HangingStudent(FakeStudent):
+    """Hangs for good (a wait on an event nobody sets) once, at its ``at``-th prediction."""
+
+    def __init__(self, flag: str, at: int) -> None:
+        super().__init__()
+        self.flag, self.at = flag, at
+
+    def predict(self, query, demos):
+        if self.calls + 1 == self.at and not os.path.exists(self.flag):
+            Path(self.flag).write_text(str(os.getpid()))
+            threading.Event().wait()
         return super().predict(query, demos)
 
 
@@ -168,3 +183,18 @@ def test_ray_needs_a_shared_pool_and_enough_cpus(tmp_path, local_ray, url):
         run_on_ray(_cfg(data, url, n=4), tmp_path / "b", RayRunOptions(workers=3), parts=_parts())
     with pytest.raises(RaySetupError, match="--workers must be at least 1"):
         RayRunOptions(workers=0)
+
+
+def test_a_hung_actor_is_replaced_after_the_stall_timeout(tmp_path, local_ray, url):
+    data = colour_folder(tmp_path / "c", n_per_class=8)
+    flag = tmp_path / "hung"
+    # 20 s: a shard of 12 fake queries logs one every few milliseconds; the hung one never again
+    options = RayRunOptions(workers=2, stall_timeout_s=20)
+    result = run_on_ray(
+        _cfg(data, url), tmp_path / "big", options, parts=_parts(HangingStudent(str(flag), 5))
+    )
+    assert flag.exists() and result.complete and not result.failed
+    summary = _assert_each_position_once(tmp_path / "big", data)
+    assert len(summary["ray_workers"]) == 3  # the hung actor's replacement
+    calls, rows, distinct = _bought(url)
+    assert rows == distinct == calls

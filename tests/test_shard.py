@@ -164,3 +164,18 @@ def test_a_shard_resumes_with_a_longer_stream(tmp_path, url):
     dataset = load_dataset(data)
     assert after[: len(before)] == before
     assert after == [dataset.item(i).id for i in run_order(dataset, 32, 0, True, "1/2")]
+
+
+def test_ray_flags_are_checked_before_anything_starts(tmp_path, capsys):
+    data = colour_folder(tmp_path / "c", n_per_class=2)
+    pool = ["--pool", "postgresql://icd@127.0.0.1:1/icd"]
+    base = ["run", "--dataset", str(data), "--quiet", *pool]
+    assert main([*base, "--workers", "2", "--out", str(tmp_path / "a")]) == 2
+    assert "need --ray" in capsys.readouterr().err
+    assert main([*base, "--ray", "10.0.0.1:6379", "--workers", "2"]) == 2
+    assert "give --out, a folder on storage every node sees" in capsys.readouterr().err
+    assert main([*base, "--ray", "--workers", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+    assert main([*base, "--ray", "--replace", "--out", str(tmp_path / "b")]) == 2
+    assert "--replace" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

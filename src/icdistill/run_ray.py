@@ -226,6 +226,7 @@ def run_on_ray(
     out = Path(out).resolve()  # actors may not share the driver's working directory
     changes = dict(changes or {})
     base = prepare_out(cfg, out, options.workers, resume, changes)
+    t0 = time.perf_counter()
     with lock_run(out):
         runner = _ShardRunner(options, ShardJob(base, out, options.workers, changes, parts))
         runner.run(total, on_start, on_record)
@@ -234,6 +235,7 @@ def run_on_ray(
         result.failed = runner.failed
         result.summary["shards"]["failed"] = runner.failed
         result.summary["ray_workers"] = runner.workers
+        result.summary["wall_seconds_this_session"] = time.perf_counter() - t0
         write_json_atomic(out / "summary.json", result.summary)
     return result
 
@@ -386,6 +388,8 @@ def cmd_run_ray(args: Any, cfg: RunConfig, changes: dict[str, Any] | None) -> in
         )
     if args.resume and not args.out:
         raise UsageError("--resume needs --out, the folder of the run to continue")
+    if args.replace:
+        raise UsageError("--replace is not for --ray runs: choose another --out (or delete the old one)")
     try:
         options = RayRunOptions(
             workers=args.workers,
