@@ -16,9 +16,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_loop_args(demos: Any, gate: Any, teacher: Any, d: Any) -> None:
+GATE_SCORES = ("uncertainty", "coverage", "coverage-uncertainty")
+
+
+def add_loop_args(
+    demos: Any, gate: Any, teacher: Any, d: Any, gate_scores: tuple[str, ...] = GATE_SCORES
+) -> None:
     """Add the demonstration, gate and teacher options to their argument groups; ``d`` holds the
-    defaults as attributes (a ``RunConfig``, or a service's defaults)."""
+    defaults as attributes (a ``RunConfig``, or a service's defaults); ``gate_scores``: the
+    ``--gate-score`` values the command accepts (``icd serve``: uncertainty only)."""
     demos.add_argument("--shots", type=int, default=d.shots, help="demonstrations per query")
     demos.add_argument("--selector", default=d.selector, help="random, image, text, image-text, cross-modal")
     demos.add_argument("--k-tt", type=int, default=d.k_tt, help="cross-modal stage 1 size (text-text)")
@@ -49,12 +55,20 @@ def add_loop_args(demos: Any, gate: Any, teacher: Any, d: Any) -> None:
     gate.add_argument(
         "--delta", type=float, default=d.delta, help="uncertainty threshold for --gate threshold"
     )
+    ranks = {
+        "uncertainty": "the student's uncertainty",
+        "coverage": "coverage (far from every pooled demo and typical of the stream)",
+        "coverage-uncertainty": "both",
+    }
     gate.add_argument(
         "--gate-score",
         default=d.gate_score,
-        choices=["uncertainty", "coverage", "coverage-uncertainty"],
-        help="budget gate: rank queries by the student's uncertainty, by coverage (far from every pooled "
-        "demo and typical of the stream), or by both",
+        choices=list(gate_scores),
+        help="budget gate: rank queries by "
+        + ", by ".join(ranks[g] for g in gate_scores[:-1])
+        + f", or by {ranks[gate_scores[-1]]}"
+        if len(gate_scores) > 1
+        else f"budget gate: ranks queries by {ranks[gate_scores[0]]} (the only score this command offers)",
     )
     gate.add_argument(
         "--warmup",

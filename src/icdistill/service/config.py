@@ -254,7 +254,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--embedder", default=d["embedder"].default, help="retrieval embedder spec")
     g = p.add_argument_group("loop (as in icd run)")
-    add_loop_args(g, g, g, SimpleNamespace(**{name: f.default for name, f in d.items()}))
+    defaults = SimpleNamespace(**{name: f.default for name, f in d.items()})
+    add_loop_args(g, g, g, defaults, gate_scores=("uncertainty",))  # see ServeConfig.__post_init__
     g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the gate and the selectors")
 
 
