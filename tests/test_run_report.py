@@ -55,3 +55,21 @@ def test_a_short_teacher_record_that_mostly_matches_is_not_warned_about():
     assert teacher_warning({**base, "teacher_label_accuracy": 0.75, "teacher_label_checked": 4}) is None
     said = teacher_warning({**base, "teacher_label_accuracy": 0.25, "teacher_label_checked": 4})
     assert said is not None and "only 1 of 4 teacher answers" in said
+
+
+def test_warnings_written_to_a_file_are_whole_lines(tmp_path, monkeypatch, capsys):
+    # stderr to a file: rich cut the warnings at 80 columns
+    from fakes import FakeEmbedder, FakeStudent, colour_folder
+    from icdistill.cli import main
+    from icdistill.models.reference import ReferenceTeacher
+    from icdistill.runner import Parts
+
+    monkeypatch.setattr(
+        "icdistill.runner.build_parts",
+        lambda cfg, ctx=None: Parts(FakeStudent(), ReferenceTeacher(), FakeEmbedder()),
+    )
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    assert main(["run", "--dataset", str(root), "--n", "4", "--shots", "0", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    said = next(x for x in lines if x.startswith("icd: warning: --shots 0"))
+    assert len(said) > 80 and said.endswith("use --gate never for zero-shot")

@@ -75,7 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if why:
                 raise UsageError(why)  # before the models load
             for warning in run_warnings(cfg, dataset):
-                console.print(f"icd: warning: {warning}", style="yellow", markup=False, highlight=False)
+                console.print(f"icd: warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
             with console.status("loading models", spinner="dots"):
                 try:
                     parts = build_parts(cfg)

@@ -122,7 +122,7 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
     console = Console(stderr=True)
 
     def warn(text: str) -> None:
-        console.print(f"icd: warning: {text}", style="yellow", markup=False, highlight=False)
+        console.print(f"icd: warning: {text}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
     with _ray_runner(args) as runner:
         with _progress(console, args.quiet, len(plan(cfg)), queries=runner is None) as callbacks:

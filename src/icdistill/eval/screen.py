@@ -106,7 +106,8 @@ def print_screen(rows: Sequence[dict[str, Any]], out: Path, console: Any) -> Non
     console.print(screen_table(rows))
     for line in class_lines(rows, out):
         style = "bold red" if line.startswith("VIOLATION") else "yellow" if line.startswith("below") else None
-        console.print(line, style=style, markup=False, highlight=False)
+        console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
     note = teacher_note(rows)
     if note:
-        console.print(f"warning: {note}", style="yellow", markup=False, highlight=False)
+        # whole lines (a file or a pipe is not cut at 80 columns; a terminal wraps them itself)
+        console.print(f"warning: {note}", style="yellow", markup=False, highlight=False, soft_wrap=True)
