@@ -225,3 +225,24 @@ def test_calls_in_flight_on_a_shared_pool_are_refused_clearly(data: Path) -> Non
     with pytest.raises(ICDError, match="not supported yet"):
         _cfg(data, pool="postgresql://localhost/icd", teacher_concurrency=4)
     _cfg(data, pool="postgresql://localhost/icd", teacher_concurrency=1, batch=8)  # batches are fine
+
+
+def test_cli_flags_are_validated_and_a_resume_may_change_them(
+    data: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from icdistill.cli import main
+
+    parts = lambda cfg, ctx=None: Parts(FakeStudent(), ReferenceTeacher(), FakeEmbedder())  # noqa: E731
+    monkeypatch.setattr("icdistill.runner.build_parts", parts)
+    out = tmp_path / "run"
+    base = ["run", "--dataset", str(data), "--out", str(out), "--quiet"]
+    assert main([*base, "--teacher-concurrency", "0"]) == 2
+    assert "--teacher-concurrency must be" in capsys.readouterr().err
+    assert main([*base, "--batch", "0"]) == 2
+    assert main([*base, "--n", "10", "--teacher-concurrency", "3", "--batch", "4"]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert (stored["teacher_concurrency"], stored["batch"]) == (3, 4)
+    # speed knobs, not the run's definition: a resume may change them
+    assert main(["run", "--resume", "--out", str(out), "--n", "20", "--batch", "2", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["batch"] == 2
+    assert [r["position"] for r in _log(out)] == list(range(20))
