@@ -267,3 +267,34 @@ def test_s_per_query_reports_the_first_seed_apart_from_the_warm_ones():
     assert "0.46" not in table
     notes = "\n".join(report.summary_notes(rows))
     assert "**s/query (first seed)**" in notes and "**(other seeds)** may read the readings" in notes
+
+def test_the_judge_section_shows_each_expert_and_the_midpoint_test():
+    from icdistill.eval.judge_report import judge_rows, judge_section
+
+    def judge(icl, zs, vote, judged, envelope, read_zs):
+        return {
+            "judged_queries": 100,
+            "first_pass_accuracy": judged,
+            "experts": {
+                "icl": {"read": 100, "first_pass_accuracy": icl, "seconds_per_judged_query": 0.5},
+                "zero-shot": {"read": read_zs, "first_pass_accuracy": zs, "seconds_per_judged_query": 0.2},
+                "vote": {"read": 100, "first_pass_accuracy": vote, "seconds_per_judged_query": 0.0},
+            },
+            "all_read": read_zs,
+            "envelope": envelope if read_zs == 100 else None,
+            "first_pass_accuracy_all_read": judged,
+        }
+
+    rows = [
+        {"method": "icd:judge=full", "budget": 0.05, "seed": s, "judge": judge(0.6, 0.7, 0.5, j, 0.9, 100)}
+        for s, j in ((0, 0.85), (1, 0.75))
+    ] + [{"method": "icd", "budget": 0.05, "seed": 0, "judge": judge(0.6, 0.7, 0.5, 0.8, None, 40)},
+         {"method": "knn-pool", "budget": 0.05, "seed": 0, "judge": None}]
+    entries = {e["series"]: e for e in judge_rows(rows)}
+    assert set(entries) == {"icd:judge=full @ 5%", "icd @ 5%"}
+    full = entries["icd:judge=full @ 5%"]
+    # midpoint (0.7 + 0.9) / 2 = 0.8: seed 0 is 0.05 over it, seed 1 0.05 under
+    assert full["envelope"] == 0.9 and full["reached"] == 1 and abs(full["over_midpoint"]) < 1e-9
+    assert entries["icd @ 5%"]["zero-shot_read"] == 0.4 and entries["icd @ 5%"].get("envelope") is None
+    text = "\n".join(judge_section(rows))
+    assert "| icd:judge=full @ 5% | 0.600 | 0.700 | 0.500 | 0.800 |" in text and "(1 of 2)" in text

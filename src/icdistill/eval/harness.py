@@ -278,6 +278,7 @@ def cell_row(cell: Cell, summary: dict[str, Any], records: Sequence[dict[str, An
     row["matched_calls"] = summary.get("matched_calls")
     row["image_embed_seconds"] = summary.get("image_embed_seconds")
     row["reliability"] = scores["reliability"]
+    row["judge"] = summary.get("judge")  # the judge's experts (report.md), not a results.csv column
     return row
 
 

@@ -225,6 +225,7 @@ def paired_table(rows: Sequence[dict[str, Any]], reference: str) -> str:
 def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> None:
     """report.md and the plots in ``out``."""
     from icdistill.eval.cells import reference_method
+    from icdistill.eval.judge_report import judge_section
 
     base = cfg.base
     parts = [
@@ -252,6 +253,7 @@ def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> None:
             "",
         ]
     parts += class_section(rows, out)
+    parts += judge_section(rows)
     plots = [
         ("tradeoff.png", "accuracy vs achieved teacher-call rate", plot_tradeoff),
         ("running.png", "running first-pass accuracy along the stream", plot_running),
