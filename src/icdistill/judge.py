@@ -184,9 +184,9 @@ class Judge:
 
     def _vote(
         self, query: Query, emb: Embeddings, pool: Pool, options: Sequence[str], exclude: Sequence[int]
-    ) -> tuple[np.ndarray, float, bool] | None:
-        """The vote of the nearest pooled demos, the nearest one's cosine, and whether that demo is
-        of this very image (the re-run after a teacher call, or a repeated image)."""
+    ) -> tuple[np.ndarray, float, bool, str] | None:
+        """The vote of the nearest pooled demos, the nearest one's cosine, whether that demo is of
+        this very image (the re-run after a teacher call, or a repeated image), and its answer."""
         t0 = time.perf_counter()
         found = nearest_demos(query, emb, pool, self.shots, key=IMAGE, exclude=exclude)
         self.seconds[VOTE] += time.perf_counter() - t0
@@ -204,7 +204,7 @@ class Judge:
                 and image_digest(near.image) == image_digest(query.image)
             )
         )
-        return p, float(sims.max()), same
+        return p, float(sims.max()), same, near.answer
 
     # ------------------------------------------------------------------ the answer
     def answer(
@@ -229,7 +229,7 @@ class Judge:
         details: dict[str, Any] = {}
         if voted is not None and voted[2]:
             # the pooled demo of this very image (the re-run after a teacher call): its answer is the answer
-            p, s, _ = voted
+            p, s = voted[0], voted[1]
             details = {
                 "by": "same-image",
                 "similarity": round(s, 5),
@@ -267,7 +267,7 @@ class Judge:
             },
             w,
         )
-        nearest_answer = demos[-1].answer if demos else None
+        nearest_answer = voted[3] if voted is not None else None
         details = {
             "by": "judge",
             "weights": [round(float(x), 4) for x in w],
