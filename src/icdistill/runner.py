@@ -144,6 +144,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         names = {f.name for f in fields(cls)}
+        if "split" in d and d["split"] is None:  # a dataset without splits (config.json says so)
+            d = {k: v for k, v in d.items() if k != "split"}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def with_absolute_paths(self) -> RunConfig:
@@ -281,8 +283,9 @@ def resume_config(out: Path, changes: dict[str, Any] | None = None) -> RunConfig
     if refused:
         raise ICDError(
             f"--resume continues the run in {out} with its stored config; these flags differ: {'; '.join(refused)}. "
-            "Only --n (to extend the stream) and --dataset (the same data at another path) may change; "
-            "choose another --out for a new run"
+            "Only --n (to extend the stream), --dataset (the same data at another path) and the speed "
+            "flags --teacher-concurrency and --batch may change. Choose another --out for a new run, or "
+            "run the same command with --replace instead of --resume to delete this run and start afresh"
         )
     cfg = stored
     if "n" in changes and changes["n"] != stored.n:
@@ -333,6 +336,8 @@ def _write_config(out: Path, cfg: RunConfig, dataset: Dataset) -> None:
         out / "config.json",
         {
             **asdict(cfg),
+            # the split actually read: a Hugging Face set's own when it has one, none for a folder
+            "split": getattr(dataset, "split", None),
             "dataset_fingerprint": dataset.fingerprint(),
             "dataset_size": len(dataset),
             "dataset_options": list(dataset.options) if dataset.options else None,
