@@ -246,3 +246,31 @@ def test_cli_flags_are_validated_and_a_resume_may_change_them(
     assert main(["run", "--resume", "--out", str(out), "--n", "20", "--batch", "2", "--quiet"]) == 0
     assert json.loads((out / "config.json").read_text())["batch"] == 2
     assert [r["position"] for r in _log(out)] == list(range(20))
+
+
+def test_a_repeated_image_is_bought_once_with_calls_in_flight(tmp_path: Path) -> None:
+    import shutil
+
+    root = colour_folder(tmp_path / "colours", n_per_class=1)
+    for i in range(1, 4):  # the same red image four times in the stream
+        shutil.copy(root / "red" / "0.png", root / "red" / f"{i}.png")
+    teacher = SlowTeacher()
+    teacher.hold()
+    out = tmp_path / "run"
+    with LocalServer(teacher.app) as url:
+        parts = Parts(FakeStudent(), resolve_teacher(teacher_spec(url), ModelContext()), FakeEmbedder())
+        worker = threading.Thread(
+            target=run_icd,
+            args=(_cfg(root, gate="always", n=7, teacher_concurrency=4), out),
+            kwargs={"parts": parts},
+        )
+        worker.start()
+        wait_for(lambda: teacher.open >= 1, "a first teacher call")
+        teacher.release()
+        worker.join(timeout=600)
+    assert len(teacher.asked) == len(set(teacher.asked)) == 4  # four distinct images, each bought once
+    log = _log(out)
+    assert [r["position"] for r in log] == list(range(7))
+    reds = [r for r in log if r["label"] == "red"]
+    assert sum(r["teacher_asked"] for r in reds) == 1
+    assert all("same image and prompt" in r["gate_reason"] for r in reds if not r["teacher_asked"])

@@ -37,7 +37,7 @@ from typing import Any
 
 from icdistill.distiller import Distiller, Draft
 from icdistill.errors import DataError, ICDError, TeacherError, TeacherRefused, TeacherUnavailable
-from icdistill.types import Annotation, Query
+from icdistill.types import Annotation, Query, image_digest
 
 # at most this many queries wait for an earlier position's call before the stream waits on it
 DEFAULT_WINDOW = 256
@@ -78,6 +78,7 @@ class _Slot:
     future: cf.Future[Annotation] | None = None
     done: bool = False
     refused: bool = False  # the server refused its call for good
+    key: tuple[str, str] | None = None  # (image digest, prompt) of its call
 
 
 class _Failures:
@@ -238,6 +239,10 @@ class _Concurrent:
             slot = _Slot(item.position, draft=draft)
             self.slots.append(slot)
             if draft.asked and draft.stored is None:
+                twin = self._wait_for_twin(slot)
+                if twin is not None:  # bought by the call this query waited on: no call of its own
+                    slot.rec, slot.done = self.d.annotate_later(draft, not_called=twin), True
+                    continue
                 while len(self.in_flight) >= self.limit:
                     self._collect(block=True)
                 slot.future = self.pool.submit(self.d.ask_teacher, draft)
@@ -246,6 +251,22 @@ class _Concurrent:
                 slot.rec, slot.done = self.d.annotate_later(draft), True
             while len(self.slots) > self.window and self.in_flight:
                 self._wait_oldest()
+
+    def _wait_for_twin(self, slot: _Slot) -> str | None:
+        """A call in flight for the same image and prompt (an item repeated in the stream) is waited
+        for first: the loop with ``C=1`` would have pooled its demo before this query came. When that
+        demo is pooled, why this query makes no call of its own (else None)."""
+        query = slot.draft.query  # type: ignore[union-attr]
+        if query.image is None:
+            return None
+        slot.key = (image_digest(query.image), query.prompt)
+        same = [f for f, s in self.in_flight.items() if s.key == slot.key]
+        if not same:
+            return None
+        cf.wait(same)
+        self._collect(block=False)
+        demo = getattr(self.d.pool, "demo_like", lambda q: None)(query)
+        return f"same image and prompt as demo {demo.id}, bought by a call in flight" if demo else None
 
     def _next_position(self) -> int:
         if self.slots:
