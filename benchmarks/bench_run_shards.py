@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--parts", default="actors,overhead,notify")
     args = p.parse_args(argv)
+    # a SIGTERM (a stopped benchmark) still stops the throwaway cluster and the local Ray instance
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     wanted = set(args.parts.split(","))
     result: dict[str, Any] = {"queries": args.queries, "repeats": args.repeats, "cpus": os.cpu_count()}
     folder = Path(tempfile.mkdtemp(prefix="icd-bench-shards-"))

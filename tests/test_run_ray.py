@@ -198,3 +198,17 @@ def test_a_hung_actor_is_replaced_after_the_stall_timeout(tmp_path, local_ray, u
     assert len(summary["ray_workers"]) == 3  # the hung actor's replacement
     calls, rows, distinct = _bought(url)
     assert rows == distinct == calls
+
+
+def test_out_that_actors_cannot_see_stops_the_run(tmp_path, local_ray, url, monkeypatch):
+    data = colour_folder(tmp_path / "c", n_per_class=2)
+    elsewhere = tmp_path / "driver-only"
+    elsewhere.mkdir()
+    # the driver's marker lands on storage the actors do not share (a cluster's local disk)
+    monkeypatch.setattr(
+        "icdistill.run_ray.write_marker",
+        lambda out, token: (elsewhere / ".icd-ray-storage-check").write_text(token),
+    )
+    with pytest.raises(RaySetupError, match="cannot see --out .*storage every node sees"):
+        run_on_ray(_cfg(data, url, n=4), tmp_path / "out", RayRunOptions(workers=2), parts=_parts())
+    assert not list((tmp_path / "out").glob("shard-*"))

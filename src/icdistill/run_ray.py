@@ -276,16 +276,17 @@ class _ShardRunner:
                 runtime_env={"env_vars": env},
             )
 
-            def start(k: int) -> Any:
-                actor = actor_cls.remote(job.out, token, threads)
-                described = _get(ray, actor.describe.remote(), "starting")
-                if described["storage_problem"]:
-                    raise RaySetupError(
-                        _storage_message(job.out, described["node"], described["storage_problem"])
-                    )
-                self.workers.append({"shard": str(Shard(k, job.count)), **described})
-                actors[k] = actor
-                return actor.run_shard.remote([job_ref], k)
+            def start(shards: list[int]) -> dict[Any, int]:
+                """New actors for ``shards`` (started together, then each checked: it sees --out),
+                each sent its shard; returns result reference -> shard."""
+                started = {k: actor_cls.remote(job.out, token, threads) for k in shards}
+                actors.update(started)
+                described = [_get(ray, a.describe.remote(), "starting") for a in started.values()]
+                for k, d in zip(started, described, strict=True):
+                    if d["storage_problem"]:
+                        raise RaySetupError(_storage_message(job.out, d["node"], d["storage_problem"]))
+                    self.workers.append({"shard": str(Shard(k, job.count)), **d})
+                return {a.run_shard.remote([job_ref], k): k for k, a in started.items()}
 
             self._dispatch(ray, start, actors, total, on_start, on_record)
         finally:
@@ -313,7 +314,7 @@ class _ShardRunner:
     def _dispatch(
         self,
         ray: Any,
-        start: Callable[[int], Any],
+        start: Callable[[list[int]], dict[Any, int]],
         actors: dict[int, Any],
         total: int | None,
         on_start: Callable[[int, int], None] | None,
@@ -327,7 +328,7 @@ class _ShardRunner:
         done = sum(len(_stream_events(t.read())) for t in tails.values())  # a resumed run's logged positions
         if on_start is not None:
             on_start(done, total if total is not None else done)
-        running = {start(k): k for k in range(1, job.count + 1)}
+        running = start(list(range(1, job.count + 1)))
         last_growth = {k: time.monotonic() for k in running.values()}
         tries = dict.fromkeys(running.values(), 0)
 
@@ -339,7 +340,7 @@ class _ShardRunner:
                 self.failed[str(Shard(k, job.count))] = why
                 return
             self.replaced += 1
-            running[start(k)] = k
+            running.update(start([k]))
             last_growth[k] = time.monotonic()
 
         while running:
