@@ -26,8 +26,10 @@ def summary_details(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def plot_run(records: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Running accuracy (ICD and the student's first pass) and cumulative teacher calls along the stream."""
+def plot_run(records: list[dict[str, Any]], path: str | Path, what: str = "ICD run") -> Path | None:
+    """Running accuracy (the final answers and the student's first pass) and cumulative teacher calls
+    along the stream, failed calls apart; ``what`` names the run in the title (an eval cell: its
+    method, budget and seed)."""
     qs = [r for r in records if r.get("event") == "query" and r.get("correct") is not None]
     if not qs:
         return None
@@ -42,24 +44,37 @@ def plot_run(records: list[dict[str, Any]], path: str | Path) -> Path | None:
     acc = np.cumsum([r["correct"] for r in qs]) / n
     first = np.cumsum([r["first_correct"] for r in qs]) / n
     calls = np.cumsum([r["teacher_asked"] for r in qs])
+    failed = np.cumsum([bool(r["teacher_asked"] and r.get("teacher_error")) for r in qs])
+    icd = what == "ICD run"
     fig, ax = plt.subplots(figsize=(7, 4))
     from matplotlib.ticker import MaxNLocator
 
-    ax.plot(pos, acc, label="accuracy (ICD answer)")
-    # the first pass already sees the pool's demos: the zero-shot student is `icd eval`'s baseline
-    ax.plot(pos, first, label="accuracy (student's first pass, with demos)", alpha=0.7)
+    ax.plot(pos, acc, label="accuracy (ICD answer)" if icd else "accuracy (final answers)")
+    if not np.array_equal(acc, first):
+        # the first pass already sees the pool's demos: the zero-shot student is `icd eval`'s baseline
+        with_demos = any(r.get("demo_ids") for r in qs)
+        label = "accuracy (student's first pass" + (", with demos)" if with_demos else ")")
+        ax.plot(pos, first, label=label, alpha=0.7)
     ax.set_xlabel("stream position")
     ax.set_ylabel("running accuracy")
     ax.set_ylim(-0.03, 1.03)  # a line at 0 or 1 stays visible inside the frame
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
     ax2.plot(pos, calls, color="tab:red", linestyle="--", label="teacher calls")
+    if failed[-1]:
+        ax2.plot(pos, failed, color="black", linestyle=":", label="failed teacher calls (no answer)")
     ax2.set_ylabel("teacher calls (cumulative)")
     ax2.set_ylim(bottom=0)
     ax2.yaxis.set_major_locator(MaxNLocator(integer=True))  # calls are whole numbers
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [str(line.get_label()) for line in lines], loc="lower right", fontsize=8)
-    ax.set_title(f"ICD run: {len(qs)} queries, {int(calls[-1])} teacher calls")
+    title = f"{what}: {len(qs)} queries, {int(calls[-1])} teacher calls"
+    all_failed = bool(failed[-1]) and failed[-1] == calls[-1]
+    if all_failed:
+        title += f"\nall {int(calls[-1])} teacher calls FAILED: no teacher answer was pooled"
+    elif failed[-1]:
+        title += f", {int(failed[-1])} failed"
+    ax.set_title(title, color="tab:red" if all_failed else "black", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -27,6 +27,7 @@ from icdistill.eval.gates import FixedCountRandomGate
 from icdistill.eval.methods import METHODS, MethodSpec, parse_method
 from icdistill.eval.scores import cell_scores, query_breakdown
 from icdistill.models.registry import ModelContext, resolve_teacher
+from icdistill.run_summary import plot_run
 from icdistill.runlog import read_records, write_json_atomic
 from icdistill.runner import Parts, RunConfig, build_parts, query_stream, run_icd
 
@@ -336,7 +337,9 @@ def run_cell(
     if callable(extra):
         summary.update(extra())
         summary["peak_rss_mb"] = _peak_rss_mb()
-    row = cell_row(cell, summary, read_records(folder / "log.jsonl"))
+    records = read_records(folder / "log.jsonl")
+    plot_run(records, folder / "run.png", what=cell.label())  # named for its method, not "ICD run"
+    row = cell_row(cell, summary, records)
     if write_row:
         write_row_json(cell, out, row)
     return row
