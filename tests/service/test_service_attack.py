@@ -7,6 +7,7 @@ process of its own (``attack_server.py``, fake models), driven over HTTP or raw 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -292,3 +293,180 @@ def test_max_calls_caps_requests_paid_including_those_a_crash_bought_again(tmp_p
             assert c.get("/v1/stats").json()["budget"]["calls_spent"] == paid
             r = c.post("/v1/predict", json=query_json("red", seed=999, label="red")).json()
             assert r["teacher_asked"] is False and "cap" in r["gate_reason"]
+
+
+# ---------------------------------------------------------------------- 5: an import of tiny lines
+
+
+def zip_of(text: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("demos.jsonl", text)
+    return buf.getvalue()
+
+
+def test_a_zip_of_millions_of_tiny_lines_is_refused_at_its_first_bad_line_in_bounded_memory(tmp_path):
+    bomb = zip_of(b"{}\n" * (16 * 1024 * 1024 // 3))  # 16 MiB unpacked, ~16 KB packed
+    assert len(bomb) < 100_000
+    with serve(tmp_path / "pool.sqlite") as s, client(s.url) as c:
+        base = s.rss_kb()
+        r = c.post("/v1/import", content=bomb, headers=ZIP)
+        assert r.status_code == 422 and "demos.jsonl line 1:" in r.json()["error"]["message"], r.text
+        peak = s.rss_kb("VmHWM")
+        assert peak - base < 100_000, (base, peak)  # KB: the 16 MiB was never held at once, parsed
+        # valid lines past the cap: refused at the cap, naming it
+        line = json.dumps({"prompt": "p", "label": "red", "options": OPTIONS}).encode() + b"\n"
+        r = c.post("/v1/import", content=zip_of(line * 100_001), headers=ZIP)
+        assert r.status_code == 413 and "--max-import-lines" in r.json()["error"]["message"], r.text
+        assert c.get("/v1/stats").json()["pool_size"] == 0
+
+
+# ---------------------------------------------------------------------- 6: slowloris
+
+
+def slow_client(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return sock
+
+
+def test_slowloris_connections_are_cut_off_and_the_server_keeps_answering(tmp_path):
+    with serve(tmp_path / "pool.sqlite", header_timeout_s=3.0) as s:
+        port = int(s.url.rsplit(":", 1)[1])
+        socks = [slow_client(port) for _ in range(50)]
+        closed = threading.Event()
+
+        def drip() -> None:  # a header line a second, as slowloris does, until the server hangs up
+            try:
+                for i in range(600):
+                    for sock in socks:
+                        sock.sendall(f"X-Drip-{i}: 1\r\n".encode())
+                    if closed.wait(0.5):
+                        return
+            except OSError:
+                return
+
+        t = threading.Thread(target=drip, daemon=True)
+        t.start()
+        assert httpx.get(s.url + "/healthz", timeout=120).status_code == 200  # answered meanwhile
+        for sock in socks:
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1024) == b""  # the server hung up (within 120 s, else a timeout here)
+        closed.set()
+        for sock in socks:
+            sock.close()
+        assert httpx.get(s.url + "/healthz", timeout=120).status_code == 200
+
+
+def test_at_the_connection_cap_one_more_is_refused_and_nothing_runs_out_of_files(tmp_path):
+    """With 512 files allowed (a cap of 256 connections), 400 idle connections: those past the cap get
+    503 at once; the server never hits 'Too many open files', and answers again as soon as they go."""
+    with serve(tmp_path / "pool.sqlite", nofile=512, header_timeout_s=600.0) as s:
+        port = int(s.url.rsplit(":", 1)[1])
+        socks = []
+        refused = 0
+        for _ in range(400):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+            socks.append(sock)
+        for sock in socks[-50:]:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            data = sock.recv(4096)
+            refused += data.startswith(b"HTTP/1.1 503")
+        assert refused == 50  # the last ones are over the cap
+        for sock in socks:
+            sock.close()
+        wait_until(lambda: httpx.get(s.url + "/healthz", timeout=120).status_code == 200, timeout=120)
+        log = s.log.read_text()
+        assert "Too many open files" not in log and "out of system resource" not in log, log[-2000:]
+
+
+# ---------------------------------------------------------------------- 7: back-pressure
+
+
+def test_a_burst_past_the_queue_is_answered_503_with_retry_after_and_nothing_admitted_is_lost(tmp_path):
+    with serve(tmp_path / "pool.sqlite", student_delay_s=0.3, max_queued=4, gate="never") as s:
+        results: list[httpx.Response] = []
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            with client(s.url) as c:
+                r = c.post("/v1/predict", json=query_json(OPTIONS[i % 4], seed=i))
+            with lock:
+                results.append(r)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = [r.status_code for r in results]
+        assert set(codes) <= {200, 503}, codes
+        busy = [r for r in results if r.status_code == 503]
+        assert busy and all(int(r.headers["retry-after"]) >= 1 for r in busy), codes
+        assert busy[0].json()["error"]["code"] == "overloaded"
+        ok = [r.json()["query_id"] for r in results if r.status_code == 200]
+        assert len(ok) >= 4
+        with client(s.url) as c:  # every acknowledged query is stored
+            assert all(c.get(f"/v1/queries/{q}").status_code == 200 for q in ok)
+            assert c.get("/v1/stats").json()["queries"] == len(ok)
+
+
+# ---------------------------------------------------------------------- 8: the label page and the queue
+
+
+def test_the_label_page_and_a_label_do_not_wait_for_queued_predictions(tmp_path):
+    with serve(tmp_path / "pool.sqlite", teacher="human", student_delay_s=1.0, max_queued=64) as s:
+        with client(s.url) as c:
+            queued = c.post("/v1/predict", json=query_json("red", seed=1)).json()
+            assert queued["state"] == "pending_human"
+            cookie = {"cookie": f"{COOKIE}={login(c)}"}
+            seeded = c.get("/v1/stats").json()["queries"]
+        threads = []
+        for i in range(12):
+
+            def one(i: int = i) -> None:
+                with client(s.url) as cc:
+                    cc.post("/v1/predict", json=query_json(OPTIONS[i % 4], seed=10 + i))
+
+            threads.append(threading.Thread(target=one))
+            threads[-1].start()
+        with client(s.url) as c:
+            wait_until(lambda: c.get("/v1/stats").json()["loop_queue"] >= 8, timeout=120)
+            page = c.get("/label", headers=cookie)
+            assert page.status_code == 200 and queued["query_id"][:8] in page.text
+            done = c.get("/v1/stats").json()["queries"] - seeded
+            assert done <= 4, done  # the page did not wait for the 8+ predictions queued before it
+            csrf = re.search(r"name=csrf value='([^']+)'", page.text).group(1)
+            r = c.post(f"/label/{queued['query_id']}", data={"csrf": csrf, "label": "red"}, headers=cookie)
+            assert r.status_code == 303 and "saved=" in r.headers["location"]
+            assert c.get("/v1/stats").json()["queries"] - seeded < 12  # saved while predictions still wait
+            assert c.get(f"/v1/queries/{queued['query_id']}").json()["teacher_answer"] == "red"
+        for t in threads:
+            t.join()
+
+
+# ---------------------------------------------------------------------- 10: the small ones
+
+
+def test_options_that_differ_only_by_case_or_invisibly_are_refused(tmp_path):
+    with serve(tmp_path / "pool.sqlite") as s, client(s.url) as c:
+        for options in (["Bag", "bag"], ["Bag", "\u200b"], ["Bag", "Bag\u200b"], ["Shirt", " \u2060 "]):
+            r = c.post("/v1/predict", json={**query_json("red"), "options": options})
+            assert r.status_code == 422, (options, r.text)
+        assert c.post("/v1/predict", json={**query_json("red"), "options": ["Bag", "Bags"]}).status_code == 200
+
+
+def test_the_login_form_trims_the_key_as_the_bearer_header_does(tmp_path):
+    with serve(tmp_path / "pool.sqlite", teacher="human") as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        login(c, f"  {KEY}\n")
+
+
+def test_an_import_line_over_the_prompt_limit_is_named(tmp_path):
+    with serve(tmp_path / "pool.sqlite", max_prompt_tokens=50) as s, client(s.url) as c:
+        lines = [{"prompt": "short", "label": "red", "options": OPTIONS}] * 2
+        lines.append({"prompt": "long " * 100, "label": "red", "options": OPTIONS})
+        body = zip_of("\n".join(json.dumps(x) for x in lines).encode())
+        r = c.post("/v1/import", content=body, headers=ZIP)
+        assert r.status_code == 422, r.text
+        assert "demos.jsonl line 3" in r.json()["error"]["message"] and "--max-prompt-tokens" in r.text
+        assert c.get("/v1/stats").json()["pool_size"] == 0

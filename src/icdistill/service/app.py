@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from icdistill.errors import ICDError, ServiceError
+from icdistill.service.admission import Admission
 from icdistill.service.auth import Auth
 from icdistill.service.config import ServeConfig
 from icdistill.service.engine import Engine
@@ -141,6 +142,8 @@ def create_app(cfg: ServeConfig, parts: Any = None) -> FastAPI:
     app.include_router(api_router(engine, auth, metrics))
     app.include_router(label_router(engine, auth))
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes, import_limit=cfg.max_import_bytes)
+    # before the body is read: a request refused for a full queue costs nothing
+    app.add_middleware(Admission, limit=cfg.max_queued, service_s=engine.typical_seconds)
     app.add_middleware(SameOrigin, bound_host=cfg.host)  # outermost: refused before the body is read
     return app
 

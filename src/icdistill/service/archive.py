@@ -1,7 +1,8 @@
 """Reading an import (a ``/v1/export`` zip or an ``icd run`` pool.sqlite) into checked demo records.
 
 Everything is read and checked before anything is pooled, so an import is all-or-nothing: every line
-or row goes through ``validate.demo_record`` (as ``POST /v1/demos`` does), every image through
+or row goes through ``validate.demo_record`` (as ``POST /v1/demos`` does) as it is read (the first bad
+one ends the import; at most ``max_lines`` of them), every image through
 ``decode_image`` with the per-image pixel limit, and all images together through one pixel budget.
 Runs off the loop thread: reading never holds up the student.
 """
@@ -13,9 +14,10 @@ import sqlite3
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from icdistill.errors import ServiceError
 from icdistill.service.errors import bad_request, unprocessable
@@ -37,16 +39,20 @@ class ImportLimits:
     max_pixels: int
     max_import_pixels: int
     max_unpacked_bytes: int
+    max_lines: int = 100_000
 
 
-# one demo as read, before its image is decoded: its fields, its image's bytes, where it was
-Pending = tuple[dict[str, Any], bytes | None, str]
+MAX_LINE_BYTES = 4 * 1024 * 1024  # a line of 1000 options of 500 characters, escaped, fits
+
+# one demo as read, checked but for its image: its record and its image's bytes
+Pending = tuple[DemoRecord, bytes | None]
 
 
 def read_import(data: bytes, limits: ImportLimits) -> list[DemoRecord]:
-    """The demos of an import, all checked; raises a 4xx naming the first bad line or row."""
+    """The demos of an import, all checked; raises a 4xx naming the first bad line or row. Each line
+    is checked as it is read, so a bad one ends the import there, whatever follows it."""
     if data[:16] == SQLITE_MAGIC:
-        return _checked(_from_sqlite(data), limits)
+        return _checked(_from_sqlite(data, limits), limits)
     if data[:4] == ZIP_MAGIC:
         return _checked(_from_zip(data, limits), limits)
     raise ServiceError(
@@ -54,19 +60,28 @@ def read_import(data: bytes, limits: ImportLimits) -> list[DemoRecord]:
     )
 
 
+def _record(fields: dict[str, Any], where: str) -> DemoRecord:
+    return demo_record(fields, None, f"import-{uuid.uuid4().hex}", "import", where)
+
+
+def _too_many(limits: ImportLimits, what: str) -> ServiceError:
+    return ServiceError(
+        413, "archive_too_large", f"the import has more than {limits.max_lines} {what} (--max-import-lines)"
+    )
+
+
 def _checked(items: list[Pending], limits: ImportLimits) -> list[DemoRecord]:
-    """Every demo's fields, then every image's header (its size, shape and the import's pixel
-    budget), then the pixels: an import refused for its size decodes nothing."""
-    records = [demo_record(f, None, f"import-{uuid.uuid4().hex}", "import", where) for f, _, where in items]
+    """Every image's header (its size, shape and the import's pixel budget), then the pixels: an
+    import refused for its size decodes nothing."""
     budget = PixelBudget(limits.max_import_pixels)
-    for _, image, where in items:
+    for rec, image in items:
         if image:
-            _at(where, open_image, image, limits.max_pixels, budget)
+            _at(rec.where, open_image, image, limits.max_pixels, budget)
     decoded: dict[int, Any] = {}  # one archive file named by many lines: decoded once, by identity
     out = []
-    for rec, (_, image, where) in zip(records, items, strict=True):
+    for rec, image in items:
         if image and id(image) not in decoded:
-            decoded[id(image)] = _at(where, decode_image, image, limits.max_pixels)
+            decoded[id(image)] = _at(rec.where, decode_image, image, limits.max_pixels)
         out.append(replace(rec, image=decoded[id(image)]) if image else rec)
     return out
 
@@ -79,24 +94,43 @@ def _at(where: str, fn: Any, *args: Any) -> Any:
         raise ServiceError(e.status, e.code, f"{where}: {e.message}", e.headers) from e
 
 
+def _lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """The lines of ``stream``, each at most ``MAX_LINE_BYTES``: never the whole file at once."""
+    n = 0
+    while True:
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        n += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise unprocessable(f"demos.jsonl line {n}: longer than {MAX_LINE_BYTES} bytes", "invalid_demo")
+        yield line
+
+
 def _from_zip(data: bytes, limits: ImportLimits) -> list[Pending]:
+    out: list[Pending] = []
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
         if sum(i.file_size for i in z.infolist()) > limits.max_unpacked_bytes:
             raise ServiceError(413, "archive_too_large", "the archive unpacks to more than the import limit")
-        lines = z.read("demos.jsonl").decode().splitlines()
-    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, EOFError) as e:
+        members: dict[str, bytes] = {}  # a file named by many lines is unpacked once
+        with z.open("demos.jsonl") as stream:
+            for n, raw in enumerate(_lines(stream), 1):
+                if n > limits.max_lines:
+                    raise _too_many(limits, "lines in demos.jsonl")
+                where = f"demos.jsonl line {n}"
+                try:
+                    line = raw.decode()
+                except UnicodeDecodeError as e:
+                    raise unprocessable(f"{where}: not UTF-8 ({e})", "invalid_demo") from e
+                if not line.strip():
+                    continue
+                fields = parse_json(line, where)
+                if not isinstance(fields, dict):
+                    raise unprocessable(f"{where}: not a JSON object", "invalid_demo")
+                out.append((_record(fields, where), _zip_member(z, fields.get("image"), members, where)))
+    except (zipfile.BadZipFile, KeyError, EOFError) as e:
         raise bad_request(f"not a pool archive (zip with demos.jsonl): {e}", "bad_archive") from e
-    out = []
-    members: dict[str, bytes] = {}  # a file named by many lines is unpacked once
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"demos.jsonl line {n}"
-        rec = parse_json(line, where)
-        if not isinstance(rec, dict):
-            raise unprocessable(f"{where}: not a JSON object", "invalid_demo")
-        out.append((rec, _zip_member(z, rec.get("image"), members, where), where))
     return out
 
 
@@ -113,7 +147,7 @@ def _zip_member(z: zipfile.ZipFile, name: Any, members: dict[str, bytes], where:
     return members[name]
 
 
-def _from_sqlite(data: bytes) -> list[Pending]:
+def _from_sqlite(data: bytes, limits: ImportLimits) -> list[Pending]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "import.sqlite"
         path.write_bytes(data)
@@ -124,7 +158,12 @@ def _from_sqlite(data: bytes) -> list[Pending]:
                     raise bad_request(
                         "not an icd pool: the SQLite file has no annotations table", "bad_archive"
                     )
-                return [_sqlite_row(row) for row in db.execute(_POOL_ROWS)]
+                out = []
+                for n, row in enumerate(db.execute(_POOL_ROWS), 1):
+                    if n > limits.max_lines:
+                        raise _too_many(limits, "pooled demos")
+                    out.append(_sqlite_row(row))
+                return out
             finally:
                 db.close()
         except sqlite3.DatabaseError as e:
@@ -145,4 +184,4 @@ def _sqlite_row(row: tuple[Any, ...]) -> Pending:
         "votes": parse_json(votes, f"{where}: votes") if votes else None,
         "agreement": agreement,
     }
-    return fields, image_png, where
+    return _record(fields, where), image_png

@@ -287,6 +287,12 @@ class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
             out["option_probs"] = {k: _finite(v) for k, v in first.option_probs().items()}
         return out
 
+    def typical_seconds(self) -> float | None:
+        """The median of the latest predictions' latencies (None before the first)."""
+        with self._stats_lock:
+            lat = list(self.latencies)[-200:]
+        return float(np.median(lat)) if lat else None
+
     def stats(self) -> dict[str, Any]:
         """From in-memory mirrors of the store: never waits for the loop thread."""
         with self._stats_lock:
@@ -323,6 +329,8 @@ class Engine(_Answering, _TeacherQueue, _Leases, _Labelling, _ImportExport):
                 "paid": ledger["paid"],
                 "failed": ledger["failed"],
                 "reserved": ledger["reserved"],
+                # requests a crash cut off and a restart sent again (paid twice): in calls_spent too
+                "rebought": ledger.get("rebought", 0),
                 # a shared pool's global ledger: calls bought by every worker on it, and its cap
                 "pool_ledger": pool_ledger,
             },

@@ -40,7 +40,7 @@ class _ImportExport:
 
     async def import_archive(self, data: bytes) -> dict[str, Any]:
         cfg = self.cfg
-        limits = ImportLimits(cfg.max_pixels, cfg.max_import_pixels, cfg.max_import_bytes)
+        limits = ImportLimits(cfg.max_pixels, cfg.max_import_pixels, cfg.max_import_bytes, cfg.max_import_lines)
         records = await asyncio.to_thread(read_import, data, limits)
         out = await self.thread.call(self._add_demos, records)
         statuses: dict[str, int] = {}

@@ -6,9 +6,9 @@
 * A request's headers must arrive within ``header_timeout_s`` of the connection opening (or of the
   previous response on a kept-alive connection): a slowloris client that sends a header line every
   few seconds is cut off.
-* At most ``max_connections`` connections are open at once (kept below the open-files limit, which is
-  raised to its hard limit first); one more is answered 503 and closed at once, so the server never
-  runs out of file descriptors.
+* At most ``max_connections`` connections are open at once (kept ``FD_RESERVE`` below the open-files
+  limit, which is raised to its hard limit first); one more is answered 503 and closed at once, so
+  the server never runs out of file descriptors.
 * Logs of one kind that come in a storm (``Too many open files``, ``Exceeded concurrency limit``) are
   written once per ``LOG_EVERY_S`` with a count of those left out.
 """
@@ -26,9 +26,13 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from icdistill.service.config import ServeConfig
+from icdistill.service.memory import tune_malloc
 
 log = logging.getLogger(__name__)
-FD_RESERVE = 128  # descriptors kept for the pool file, models, logs and the connections' own churn
+# asyncio accepts up to ``backlog`` connections in one go before any is looked at: the cap leaves room
+# for a whole burst, and for the pool file, the models and the logs
+BACKLOG = 128
+FD_RESERVE = 2 * BACKLOG
 LOG_EVERY_S = 10.0
 _BUSY_BODY = b'{"error": {"code": "too_many_connections", "message": "too many open connections; retry"}}'
 BUSY = (
@@ -160,6 +164,7 @@ def uvicorn_config(app: Any, cfg: ServeConfig, **extra: Any) -> Any:
         proxy_headers=trusted is not None,
         forwarded_allow_ips=trusted if trusted is not None else "",
         timeout_keep_alive=5,
+        backlog=BACKLOG,
         timeout_graceful_shutdown=5,
         **extra,
     )
@@ -171,4 +176,5 @@ def run_server(app: Any, cfg: ServeConfig, **extra: Any) -> None:
 
     raise_fd_limit()
     install_storm_filter()
+    tune_malloc()
     uvicorn.Server(uvicorn_config(app, cfg, **extra)).run()

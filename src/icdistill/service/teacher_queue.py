@@ -64,12 +64,13 @@ class _TeacherQueue:
                     refused = str(e)
             if annotation is None and error is None and refused is None:
                 if draft.stored is None:
-                    await self.thread.call(self._count_attempt, qid)
+                    error = await self.thread.call(self._count_attempt, qid)
                 loop = asyncio.get_running_loop()
                 try:
-                    annotation = await loop.run_in_executor(
-                        self._teacher_pool, self.distiller.ask_teacher, draft
-                    )
+                    if error is None:
+                        annotation = await loop.run_in_executor(
+                            self._teacher_pool, self.distiller.ask_teacher, draft
+                        )
                 except TeacherError as e:
                     error = str(e)
                 except Exception as e:  # a teacher backend bug must not kill the service or lose the query
@@ -93,17 +94,26 @@ class _TeacherQueue:
                 # no demo came of it (or its commit already deleted the claim): another server may buy it
                 self.thread.post(self.pool.release, claimed)
 
-    def _count_attempt(self, qid: str) -> None:
+    def _count_attempt(self, qid: str) -> str | None:
         """On the books before the request is sent. A second attempt re-buys one a crash cut off
         (it may have been answered and billed): it counts against ``--max-calls`` as a call of its
-        own, in the gate's count and in ``calls_spent``."""
-        self.store.count_attempt(qid)
+        own, in the gate's count and in ``calls_spent``, and is not made once the cap is reached
+        (returns why: the query fails with it)."""
         row = self.store.get(qid)
-        if row is not None and int(row["attempts"] or 0) > 1:
+        again = row is not None and int(row["attempts"] or 0) >= 1
+        cap = self.cfg.max_calls
+        if again and cap is not None and self.distiller.teacher_calls >= cap:
+            return (
+                f"its teacher request was cut off by a restart and not sent again: --max-calls {cap} is reached "
+                "(the request cut off may have been billed)"
+            )
+        self.store.count_attempt(qid)
+        if again:
             self.distiller.teacher_calls += 1
             with self._stats_lock:
                 self._ledger["teacher_calls"] += 1
                 self._ledger["rebought"] = self._ledger.get("rebought", 0) + 1
+        return None
 
     async def _claim_label(self, draft: Draft) -> Annotation | None:
         """Claim the label in the shared pool before the teacher is called. None: ours to buy (one call

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -81,11 +82,27 @@ def check_options(v: Any) -> list[str] | None:
     clean = [one_line(o) for o in v]
     if any(not o for o in clean):
         raise ValueError("options must not be empty strings")
+    if any(not visible(o) for o in clean):
+        raise ValueError("options must have a visible character (not only spaces or invisible ones like U+200B)")
     if any(len(o) > MAX_LABEL_CHARS for o in clean):
         raise ValueError(f"an option is longer than {MAX_LABEL_CHARS} characters")
     if len(set(clean)) != len(clean):
         raise ValueError("options must be unique")
+    # a label names its option case aside, and a person cannot see an invisible character: options
+    # that differ only so ("Bag" and "bag", "Bag" and "Bag\u200b") could not be told apart
+    keys = [visible(o).casefold() for o in clean]
+    if len(set(keys)) != len(keys):
+        same = next(o for o, k in zip(clean, keys, strict=True) if keys.count(k) > 1)
+        raise ValueError(f"options must differ by more than case or invisible characters (e.g. {same!r})")
     return clean
+
+
+INVISIBLE = {"Cf", "Cc", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"}
+
+
+def visible(text: str) -> str:
+    """``text`` without what a reader cannot see: spaces, format characters (U+200B), controls."""
+    return "".join(c for c in text if unicodedata.category(c) not in INVISIBLE)
 
 
 def check_label(label: Any, options: list[str] | None) -> str:
