@@ -78,6 +78,9 @@ def bench_student(args: argparse.Namespace) -> None:
                 forget = getattr(parts.student, "forget_readings", None)
                 if forget is not None:
                     forget()  # no reading cached by an earlier run
+                tags = getattr(parts.student, "_tags", None)
+                if tags is not None:
+                    tags.clear()  # nor an image's tags: every run tags its images itself
                 out = Path(tmp) / f"b{b}s{seed}"
                 t0 = time.perf_counter()
                 run_icd(RunConfig(n=args.n, batch=b, seed=seed), out, parts=parts)
@@ -302,19 +305,23 @@ def bench_teacher(args: argparse.Namespace) -> None:
     embedder = resolve_embedder("local:conse", ModelContext())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for latency in (0.0, args.latency):
+        # a warm-up run first (models loaded, every image's embedding computed once), not measured
+        for warm, latency in [(True, 0.0), (False, 0.0), (False, args.latency)]:
             app = teacher_app(labels, latency)
             with _Server(app) as url:
                 spec = f"openai:teacher@{url}/v1?timeout=600&retries=0&cache=0&image_format=png&concurrency=16"
                 teacher = resolve_teacher(spec, ModelContext())
-                for c in [int(x) for x in args.concurrency.split(",")]:
-                    out = Path(tmp) / f"l{latency}c{c}"
+                for c in [1] if warm else [int(x) for x in args.concurrency.split(",")]:
+                    out = Path(tmp) / f"l{latency}c{c}{'-warm' if warm else ''}"
                     parts = Parts(SleepingStudent(args.student_seconds), teacher, embedder)
                     cfg = RunConfig(n=args.n, teacher=spec, judge="off", teacher_concurrency=c)
                     t0 = time.perf_counter()
                     run_icd(cfg, out, parts=parts)
                     wall = time.perf_counter() - t0
                     log = _log(out)
+                    if warm:
+                        print(f"warm-up run: {wall:.1f} s", flush=True)
+                        continue
                     rows.append({
                         "latency_s": latency, "concurrency": c, "wall_s": round(wall, 2),
                         "calls": sum(r["teacher_asked"] for r in log),
