@@ -572,13 +572,23 @@ def test_a_demo_committed_while_a_worker_loads_the_pool_is_searchable(url):
 
 
 def test_renewing_only_the_claims_in_flight_lets_a_leaked_one_lapse(url):
-    with PostgresPool(url, lease_s=0.3) as a, PostgresPool(url) as b:
+    # waits for the lapse itself (b's claim going through), not a sleep just over the lease: a 0.3 s
+    # lease and a 0.4 s sleep failed with other jobs on the cores
+    lease = 2.0  # the longest pause between two statements of this test that it survives
+    with PostgresPool(url, lease_s=lease) as a, PostgresPool(url) as b:
         assert a.claim(item(1)) == "claimed" and a.claim(item(2)) == "claimed"
         assert a.renew_claims(["q1"]) == 1  # q2's release failed: nobody works on it any more
         assert a.renew_claims() == 2  # a run worker renews all of its claims
-        time.sleep(0.4)  # q2's lease, renewed just now by the renewal of all, runs out
+        deadline = time.monotonic() + 120
+        while True:
+            assert a.renew_claims(["q1"]) == 1  # the call in flight keeps its claim
+            got = b.claim(item(2, qid="b2"))
+            if got == "claimed":  # q2's lease, renewed last by the renewal of all, ran out
+                break
+            assert got == "busy" and time.monotonic() < deadline, got
+            time.sleep(0.05)
         assert a.renew_claims(["q1"]) == 1
-        assert b.claim(item(2, qid="b2")) == "claimed" and b.claim(item(1, qid="b1")) == "busy"
+        assert b.claim(item(1, qid="b1")) == "busy"
 
 
 def test_a_pool_made_before_owners_is_migrated(url):
