@@ -157,8 +157,6 @@ def run_stream(
     committed to the pool first, so a resumed run asks again only what was never bought."""
     check_flow(teacher_concurrency, batch)
     failures = _Failures(distiller.config.max_teacher_failures)
-    if teacher_concurrency == 1 and batch == 1:
-        return distiller.run(queries, on_record=on_record)  # today's loop, exactly
     if teacher_concurrency == 1:
         _run_serial(distiller, queries, on_record, batch, failures)
         return distiller.records
@@ -178,12 +176,14 @@ def _run_serial(
 ) -> None:
     for chunk in _chunks(queries, batch):
         wanted = [q for q in chunk if not isinstance(q, DataError)]
-        drafts = iter(answer_batch(distiller, wanted))
+        drafts = iter(answer_batch(distiller, wanted) if batch > 1 else [])
         for item in chunk:
             if isinstance(item, DataError):
                 rec = _bad_input(item, distiller.next_position())
-            else:
+            elif batch > 1:
                 rec = distiller.annotate_later(next(drafts))
+            else:
+                rec = distiller.step(item)  # the loop as it always was
             failures.check(rec, bool(getattr(distiller, "last_teacher_refused", False)))
             write_record(distiller, rec)
             if on_record is not None:
