@@ -470,3 +470,61 @@ def test_an_import_line_over_the_prompt_limit_is_named(tmp_path):
         assert r.status_code == 422, r.text
         assert "demos.jsonl line 3" in r.json()["error"]["message"] and "--max-prompt-tokens" in r.text
         assert c.get("/v1/stats").json()["pool_size"] == 0
+
+
+# ---------------------------------------------------------------------- 9: the label page on any screen
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def layout(page: Any) -> dict[str, Any]:
+    """What a person sees without scrolling: the page's width, and where the buttons are."""
+    return page.evaluate(
+        """() => {
+        const vw = window.innerWidth, vh = window.innerHeight;
+        const boxes = [...document.querySelectorAll('button[name=label]')].map(b => b.getBoundingClientRect());
+        const skip = document.querySelector('button.skip').getBoundingClientRect();
+        return {vw, vh, width: document.documentElement.scrollWidth,
+                widest: Math.max(...boxes.map(b => b.right)), leftmost: Math.min(...boxes.map(b => b.left)),
+                skip_top: skip.top, skip_bottom: skip.bottom, skip_right: skip.right, n: boxes.length};
+    }"""
+    )
+
+
+def test_the_label_page_fits_phones_and_desktops_with_long_text_and_many_options(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    long_option = "a very long option " * 26  # 494 characters
+    items = [
+        {"prompt": "W" * 4000, "options": ["Bag", long_option.strip(), "Shirt"]},  # no space to wrap at
+        {"prompt": "Which class? " * 300, "options": [f"class number {i}" for i in range(300)]},
+    ]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            for width, height in ((390, 844), (1280, 800)):
+                with serve(tmp_path / f"pool-{width}.sqlite", teacher="human") as s:
+                    with client(s.url) as c:
+                        for item in items:
+                            r = c.post("/v1/predict", json={**query_json("red"), **item})
+                            assert r.status_code == 200 and r.json()["state"] == "pending_human", r.text
+                    page = browser.new_context(viewport={"width": width, "height": height}).new_page()
+                    page.goto(s.url + "/login")
+                    page.fill("input[name=key]", KEY)
+                    page.click("button[type=submit]")
+                    page.wait_for_url(re.compile(r".*/label$"))
+                    seen = set()
+                    for _ in range(2):
+                        got = layout(page)
+                        seen.add(n_options := got["n"])
+                        assert got["width"] <= width, got  # nothing wider than the screen
+                        assert got["leftmost"] >= 0 and got["widest"] <= width, got  # every option on screen
+                        assert got["skip_top"] >= 0 and got["skip_bottom"] <= height, got  # Skip in reach
+                        assert got["skip_right"] <= width, got
+                        page.screenshot(path=str(tmp_path / f"label-{width}-{n_options}.png"))
+                        page.click("button.skip")
+                        page.wait_for_load_state("load")
+                    assert seen == {3, 300}, seen
+        finally:
+            browser.close()

@@ -25,20 +25,30 @@ CSP = (
 )
 
 _STYLE = """
+*{box-sizing:border-box}
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
-header{background:#1d2330;color:#fff;padding:10px 20px;display:flex;justify-content:space-between;align-items:center}
+header{background:#1d2330;color:#fff;padding:10px 20px;display:flex;flex-wrap:wrap;gap:4px 16px;
+justify-content:space-between;align-items:center}
 header b{font-size:18px} main{max-width:760px;margin:24px auto;background:#fff;border-radius:10px;padding:24px;
-box-shadow:0 1px 4px rgba(0,0,0,.12)} .row{display:flex;gap:24px;align-items:flex-start}
-img.q{width:256px;height:256px;object-fit:contain;image-rendering:pixelated;border:1px solid #ccd;border-radius:6px;background:#000}
-.prompt{font-size:18px;margin:0 0 10px} .meta{color:#555;font-size:14px;margin:4px 0}
-.opts{display:flex;flex-wrap:wrap;gap:8px;margin:16px 0} button{font-size:15px;padding:8px 14px;border-radius:6px;
+box-shadow:0 1px 4px rgba(0,0,0,.12)} .row{display:flex;gap:24px;align-items:flex-start} .row>div{flex:1;min-width:0}
+img.q{width:256px;height:256px;flex:none;object-fit:contain;image-rendering:pixelated;border:1px solid #ccd;
+border-radius:6px;background:#000}
+.prompt{font-size:18px;margin:0 0 10px;white-space:pre-wrap;max-height:35vh;overflow-y:auto} .meta{color:#555;font-size:14px;margin:4px 0}
+.prompt,.meta,.flash,button{overflow-wrap:anywhere;word-break:break-word}
+.opts{display:flex;flex-wrap:wrap;gap:8px;margin:16px 0;max-height:45vh;overflow-y:auto;padding:2px}
+button{font-size:15px;padding:8px 14px;border-radius:6px;max-width:100%;white-space:normal;text-align:left;
 border:1px solid #4a5bd4;background:#eef0ff;color:#1d2a99;cursor:pointer} button.primary{background:#4a5bd4;color:#fff}
 button.guess{border:2px dashed #e0883a} .tag{font-size:11px;color:#a0521a;margin-left:6px}
-button.skip{border-color:#999;background:#fafafa;color:#444} input[type=text],input[type=password]{font-size:15px;
-padding:8px;border:1px solid #aab;border-radius:6px;width:260px} .flash{background:#e8f6ea;border:1px solid #9c9;
+button.skip{border-color:#999;background:#fafafa;color:#444}
+.skipbar{position:sticky;bottom:0;background:#fff;padding:8px 0;margin:0}
+input[type=text],input[type=password]{font-size:15px;padding:8px;border:1px solid #aab;border-radius:6px;
+width:100%;max-width:420px} .flash{background:#e8f6ea;border:1px solid #9c9;
 padding:8px 12px;border-radius:6px;margin-bottom:16px} .err{background:#fdecec;border-color:#d99}
-.bar{height:8px;background:#e3e5ef;border-radius:4px;overflow:hidden;width:200px;display:inline-block;vertical-align:middle}
+.bar{height:8px;background:#e3e5ef;border-radius:4px;overflow:hidden;width:200px;max-width:40%;display:inline-block;
+vertical-align:middle}
 .bar i{display:block;height:100%;background:#e0883a}
+@media (max-width:640px){main{margin:0;border-radius:0;padding:14px}.row{flex-direction:column;gap:12px}
+img.q{width:100%;max-width:200px;height:auto;aspect-ratio:1}header{padding:8px 14px}}
 """
 
 
@@ -77,7 +87,7 @@ def _header(stats: dict[str, Any]) -> str:
 
 
 LOGOUT = (
-    "<footer style='max-width:760px;margin:0 auto;text-align:right'><form method=post action='/logout'>"
+    "<footer style='max-width:760px;margin:0 auto;padding:0 14px;text-align:right'><form method=post action='/logout'>"
     "<button type=submit class=logout>Log out</button></form></footer>"
 )
 
@@ -238,7 +248,8 @@ def _item_form(item: dict[str, Any], csrf: str, measure: str) -> str:
         f"<p class=meta>Student's guess: <b>{e(guess)}</b></p>{unsure}"
         f"<p class=meta>Query {qid[:8]} &middot; #{item['position']}</p>"
         f"<form method=post action='/label/{qid}'>{hidden}{answer}</form>"
-        f"<form method=post action='/label/{qid}'>{hidden}"
+        # Skip stays on screen however long the page (sticky), and the options scroll in their own box
+        f"<form method=post action='/label/{qid}' class=skipbar>{hidden}"
         "<button type=submit name=action value=skip class=skip>Skip</button></form>"
         "</div></div>"
     )
