@@ -380,6 +380,28 @@ def test_at_the_connection_cap_one_more_is_refused_and_nothing_runs_out_of_files
         assert "Too many open files" not in log and "out of system resource" not in log, log[-2000:]
 
 
+def test_one_address_cannot_take_every_connection(tmp_path):
+    """A slowloris host (127.0.0.2) past its per-address cap gets 503 at once; another client
+    (127.0.0.1) is still answered while it holds its connections."""
+    with serve(tmp_path / "pool.sqlite", max_connections_per_client=20, header_timeout_s=600.0) as s:
+        port = int(s.url.rsplit(":", 1)[1])
+        socks = []
+        for _ in range(30):
+            sock = socket.socket()
+            sock.settimeout(120)
+            sock.bind(("127.0.0.2", 0))
+            sock.connect(("127.0.0.1", port))
+            socks.append(sock)
+        try:
+            for sock in socks[-5:]:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 503")
+            assert httpx.get(s.url + "/healthz", timeout=120).status_code == 200
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 # ---------------------------------------------------------------------- 7: back-pressure
 
 

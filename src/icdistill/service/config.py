@@ -99,6 +99,8 @@ class ServeConfig:
     header_timeout_s: float = 10.0
     # connections open at once (kept below the open-files limit); one more gets 503 and is closed
     max_connections: int = 1000
+    # connections open at once from one client address (not applied behind --forwarded-allow-ips)
+    max_connections_per_client: int = 128
     # model requests (predictions, demos, imports) admitted at once; one more gets 503 + Retry-After
     max_queued: int = 32
     # lines of an import's demos.jsonl (each checked as it is read)
@@ -130,6 +132,7 @@ class ServeConfig:
             "max_import_pixels",
             "max_prompt_tokens",
             "max_connections",
+            "max_connections_per_client",
             "max_queued",
             "max_import_lines",
         ):
@@ -234,6 +237,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d["max_connections"].default,
         help="connections open at once (one more is answered 503 and closed)",
+    )
+    g.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=d["max_connections_per_client"].default,
+        help="connections open at once from one address (not applied behind --forwarded-allow-ips)",
     )
     g.add_argument(
         "--max-queued",

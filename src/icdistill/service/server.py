@@ -6,6 +6,8 @@
 * A request's headers must arrive within ``header_timeout_s`` of the connection opening (or of the
   previous response on a kept-alive connection): a slowloris client that sends a header line every
   few seconds is cut off.
+* At most ``max_connections_per_client`` connections are open from one address (unless a proxy is
+  trusted: then every client comes from its address), so one slowloris host cannot fill the rest.
 * At most ``max_connections`` connections are open at once (kept ``FD_RESERVE`` below the open-files
   limit, which is raised to its hard limit first); one more is answered 503 and closed at once, so
   the server never runs out of file descriptors.
@@ -61,18 +63,27 @@ def connection_cap(wanted: int) -> int:
     return max(1, min(wanted, int(soft) - FD_RESERVE))
 
 
-def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a header deadline and a connection cap."""
+def guarded_protocol(
+    max_connections: int, header_timeout_s: float, per_client: int | None = None
+) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a header deadline, a connection cap, and a cap per client address
+    (``per_client``; None behind a proxy, whose address every client shares)."""
+    open_by: dict[str, int] = {}
 
     class Guarded(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _peer: str | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
+            peer = self.client[0] if self.client else "?"
+            crowded = per_client is not None and open_by.get(peer, 0) >= per_client
+            if crowded or len(self.connections) > max_connections:
                 transport.write(BUSY)
                 transport.close()
                 return
+            self._peer = peer
+            open_by[peer] = open_by.get(peer, 0) + 1
             self._arm_header_timer()
 
         def _arm_header_timer(self) -> None:
@@ -102,6 +113,13 @@ def guarded_protocol(max_connections: int, header_timeout_s: float) -> type[H11P
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
+            if self._peer is not None:
+                left = open_by.get(self._peer, 1) - 1
+                if left > 0:
+                    open_by[self._peer] = left
+                else:
+                    open_by.pop(self._peer, None)
+                self._peer = None
             super().connection_lost(exc)
 
     return Guarded
@@ -160,7 +178,11 @@ def uvicorn_config(app: Any, cfg: ServeConfig, **extra: Any) -> Any:
         app,
         host=cfg.host,
         port=cfg.port,
-        http=guarded_protocol(connection_cap(cfg.max_connections), cfg.header_timeout_s),
+        http=guarded_protocol(
+            connection_cap(cfg.max_connections),
+            cfg.header_timeout_s,
+            None if trusted is not None else cfg.max_connections_per_client,
+        ),
         proxy_headers=trusted is not None,
         forwarded_allow_ips=trusted if trusted is not None else "",
         timeout_keep_alive=5,
