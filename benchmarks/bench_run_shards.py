@@ -3,7 +3,7 @@ the shared pool's per-query overhead against a run's own SQLite pool, and the no
 one worker's new demo to its use by another.
 
 Usage: ``nice -n 19 .venv/bin/python benchmarks/bench_run_shards.py [--queries 100] [--repeats 2]
-[--parts actors,overhead,notify]``.
+[--parts actors,overhead,notify] [--models fake,default]``.
 
 Starts a throwaway PostgreSQL cluster (Debian's server, as the tests do); every run gets a fresh
 database. The offline default models (``local:smollm2`` student, ``local:conse`` embedder,
@@ -148,13 +148,19 @@ def _one_run(cfg: Any, out: Path, parts: Any) -> tuple[float | None, dict[str, A
     return (1.0 / rate if rate else None), summary
 
 
-def bench_overhead(cluster: str, queries: int, repeats: int, folder: Path) -> dict[str, Any]:
+def bench_overhead(
+    cluster: str,
+    queries: int,
+    repeats: int,
+    folder: Path,
+    models_tried: tuple[str, ...] = ("fake", "default"),
+) -> dict[str, Any]:
     from fakes import FakeEmbedder, FakeStudent
     from icdistill.models.reference import ReferenceTeacher
     from icdistill.runner import Parts, RunConfig, build_parts
 
     out: dict[str, Any] = {}
-    for models in ("fake", "default"):
+    for models in models_tried:
         per: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
         for rep in range(repeats):
             for pool in ("sqlite", "postgresql"):
@@ -237,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--parts", default="actors,overhead,notify")
+    p.add_argument(
+        "--models", default="fake,default", help="overhead: with the fakes, the default models or both"
+    )
     args = p.parse_args(argv)
     # a SIGTERM (a stopped benchmark) still stops the throwaway cluster and the local Ray instance
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -248,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             result["notify"] = bench_notify(cluster, args.trials)
             print(json.dumps({"notify": result["notify"]}), flush=True)
         if "overhead" in wanted:
-            result["overhead"] = bench_overhead(cluster, args.queries, args.repeats, folder)
+            result["overhead"] = bench_overhead(
+                cluster, args.queries, args.repeats, folder, tuple(args.models.split(","))
+            )
         if "actors" in wanted:
             result["actors"] = bench_actors(cluster, args.queries, args.repeats, folder)
     print(json.dumps(result))

@@ -138,6 +138,22 @@ def test_two_actors_answer_the_stream_once_with_one_progress_bar(tmp_path, local
         run_on_ray(_cfg(data, url), tmp_path / "big", RayRunOptions(workers=3), parts=_parts(), resume=True)
     run_on_ray(_cfg(data, url), tmp_path / "big", RayRunOptions(workers=2), parts=_parts(), resume=True)
     assert len(_shard_records(tmp_path / "big")) == 24 and _bought(url) == (calls, rows, distinct)
+    # --n grows on resume: each shard goes on with its share of the longer stream, the split unmoved
+    with pytest.raises(ICDError, match="--n 12 is shorter than the run's stream"):
+        run_on_ray(
+            _cfg(data, url), tmp_path / "big", RayRunOptions(workers=2), resume=True, changes={"n": 12}
+        )
+    run_on_ray(
+        _cfg(data, url),
+        tmp_path / "big",
+        RayRunOptions(workers=2),
+        parts=_parts(),
+        resume=True,
+        changes={"n": 32},
+    )
+    _assert_each_position_once(tmp_path / "big", data, 32)
+    calls, rows, distinct = _bought(url)
+    assert calls == rows == distinct
 
 
 def test_a_global_max_calls_holds_exactly_across_actors(tmp_path, local_ray, url):

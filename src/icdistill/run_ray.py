@@ -200,6 +200,9 @@ def prepare_out(cfg: RunConfig, out: Path, workers: int, resume: bool, changes: 
             f"--resume continues the run in {out} with its stored config; these flags differ: "
             f"{', '.join('--' + k.replace('_', '-') for k in refused)} (only --n and --dataset may change)"
         )
+    new_n = changes.get("n", base.n)
+    if base.n is None and new_n is not None or (new_n is not None and base.n is not None and new_n < base.n):
+        raise ICDError(f"--n {new_n} is shorter than the run's stream ({base.n or 'all'}): --n may only grow")
     base = replace(
         base, **{k: v for k, v in changes.items() if k in RunConfig.RESUMABLE}
     ).with_absolute_paths()
