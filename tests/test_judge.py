@@ -83,7 +83,11 @@ def test_the_judge_keeps_what_a_copying_student_reads_right_alone_where_the_pool
         assert _accuracy([judged[i] for i in idx]) >= np.mean([alone[i] for i in idx]), label
     first = next(r for r in judged if r["label"] == "blue" and r["demo_ids"])
     j = first["student_details"]["judge"]
-    assert j["by"] == "judge" and j["icl_answer"] in ("red", "green") and j["zero_shot_answer"] == "blue"
+    assert (
+        j["by"] == "judge"
+        and j["zero_shot_answer"] == "blue"
+        and j.get("icl_answer") in (None, "red", "green")
+    )
     assert j["weights"][1] > j["weights"][0] and j["weights"][1] > j["weights"][2]
 
 
@@ -94,10 +98,10 @@ def test_skipping_the_zero_shot_reading_never_changes_an_answer_and_saves_reads(
     b = _run(queries, taught, full, judge="full")
     assert [r["answer"] for r in a] == [r["answer"] for r in b]
     assert [r["first_answer"] for r in a] == [r["first_answer"] for r in b]
-    # the zero-shot reading is read where it could change the answer, and for every taught query
-    assert skipping.calls["zero-shot"] < full.calls["zero-shot"]
-    skipped = [r for r in a if r["student_details"]["judge"].get("by") == "judge"]
-    assert any(r["student_details"]["judge"]["zero_shot"] is None for r in skipped)
+    # the second LM reading is read where it could change the answer, and for every taught query
+    assert sum(skipping.calls.values()) < sum(full.calls.values())
+    judged = [r["student_details"]["judge"] for r in a if r["student_details"]["judge"].get("by") == "judge"]
+    assert any(j["zero_shot"] is None or j["icl"] is None for j in judged)
 
 
 def test_a_resumed_run_answers_as_the_uninterrupted_one(colours, tmp_path):
@@ -125,6 +129,7 @@ def test_a_resumed_run_answers_as_the_uninterrupted_one(colours, tmp_path):
         resumed = d.run(queries[17:])
     assert [r["option_probs"] for r in resumed] == [r["option_probs"] for r in whole]
     assert [r["answer"] for r in resumed] == [r["answer"] for r in whole]
+
     def judged(records):  # what the judge read and weighed, without its timings
         return [{k: v for k, v in r["student_details"]["judge"].items() if k != "seconds"} for r in records]
 
@@ -163,5 +168,6 @@ def test_the_summary_reports_each_expert_and_the_envelope(colours):
     assert full["envelope"] == 1.0 and full["first_pass_accuracy_all_read"] <= full["envelope"]
     assert full["icl_copies_nearest_demo"] == 1.0
     on = judge_summary(_run(queries, taught, CopyingColourStudent(), judge="on"))
-    assert on is not None and on["experts"]["zero-shot"]["read"] < on["judged_queries"]
+    assert on is not None
+    assert min(on["experts"]["zero-shot"]["read"], on["experts"]["icl"]["read"]) < on["judged_queries"]
     assert judge_summary(_run(queries, taught, CopyingColourStudent(), judge="off")) is None

@@ -306,7 +306,7 @@ class Distiller:
             if learn is not None and annotation.accepted:
                 learn(query, annotation.answer)
             if self.judge is not None and annotation.accepted:  # a check of each of the judge's experts
-                self.judge.teach(query, emb, first, annotation.answer)
+                self.judge.teach(query, emb, first, annotation.answer, demos)
 
         final, answered_by, final_demos = first, "student", demos  # 6. answer
         if annotation is not None and annotation.accepted:

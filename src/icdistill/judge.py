@@ -22,9 +22,10 @@ scored by the kernel-weighted (in ``s``) likelihood of the teacher's answers ove
 
 Each LM reading enters at a temperature fitted to the teacher's answers (small LMs' option
 distributions are far too flat where they read right). An expert is only computed when it can
-change the answer: the zero-shot reading is skipped when the other experts' weighted margin exceeds
-its weight (then no distribution it could give changes the argmax); it then enters the mixture as the
-even distribution, so the gate's uncertainty still carries its weight. A taught query's skipped
+change the answer: the LM reading of more weight is read first (on a tie the zero-shot one, read once
+per image), and the other is skipped when the weighted margin of those read exceeds its weight (then
+no distribution it could give changes the argmax); it then enters the mixture as the even
+distribution, so the gate's uncertainty still carries its weight. A taught query's skipped
 readings are read when it is taught (its checks need them).
 
 Everything the judge learns is an event (``drain_events``), logged per query and replayed on resume
@@ -96,7 +97,9 @@ class Judging(Protocol):
         icl: Prediction | None = None,
     ) -> Prediction: ...
 
-    def teach(self, query: Query, emb: Embeddings, first: Prediction, answer: str) -> None: ...
+    def teach(
+        self, query: Query, emb: Embeddings, first: Prediction, answer: str, demos: Sequence[Demo] = ()
+    ) -> None: ...
 
     def drain_events(self) -> list[list[Any]]: ...
 
@@ -244,51 +247,65 @@ class Judge:
             if voted is not None:  # demos of no shown kind, e.g. shots 0: the vote is still read
                 details["vote"], details["similarity"] = _round(voted[0]), round(voted[1], 5)
             return self._prediction(options, p, details, start)
-        zs_seconds = self.seconds[ZERO_SHOT]
-        icl_pred = icl if icl is not None else self._icl(query, demos)
         s = voted[1] if voted is not None else None
         w, t_icl, t_zs = self.weights(options, s)
-        readings: dict[str, np.ndarray | None] = {
-            ICL: temper(_probs(icl_pred, options), t_icl),
-            ZERO_SHOT: None,
-            VOTE: voted[0] if voted is not None else None,
-        }
-        # the zero-shot reading only where it can change the answer: it adds at most w_zs to any option
-        partial = w[0] * readings[ICL] + (w[2] * readings[VOTE] if readings[VOTE] is not None else 0.0)
+        raw: dict[str, Prediction | np.ndarray | None] = {ICL: icl, ZERO_SHOT: None}
+        spent = dict.fromkeys((ICL, ZERO_SHOT), 0.0)
+
+        def read(name: str) -> None:
+            t0 = time.perf_counter()
+            raw[name] = self._icl(query, demos) if name == ICL else self.zero_shot(query, options)
+            spent[name] = time.perf_counter() - t0
+
+        def tempered(name: str) -> np.ndarray | None:
+            r = raw[name]
+            if r is None:
+                return None
+            p = _probs(r, options) if isinstance(r, Prediction) else r
+            return temper(p, t_icl if name == ICL else t_zs)
+
+        # the LM reading of more weight first (a micro-batch's ICL reading is already read; on a tie
+        # the zero-shot one, read once per image); the other only where it can change the answer: it
+        # adds at most its weight to any option
+        first = ICL if icl is not None or w[0] > w[1] else ZERO_SHOT
+        second, w_second = (ZERO_SHOT, w[1]) if first == ICL else (ICL, w[0])
+        if raw[first] is None:
+            read(first)
+        partial = sum(
+            wi * r
+            for wi, r in ((w[0], tempered(ICL)), (w[1], tempered(ZERO_SHOT)), (w[2], voted and voted[0]))
+            if r is not None
+        )
         top2 = np.sort(np.asarray(partial))[-2:]
-        if not self.config.skip or top2[1] - top2[0] <= w[1]:
-            readings[ZERO_SHOT] = temper(self.zero_shot(query, options), t_zs)
+        if not self.config.skip or top2[1] - top2[0] <= w_second:
+            read(second)
+        readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
         # a skipped reading enters as the even distribution: the argmax is the same, and the
         # uncertainty the gate sees keeps the weight the judge would have given it
-        p = _mix(
-            {
-                **readings,
-                ZERO_SHOT: readings[ZERO_SHOT] if readings[ZERO_SHOT] is not None else _even(options),
-            },
-            w,
-        )
-        nearest_answer = voted[3] if voted is not None else None
+        p = _mix({k: _even(options) if r is None and k != VOTE else r for k, r in readings.items()}, w)
+        icl_pred = raw[ICL] if isinstance(raw[ICL], Prediction) else None
         details = {
             "by": "judge",
             "weights": [round(float(x), 4) for x in w],
             "similarity": None if s is None else round(s, 5),
-            "icl": _round(_probs(icl_pred, options)),
-            "icl_answer": icl_pred.answer,
-            "icl_copies_nearest_demo": icl_pred.answer == nearest_answer,
-            "zero_shot": None if readings[ZERO_SHOT] is None else _round(self.zero_shot(query, options)),
+            "icl": None if icl_pred is None else _round(_probs(icl_pred, options)),
+            "zero_shot": None if raw[ZERO_SHOT] is None else _round(raw[ZERO_SHOT]),  # type: ignore[arg-type]
             "vote": None if voted is None else _round(voted[0]),
             "temperatures": [round(t_icl, 4), round(t_zs, 4)],
             # the student's time on each reading of this query (a micro-batch's ICL reading: its share)
             "seconds": {
-                ICL: round(icl_pred.seconds, 6),
-                ZERO_SHOT: round(self.seconds[ZERO_SHOT] - zs_seconds, 6),
+                ICL: round(icl_pred.seconds if icl_pred else 0.0, 6),
+                ZERO_SHOT: round(spent[ZERO_SHOT], 6),
             },
         }
+        if icl_pred is not None:
+            details["icl_answer"] = icl_pred.answer
+            details["icl_copies_nearest_demo"] = icl_pred.answer == (voted[3] if voted else None)
+            if icl_pred.details:
+                details["student"] = icl_pred.details
         for name in (ZERO_SHOT, VOTE):
             if readings[name] is not None:
                 details[f"{name.replace('-', '_')}_answer"] = options[int(np.argmax(readings[name]))]
-        if icl_pred.details:
-            details["student"] = icl_pred.details
         return self._prediction(options, p, details, start)
 
     @staticmethod
@@ -359,13 +376,18 @@ class Judge:
         self._fits[options] = fit
         return fit
 
-    def teach(self, query: Query, emb: Embeddings, first: Prediction, answer: str) -> None:
-        """The teacher's answer to ``query``, whose first pass was ``first``: a check of each expert
-        (the readings the first pass skipped are read now)."""
+    def teach(
+        self, query: Query, emb: Embeddings, first: Prediction, answer: str, demos: Sequence[Demo] = ()
+    ) -> None:
+        """The teacher's answer to ``query``, whose first pass was ``first`` shown ``demos``: a check of
+        each expert (the readings the first pass skipped are read now, with the same demos)."""
         if not query.options or answer not in query.options:
             return
         options = tuple(dict.fromkeys(query.options))
         j = first.details.get("judge") or {}
+        icl = j.get("icl")
+        if icl is None and j.get("by") == "judge" and demos:
+            icl = _round(_probs(self._icl(query, demos), options))
         zs = self.zero_shot(query, options)
         features = emb.get(IMAGE)
         self._record(
@@ -375,7 +397,7 @@ class Judge:
                 answer,
                 None if features is None else encode_sketch(np.asarray(features, dtype=np.float32)),
                 j.get("similarity"),
-                j.get("icl"),
+                icl,
                 [float(x) for x in zs],
                 j.get("vote"),
             ]

@@ -93,7 +93,9 @@ def judge_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         "judged_queries": len(rows),
         "first_pass_accuracy": _mean([float(r["first_correct"]) for r, _ in labelled]),
         "experts": experts,
-        "icl_copies_nearest_demo": _mean([float(j.get("icl_copies_nearest_demo", False)) for j in details]),
+        "icl_copies_nearest_demo": _mean(
+            [float(j["icl_copies_nearest_demo"]) for j in details if "icl_copies_nearest_demo" in j]
+        ),
         "all_read": len(every),
         "envelope": _mean([float(any(j[key] == r["label"] for _, key in _EXPERT_ANSWERS)) for r, j in every]),
         "first_pass_accuracy_all_read": _mean([float(r["first_correct"]) for r, _ in every]),

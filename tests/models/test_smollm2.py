@@ -244,9 +244,10 @@ def test_far_demos_do_not_overwrite_what_the_student_reads_right_alone_and_a_res
     cat = Query(id="cat", image=_photo("chelsea", 0), prompt=QUESTION, options=options)
     pred = judge.answer(cat, emb(cat.image), cups, pool)
     j = pred.details["judge"]
-    # the student reads the cat right with the cups in its prompt; its zero-shot reading could not
-    # change the answer, so it was not read
-    assert j["vote_answer"] == "coffee cup" and j["icl_answer"] == "cat" and j["zero_shot"] is None, j
+    # the student reads the cat right (alone, and with the cups in its prompt where that reading was
+    # needed: the second LM reading is skipped where it could not change the answer)
+    assert j["vote_answer"] == "coffee cup" and j.get("zero_shot_answer", "cat") == "cat", j
+    assert j.get("icl_answer", "cat") == "cat" and (j["icl"] is None) != (j["zero_shot"] is None), j
     assert j["weights"][2] < 0.2, j
     assert pred.answer == "cat", (j, pred.option_probs())
     cup = Query(id="cup", image=_photo("coffee", 9), prompt=QUESTION, options=options)
