@@ -53,21 +53,35 @@ def plot_run(records: list[dict[str, Any]], path: str | Path, what: str = "ICD r
     if not np.array_equal(acc, first):
         # the first pass already sees the pool's demos: the zero-shot student is `icd eval`'s baseline
         with_demos = any(r.get("demo_ids") for r in qs)
-        label = "accuracy (student's first pass" + (", with demos)" if with_demos else ")")
+        if icd:
+            label = "accuracy (student's first pass" + (", with demos)" if with_demos else ")")
+        else:  # a baseline's first answer may be no student's (a k-NN vote)
+            label = "accuracy (first answer, before any teacher call)"
         ax.plot(pos, first, label=label, alpha=0.7)
     ax.set_xlabel("stream position")
     ax.set_ylabel("running accuracy")
     ax.set_ylim(-0.03, 1.03)  # a line at 0 or 1 stays visible inside the frame
     ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(pos, calls, color="tab:red", linestyle="--", label="teacher calls")
-    if failed[-1]:
-        ax2.plot(pos, failed, color="black", linestyle=":", label="failed teacher calls (no answer)")
-    ax2.set_ylabel("teacher calls (cumulative)")
-    ax2.set_ylim(bottom=0)
-    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))  # calls are whole numbers
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [str(line.get_label()) for line in lines], loc="lower right", fontsize=8)
+    lines = list(ax.get_lines())
+    if calls[-1]:  # no teacher call (the student alone): no axis of zeros
+        ax2 = ax.twinx()
+        ax2.plot(pos, calls, color="tab:red", linestyle="--", label="teacher calls")
+        if failed[-1]:
+            ax2.plot(pos, failed, color="black", linestyle=":", label="failed teacher calls (no answer)")
+        ax2.set_ylabel("teacher calls (cumulative)")
+        ax2.set_ylim(bottom=0)
+        ax2.yaxis.set_major_locator(MaxNLocator(integer=True))  # calls are whole numbers
+        lines += ax2.get_lines()
+    # below the axes: over no line
+    ax.legend(
+        lines,
+        [str(line.get_label()) for line in lines],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
     title = f"{what}: {len(qs)} queries, {int(calls[-1])} teacher calls"
     all_failed = bool(failed[-1]) and failed[-1] == calls[-1]
     if all_failed:
@@ -76,6 +90,6 @@ def plot_run(records: list[dict[str, Any]], path: str | Path, what: str = "ICD r
         title += f", {int(failed[-1])} failed"
     ax.set_title(title, color="tab:red" if all_failed else "black", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)

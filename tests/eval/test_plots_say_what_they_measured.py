@@ -100,6 +100,7 @@ def test_a_cell_s_run_plot_is_named_for_its_method_and_failed_calls_show(tmp_pat
     close = plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: (shown.append(fig), close(fig)))
     plot_run([_q(i, False, None) for i in range(6)], tmp_path / "a.png", what="student-zero-shot seed 0")
+    assert len(shown[-1].axes) == 1  # no teacher call: no axis of zero calls
     ax = shown[-1].axes[0]
     assert ax.get_title().startswith("student-zero-shot seed 0: 6 queries")
     assert [line.get_label() for line in ax.get_lines()] == ["accuracy (final answers)"]  # first = final

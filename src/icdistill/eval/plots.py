@@ -186,7 +186,7 @@ def plot_reliability(rows: Sequence[dict[str, Any]], out: Path, path: Path) -> l
         ax.plot(range(1, len(acc) + 1), acc, linestyle=line, marker=marker, label=label, alpha=0.85)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("uncertainty quintile (1 = most certain)")
-    ax.set_ylabel("first-pass accuracy")
+    ax.set_ylabel("first-pass accuracy (mean over seeds)")
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=7, loc="best")
