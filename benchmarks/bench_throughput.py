@@ -4,6 +4,9 @@ flight (``--teacher-concurrency``). Ratios are measured within one run of this s
     # the default student (local:smollm2) on Fashion-MNIST at 5%: student seconds a query and accuracy
     python benchmarks/bench_throughput.py student --n 100 --batches 1,8 --orders 0,1,2
 
+    # the default student's passes alone: the same 2-shot prompts one at a time and 8 at a time
+    python benchmarks/bench_throughput.py passes --queries 32 --batches 1,8 --repeats 3
+
     # a full-size random-weight SmolVLM-256M-Instruct (hf:, built from its published config values,
     # no download) scoring the 10 Fashion-MNIST options with 2 demos: queries a second at each batch
     python benchmarks/bench_throughput.py vlm --queries 16 --batches 1,4,8,16 [--device cuda]
@@ -112,6 +115,64 @@ def bench_student(args: argparse.Namespace) -> None:
     _write("student", {"args": vars(args), "rows": rows})
 
 
+def _fmnist_prompts(n: int, shots: int, seed: int) -> tuple[list[Any], list[list[Any]]]:
+    """``n`` Fashion-MNIST test queries, each with ``shots`` demos: labelled train-split images (as the
+    pool would hold them)."""
+    from icdistill.data.stream import load_dataset, stream_order
+    from icdistill.types import Demo
+
+    test, train = load_dataset("fashion-mnist", split="test"), load_dataset("fashion-mnist", split="train")
+    queries = [test.item(i) for i in stream_order(len(test), n, seed, True)]
+    pool = [train.item(i) for i in stream_order(len(train), n * shots, seed, True)]
+    demos = [
+        [Demo(id=j, query_id=d.id, image=d.image, prompt=d.prompt, answer=d.label or "") for j, d in
+         enumerate(pool[i * shots : (i + 1) * shots])]
+        for i in range(n)
+    ]  # fmt: skip
+    return queries, demos
+
+
+def _time_passes(student: Any, queries: list[Any], demos: list[list[Any]], b: int, reset: Any) -> float:
+    """Seconds for the student to read every query with its demos, ``b`` queries a pass."""
+    reset()
+    t0 = time.perf_counter()
+    for i in range(0, len(queries), b):
+        if b == 1:
+            student.predict(queries[i], demos[i])
+        else:
+            student.predict_batch(queries[i : i + b], demos[i : i + b])
+    return time.perf_counter() - t0
+
+
+def bench_passes(args: argparse.Namespace) -> None:
+    """The default student's passes alone (no loop): the same queries and 2-shot prompts read one at a
+    time and in micro-batches, batch sizes alternating within each repeat (the machine's load then
+    weighs on every batch size alike)."""
+    from icdistill.models.registry import ModelContext, resolve_student
+
+    student = resolve_student("local:smollm2", ModelContext())
+    queries, demos = _fmnist_prompts(args.queries, 2, 0)
+
+    def reset() -> None:  # every timing reads and tags its images itself
+        student.forget_readings()
+        student._tags.clear()
+
+    _time_passes(student, queries[:2], demos[:2], 1, reset)  # model load, not measured
+    batches = [int(b) for b in args.batches.split(",")]
+    per_query: dict[int, list[float]] = {b: [] for b in batches}
+    for rep in range(args.repeats):
+        for b in batches if rep % 2 == 0 else batches[::-1]:
+            per_query[b].append(_time_passes(student, queries, demos, b, reset) / len(queries))
+            print(
+                json.dumps({"batch": b, "repeat": rep, "s_per_query": round(per_query[b][-1], 4)}), flush=True
+            )
+    base = statistics.median(per_query[batches[0]])
+    print(f"\nbatch  student s/query, median [min, max] of {args.repeats}  ratio vs B={batches[0]}")
+    for b in batches:
+        print(f"{b:>5}  {_median_spread(per_query[b]):>40}  {base / statistics.median(per_query[b]):>5.2f}")
+    _write("passes", {"args": vars(args), "s_per_query": per_query})
+
+
 # -- a full-size random-weight hf: VLM ------------------------------------------------------------------
 
 # SmolVLM-256M-Instruct's published config.json (HuggingFaceTB/SmolVLM-256M-Instruct), the values that
@@ -189,7 +250,7 @@ def bench_vlm(args: argparse.Namespace) -> None:
 
         q = "What item of clothing is shown?"
         queries = [Query(id=f"q{i}", image=image(), prompt=q, options=LABELS) for i in range(args.queries)]
-        demos = [[Demo(id=j, query_id=f"d{i}{j}", image=image(), prompt=q, answer=LABELS[j]) for j in range(2)]
+        demos = [[Demo(id=j, query_id=f"d{i}{j}", image=image(), prompt=q, answer=LABELS[j]) for j in range(args.shots)]
                  for i in range(args.queries)]  # fmt: skip
         student.predict(queries[0], demos[0])  # warm-up
         rows = []
@@ -204,7 +265,13 @@ def bench_vlm(args: argparse.Namespace) -> None:
                         student.predict_batch(queries[i : i + b], demos[i : i + b])
                 times.append(time.perf_counter() - t0)
             qps = [len(queries) / t for t in times]
-            rows.append({"batch": b, "queries_per_s": [round(x, 3) for x in qps], "median_qps": statistics.median(qps)})
+            rows.append(
+                {
+                    "batch": b,
+                    "queries_per_s": [round(x, 3) for x in qps],
+                    "median_qps": statistics.median(qps),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["median_qps"]
     print("\nbatch  queries/s (median)  ratio vs B=1")
@@ -273,6 +340,25 @@ class _Server:
         self.thread.join(timeout=10)
 
 
+class PixelEmbedder:
+    """A cheap retrieval embedder (7x7 average-pooled pixels; text: a hashed bag of words), so the
+    teacher timings are not drowned by the default embedder on a busy CPU."""
+
+    def embed_query(self, query: Any) -> dict[str, np.ndarray]:
+        from icdistill.types import IMAGE, TEXT
+
+        img = np.asarray(query.image.convert("L").resize((7, 7)), dtype=np.float32).reshape(-1) + 1.0
+        return {IMAGE: img / np.linalg.norm(img), TEXT: self.embed_texts([query.prompt])[0]}
+
+    def embed_texts(self, texts: Any) -> np.ndarray:
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in str(t).lower().split():
+                out[i, int(hashlib.sha1(w.encode()).hexdigest()[:8], 16) % 64] += 1.0
+            out[i] /= max(1e-6, float(np.linalg.norm(out[i])))
+        return out
+
+
 class SleepingStudent:
     """Stands in for a GPU student that takes ``seconds`` a query: copies the nearest demo's answer."""
 
@@ -288,56 +374,70 @@ class SleepingStudent:
         scores = {o: 0.0 for o in query.options}
         if demos and demos[-1].answer in scores:
             scores[demos[-1].answer] = 2.0
-        return Prediction(answer=max(scores, key=scores.__getitem__), option_scores=scores, seconds=self.seconds)
+        return Prediction(
+            answer=max(scores, key=scores.__getitem__), option_scores=scores, seconds=self.seconds
+        )
 
 
 def bench_teacher(args: argparse.Namespace) -> None:
+    """Each setting (latency x C) ``--repeats`` times, the settings interleaved within each repeat (the
+    machine's load then weighs on all alike); medians with their spread."""
     from icdistill.data.stream import load_dataset, stream_order
-    from icdistill.models.registry import ModelContext, resolve_embedder, resolve_teacher
+    from icdistill.models.registry import ModelContext, resolve_teacher
     from icdistill.runner import Parts, RunConfig, run_icd
 
     dataset = load_dataset("fashion-mnist", split="test")
-    order = stream_order(len(dataset), args.n, 0, True)
     labels = {}
-    for i in order:
+    for i in stream_order(len(dataset), args.n, 0, True):
         item = dataset.item(i)
         labels[_pixel_key(item.image)] = item.label
-    embedder = resolve_embedder("local:conse", ModelContext())
+    concurrency = [int(x) for x in args.concurrency.split(",")]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        # a warm-up run first (models loaded, every image's embedding computed once), not measured
-        for warm, latency in [(True, 0.0), (False, 0.0), (False, args.latency)]:
-            app = teacher_app(labels, latency)
-            with _Server(app) as url:
-                spec = f"openai:teacher@{url}/v1?timeout=600&retries=0&cache=0&image_format=png&concurrency=16"
-                teacher = resolve_teacher(spec, ModelContext())
-                for c in [1] if warm else [int(x) for x in args.concurrency.split(",")]:
-                    out = Path(tmp) / f"l{latency}c{c}{'-warm' if warm else ''}"
-                    parts = Parts(SleepingStudent(args.student_seconds), teacher, embedder)
-                    cfg = RunConfig(n=args.n, teacher=spec, judge="off", teacher_concurrency=c)
-                    t0 = time.perf_counter()
-                    run_icd(cfg, out, parts=parts)
-                    wall = time.perf_counter() - t0
-                    log = _log(out)
-                    if warm:
-                        print(f"warm-up run: {wall:.1f} s", flush=True)
-                        continue
-                    rows.append({
-                        "latency_s": latency, "concurrency": c, "wall_s": round(wall, 2),
-                        "calls": sum(r["teacher_asked"] for r in log),
-                        "accuracy": round(sum(r["correct"] for r in log) / len(log), 3),
-                    })  # fmt: skip
-                    print(json.dumps(rows[-1]), flush=True)
-    print("\nC  wall instant  wall slow  added  calls  0.2 x calls x latency  hidden  accuracy (slow)")
-    for c in sorted({r["concurrency"] for r in rows}):
-        fast = next(r for r in rows if r["concurrency"] == c and r["latency_s"] == 0.0)
-        slow = next(r for r in rows if r["concurrency"] == c and r["latency_s"] == args.latency)
-        added = slow["wall_s"] - fast["wall_s"]
-        budget = 0.2 * slow["calls"] * args.latency
-        hidden = 1 - added / (slow["calls"] * args.latency) if slow["calls"] else 1.0
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _Server(teacher_app(labels, 0.0)) as instant,
+        _Server(teacher_app(labels, args.latency)) as slow,
+    ):
+        teachers = {}
+        for latency, url in ((0.0, instant), (args.latency, slow)):
+            spec = f"openai:teacher@{url}/v1?timeout=600&retries=0&cache=0&image_format=png&concurrency=16"
+            teachers[latency] = (spec, resolve_teacher(spec, ModelContext()))
+        settings = [(latency, c) for latency in teachers for c in concurrency]
+        for rep in range(-1, args.repeats):  # repeat -1: a warm-up, not measured
+            for latency, c in settings if rep >= 0 else settings[:1]:
+                spec, teacher = teachers[latency]
+                out = Path(tmp) / f"l{latency}c{c}r{rep}"
+                parts = Parts(SleepingStudent(args.student_seconds), teacher, PixelEmbedder())
+                cfg = RunConfig(n=args.n, teacher=spec, judge="off", teacher_concurrency=c)
+                t0 = time.perf_counter()
+                run_icd(cfg, out, parts=parts)
+                wall = time.perf_counter() - t0
+                log = _log(out)
+                row = {
+                    "latency_s": latency, "concurrency": c, "repeat": rep, "wall_s": round(wall, 2),
+                    "calls": sum(r["teacher_asked"] for r in log),
+                    "accuracy": round(sum(r["correct"] for r in log) / len(log), 3),
+                }  # fmt: skip
+                print(json.dumps(row), flush=True)
+                if rep >= 0:
+                    rows.append(row)
+
+    def walls(latency: float, c: int) -> list[float]:
+        return [r["wall_s"] for r in rows if r["latency_s"] == latency and r["concurrency"] == c]
+
+    print(f"\nmedians [min, max] of {args.repeats}; added = median slow - median instant")
+    print(
+        "C  wall instant          wall slow             added  calls  0.2 x calls x latency  hidden  accuracy"
+    )
+    for c in concurrency:
+        fast, slow_w = walls(0.0, c), walls(args.latency, c)
+        calls = statistics.median(r["calls"] for r in rows if r["concurrency"] == c and r["latency_s"] > 0)
+        added = statistics.median(slow_w) - statistics.median(fast)
+        hidden = 1 - added / (calls * args.latency) if calls else 1.0
+        acc = sorted({r["accuracy"] for r in rows if r["concurrency"] == c})
         print(
-            f"{c}  {fast['wall_s']:>12.1f}  {slow['wall_s']:>9.1f}  {added:>5.1f}  {slow['calls']:>5}  "
-            f"{budget:>21.1f}  {hidden:>6.0%}  {slow['accuracy']:.3f}"
+            f"{c}  {_median_spread(fast):<20}  {_median_spread(slow_w):<20}  {added:>5.1f}  {calls:>5}  "
+            f"{0.2 * calls * args.latency:>21.1f}  {hidden:>6.0%}  {acc}"
         )
     _write("teacher", {"args": vars(args), "rows": rows})
 
@@ -345,6 +445,10 @@ def bench_teacher(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="part", required=True)
+    ps = sub.add_parser("passes")
+    ps.add_argument("--queries", type=int, default=32)
+    ps.add_argument("--batches", default="1,8")
+    ps.add_argument("--repeats", type=int, default=3)
     s = sub.add_parser("student")
     s.add_argument("--n", type=int, default=100)
     s.add_argument("--batches", default="1,8")
@@ -355,13 +459,17 @@ def main() -> None:
     v.add_argument("--repeats", type=int, default=3)
     v.add_argument("--device", default="cpu")
     v.add_argument("--dtype", default="float32")
+    v.add_argument("--shots", type=int, default=2, help="demos (each with its image) per query")
     t = sub.add_parser("teacher")
     t.add_argument("--n", type=int, default=200)
     t.add_argument("--latency", type=float, default=3.0)
     t.add_argument("--concurrency", default="1,4")
     t.add_argument("--student-seconds", type=float, default=0.1)
+    t.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    {"student": bench_student, "vlm": bench_vlm, "teacher": bench_teacher}[args.part](args)
+    {"passes": bench_passes, "student": bench_student, "vlm": bench_vlm, "teacher": bench_teacher}[args.part](
+        args
+    )
 
 
 if __name__ == "__main__":
