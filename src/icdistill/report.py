@@ -116,7 +116,7 @@ def eval_hint(summary: dict[str, Any]) -> str | None:
     if not cfg:
         return None
     grid = ["--methods", "student-zero-shot,icd", "--budgets", str(cfg["budget"]), "--seeds", str(cfg["seed"])]
-    args = ["--dataset", cfg["dataset"], *config_flags(cfg, skip=("dataset", "budget", "seed", "pool")), *grid]
+    args = ["--dataset", cfg["dataset"], *config_flags(cfg, skip=("dataset", "budget", "seed", "pool", "shard")), *grid]
     return "icd eval " + shlex.join(args)
 
 
