@@ -115,7 +115,12 @@ class Distiller:
         self.density = StreamDensity()
         self.judge: Judging | None = judge
         if judge is None and self.config.judge != "off":
-            self.judge = Judge(student, self.config.shots, JudgeConfig(skip=self.config.judge == "on"))
+            self.judge = Judge(
+                student,
+                self.config.shots,
+                JudgeConfig(skip=self.config.judge == "on"),
+                best_last=self.config.demo_order == "best-last",
+            )
         if log is not None:
             self._replay(log.records)
 
@@ -171,7 +176,12 @@ class Distiller:
         return self.annotate_later(self.answer_now(query))
 
     def _read(
-        self, query: Query, emb: Embeddings, demos: list[Demo], exclude: list[int], icl: Prediction | None = None
+        self,
+        query: Query,
+        emb: Embeddings,
+        demos: list[Demo],
+        exclude: list[int],
+        icl: Prediction | None = None,
     ) -> Prediction:
         """The student's answer shown ``demos``: judged (option questions), or its plain ICL reading.
         ``icl``: that reading, when a micro-batch already read it; ``exclude``: demos the judge's vote
@@ -205,7 +215,13 @@ class Distiller:
         return [self._answer(q, *p, icl=icl) for q, p, icl in zip(queries, prepared, icls, strict=True)]
 
     def _answer(
-        self, query: Query, emb: Embeddings, demos: list[Demo], t0: float, t_embed: float, icl: Prediction | None = None
+        self,
+        query: Query,
+        emb: Embeddings,
+        demos: list[Demo],
+        t0: float,
+        t_embed: float,
+        icl: Prediction | None = None,
     ) -> Draft:
         stored = self.pool.annotation_for(query.id)
         # a recovered annotation's own demo was not in the pool when the gate first saw this query
@@ -215,7 +231,9 @@ class Distiller:
         own = int(bool(own_ids))
         kind = "options" if query.options else "open"  # uncertainty scales differ: per-kind gate statistics
         signals, sketch = self._coverage(query, emb, own_ids)
-        ctx = GateContext(query.position, self.teacher_calls, question_kind_count(query, self.pool) - own, kind, signals)
+        ctx = GateContext(
+            query.position, self.teacher_calls, question_kind_count(query, self.pool) - own, kind, signals
+        )
         decision = self.gate.decide(u, ctx)  # 3. gate
         asked = decision.ask or stored is not None
         reason = "recovered from pool after a crash" if stored is not None else decision.reason
@@ -229,7 +247,9 @@ class Distiller:
             self.teacher_calls += 1
         return Draft(query, emb, demos, first, u, ctx, decision, stored, asked, reason, t0, t_embed, sketch)
 
-    def _coverage(self, query: Query, emb: Embeddings, own_ids: list[int]) -> tuple[dict[str, float], str | None]:
+    def _coverage(
+        self, query: Query, emb: Embeddings, own_ids: list[int]
+    ) -> tuple[dict[str, float], str | None]:
         """The gate's coverage signals (how near the closest pooled demo of the query's kind is; how
         typical the query is of the stream so far) and the query's sketch, added to the stream.
         ``own_ids``: the query's own demos, pooled before a crash; left out, as the gate first saw it."""
@@ -266,7 +286,13 @@ class Distiller:
         its log record. Without ``annotation`` or ``teacher_error`` the teacher is asked here; a service
         passes the annotation it got elsewhere (a background call, a person). ``rerun=False`` skips the
         student's second pass (nobody waits for it) and answers with the first."""
-        query, emb, demos, first, stored = draft.query, draft.embeddings, draft.demos, draft.first, draft.stored
+        query, emb, demos, first, stored = (
+            draft.query,
+            draft.embeddings,
+            draft.demos,
+            draft.first,
+            draft.stored,
+        )
         pool_status: str | None = None
         failed_seconds, failed_faults = 0.0, 0  # what a failed teacher call cost
         # no call was made: a shared pool's global budget said no (here, or to a service's claim)
@@ -291,7 +317,10 @@ class Distiller:
             # hit, not a teacher call of ours (the gate counted one in answer_now: take it back)
             self.teacher_calls -= 1
             self._refund(draft.ctx)
-            asked, reason = False, f"{draft.reason}; not asked: bought by another worker meanwhile (demo {reused})"
+            asked, reason = (
+                False,
+                f"{draft.reason}; not asked: bought by another worker meanwhile (demo {reused})",
+            )
         elif refused is not None:
             # not a teacher failure (a run must not stop on it), and not a call of ours either
             self.teacher_calls -= 1
@@ -306,7 +335,7 @@ class Distiller:
             if learn is not None and annotation.accepted:
                 learn(query, annotation.answer)
             if self.judge is not None and annotation.accepted:  # a check of each of the judge's experts
-                self.judge.teach(query, emb, first, annotation.answer, demos)
+                self.judge.teach(query, emb, first, annotation.answer, demos, self.pool)
 
         final, answered_by, final_demos = first, "student", demos  # 6. answer
         if annotation is not None and annotation.accepted:

@@ -77,6 +77,9 @@ class JudgeConfig:
     prior: float = 1.0
     grid: int = 20
     skip: bool = True
+    # the ICL reading's temperature fitted near the query's similarity (kernel-weighted, around the
+    # global fit): a student that copies a far demo is confidently wrong there, not everywhere
+    local_temperature: bool = True
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.bandwidth <= 0 or self.prior <= 0 or self.grid < 2:
@@ -98,7 +101,13 @@ class Judging(Protocol):
     ) -> Prediction: ...
 
     def teach(
-        self, query: Query, emb: Embeddings, first: Prediction, answer: str, demos: Sequence[Demo] = ()
+        self,
+        query: Query,
+        emb: Embeddings,
+        first: Prediction,
+        answer: str,
+        demos: Sequence[Demo] = (),
+        pool: Pool | None = None,
     ) -> None: ...
 
     def drain_events(self) -> list[list[Any]]: ...
@@ -136,9 +145,12 @@ class Judge:
 
     Open questions pass through: the student's ICL reading is the answer."""
 
-    def __init__(self, student: Student, shots: int, config: JudgeConfig | None = None) -> None:
+    def __init__(
+        self, student: Student, shots: int, config: JudgeConfig | None = None, best_last: bool = True
+    ) -> None:
         self.student = student
         self.shots = max(1, shots)
+        self.best_last = best_last  # the prompt's demo order (LoopConfig.demo_order)
         self.config = config or JudgeConfig()
         self._grid = _simplex(self.config.grid)
         self._log_prior = self.config.prior * np.log(self._grid + 1.0 / self.config.grid).sum(axis=1) / 3
@@ -148,6 +160,7 @@ class Judge:
         self._synthetic = SimilarityMixture(shots=self.shots, temperature=self.config.temperature)
         self._met: dict[tuple[str, ...], _Met] = {}
         self._fits: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, float, float]] = {}
+        self._checks: dict[tuple[str, ...], np.ndarray] = {}  # (n, 3) p(teacher's answer) per check
         self._zs: OrderedDict[str, np.ndarray] = OrderedDict()
         self._events: list[list[Any]] = []
         self.seconds = dict.fromkeys(EXPERTS, 0.0)
@@ -328,6 +341,18 @@ class Judge:
         sims, ll, t_icl, t_zs = fit
         s = 0.0 if similarity is None else similarity
         kern = np.exp(-0.5 * ((sims - s) / self.config.bandwidth) ** 2)
+        met = self._met[options]
+        icl_rows = [i for i, r in enumerate(met.icl) if r is not None]
+        if self.config.local_temperature and icl_rows:
+            y = np.asarray(met.answers)[icl_rows]
+            probs = np.stack([met.icl[i] for i in icl_rows])  # type: ignore[misc]
+            t_icl = fit_temperature(probs, y, weights=kern[icl_rows], center=t_icl)
+            ll = ll.copy()
+            # the met checks' ICL column at that temperature: their likelihood under every grid point
+            p_icl = np.maximum(
+                np.stack([temper(p, t_icl)[yi] for p, yi in zip(probs, y, strict=True)]), _P_FLOOR
+            )
+            ll[:, icl_rows] = self._met_ll(p_icl, icl_rows, options)
         score = ll @ kern + self._log_prior
         post = np.exp(score - score.max())
         w = post @ self._grid / post.sum()
@@ -364,23 +389,42 @@ class Judge:
         if not rows_p:
             return None
         P = np.asarray(rows_p, dtype=np.float64)
-        present = ~np.isnan(P)
-        # the renormalised mixture over the experts present in each check, under every grid point
-        P = np.where(present, np.maximum(P, _P_FLOOR), 0.0)
-        num = self._grid @ P.T  # (G, n)
-        den = self._grid @ present.T.astype(np.float64)
-        even = P.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
-        lik = np.where(den > 0, num / np.maximum(den, 1e-12), even[None, :])
-        ll = np.log(np.maximum(lik, _P_FLOOR))
-        fit = (np.asarray(rows_s, dtype=np.float64), ll, float(t_icl), float(t_zs))
+        self._checks[options] = P
+        fit = (np.asarray(rows_s, dtype=np.float64), self._log_lik(P), float(t_icl), float(t_zs))
         self._fits[options] = fit
         return fit
 
+    def _log_lik(self, P: np.ndarray) -> np.ndarray:
+        """(G, n): each check's log-likelihood under every grid point, the mixture renormalised over the
+        experts present in the check (a NaN in ``P``: not read there)."""
+        present = ~np.isnan(P)
+        P = np.where(present, np.maximum(P, _P_FLOOR), 0.0)
+        num = self._grid @ P.T
+        den = self._grid @ present.T.astype(np.float64)
+        even = P.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+        lik = np.where(den > 0, num / np.maximum(den, 1e-12), even[None, :])
+        return np.log(np.maximum(lik, _P_FLOOR))
+
+    def _met_ll(self, p_icl: np.ndarray, rows: list[int], options: tuple[str, ...]) -> np.ndarray:
+        """The log-likelihood columns of the met checks ``rows`` with their ICL column replaced."""
+        P = self._checks[options][rows].copy()
+        P[:, 0] = p_icl
+        return self._log_lik(P)
+
     def teach(
-        self, query: Query, emb: Embeddings, first: Prediction, answer: str, demos: Sequence[Demo] = ()
+        self,
+        query: Query,
+        emb: Embeddings,
+        first: Prediction,
+        answer: str,
+        demos: Sequence[Demo] = (),
+        pool: Pool | None = None,
     ) -> None:
         """The teacher's answer to ``query``, whose first pass was ``first`` shown ``demos``: a check of
-        each expert (the readings the first pass skipped are read now, with the same demos)."""
+        each expert (the readings the first pass skipped are read now, with the same demos). With the
+        ``pool``, a second check leaves the answer's label out: the student reads the query shown the
+        nearest pooled demos of other labels (one more ICL reading per teacher answer), what it meets
+        where the pool lacks the query's class."""
         if not query.options or answer not in query.options:
             return
         options = tuple(dict.fromkeys(query.options))
@@ -402,6 +446,36 @@ class Judge:
                 j.get("vote"),
             ]
         )
+        if pool is not None:
+            self._teach_label_left_out(query, emb, options, answer, zs, pool)
+
+    def _teach_label_left_out(
+        self, query: Query, emb: Embeddings, options: tuple[str, ...], answer: str, zs: np.ndarray, pool: Pool
+    ) -> None:
+        found = nearest_demos(query, emb, pool, 4 * self.shots + 1, key=IMAGE)
+        if found is None:
+            return
+        others = [
+            (d, s) for d, s in zip(*found, strict=True) if d.answer != answer and d.query_id != query.id
+        ]
+        others = others[: self.shots]
+        if not others:
+            return
+        shown = [d for d, _ in others]
+        sims = np.array([s for _, s in others], dtype=np.float64)
+        icl = _probs(self._icl(query, shown[::-1] if self.best_last else shown), options)
+        voted = vote(sims, [d.answer for d in shown], options, self.config.temperature)
+        self._record(
+            [
+                "check",
+                list(options),
+                answer,
+                float(sims.max()),
+                _round(icl),
+                [float(x) for x in zs],
+                _round(voted),
+            ]
+        )
 
     def _record(self, ev: list[Any]) -> None:
         self._events.append(ev)
@@ -414,22 +488,33 @@ class Judge:
             while len(self._zs) > _ZERO_SHOT_CACHE:
                 self._zs.popitem(last=False)
             return
+        if ev[0] == "check":  # a check with the answer's label left out of the shown demos
+            _, options_l, answer, sim, icl, zs, voted = ev
+            options = tuple(options_l)
+            self._add_met(options, options.index(answer), sim, icl, np.asarray(zs, dtype=np.float64), voted)
+            self._fits.pop(options, None)
+            return
         if ev[0] != "teach":
             return
         _, options_l, answer, sketch, sim, icl, zs, voted = ev
         options = tuple(options_l)
         y = options.index(answer)
         zs_a = np.asarray(zs, dtype=np.float64)
-        met = self._met.setdefault(options, _Met([], [], [], [], []))
         if sim is not None and icl is not None:  # a met check: demos were shown at its first pass
-            met.sims.append(float(sim))
-            met.icl.append(_normalised(icl))
-            met.zero_shot.append(zs_a)
-            met.vote.append(None if voted is None else _normalised(voted))
-            met.answers.append(y)
+            self._add_met(options, y, sim, icl, zs_a, voted)
         if sketch is not None:
             self._synthetic.teach(options, decode_sketch(sketch).astype(np.float32), zs_a, answer)
         self._fits.pop(options, None)
+
+    def _add_met(
+        self, options: tuple[str, ...], y: int, sim: float, icl: Sequence[float], zs: np.ndarray, voted: Any
+    ) -> None:
+        met = self._met.setdefault(options, _Met([], [], [], [], []))
+        met.sims.append(float(sim))
+        met.icl.append(_normalised(icl))
+        met.zero_shot.append(zs)
+        met.vote.append(None if voted is None else _normalised(voted))
+        met.answers.append(y)
 
     def drain_events(self) -> list[list[Any]]:
         events, self._events = self._events, []

@@ -88,18 +88,22 @@ def temper(p: np.ndarray, temperature: float) -> np.ndarray:
     return q / q.sum()
 
 
-def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
+def fit_temperature(
+    p: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None, center: float = 1.0
+) -> float:
     """The temperature at which the rows of ``p`` (n, options) best predict the answers ``y`` (maximum
-    a posteriori over a log-spaced grid, a log-normal prior around 1): a small LM's calibrated option
-    distribution is far too flat where it reads right, and should be flattened where it reads wrong."""
+    a posteriori over a log-spaced grid, a log-normal prior around ``center``; ``weights``: per row,
+    e.g. a kernel): a small LM's calibrated option distribution is far too flat where it reads right,
+    and should be flattened where it reads wrong."""
     logp = np.log(np.maximum(np.asarray(p, dtype=np.float64), 1e-300))
     y = np.asarray(y)
+    k = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
     best, best_score = 1.0, -np.inf
     for temp in _TEMPERATURES:
         z = logp / temp
         z = z - z.max(axis=1, keepdims=True)
-        ll = (z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).sum()
-        score = ll - 0.5 * (np.log(temp) / _LOG_T_PRIOR_SD) ** 2
+        ll = ((z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))) * k).sum()
+        score = ll - 0.5 * (np.log(temp / center) / _LOG_T_PRIOR_SD) ** 2
         if score > best_score:
             best, best_score = float(temp), float(score)
     return best
@@ -182,7 +186,11 @@ class SimilarityMixture:
             idx[idx > 0] -= 1
             for r in lost:
                 sims = (t.features[:n] @ t.features[r]).astype(np.float64)
-                cand = np.flatnonzero(np.arange(n) != r) if same_label_too else np.flatnonzero(labels != labels[r])
+                cand = (
+                    np.flatnonzero(np.arange(n) != r)
+                    if same_label_too
+                    else np.flatnonzero(labels != labels[r])
+                )
                 idx[r], sim[r] = _nearest(sims, cand, self.shots)
             lists.append((idx, sim))
         t.loo, t.llo = lists

@@ -1,0 +1,94 @@
+"""Replays the judge over the logs of ``icd:judge=full`` eval cells (every expert read on every query)
+with other settings, without any model: what each setting of the judge would have answered on the
+same stream, pool and teacher calls (the coverage gate's calls do not depend on the answers).
+
+    python benchmarks/judge_replay.py runs/b24-photos runs/b24-fmnist --bandwidth 0.05,0.1,0.2 --prior 0.5,1,4
+
+Prints, per eval folder and setting, the judged first-pass accuracy over the seeds' full cells, beside
+the best single expert and the envelope (the share of queries any expert gets right).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from icdistill.judge import ICL, VOTE, ZERO_SHOT, Judge, JudgeConfig, _even, _mix
+from icdistill.mixture import temper
+
+
+def _records(log: Path) -> list[dict]:
+    return [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+
+
+def replay(records: list[dict], config: JudgeConfig) -> tuple[int, int, dict[str, int], int]:
+    """(right, judged, right per expert, any expert right) over the judged first passes."""
+    judge = Judge(student=None, shots=2, config=config)  # type: ignore[arg-type]  # never asked: all is logged
+    right = judged = envelope = 0
+    per = dict.fromkeys((ICL, ZERO_SHOT, VOTE), 0)
+    for r in records:
+        if r.get("event") != "query":
+            continue
+        j = ((r.get("student_details") or {}).get("judge")) or {}
+        if j.get("by") == "judge" and j.get("icl") and j.get("zero_shot") and r.get("label") is not None:
+            options = list((r.get("option_probs") or {}).keys())
+            w, t_icl, t_zs = judge.weights(tuple(options), j["similarity"])
+            readings = {
+                ICL: temper(np.asarray(j["icl"]), t_icl),
+                ZERO_SHOT: temper(np.asarray(j["zero_shot"]), t_zs),
+                VOTE: np.asarray(j["vote"]) if j.get("vote") else None,
+            }
+            p = _mix({k: v if v is not None or k == VOTE else _even(options) for k, v in readings.items()}, w)
+            label = r["label"]
+            judged += 1
+            right += int(options[int(np.argmax(p))] == label)
+            hits = [options[int(np.argmax(v))] == label for v in readings.values() if v is not None]
+            for k, v in readings.items():
+                if v is not None:
+                    per[k] += int(options[int(np.argmax(v))] == label)
+            envelope += int(any(hits))
+        judge.replay(r)
+    return right, judged, per, envelope
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("evals", nargs="+", type=Path)
+    ap.add_argument("--bandwidth", default="0.1")
+    ap.add_argument("--prior", default="1")
+    ap.add_argument("--local-temperature", default="1", help="1, 0 or 1,0 (both)")
+    args = ap.parse_args()
+    grid = list(
+        itertools.product(
+            map(float, args.bandwidth.split(",")),
+            map(float, args.prior.split(",")),
+            [x == "1" for x in args.local_temperature.split(",")],
+        )
+    )
+    for folder in args.evals:
+        logs = sorted(folder.glob("cells/icd__judge=full/*/seed-*/log.jsonl"))
+        if not logs:
+            print(f"{folder}: no icd:judge=full cell")
+            continue
+        recs = [_records(p) for p in logs]
+        for bw, prior, local in grid:
+            accs, bests, envs = [], [], []
+            for rs in recs:
+                right, n, per, env = replay(rs, JudgeConfig(bandwidth=bw, prior=prior, local_temperature=local))
+                accs.append(right / n)
+                bests.append(max(per.values()) / n)
+                envs.append(env / n)
+            print(
+                f"{folder.name} bandwidth {bw:g} prior {prior:g} local T {int(local)}: judged {statistics.median(accs):.3f} "
+                f"{[round(a, 3) for a in accs]}  best expert {statistics.median(bests):.3f}  "
+                f"envelope {statistics.median(envs):.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
