@@ -92,7 +92,9 @@ class _Connections:
         self._t.join()
 
 
-def bench_actors(cluster: str, queries: int, repeats: int, folder: Path) -> dict[str, Any]:
+def bench_actors(
+    cluster: str, queries: int, repeats: int, folder: Path, order: tuple[int, ...] = (1, 2)
+) -> dict[str, Any]:
     import ray
 
     from icdistill.run_ray import RayRunOptions, run_on_ray
@@ -102,7 +104,7 @@ def bench_actors(cluster: str, queries: int, repeats: int, folder: Path) -> dict
     rows: list[dict[str, Any]] = []
     try:
         for rep in range(repeats):
-            for workers in (1, 2):
+            for workers in order:
                 url = _db(cluster)
                 cfg = RunConfig(n=queries, budget=0.1, pool=url)
                 stamps: list[float] = []
@@ -131,7 +133,7 @@ def bench_actors(cluster: str, queries: int, repeats: int, folder: Path) -> dict
     finally:
         ray.shutdown()
     out: dict[str, Any] = {"runs": rows}
-    for w in (1, 2):
+    for w in order:
         mine = [r for r in rows if r["workers"] == w]
         out[f"wall_s_{w}"] = statistics.median(r["wall_s"] for r in mine)
         out[f"steady_qps_{w}"] = statistics.median(r["steady_qps"] for r in mine)
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--parts", default="actors,overhead,notify")
+    p.add_argument("--workers", default="1,2", help="actors: the actor counts, in this order")
     p.add_argument(
         "--models", default="fake,default", help="overhead: with the fakes, the default models or both"
     )
@@ -261,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                 cluster, args.queries, args.repeats, folder, tuple(args.models.split(","))
             )
         if "actors" in wanted:
-            result["actors"] = bench_actors(cluster, args.queries, args.repeats, folder)
+            result["actors"] = bench_actors(
+                cluster, args.queries, args.repeats, folder, tuple(int(w) for w in args.workers.split(","))
+            )
     print(json.dumps(result))
     return 0
 
