@@ -69,6 +69,20 @@ class HangingStudent(FakeStudent):
         return super().predict(query, demos)
 
 
+class BreakingStudent(FakeStudent):
+    """Raises once (in whichever actor gets there first), at its ``at``-th prediction."""
+
+    def __init__(self, flag: str, at: int) -> None:
+        super().__init__()
+        self.flag, self.at = flag, at
+
+    def predict(self, query, demos):
+        if self.calls + 1 == self.at and not os.path.exists(self.flag):
+            Path(self.flag).write_text(str(os.getpid()))
+            raise RuntimeError("the student broke")
+        return super().predict(query, demos)
+
+
 def _parts(student=None) -> Parts:
     return Parts(student or FakeStudent(), ReferenceTeacher(), FakeEmbedder())
 
@@ -228,3 +242,20 @@ def test_out_that_actors_cannot_see_stops_the_run(tmp_path, local_ray, url, monk
     with pytest.raises(RaySetupError, match="cannot see --out .*storage every node sees"):
         run_on_ray(_cfg(data, url, n=4), tmp_path / "out", RayRunOptions(workers=2), parts=_parts())
     assert not list((tmp_path / "out").glob("shard-*"))
+
+
+def test_a_failing_shard_is_named_the_others_finish_and_resume_completes_it(tmp_path, local_ray, url):
+    data = colour_folder(tmp_path / "c", n_per_class=8)
+    broken = _parts(BreakingStudent(str(tmp_path / "broke"), 4))
+    result = run_on_ray(_cfg(data, url), tmp_path / "big", RayRunOptions(workers=2), parts=broken)
+    assert not result.complete and len(result.failed) == 1
+    (shard,) = result.failed
+    assert "RuntimeError: the student broke" in result.failed[shard]
+    assert list(result.unfinished) == [shard]
+    assert any(f"shard {shard} is unfinished" in p and "the student broke" in p for p in result.problems())
+    summary = json.loads((tmp_path / "big" / "summary.json").read_text())
+    assert summary["shards"]["complete"] is False and summary["shards"]["failed"] == result.failed
+    run_on_ray(_cfg(data, url), tmp_path / "big", RayRunOptions(workers=2), parts=_parts(), resume=True)
+    _assert_each_position_once(tmp_path / "big", data)
+    calls, rows, distinct = _bought(url)
+    assert calls == rows == distinct
