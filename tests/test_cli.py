@@ -360,11 +360,13 @@ def test_summary_names_teacher_quality_skips_and_the_zero_shot_comparison(tmp_pa
     root = colour_folder(tmp_path / "c", n_per_class=3)
     for i in range(7):
         (root / "red" / f"bad{i}.png").write_bytes(b"not a png")
-    cfg = RunConfig(dataset=str(root), n=None, budget=0.5, warmup=12, shots=1, seed=1)
+    # plain ICL: a judge would learn from the always-wrong teacher to follow its (wrong) demos
+    cfg = RunConfig(dataset=str(root), n=None, budget=0.5, warmup=12, shots=1, seed=1, judge="off")
     class KnowingStudent(FakeStudent):  # right on its own, whatever the demos say
         def predict(self, query, demos):
             pred = super().predict(query, [])
             pred.answer = query.label
+            pred.option_scores = {o: 2.0 if o == query.label else 0.0 for o in query.options}
             return pred
 
     bad_teacher = FakeTeacher(wrong_every=1)  # every answer another option than the label
@@ -381,7 +383,7 @@ def test_summary_names_teacher_quality_skips_and_the_zero_shot_comparison(tmp_pa
     assert "skipped inputs (first 5 of 7):" in text
     first = s["skipped_first"][0]
     assert f"position {first['position']}: {first['error']}" in flat and "bad" in first["error"]
-    hint = f"icd eval --dataset {root} --n all --shots 1 --warmup 12 --methods student-zero-shot,icd --budgets 0.5 --seeds 1"
+    hint = f"icd eval --dataset {root} --n all --shots 1 --judge off --warmup 12 --methods student-zero-shot,icd --budgets 0.5 --seeds 1"
     assert hint in flat
     import shlex
 

@@ -142,6 +142,8 @@ def _timeless(log: Path) -> list[dict]:
         # same answer, labelled as recovered
         for k in ("seconds", "gate_reason", "pool_status"):
             r.pop(k, None)
+        judged = (r.get("student_details") or {}).get("judge") or {}
+        judged.pop("seconds", None)  # the judge's timings of each reading
         if r.get("annotation"):
             r["annotation"].pop("seconds", None)
         out.append(r)
