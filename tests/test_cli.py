@@ -398,7 +398,9 @@ def test_summary_names_teacher_quality_skips_and_the_zero_shot_comparison(tmp_pa
     assert teacher_warning({**fair, "teacher_label_accuracy": 0.6}) is None
     assert teacher_warning({**fair, "teacher_label_accuracy": 0.4}) is not None  # wrong more than right
     assert teacher_warning({**fair, "first_pass_accuracy": 0.8, "teacher_label_accuracy": 0.6}) is not None
-    assert teacher_warning({**fair, "accepted_annotations": 2, "teacher_label_accuracy": 0.0}) is None
+    # too few answers to compare rates, but none matched: said with its counts (issue 28, item 7)
+    few = teacher_warning({**fair, "accepted_annotations": 2, "teacher_label_accuracy": 0.0})
+    assert few is not None and few.startswith("only 0 of 2 teacher answers matched the labels")
 
 
 def test_run_plot_keeps_lines_inside_and_counts_calls_in_whole_numbers(tmp_path, monkeypatch):
