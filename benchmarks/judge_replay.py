@@ -62,12 +62,14 @@ def main() -> None:
     ap.add_argument("--bandwidth", default="0.1")
     ap.add_argument("--prior", default="1")
     ap.add_argument("--local-temperature", default="1", help="1, 0 or 1,0 (both)")
+    ap.add_argument("--estimate", default="mean", help="mean, map or mean,map")
     args = ap.parse_args()
     grid = list(
         itertools.product(
             map(float, args.bandwidth.split(",")),
             map(float, args.prior.split(",")),
             [x == "1" for x in args.local_temperature.split(",")],
+            args.estimate.split(","),
         )
     )
     for folder in args.evals:
@@ -76,15 +78,15 @@ def main() -> None:
             print(f"{folder}: no icd:judge=full cell")
             continue
         recs = [_records(p) for p in logs]
-        for bw, prior, local in grid:
+        for bw, prior, local, est in grid:
             accs, bests, envs = [], [], []
             for rs in recs:
-                right, n, per, env = replay(rs, JudgeConfig(bandwidth=bw, prior=prior, local_temperature=local))
+                right, n, per, env = replay(rs, JudgeConfig(bandwidth=bw, prior=prior, local_temperature=local, estimate=est))
                 accs.append(right / n)
                 bests.append(max(per.values()) / n)
                 envs.append(env / n)
             print(
-                f"{folder.name} bandwidth {bw:g} prior {prior:g} local T {int(local)}: judged {statistics.median(accs):.3f} "
+                f"{folder.name} bandwidth {bw:g} prior {prior:g} local T {int(local)} {est}: judged {statistics.median(accs):.3f} "
                 f"{[round(a, 3) for a in accs]}  best expert {statistics.median(bests):.3f}  "
                 f"envelope {statistics.median(envs):.3f}"
             )

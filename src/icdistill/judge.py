@@ -78,8 +78,11 @@ class JudgeConfig:
     grid: int = 20
     skip: bool = True
     # the ICL reading's temperature fitted near the query's similarity (kernel-weighted, around the
-    # global fit): a student that copies a far demo is confidently wrong there, not everywhere
-    local_temperature: bool = True
+    # global fit), for a student that copies a far demo confidently; off: no gain measured
+    # (benchmarks/judge_replay.py on the photos)
+    local_temperature: bool = False
+    # the weights: the posterior mean over the grid ("mean") or its mode ("map")
+    estimate: str = "mean"
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.bandwidth <= 0 or self.prior <= 0 or self.grid < 2:
@@ -354,8 +357,11 @@ class Judge:
             )
             ll[:, icl_rows] = self._met_ll(p_icl, icl_rows, options)
         score = ll @ kern + self._log_prior
-        post = np.exp(score - score.max())
-        w = post @ self._grid / post.sum()
+        if self.config.estimate == "map":
+            w = self._grid[int(np.argmax(score))]
+        else:
+            post = np.exp(score - score.max())
+            w = post @ self._grid / post.sum()
         return w, t_icl, t_zs
 
     def _fit(self, options: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, float, float] | None:
