@@ -171,3 +171,12 @@ def test_the_summary_reports_each_expert_and_the_envelope(colours):
     assert on is not None
     assert min(on["experts"]["zero-shot"]["read"], on["experts"]["icl"]["read"]) < on["judged_queries"]
     assert judge_summary(_run(queries, taught, CopyingColourStudent(), judge="off")) is None
+
+
+def test_icd_serve_passes_its_judge_setting_to_the_loop():
+    from icdistill.service.config import ServeConfig
+
+    assert ServeConfig(no_auth=True).run_config().loop_config().judge == "on"
+    assert ServeConfig(no_auth=True, judge="off").run_config().loop_config().judge == "off"
+    with pytest.raises(Exception, match="judge"):
+        ServeConfig(no_auth=True, judge="maybe").run_config()

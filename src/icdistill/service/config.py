@@ -18,7 +18,7 @@ from icdistill.loop_args import add_loop_args
 HUMAN = "human"
 # the options `icd serve` shares with `icd run` (by name; RunConfig has others, e.g. its own `pool`)
 LOOP_FIELDS = (
-    "student", "teacher", "embedder", "shots", "selector", "k_tt", "k_it", "demo_order", "pool_max", "gate",
+    "student", "teacher", "embedder", "shots", "selector", "k_tt", "k_it", "demo_order", "judge", "pool_max", "gate",
     "budget", "delta", "warmup", "gate_score", "max_calls", "max_cost_usd", "uncertainty", "samples", "agreement", "answer",
     "seed",
 )  # fmt: skip
@@ -66,6 +66,7 @@ class ServeConfig:
     k_tt: int = 64
     k_it: int = 16
     demo_order: str = "best-last"
+    judge: str = "on"
     pool_max: int | None = None
     gate: str = "budget"
     budget: float = 0.05
