@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,13 +29,22 @@ from icdistill.service.routes import api_router
 log = logging.getLogger(__name__)
 
 
-class BodyLimit:
-    """Reads a request body up to a limit before the app sees it: a larger one gets 413, never a 500."""
+BIG_BODY = 1024 * 1024  # bodies this large are read a few at a time (``BodyLimit.readers``)
 
-    def __init__(self, app: ASGIApp, limit: int, import_limit: int) -> None:
+
+class BodyLimit:
+    """Reads a request body up to a limit before the app sees it: a larger one gets 413, never a 500.
+
+    At most ``readers`` large bodies are read at once; the others wait with their sockets paused
+    (uvicorn stops reading a request the app does not read). Each chunk read costs the event loop a
+    callback, and 32 uploads of 6 MB at once queued other clients' requests behind thousands of them."""
+
+    def __init__(self, app: ASGIApp, limit: int, import_limit: int, readers: int = 4) -> None:
         self.app = app
         self.limit = limit
         self.import_limit = import_limit
+        self.readers = readers
+        self._gate: asyncio.Semaphore | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
@@ -51,21 +61,44 @@ class BodyLimit:
                 if declared > limit:
                     await self._too_large(scope, receive, send, limit)
                     return
+                if declared >= BIG_BODY:
+                    if self._gate is None:
+                        self._gate = asyncio.Semaphore(self.readers)
+                    async with self._gate:
+                        try:  # a slow sender must not hold a place: at least 256 KB/s
+                            async with asyncio.timeout(max(30.0, declared / 256_000)):
+                                body = await self._read(scope, receive, send, limit)
+                        except TimeoutError:
+                            await error_response(408, "body_timeout", "the request body came too slowly")(
+                                scope, receive, send
+                            )
+                            return
+                    if body is not None:
+                        await self._forward(scope, receive, send, body)
+                    return
+        body = await self._read(scope, receive, send, limit)
+        if body is not None:
+            await self._forward(scope, receive, send, body)
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send, limit: int) -> bytes | None:
+        """The whole body, or None when it was refused (413, answered here) or the client left."""
         chunks: list[bytes] = []
         size = 0
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                return
+                return None
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > limit:
                 await self._too_large(scope, receive, send, limit)
-                return
+                return None
             chunks.append(chunk)
             if not msg.get("more_body", False):
                 break
-        body = b"".join(chunks)
+        return b"".join(chunks)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         sent = False
 
         async def replay() -> Message:

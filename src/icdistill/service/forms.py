@@ -1,6 +1,6 @@
 """Multipart forms parsed off the event loop: python-multipart parses a body in Python, a few tens of
 milliseconds for a 6 MB image, and 32 of them at once held every other request (``/healthz`` p99 13x
-its idle value). The body (already read by ``BodyLimit``) is parsed on a worker thread, in an event
+its idle value). The body (already read by ``BodyLimit``) is parsed on a worker thread (``cpu``), in an event
 loop of its own, with Starlette's parser and limits."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Message
+
+from icdistill.service.cpu import off_loop
 
 
 @dataclass(frozen=True)
@@ -40,4 +42,4 @@ async def read_form(request: Request, **limits: Any) -> dict[str, str | Upload]:
                     out[name] = value
         return out
 
-    return await asyncio.to_thread(asyncio.run, parse())
+    return await off_loop(asyncio.run, parse())

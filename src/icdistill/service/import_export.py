@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import zipfile
 from typing import Any, TypeVar
 
 from icdistill.service.archive import ImportLimits, read_import
+from icdistill.service.cpu import off_loop
 from icdistill.types import (
     image_to_png,
 )
@@ -41,7 +41,7 @@ class _ImportExport:
     async def import_archive(self, data: bytes) -> dict[str, Any]:
         cfg = self.cfg
         limits = ImportLimits(cfg.max_pixels, cfg.max_import_pixels, cfg.max_import_bytes, cfg.max_import_lines)
-        records = await asyncio.to_thread(read_import, data, limits)
+        records = await off_loop(read_import, data, limits)
         out = await self.thread.call(self._add_demos, records)
         statuses: dict[str, int] = {}
         for status in out["statuses"]:

@@ -38,6 +38,9 @@ class LoopThread:
         self._thread.start()
 
     def _run(self) -> None:
+        from icdistill.service.cpu import lower_priority
+
+        lower_priority()  # model passes yield the CPU to the event loop (and so do torch's threads)
         while True:
             _, _, fut, fn = self._q.get()
             if fut is None or fn is None:

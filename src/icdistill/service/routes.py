@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -10,6 +9,7 @@ from pydantic import ValidationError
 
 from icdistill.errors import ServiceError
 from icdistill.service.auth import Auth
+from icdistill.service.cpu import off_loop
 from icdistill.service.engine import Engine
 from icdistill.service.errors import bad_request, unprocessable
 from icdistill.service.forms import Upload, read_form
@@ -56,7 +56,7 @@ async def _json_body(request: Request) -> Any:
         )
     body = await request.body()
     # a multi-megabyte body is parsed off the event loop, so /healthz never waits for it
-    return parse_json(body) if len(body) < 256 * 1024 else await asyncio.to_thread(parse_json, body)
+    return parse_json(body) if len(body) < 256 * 1024 else await off_loop(parse_json, body)
 
 
 def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
@@ -94,7 +94,7 @@ def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
                 raise unprocessable(f"options: {e.message}") from e
             except ValueError as e:
                 raise unprocessable(f"options: {e}") from e
-        img = await asyncio.to_thread(decode_image, image.data, cfg.max_pixels)
+        img = await off_loop(decode_image, image.data, cfg.max_pixels)
         label = form.get("label")
         wait = form.get("wait")
         return {
@@ -122,7 +122,7 @@ def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
                 body = PredictJSON.model_validate(await _json_body(request))
             except ValidationError as e:
                 raise unprocessable(_validation_message(e)) from e
-            img = await asyncio.to_thread(decode_b64_image, body.image_b64, cfg.max_pixels)
+            img = await off_loop(decode_b64_image, body.image_b64, cfg.max_pixels)
             args = {
                 "image": img,
                 "prompt": body.prompt.strip(),
@@ -184,7 +184,7 @@ def api_router(engine: Engine, auth: Auth, metrics: Metrics) -> APIRouter:
             body = DemoIn.model_validate(await _json_body(request))
         except ValidationError as e:
             raise unprocessable(_validation_message(e)) from e
-        img = await asyncio.to_thread(decode_b64_image, body.image_b64, cfg.max_pixels)
+        img = await off_loop(decode_b64_image, body.image_b64, cfg.max_pixels)
         return await engine.add_demo(img, body.model_dump(exclude={"image_b64"}))
 
     @r.get("/v1/export", dependencies=protected, summary="The pool as a zip: demos.jsonl + images/")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import sys
 import threading
 import time
 from typing import Any
@@ -199,4 +200,6 @@ def run_server(app: Any, cfg: ServeConfig, **extra: Any) -> None:
     raise_fd_limit()
     install_storm_filter()
     tune_malloc()
+    # the event loop waits at most this long for the GIL held by a thread running Python (default 5 ms)
+    sys.setswitchinterval(0.001)
     uvicorn.Server(uvicorn_config(app, cfg, **extra)).run()
