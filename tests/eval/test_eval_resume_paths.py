@@ -21,3 +21,12 @@ def test_an_eval_started_with_a_relative_dataset_resumes_from_another_directory(
     # the dataset is read from eval.json (not passed in): a relative path would not be found here
     again = run_eval(cfg, tmp_path / "out", resume=True, parts=parts)
     assert again == rows
+
+
+def test_the_report_names_no_split_for_a_folder(tmp_path):
+    # report.md said "(test)" for a folder, which has no splits
+    data = colour_folder(tmp_path / "photos", n_per_class=2)
+    cfg = EvalConfig(base=RunConfig(dataset=str(data), n=4, warmup=1), methods=("student-zero-shot",), seeds=(0,))
+    run_eval(cfg, tmp_path / "out", parts=Parts(FakeStudent(), ReferenceTeacher(), FakeEmbedder()))
+    head = (tmp_path / "out" / "report.md").read_text().splitlines()[2]
+    assert head.startswith(f"Dataset `{data}`, 4 queries per stream") and "(test)" not in head

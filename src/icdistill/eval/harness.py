@@ -503,5 +503,5 @@ def run_eval(
         )
         raise ICDError(f"{'; '.join(why)}; the other cells are in results.csv: continue with --resume")
     rows = [done[i] for i in range(len(cells))]
-    write_report(rows, cfg, out)
+    write_report(rows, cfg, out, split=getattr(dataset, "split", None))
     return rows

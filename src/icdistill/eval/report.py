@@ -222,8 +222,9 @@ def paired_table(rows: Sequence[dict[str, Any]], reference: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> None:
-    """report.md and the plots in ``out``."""
+def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path, split: str | None = "") -> None:
+    """report.md and the plots in ``out``; ``split``: the split the dataset was read from (None: it has
+    none, e.g. a folder; "": not known here, the ``--split`` flag is shown)."""
     from icdistill.eval.cells import reference_method
     from icdistill.eval.judge_report import judge_section
 
@@ -231,7 +232,8 @@ def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> None:
     parts = [
         "# icd eval report",
         "",
-        f"Dataset `{base.dataset}` ({base.split}), {base.n} queries per stream, seeds "
+        f"Dataset `{base.dataset}`{_split_note(base.split if split == '' else split)}, {base.n} queries "
+        "per stream, seeds "
         f"{', '.join(map(str, cfg.seeds))} (a seed is a stream order), student `{base.student}`, "
         f"teacher `{base.teacher}`, embedder `{base.embedder}`. Medians over seeds with [min, max].",
         "",
@@ -265,3 +267,7 @@ def write_report(rows: Sequence[dict[str, Any]], cfg: Any, out: Path) -> None:
         if notes:
             parts += [*(f"- {n}" for n in notes), ""]
     (out / "report.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
+
+
+def _split_note(split: str | None) -> str:
+    return "" if split is None else f" (split {split})"
