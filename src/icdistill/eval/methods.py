@@ -216,7 +216,8 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "knn-pool",
-            "similarity-weighted k-NN vote over the teacher-labelled pool, gated by its vote margin; no LM",
+            "similarity-weighted k-NN vote over the teacher-labelled pool, its calls chosen by the same gate "
+            "(its vote margin is its uncertainty); no LM",
             uses_budget=True,
             config={"shots": 3, "uncertainty": "margin", "judge": "off"},
             options={
