@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +79,18 @@ def bench_student(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for b in batches:
             for seed in orders if b == 1 else orders[:1]:
-                forget = getattr(parts.student, "forget_readings", None)
+                # nothing learned online by an earlier run (calibration), no reading cached by it, nor
+                # an image's tags: every run starts as a fresh process would, models aside
+                student = parts.student.fresh() if hasattr(parts.student, "fresh") else parts.student
+                forget = getattr(student, "forget_readings", None)
                 if forget is not None:
-                    forget()  # no reading cached by an earlier run
-                tags = getattr(parts.student, "_tags", None)
+                    forget()
+                tags = getattr(student, "_tags", None)
                 if tags is not None:
-                    tags.clear()  # nor an image's tags: every run tags its images itself
+                    tags.clear()
                 out = Path(tmp) / f"b{b}s{seed}"
                 t0 = time.perf_counter()
-                run_icd(RunConfig(n=args.n, batch=b, seed=seed), out, parts=parts)
+                run_icd(RunConfig(n=args.n, batch=b, seed=seed), out, parts=replace(parts, student=student))
                 wall = time.perf_counter() - t0
                 log = _log(out)
                 student = [r["seconds"]["student"] for r in log]
