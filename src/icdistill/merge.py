@@ -18,7 +18,7 @@ from typing import Any
 
 from icdistill.data.stream import load_dataset, stream_order
 from icdistill.errors import ICDError
-from icdistill.eval.metrics import summarize
+from icdistill.run_metrics import summarize
 from icdistill.run_summary import plot_run, summary_details
 from icdistill.runlog import read_records, write_json_atomic
 from icdistill.runner import RunConfig, stored_config

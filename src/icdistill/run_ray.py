@@ -410,7 +410,7 @@ def cmd_run_ray(args: Any, cfg: RunConfig, changes: dict[str, Any] | None) -> in
     if not args.resume:
         dataset = load_dataset(cfg.with_absolute_paths().dataset, split=cfg.split)
         for warning in run_warnings(cfg, dataset):
-            console.print(f"icd: warning: {warning}", style="yellow", markup=False, highlight=False)
+            console.print(f"icd: warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
         length = len(stream_order(len(dataset), cfg.n, cfg.seed, cfg.shuffle))
     else:
         length = None
