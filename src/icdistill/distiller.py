@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from icdistill.coverage import StreamDensity, decode_sketch, encode_sketch
-from icdistill.errors import DataError, ICDError, TeacherError, TeacherRefused, TeacherUnavailable
+from icdistill.errors import DataError, ICDError, TeacherError, TeacherRefused
 from icdistill.gate import is_forced, uncertainty_measure
 from icdistill.judge import JUDGE_MODES, Judge, JudgeConfig, Judging
 from icdistill.protocols import Embedder, Gate, Selector, Student
@@ -107,8 +107,7 @@ class Distiller:
         self.log = log
         self._measure = uncertainty_measure(self.config.uncertainty)
         self.teacher_calls = 0
-        # this session's teacher answers so far, and whether the last failure was a refusal for good
-        self.teacher_answers = 0
+        # whether the last teacher failure was a refusal for good (the stream driver stops on a first one)
         self.last_teacher_refused = False
         self.records: list[dict[str, Any]] = []
         # how typical each query is of the stream so far: one of the gate's coverage signals
@@ -409,40 +408,20 @@ class Distiller:
         self,
         queries: Iterable[Query | DataError],
         on_record: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        teacher_concurrency: int = 1,
+        batch: int = 1,
     ) -> list[dict[str, Any]]:
-        """Process a stream. A ``DataError`` item (e.g. a corrupt image) is logged and skipped.
+        """Process a stream (``icdistill.flow.run_stream``: at most ``teacher_concurrency`` teacher calls
+        in flight, ``batch`` queries a student pass; 1 and 1: one query at a time, start to finish). A
+        ``DataError`` item (e.g. a corrupt image) is logged and skipped.
 
-        Raises ``TeacherUnavailable`` after ``max_teacher_failures`` failed teacher calls in a row; the
-        query of the last failure is not logged, so a resumed run asks for it again."""
-        failures = 0
-        for item in queries:
-            if isinstance(item, DataError):
-                rec: dict[str, Any] = {
-                    "event": "bad_input",
-                    "position": getattr(item, "position", self.next_position()),
-                    "error": str(item),
-                }
-            else:
-                rec = self.step(item)
-                if rec["teacher_asked"]:
-                    failures = failures + 1 if rec["teacher_error"] else 0
-                    self.teacher_answers += int(not rec["teacher_error"])
-                    if rec["teacher_error"] and self.last_teacher_refused and not self.teacher_answers:
-                        # a wrong URL, model or key: every call would fail the same way
-                        raise TeacherUnavailable(
-                            f"stopped at the first teacher call, which the server refused ({rec['teacher_error']}); "
-                            "retrying cannot help: fix the teacher, then continue with --resume"
-                        )
-                limit = self.config.max_teacher_failures
-                if limit and failures >= limit:
-                    raise TeacherUnavailable(
-                        f"stopped: the teacher failed {failures} times in a row (last: {rec['teacher_error']}); "
-                        f"the run is saved, fix the teacher and continue it with --resume"
-                    )
-            self._write(rec)
-            if on_record is not None:
-                on_record(rec)
-        return self.records
+        Raises ``TeacherUnavailable`` after ``max_teacher_failures`` failed teacher calls in a row, or at
+        a first call the server refused for good; the query of the last failure is not logged, so a
+        resumed run asks for it again."""
+        from icdistill.flow import run_stream  # the driver steps a Distiller: imported here, not at the top
+
+        return run_stream(self, queries, on_record, teacher_concurrency=teacher_concurrency, batch=batch)
 
 
 def is_correct(answer: str, query: Query) -> bool:
