@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from icdistill.judge import ICL, VOTE, ZERO_SHOT, Judge, JudgeConfig, _even, _mix
+from icdistill.judge import ICL, VOTE, ZERO_SHOT, Judge, JudgeConfig, _bayes, _even, _mix
 from icdistill.mixture import temper
 
 
@@ -44,6 +44,8 @@ def replay(records: list[dict], config: JudgeConfig) -> tuple[int, int, dict[str
                 VOTE: np.asarray(j["vote"]) if j.get("vote") else None,
             }
             p = _mix({k: v if v is not None or k == VOTE else _even(options) for k, v in readings.items()}, w)
+            if config.rule == "bayes":
+                p = _bayes(readings, judge.reliabilities(tuple(options), j["similarity"]), p)
             label = r["label"]
             judged += 1
             right += int(options[int(np.argmax(p))] == label)
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--prior", default="1")
     ap.add_argument("--local-temperature", default="1", help="1, 0 or 1,0 (both)")
     ap.add_argument("--estimate", default="mean", help="mean, map or mean,map")
+    ap.add_argument("--rule", default="bayes,mixture", help="bayes, mixture or both")
     args = ap.parse_args()
     grid = list(
         itertools.product(
@@ -70,6 +73,7 @@ def main() -> None:
             map(float, args.prior.split(",")),
             [x == "1" for x in args.local_temperature.split(",")],
             args.estimate.split(","),
+            args.rule.split(","),
         )
     )
     for folder in args.evals:
@@ -78,15 +82,15 @@ def main() -> None:
             print(f"{folder}: no icd:judge=full cell")
             continue
         recs = [_records(p) for p in logs]
-        for bw, prior, local, est in grid:
+        for bw, prior, local, est, rule in grid:
             accs, bests, envs = [], [], []
             for rs in recs:
-                right, n, per, env = replay(rs, JudgeConfig(bandwidth=bw, prior=prior, local_temperature=local, estimate=est))
+                right, n, per, env = replay(rs, JudgeConfig(bandwidth=bw, prior=prior, local_temperature=local, estimate=est, rule=rule))
                 accs.append(right / n)
                 bests.append(max(per.values()) / n)
                 envs.append(env / n)
             print(
-                f"{folder.name} bandwidth {bw:g} prior {prior:g} local T {int(local)} {est}: judged {statistics.median(accs):.3f} "
+                f"{folder.name} {rule} bandwidth {bw:g} prior {prior:g} local T {int(local)} {est}: judged {statistics.median(accs):.3f} "
                 f"{[round(a, 3) for a in accs]}  best expert {statistics.median(bests):.3f}  "
                 f"envelope {statistics.median(envs):.3f}"
             )

@@ -147,12 +147,32 @@ def test_a_same_image_demo_answers_and_open_questions_pass_through(colours):
     assert judge.answer(open_q, FakeEmbedder().embed_query(open_q), [], SQLitePool(None)).answer == "yes"
 
 
+def test_the_bayes_rule_also_keeps_the_student_s_reading_where_the_pool_lacks_the_class(colours):
+    queries, taught = colours
+    student = CopyingColourStudent()
+    recs = Distiller(
+        student=student,
+        annotator=TestTimeScaling(FakeTeacher()),
+        embedder=FakeEmbedder(),
+        selector=make_selector("image"),
+        gate=PositionsGate(taught),
+        pool=SQLitePool(None),
+        config=LoopConfig(shots=2),
+        judge=Judge(student, 2, JudgeConfig(rule="bayes")),
+    ).run(queries)
+    assert _accuracy(recs, {"blue"}, shown=True) == 1.0
+    j = next(r for r in recs if r["label"] == "blue" and r["demo_ids"])["student_details"]["judge"]
+    assert j["rule"] == "bayes" and j["weights"][1] > j["weights"][0]  # the zero-shot answer's reliability
+
+
 def test_weights_are_even_before_any_check_and_bad_config_is_refused():
     judge = Judge(FakeStudent(), 2)
     w, t_icl, t_zs = judge.weights(("a", "b"), 0.5)
     assert w == pytest.approx([1 / 3] * 3) and t_icl == t_zs == 1.0
     with pytest.raises(Exception, match="judge"):
         JudgeConfig(bandwidth=0)
+    with pytest.raises(Exception, match="rule"):
+        JudgeConfig(rule="vibes")
 
 
 def test_the_summary_reports_each_expert_and_the_envelope(colours):
