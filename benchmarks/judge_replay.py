@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from icdistill.judge import ICL, VOTE, ZERO_SHOT, Judge, JudgeConfig, _bayes, _even, _mix
+from icdistill.judge import ICL, VOTE, ZERO_SHOT, Judge, JudgeConfig
+from icdistill.judge_checks import _bayes, _even, _mix
 from icdistill.mixture import temper
 
 
@@ -37,7 +38,7 @@ def replay(records: list[dict], config: JudgeConfig) -> tuple[int, int, dict[str
         j = ((r.get("student_details") or {}).get("judge")) or {}
         if j.get("by") == "judge" and j.get("icl") and j.get("zero_shot") and r.get("label") is not None:
             options = list((r.get("option_probs") or {}).keys())
-            w, t_icl, t_zs = judge.weights(tuple(options), j["similarity"])
+            w, t_icl, t_zs = judge.checks.weights(tuple(options), j["similarity"])
             readings = {
                 ICL: temper(np.asarray(j["icl"]), t_icl),
                 ZERO_SHOT: temper(np.asarray(j["zero_shot"]), t_zs),
@@ -45,7 +46,7 @@ def replay(records: list[dict], config: JudgeConfig) -> tuple[int, int, dict[str
             }
             p = _mix({k: v if v is not None or k == VOTE else _even(options) for k, v in readings.items()}, w)
             if config.rule == "bayes":
-                p = _bayes(readings, judge.reliabilities(tuple(options), j["similarity"]), p)
+                p = _bayes(readings, judge.checks.reliabilities(tuple(options), j["similarity"]), p)
             label = r["label"]
             judged += 1
             right += int(options[int(np.argmax(p))] == label)

@@ -350,7 +350,7 @@ def test_the_judge_checks_the_pool_s_vote_with_the_run_s_number_of_shots():
         pool=SQLitePool(None),
         config=LoopConfig(shots=5),
     )
-    assert d.judge is not None and d.judge.shots == 5 and d.judge._synthetic.shots == 5
+    assert d.judge is not None and d.judge.shots == 5 and d.judge.checks.shots == 5
     off = Distiller(
         student=FakeStudent(),
         annotator=TestTimeScaling(FakeTeacher()),

@@ -125,7 +125,7 @@ def test_a_resumed_run_answers_as_the_uninterrupted_one(colours, tmp_path):
     student = CopyingColourStudent()
     with SQLitePool(tmp_path / "pool.sqlite") as pool, RunLog(tmp_path / "log.jsonl") as log:
         d = distiller(student, pool, log)
-        assert d.judge is not None and d.judge._met  # the taught checks came back from the log
+        assert d.judge is not None and d.judge.checks.taught()  # the taught checks came back from the log
         resumed = d.run(queries[17:])
     assert [r["option_probs"] for r in resumed] == [r["option_probs"] for r in whole]
     assert [r["answer"] for r in resumed] == [r["answer"] for r in whole]
@@ -167,7 +167,7 @@ def test_the_bayes_rule_also_keeps_the_student_s_reading_where_the_pool_lacks_th
 
 def test_weights_are_even_before_any_check_and_bad_config_is_refused():
     judge = Judge(FakeStudent(), 2)
-    w, t_icl, t_zs = judge.weights(("a", "b"), 0.5)
+    w, t_icl, t_zs = judge.checks.weights(("a", "b"), 0.5)
     assert w == pytest.approx([1 / 3] * 3) and t_icl == t_zs == 1.0
     with pytest.raises(Exception, match="judge"):
         JudgeConfig(bandwidth=0)

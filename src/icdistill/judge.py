@@ -36,26 +36,23 @@ are events too, put back in its cache on replay.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from icdistill.coverage import decode_sketch, encode_sketch
-from icdistill.errors import ICDError
-from icdistill.mixture import SimilarityMixture, fit_temperature, temper, vote
+from icdistill.judge_checks import EXPERTS, JudgeChecks, JudgeConfig, _bayes, _even, _mix, _swing
+from icdistill.mixture import temper, vote
 from icdistill.protocols import Pool, Student
 from icdistill.select import nearest_demos
 from icdistill.types import IMAGE, Demo, Embeddings, Prediction, Query, image_digest
 
-ICL, ZERO_SHOT, VOTE = "icl", "zero-shot", "vote"
+ICL, ZERO_SHOT, VOTE = EXPERTS
 JUDGE_MODES = ("on", "full", "off")  # LoopConfig.judge
-EXPERTS = (ICL, ZERO_SHOT, VOTE)
 # a pooled demo this similar to the query, of the same query or image content, is the same image: its
 # (teacher's) answer is the answer
 SAME_IMAGE = 1.0 - 1e-4
@@ -63,37 +60,6 @@ SAME_IMAGE = 1.0 - 1e-4
 # infinitely bad evidence against it
 _P_FLOOR = 1e-4
 _ZERO_SHOT_CACHE = 50_000
-
-
-@dataclass(frozen=True)
-class JudgeConfig:
-    """``temperature``: of the vote's softmax over cosines; ``bandwidth``: the kernel's width in cosine
-    units; ``prior``: pseudo-checks that pull the weights to even where no check is near; ``grid``:
-    steps per unit of the weight simplex; ``skip``: compute the zero-shot reading only when it can
-    change the answer (off: every expert on every query, to measure the envelope)."""
-
-    temperature: float = 0.05
-    # chosen with benchmarks/judge_replay.py: 0.2 over 0.1 on the photos (+0.025), equal on textile
-    bandwidth: float = 0.2
-    prior: float = 1.0
-    grid: int = 20
-    skip: bool = True
-    # the ICL reading's temperature fitted near the query's similarity (kernel-weighted, around the
-    # global fit), for a student that copies a far demo confidently; off: no gain measured
-    # (benchmarks/judge_replay.py on the photos)
-    local_temperature: bool = False
-    # the weights: the posterior mean over the grid ("mean") or its mode ("map")
-    estimate: str = "mean"
-    # how the experts combine: "mixture" (their distributions mixed) or "bayes" (each expert's answer
-    # weighed by how often it was right near this similarity, naive Bayes over their answers; measured
-    # below the mixture on the photos and textile, benchmarks/judge_replay.py)
-    rule: str = "mixture"
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0 or self.bandwidth <= 0 or self.prior <= 0 or self.grid < 2:
-            raise ICDError("judge: temperature, bandwidth and prior must be > 0 and grid >= 2")
-        if self.rule not in ("bayes", "mixture") or self.estimate not in ("mean", "map"):
-            raise ICDError("judge: rule must be bayes or mixture, estimate mean or map")
 
 
 class Judging(Protocol):
@@ -125,29 +91,11 @@ class Judging(Protocol):
     def replay(self, record: dict[str, Any]) -> None: ...
 
 
-def _simplex(steps: int) -> np.ndarray:
-    """Every weight triple on a grid of ``1/steps``, summing to 1: (G, 3)."""
-    pts = [(i, j, steps - i - j) for i, j in itertools.product(range(steps + 1), repeat=2) if i + j <= steps]
-    return np.asarray(pts, dtype=np.float64) / steps
-
-
 def _probs(pred: Prediction, options: Sequence[str]) -> np.ndarray:
     p = pred.option_probs()
     out = np.array([p.get(o, 0.0) for o in options], dtype=np.float64)
     s = out.sum()
     return out / s if s > 0 else np.full(len(options), 1.0 / len(options))
-
-
-@dataclass
-class _Met:
-    """The met checks of one option set: per taught query, the nearest demo's similarity at its first
-    pass and each expert's distribution there (NaN rows where an expert was not read)."""
-
-    sims: list[float]
-    icl: list[np.ndarray | None]
-    zero_shot: list[np.ndarray]
-    vote: list[np.ndarray | None]
-    answers: list[int]
 
 
 class Judge:
@@ -162,15 +110,10 @@ class Judge:
         self.shots = max(1, shots)
         self.best_last = best_last  # the prompt's demo order (LoopConfig.demo_order)
         self.config = config or JudgeConfig()
-        self._grid = _simplex(self.config.grid)
-        self._log_prior = self.config.prior * np.log(self._grid + 1.0 / self.config.grid).sum(axis=1) / 3
         self._reset()
 
     def _reset(self) -> None:
-        self._synthetic = SimilarityMixture(shots=self.shots, temperature=self.config.temperature)
-        self._met: dict[tuple[str, ...], _Met] = {}
-        self._fits: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, float, float]] = {}
-        self._checks: dict[tuple[str, ...], np.ndarray] = {}  # (n, 3) p(teacher's answer) per check
+        self.checks = JudgeChecks(self.shots, self.config)
         self._zs: OrderedDict[str, np.ndarray] = OrderedDict()
         self._events: list[list[Any]] = []
         self.seconds = dict.fromkeys(EXPERTS, 0.0)
@@ -271,7 +214,7 @@ class Judge:
                 details["vote"], details["similarity"] = _round(voted[0]), round(voted[1], 5)
             return self._prediction(options, p, details, start)
         s = voted[1] if voted is not None else None
-        w, t_icl, t_zs = self.weights(options, s)
+        w, t_icl, t_zs = self.checks.weights(options, s)
         raw: dict[str, Prediction | np.ndarray | None] = {ICL: icl, ZERO_SHOT: None}
         spent = dict.fromkeys((ICL, ZERO_SHOT), 0.0)
 
@@ -287,7 +230,7 @@ class Judge:
             p = _probs(r, options) if isinstance(r, Prediction) else r
             return temper(p, t_icl if name == ICL else t_zs)
 
-        rel = self.reliabilities(options, s) if self.config.rule == "bayes" else None
+        rel = self.checks.reliabilities(options, s) if self.config.rule == "bayes" else None
         strength = w if rel is None else _swing(rel, len(options))
         # the LM reading of more weight first (a micro-batch's ICL reading is already read; on a tie
         # the zero-shot one, read once per image); the other only where it can change the answer
@@ -350,107 +293,6 @@ class Judge:
         )
 
     # ------------------------------------------------------------------ learning
-    def weights(self, options: tuple[str, ...], similarity: float | None) -> tuple[np.ndarray, float, float]:
-        """``(w_icl, w_zero_shot, w_vote)`` at the nearest demo's ``similarity`` (even before any
-        check), and the temperatures of the ICL and zero-shot readings."""
-        fit = self._fit(options)
-        if fit is None:
-            return np.full(3, 1.0 / 3), 1.0, 1.0
-        sims, ll, t_icl, t_zs = fit
-        s = 0.0 if similarity is None else similarity
-        kern = np.exp(-0.5 * ((sims - s) / self.config.bandwidth) ** 2)
-        met = self._met[options]
-        icl_rows = [i for i, r in enumerate(met.icl) if r is not None]
-        if self.config.local_temperature and icl_rows:
-            y = np.asarray(met.answers)[icl_rows]
-            probs = np.stack([met.icl[i] for i in icl_rows])  # type: ignore[misc]
-            t_icl = fit_temperature(probs, y, weights=kern[icl_rows], center=t_icl)
-            ll = ll.copy()
-            # the met checks' ICL column at that temperature: their likelihood under every grid point
-            p_icl = np.maximum(
-                np.stack([temper(p, t_icl)[yi] for p, yi in zip(probs, y, strict=True)]), _P_FLOOR
-            )
-            ll[:, icl_rows] = self._met_ll(p_icl, icl_rows, options)
-        score = ll @ kern + self._log_prior
-        if self.config.estimate == "map":
-            w = self._grid[int(np.argmax(score))]
-        else:
-            post = np.exp(score - score.max())
-            w = post @ self._grid / post.sum()
-        return w, t_icl, t_zs
-
-    def reliabilities(self, options: tuple[str, ...], similarity: float | None) -> np.ndarray:
-        """How often each expert's answer was the teacher's on the met checks near ``similarity``
-        (kernel-weighted, ``prior`` pseudo-checks at one half), clipped to [0.02, 0.98]."""
-        met = self._met.get(options)
-        if met is None or not met.answers:
-            return np.full(3, 0.5)
-        s = 0.0 if similarity is None else similarity
-        kern = np.exp(-0.5 * ((np.asarray(met.sims) - s) / self.config.bandwidth) ** 2)
-        right = np.full((len(met.answers), 3), np.nan)
-        for i, y in enumerate(met.answers):
-            for e, r in enumerate((met.icl[i], met.zero_shot[i], met.vote[i])):
-                if r is not None:
-                    right[i, e] = float(int(np.argmax(r)) == y)
-        present = ~np.isnan(right)
-        hits = np.where(present, right, 0.0).T @ kern
-        seen = present.T.astype(np.float64) @ kern
-        prior = self.config.prior
-        return np.clip((hits + prior / 2) / (seen + prior), 0.02, 0.98)
-
-    def _fit(self, options: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, float, float] | None:
-        """The checks' similarities and their log-likelihood under each grid point (G, n), cached
-        until the next teach."""
-        if options in self._fits:
-            return self._fits[options]
-        met = self._met.get(options)
-        if met is None:
-            return None
-        y = np.asarray(met.answers)
-        t_zs = self._synthetic.zero_shot_temperature(options)
-        icl_rows = [i for i, r in enumerate(met.icl) if r is not None]
-        t_icl = fit_temperature(np.stack([met.icl[i] for i in icl_rows]), y[icl_rows]) if icl_rows else 1.0
-        rows_p, rows_s = [], []
-        for i, yi in enumerate(y):
-            icl = met.icl[i]
-            v = met.vote[i]
-            rows_p.append(
-                [
-                    temper(icl, t_icl)[yi] if icl is not None else np.nan,
-                    temper(met.zero_shot[i], t_zs)[yi],
-                    v[yi] if v is not None else np.nan,
-                ]
-            )
-            rows_s.append(met.sims[i])
-        near, p2 = self._synthetic.checks(options)  # (n, 2): vote, zero-shot
-        for s, (pv, pz) in zip(near, p2, strict=True):
-            rows_p.append([np.nan, pz, pv])
-            rows_s.append(float(s))
-        if not rows_p:
-            return None
-        P = np.asarray(rows_p, dtype=np.float64)
-        self._checks[options] = P
-        fit = (np.asarray(rows_s, dtype=np.float64), self._log_lik(P), float(t_icl), float(t_zs))
-        self._fits[options] = fit
-        return fit
-
-    def _log_lik(self, P: np.ndarray) -> np.ndarray:
-        """(G, n): each check's log-likelihood under every grid point, the mixture renormalised over the
-        experts present in the check (a NaN in ``P``: not read there)."""
-        present = ~np.isnan(P)
-        P = np.where(present, np.maximum(P, _P_FLOOR), 0.0)
-        num = self._grid @ P.T
-        den = self._grid @ present.T.astype(np.float64)
-        even = P.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
-        lik = np.where(den > 0, num / np.maximum(den, 1e-12), even[None, :])
-        return np.log(np.maximum(lik, _P_FLOOR))
-
-    def _met_ll(self, p_icl: np.ndarray, rows: list[int], options: tuple[str, ...]) -> np.ndarray:
-        """The log-likelihood columns of the met checks ``rows`` with their ICL column replaced."""
-        P = self._checks[options][rows].copy()
-        P[:, 0] = p_icl
-        return self._log_lik(P)
-
     def teach(
         self,
         query: Query,
@@ -531,8 +373,9 @@ class Judge:
         if ev[0] == "check":  # a check with the answer's label left out of the shown demos
             _, options_l, answer, sim, icl, zs, voted = ev
             options = tuple(options_l)
-            self._add_met(options, options.index(answer), sim, icl, np.asarray(zs, dtype=np.float64), voted)
-            self._fits.pop(options, None)
+            self.checks.add_met(
+                options, options.index(answer), sim, icl, np.asarray(zs, dtype=np.float64), voted
+            )
             return
         if ev[0] != "teach":
             return
@@ -541,20 +384,9 @@ class Judge:
         y = options.index(answer)
         zs_a = np.asarray(zs, dtype=np.float64)
         if sim is not None and icl is not None:  # a met check: demos were shown at its first pass
-            self._add_met(options, y, sim, icl, zs_a, voted)
+            self.checks.add_met(options, y, sim, icl, zs_a, voted)
         if sketch is not None:
-            self._synthetic.teach(options, decode_sketch(sketch).astype(np.float32), zs_a, answer)
-        self._fits.pop(options, None)
-
-    def _add_met(
-        self, options: tuple[str, ...], y: int, sim: float, icl: Sequence[float], zs: np.ndarray, voted: Any
-    ) -> None:
-        met = self._met.setdefault(options, _Met([], [], [], [], []))
-        met.sims.append(float(sim))
-        met.icl.append(_normalised(icl))
-        met.zero_shot.append(zs)
-        met.vote.append(None if voted is None else _normalised(voted))
-        met.answers.append(y)
+            self.checks.teach_synthetic(options, decode_sketch(sketch).astype(np.float32), zs_a, answer)
 
     def drain_events(self) -> list[list[Any]]:
         events, self._events = self._events, []
@@ -567,49 +399,5 @@ class Judge:
             self._apply(ev)
 
 
-def _normalised(p: Sequence[float]) -> np.ndarray:
-    a = np.asarray(p, dtype=np.float64)
-    s = a.sum()
-    return a / s if s > 0 else np.full(len(a), 1.0 / len(a))
-
-
-def _swing(rel: np.ndarray, k: int) -> np.ndarray:
-    """Per expert, the most its answer can move the log-odds between two options (bayes)."""
-    return np.abs(np.log(rel) - np.log((1.0 - rel) / max(k - 1, 1)))
-
-
-def _bayes(readings: dict[str, np.ndarray | None], rel: np.ndarray, mixed: np.ndarray) -> np.ndarray:
-    """Naive Bayes over the experts' answers: an expert of reliability r says the truth with
-    probability r and each other option with (1 - r) / (k - 1); even prior; the mixture breaks ties."""
-    k = len(mixed)
-    score = 1e-3 * np.log(np.maximum(mixed, 1e-300))
-    for r, name in zip(rel, EXPERTS, strict=True):
-        reading = readings[name]
-        if reading is None:
-            continue
-        said = np.full(k, np.log((1.0 - r) / max(k - 1, 1)))
-        said[int(np.argmax(reading))] = np.log(r)
-        score = score + said
-    q = np.exp(score - score.max())
-    return q / q.sum()
-
-
-def _even(options: Sequence[str]) -> np.ndarray:
-    return np.full(len(options), 1.0 / len(options))
-
-
 def _round(p: np.ndarray) -> list[float]:
     return [round(float(x), 6) for x in p]
-
-
-def _mix(readings: dict[str, np.ndarray | None], w: np.ndarray) -> np.ndarray:
-    """The weighted mixture of the readings present, the weights renormalised over them."""
-    total, out = 0.0, None
-    for wi, name in zip(w, EXPERTS, strict=True):
-        r = readings[name]
-        if r is None:
-            continue
-        out = wi * r if out is None else out + wi * r
-        total += wi
-    assert out is not None
-    return out / total if total > 0 else out

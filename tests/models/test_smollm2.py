@@ -252,7 +252,7 @@ def test_far_demos_do_not_overwrite_what_the_student_reads_right_alone_and_a_res
     assert pred.answer == "cat", (j, pred.option_probs())
     cup = Query(id="cup", image=_photo("coffee", 9), prompt=QUESTION, options=options)
     assert judge.answer(cup, emb(cup.image), cups, pool).answer == "coffee cup"
-    assert judge.weights(options, 0.95)[0][2] > judge.weights(options, 0.3)[0][2]
+    assert judge.checks.weights(options, 0.95)[0][2] > judge.checks.weights(options, 0.3)[0][2]
 
     twin_student = SmolLM2Student(tagger, lm=lm)
     twin_student.replay_events(student.drain_events())
