@@ -33,14 +33,41 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
-from icdistill.distiller import Distiller, Draft
 from icdistill.errors import DataError, ICDError, TeacherError, TeacherRefused, TeacherUnavailable
 from icdistill.types import Annotation, Query, image_digest
 
 # at most this many queries wait for an earlier position's call before the stream waits on it
 DEFAULT_WINDOW = 256
+
+
+class Loop(Protocol):
+    """What the driver needs of the loop (``icdistill.distiller.Distiller``; a draft is what its
+    ``answer_now`` returns): its steps, its records and its log. The loop's ``run`` calls the driver,
+    so the driver knows it only through this."""
+
+    config: Any
+    log: Any
+    pool: Any
+    records: list[dict[str, Any]]
+
+    def answer_now(self, query: Query) -> Any: ...
+
+    def ask_teacher(self, draft: Any) -> Annotation: ...
+
+    def annotate_later(
+        self,
+        draft: Any,
+        annotation: Annotation | None = None,
+        teacher_error: str | None = None,
+        rerun: bool = True,
+        not_called: str | None = None,
+    ) -> dict[str, Any]: ...
+
+    def step(self, query: Query) -> dict[str, Any]: ...
+
+    def next_position(self) -> int: ...
 
 
 def check_flow(teacher_concurrency: int, batch: int, shared_pool: bool = False) -> None:
@@ -59,7 +86,7 @@ def check_flow(teacher_concurrency: int, batch: int, shared_pool: bool = False) 
         )
 
 
-def answer_batch(distiller: Distiller, queries: list[Query]) -> list[Draft]:
+def answer_batch(distiller: Loop, queries: list[Query]) -> list[Any]:
     """Steps 1-3 for consecutive queries: the distiller's ``answer_now_batch`` (one batched student
     pass) when it has one, else ``answer_now`` one query at a time."""
     batched = getattr(distiller, "answer_now_batch", None)
@@ -74,7 +101,7 @@ class _Slot:
 
     position: int
     rec: dict[str, Any] | None = None
-    draft: Draft | None = None
+    draft: Any | None = None
     future: cf.Future[Annotation] | None = None
     done: bool = False
     refused: bool = False  # the server refused its call for good
@@ -118,7 +145,7 @@ def _chunks(items: Iterable[Query | DataError], size: int) -> Iterator[list[Quer
         yield chunk
 
 
-def write_record(distiller: Distiller, rec: dict[str, Any]) -> None:
+def write_record(distiller: Loop, rec: dict[str, Any]) -> None:
     """Append a finished record to the distiller's records and its log."""
     distiller.records.append(rec)
     if distiller.log is not None:
@@ -126,7 +153,7 @@ def write_record(distiller: Distiller, rec: dict[str, Any]) -> None:
 
 
 def finish_call(
-    distiller: Distiller, draft: Draft, future: cf.Future[Annotation], rerun: bool = True
+    distiller: Loop, draft: Any, future: cf.Future[Annotation], rerun: bool = True
 ) -> tuple[dict[str, Any], bool]:
     """Steps 4-6 for a query whose teacher call ran on the thread pool: the record ``annotate_later``
     writes when it asks the teacher itself (a call not made is no call; a failure's seconds and faults
@@ -144,7 +171,7 @@ def finish_call(
 
 
 def run_stream(
-    distiller: Distiller,
+    distiller: Loop,
     queries: Iterable[Query | DataError],
     on_record: Callable[[dict[str, Any]], None] | None = None,
     teacher_concurrency: int = 1,
@@ -168,7 +195,7 @@ def run_stream(
 
 
 def _run_serial(
-    distiller: Distiller,
+    distiller: Loop,
     queries: Iterable[Query | DataError],
     on_record: Callable[[dict[str, Any]], None] | None,
     batch: int,
@@ -195,7 +222,7 @@ class _Concurrent:
 
     def __init__(
         self,
-        distiller: Distiller,
+        distiller: Loop,
         pool: cf.ThreadPoolExecutor,
         limit: int,
         batch: int,

@@ -189,7 +189,8 @@ class Judge:
         """The judged answer to ``query`` shown ``demos``; ``icl``: the student's reading with them, when
         already read (a micro-batch); ``exclude``: pooled demos the vote must not see (the query's own
         on its first pass)."""
-        start = time.perf_counter()
+        # a micro-batch's reading was timed by the batch (its share): it counts in this answer's time
+        start = time.perf_counter() - (icl.seconds if icl is not None else 0.0)
         if not query.options:
             pred = icl if icl is not None else self._icl(query, demos)
             return pred
