@@ -46,17 +46,22 @@ def colours(tmp_path_factory):
     return queries, taught
 
 
-def _run(queries, taught, student, judge: str, log=None, config=None):
+def _distiller(taught, student, judge: str = "on", pool=None, log=None, judged=None) -> Distiller:
     return Distiller(
         student=student,
         annotator=TestTimeScaling(FakeTeacher()),
         embedder=FakeEmbedder(),
         selector=make_selector("image"),
         gate=PositionsGate(taught),
-        pool=SQLitePool(None),
-        config=config or LoopConfig(shots=2, judge=judge),
+        pool=pool if pool is not None else SQLitePool(None),
+        config=LoopConfig(shots=2, judge=judge),
         log=log,
-    ).run(queries)
+        judge=judged,
+    )
+
+
+def _run(queries, taught, student, judge: str):
+    return _distiller(taught, student, judge).run(queries)
 
 
 def _accuracy(records, labels=None, key="first_answer", shown=False):
@@ -108,23 +113,13 @@ def test_a_resumed_run_answers_as_the_uninterrupted_one(colours, tmp_path):
     queries, taught = colours
     whole = _run(queries, taught, CopyingColourStudent(), judge="on")
 
-    def distiller(student, pool, log):
-        return Distiller(
-            student=student,
-            annotator=TestTimeScaling(FakeTeacher()),
-            embedder=FakeEmbedder(),
-            selector=make_selector("image"),
-            gate=PositionsGate(taught),
-            pool=pool,
-            config=LoopConfig(shots=2),
-            log=log,
-        )
-
     with SQLitePool(tmp_path / "pool.sqlite") as pool, RunLog(tmp_path / "log.jsonl") as log:
-        distiller(CopyingColourStudent(), pool, log).run(queries[:17])  # then the process dies
+        _distiller(taught, CopyingColourStudent(), pool=pool, log=log).run(
+            queries[:17]
+        )  # then the process dies
     student = CopyingColourStudent()
     with SQLitePool(tmp_path / "pool.sqlite") as pool, RunLog(tmp_path / "log.jsonl") as log:
-        d = distiller(student, pool, log)
+        d = _distiller(taught, student, pool=pool, log=log)
         assert d.judge is not None and d.judge.checks.taught()  # the taught checks came back from the log
         resumed = d.run(queries[17:])
     assert [r["option_probs"] for r in resumed] == [r["option_probs"] for r in whole]
@@ -150,16 +145,7 @@ def test_a_same_image_demo_answers_and_open_questions_pass_through(colours):
 def test_the_bayes_rule_also_keeps_the_student_s_reading_where_the_pool_lacks_the_class(colours):
     queries, taught = colours
     student = CopyingColourStudent()
-    recs = Distiller(
-        student=student,
-        annotator=TestTimeScaling(FakeTeacher()),
-        embedder=FakeEmbedder(),
-        selector=make_selector("image"),
-        gate=PositionsGate(taught),
-        pool=SQLitePool(None),
-        config=LoopConfig(shots=2),
-        judge=Judge(student, 2, JudgeConfig(rule="bayes")),
-    ).run(queries)
+    recs = _distiller(taught, student, judged=Judge(student, 2, JudgeConfig(rule="bayes"))).run(queries)
     assert _accuracy(recs, {"blue"}, shown=True) == 1.0
     j = next(r for r in recs if r["label"] == "blue" and r["demo_ids"])["student_details"]["judge"]
     assert j["rule"] == "bayes" and j["weights"][1] > j["weights"][0]  # the zero-shot answer's reliability
