@@ -20,6 +20,11 @@ scored by the kernel-weighted (in ``s``) likelihood of the teacher's answers ove
   reading was not read there: it is left out of those checks, the weights renormalised over the
   experts present).
 
+Each teacher answer also gives a check with its label left out: the student reads the query shown the
+nearest pooled demos of other labels (one more ICL reading), what it meets where the pool lacks its
+class. ``JudgeConfig.rule="bayes"`` combines the experts' answers by their reliability near ``s``
+instead (measured below the mixture). What the checks give lives in ``icdistill.judge_checks``.
+
 Each LM reading enters at a temperature fitted to the teacher's answers (small LMs' option
 distributions are far too flat where they read right). An expert is only computed when it can
 change the answer: the LM reading of more weight is read first (on a tie the zero-shot one, read once
@@ -29,7 +34,7 @@ distribution, so the gate's uncertainty still carries its weight. A taught query
 readings are read when it is taught (its checks need them).
 
 Everything the judge learns is an event (``drain_events``), logged per query and replayed on resume
-(``replay_events``), so a resumed run answers as an uninterrupted one. The zero-shot readings it read
+(``replay``), so a resumed run answers as an uninterrupted one. The zero-shot readings it read
 are events too, put back in its cache on replay.
 """
 
@@ -56,9 +61,6 @@ JUDGE_MODES = ("on", "full", "off")  # LoopConfig.judge
 # a pooled demo this similar to the query, of the same query or image content, is the same image: its
 # (teacher's) answer is the answer
 SAME_IMAGE = 1.0 - 1e-4
-# the probability an expert gives the teacher's answer is floored here: one confident miss is not
-# infinitely bad evidence against it
-_P_FLOOR = 1e-4
 _ZERO_SHOT_CACHE = 50_000
 
 
@@ -116,8 +118,6 @@ class Judge:
         self.checks = JudgeChecks(self.shots, self.config)
         self._zs: OrderedDict[str, np.ndarray] = OrderedDict()
         self._events: list[list[Any]] = []
-        self.seconds = dict.fromkeys(EXPERTS, 0.0)
-        self.reads = dict.fromkeys(EXPERTS, 0)
 
     # ------------------------------------------------------------------ the readings
     @staticmethod
@@ -132,11 +132,7 @@ class Judge:
         if hit is not None:
             self._zs.move_to_end(key)
             return hit
-        t0 = time.perf_counter()
-        p = _probs(self.student.predict(query, []), options)
-        self.seconds[ZERO_SHOT] += time.perf_counter() - t0
-        self.reads[ZERO_SHOT] += 1
-        return self._remember_zero_shot(key, p)
+        return self._remember_zero_shot(key, _probs(self.student.predict(query, []), options))
 
     def _remember_zero_shot(self, key: str, p: np.ndarray) -> np.ndarray:
         """Cache a zero-shot reading, as an event: a resumed run finds it where it was (a student
@@ -147,8 +143,7 @@ class Judge:
     def _icl(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         t0 = time.perf_counter()
         pred = self.student.predict(query, demos)
-        self.seconds[ICL] += time.perf_counter() - t0
-        self.reads[ICL] += 1
+        pred.seconds = pred.seconds or time.perf_counter() - t0
         return pred
 
     def _vote(
@@ -156,13 +151,10 @@ class Judge:
     ) -> tuple[np.ndarray, float, bool, str] | None:
         """The vote of the nearest pooled demos, the nearest one's cosine, whether that demo is of
         this very image (the re-run after a teacher call, or a repeated image), and its answer."""
-        t0 = time.perf_counter()
         found = nearest_demos(query, emb, pool, self.shots, key=IMAGE, exclude=exclude)
-        self.seconds[VOTE] += time.perf_counter() - t0
         if found is None:
             return None
         demos, sims = found
-        self.reads[VOTE] += 1
         p = vote(sims, [d.answer for d in demos], options, self.config.temperature)
         near = demos[int(np.argmax(sims))]
         same = bool(sims.max() >= SAME_IMAGE) and (
