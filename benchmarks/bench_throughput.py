@@ -29,13 +29,13 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_transport import Server  # uvicorn on a free loopback port in a thread
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -321,29 +321,6 @@ def teacher_app(labels: dict[str, str], latency: float) -> Any:
     return app
 
 
-class _Server:
-    def __init__(self, app: Any) -> None:
-        import socket
-
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self.url
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 class PixelEmbedder:
     """A cheap retrieval embedder (7x7 average-pooled pixels; text: a hashed bag of words), so the
     teacher timings are not drowned by the default embedder on a busy CPU."""
@@ -399,8 +376,8 @@ def bench_teacher(args: argparse.Namespace) -> None:
     rows = []
     with (
         tempfile.TemporaryDirectory() as tmp,
-        _Server(teacher_app(labels, 0.0)) as instant,
-        _Server(teacher_app(labels, args.latency)) as slow,
+        Server(teacher_app(labels, 0.0)) as instant,
+        Server(teacher_app(labels, args.latency)) as slow,
     ):
         teachers = {}
         for latency, url in ((0.0, instant), (args.latency, slow)):
