@@ -93,3 +93,15 @@ def test_shared_tagger_runs_each_image_once(embedder: ConSEEmbedder) -> None:
     e = embedder.embed_query(Query(id="e", image=img.copy(), prompt="?"))
     assert embedder.tagger.forward_images == before
     assert np.allclose(e[IMAGE], tags.features / np.linalg.norm(tags.features))
+
+
+@pytest.mark.slow
+def test_a_batch_of_queries_embeds_as_one_at_a_time(embedder: ConSEEmbedder) -> None:
+    images = [Image.new("RGB", (28, 28), (10 * i, 200 - 20 * i, 90)) for i in range(4)]
+    queries = [Query(id=f"b{i}", image=img, prompt="?") for i, img in enumerate([*images, images[0].copy()])]
+    before = embedder.tagger.forward_images
+    many = embedder.embed_queries(queries)
+    assert embedder.tagger.forward_images == before + 4  # the repeated image runs once
+    for q, e in zip(queries, many, strict=True):
+        one = embedder.embed_query(q)
+        assert set(e) == set(one) and all(np.allclose(e[k], one[k], atol=1e-5) for k in e)

@@ -186,3 +186,43 @@ def test_icd_serve_passes_its_judge_setting_to_the_loop():
     assert ServeConfig(no_auth=True, judge="off").run_config().loop_config().judge == "off"
     with pytest.raises(Exception, match="judge"):
         ServeConfig(no_auth=True, judge="maybe").run_config()
+
+
+class BatchingCopyingStudent(CopyingColourStudent):
+    """``CopyingColourStudent`` with ``predict_batch``: records each batch's size and kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[tuple[str, int]] = []
+
+    def predict_batch(self, queries, demos_lists):
+        kind = "zero-shot" if not any(demos_lists) else "icl"
+        self.batches.append((kind, len(queries)))
+        preds = [self.predict(q, d) for q, d in zip(queries, demos_lists, strict=True)]
+        for p in preds:
+            p.seconds = 0.25  # each query's share of the batch's time
+        return preds
+
+
+@pytest.mark.parametrize("mode", ["on", "full"])
+def test_a_micro_batch_reads_the_zero_shot_readings_a_batch_of_one_reads_in_one_call(colours, mode):
+    queries, taught = colours
+    split = max(taught) + 1  # the pool stops changing here: a batch then sees what one query sees
+    runs = {}
+    for b in (1, 4):
+        student = BatchingCopyingStudent()
+        d = _distiller(taught, student, judge=mode)
+        d.run(queries[:split])
+        runs[b] = (student, d.run(queries[split:], batch=b)[split:])
+    (s1, one), (s4, four) = runs[1], runs[4]
+    assert [r["answer"] for r in four] == [r["answer"] for r in one]
+    # the zero-shot readings went through the student in batches, and no more of them than one at a time
+    assert any(kind == "zero-shot" and n > 1 for kind, n in s4.batches)
+    assert 0 < s4.calls["zero-shot"] <= s1.calls["zero-shot"]
+    if mode == "full":  # every reading read at either batch: the same readings, the same distributions
+        assert s4.calls["zero-shot"] == s1.calls["zero-shot"]
+        assert [r["option_probs"] for r in four] == [r["option_probs"] for r in one]
+    # a prefetched reading's time is counted in the answer that uses it (a cached one costs nothing)
+    judged = [r["student_details"]["judge"] for r in four]
+    read = [j for j in judged if j.get("by") == "judge" and j["zero_shot"] is not None]
+    assert any(j["seconds"]["zero-shot"] == pytest.approx(0.25, abs=0.01) for j in read)

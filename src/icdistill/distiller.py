@@ -204,13 +204,24 @@ class Distiller:
 
     def answer_now_batch(self, queries: list[Query]) -> list[Draft]:
         """``answer_now`` for consecutive queries, the student's readings with demos in one batched call
-        (``predict_batch``, when the student has it). Each query sees the pool as it stood at the
-        start (nothing is pooled before ``annotate_later``); the gate decides in stream order."""
+        (``predict_batch``, when the student has it), then the zero-shot readings the judge wants of
+        them (those a batch of one would read, given the ICL reading) in another. Each query sees the
+        pool as it stood at the start (nothing is pooled before ``annotate_later``); the gate decides
+        in stream order."""
+        embed_many = getattr(self.embedder, "embed_queries", None)
+        if embed_many is not None and len(queries) > 1:
+            embed_many(queries)  # the batch's images through the image model together (then cached)
         prepared = [self._prepare(q) for q in queries]
         batch = getattr(self.student, "predict_batch", None)
         if batch is None or len(queries) < 2:
             return [self._answer(q, *p) for q, p in zip(queries, prepared, strict=True)]
         icls = batch(queries, [p[1] for p in prepared])
+        if self.judge is not None:  # the zero-shot readings the judge will want: one batched call too
+            items = [(q, p[0], p[1], icl) for q, p, icl in zip(queries, prepared, icls, strict=True)]
+            wanted = [queries[i] for i in self.judge.zero_shot_wanted(items, self.pool)]
+            if wanted:
+                for q, pred in zip(wanted, batch(wanted, [[] for _ in wanted]), strict=True):
+                    self.judge.remember_zero_shot(q, pred)
         return [self._answer(q, *p, icl=icl) for q, p, icl in zip(queries, prepared, icls, strict=True)]
 
     def _answer(

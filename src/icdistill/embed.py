@@ -148,5 +148,10 @@ class ConSEEmbedder:
             out[IMAGE_TEXT] = self.conse(tags.ids, tags.probs)
         return out
 
+    def embed_queries(self, queries: Sequence[Query]) -> list[Embeddings]:
+        """``embed_query`` for several queries, their images through the CNN in one batch."""
+        self.tagger.tag_many([q.image for q in queries if q.image is not None])
+        return [self.embed_query(q) for q in queries]
+
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.text_encoder.encode(texts)

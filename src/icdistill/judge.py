@@ -88,6 +88,12 @@ class Judging(Protocol):
         pool: Pool | None = None,
     ) -> None: ...
 
+    def zero_shot_wanted(
+        self, items: Sequence[tuple[Query, Embeddings, Sequence[Demo], Prediction]], pool: Pool
+    ) -> list[int]: ...
+
+    def remember_zero_shot(self, query: Query, pred: Prediction) -> None: ...
+
     def drain_events(self) -> list[list[Any]]: ...
 
     def replay(self, record: dict[str, Any]) -> None: ...
@@ -117,6 +123,7 @@ class Judge:
     def _reset(self) -> None:
         self.checks = JudgeChecks(self.shots, self.config)
         self._zs: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._prefetched: dict[str, float] = {}  # a micro-batch's zero-shot readings: their time share
         self._events: list[list[Any]] = []
 
     # ------------------------------------------------------------------ the readings
@@ -133,6 +140,74 @@ class Judge:
             self._zs.move_to_end(key)
             return hit
         return self._remember_zero_shot(key, _probs(self.student.predict(query, []), options))
+
+    def zero_shot_wanted(
+        self, items: Sequence[tuple[Query, Embeddings, Sequence[Demo], Prediction]], pool: Pool
+    ) -> list[int]:
+        """Which of a micro-batch's ``(query, emb, demos, icl)`` ``answer(..., icl=icl)`` would read the
+        zero-shot reading of (not cached yet; once per image, prompt and options): the batch reads them
+        together first (``remember_zero_shot``), so that the readings are the ones a batch of one reads."""
+        wanted: list[int] = []
+        keys: set[str] = set()
+        for i, (query, emb, demos, icl) in enumerate(items):
+            if not query.options or not demos:
+                continue
+            options = tuple(dict.fromkeys(query.options))
+            key = self._key(query, options)
+            if key in self._zs or key in keys:
+                continue
+            voted = self._vote(query, emb, pool, options, ())
+            if voted is not None and voted[2]:
+                continue
+            w, t_icl, _, rel, strength = self._weights(options, voted[1] if voted is not None else None)
+            readings = {
+                ICL: temper(_probs(icl, options), t_icl),
+                ZERO_SHOT: None,
+                VOTE: voted[0] if voted else None,
+            }
+            if self._second_needed(self._combine(options, readings, w, rel), rel, strength, ZERO_SHOT):
+                wanted.append(i)
+                keys.add(key)
+        return wanted
+
+    def remember_zero_shot(self, query: Query, pred: Prediction) -> None:
+        """A zero-shot reading a micro-batch read (``zero_shot_wanted``): cached, its time counted in
+        the answer that uses it."""
+        if not query.options:
+            return
+        options = tuple(dict.fromkeys(query.options))
+        key = self._key(query, options)
+        self._remember_zero_shot(key, _probs(pred, options))
+        self._prefetched[key] = self._prefetched.get(key, 0.0) + float(pred.seconds or 0.0)
+
+    def _weights(
+        self, options: tuple[str, ...], s: float | None
+    ) -> tuple[np.ndarray, float, float, np.ndarray | None, np.ndarray]:
+        """The mixture's weights near ``s``, the two LM temperatures, each expert's reliability (the
+        bayes rule, else None) and each reading's strength (what it can add to one option)."""
+        w, t_icl, t_zs = self.checks.weights(options, s)
+        rel = self.checks.reliabilities(options, s) if self.config.rule == "bayes" else None
+        return w, t_icl, t_zs, rel, (w if rel is None else _swing(rel, len(options)))
+
+    @staticmethod
+    def _combine(
+        options: tuple[str, ...],
+        readings: dict[str, np.ndarray | None],
+        w: np.ndarray,
+        rel: np.ndarray | None,
+    ) -> np.ndarray:
+        # a skipped reading enters the mixture as the even distribution: the argmax is the same, and
+        # the uncertainty the gate sees keeps the weight the judge would have given it
+        mixed = _mix({k: _even(options) if r is None and k != VOTE else r for k, r in readings.items()}, w)
+        return mixed if rel is None else _bayes(readings, rel, mixed)
+
+    def _second_needed(
+        self, p: np.ndarray, rel: np.ndarray | None, strength: np.ndarray, second: str
+    ) -> bool:
+        """Whether the reading not read yet can change the argmax of ``p``: its weight to one option
+        (mixture), or its log-odds (bayes), against the margin of the two best."""
+        top2 = np.sort(np.log(np.maximum(p, 1e-300)) if rel is not None else p)[-2:]
+        return not self.config.skip or bool(top2[1] - top2[0] <= strength[0 if second == ICL else 1])
 
     def _remember_zero_shot(self, key: str, p: np.ndarray) -> np.ndarray:
         """Cache a zero-shot reading, as an event: a resumed run finds it where it was (a student
@@ -207,14 +282,18 @@ class Judge:
                 details["vote"], details["similarity"] = _round(voted[0]), round(voted[1], 5)
             return self._prediction(options, p, details, start)
         s = voted[1] if voted is not None else None
-        w, t_icl, t_zs = self.checks.weights(options, s)
+        w, t_icl, t_zs, rel, strength = self._weights(options, s)
         raw: dict[str, Prediction | np.ndarray | None] = {ICL: icl, ZERO_SHOT: None}
         spent = dict.fromkeys((ICL, ZERO_SHOT), 0.0)
+        before = [0.0]
 
         def read(name: str) -> None:
             t0 = time.perf_counter()
             raw[name] = self._icl(query, demos) if name == ICL else self.zero_shot(query, options)
             spent[name] = time.perf_counter() - t0
+            if name == ZERO_SHOT:  # a micro-batch's reading was read before: its share of that batch's time
+                before[0] = self._prefetched.pop(self._key(query, options), 0.0)
+                spent[name] += before[0]
 
         def tempered(name: str) -> np.ndarray | None:
             r = raw[name]
@@ -223,8 +302,6 @@ class Judge:
             p = _probs(r, options) if isinstance(r, Prediction) else r
             return temper(p, t_icl if name == ICL else t_zs)
 
-        rel = self.checks.reliabilities(options, s) if self.config.rule == "bayes" else None
-        strength = w if rel is None else _swing(rel, len(options))
         # the LM reading of more weight first (a micro-batch's ICL reading is already read; on a tie
         # the zero-shot one, read once per image); the other only where it can change the answer
         first = ICL if icl is not None or strength[0] > strength[1] else ZERO_SHOT
@@ -234,17 +311,10 @@ class Judge:
 
         def combined() -> np.ndarray:
             readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
-            # a skipped reading enters the mixture as the even distribution: the argmax is the same, and
-            # the uncertainty the gate sees keeps the weight the judge would have given it
-            mixed = _mix(
-                {k: _even(options) if r is None and k != VOTE else r for k, r in readings.items()}, w
-            )
-            return mixed if rel is None else _bayes(readings, rel, mixed)
+            return self._combine(options, readings, w, rel)
 
         p = combined()
-        top2 = np.sort(np.log(np.maximum(p, 1e-300)) if rel is not None else p)[-2:]
-        # what the second reading can add: its weight to one option (mixture), or its log-odds (bayes)
-        if not self.config.skip or top2[1] - top2[0] <= strength[0 if second == ICL else 1]:
+        if self._second_needed(p, rel, strength, second):
             read(second)
             p = combined()
         readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
@@ -273,7 +343,7 @@ class Judge:
         for name in (ZERO_SHOT, VOTE):
             if readings[name] is not None:
                 details[f"{name.replace('-', '_')}_answer"] = options[int(np.argmax(readings[name]))]
-        return self._prediction(options, p, details, start)
+        return self._prediction(options, p, details, start - before[0])
 
     @staticmethod
     def _prediction(

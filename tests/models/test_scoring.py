@@ -159,7 +159,7 @@ def test_unnormalised_scores_are_sums(tiny):
 
 
 def test_batched_prompts_score_as_one_prompt_at_a_time(tiny) -> None:
-    from icdistill.models.scoring import score_continuations_batch
+    from icdistill.models.packed_scoring import score_continuations_packed as score_continuations_batch
 
     model, tok = tiny
     # prompts of different lengths (right padding), each with its own continuations of mixed lengths

@@ -319,20 +319,6 @@ def sample_generations(
 # -- micro-batches: several prompts at once (``--batch``) ---------------------------------------------
 
 
-def right_pad(
-    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) of token rows padded on the right: every row's real tokens keep positions 0..len-1
-    (no position shift, and no query position is left with nothing to attend to)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), device=device)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 def last_token_logits(logits: torch.Tensor, kept: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
     """(B, V) logits of each row's last real token, from logits kept at the positions ``kept``."""
     where = {p: j for j, p in enumerate(kept)}
@@ -396,46 +382,3 @@ def keep_positions(model: Any, lengths: Sequence[int]) -> tuple[dict[str, Any], 
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         return {"logits_to_keep": torch.tensor(kept, device=_device(model))}, kept
     return {}, list(range(max(lengths)))
-
-
-@torch.inference_mode()
-def score_token_ids_batch(
-    model: Any,
-    prefixes: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[Sequence[int]]],
-    pad_id: int = 0,
-    normalise: bool = True,
-) -> list[list[float]]:
-    """``score_token_ids`` for several prompts at once: ``continuations[i]`` after ``prefixes[i]``.
-
-    One forward of the right-padded prefixes fills a KV cache (keeping only the logits at each
-    prefix's last token), then one forward of every continuation over its prefix's cache row. Equal
-    to ``score_token_ids`` per prompt within float tolerance (padding changes the kernels' sums)."""
-    for p, c in zip(prefixes, continuations, strict=True):
-        _check_inputs(p, c)
-    if not prefixes:
-        return []
-    device = _device(model)
-    ids, mask = right_pad(prefixes, pad_id, device)
-    lengths = [len(p) for p in prefixes]
-    keep, kept = keep_positions(model, lengths)
-    params = inspect.signature(model.forward).parameters
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **keep)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    first = torch.log_softmax(last_token_logits(out.logits, kept, lengths).float(), dim=-1)
-
-    def forward(inputs: dict[str, Any], cache: Any) -> tuple[torch.Tensor, Any]:
-        key = "cache" if "cache" in params else "past_key_values"
-        res = model(**inputs, use_cache=True, **{key: cache})
-        return res.logits, None
-
-    return score_after_prefixes(forward, first, cache, mask, continuations, pad_id, lengths, normalise)
-
-
-def score_continuations_batch(
-    model: Any, tokenizer: Any, prompts: Sequence[tuple[str, Sequence[str]]], normalise: bool = True
-) -> list[list[float]]:
-    """``score_continuations`` for several (prefix, continuations) prompts in one batched pass."""
-    prefixes = [encode_prefix(tokenizer, p) for p, _ in prompts]
-    conts = [[encode_continuation(tokenizer, c) for c in cs] for _, cs in prompts]
-    return score_token_ids_batch(model, prefixes, conts, pad_id=_pad_id(tokenizer), normalise=normalise)

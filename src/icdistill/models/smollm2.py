@@ -18,12 +18,8 @@ import numpy as np
 from PIL import Image
 
 from icdistill.errors import SpecError
-from icdistill.models.scoring import (
-    generate_with_entropy,
-    sample_generations,
-    score_continuations,
-    score_continuations_batch,
-)
+from icdistill.models.packed_scoring import score_continuations_packed
+from icdistill.models.scoring import generate_with_entropy, sample_generations
 from icdistill.models.smollm2_load import load_smollm2
 from icdistill.types import Demo, Prediction, Query, image_digest
 
@@ -345,9 +341,12 @@ class SmolLM2Student:
                 self._raw.move_to_end(key)
                 return hit
         model, tokenizer = self.lm()
-        scores = score_continuations(
-            model, tokenizer, prompt, [option_continuation(o) for o in options], normalise=self.score == "mean"
-        )
+        scores = score_continuations_packed(
+            model,
+            tokenizer,
+            [(prompt, [option_continuation(o) for o in options])],
+            normalise=self.score == "mean",
+        )[0]
         return self._keep_raw(key, scores)
 
     def _keep_raw(self, key: str, scores: Sequence[float]) -> np.ndarray:
@@ -372,20 +371,22 @@ class SmolLM2Student:
 
     def _predict_options(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         options = tuple(dict.fromkeys(query.options or ()))
-        return self._options_prediction(options, bool(demos), self._raw_scores(self.prompt_for(query, demos), options))
+        return self._options_prediction(
+            options, bool(demos), self._raw_scores(self.prompt_for(query, demos), options)
+        )
 
-    def sample(
-        self, query: Query, demos: Sequence[Demo], n: int, temperature: float, seed: int
-    ) -> list[str]:
+    def sample(self, query: Query, demos: Sequence[Demo], n: int, temperature: float, seed: int) -> list[str]:
         """``n`` answers to an open question sampled at ``temperature`` (reproducible by ``seed``)."""
         model, tokenizer = self.lm()
         prompt = self.prompt_for(query, demos)
         texts = sample_generations(model, tokenizer, prompt, n, temperature, self.max_new_tokens, seed)
         return [self._clean(t, query, demos) for t in texts]
 
-    def predict_batch(self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]) -> list[Prediction]:
+    def predict_batch(
+        self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]
+    ) -> list[Prediction]:
         """``predict`` for a micro-batch (``--batch``): the option readings not cached yet go through
-        the LM in one batched pass (``score_continuations_batch``), then each query is answered as
+        the LM in one packed forward (``score_continuations_packed``), then each query is answered as
         ``predict`` answers it, in order (the calibration's events too). Open queries are generated
         one by one. Each prediction's ``seconds`` is its share of the batch's time."""
         start = time.perf_counter()
@@ -401,7 +402,7 @@ class SmolLM2Student:
         if todo:
             model, tokenizer = self.lm()
             prompts = [(p, [option_continuation(o) for o in opts]) for p, opts in todo.values()]
-            scores = score_continuations_batch(model, tokenizer, prompts, normalise=self.score == "mean")
+            scores = score_continuations_packed(model, tokenizer, prompts, normalise=self.score == "mean")
             for key, row in zip(todo, scores, strict=True):
                 self._keep_raw(key, row)
         preds = [self.predict(q, demos) for q, demos in zip(queries, demos_lists, strict=True)]
