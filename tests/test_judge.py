@@ -4,6 +4,8 @@ tests/models and tests/test_judge_backends.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -226,3 +228,51 @@ def test_a_micro_batch_reads_the_zero_shot_readings_a_batch_of_one_reads_in_one_
     judged = [r["student_details"]["judge"] for r in four]
     read = [j for j in judged if j.get("by") == "judge" and j["zero_shot"] is not None]
     assert any(j["seconds"]["zero-shot"] == pytest.approx(0.25, abs=0.01) for j in read)
+
+
+def test_open_questions_get_the_answer_of_the_expert_most_often_right_near_their_similarity(
+    colours, tmp_path
+):
+    queries, taught = colours
+    open_qs = [replace(q, options=None, prompt="Which colour is this?") for q in queries]
+    plain = _run(open_qs, taught, CopyingColourStudent(), judge="off")
+    student = CopyingColourStudent()
+    judged = _run(open_qs, taught, student, judge="on")
+    # plain ICL says a red or green demo's answer for every blue query shown demos
+    assert _accuracy(plain, {"blue"}, shown=True) == 0.0
+    # the taught queries showed that far from the pool only the student's own answer is right
+    assert _accuracy(judged, {"blue"}, shown=True) == 1.0
+    blue = [r["student_details"]["judge"] for r in judged if r["label"] == "blue" and r["demo_ids"]]
+    assert all(j["by"] == "judge-open" and j["chosen"] == "zero-shot" for j in blue)
+    assert all(j["icl_answer"] in ("red", "green") and j["zero_shot_answer"] == "blue" for j in blue)
+    # near a pooled demo of the query's class the ICL reading (right there) keeps answering, and no
+    # zero-shot reading is read for it
+    near = [r["student_details"]["judge"] for r in judged if r["label"] in ("red", "green") and r["demo_ids"]]
+    assert any(j.get("chosen") == "icl" and "zero_shot_answer" not in j for j in near)
+    assert _accuracy(judged, {"red", "green"}) >= _accuracy(plain, {"red", "green"})
+    # before any check the student answers as it always did
+    first = next(r for r in judged if r["demo_ids"])
+    assert first["student_details"]["judge"]["chosen"] == "icl"
+    # summary.json and report.md say what each expert got right and how often each was chosen
+    from icdistill.eval.judge_report import judge_section
+    from icdistill.run_metrics import judge_summary
+
+    summary = judge_summary(judged)
+    assert summary is not None and "experts" not in summary
+    o = summary["open"]
+    assert o["chosen"]["zero-shot"] > 0 and o["chosen"]["icl"] > 0
+    assert o["experts"]["zero-shot"]["first_pass_accuracy"] == 1.0
+    assert o["experts"]["nearest"]["read"] == o["judged_queries"]
+    lines = judge_section([{"method": "icd", "budget": 0.05, "seed": 0, "judge": summary}])
+    assert any("open questions" in x for x in lines) and any(x.startswith("| icd") for x in lines)
+
+    # a resume answers as the uninterrupted run: the checks and zero-shot answers come back from the log
+    with SQLitePool(tmp_path / "pool.sqlite") as pool, RunLog(tmp_path / "log.jsonl") as log:
+        _distiller(taught, CopyingColourStudent(), pool=pool, log=log).run(open_qs[:17])
+    resumed_student = CopyingColourStudent()
+    with SQLitePool(tmp_path / "pool.sqlite") as pool, RunLog(tmp_path / "log.jsonl") as log:
+        resumed = _distiller(taught, resumed_student, pool=pool, log=log).run(open_qs[17:])
+    assert len(resumed) == len(judged)  # the records before the crash come back from the log
+    assert [r["answer"] for r in resumed] == [r["answer"] for r in judged]
+    assert [r["student_details"] for r in resumed] == [r["student_details"] for r in judged]
+    assert resumed_student.calls["zero-shot"] < student.calls["zero-shot"]  # the logged ones are not re-read

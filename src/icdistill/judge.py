@@ -45,12 +45,14 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from icdistill.coverage import decode_sketch, encode_sketch
 from icdistill.judge_checks import EXPERTS, JudgeChecks, JudgeConfig, _bayes, _even, _mix, _swing
+from icdistill.judge_open import OpenJudge, same_image
 from icdistill.mixture import temper, vote
 from icdistill.protocols import Pool, Student
 from icdistill.select import nearest_demos
@@ -58,9 +60,6 @@ from icdistill.types import IMAGE, Demo, Embeddings, Prediction, Query, image_di
 
 ICL, ZERO_SHOT, VOTE = EXPERTS
 JUDGE_MODES = ("on", "full", "off")  # LoopConfig.judge
-# a pooled demo this similar to the query, of the same query or image content, is the same image: its
-# (teacher's) answer is the answer
-SAME_IMAGE = 1.0 - 1e-4
 _ZERO_SHOT_CACHE = 50_000
 
 
@@ -122,6 +121,7 @@ class Judge:
 
     def _reset(self) -> None:
         self.checks = JudgeChecks(self.shots, self.config)
+        self.open = OpenJudge(self.student, self.config.bandwidth, self.config.prior, self._record)
         self._zs: OrderedDict[str, np.ndarray] = OrderedDict()
         self._prefetched: dict[str, float] = {}  # a micro-batch's zero-shot readings: their time share
         self._events: list[list[Any]] = []
@@ -232,15 +232,7 @@ class Judge:
         demos, sims = found
         p = vote(sims, [d.answer for d in demos], options, self.config.temperature)
         near = demos[int(np.argmax(sims))]
-        same = bool(sims.max() >= SAME_IMAGE) and (
-            near.query_id == query.id
-            or (
-                near.image is not None
-                and query.image is not None
-                and image_digest(near.image) == image_digest(query.image)
-            )
-        )
-        return p, float(sims.max()), same, near.answer
+        return p, float(sims.max()), same_image(query, near, float(sims.max())), near.answer
 
     # ------------------------------------------------------------------ the answer
     def answer(
@@ -259,8 +251,7 @@ class Judge:
         # a micro-batch's reading was timed by the batch (its share): it counts in this answer's time
         start = time.perf_counter() - (icl.seconds if icl is not None else 0.0)
         if not query.options:
-            pred = icl if icl is not None else self._icl(query, demos)
-            return pred
+            return self._answer_open(query, emb, demos, pool, exclude, icl, start)
         options = tuple(dict.fromkeys(query.options))
         voted = self._vote(query, emb, pool, options, exclude)
         details: dict[str, Any] = {}
@@ -345,6 +336,30 @@ class Judge:
                 details[f"{name.replace('-', '_')}_answer"] = options[int(np.argmax(readings[name]))]
         return self._prediction(options, p, details, start - before[0])
 
+    def _answer_open(
+        self,
+        query: Query,
+        emb: Embeddings,
+        demos: Sequence[Demo],
+        pool: Pool,
+        exclude: Sequence[int],
+        icl: Prediction | None,
+        start: float,
+    ) -> Prediction:
+        """An open question: the student's ICL reading, the nearest open demo's answer or its zero-shot
+        reading, whichever was most often right near this similarity (``icdistill.judge_open``)."""
+        pred = icl if icl is not None else self._icl(query, demos)
+        near = self.open.nearest(query, emb, pool, exclude) if demos else None
+        if near is None:
+            return pred
+        if same_image(query, *near):  # the pooled demo of this very image: its answer is the answer
+            details = {"by": "same-image", "similarity": round(near[1], 5)}
+            out = replace(pred, answer=near[0].answer, details={**pred.details, "judge": details})
+        else:
+            out = self.open.answer(query, pred, near, read_all=not self.config.skip)
+        out.seconds = time.perf_counter() - start
+        return out
+
     @staticmethod
     def _prediction(
         options: tuple[str, ...], p: np.ndarray, details: dict[str, Any], start: float
@@ -370,7 +385,10 @@ class Judge:
         ``pool``, a second check leaves the answer's label out: the student reads the query shown the
         nearest pooled demos of other labels (one more ICL reading per teacher answer), what it meets
         where the pool lacks the query's class."""
-        if not query.options or answer not in query.options:
+        if not query.options:
+            self.open.teach(query, first, answer)
+            return
+        if answer not in query.options:
             return
         options = tuple(dict.fromkeys(query.options))
         j = first.details.get("judge") or {}
@@ -427,6 +445,8 @@ class Judge:
         self._apply(ev)
 
     def _apply(self, ev: Sequence[Any]) -> None:
+        if self.open.apply(ev):
+            return
         if ev[0] == "zero-shot":
             self._zs[ev[1]] = np.asarray(ev[2], dtype=np.float64)
             self._zs.move_to_end(ev[1])

@@ -7,6 +7,8 @@ import statistics
 from collections.abc import Collection
 from typing import Any
 
+from icdistill.teacher import normalise_answer
+
 
 def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
@@ -61,45 +63,72 @@ def copy_rate(records: list[dict[str, Any]]) -> float | None:
 
 
 _EXPERT_ANSWERS = (("icl", "icl_answer"), ("zero-shot", "zero_shot_answer"), ("vote", "vote_answer"))
+_OPEN_EXPERT_ANSWERS = (
+    ("icl", "icl_answer"),
+    ("zero-shot", "zero_shot_answer"),
+    ("nearest", "nearest_answer"),
+)
+
+
+def _judged(records: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in records
+        if r.get("event") == "query" and ((r.get("student_details") or {}).get("judge") or {}).get("by") == by
+    ]
+
+
+def _experts(rows: list[dict[str, Any]], experts: tuple[tuple[str, str], ...], same: Any) -> dict[str, Any]:
+    """Per expert: how often it was read, its first-pass accuracy where read, the student's seconds per
+    judged query on it; the envelope over the queries where all were read."""
+    details = [r["student_details"]["judge"] for r in rows]
+    labelled = [(r, j) for r, j in zip(rows, details, strict=True) if r.get("label") is not None]
+    out: dict[str, Any] = {}
+    for name, key in experts:
+        read = [(r, j) for r, j in labelled if key in j]
+        out[name] = {
+            "read": sum(key in j for j in details),
+            "first_pass_accuracy": _mean([float(same(j[key], r["label"])) for r, j in read]),
+            "seconds_per_judged_query": _mean(
+                [float((j.get("seconds") or {}).get(name, 0.0)) for j in details]
+            ),
+        }
+    every = [(r, j) for r, j in labelled if all(key in j for _, key in experts)]
+    return {
+        "judged_queries": len(rows),
+        "first_pass_accuracy": _mean([float(r["first_correct"]) for r, _ in labelled]),
+        "experts": out,
+        "all_read": len(every),
+        "envelope": _mean([float(any(same(j[key], r["label"]) for _, key in experts)) for r, j in every]),
+        "first_pass_accuracy_all_read": _mean([float(r["first_correct"]) for r, _ in every]),
+    }
+
+
+def _same_open(a: str, b: str) -> bool:
+    return normalise_answer(a) == normalise_answer(b)
 
 
 def judge_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """What each of the judge's experts said on the first passes it judged (``icdistill.judge``): how
     often it was read, its accuracy there, the student's seconds per judged query on it; and, over the
     queries where all three were read (every query with ``--judge full``), the share where any of them
-    was right (the envelope) beside the judged first pass. None when no query was judged."""
-    rows = [
-        r
-        for r in records
-        if r.get("event") == "query"
-        and ((r.get("student_details") or {}).get("judge") or {}).get("by") == "judge"
-    ]
-    if not rows:
+    was right (the envelope) beside the judged first pass. Open questions (``icdistill.judge_open``)
+    under ``open``, with how often each expert was chosen. None when no query was judged."""
+    rows, open_rows = _judged(records, "judge"), _judged(records, "judge-open")
+    if not rows and not open_rows:
         return None
-    details = [r["student_details"]["judge"] for r in rows]
-    labelled = [(r, j) for r, j in zip(rows, details, strict=True) if r.get("label") is not None]
-    experts: dict[str, Any] = {}
-    for name, key in _EXPERT_ANSWERS:
-        read = [(r, j) for r, j in labelled if key in j]
-        experts[name] = {
-            "read": sum(key in j for j in details),
-            "first_pass_accuracy": _mean([float(j[key] == r["label"]) for r, j in read]),
-            "seconds_per_judged_query": _mean(
-                [float((j.get("seconds") or {}).get(name, 0.0)) for j in details]
-            ),
-        }
-    every = [(r, j) for r, j in labelled if all(key in j for _, key in _EXPERT_ANSWERS)]
-    return {
-        "judged_queries": len(rows),
-        "first_pass_accuracy": _mean([float(r["first_correct"]) for r, _ in labelled]),
-        "experts": experts,
-        "icl_copies_nearest_demo": _mean(
+    out: dict[str, Any] = {"judged_queries": 0}
+    if rows:
+        details = [r["student_details"]["judge"] for r in rows]
+        out = _experts(rows, _EXPERT_ANSWERS, lambda a, b: a == b)
+        out["icl_copies_nearest_demo"] = _mean(
             [float(j["icl_copies_nearest_demo"]) for j in details if "icl_copies_nearest_demo" in j]
-        ),
-        "all_read": len(every),
-        "envelope": _mean([float(any(j[key] == r["label"] for _, key in _EXPERT_ANSWERS)) for r, j in every]),
-        "first_pass_accuracy_all_read": _mean([float(r["first_correct"]) for r, _ in every]),
-    }
+        )
+    if open_rows:
+        out["open"] = _experts(open_rows, _OPEN_EXPERT_ANSWERS, _same_open)
+        chosen = [r["student_details"]["judge"]["chosen"] for r in open_rows]
+        out["open"]["chosen"] = {name: chosen.count(name) for name, _ in _OPEN_EXPERT_ANSWERS}
+    return out
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 from icdistill.eval.rows import _groups, series_label
 
 EXPERTS = ("icl", "zero-shot", "vote")
+OPEN_EXPERTS = ("icl", "zero-shot", "nearest")
 
 
 def _median(xs: Sequence[float | None]) -> float | None:
@@ -29,7 +30,7 @@ def judge_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     the envelope, the best expert and the midpoint test on each seed."""
     out = []
     for (method, budget), rs in _groups(rows).items():
-        judged = [r["judge"] for r in rs if r.get("judge")]
+        judged = [r["judge"] for r in rs if (r.get("judge") or {}).get("experts")]
         if not judged:
             continue
         entry: dict[str, Any] = {"series": series_label(method, budget), "seeds": len(judged)}
@@ -55,11 +56,40 @@ def judge_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def open_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The judge's open questions (``icdistill.judge_open``): per method, medians over seeds of each
+    expert's first-pass accuracy where read, how often each was chosen, and the judged first pass."""
+    lines = []
+    for (method, budget), rs in _groups(rows).items():
+        judged = [r["judge"]["open"] for r in rs if (r.get("judge") or {}).get("open")]
+        if not judged:
+            continue
+        acc = [_fmt(_median([j["experts"][n]["first_pass_accuracy"] for j in judged])) for n in OPEN_EXPERTS]
+        chosen = [
+            _fmt(_median([j["chosen"][n] / j["judged_queries"] for j in judged]), 2) for n in OPEN_EXPERTS
+        ]
+        env = _median([j["envelope"] for j in judged if j["all_read"] == j["judged_queries"]])
+        lines.append(
+            f"| {series_label(method, budget)} | {' | '.join(acc)} | {' / '.join(chosen)} | "
+            f"{_fmt(_median([j['first_pass_accuracy'] for j in judged]))} | {_fmt(env)} |"
+        )
+    if not lines:
+        return []
+    return [
+        "### The judge on open questions (first passes it judged; medians over seeds)",
+        "",
+        "| method | ICL | zero-shot | nearest demo | chosen ICL / zero-shot / nearest | judged | envelope |",
+        "|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
 def judge_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The report.md lines of the judge section (none when no method was judged)."""
     entries = judge_rows(rows)
     if not entries:
-        return []
+        return open_lines(rows)
     lines = [
         "### The judge's experts (first passes it judged; medians over seeds)",
         "",
@@ -86,4 +116,4 @@ def judge_section(rows: Sequence[dict[str, Any]]) -> list[str]:
         "lies between the best single expert and the envelope.",
         "",
     ]
-    return lines
+    return lines + open_lines(rows)
