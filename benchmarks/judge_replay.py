@@ -27,8 +27,11 @@ def _records(log: Path) -> list[dict]:
     return [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
 
 
-def replay(records: list[dict], config: JudgeConfig) -> tuple[int, int, dict[str, int], int]:
-    """(right, judged, right per expert, any expert right) over the judged first passes."""
+def replay(
+    records: list[dict], config: JudgeConfig, select: bool = False
+) -> tuple[int, int, dict[str, int], int]:
+    """(right, judged, right per expert, any expert right) over the judged first passes. ``select``: the
+    expert right most often near the query's similarity answers (a learned switch), not a combination."""
     judge = Judge(student=None, shots=2, config=config)  # type: ignore[arg-type]  # never asked: all is logged
     right = judged = envelope = 0
     per = dict.fromkeys((ICL, ZERO_SHOT, VOTE), 0)
@@ -47,6 +50,11 @@ def replay(records: list[dict], config: JudgeConfig) -> tuple[int, int, dict[str
             p = _mix({k: v if v is not None or k == VOTE else _even(options) for k, v in readings.items()}, w)
             if config.rule == "bayes":
                 p = _bayes(readings, judge.checks.reliabilities(tuple(options), j["similarity"]), p)
+            if select:  # the expert most often right near s answers
+                rel = judge.checks.reliabilities(tuple(options), j["similarity"])
+                names = [k for k in (ICL, ZERO_SHOT, VOTE) if readings[k] is not None]
+                best = max(names, key=lambda k: rel[(ICL, ZERO_SHOT, VOTE).index(k)])
+                p = readings[best] + 1e-6 * p
             label = r["label"]
             judged += 1
             right += int(options[int(np.argmax(p))] == label)
@@ -66,7 +74,7 @@ def main() -> None:
     ap.add_argument("--prior", default="1")
     ap.add_argument("--local-temperature", default="1", help="1, 0 or 1,0 (both)")
     ap.add_argument("--estimate", default="mean", help="mean, map or mean,map")
-    ap.add_argument("--rule", default="bayes,mixture", help="bayes, mixture or both")
+    ap.add_argument("--rule", default="bayes,mixture", help="bayes, mixture, select (a learned switch), comma-separated")
     args = ap.parse_args()
     grid = list(
         itertools.product(
@@ -86,7 +94,14 @@ def main() -> None:
         for bw, prior, local, est, rule in grid:
             accs, bests, envs = [], [], []
             for rs in recs:
-                right, n, per, env = replay(rs, JudgeConfig(bandwidth=bw, prior=prior, local_temperature=local, estimate=est, rule=rule))
+                config = JudgeConfig(
+                    bandwidth=bw,
+                    prior=prior,
+                    local_temperature=local,
+                    estimate=est,
+                    rule="mixture" if rule == "select" else rule,
+                )
+                right, n, per, env = replay(rs, config, select=rule == "select")
                 accs.append(right / n)
                 bests.append(max(per.values()) / n)
                 envs.append(env / n)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,8 @@ from icdistill.types import (
 )
 
 AnswerPolicy = Literal["student", "forward"]
+
+log = logging.getLogger(__name__)
 
 
 DemoOrder = Literal["best-last", "best-first"]
@@ -174,20 +177,12 @@ class Distiller:
         """One query through the whole loop: ``annotate_later(answer_now(query))``."""
         return self.annotate_later(self.answer_now(query))
 
-    def _read(
-        self,
-        query: Query,
-        emb: Embeddings,
-        demos: list[Demo],
-        exclude: list[int],
-        icl: Prediction | None = None,
-    ) -> Prediction:
-        """The student's answer shown ``demos``: judged (option questions), or its plain ICL reading.
-        ``icl``: that reading, when a micro-batch already read it; ``exclude``: demos the judge's vote
-        must not see."""
+    def _read(self, query: Query, emb: Embeddings, demos: list[Demo], exclude: list[int]) -> Prediction:
+        """The student's answer shown ``demos``: judged, or its plain ICL reading. ``exclude``: demos the
+        judge's vote must not see."""
         if self.judge is not None:
-            return self.judge.answer(query, emb, demos, self.pool, exclude=exclude, icl=icl)
-        return icl if icl is not None else self.student.predict(query, demos)
+            return self.judge.answer(query, emb, demos, self.pool, exclude=exclude)
+        return self.student.predict(query, demos)
 
     def _prepare(self, query: Query) -> tuple[Embeddings, list[Demo], float, float]:
         t0 = time.perf_counter()
@@ -202,27 +197,35 @@ class Distiller:
         annotation is still pending see the spend."""
         return self._answer(query, *self._prepare(query))
 
-    def answer_now_batch(self, queries: list[Query]) -> list[Draft]:
-        """``answer_now`` for consecutive queries, the student's readings with demos in one batched call
-        (``predict_batch``, when the student has it), then the zero-shot readings the judge wants of
-        them (those a batch of one would read, given the ICL reading) in another. Each query sees the
-        pool as it stood at the start (nothing is pooled before ``annotate_later``); the gate decides
-        in stream order."""
+    def read_ahead(self, queries: Sequence[Query]) -> None:
+        """Read a micro-batch's student passes ahead (``--batch``): its images through the image model
+        together, then, in one batched call (``Student.prefetch``, for students that have it), the
+        readings each query will ask for: with the demos the pool gives it now, and without (the
+        judge's zero-shot reading, where it is not cached). Nothing learned changes here: the queries
+        are then answered one at a time, exactly as with ``--batch 1``, and find their readings ready
+        (a query whose demos changed meanwhile, after a teacher call, is read afresh)."""
+        if len(queries) < 2:
+            return
         embed_many = getattr(self.embedder, "embed_queries", None)
-        if embed_many is not None and len(queries) > 1:
-            embed_many(queries)  # the batch's images through the image model together (then cached)
-        prepared = [self._prepare(q) for q in queries]
-        batch = getattr(self.student, "predict_batch", None)
-        if batch is None or len(queries) < 2:
-            return [self._answer(q, *p) for q, p in zip(queries, prepared, strict=True)]
-        icls = batch(queries, [p[1] for p in prepared])
-        if self.judge is not None:  # the zero-shot readings the judge will want: one batched call too
-            items = [(q, p[0], p[1], icl) for q, p, icl in zip(queries, prepared, icls, strict=True)]
-            wanted = [queries[i] for i in self.judge.zero_shot_wanted(items, self.pool)]
-            if wanted:
-                for q, pred in zip(wanted, batch(wanted, [[] for _ in wanted]), strict=True):
-                    self.judge.remember_zero_shot(q, pred)
-        return [self._answer(q, *p, icl=icl) for q, p, icl in zip(queries, prepared, icls, strict=True)]
+        embs = (
+            embed_many(queries) if embed_many is not None else [self.embedder.embed_query(q) for q in queries]
+        )
+        prefetch = getattr(self.student, "prefetch", None)
+        if prefetch is None:
+            return
+        asked: list[Query] = []
+        shown: list[list[Demo]] = []
+        for q, emb in zip(queries, embs, strict=True):
+            demos = self._select(q, emb)
+            asked.append(q)
+            shown.append(demos)
+            if demos and self.judge is not None and self.judge.needs_zero_shot(q):
+                asked.append(q)
+                shown.append([])
+        try:
+            prefetch(asked, shown)
+        except Exception as e:  # noqa: BLE001 - each query reads again, and raises, one at a time
+            log.warning("reading a micro-batch ahead failed (%s); its queries are read one at a time", e)
 
     def _answer(
         self,
@@ -231,12 +234,11 @@ class Distiller:
         demos: list[Demo],
         t0: float,
         t_embed: float,
-        icl: Prediction | None = None,
     ) -> Draft:
         stored = self.pool.annotation_for(query.id)
         # a recovered annotation's own demo was not in the pool when the gate first saw this query
         own_ids = [d.id for d in self.pool.demos() if d.query_id == query.id] if stored is not None else []
-        first = self._read(query, emb, demos, own_ids, icl)  # 2. student pass
+        first = self._read(query, emb, demos, own_ids)  # 2. student pass
         u = self._measure(first)
         own = int(bool(own_ids))
         kind = "options" if query.options else "open"  # uncertainty scales differ: per-kind gate statistics

@@ -3,12 +3,14 @@ student passes, so the stream never waits for the teacher.
 
 ``run_stream(distiller, queries, teacher_concurrency=C, batch=B)``:
 
-- B consecutive queries go through steps 1-3 together (``Distiller.answer_now_batch`` when the
-  distiller has it, else one ``answer_now`` each): each sees the pool as it stood when its batch
-  started, and the gate decides in stream order (a call is counted, by the gate, the budget and the
-  caps, when ``answer_now`` decides it).
+- B consecutive queries have their student passes read ahead together (``Distiller.read_ahead``:
+  one batched call, with the demos the pool gives each query at the batch's start), then are
+  answered one at a time in stream order, exactly as with ``B = 1``: a query finds its readings
+  ready, or, when a teacher call earlier in the batch changed its demos, reads afresh. The answers
+  do not depend on B (a call is counted, by the gate, the budget and the caps, when ``answer_now``
+  decides it).
 - ``C == 1``: each teacher call is made right away and the stream waits for it (the loop as it always
-  was: ``C=1, B=1`` gives the very answers of ``Distiller.step`` one query at a time).
+  was: ``C=1`` gives the very answers of ``Distiller.step`` one query at a time, at any B).
 - ``C > 1``: a call the gate decides on goes to a thread pool (``Distiller.ask_teacher``, which
   touches neither the pool nor the gate) and the stream goes on; at most C calls are in flight (the
   stream waits for one to finish before starting another). When an annotation arrives, its query is
@@ -54,6 +56,8 @@ class Loop(Protocol):
 
     def answer_now(self, query: Query) -> Any: ...
 
+    def read_ahead(self, queries: list[Query]) -> None: ...
+
     def ask_teacher(self, draft: Any) -> Annotation: ...
 
     def annotate_later(
@@ -86,13 +90,12 @@ def check_flow(teacher_concurrency: int, batch: int, shared_pool: bool = False) 
         )
 
 
-def answer_batch(distiller: Loop, queries: list[Query]) -> list[Any]:
-    """Steps 1-3 for consecutive queries: the distiller's ``answer_now_batch`` (one batched student
-    pass) when it has one, else ``answer_now`` one query at a time."""
-    batched = getattr(distiller, "answer_now_batch", None)
-    if batched is not None and len(queries) > 1:
-        return list(batched(queries))
-    return [distiller.answer_now(q) for q in queries]
+def read_ahead(distiller: Loop, queries: list[Query]) -> None:
+    """A micro-batch's student passes read together before its queries are answered one at a time
+    (``Distiller.read_ahead``, when the loop has it)."""
+    ahead = getattr(distiller, "read_ahead", None)
+    if ahead is not None and len(queries) > 1:
+        ahead(queries)
 
 
 @dataclass
@@ -202,13 +205,10 @@ def _run_serial(
     failures: _Failures,
 ) -> None:
     for chunk in _chunks(queries, batch):
-        wanted = [q for q in chunk if not isinstance(q, DataError)]
-        drafts = iter(answer_batch(distiller, wanted) if batch > 1 else [])
+        read_ahead(distiller, [q for q in chunk if not isinstance(q, DataError)])
         for item in chunk:
             if isinstance(item, DataError):
                 rec = _bad_input(item, distiller.next_position())
-            elif batch > 1:
-                rec = distiller.annotate_later(next(drafts))
             else:
                 rec = distiller.step(item)  # the loop as it always was
             failures.check(rec, bool(getattr(distiller, "last_teacher_refused", False)))
@@ -255,14 +255,13 @@ class _Concurrent:
             raise
 
     def _take(self, chunk: list[Query | DataError]) -> None:
-        wanted = [q for q in chunk if not isinstance(q, DataError)]
-        drafts = iter(answer_batch(self.d, wanted))
+        read_ahead(self.d, [q for q in chunk if not isinstance(q, DataError)])
         for item in chunk:
             if isinstance(item, DataError):
                 pos = getattr(item, "position", self._next_position())
                 self.slots.append(_Slot(pos, rec=_bad_input(item, pos), done=True))
                 continue
-            draft = next(drafts)
+            draft = self.d.answer_now(item)
             slot = _Slot(item.position, draft=draft)
             self.slots.append(slot)
             if draft.asked and draft.stored is None:

@@ -45,7 +45,6 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -74,7 +73,6 @@ class Judging(Protocol):
         pool: Pool,
         *,
         exclude: Sequence[int] = (),
-        icl: Prediction | None = None,
     ) -> Prediction: ...
 
     def teach(
@@ -87,11 +85,7 @@ class Judging(Protocol):
         pool: Pool | None = None,
     ) -> None: ...
 
-    def zero_shot_wanted(
-        self, items: Sequence[tuple[Query, Embeddings, Sequence[Demo], Prediction]], pool: Pool
-    ) -> list[int]: ...
-
-    def remember_zero_shot(self, query: Query, pred: Prediction) -> None: ...
+    def needs_zero_shot(self, query: Query) -> bool: ...
 
     def drain_events(self) -> list[list[Any]]: ...
 
@@ -121,9 +115,9 @@ class Judge:
 
     def _reset(self) -> None:
         self.checks = JudgeChecks(self.shots, self.config)
+        self._ahead = 0.0  # read-ahead time of the readings of the query being answered
         self.open = OpenJudge(self.student, self.config.bandwidth, self.config.prior, self._record)
         self._zs: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._prefetched: dict[str, float] = {}  # a micro-batch's zero-shot readings: their time share
         self._events: list[list[Any]] = []
 
     # ------------------------------------------------------------------ the readings
@@ -139,46 +133,14 @@ class Judge:
         if hit is not None:
             self._zs.move_to_end(key)
             return hit
-        return self._remember_zero_shot(key, _probs(self.student.predict(query, []), options))
+        return self._remember_zero_shot(key, _probs(self._read(query, []), options))
 
-    def zero_shot_wanted(
-        self, items: Sequence[tuple[Query, Embeddings, Sequence[Demo], Prediction]], pool: Pool
-    ) -> list[int]:
-        """Which of a micro-batch's ``(query, emb, demos, icl)`` ``answer(..., icl=icl)`` would read the
-        zero-shot reading of (not cached yet; once per image, prompt and options): the batch reads them
-        together first (``remember_zero_shot``), so that the readings are the ones a batch of one reads."""
-        wanted: list[int] = []
-        keys: set[str] = set()
-        for i, (query, emb, demos, icl) in enumerate(items):
-            if not query.options or not demos:
-                continue
-            options = tuple(dict.fromkeys(query.options))
-            key = self._key(query, options)
-            if key in self._zs or key in keys:
-                continue
-            voted = self._vote(query, emb, pool, options, ())
-            if voted is not None and voted[2]:
-                continue
-            w, t_icl, _, rel, strength = self._weights(options, voted[1] if voted is not None else None)
-            readings = {
-                ICL: temper(_probs(icl, options), t_icl),
-                ZERO_SHOT: None,
-                VOTE: voted[0] if voted else None,
-            }
-            if self._second_needed(self._combine(options, readings, w, rel), rel, strength, ZERO_SHOT):
-                wanted.append(i)
-                keys.add(key)
-        return wanted
-
-    def remember_zero_shot(self, query: Query, pred: Prediction) -> None:
-        """A zero-shot reading a micro-batch read (``zero_shot_wanted``): cached, its time counted in
-        the answer that uses it."""
+    def needs_zero_shot(self, query: Query) -> bool:
+        """Whether judging ``query`` may read the student's zero-shot reading (an option question whose
+        reading is not cached yet): a micro-batch reads it ahead (``Distiller.read_ahead``)."""
         if not query.options:
-            return
-        options = tuple(dict.fromkeys(query.options))
-        key = self._key(query, options)
-        self._remember_zero_shot(key, _probs(pred, options))
-        self._prefetched[key] = self._prefetched.get(key, 0.0) + float(pred.seconds or 0.0)
+            return False
+        return self._key(query, tuple(dict.fromkeys(query.options))) not in self._zs
 
     def _weights(
         self, options: tuple[str, ...], s: float | None
@@ -215,11 +177,18 @@ class Judge:
         self._record(["zero-shot", key, [float(x) for x in p]])
         return self._zs[key]
 
-    def _icl(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+    def _read(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        """The student's prediction; what it reports beyond the wall time spent here (a reading read
+        ahead in a micro-batch: its share of that batch's time) is added to ``_ahead``."""
         t0 = time.perf_counter()
         pred = self.student.predict(query, demos)
-        pred.seconds = pred.seconds or time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        self._ahead += max(0.0, pred.seconds - wall)
+        pred.seconds = max(pred.seconds, wall)
         return pred
+
+    def _icl(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        return self._read(query, demos)
 
     def _vote(
         self, query: Query, emb: Embeddings, pool: Pool, options: Sequence[str], exclude: Sequence[int]
@@ -243,15 +212,14 @@ class Judge:
         pool: Pool,
         *,
         exclude: Sequence[int] = (),
-        icl: Prediction | None = None,
     ) -> Prediction:
-        """The judged answer to ``query`` shown ``demos``; ``icl``: the student's reading with them, when
-        already read (a micro-batch); ``exclude``: pooled demos the vote must not see (the query's own
-        on its first pass)."""
-        # a micro-batch's reading was timed by the batch (its share): it counts in this answer's time
-        start = time.perf_counter() - (icl.seconds if icl is not None else 0.0)
+        """The judged answer to ``query`` shown ``demos``; ``exclude``: pooled demos the vote must not
+        see (the query's own on its first pass). Its ``seconds`` are the student's: a reading read
+        ahead in a micro-batch counts with its share of that batch's time."""
+        start = time.perf_counter()
+        self._ahead = 0.0
         if not query.options:
-            return self._answer_open(query, emb, demos, pool, exclude, icl, start)
+            return self._answer_open(query, emb, demos, pool, exclude, start)
         options = tuple(dict.fromkeys(query.options))
         voted = self._vote(query, emb, pool, options, exclude)
         details: dict[str, Any] = {}
@@ -265,26 +233,20 @@ class Judge:
             }
             return self._prediction(options, p, details, start)
         if not demos:  # the student alone: its zero-shot reading is its ICL reading
-            p = self.zero_shot(query, options) if icl is None else _probs(icl, options)
-            if icl is not None:
-                p = self._remember_zero_shot(self._key(query, options), p)
+            p = self.zero_shot(query, options)
             details = {"by": "zero-shot", "zero_shot": _round(p)}
             if voted is not None:  # demos of no shown kind, e.g. shots 0: the vote is still read
                 details["vote"], details["similarity"] = _round(voted[0]), round(voted[1], 5)
-            return self._prediction(options, p, details, start)
+            return self._prediction(options, p, details, start - self._ahead)
         s = voted[1] if voted is not None else None
         w, t_icl, t_zs, rel, strength = self._weights(options, s)
-        raw: dict[str, Prediction | np.ndarray | None] = {ICL: icl, ZERO_SHOT: None}
+        raw: dict[str, Prediction | np.ndarray | None] = {ICL: None, ZERO_SHOT: None}
         spent = dict.fromkeys((ICL, ZERO_SHOT), 0.0)
-        before = [0.0]
 
         def read(name: str) -> None:
-            t0 = time.perf_counter()
+            t0, ahead = time.perf_counter(), self._ahead
             raw[name] = self._icl(query, demos) if name == ICL else self.zero_shot(query, options)
-            spent[name] = time.perf_counter() - t0
-            if name == ZERO_SHOT:  # a micro-batch's reading was read before: its share of that batch's time
-                before[0] = self._prefetched.pop(self._key(query, options), 0.0)
-                spent[name] += before[0]
+            spent[name] = time.perf_counter() - t0 + self._ahead - ahead
 
         def tempered(name: str) -> np.ndarray | None:
             r = raw[name]
@@ -293,12 +255,11 @@ class Judge:
             p = _probs(r, options) if isinstance(r, Prediction) else r
             return temper(p, t_icl if name == ICL else t_zs)
 
-        # the LM reading of more weight first (a micro-batch's ICL reading is already read; on a tie
-        # the zero-shot one, read once per image); the other only where it can change the answer
-        first = ICL if icl is not None or strength[0] > strength[1] else ZERO_SHOT
+        # the LM reading of more weight first (on a tie the zero-shot one, read once per image); the
+        # other only where it can change the answer
+        first = ICL if strength[0] > strength[1] else ZERO_SHOT
         second = ZERO_SHOT if first == ICL else ICL
-        if raw[first] is None:
-            read(first)
+        read(first)
 
         def combined() -> np.ndarray:
             readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
@@ -320,11 +281,8 @@ class Judge:
             "zero_shot": None if raw[ZERO_SHOT] is None else _round(raw[ZERO_SHOT]),  # type: ignore[arg-type]
             "vote": None if voted is None else _round(voted[0]),
             "temperatures": [round(t_icl, 4), round(t_zs, 4)],
-            # the student's time on each reading of this query (a micro-batch's ICL reading: its share)
-            "seconds": {
-                ICL: round(icl_pred.seconds if icl_pred else 0.0, 6),
-                ZERO_SHOT: round(spent[ZERO_SHOT], 6),
-            },
+            # the student's time on each reading of this query
+            "seconds": {ICL: round(spent[ICL], 6), ZERO_SHOT: round(spent[ZERO_SHOT], 6)},
         }
         if icl_pred is not None:
             details["icl_answer"] = icl_pred.answer
@@ -334,7 +292,7 @@ class Judge:
         for name in (ZERO_SHOT, VOTE):
             if readings[name] is not None:
                 details[f"{name.replace('-', '_')}_answer"] = options[int(np.argmax(readings[name]))]
-        return self._prediction(options, p, details, start - before[0])
+        return self._prediction(options, p, details, start - self._ahead)
 
     def _answer_open(
         self,
@@ -343,22 +301,26 @@ class Judge:
         demos: Sequence[Demo],
         pool: Pool,
         exclude: Sequence[int],
-        icl: Prediction | None,
         start: float,
     ) -> Prediction:
         """An open question: the student's ICL reading, the nearest open demo's answer or its zero-shot
         reading, whichever was most often right near this similarity (``icdistill.judge_open``)."""
-        pred = icl if icl is not None else self._icl(query, demos)
         near = self.open.nearest(query, emb, pool, exclude) if demos else None
-        if near is None:
-            return pred
-        if same_image(query, *near):  # the pooled demo of this very image: its answer is the answer
+        if near is not None and same_image(query, *near):  # the pooled demo of this very image answers
             details = {"by": "same-image", "similarity": round(near[1], 5)}
-            out = replace(pred, answer=near[0].answer, details={**pred.details, "judge": details})
-        else:
-            out = self.open.answer(query, pred, near, read_all=not self.config.skip)
-        out.seconds = time.perf_counter() - start
-        return out
+            # the student is sure of it: the gate sees no uncertainty
+            return Prediction(
+                near[0].answer,
+                token_logprobs=[0.0],
+                token_entropies=[0.0],
+                seconds=time.perf_counter() - start,
+                details={"judge": details},
+            )
+        pred = self._icl(query, demos)
+        if near is not None:
+            pred = self.open.answer(query, pred, near, read_all=not self.config.skip)
+        pred.seconds = time.perf_counter() - start + self._ahead
+        return pred
 
     @staticmethod
     def _prediction(

@@ -330,3 +330,11 @@ def test_predict_batch_answers_as_predict(vlm: HFVisionLanguageModel) -> None:
         assert g.answer == want.answer
         assert g.option_scores == pytest.approx(want.option_scores, abs=1e-4)
     assert len({round(v, 4) for g in got for v in g.option_scores.values()}) > 3
+    # read ahead (the loop's --batch): predict with the same query and demos takes the batch's reading,
+    # once; other demos are read afresh
+    vlm.prefetch(batch, demo_lists)
+    ahead = vlm.predict(batch[0], demo_lists[0])
+    assert ahead.option_scores == pytest.approx(got[0].option_scores, abs=1e-6) and len(vlm._ahead) == 2
+    again = vlm.predict(batch[0], demo_lists[0])
+    assert again is not ahead and len(vlm._ahead) == 2
+    assert vlm.predict(batch[1], demos[:1]).option_scores != pytest.approx(got[1].option_scores, abs=1e-6)

@@ -670,12 +670,13 @@ def test_predict_batch_sends_the_batch_together() -> None:
     # a micro-batch of an openai: student (--batch 4): four requests open at once at the server,
     # the same answers as one predict each
     app = create_app(RecordingStudent())
-    state = {"now": 0, "max": 0}
+    state = {"now": 0, "max": 0, "total": 0}
     four_open = asyncio.Event()
 
     @app.middleware("http")
     async def track(request: Request, call_next):
         state["now"] += 1
+        state["total"] += 1
         state["max"] = max(state["max"], state["now"])
         if state["now"] == 4:
             four_open.set()
@@ -691,6 +692,14 @@ def test_predict_batch_sends_the_batch_together() -> None:
         model = client(base, concurrency=4)
         got = model.predict_batch(queries, [[]] * 4)
         want = [model.predict(q, []) for q in queries]
+        # read ahead (the loop's --batch): the batch's requests go out together, and predict takes
+        # their answers without asking again
+        asked = state["total"]
+        model.prefetch(queries, [[]] * 4)
+        assert state["total"] == asked + 4
+        taken = [model.predict(q, []) for q in queries]
+        assert state["total"] == asked + 4
+    assert [t.answer for t in taken] == [w.answer for w in want]
     assert state["max"] == 4
     assert [g.answer for g in got] == [w.answer for w in want]
     assert all(g.option_scores == pytest.approx(w.option_scores) for g, w in zip(got, want, strict=True))

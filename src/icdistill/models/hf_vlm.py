@@ -27,6 +27,7 @@ from icdistill.models.hf_load import (
     LoadedVLM,
     load,
 )
+from icdistill.models.readahead import ReadAhead
 from icdistill.models.registry import ModelContext, Spec
 from icdistill.models.scoring import (
     continuation_batch,
@@ -74,6 +75,7 @@ class HFVisionLanguageModel:
         self.opts = opts
         self.seed = seed
         self.family = loaded.family
+        self._ahead = ReadAhead()
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
@@ -489,7 +491,15 @@ class HFVisionLanguageModel:
 
     # -- protocols -------------------------------------------------------------------------------------
 
+    def prefetch(self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]) -> None:
+        """Read a micro-batch's passes ahead (``predict_batch``); ``predict`` with the same query and
+        demos then takes its prediction (``icdistill.models.readahead``)."""
+        self._ahead.keep(queries, demos_lists, self.predict_batch(queries, demos_lists))
+
     def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        ahead = self._ahead.take(query, demos)
+        if ahead is not None:
+            return ahead
         t0 = time.perf_counter()
         if query.options:
             scores = self.score_options(query, demos)

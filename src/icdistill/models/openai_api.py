@@ -38,6 +38,7 @@ from icdistill.models.openai_prices import is_paid_endpoint, known_price
 from icdistill.models.openai_quirks import _LogprobsRejected, _Quirks, is_reasoning_model
 from icdistill.models.openai_request import _Requests
 from icdistill.models.openai_transport import _LoopThread, _Transport, key_hint
+from icdistill.models.readahead import ReadAhead
 from icdistill.models.registry import ModelContext, Spec
 from icdistill.models.response_cache import CACHE_FILE, ResponseCache, default_cache_dir
 from icdistill.types import Demo, Prediction, Query, TeacherResponse, Usage
@@ -107,6 +108,7 @@ class OpenAIChatModel(_Requests, _Parsing, _Quirks, _Transport):
         if not base_url.startswith(("http://", "https://")):
             raise SpecError(f"base URL {base_url!r} needs a scheme: http://host:port/v1 or https://...")
         reasoning = is_reasoning_model(model)
+        self._ahead = ReadAhead()
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.name = name or (
@@ -204,6 +206,9 @@ class OpenAIChatModel(_Requests, _Parsing, _Quirks, _Transport):
 
     def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         """Greedy answer with token logprobs when the server gives them, else scores from sampled votes."""
+        ahead = self._ahead.take(query, demos)
+        if ahead is not None:
+            return ahead
         t0 = time.perf_counter()
         pred = self._loop.run(self._apredict(query, self.build_messages(query, demos)))
         pred.seconds = time.perf_counter() - t0
@@ -224,6 +229,11 @@ class OpenAIChatModel(_Requests, _Parsing, _Quirks, _Transport):
         for p in preds:
             p.seconds = share
         return preds
+
+    def prefetch(self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]) -> None:
+        """Send a micro-batch's requests together (``predict_batch``); ``predict`` with the same query
+        and demos then takes its prediction (``icdistill.models.readahead``)."""
+        self._ahead.keep(queries, demos_lists, self.predict_batch(queries, demos_lists))
 
     def check_reachable(self) -> None:
         """Cheap requests before a run (no tokens): fail in a second, not after a stream of retried

@@ -242,6 +242,7 @@ class SmolLM2Student:
         self._tags: OrderedDict[str, TagsLike] = OrderedDict()
         self._raw_lock = threading.Lock()
         self._raw: OrderedDict[str, np.ndarray] = OrderedDict()  # shared with twins, like the tags
+        self._ahead_seconds: dict[str, float] = {}  # readings read ahead, not used yet: their time
         self._reset_online_state()
 
     def _reset_online_state(self) -> None:
@@ -371,9 +372,11 @@ class SmolLM2Student:
 
     def _predict_options(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         options = tuple(dict.fromkeys(query.options or ()))
-        return self._options_prediction(
-            options, bool(demos), self._raw_scores(self.prompt_for(query, demos), options)
-        )
+        prompt = self.prompt_for(query, demos)
+        pred = self._options_prediction(options, bool(demos), self._raw_scores(prompt, options))
+        with self._raw_lock:  # a reading read ahead in a micro-batch: its share of that batch's time
+            pred.seconds = self._ahead_seconds.pop(_raw_key(prompt, options), 0.0)
+        return pred
 
     def sample(self, query: Query, demos: Sequence[Demo], n: int, temperature: float, seed: int) -> list[str]:
         """``n`` answers to an open question sampled at ``temperature`` (reproducible by ``seed``)."""
@@ -382,13 +385,11 @@ class SmolLM2Student:
         texts = sample_generations(model, tokenizer, prompt, n, temperature, self.max_new_tokens, seed)
         return [self._clean(t, query, demos) for t in texts]
 
-    def predict_batch(
-        self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]
-    ) -> list[Prediction]:
-        """``predict`` for a micro-batch (``--batch``): the option readings not cached yet go through
-        the LM in one packed forward (``score_continuations_packed``), then each query is answered as
-        ``predict`` answers it, in order (the calibration's events too). Open queries are generated
-        one by one. Each prediction's ``seconds`` is its share of the batch's time."""
+    def prefetch(self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]) -> None:
+        """Read a micro-batch's option readings ahead (``--batch``): those not cached yet go through the
+        LM in one packed forward (``score_continuations_packed``) into the reading cache. Nothing
+        online changes (the calibration is applied when ``predict`` asks); each reading's share of the
+        batch's time is counted in the prediction that first uses it. Open queries are not read ahead."""
         start = time.perf_counter()
         todo: dict[str, tuple[str, tuple[str, ...]]] = {}
         for q, demos in zip(queries, demos_lists, strict=True):
@@ -399,23 +400,30 @@ class SmolLM2Student:
                     cached = key in self._raw
                 if not cached:
                     todo[key] = (prompt, options)
-        if todo:
-            model, tokenizer = self.lm()
-            prompts = [(p, [option_continuation(o) for o in opts]) for p, opts in todo.values()]
-            scores = score_continuations_packed(model, tokenizer, prompts, normalise=self.score == "mean")
-            for key, row in zip(todo, scores, strict=True):
-                self._keep_raw(key, row)
-        preds = [self.predict(q, demos) for q, demos in zip(queries, demos_lists, strict=True)]
-        share = (time.perf_counter() - start) / max(1, len(preds))
-        for p in preds:
-            p.seconds = share
-        return preds
+        if not todo:
+            return
+        model, tokenizer = self.lm()
+        prompts = [(p, [option_continuation(o) for o in opts]) for p, opts in todo.values()]
+        scores = score_continuations_packed(model, tokenizer, prompts, normalise=self.score == "mean")
+        share = (time.perf_counter() - start) / len(todo)
+        for key, row in zip(todo, scores, strict=True):
+            self._keep_raw(key, row)
+            with self._raw_lock:
+                self._ahead_seconds[key] = share
+
+    def predict_batch(
+        self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]
+    ) -> list[Prediction]:
+        """``predict`` for a micro-batch: ``prefetch``, then each query answered as ``predict`` answers
+        it, in order (the calibration's events too)."""
+        self.prefetch(queries, demos_lists)
+        return [self.predict(q, demos) for q, demos in zip(queries, demos_lists, strict=True)]
 
     def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
         start = time.perf_counter()
         if query.options:
             pred = self._predict_options(query, demos)
-            pred.seconds = time.perf_counter() - start
+            pred.seconds += time.perf_counter() - start
             return pred
         model, tokenizer = self.lm()
         prompt = self.prompt_for(query, demos)
