@@ -110,6 +110,7 @@ class Distiller:
         self.log = log
         self._measure = uncertainty_measure(self.config.uncertainty)
         self.teacher_calls = 0
+        self._ahead_time: dict[str, tuple[float, float]] = {}  # per query: read-ahead seconds (embed, all)
         # whether the last teacher failure was a refusal for good (the stream driver stops on a first one)
         self.last_teacher_refused = False
         self.records: list[dict[str, Any]] = []
@@ -185,10 +186,12 @@ class Distiller:
         return self.student.predict(query, demos)
 
     def _prepare(self, query: Query) -> tuple[Embeddings, list[Demo], float, float]:
+        # a micro-batch's read-ahead: this query's share of its embedding and of its whole time
+        embed_share, total_share = self._ahead_time.pop(query.id, (0.0, 0.0))
         t0 = time.perf_counter()
         emb = self.embedder.embed_query(query)
-        t_embed = time.perf_counter() - t0
-        return emb, self._select(query, emb), t0, t_embed  # 1. select demonstrations
+        t_embed = time.perf_counter() - t0 + embed_share
+        return emb, self._select(query, emb), t0 - total_share, t_embed  # 1. select demonstrations
 
     def answer_now(self, query: Query) -> Draft:
         """Steps 1-3 (select, student pass, gate): what a service can answer before any teacher call.
@@ -201,18 +204,28 @@ class Distiller:
         """Read a micro-batch's student passes ahead (``--batch``): its images through the image model
         together, then, in one batched call (``Student.prefetch``, for students that have it), the
         readings each query will ask for: with the demos the pool gives it now, and without (the
-        judge's zero-shot reading, where it is not cached). Nothing learned changes here: the queries
-        are then answered one at a time, exactly as with ``--batch 1``, and find their readings ready
-        (a query whose demos changed meanwhile, after a teacher call, is read afresh)."""
+        judge's zero-shot reading, where it is not cached and the judge has lately needed it). Nothing
+        learned changes here: the queries are then answered one at a time, as with ``--batch 1``
+        (within float tolerance), and find their readings ready (a query whose demos changed
+        meanwhile is read afresh)."""
+        self._ahead_time.clear()
         if len(queries) < 2:
             return
+        start = time.perf_counter()
         embed_many = getattr(self.embedder, "embed_queries", None)
         embs = (
             embed_many(queries) if embed_many is not None else [self.embedder.embed_query(q) for q in queries]
         )
+        embedded = time.perf_counter() - start
         prefetch = getattr(self.student, "prefetch", None)
-        if prefetch is None:
-            return
+        if prefetch is not None:
+            self._prefetch(prefetch, queries, embs)
+        n = len(queries)
+        self._ahead_time = {q.id: (embedded / n, (time.perf_counter() - start) / n) for q in queries}
+
+    def _prefetch(
+        self, prefetch: Callable[..., None], queries: Sequence[Query], embs: list[Embeddings]
+    ) -> None:
         asked: list[Query] = []
         shown: list[list[Demo]] = []
         for q, emb in zip(queries, embs, strict=True):

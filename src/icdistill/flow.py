@@ -5,10 +5,11 @@ student passes, so the stream never waits for the teacher.
 
 - B consecutive queries have their student passes read ahead together (``Distiller.read_ahead``:
   one batched call, with the demos the pool gives each query at the batch's start), then are
-  answered one at a time in stream order, exactly as with ``B = 1``: a query finds its readings
-  ready, or, when a teacher call earlier in the batch changed its demos, reads afresh. The answers
-  do not depend on B (a call is counted, by the gate, the budget and the caps, when ``answer_now``
-  decides it).
+  answered one at a time in stream order, as with ``B = 1``: a query finds its readings ready (after
+  a teacher call the rest of the batch is read ahead again, with the new demo; with calls in flight a
+  query whose demos changed reads afresh). The answers are those of ``B = 1`` within float tolerance
+  (batched and single forwards round differently; a near-tie can flip). A call is counted, by the
+  gate, the budget and the caps, when ``answer_now`` decides it.
 - ``C == 1``: each teacher call is made right away and the stream waits for it (the loop as it always
   was: ``C=1`` gives the very answers of ``Distiller.step`` one query at a time, at any B).
 - ``C > 1``: a call the gate decides on goes to a thread pool (``Distiller.ask_teacher``, which
@@ -206,11 +207,14 @@ def _run_serial(
 ) -> None:
     for chunk in _chunks(queries, batch):
         read_ahead(distiller, [q for q in chunk if not isinstance(q, DataError)])
-        for item in chunk:
+        for i, item in enumerate(chunk):
             if isinstance(item, DataError):
                 rec = _bad_input(item, distiller.next_position())
             else:
                 rec = distiller.step(item)  # the loop as it always was
+                if rec.get("teacher_asked") and i + 1 < len(chunk):
+                    # the pool changed: the rest of the batch is read ahead again, with its new demos
+                    read_ahead(distiller, [q for q in chunk[i + 1 :] if not isinstance(q, DataError)])
             failures.check(rec, bool(getattr(distiller, "last_teacher_refused", False)))
             write_record(distiller, rec)
             if on_record is not None:

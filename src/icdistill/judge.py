@@ -102,7 +102,8 @@ def _probs(pred: Prediction, options: Sequence[str]) -> np.ndarray:
 class Judge:
     """Combines a student's readings and the pool's vote for option questions (see the module doc).
 
-    Open questions pass through: the student's ICL reading is the answer."""
+    Open questions: the ICL generation, the zero-shot one or the nearest open demo's answer, whichever
+    the checks found right most often near the query's similarity (``icdistill.judge_open``)."""
 
     def __init__(
         self, student: Student, shots: int, config: JudgeConfig | None = None, best_last: bool = True
@@ -116,7 +117,9 @@ class Judge:
     def _reset(self) -> None:
         self.checks = JudgeChecks(self.shots, self.config)
         self._ahead = 0.0  # read-ahead time of the readings of the query being answered
-        self.open = OpenJudge(self.student, self.config.bandwidth, self.config.prior, self._record)
+        # judged queries and those that read the zero-shot reading, decayed (what to read ahead)
+        self._zs_rate = (0.0, 0.0)
+        self.open = OpenJudge(self._read, self.config.bandwidth, self.config.prior, self._record)
         self._zs: OrderedDict[str, np.ndarray] = OrderedDict()
         self._events: list[list[Any]] = []
 
@@ -136,11 +139,14 @@ class Judge:
         return self._remember_zero_shot(key, _probs(self._read(query, []), options))
 
     def needs_zero_shot(self, query: Query) -> bool:
-        """Whether judging ``query`` may read the student's zero-shot reading (an option question whose
-        reading is not cached yet): a micro-batch reads it ahead (``Distiller.read_ahead``)."""
-        if not query.options:
+        """Whether a micro-batch should read the student's zero-shot reading of ``query`` ahead
+        (``Distiller.read_ahead``): an option question whose reading is not cached, where the judge
+        reads it (``--judge full``), or has read it on at least half of the queries it judged lately (a
+        reading read ahead and not used is wasted work; which readings are read does not change)."""
+        if not query.options or self._key(query, tuple(dict.fromkeys(query.options))) in self._zs:
             return False
-        return self._key(query, tuple(dict.fromkeys(query.options))) not in self._zs
+        judged, read = self._zs_rate
+        return not self.config.skip or judged < 8 or read >= judged / 2
 
     def _weights(
         self, options: tuple[str, ...], s: float | None
@@ -269,6 +275,8 @@ class Judge:
         if self._second_needed(p, rel, strength, second):
             read(second)
             p = combined()
+        judged, read_zs = self._zs_rate
+        self._zs_rate = (0.95 * judged + 1.0, 0.95 * read_zs + float(raw[ZERO_SHOT] is not None))
         readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
         icl_pred = raw[ICL] if isinstance(raw[ICL], Prediction) else None
         details = {

@@ -3,8 +3,8 @@
 An open question has up to three experts, as an option question has:
 
 - ``icl``: the student's generation with the demos in its prompt;
-- ``zero-shot``: its generation without demos, read only where it is the expert to trust (once per
-  image and prompt);
+- ``zero-shot``: its generation without demos, read where it is the expert to trust, for the check
+  of a taught query, and on every query with ``--judge full`` (once per image and prompt);
 - ``nearest``: the answer of the nearest pooled demo of an open question in the embedder's image
   space (free).
 
@@ -13,8 +13,9 @@ taught open query checks each expert: was its answer (VQA-normalised) the teache
 nearest-demo similarity ``s``, an expert's reliability is its kernel-weighted share of right answers
 near ``s``, with ``prior`` pseudo-checks at one half; the most reliable expert answers (on a tie the
 ICL reading, then the nearest demo: before any check the student answers as it always did). The
-gate keeps measuring the student's own ICL reading (its uncertainty about the query), whichever
-expert answers. Checks and zero-shot readings are events, replayed on resume.
+gate measures the token uncertainty of the generation that answers: the zero-shot one where it is
+chosen, else the ICL one (where the nearest demo answers, the student's own uncertainty about the
+query). Checks and zero-shot readings are events, replayed on resume.
 """
 
 from __future__ import annotations
@@ -28,27 +29,32 @@ from typing import Any
 
 import numpy as np
 
-from icdistill.protocols import Pool, Student
+from icdistill.protocols import Pool
 from icdistill.select import nearest_demos
 from icdistill.teacher import normalise_answer
 from icdistill.types import IMAGE, Demo, Embeddings, Prediction, Query, image_digest
 
 OPEN_EXPERTS = ("icl", "zero-shot", "nearest")
 _CACHE = 50_000
-# a pooled demo this similar to the query, of the same query or image content, is the same image: its
-# (teacher's) answer is the answer
+# a pooled demo this similar to the query, of the same query, or of the same image content asked the
+# same question, is the same item: its (teacher's) answer is the answer
 SAME_IMAGE = 1.0 - 1e-4
 
 
 def same_image(query: Query, demo: Demo, similarity: float) -> bool:
-    """Whether a pooled demo is of this very query or image (the re-run after a teacher call)."""
+    """Whether a pooled demo is of this very query (the re-run after a teacher call), or of the same
+    image asked the same question with the same options (a repeated item). Another question about the
+    same image is not: its answer answers that other question."""
     if similarity < SAME_IMAGE:
         return False
     if demo.query_id == query.id:
         return True
+    shown = demo.provenance.get("options")
     return (
         demo.image is not None
         and query.image is not None
+        and " ".join(demo.prompt.split()) == " ".join(query.prompt.split())
+        and (shown is None or list(shown) == list(query.options or ()))
         and image_digest(demo.image) == image_digest(query.image)
     )
 
@@ -82,9 +88,13 @@ class OpenJudge:
     """Selects among the open experts (see the module doc). ``record`` logs an event (the judge's)."""
 
     def __init__(
-        self, student: Student, bandwidth: float, prior: float, record: Callable[[list[Any]], None]
+        self,
+        read: Callable[[Query, Sequence[Demo]], Prediction],
+        bandwidth: float,
+        prior: float,
+        record: Callable[[list[Any]], None],
     ) -> None:
-        self.student = student
+        self._read = read  # the student's prediction, its time counted (``Judge._read``)
         self.checks = OpenChecks(bandwidth, prior)
         self._record = record
         self._zs: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -99,10 +109,11 @@ class OpenJudge:
         key = self._key(query)
         hit = self._zs.get(key)
         if hit is None:
-            pred = self.student.predict(query, [])
+            pred = self._read(query, [])
             self._record(["open-zero-shot", key, pred.answer, pred.token_logprobs, pred.token_entropies])
             return pred
         self._zs.move_to_end(key)
+        # a cached answer costs nothing
         return Prediction(hit["answer"], token_logprobs=hit["logprobs"], token_entropies=hit["entropies"])
 
     def nearest(
@@ -133,6 +144,8 @@ class OpenJudge:
         zs = self.zero_shot(query) if best == "zero-shot" or read_all else None
         if zs is not None:
             details["zero_shot_answer"] = zs.answer
+        # the student's time on each reading of this query
+        details["seconds"] = {"icl": round(icl.seconds, 6), "zero-shot": round(zs.seconds if zs else 0.0, 6)}
         out = replace(icl, details={**icl.details, "judge": details})
         if best == "nearest":  # the student's own uncertainty about the query stays what the gate measures
             out.answer = demo.answer

@@ -58,8 +58,10 @@ def test_an_option_sees_neither_the_other_options_nor_padding(monkeypatch) -> No
     assert among == pytest.approx(alone, abs=1e-5)
     # forwards split at a tiny token budget (one prompt each) give the same scores
     whole = score_continuations_packed(model, tok, PROMPTS)
+    # a budget below one prompt's options splits them over rows that each repeat the prefix
     monkeypatch.setattr(packed_scoring, "MAX_PACKED_TOKENS", 16)
     assert score_continuations_packed(model, tok, PROMPTS) == [pytest.approx(r, abs=1e-5) for r in whole]
+    assert score_continuations_packed(model, tok, [("Hi:", []), *PROMPTS[2:]])[0] == []
 
 
 def test_mask_layout() -> None:

@@ -214,14 +214,19 @@ class OpenAIChatModel(_Requests, _Parsing, _Quirks, _Transport):
         pred.seconds = time.perf_counter() - t0
         return pred
 
-    def predict_batch(self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]) -> list[Prediction]:
+    def predict_batch(
+        self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]
+    ) -> list[Prediction]:
         """``predict`` for a micro-batch (``--batch``): the requests go out together on the client's
         event loop (at most ``concurrency`` open at once). Each prediction's ``seconds`` is its share of
         the batch's time. Raises the first failure, as ``predict`` would."""
         t0 = time.perf_counter()
 
         async def run_all() -> list[Prediction]:
-            calls = [self._apredict(q, self.build_messages(q, d)) for q, d in zip(queries, demos_lists, strict=True)]
+            calls = [
+                self._apredict(q, self.build_messages(q, d))
+                for q, d in zip(queries, demos_lists, strict=True)
+            ]
             return list(await asyncio.gather(*calls))
 
         preds = self._loop.run(run_all())
@@ -231,9 +236,26 @@ class OpenAIChatModel(_Requests, _Parsing, _Quirks, _Transport):
         return preds
 
     def prefetch(self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]]) -> None:
-        """Send a micro-batch's requests together (``predict_batch``); ``predict`` with the same query
-        and demos then takes its prediction (``icdistill.models.readahead``)."""
-        self._ahead.keep(queries, demos_lists, self.predict_batch(queries, demos_lists))
+        """Send a micro-batch's requests together (at most ``concurrency`` open at once); ``predict``
+        with the same query and demos then takes its prediction (``icdistill.models.readahead``). A
+        request that failed is kept out: its query asks again, and raises, when it is answered."""
+        t0 = time.perf_counter()
+
+        async def run_all() -> list[Prediction | BaseException]:
+            calls = [
+                self._apredict(q, self.build_messages(q, d))
+                for q, d in zip(queries, demos_lists, strict=True)
+            ]
+            return list(await asyncio.gather(*calls, return_exceptions=True))
+
+        got = self._loop.run(run_all())
+        share = (time.perf_counter() - t0) / max(1, len(got))
+        kept = [
+            (q, d, p) for q, d, p in zip(queries, demos_lists, got, strict=True) if isinstance(p, Prediction)
+        ]
+        for _, _, p in kept:
+            p.seconds = share
+        self._ahead.keep([k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept])
 
     def check_reachable(self) -> None:
         """Cheap requests before a run (no tokens): fail in a second, not after a stream of retried

@@ -63,14 +63,20 @@ def packed_mask(
     return allow
 
 
+# config fields of models whose logits are more than the head's output (softcapped or scaled)
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def _logits_at(
     model: Any, inputs: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
     """Logits at the given (row, column) positions: the decoder's hidden states there through the LM
-    head (all positions' logits where the model does not expose the two)."""
+    head (all positions' logits where the model does not expose the two, or post-processes them)."""
     decoder = getattr(model, "get_decoder", lambda: None)()
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    if decoder is not None and head is not None and decoder is not model:
+    config = getattr(model, "config", None)
+    plain = not any(getattr(config, name, None) for name in _LOGIT_POSTPROCESSING)
+    if decoder is not None and head is not None and decoder is not model and plain:
         hidden = decoder(**inputs, use_cache=False).last_hidden_state
         return head(hidden[rows, cols])
     return model(**inputs, use_cache=False).logits[rows, cols]
@@ -88,6 +94,40 @@ def score_packed(
     all prompts in one packed forward (per ``MAX_PACKED_TOKENS``; see the module doc)."""
     for p, c in zip(prefixes, continuations, strict=True):
         _check_inputs(p, c)
+    # a prompt whose options would make a row longer than the budget is split into several rows,
+    # each the prefix with some of its options
+    parts: list[tuple[int, int, int]] = []  # (prompt, first option, end)
+    for i, (p, conts) in enumerate(zip(prefixes, continuations, strict=True)):
+        first, width = 0, len(p)
+        for j, c in enumerate(conts):
+            if j > first and width + len(c) - 1 > MAX_PACKED_TOKENS:
+                parts.append((i, first, j))
+                first, width = j, len(p)
+            width += len(c) - 1
+        if conts:
+            parts.append((i, first, len(conts)))
+    scored = _score_parts(
+        model,
+        [prefixes[i] for i, _, _ in parts],
+        [continuations[i][a:b] for i, a, b in parts],
+        pad_id,
+        normalise,
+    )
+    out: list[list[float]] = [[] for _ in prefixes]
+    for (i, _, _), row in zip(parts, scored, strict=True):
+        out[i].extend(row)
+    return out
+
+
+def _score_parts(
+    model: Any,
+    prefixes: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+    normalise: bool,
+) -> list[list[float]]:
+    """``score_packed`` for rows that each fit the budget (or hold one option): rows grouped into
+    forwards of at most ``MAX_PACKED_TOKENS`` row tokens."""
     rows, positions, spans = _layout(prefixes, continuations)
     out: list[list[float]] = []
     start = 0
@@ -125,7 +165,8 @@ def _score_rows(
     normalise: bool,
 ) -> list[list[float]]:
     device = _device(model)
-    dtype = next(model.parameters()).dtype
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    dtype = embeddings.weight.dtype if embeddings is not None else next(model.parameters()).dtype
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)

@@ -25,7 +25,7 @@ def _key(query: Query, demos: Sequence[Demo]) -> tuple[object, ...]:
 
 
 class ReadAhead:
-    """A bounded, thread-safe store of predictions read ahead (see the module doc)."""
+    """A bounded, thread-safe store of the last micro-batch's predictions (see the module doc)."""
 
     def __init__(self, size: int = READ_AHEAD_SIZE) -> None:
         self.size = size
@@ -37,6 +37,7 @@ class ReadAhead:
         self, queries: Sequence[Query], demos_lists: Sequence[Sequence[Demo]], preds: Sequence[Prediction]
     ) -> None:
         with self._lock:
+            self._kept.clear()  # a batch's predictions are taken before the next batch is read
             for q, demos, p in zip(queries, demos_lists, preds, strict=True):
                 self._kept.setdefault(_key(q, demos), []).append(p)
             while len(self._kept) > self.size:

@@ -242,10 +242,11 @@ class SmolLM2Student:
         self._tags: OrderedDict[str, TagsLike] = OrderedDict()
         self._raw_lock = threading.Lock()
         self._raw: OrderedDict[str, np.ndarray] = OrderedDict()  # shared with twins, like the tags
-        self._ahead_seconds: dict[str, float] = {}  # readings read ahead, not used yet: their time
         self._reset_online_state()
 
     def _reset_online_state(self) -> None:
+        # the readings the last micro-batch read ahead, not used yet: their share of its time
+        self._ahead_seconds: dict[str, float] = {}
         self.calibration = OnlineCalibration() if self.calibrate else None
         self._state_lock = threading.RLock()
         self._events: list[list[Any]] = []
@@ -330,6 +331,7 @@ class SmolLM2Student:
         baseline), where a cached reading is the untrained model's."""
         with self._raw_lock:
             self._raw.clear()
+            self._ahead_seconds.clear()
 
     def _raw_scores(self, prompt: str, options: Sequence[str]) -> np.ndarray:
         """The LM's option log-probabilities after ``prompt``, a pure function of its text: cached
@@ -391,6 +393,8 @@ class SmolLM2Student:
         online changes (the calibration is applied when ``predict`` asks); each reading's share of the
         batch's time is counted in the prediction that first uses it. Open queries are not read ahead."""
         start = time.perf_counter()
+        with self._raw_lock:  # a share only means something within its own batch
+            self._ahead_seconds.clear()
         todo: dict[str, tuple[str, tuple[str, ...]]] = {}
         for q, demos in zip(queries, demos_lists, strict=True):
             if q.options:
