@@ -94,8 +94,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--batch",
         type=int,
         default=d.batch,
-        help="queries per student pass (each sees the pool as it stood when its batch started; "
-        "default: %(default)s)",
+        help="queries whose student passes are read ahead together, then answered one at a time "
+        "(the answers of --batch 1, faster; default: %(default)s)",
     )
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument(

@@ -80,9 +80,11 @@ class RunConfig:
     shuffle: bool = True
     mix_questions: bool = False
     # teacher calls in flight while the stream goes on (1: the stream waits for each call), and the
-    # student's micro-batch (``icdistill.flow``); speed knobs, so a resumed run may change them
+    # student's micro-batch (``icdistill.flow``: read ahead together, answered one at a time, the
+    # answers of 1); speed knobs, so a resumed run may change them. 8: 1.76x faster than 1 on the
+    # default run on 2 CPU cores, the same answers (BENCHMARKS.md section 3)
     teacher_concurrency: int = 1
-    batch: int = 1
+    batch: int = 8
     # "K/N": this run answers shard K of the stream's N (``icdistill.shard``; needs a shared pool)
     shard: str | None = None
 
