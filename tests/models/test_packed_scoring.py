@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_scoring import BOS, EOS, OPTIONS, PAD, PREFIX, ByteTokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_scoring import OPTIONS, PREFIX, ByteTokenizer, tiny_llama
 
 from icdistill.models import packed_scoring
 from icdistill.models.packed_scoring import packed_mask, score_continuations_packed
@@ -19,28 +18,9 @@ PROMPTS = [
 ]
 
 
-def _model(attn: str) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=260,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        attn_implementation=attn,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_equals_one_forward_per_continuation(attn: str) -> None:
-    model, tok = _model(attn), ByteTokenizer()
+    model, tok = tiny_llama(attn), ByteTokenizer()
     packed = score_continuations_packed(model, tok, PROMPTS)
     for (prefix, conts), got in zip(PROMPTS, packed, strict=True):
         assert got == pytest.approx(score_continuations_naive(model, tok, prefix, conts), abs=1e-4)
@@ -52,7 +32,7 @@ def test_packed_equals_one_forward_per_continuation(attn: str) -> None:
 
 
 def test_an_option_sees_neither_the_other_options_nor_padding(monkeypatch) -> None:
-    model, tok = _model("sdpa"), ByteTokenizer()
+    model, tok = tiny_llama(), ByteTokenizer()
     alone = score_continuations_packed(model, tok, [(PREFIX, [" Sandal\n"])])[0][0]
     among = score_continuations_packed(model, tok, [(PREFIX, OPTIONS)])[0][OPTIONS.index(" Sandal\n")]
     assert among == pytest.approx(alone, abs=1e-5)

@@ -40,8 +40,8 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("latin-1")
 
 
-@pytest.fixture(scope="module")
-def tiny() -> tuple[LlamaForCausalLM, ByteTokenizer]:
+def tiny_llama(attn: str = "sdpa") -> LlamaForCausalLM:
+    """A tiny random Llama over the byte vocabulary (``attn``: its attention implementation)."""
     config = LlamaConfig(
         vocab_size=260,
         hidden_size=64,
@@ -55,9 +55,15 @@ def tiny() -> tuple[LlamaForCausalLM, ByteTokenizer]:
         eos_token_id=EOS,
         pad_token_id=PAD,
         bos_token_id=BOS,
+        attn_implementation=attn,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval(), ByteTokenizer()
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[LlamaForCausalLM, ByteTokenizer]:
+    return tiny_llama(), ByteTokenizer()
 
 
 PREFIX = "Image: sandal 41%, clog 9%\nQuestion: What is it?\nAnswer: Sandal\n\nImage: sandal 38%\nAnswer:"
