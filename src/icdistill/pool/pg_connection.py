@@ -52,6 +52,11 @@ class _Connections:
             except self._psycopg.Error as e:
                 if not self._lost(e, self._db):
                     raise ICDError(f"pool {_redact(self.url)}: {what} failed: {_first_line(e)}") from e
+                # a connection that lost its server may not know it yet (psycopg left in pipeline mode
+                # after a restart: "cannot exit pipeline mode while busy" on every later statement):
+                # the next try opens a new one
+                with contextlib.suppress(Exception):
+                    self._db.close()
                 deadline = self._backoff(deadline, e, what)
                 delay = _sleep(delay)
 
