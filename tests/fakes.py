@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -253,3 +254,15 @@ def wait_for(done: Callable[[], object], what: str, limit_s: float = 300.0) -> N
     while not done():
         assert time.monotonic() < deadline, f"never happened: {what}"
         time.sleep(0.01)
+
+
+def first_to(flag: str) -> bool:
+    """Whether this process is the first to get here: it creates ``flag`` (with its pid) atomically,
+    so of two actors arriving at the same moment exactly one does (a check-then-write let both)."""
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True

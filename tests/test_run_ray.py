@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from fakes import FakeEmbedder, FakeStudent, colour_folder
+from fakes import FakeEmbedder, FakeStudent, colour_folder, first_to
 from icdistill.data.stream import load_dataset, stream_order
 from icdistill.errors import ICDError, RaySetupError
 from icdistill.models.reference import ReferenceTeacher
@@ -49,8 +49,7 @@ class DyingStudent(FakeStudent):
         self.flag, self.at = flag, at
 
     def predict(self, query, demos):
-        if self.calls + 1 == self.at and not os.path.exists(self.flag):
-            Path(self.flag).write_text(str(os.getpid()))
+        if self.calls + 1 == self.at and first_to(self.flag):
             os.kill(os.getpid(), signal.SIGKILL)
         return super().predict(query, demos)
 
@@ -63,8 +62,7 @@ class HangingStudent(FakeStudent):
         self.flag, self.at = flag, at
 
     def predict(self, query, demos):
-        if self.calls + 1 == self.at and not os.path.exists(self.flag):
-            Path(self.flag).write_text(str(os.getpid()))
+        if self.calls + 1 == self.at and first_to(self.flag):
             threading.Event().wait()
         return super().predict(query, demos)
 
@@ -77,8 +75,7 @@ class BreakingStudent(FakeStudent):
         self.flag, self.at = flag, at
 
     def predict(self, query, demos):
-        if self.calls + 1 == self.at and not os.path.exists(self.flag):
-            Path(self.flag).write_text(str(os.getpid()))
+        if self.calls + 1 == self.at and first_to(self.flag):
             raise RuntimeError("the student broke")
         return super().predict(query, demos)
 

@@ -16,7 +16,7 @@ import pytest
 import ray
 from test_harness import WORKER, _timeless
 
-from fakes import FakeEmbedder, FakeStudent, colour_folder, wait_for
+from fakes import FakeEmbedder, FakeStudent, colour_folder, first_to, wait_for
 from icdistill.errors import RaySetupError
 from icdistill.eval.harness import EvalConfig, plan, run_eval
 from icdistill.eval.ray_runner import RayCells, RayOptions
@@ -61,8 +61,7 @@ class DyingStudent(FakeStudent):
         self.flag, self.at = flag, at
 
     def predict(self, query, demos):
-        if self.calls + 1 == self.at and not os.path.exists(self.flag):
-            Path(self.flag).write_text(str(os.getpid()))
+        if self.calls + 1 == self.at and first_to(self.flag):
             os.kill(os.getpid(), signal.SIGKILL)
         return super().predict(query, demos)
 
@@ -77,9 +76,7 @@ class BreakingStudent(FakeStudent):
 
     def predict(self, query, demos):
         for kind, at in (("failed", self.fail_at), ("hung", self.hang_at)):
-            flag = Path(self.folder) / kind
-            if self.calls + 1 == at and not flag.exists():
-                flag.write_text(str(os.getpid()))
+            if self.calls + 1 == at and first_to(str(Path(self.folder) / kind)):
                 if kind == "hung":
                     threading.Event().wait()
                 raise RuntimeError("the student broke")
