@@ -110,7 +110,8 @@ class Distiller:
         self.log = log
         self._measure = uncertainty_measure(self.config.uncertainty)
         self.teacher_calls = 0
-        self._ahead_time: dict[str, tuple[float, float]] = {}  # per query: read-ahead seconds (embed, all)
+        # per query read ahead in a micro-batch: its embeddings, its share of their time and of it all
+        self._ahead: dict[str, tuple[Embeddings, float, float]] = {}
         # whether the last teacher failure was a refusal for good (the stream driver stops on a first one)
         self.last_teacher_refused = False
         self.records: list[dict[str, Any]] = []
@@ -186,12 +187,15 @@ class Distiller:
         return self.student.predict(query, demos)
 
     def _prepare(self, query: Query) -> tuple[Embeddings, list[Demo], float, float]:
-        # a micro-batch's read-ahead: this query's share of its embedding and of its whole time
-        embed_share, total_share = self._ahead_time.pop(query.id, (0.0, 0.0))
         t0 = time.perf_counter()
-        emb = self.embedder.embed_query(query)
-        t_embed = time.perf_counter() - t0 + embed_share
-        return emb, self._select(query, emb), t0 - total_share, t_embed  # 1. select demonstrations
+        ahead = self._ahead.pop(query.id, None)
+        if ahead is None:
+            emb = self.embedder.embed_query(query)
+            t_embed = time.perf_counter() - t0
+        else:  # embedded by a micro-batch's read-ahead: its share of the embedding and of all its time
+            emb, t_embed, total_share = ahead
+            t0 -= total_share
+        return emb, self._select(query, emb), t0, t_embed  # 1. select demonstrations
 
     def answer_now(self, query: Query) -> Draft:
         """Steps 1-3 (select, student pass, gate): what a service can answer before any teacher call.
@@ -208,7 +212,7 @@ class Distiller:
         learned changes here: the queries are then answered one at a time, as with ``--batch 1``
         (within float tolerance), and find their readings ready (a query whose demos changed
         meanwhile is read afresh)."""
-        self._ahead_time.clear()
+        self._ahead.clear()
         if len(queries) < 2:
             return
         start = time.perf_counter()
@@ -220,8 +224,8 @@ class Distiller:
         prefetch = getattr(self.student, "prefetch", None)
         if prefetch is not None:
             self._prefetch(prefetch, queries, embs)
-        n = len(queries)
-        self._ahead_time = {q.id: (embedded / n, (time.perf_counter() - start) / n) for q in queries}
+        n, spent = len(queries), time.perf_counter() - start
+        self._ahead = {q.id: (e, embedded / n, spent / n) for q, e in zip(queries, embs, strict=True)}
 
     def _prefetch(
         self, prefetch: Callable[..., None], queries: Sequence[Query], embs: list[Embeddings]

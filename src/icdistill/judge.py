@@ -193,9 +193,6 @@ class Judge:
         pred.seconds = max(pred.seconds, wall)
         return pred
 
-    def _icl(self, query: Query, demos: Sequence[Demo]) -> Prediction:
-        return self._read(query, demos)
-
     def _vote(
         self, query: Query, emb: Embeddings, pool: Pool, options: Sequence[str], exclude: Sequence[int]
     ) -> tuple[np.ndarray, float, bool, str] | None:
@@ -251,7 +248,7 @@ class Judge:
 
         def read(name: str) -> None:
             t0, ahead = time.perf_counter(), self._ahead
-            raw[name] = self._icl(query, demos) if name == ICL else self.zero_shot(query, options)
+            raw[name] = self._read(query, demos) if name == ICL else self.zero_shot(query, options)
             spent[name] = time.perf_counter() - t0 + self._ahead - ahead
 
         def tempered(name: str) -> np.ndarray | None:
@@ -324,7 +321,7 @@ class Judge:
                 seconds=time.perf_counter() - start,
                 details={"judge": details},
             )
-        pred = self._icl(query, demos)
+        pred = self._read(query, demos)
         if near is not None:
             pred = self.open.answer(query, pred, near, read_all=not self.config.skip)
         pred.seconds = time.perf_counter() - start + self._ahead
@@ -364,7 +361,7 @@ class Judge:
         j = first.details.get("judge") or {}
         icl = j.get("icl")
         if icl is None and j.get("by") == "judge" and demos:
-            icl = _round(_probs(self._icl(query, demos), options))
+            icl = _round(_probs(self._read(query, demos), options))
         zs = self.zero_shot(query, options)
         features = emb.get(IMAGE)
         self._record(
@@ -396,7 +393,7 @@ class Judge:
             return
         shown = [d for d, _ in others]
         sims = np.array([s for _, s in others], dtype=np.float64)
-        icl = _probs(self._icl(query, shown[::-1] if self.best_last else shown), options)
+        icl = _probs(self._read(query, shown[::-1] if self.best_last else shown), options)
         voted = vote(sims, [d.answer for d in shown], options, self.config.temperature)
         self._record(
             [
