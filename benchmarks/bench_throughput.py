@@ -74,7 +74,10 @@ def bench_student(args: argparse.Namespace) -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     orders = [int(s) for s in args.orders.split(",")]
-    parts = build_parts(RunConfig())
+    parts = build_parts(RunConfig(student=args.student))
+    model = parts.student.lm()[0] if hasattr(parts.student, "lm") else None
+    dtype = str(getattr(model, "dtype", "-")).replace("torch.", "")
+    print(f"student {args.student}, dtype {dtype}", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for b in batches:
@@ -90,7 +93,8 @@ def bench_student(args: argparse.Namespace) -> None:
                     tags.clear()
                 out = Path(tmp) / f"b{b}s{seed}"
                 t0 = time.perf_counter()
-                run_icd(RunConfig(n=args.n, batch=b, seed=seed), out, parts=replace(parts, student=student))
+                config = RunConfig(student=args.student, n=args.n, batch=b, seed=seed)
+                run_icd(config, out, parts=replace(parts, student=student))
                 wall = time.perf_counter() - t0
                 log = _log(out)
                 student = [r["seconds"]["student"] for r in log]
@@ -118,7 +122,7 @@ def bench_student(args: argparse.Namespace) -> None:
             f"{r['batch']:>5}  {r['seed']:>4}  {r['student_s_per_query_mean']:>22.3f}  {ratio:>24.2f}  "
             f"{r['accuracy']:>8.3f}  {r['wall_s']:>6.1f}"
         )
-    _write("student", {"args": vars(args), "rows": rows})
+    _write("student", {"args": vars(args), "dtype": dtype, "rows": rows})
 
 
 def _fmnist_prompts(n: int, shots: int, seed: int) -> tuple[list[Any], list[list[Any]]]:
@@ -156,7 +160,8 @@ def bench_passes(args: argparse.Namespace) -> None:
     weighs on every batch size alike)."""
     from icdistill.models.registry import ModelContext, resolve_student
 
-    student = resolve_student("local:smollm2", ModelContext())
+    student = resolve_student(args.student, ModelContext())
+    print(f"student {args.student}, dtype {str(student.lm()[0].dtype).replace('torch.', '')}", flush=True)
     queries, demos = _fmnist_prompts(args.queries, 2, 0)
 
     def reset() -> None:  # every timing reads and tags its images itself
@@ -432,11 +437,13 @@ def main() -> None:
     ps.add_argument("--queries", type=int, default=32)
     ps.add_argument("--batches", default="1,8")
     ps.add_argument("--repeats", type=int, default=3)
+    ps.add_argument("--student", default="local:smollm2", help="e.g. local:smollm2?dtype=float32")
     s = sub.add_parser("student")
     s.add_argument("--n", type=int, default=100)
     s.add_argument("--batches", default="1,8")
     s.add_argument("--orders", default="0,1,2", help="stream orders (seeds) run at B=1; the first at every B")
     s.add_argument("--batched-orders", type=int, default=1, help="how many of the orders run at B > 1 too")
+    s.add_argument("--student", default="local:smollm2", help="e.g. local:smollm2?dtype=float32")
     v = sub.add_parser("vlm")
     v.add_argument("--queries", type=int, default=16)
     v.add_argument("--batches", default="1,4,8,16")

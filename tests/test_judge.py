@@ -19,7 +19,7 @@ from icdistill.runlog import RunLog
 from icdistill.runner import query_stream
 from icdistill.select import make_selector
 from icdistill.teacher import TestTimeScaling
-from icdistill.types import Annotation, GateContext, GateDecision, Query
+from icdistill.types import Annotation, Demo, GateContext, GateDecision, Prediction, Query
 
 
 class PositionsGate:
@@ -292,7 +292,7 @@ def test_open_questions_get_the_answer_of_the_expert_most_often_right_near_their
     o = summary["open"]
     assert o["chosen"]["zero-shot"] > 0 and o["chosen"]["icl"] > 0
     assert o["experts"]["zero-shot"]["first_pass_accuracy"] == 1.0
-    assert o["experts"]["nearest"]["read"] == o["judged_queries"]
+    assert o["experts"]["vote"]["read"] == o["judged_queries"]
     lines = judge_section([{"method": "icd", "budget": 0.05, "seed": 0, "judge": summary}])
     assert any("open questions" in x for x in lines) and any(x.startswith("| icd") for x in lines)
 
@@ -315,21 +315,50 @@ def test_open_questions_get_the_answer_of_the_expert_most_often_right_near_their
     assert resumed_student.calls["zero-shot"] < student.calls["zero-shot"]  # the logged ones are not re-read
 
 
-def test_the_open_judge_leaves_the_icl_reading_only_on_evidence():
+def test_the_open_mixture_weighs_each_expert_by_its_checks_near_the_similarity():
     from icdistill.judge_open import OpenChecks
 
-    checks = OpenChecks(bandwidth=0.1, prior=1.0)
-    assert checks.choose(0.5) == "icl"
-    for _ in range(2):  # two lucky checks of the zero-shot reading: not enough
-        checks.add(0.3, [False, True, False])
-    assert checks.choose(0.3) == "icl"
+    checks = OpenChecks(JudgeConfig(bandwidth=0.1))
+    assert np.allclose(checks.weights(0.5), 1 / 3)  # no check: even
+    for _ in range(4):  # far from the pool the vote was wrong and the zero-shot answer right
+        checks.add(0.3, [0.2, 0.9, 0.0])
+    w_far, w_near = checks.weights(0.3), checks.weights(0.9)
+    assert w_far[2] < 0.2 and w_far[1] > 0.6
+    assert abs(w_near[2] - 1 / 3) < 0.01  # no check near 0.9: even
+    checks.add(0.9, [0.1, None, 1.0])  # an expert not read is left out of its check
+    w = checks.weights(0.9)
+    assert w[2] > w_near[2] > w[0] and w[1] == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_a_sharp_vote_of_near_demos_outweighs_a_hesitant_generation_that_does_not_copy_them():
+    from icdistill.judge_open import OpenJudge
+
+    reads = []
+
+    def read(query, demos):
+        reads.append(len(demos))
+        return Prediction("a mosque", token_logprobs=[-1.5, -1.2], token_entropies=[2.0, 2.0])
+
+    events = []
+    judge = OpenJudge(read, JudgeConfig(), 2, events.append)
+    q = Query(id="q", image=None, prompt="Name the main thing.", options=None)
+    demos = [Demo(1, "d1", None, q.prompt, "Rocket."), Demo(2, "d2", None, q.prompt, "cat")]
+    icl = read(q, demos)
+    near = judge.answer(q, icl, (demos, np.array([0.88, 0.21])))
+    j = near.details["judge"]
+    assert near.answer == "Rocket." and j["chosen"] == "vote" and j["vote_answer"] == "Rocket."
+    # at even weights the zero-shot answer could still tie the vote: it is read
+    assert reads == [2, 0] and j["zero_shot_answer"] == "a mosque"
+    # where the checks found it wrong and the vote right, it cannot change the answer: not read
     for _ in range(4):
-        checks.add(0.3, [False, True, False])
-    assert checks.choose(0.3) == "zero-shot"
-    # the nearest demo right where the ICL reading is wrong, near 0.9 only; ties teach nothing
-    for _ in range(6):
-        checks.add(0.9, [False, False, True])
-        checks.add(0.9, [True, True, True])
-    assert checks.choose(0.9) == "nearest" and checks.choose(0.3) == "zero-shot"
-    checks.add(0.6, [True, False, False])
-    assert checks.choose(0.6) == "icl"
+        judge.checks.add(0.9, [0.3, 0.05, 1.0])
+    reads.clear()
+    again = judge.answer(q, icl, (demos, np.array([0.88, 0.21])))
+    assert again.answer == "Rocket." and reads == [] and "zero_shot_answer" not in again.details["judge"]
+    # two demos as near as each other split the vote: the zero-shot answer could decide, so it is read
+    split = judge.answer(q, icl, (demos, np.array([0.30, 0.30])))
+    assert reads == [0] and "zero_shot_answer" in split.details["judge"]
+    # the teacher's answer checks each expert at the similarity met: p(answer) per expert
+    judge.teach(q, {}, again, "rocket", None, True)
+    kind, sim, p = events[-1]
+    assert kind == "open-check" and sim == 0.88 and p[2] > 0.99 and p[0] < 0.5 and p[1] is not None

@@ -102,8 +102,8 @@ def _probs(pred: Prediction, options: Sequence[str]) -> np.ndarray:
 class Judge:
     """Combines a student's readings and the pool's vote for option questions (see the module doc).
 
-    Open questions: the ICL generation, the zero-shot one or the nearest open demo's answer, whichever
-    the checks found right most often near the query's similarity (``icdistill.judge_open``)."""
+    Open questions: the same mixture over the answers the ICL generation, the zero-shot one and the
+    nearest open demos give (``icdistill.judge_open``)."""
 
     def __init__(
         self, student: Student, shots: int, config: JudgeConfig | None = None, best_last: bool = True
@@ -119,7 +119,7 @@ class Judge:
         self._ahead = 0.0  # read-ahead time of the readings of the query being answered
         # judged queries and those that read the zero-shot reading, decayed (what to read ahead)
         self._zs_rate = (0.0, 0.0)
-        self.open = OpenJudge(self._read, self.config.bandwidth, self.config.prior, self._record)
+        self.open = OpenJudge(self._read, self.config, self.shots, self._record)
         self._zs: OrderedDict[str, np.ndarray] = OrderedDict()
         self._events: list[list[Any]] = []
 
@@ -308,14 +308,15 @@ class Judge:
         exclude: Sequence[int],
         start: float,
     ) -> Prediction:
-        """An open question: the student's ICL reading, the nearest open demo's answer or its zero-shot
-        reading, whichever was most often right near this similarity (``icdistill.judge_open``)."""
+        """An open question: the mixture of the student's ICL generation, its zero-shot one and the vote
+        of the nearest open demos, over their answers (``icdistill.judge_open``)."""
         near = self.open.nearest(query, emb, pool, exclude) if demos else None
-        if near is not None and same_image(query, *near):  # the pooled demo of this very image answers
-            details = {"by": "same-image", "similarity": round(near[1], 5)}
+        if near is not None and same_image(query, near[0][0], float(near[1][0])):
+            # the pooled demo of this very image answers
+            details = {"by": "same-image", "similarity": round(float(near[1][0]), 5)}
             # the student is sure of it: the gate sees no uncertainty
             return Prediction(
-                near[0].answer,
+                near[0][0].answer,
                 token_logprobs=[0.0],
                 token_entropies=[0.0],
                 seconds=time.perf_counter() - start,
@@ -353,7 +354,7 @@ class Judge:
         nearest pooled demos of other labels (one more ICL reading per teacher answer), what it meets
         where the pool lacks the query's class."""
         if not query.options:
-            self.open.teach(query, emb, first, answer, pool, self.shots, self.best_last)
+            self.open.teach(query, emb, first, answer, pool, self.best_last)
             return
         if answer not in query.options:
             return

@@ -64,6 +64,38 @@ def _simplex(steps: int) -> np.ndarray:
     return np.asarray(pts, dtype=np.float64) / steps
 
 
+def grid_log_prior(grid: np.ndarray, config: JudgeConfig) -> np.ndarray:
+    """(G,): the prior over the weight grid, ``config.prior`` pseudo-checks pulling it to even."""
+    return config.prior * np.log(grid + 1.0 / config.grid).sum(axis=1) / 3
+
+
+def grid_log_lik(grid: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """(G, n): each check's log-likelihood under every grid point, the mixture renormalised over the
+    experts present in the check (a NaN in ``P``, each check's p(teacher's answer) per expert: not
+    read there)."""
+    present = ~np.isnan(P)
+    P = np.where(present, np.maximum(P, _P_FLOOR), 0.0)
+    num = grid @ P.T
+    den = grid @ present.T.astype(np.float64)
+    even = P.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+    lik = np.where(den > 0, num / np.maximum(den, 1e-12), even[None, :])
+    return np.log(np.maximum(lik, _P_FLOOR))
+
+
+def grid_weights(
+    grid: np.ndarray, log_prior: np.ndarray, ll: np.ndarray, sims: np.ndarray, s: float, config: JudgeConfig
+) -> np.ndarray:
+    """The weights at similarity ``s``: the posterior mean (or mode, ``config.estimate``) over the
+    grid under the checks' log-likelihoods ``ll`` (G, n), each check weighted by a Gaussian kernel
+    in its similarity."""
+    kern = np.exp(-0.5 * ((sims - s) / config.bandwidth) ** 2)
+    score = ll @ kern + log_prior
+    if config.estimate == "map":
+        return grid[int(np.argmax(score))]
+    post = np.exp(score - score.max())
+    return post @ grid / post.sum()
+
+
 @dataclass
 class _Met:
     """The met checks of one option set: per taught query, the nearest demo's similarity at its first
@@ -82,7 +114,7 @@ class JudgeChecks:
     def __init__(self, shots: int, config: JudgeConfig) -> None:
         self.config = config
         self._grid = _simplex(config.grid)
-        self._log_prior = config.prior * np.log(self._grid + 1.0 / config.grid).sum(axis=1) / 3
+        self._log_prior = grid_log_prior(self._grid, config)
         self._synthetic = SimilarityMixture(shots=shots, temperature=config.temperature)
         self._met: dict[tuple[str, ...], _Met] = {}
         self._fits: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, float, float]] = {}
@@ -133,13 +165,7 @@ class JudgeChecks:
                 np.stack([temper(p, t_icl)[yi] for p, yi in zip(probs, y, strict=True)]), _P_FLOOR
             )
             ll[:, icl_rows] = self._met_ll(p_icl, icl_rows, options)
-        score = ll @ kern + self._log_prior
-        if self.config.estimate == "map":
-            w = self._grid[int(np.argmax(score))]
-        else:
-            post = np.exp(score - score.max())
-            w = post @ self._grid / post.sum()
-        return w, t_icl, t_zs
+        return grid_weights(self._grid, self._log_prior, ll, sims, s, self.config), t_icl, t_zs
 
     def reliabilities(self, options: tuple[str, ...], similarity: float | None) -> np.ndarray:
         """How often each expert's answer was the teacher's on the met checks near ``similarity``
@@ -197,15 +223,7 @@ class JudgeChecks:
         return fit
 
     def _log_lik(self, P: np.ndarray) -> np.ndarray:
-        """(G, n): each check's log-likelihood under every grid point, the mixture renormalised over the
-        experts present in the check (a NaN in ``P``: not read there)."""
-        present = ~np.isnan(P)
-        P = np.where(present, np.maximum(P, _P_FLOOR), 0.0)
-        num = self._grid @ P.T
-        den = self._grid @ present.T.astype(np.float64)
-        even = P.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
-        lik = np.where(den > 0, num / np.maximum(den, 1e-12), even[None, :])
-        return np.log(np.maximum(lik, _P_FLOOR))
+        return grid_log_lik(self._grid, P)
 
     def _met_ll(self, p_icl: np.ndarray, rows: list[int], options: tuple[str, ...]) -> np.ndarray:
         """The log-likelihood columns of the met checks ``rows`` with their ICL column replaced."""

@@ -1,22 +1,29 @@
-"""The judge's rule for open questions (``icdistill.judge``): which of the student's answers to trust.
+"""The judge's rule for open questions (``icdistill.judge``): the same mixture as for option questions,
+over the answers its experts give.
 
 An open question has up to three experts, as an option question has:
 
 - ``icl``: the student's generation with the demos in its prompt;
-- ``zero-shot``: its generation without demos, read where it is the expert to trust, for the check
-  of a taught query, and on every query with ``--judge full`` (once per image and prompt);
-- ``nearest``: the answer of the nearest pooled demo of an open question in the embedder's image
-  space (free).
+- ``zero-shot``: its generation without demos (once per image and prompt), read where it can change
+  the answer, for the checks of a taught query, and on every query with ``--judge full``;
+- ``vote``: the similarity-weighted vote of the nearest pooled open demos' answers in the embedder's
+  image space (free), as the option judge's vote.
 
-Generations have no distribution over a shared set of answers to mix, so the judge selects. Every
-taught open query checks each expert: was its answer (VQA-normalised) the teacher's? At a query's
-nearest-demo similarity ``s``, an expert's reliability is its kernel-weighted share of right answers
-near ``s``, with ``prior`` pseudo-checks at one half. The ICL reading answers unless another expert
-beat it on those checks with evidence (``OpenChecks.choose``: wins minus losses on the checks where
-they disagreed, above 1.28 standard errors); before any check the student answers as it always did. The
-gate measures the token uncertainty of the generation that answers: the zero-shot one where it is
-chosen, else the ICL one (where the nearest demo answers, the student's own uncertainty about the
-query). Checks and zero-shot readings are events, replayed on resume.
+The **candidates** are the answers the experts give, VQA-normalised. A generation puts its confidence
+(its mean token probability) on its own answer and spreads the rest evenly over the other candidates;
+the vote is a distribution over its demos' answers. The answer is the argmax of the mixture
+``sum_e w_e(s) p_e``, ``s`` the nearest open demo's cosine, with the weights the option judge uses
+(``icdistill.judge_checks.grid_weights``): the posterior mean over the weight simplex under the
+kernel-weighted likelihood of the teacher's answers over the open checks, even where no check is near.
+So where nothing was checked, a sharp vote of near demos outweighs a hesitant generation, and a near
+demo's answer is taken over the generation that does not copy it (measured on the mixed manifest: the
+nearest open demo at cosine >= 0.7 was the teacher's answer on every query, the student's ICL
+generation on 54-89%, BENCHMARKS.md).
+
+Every taught open query checks each expert: p(teacher's answer) of each, at the similarity it met (the
+zero-shot answer read now where the first pass skipped it), and again with the answer left out: the
+student shown the nearest demos of other answers, where the vote cannot be right. Checks and
+zero-shot readings are events, replayed on resume.
 """
 
 from __future__ import annotations
@@ -30,20 +37,21 @@ from typing import Any
 
 import numpy as np
 
+from icdistill.judge_checks import JudgeConfig, _simplex, grid_log_lik, grid_log_prior, grid_weights
+from icdistill.mixture import vote
 from icdistill.protocols import Pool
 from icdistill.select import nearest_demos
 from icdistill.teacher import normalise_answer
 from icdistill.types import IMAGE, Demo, Embeddings, Prediction, Query, image_digest
 
-OPEN_EXPERTS = ("icl", "zero-shot", "nearest")
-# how many standard errors another expert's wins over the ICL reading must exceed its losses by (one
-# sided, about 90%): measured on the mixed manifest, two lucky checks of the zero-shot reading moved
-# a stream's open answers from 0.45 to 0.13
-SWITCH_Z = 1.28
+OPEN_EXPERTS = ("icl", "zero-shot", "vote")
 _CACHE = 50_000
 # a pooled demo this similar to the query, of the same query, or of the same image content asked the
 # same question, is the same item: its (teacher's) answer is the answer
 SAME_IMAGE = 1.0 - 1e-4
+# a generation's confidence in its own answer is kept within these (one token of probability 1 is not
+# certainty about the answer)
+_CONF = (0.02, 0.98)
 
 
 def same_image(query: Query, demo: Demo, similarity: float) -> bool:
@@ -64,65 +72,134 @@ def same_image(query: Query, demo: Demo, similarity: float) -> bool:
     )
 
 
+def confidence(pred: Prediction) -> float:
+    """A generation's confidence in its answer: its mean token probability (one half without logprobs)."""
+    lp = [float(x) for x in (pred.token_logprobs or ()) if np.isfinite(x)]
+    c = float(np.exp(np.mean(lp))) if lp else 0.5
+    return float(np.clip(c, *_CONF))
+
+
+def generation_dist(answer: str, conf: float, candidates: Sequence[str]) -> np.ndarray:
+    """A generation's distribution over the (normalised) ``candidates``: ``conf`` on its own answer,
+    the rest spread evenly over the others."""
+    out = np.full(len(candidates), (1.0 - conf) / max(len(candidates) - 1, 1))
+    out[list(candidates).index(answer)] = conf if len(candidates) > 1 else 1.0
+    return out
+
+
 class OpenChecks:
-    """Per taught open query: the similarity it met and whether each expert was right (NaN: not read)."""
+    """The open checks: per taught open query, the similarity it met and each expert's p(teacher's
+    answer) (NaN: not read); from them the mixture's weights near a similarity."""
 
-    def __init__(self, bandwidth: float, prior: float) -> None:
-        self.bandwidth = bandwidth
-        self.prior = prior
+    def __init__(self, config: JudgeConfig) -> None:
+        self.config = config
+        self._grid = _simplex(config.grid)
+        self._log_prior = grid_log_prior(self._grid, config)
         self.sims: list[float] = []
-        self.right: list[list[float]] = []
+        self.p: list[list[float]] = []
+        self._ll: np.ndarray | None = None
 
-    def add(self, sim: float, right: Sequence[bool | None]) -> None:
+    def add(self, sim: float, p: Sequence[float | None]) -> None:
         self.sims.append(float(sim))
-        self.right.append([np.nan if r is None else float(r) for r in right])
+        self.p.append([np.nan if x is None else float(x) for x in p])
+        self._ll = None
 
-    def reliabilities(self, s: float) -> np.ndarray:
-        """Each expert's kernel-weighted share of right answers near ``s`` (one half before any check)."""
+    def weights(self, s: float) -> np.ndarray:
+        """``(w_icl, w_zero_shot, w_vote)`` near ``s`` (even before any check)."""
         if not self.sims:
-            return np.full(len(OPEN_EXPERTS), 0.5)
-        kern = np.exp(-0.5 * ((np.asarray(self.sims) - s) / self.bandwidth) ** 2)
-        right = np.asarray(self.right, dtype=np.float64)
-        present = ~np.isnan(right)
-        hits = np.where(present, right, 0.0).T @ kern
-        seen = present.T.astype(np.float64) @ kern
-        return (hits + self.prior / 2) / (seen + self.prior)
+            return np.full(3, 1.0 / 3)
+        if self._ll is None:
+            self._ll = grid_log_lik(self._grid, np.asarray(self.p, dtype=np.float64))
+        return grid_weights(self._grid, self._log_prior, self._ll, np.asarray(self.sims), s, self.config)
 
-    def choose(self, s: float) -> str:
-        """The expert to trust near ``s``: the ICL reading, unless another beat it on the checks near
-        ``s`` with evidence (a sign test on the checks where one was right and the other wrong:
-        kernel-weighted wins minus losses above ``SWITCH_Z`` standard errors, ``prior`` pseudo-checks
-        added); of several such, the most reliable. A few lucky checks do not move the answer."""
-        if not self.sims:
-            return "icl"
-        kern = np.exp(-0.5 * ((np.asarray(self.sims) - s) / self.bandwidth) ** 2)
-        right = np.asarray(self.right, dtype=np.float64)
-        rel = self.reliabilities(s)
-        icl = right[:, 0]
-        best, best_rel = "icl", -1.0
-        for e, name in enumerate(OPEN_EXPERTS):
-            if name == "icl":
-                continue
-            both = ~np.isnan(right[:, e]) & ~np.isnan(icl)
-            wins = float(kern[both] @ ((right[both, e] == 1) & (icl[both] == 0)))
-            losses = float(kern[both] @ ((right[both, e] == 0) & (icl[both] == 1)))
-            if wins - losses > SWITCH_Z * np.sqrt(wins + losses + self.prior) and rel[e] > best_rel:
-                best, best_rel = name, float(rel[e])
-        return best
+
+class _Readings:
+    """One open query's expert answers, as a mixture over their candidates."""
+
+    def __init__(
+        self, icl: str, icl_conf: float, voted: Sequence[str], sims: Sequence[float], temperature: float
+    ) -> None:
+        self.raw: dict[str, str] = {}  # normalised candidate -> the answer given for it
+        self.icl, self.icl_conf = self._add(icl), icl_conf
+        self.voted_raw = list(voted)
+        self.voted = [self._add(a) for a in voted]
+        self.sims = np.asarray(sims, dtype=np.float64)
+        self.temperature = temperature
+        self.zs: str | None = None
+        self.zs_conf = 0.5
+
+    @classmethod
+    def of(cls, icl: Prediction, near: tuple[Sequence[Demo], np.ndarray], temperature: float) -> _Readings:
+        demos, sims = near
+        return cls(icl.answer, confidence(icl), [d.answer for d in demos], sims, temperature)
+
+    @classmethod
+    def from_details(cls, j: dict[str, Any], temperature: float) -> _Readings:
+        """The readings a first pass logged (its judge details)."""
+        r = cls(j["icl_answer"], j["icl_confidence"], j["voted"], j["vote_similarities"], temperature)
+        if "zero_shot_answer" in j:
+            r.zs, r.zs_conf = r._add(j["zero_shot_answer"]), j["zero_shot_confidence"]
+        return r
+
+    def _add(self, answer: str) -> str:
+        key = normalise_answer(answer)
+        self.raw.setdefault(key, answer)
+        return key
+
+    def add_zero_shot(self, pred: Prediction) -> None:
+        self.zs, self.zs_conf = self._add(pred.answer), confidence(pred)
+
+    def dists(self) -> list[np.ndarray | None]:
+        """Each expert's distribution over the candidates (None: not read)."""
+        cands = list(self.raw)
+        return [
+            generation_dist(self.icl, self.icl_conf, cands),
+            None if self.zs is None else generation_dist(self.zs, self.zs_conf, cands),
+            vote(self.sims, self.voted, cands, self.temperature),
+        ]
+
+    def mix(self, w: np.ndarray) -> np.ndarray:
+        """The mixture of the experts read, unnormalised (an expert not read adds nothing)."""
+        out = np.zeros(len(self.raw))
+        for wi, d in zip(w, self.dists(), strict=True):
+            if d is not None:
+                out += wi * d
+        return out
+
+    def p_of(self, answer: str) -> list[float | None]:
+        """Each expert's probability of ``answer`` (None: not read; 0 where no expert gave it)."""
+        cands, y = list(self.raw), normalise_answer(answer)
+        return [
+            None if d is None else round(float(d[cands.index(y)]), 6) if y in cands else 0.0
+            for d in self.dists()
+        ]
+
+    def details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "icl_confidence": round(self.icl_conf, 4),
+            "voted": self.voted_raw,
+            "vote_similarities": [round(float(x), 5) for x in self.sims],
+            "vote_answer": self.raw[list(self.raw)[int(np.argmax(self.dists()[2]))]],
+        }
+        if self.zs is not None:
+            out["zero_shot_confidence"] = round(self.zs_conf, 4)
+        return out
 
 
 class OpenJudge:
-    """Selects among the open experts (see the module doc). ``record`` logs an event (the judge's)."""
+    """Mixes the open experts (see the module doc). ``record`` logs an event (the judge's)."""
 
     def __init__(
         self,
         read: Callable[[Query, Sequence[Demo]], Prediction],
-        bandwidth: float,
-        prior: float,
+        config: JudgeConfig,
+        shots: int,
         record: Callable[[list[Any]], None],
     ) -> None:
         self._read = read  # the student's prediction, its time counted (``Judge._read``)
-        self.checks = OpenChecks(bandwidth, prior)
+        self.config = config
+        self.shots = max(1, shots)
+        self.checks = OpenChecks(config)
         self._record = record
         self._zs: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
@@ -145,37 +222,43 @@ class OpenJudge:
 
     def nearest(
         self, query: Query, emb: Embeddings, pool: Pool, exclude: Sequence[int]
-    ) -> tuple[Demo, float] | None:
-        found = nearest_demos(query, emb, pool, 1, key=IMAGE, exclude=exclude)
-        if found is None:
-            return None
-        return found[0][0], float(found[1][0])
+    ) -> tuple[list[Demo], np.ndarray] | None:
+        """The ``shots`` nearest pooled open demos in the image space and their cosines, nearest first."""
+        return nearest_demos(query, emb, pool, self.shots, key=IMAGE, exclude=exclude)
 
     def answer(
-        self, query: Query, icl: Prediction, near: tuple[Demo, float], read_all: bool = False
+        self, query: Query, icl: Prediction, near: tuple[Sequence[Demo], np.ndarray], read_all: bool = False
     ) -> Prediction:
-        """The selected answer to an open ``query`` whose ICL reading is ``icl`` and whose nearest pooled
-        open demo is ``near``; ``read_all``: read the zero-shot answer even where it is not chosen."""
-        demo, s = near
-        rel = self.checks.reliabilities(s)
-        best = self.checks.choose(s)
+        """The mixture's answer to an open ``query`` whose ICL reading is ``icl`` and whose nearest pooled
+        open demos are ``near``; ``read_all``: read the zero-shot answer even where it cannot change it."""
+        s = float(near[1][0])
+        w = self.checks.weights(s)
+        r = _Readings.of(icl, near, self.config.temperature)
+        top2 = np.sort(r.mix(w))[::-1]
+        # the zero-shot answer adds at most w_zero_shot to one candidate (a new one starts at 0)
+        zs = None
+        if read_all or top2[0] - (top2[1] if len(top2) > 1 else 0.0) <= w[1]:
+            zs = self.zero_shot(query)
+            r.add_zero_shot(zs)
+        cands = list(r.raw)
+        best = cands[int(np.argmax(r.mix(w)))]  # a tie goes to the ICL answer, the first candidate
+        chosen = "icl" if best == r.icl else "zero-shot" if best == r.zs else "vote"
         details: dict[str, Any] = {
             "by": "judge-open",
             "similarity": round(s, 5),
-            "reliabilities": [round(float(x), 4) for x in rel],
-            "chosen": best,
+            "weights": [round(float(x), 4) for x in w],
+            "chosen": chosen,
             "icl_answer": icl.answer,
-            "nearest_answer": demo.answer,
+            **r.details(),
         }
-        zs = self.zero_shot(query) if best == "zero-shot" or read_all else None
         if zs is not None:
             details["zero_shot_answer"] = zs.answer
         # the student's time on each reading of this query
         details["seconds"] = {"icl": round(icl.seconds, 6), "zero-shot": round(zs.seconds if zs else 0.0, 6)}
         out = replace(icl, details={**icl.details, "judge": details})
-        if best == "nearest":  # the student's own uncertainty about the query stays what the gate measures
-            out.answer = demo.answer
-        elif best == "zero-shot" and zs is not None:
+        if chosen == "vote":  # the student's own uncertainty about the query stays what the gate measures
+            out.answer = r.raw[best]
+        elif chosen == "zero-shot" and zs is not None:
             out.answer, out.token_logprobs, out.token_entropies = (
                 zs.answer,
                 zs.token_logprobs,
@@ -190,41 +273,35 @@ class OpenJudge:
         first: Prediction,
         answer: str,
         pool: Pool | None,
-        shots: int,
         best_last: bool,
     ) -> None:
-        """Checks of each expert on a taught open query: was its answer the teacher's? The **met** check
-        is what each said at the first pass (the zero-shot answer read now where the first pass skipped
-        it). With the ``pool``, a check with the **answer left out**: the student shown the nearest open
-        demos of other answers (one more ICL reading per teacher answer), what it meets where the pool
-        lacks the answer; the nearest demo is wrong there by construction."""
+        """Checks of each expert on a taught open query: its p(teacher's answer). The **met** check is
+        what each gave at the first pass (the zero-shot answer read now where the first pass skipped
+        it). With the ``pool``, a check with the **answer left out**: the student shown the nearest
+        open demos of other answers (one more ICL reading per teacher answer), what it meets where the
+        pool lacks the answer; the vote, of other answers, cannot be right there."""
         want = normalise_answer(answer)
         j = (first.details or {}).get("judge") or {}
         if j.get("by") == "judge-open":
-            zs = j.get("zero_shot_answer") or self.zero_shot(query).answer
-            said = (j["icl_answer"], zs, j["nearest_answer"])
-            self._record(["open-teach", j["similarity"], [normalise_answer(a) == want for a in said]])
-        found = nearest_demos(query, emb, pool, 4 * shots + 1, key=IMAGE) if pool is not None else None
+            met = _Readings.from_details(j, self.config.temperature)
+            if met.zs is None:
+                met.add_zero_shot(self.zero_shot(query))
+            self._record(["open-check", j["similarity"], met.p_of(answer)])
+        found = nearest_demos(query, emb, pool, 4 * self.shots + 1, key=IMAGE) if pool is not None else None
         if found is None:
             return
         others = [
             (d, float(sim))
             for d, sim in zip(*found, strict=True)
             if normalise_answer(d.answer) != want and d.query_id != query.id
-        ][:shots]
+        ][: self.shots]
         if not others:
             return
         shown = [d for d, _ in others]
-        icl = self._read(query, shown[::-1] if best_last else shown).answer
-        zs = self.zero_shot(query).answer
-        sim = max(x for _, x in others)
-        self._record(
-            [
-                "open-teach",
-                round(sim, 5),
-                [normalise_answer(icl) == want, normalise_answer(zs) == want, False],
-            ]
-        )
+        icl = self._read(query, shown[::-1] if best_last else shown)
+        r = _Readings.of(icl, (shown, np.asarray([x for _, x in others])), self.config.temperature)
+        r.add_zero_shot(self.zero_shot(query))
+        self._record(["open-check", round(max(x for _, x in others), 5), r.p_of(answer)])
 
     def apply(self, ev: Sequence[Any]) -> bool:
         """Apply one of its events; False when the event is not an open-question one."""
@@ -234,7 +311,10 @@ class OpenJudge:
             while len(self._zs) > _CACHE:
                 self._zs.popitem(last=False)
             return True
-        if ev[0] == "open-teach":
+        if ev[0] == "open-check":
             self.checks.add(ev[1], ev[2])
+            return True
+        if ev[0] == "open-teach":  # an earlier version's check: right or wrong per expert
+            self.checks.add(ev[1], [None if x is None else float(bool(x)) for x in ev[2]])
             return True
         return False

@@ -63,11 +63,6 @@ def copy_rate(records: list[dict[str, Any]]) -> float | None:
 
 
 _EXPERT_ANSWERS = (("icl", "icl_answer"), ("zero-shot", "zero_shot_answer"), ("vote", "vote_answer"))
-_OPEN_EXPERT_ANSWERS = (
-    ("icl", "icl_answer"),
-    ("zero-shot", "zero_shot_answer"),
-    ("nearest", "nearest_answer"),
-)
 
 
 def _judged(records: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
@@ -125,9 +120,9 @@ def judge_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
             [float(j["icl_copies_nearest_demo"]) for j in details if "icl_copies_nearest_demo" in j]
         )
     if open_rows:
-        out["open"] = _experts(open_rows, _OPEN_EXPERT_ANSWERS, _same_open)
+        out["open"] = _experts(open_rows, _EXPERT_ANSWERS, _same_open)
         chosen = [r["student_details"]["judge"]["chosen"] for r in open_rows]
-        out["open"]["chosen"] = {name: chosen.count(name) for name, _ in _OPEN_EXPERT_ANSWERS}
+        out["open"]["chosen"] = {name: chosen.count(name) for name, _ in _EXPERT_ANSWERS}
     return out
 
 

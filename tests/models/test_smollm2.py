@@ -123,7 +123,8 @@ def test_model_loads_once_per_instance_and_tags_are_cached(lm, monkeypatch):
     loads = []
     monkeypatch.setattr(smollm2, "load_smollm2", lambda cache_dir=None: loads.append(cache_dir) or lm)
     tagger = FakeTagger()
-    student = SmolLM2Student(tagger, cache_dir="/nonexistent")
+    # fp32: the fake loader hands over the shared fixture, which a bf16 student would convert in place
+    student = SmolLM2Student(tagger, cache_dir="/nonexistent", dtype="float32")
     img = Image.new("RGB", (8, 8), (0, 0, 250))
     q = Query(id="q", image=img, prompt="Which colour?", options=("red", "blue"))
     demo = Demo(id=1, query_id="d", image=img, prompt="Which colour?", answer="blue")
@@ -131,6 +132,26 @@ def test_model_loads_once_per_instance_and_tags_are_cached(lm, monkeypatch):
     student.predict(q, [demo])
     assert loads == ["/nonexistent"]
     assert tagger.calls == 1  # one distinct image
+
+
+def test_the_student_loads_in_the_dtype_asked_for_and_refuses_an_unknown_one(monkeypatch):
+    from icdistill.models import precision
+
+    class Model:
+        def to(self, device, dtype=None):
+            self.device, self.dtype = device, dtype
+            return self
+
+    monkeypatch.setattr(smollm2, "load_smollm2", lambda cache_dir=None: (Model(), None))
+    assert SmolLM2Student(FakeTagger(), dtype="bfloat16").lm()[0].dtype == torch.bfloat16
+    assert SmolLM2Student(FakeTagger(), dtype="float32").lm()[0].dtype == torch.float32
+    # the default: bf16 where this CPU multiplies it in hardware (AMX), else fp32
+    expected = torch.bfloat16 if precision.cpu_has_bf16_matmul() else torch.float32
+    assert SmolLM2Student(FakeTagger()).lm()[0].dtype == expected
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
+    assert precision.default_dtype("cpu") == torch.float32
+    with pytest.raises(SpecError, match="dtype=half is not one of float32, bfloat16, float16"):
+        SmolLM2Student(FakeTagger(), dtype="half")
 
 
 @pytest.mark.slow

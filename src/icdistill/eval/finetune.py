@@ -55,9 +55,10 @@ class LoRAStudent:
 
         model, tokenizer = base.lm()
         torch.manual_seed(seed)
-        # a private copy: other cells of the same process keep using the untouched base model
+        # a private copy: other cells of the same process keep using the untouched base model. It
+        # trains in fp32 (the base may run in bf16, where AdamW's small updates round away)
         lora = get_peft_model(
-            copy.deepcopy(model),
+            copy.deepcopy(model).float(),
             LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
         )
         lora.eval()

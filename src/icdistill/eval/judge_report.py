@@ -12,7 +12,6 @@ from typing import Any
 from icdistill.eval.rows import _groups, series_label
 
 EXPERTS = ("icl", "zero-shot", "vote")
-OPEN_EXPERTS = ("icl", "zero-shot", "nearest")
 
 
 def _median(xs: Sequence[float | None]) -> float | None:
@@ -64,10 +63,8 @@ def open_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         judged = [r["judge"]["open"] for r in rs if (r.get("judge") or {}).get("open")]
         if not judged:
             continue
-        acc = [_fmt(_median([j["experts"][n]["first_pass_accuracy"] for j in judged])) for n in OPEN_EXPERTS]
-        chosen = [
-            _fmt(_median([j["chosen"][n] / j["judged_queries"] for j in judged]), 2) for n in OPEN_EXPERTS
-        ]
+        acc = [_fmt(_median([j["experts"][n]["first_pass_accuracy"] for j in judged])) for n in EXPERTS]
+        chosen = [_fmt(_median([j["chosen"][n] / j["judged_queries"] for j in judged]), 2) for n in EXPERTS]
         env = _median([j["envelope"] for j in judged if j["all_read"] == j["judged_queries"]])
         lines.append(
             f"| {series_label(method, budget)} | {' | '.join(acc)} | {' / '.join(chosen)} | "

@@ -16,6 +16,7 @@ import torch
 
 from icdistill.errors import SpecError
 from icdistill.models import hf_llava_onevision, hf_qwen2_vl, hf_smolvlm
+from icdistill.models.precision import DTYPES, parse_dtype
 from icdistill.models.registry import Spec
 
 # config.model_type -> family. Every family here takes several images interleaved with text, which
@@ -43,7 +44,7 @@ SINGLE_IMAGE = MappingProxyType(
 
 OPTIONS = MappingProxyType(
     {
-        "dtype": "float32 | bfloat16 | float16 | auto (the checkpoint's); default: bfloat16/float16 on GPU, float32 on CPU",
+        "dtype": "float32 | bfloat16 | float16 | auto (the checkpoint's); default: bfloat16 on a GPU (float16 without bf16) and on a CPU with AMX, float16 on MPS, else float32",
         "device": "cpu | cuda | cuda:N | mps | auto (default)",
         "max_side": "resize images so that their longer side is at most this many pixels",
         "max_pixels": "resize images to at most this many pixels",
@@ -58,9 +59,6 @@ OPTIONS = MappingProxyType(
         "demos are dropped to fit",
     }
 )
-
-
-_DTYPES = MappingProxyType({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -117,8 +115,8 @@ class HFOptions:
             max_batch=spec.opt("max_batch", 64, int),
             max_context=spec.opt("max_context", None, int),
         )
-        if opts.dtype is not None and opts.dtype not in (*_DTYPES, "auto"):
-            raise SpecError(f"spec {spec.raw!r}: dtype={opts.dtype} is not one of {', '.join(_DTYPES)}, auto")
+        if opts.dtype is not None and opts.dtype not in (*DTYPES, "auto"):
+            raise SpecError(f"spec {spec.raw!r}: dtype={opts.dtype} is not one of {', '.join(DTYPES)}, auto")
         for name in ("max_side", "max_pixels", "max_new_tokens", "max_batch", "max_context"):
             value = getattr(opts, name)
             if value is not None and value < 1:
@@ -148,12 +146,8 @@ def resolve_device(name: str) -> str:
 def resolve_dtype(name: str | None, device: str) -> torch.dtype | str:
     if name == "auto":
         return "auto"
-    if name is not None:
-        return _DTYPES[name]
-    # bf16 keeps fp32's range on GPUs that have it; CPU matmuls in half precision are slow or missing.
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device == "mps" else torch.float32
+    # bf16 where the hardware multiplies it natively (a GPU, an AMX CPU), else fp32 on a CPU
+    return parse_dtype(name, device)
 
 
 def _is_local_path(target: str) -> bool:

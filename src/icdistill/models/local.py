@@ -36,6 +36,7 @@ def from_spec(spec: Spec, role: str, ctx: ModelContext) -> Any:
             "score": str,
             "calibrate": _flag,
             "zero_shot": str,
+            "dtype": str,
         }
         unknown = set(spec.options) - set(casts)
         if unknown:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from icdistill.errors import SpecError
 from icdistill.models.packed_scoring import score_continuations_packed
+from icdistill.models.precision import parse_dtype
 from icdistill.models.scoring import generate_with_entropy, sample_generations
 from icdistill.models.smollm2_load import load_smollm2
 from icdistill.types import Demo, Prediction, Query, image_digest
@@ -199,7 +200,9 @@ class SmolLM2Student:
 
     Open queries are answered by greedy generation with the demos in the prompt, up to the end of
     the line. The model loads on the first ``predict`` (once per instance, thread-safe), unless a
-    loaded ``lm=(model, tokenizer)`` is given to share one model between instances.
+    loaded ``lm=(model, tokenizer)`` is given to share one model between instances. It loads in
+    ``dtype`` (``float32``, ``bfloat16``; default: bf16 where the hardware multiplies it natively, an
+    AMX CPU or a GPU, else fp32: ``icdistill.models.precision``); a given ``lm`` is used as it is.
 
     The calibration's updates are kept as events (``drain_events``) that a resumed run replays
     (``replay_events``), so a resumed run answers exactly as the uninterrupted one. BENCHMARKS.md has
@@ -220,6 +223,7 @@ class SmolLM2Student:
         score: str = "mean",
         calibrate: bool = True,
         zero_shot: str = "options",
+        dtype: str | None = None,
     ) -> None:
         if score not in ("mean", "sum"):
             raise SpecError(f"local:smollm2 score must be 'mean' (length-normalised) or 'sum', got {score!r}")
@@ -227,6 +231,10 @@ class SmolLM2Student:
             raise SpecError(
                 f"local:smollm2 zero_shot must be one of {', '.join(ZERO_SHOT_STYLES)}, got {zero_shot!r}"
             )
+        try:
+            self.dtype = parse_dtype(dtype, device)  # bf16 where the hardware has it (models/precision.py)
+        except ValueError as e:
+            raise SpecError(f"local:smollm2 {e}") from None
         self.zero_shot = zero_shot
         self.score = score
         self.calibrate = calibrate
@@ -256,7 +264,7 @@ class SmolLM2Student:
         with self._load_lock:
             if self._lm[0] is None:
                 model, tokenizer = load_smollm2(self.cache_dir)
-                self._lm[0] = (model.to(self.device), tokenizer)
+                self._lm[0] = (model.to(self.device, dtype=self.dtype), tokenizer)
             return self._lm[0]
 
     def _tags_of(self, image: Image.Image) -> TagsLike:
