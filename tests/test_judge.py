@@ -319,15 +319,18 @@ def test_the_open_mixture_weighs_each_expert_by_its_checks_near_the_similarity()
     from icdistill.judge_open import OpenChecks
 
     checks = OpenChecks(JudgeConfig(bandwidth=0.1))
-    assert np.allclose(checks.weights(0.5), 1 / 3)  # no check: even
+    assert np.allclose(checks.weights(0.5), 1 / 3) and checks.vote_reliability(0.5) == 0.5  # no check
     for _ in range(4):  # far from the pool the vote was wrong and the zero-shot answer right
-        checks.add(0.3, [0.2, 0.9, 0.0])
+        checks.add(0.3, [0.2, 0.9, 0.0], False)
     w_far, w_near = checks.weights(0.3), checks.weights(0.9)
     assert w_far[2] < 0.2 and w_far[1] > 0.6
     assert abs(w_near[2] - 1 / 3) < 0.01  # no check near 0.9: even
-    checks.add(0.9, [0.1, None, 1.0])  # an expert not read is left out of its check
+    # the vote's confidence: low where its far demos were wrong, one half where nothing was checked
+    assert checks.vote_reliability(0.3) < 0.15 and checks.vote_reliability(0.9) > 0.49
+    checks.add(0.9, [0.1, None, 1.0], True)  # an expert not read is left out of its check
     w = checks.weights(0.9)
     assert w[2] > w_near[2] > w[0] and w[1] == pytest.approx(1 / 3, abs=0.02)
+    assert checks.vote_reliability(0.9) > 0.7
 
 
 def test_a_sharp_vote_of_near_demos_outweighs_a_hesitant_generation_that_does_not_copy_them():
@@ -335,9 +338,10 @@ def test_a_sharp_vote_of_near_demos_outweighs_a_hesitant_generation_that_does_no
 
     reads = []
 
-    def read(query, demos):
+    def read(query, demos):  # with demos or without, a hesitant answer that is not a demo's
         reads.append(len(demos))
-        return Prediction("a mosque", token_logprobs=[-1.5, -1.2], token_entropies=[2.0, 2.0])
+        answer = "a mosque" if demos else "a tower"
+        return Prediction(answer, token_logprobs=[-1.5, -1.2], token_entropies=[2.0, 2.0])
 
     events = []
     judge = OpenJudge(read, JudgeConfig(), 2, events.append)
@@ -348,10 +352,10 @@ def test_a_sharp_vote_of_near_demos_outweighs_a_hesitant_generation_that_does_no
     j = near.details["judge"]
     assert near.answer == "Rocket." and j["chosen"] == "vote" and j["vote_answer"] == "Rocket."
     # at even weights the zero-shot answer could still tie the vote: it is read
-    assert reads == [2, 0] and j["zero_shot_answer"] == "a mosque"
+    assert reads == [2, 0] and j["zero_shot_answer"] == "a tower"
     # where the checks found it wrong and the vote right, it cannot change the answer: not read
     for _ in range(4):
-        judge.checks.add(0.9, [0.3, 0.05, 1.0])
+        judge.checks.add(0.9, [0.3, 0.05, 1.0], True)
     reads.clear()
     again = judge.answer(q, icl, (demos, np.array([0.88, 0.21])))
     assert again.answer == "Rocket." and reads == [] and "zero_shot_answer" not in again.details["judge"]
@@ -360,5 +364,7 @@ def test_a_sharp_vote_of_near_demos_outweighs_a_hesitant_generation_that_does_no
     assert reads == [0] and "zero_shot_answer" in split.details["judge"]
     # the teacher's answer checks each expert at the similarity met: p(answer) per expert
     judge.teach(q, {}, again, "rocket", None, True)
-    kind, sim, p = events[-1]
-    assert kind == "open-check" and sim == 0.88 and p[2] > 0.99 and p[0] < 0.5 and p[1] is not None
+    kind, sim, p, vote_right = events[-1]
+    # the vote's p is its confidence there (the checks near 0.9) times its softmax share
+    assert kind == "open-check" and sim == 0.88 and vote_right and p[2] > 0.7
+    assert p[0] == 0.0 and p[1] == 0.0  # neither generation said it

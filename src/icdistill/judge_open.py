@@ -10,15 +10,17 @@ An open question has up to three experts, as an option question has:
   image space (free), as the option judge's vote.
 
 The **candidates** are the answers the experts give, VQA-normalised. A generation puts its confidence
-(its mean token probability) on its own answer and spreads the rest evenly over the other candidates;
-the vote is a distribution over its demos' answers. The answer is the argmax of the mixture
-``sum_e w_e(s) p_e``, ``s`` the nearest open demo's cosine, with the weights the option judge uses
-(``icdistill.judge_checks.grid_weights``): the posterior mean over the weight simplex under the
-kernel-weighted likelihood of the teacher's answers over the open checks, even where no check is near.
-So where nothing was checked, a sharp vote of near demos outweighs a hesitant generation, and a near
-demo's answer is taken over the generation that does not copy it (measured on the mixed manifest: the
-nearest open demo at cosine >= 0.7 was the teacher's answer on every query, the student's ICL
-generation on 54-89%, BENCHMARKS.md).
+(its mean token probability) on its own answer, the rest on answers no expert gave. The vote is the
+softmax over its demos' cosines, scaled by how often the vote was right on the checks near ``s`` (one
+half where none is near): a softmax is as sharp among far demos as among near ones, and the checks say
+how far is too far. The answer is the argmax of the mixture ``sum_e w_e(s) p_e``, ``s`` the nearest
+open demo's cosine, with the weights the option judge uses (``icdistill.judge_checks.grid_weights``):
+the posterior mean over the weight simplex under the kernel-weighted likelihood of the teacher's
+answers over the open checks, even where no check is near. So where nothing was checked, the near
+demos' answer is taken over a hesitant generation that does not copy it (measured on the mixed
+manifest: the nearest open demo at cosine >= 0.7 was the teacher's answer on every query, the
+student's ICL generation on 54-89%, BENCHMARKS.md), and where the checks found far demos wrong, the
+generation answers.
 
 Every taught open query checks each expert: p(teacher's answer) of each, at the similarity it met (the
 zero-shot answer read now where the first pass skipped it), and again with the answer left out: the
@@ -80,10 +82,11 @@ def confidence(pred: Prediction) -> float:
 
 
 def generation_dist(answer: str, conf: float, candidates: Sequence[str]) -> np.ndarray:
-    """A generation's distribution over the (normalised) ``candidates``: ``conf`` on its own answer,
-    the rest spread evenly over the others."""
-    out = np.full(len(candidates), (1.0 - conf) / max(len(candidates) - 1, 1))
-    out[list(candidates).index(answer)] = conf if len(candidates) > 1 else 1.0
+    """A generation's distribution over the (normalised) ``candidates``: ``conf`` on its own answer;
+    the rest is on answers no expert gave (not spread over the others: a hesitant generation does
+    not speak for another expert's answer)."""
+    out = np.zeros(len(candidates))
+    out[list(candidates).index(answer)] = conf
     return out
 
 
@@ -97,12 +100,26 @@ class OpenChecks:
         self._log_prior = grid_log_prior(self._grid, config)
         self.sims: list[float] = []
         self.p: list[list[float]] = []
+        self.vote_right: list[float] = []  # NaN: no vote in the check
         self._ll: np.ndarray | None = None
 
-    def add(self, sim: float, p: Sequence[float | None]) -> None:
+    def add(self, sim: float, p: Sequence[float | None], vote_right: bool | None) -> None:
         self.sims.append(float(sim))
         self.p.append([np.nan if x is None else float(x) for x in p])
+        self.vote_right.append(np.nan if vote_right is None else float(vote_right))
         self._ll = None
+
+    def vote_reliability(self, s: float) -> float:
+        """How often the vote's answer was the teacher's on the checks near ``s`` (kernel-weighted,
+        ``prior`` pseudo-checks at one half): the vote's confidence there. A softmax over cosines is as
+        sharp among far demos as among near ones; this is what says how far is too far."""
+        right = np.asarray(self.vote_right, dtype=np.float64)
+        seen = ~np.isnan(right)
+        prior = self.config.prior
+        if not seen.any():
+            return 0.5
+        kern = np.exp(-0.5 * ((np.asarray(self.sims)[seen] - s) / self.config.bandwidth) ** 2)
+        return float((kern @ right[seen] + prior / 2) / (kern.sum() + prior))
 
     def weights(self, s: float) -> np.ndarray:
         """``(w_icl, w_zero_shot, w_vote)`` near ``s`` (even before any check)."""
@@ -117,26 +134,42 @@ class _Readings:
     """One open query's expert answers, as a mixture over their candidates."""
 
     def __init__(
-        self, icl: str, icl_conf: float, voted: Sequence[str], sims: Sequence[float], temperature: float
+        self,
+        icl: str,
+        icl_conf: float,
+        voted: Sequence[str],
+        sims: Sequence[float],
+        vote_conf: float,
+        temperature: float,
     ) -> None:
         self.raw: dict[str, str] = {}  # normalised candidate -> the answer given for it
         self.icl, self.icl_conf = self._add(icl), icl_conf
         self.voted_raw = list(voted)
         self.voted = [self._add(a) for a in voted]
         self.sims = np.asarray(sims, dtype=np.float64)
+        self.vote_conf = vote_conf
         self.temperature = temperature
         self.zs: str | None = None
         self.zs_conf = 0.5
 
     @classmethod
-    def of(cls, icl: Prediction, near: tuple[Sequence[Demo], np.ndarray], temperature: float) -> _Readings:
+    def of(
+        cls, icl: Prediction, near: tuple[Sequence[Demo], np.ndarray], vote_conf: float, temperature: float
+    ) -> _Readings:
         demos, sims = near
-        return cls(icl.answer, confidence(icl), [d.answer for d in demos], sims, temperature)
+        return cls(icl.answer, confidence(icl), [d.answer for d in demos], sims, vote_conf, temperature)
 
     @classmethod
     def from_details(cls, j: dict[str, Any], temperature: float) -> _Readings:
         """The readings a first pass logged (its judge details)."""
-        r = cls(j["icl_answer"], j["icl_confidence"], j["voted"], j["vote_similarities"], temperature)
+        r = cls(
+            j["icl_answer"],
+            j["icl_confidence"],
+            j["voted"],
+            j["vote_similarities"],
+            j["vote_confidence"],
+            temperature,
+        )
         if "zero_shot_answer" in j:
             r.zs, r.zs_conf = r._add(j["zero_shot_answer"]), j["zero_shot_confidence"]
         return r
@@ -155,7 +188,7 @@ class _Readings:
         return [
             generation_dist(self.icl, self.icl_conf, cands),
             None if self.zs is None else generation_dist(self.zs, self.zs_conf, cands),
-            vote(self.sims, self.voted, cands, self.temperature),
+            self.vote_conf * vote(self.sims, self.voted, cands, self.temperature),
         ]
 
     def mix(self, w: np.ndarray) -> np.ndarray:
@@ -165,6 +198,10 @@ class _Readings:
             if d is not None:
                 out += wi * d
         return out
+
+    def vote_says(self, answer: str) -> bool:
+        """Whether the vote's answer is ``answer``."""
+        return list(self.raw)[int(np.argmax(self.dists()[2]))] == normalise_answer(answer)
 
     def p_of(self, answer: str) -> list[float | None]:
         """Each expert's probability of ``answer`` (None: not read; 0 where no expert gave it)."""
@@ -177,6 +214,7 @@ class _Readings:
     def details(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "icl_confidence": round(self.icl_conf, 4),
+            "vote_confidence": round(self.vote_conf, 4),
             "voted": self.voted_raw,
             "vote_similarities": [round(float(x), 5) for x in self.sims],
             "vote_answer": self.raw[list(self.raw)[int(np.argmax(self.dists()[2]))]],
@@ -233,7 +271,7 @@ class OpenJudge:
         open demos are ``near``; ``read_all``: read the zero-shot answer even where it cannot change it."""
         s = float(near[1][0])
         w = self.checks.weights(s)
-        r = _Readings.of(icl, near, self.config.temperature)
+        r = _Readings.of(icl, near, self.checks.vote_reliability(s), self.config.temperature)
         top2 = np.sort(r.mix(w))[::-1]
         # the zero-shot answer adds at most w_zero_shot to one candidate (a new one starts at 0)
         zs = None
@@ -286,7 +324,7 @@ class OpenJudge:
             met = _Readings.from_details(j, self.config.temperature)
             if met.zs is None:
                 met.add_zero_shot(self.zero_shot(query))
-            self._record(["open-check", j["similarity"], met.p_of(answer)])
+            self._record(["open-check", j["similarity"], met.p_of(answer), met.vote_says(answer)])
         found = nearest_demos(query, emb, pool, 4 * self.shots + 1, key=IMAGE) if pool is not None else None
         if found is None:
             return
@@ -299,9 +337,15 @@ class OpenJudge:
             return
         shown = [d for d, _ in others]
         icl = self._read(query, shown[::-1] if best_last else shown)
-        r = _Readings.of(icl, (shown, np.asarray([x for _, x in others])), self.config.temperature)
+        sim = max(x for _, x in others)
+        r = _Readings.of(
+            icl,
+            (shown, np.asarray([x for _, x in others])),
+            self.checks.vote_reliability(sim),
+            self.config.temperature,
+        )
         r.add_zero_shot(self.zero_shot(query))
-        self._record(["open-check", round(max(x for _, x in others), 5), r.p_of(answer)])
+        self._record(["open-check", round(sim, 5), r.p_of(answer), False])
 
     def apply(self, ev: Sequence[Any]) -> bool:
         """Apply one of its events; False when the event is not an open-question one."""
@@ -312,9 +356,10 @@ class OpenJudge:
                 self._zs.popitem(last=False)
             return True
         if ev[0] == "open-check":
-            self.checks.add(ev[1], ev[2])
+            self.checks.add(ev[1], ev[2], ev[3])
             return True
         if ev[0] == "open-teach":  # an earlier version's check: right or wrong per expert
-            self.checks.add(ev[1], [None if x is None else float(bool(x)) for x in ev[2]])
+            right = [None if x is None else bool(x) for x in ev[2]]
+            self.checks.add(ev[1], [None if x is None else float(x) for x in right], right[2])
             return True
         return False
