@@ -174,6 +174,37 @@ def test_weights_are_even_before_any_check_and_bad_config_is_refused():
         JudgeConfig(rule="vibes")
 
 
+def test_the_measured_and_not_adopted_weight_options_do_what_they_say():
+    from icdistill.judge_checks import JudgeChecks
+
+    opts = ("a", "b", "c")
+    confident, guess = np.array([0.9, 0.05, 0.05]), np.array([0.4, 0.3, 0.3])
+
+    def checks(config):
+        c = JudgeChecks(2, config)
+        for i in range(12):  # the ICL reading right where it did not copy the vote, wrong where it did
+            copied = i % 2 == 0
+            icl = np.roll(confident, 1) if copied else confident
+            vote = icl if copied else np.roll(confident, 2)
+            c.add_met(opts, 0, 0.5, icl, guess, vote)
+        return c
+
+    pooled = checks(JudgeConfig()).weights(opts, 0.5, copies=True)[0]
+    split = checks(JudgeConfig(copy_kernel=0.05))
+    # copy_kernel: the checks where the ICL reading behaved as it does now count most
+    assert (
+        split.weights(opts, 0.5, copies=True)[0][0] < pooled[0] < split.weights(opts, 0.5, copies=False)[0][0]
+    )
+    # hedge: the even distribution takes the insurance role a guessing expert took without it
+    plain, hedged = (
+        checks(JudgeConfig()).weights(opts, 0.5)[0],
+        checks(JudgeConfig(hedge=True)).weights(opts, 0.5)[0],
+    )
+    assert hedged[1] < plain[1] and hedged.sum() == pytest.approx(1.0)
+    with pytest.raises(Exception, match="copy_kernel"):
+        JudgeConfig(copy_kernel=0)
+
+
 def test_the_summary_reports_each_expert_and_the_envelope(colours):
     from icdistill.run_metrics import judge_summary
 

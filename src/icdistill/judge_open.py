@@ -355,8 +355,9 @@ class OpenJudge:
             while len(self._zs) > _CACHE:
                 self._zs.popitem(last=False)
             return True
-        if ev[0] == "open-check":
-            self.checks.add(ev[1], ev[2], ev[3])
+        if ev[0] == "open-check":  # (an earlier version logged no vote_right: its p of one half or more)
+            vote_p = ev[2][2]
+            self.checks.add(ev[1], ev[2], ev[3] if len(ev) > 3 else None if vote_p is None else vote_p >= 0.5)
             return True
         if ev[0] == "open-teach":  # an earlier version's check: right or wrong per expert
             right = [None if x is None else bool(x) for x in ev[2]]
