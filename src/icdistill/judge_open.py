@@ -11,13 +11,13 @@ An open question has up to three experts, as an option question has:
 
 The **candidates** are the answers the experts give, VQA-normalised. A generation puts its confidence
 (its mean token probability) on its own answer, the rest on answers no expert gave. The vote is the
-softmax over its demos' cosines, scaled by how often the vote was right on the checks near ``s`` (one
-half where none is near): a softmax is as sharp among far demos as among near ones, and the checks say
+softmax over its demos' cosines, scaled by how often the vote was right on the checks near ``s`` (as
+often as the prior's pseudo-checks say, all right, where none is near): a softmax is as sharp among far demos as among near ones, and the checks say
 how far is too far. The answer is the argmax of the mixture ``sum_e w_e(s) p_e``, ``s`` the nearest
 open demo's cosine, with the weights the option judge uses (``icdistill.judge_checks.grid_weights``):
 the posterior mean over the weight simplex under the kernel-weighted likelihood of the teacher's
 answers over the open checks, even where no check is near. So where nothing was checked, the near
-demos' answer is taken over a hesitant generation that does not copy it (measured on the mixed
+demos' answer is taken over a generation that does not copy it (measured on the mixed
 manifest: the nearest open demo at cosine >= 0.7 was the teacher's answer on every query, the
 student's ICL generation on 54-89%, BENCHMARKS.md), and where the checks found far demos wrong, the
 generation answers.
@@ -110,16 +110,17 @@ class OpenChecks:
         self._ll = None
 
     def vote_reliability(self, s: float) -> float:
-        """How often the vote's answer was the teacher's on the checks near ``s`` (kernel-weighted,
-        ``prior`` pseudo-checks at one half): the vote's confidence there. A softmax over cosines is as
-        sharp among far demos as among near ones; this is what says how far is too far."""
+        """How often the vote's answer was the teacher's on the checks near ``s`` (kernel-weighted), with
+        ``prior`` pseudo-checks where it was: the vote's confidence there. A softmax over cosines is as
+        sharp among far demos as among near ones; the checks say how far is too far. Until they do, the
+        teacher's answers of the nearest images are trusted, as the option judge's vote is."""
         right = np.asarray(self.vote_right, dtype=np.float64)
         seen = ~np.isnan(right)
         prior = self.config.prior
         if not seen.any():
-            return 0.5
+            return 1.0
         kern = np.exp(-0.5 * ((np.asarray(self.sims)[seen] - s) / self.config.bandwidth) ** 2)
-        return float((kern @ right[seen] + prior / 2) / (kern.sum() + prior))
+        return float((kern @ right[seen] + prior) / (kern.sum() + prior))
 
     def weights(self, s: float) -> np.ndarray:
         """``(w_icl, w_zero_shot, w_vote)`` near ``s`` (even before any check)."""
