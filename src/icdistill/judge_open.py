@@ -11,16 +11,17 @@ An open question has up to three experts, as an option question has:
 
 The **candidates** are the answers the experts give, VQA-normalised. A generation puts its confidence
 (its mean token probability) on its own answer, the rest on answers no expert gave. The vote is the
-softmax over its demos' cosines, scaled by how often the vote was right on the checks near ``s`` (as
-often as the prior's pseudo-checks say, all right, where none is near): a softmax is as sharp among far demos as among near ones, and the checks say
-how far is too far. The answer is the argmax of the mixture ``sum_e w_e(s) p_e``, ``s`` the nearest
-open demo's cosine, with the weights the option judge uses (``icdistill.judge_checks.grid_weights``):
-the posterior mean over the weight simplex under the kernel-weighted likelihood of the teacher's
-answers over the open checks, even where no check is near. So where nothing was checked, the near
-demos' answer is taken over a generation that does not copy it (measured on the mixed
-manifest: the nearest open demo at cosine >= 0.7 was the teacher's answer on every query, the
-student's ICL generation on 54-89%, BENCHMARKS.md), and where the checks found far demos wrong, the
-generation answers.
+softmax over its demos' cosines, scaled by how often the vote was right on the checks near ``s``
+(``prior`` pseudo-checks count as right: where no check is near, the teacher's answers of the nearest
+images are trusted, as the option judge's vote is). A softmax is as sharp among far demos as among
+near ones; the checks say how far is too far. The answer is the argmax of the mixture
+``sum_e w_e(s) p_e``, ``s`` the nearest open demo's cosine, with the weights the option judge uses
+(``icdistill.judge_checks.grid_weights``): the posterior mean over the weight simplex under the
+kernel-weighted likelihood of the teacher's answers over the open checks, even where no check is near.
+So where nothing was checked, the near demos' answer is taken over a generation that does not copy it
+(measured on the mixed manifest: the nearest open demo at cosine >= 0.7 was the teacher's answer on
+every query, the student's ICL generation on 54-89%, BENCHMARKS.md), and where the checks found far
+demos wrong, the generation answers.
 
 Every taught open query checks each expert: p(teacher's answer) of each, at the similarity it met (the
 zero-shot answer read now where the first pass skipped it), and again with the answer left out: the
