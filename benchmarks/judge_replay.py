@@ -41,10 +41,7 @@ def replay(
         j = ((r.get("student_details") or {}).get("judge")) or {}
         if j.get("by") == "judge" and j.get("icl") and j.get("zero_shot") and r.get("label") is not None:
             options = list((r.get("option_probs") or {}).keys())
-            copies = bool(j.get("vote")) and int(np.argmax(j["icl"])) == int(np.argmax(j["vote"]))
-            w, t_icl, t_zs = judge.checks.weights(
-                tuple(options), j["similarity"], copies if j.get("vote") else None
-            )
+            w, t_icl, t_zs = judge.checks.weights(tuple(options), j["similarity"])
             readings = {
                 ICL: temper(np.asarray(j["icl"]), t_icl),
                 ZERO_SHOT: temper(np.asarray(j["zero_shot"]), t_zs),
@@ -77,11 +74,7 @@ def main() -> None:
     ap.add_argument("--prior", default="1")
     ap.add_argument("--local-temperature", default="1", help="1, 0 or 1,0 (both)")
     ap.add_argument("--estimate", default="mean", help="mean, map or mean,map")
-    ap.add_argument(
-        "--rule", default="bayes,mixture", help="bayes, mixture, select (a learned switch), comma-separated"
-    )
-    ap.add_argument("--copy-kernel", default="1", help="JudgeConfig.copy_kernel values, e.g. 1,0.3,0.1")
-    ap.add_argument("--hedge", default="0", help="JudgeConfig.hedge: 1, 0 or 1,0 (both)")
+    ap.add_argument("--rule", default="bayes,mixture", help="bayes, mixture, select (a learned switch), comma-separated")
     args = ap.parse_args()
     grid = list(
         itertools.product(
@@ -90,8 +83,6 @@ def main() -> None:
             [x == "1" for x in args.local_temperature.split(",")],
             args.estimate.split(","),
             args.rule.split(","),
-            map(float, args.copy_kernel.split(",")),
-            [x == "1" for x in args.hedge.split(",")],
         )
     )
     for folder in args.evals:
@@ -100,7 +91,7 @@ def main() -> None:
             print(f"{folder}: no icd:judge=full cell")
             continue
         recs = [_records(p) for p in logs]
-        for bw, prior, local, est, rule, ck, hedge in grid:
+        for bw, prior, local, est, rule in grid:
             accs, bests, envs = [], [], []
             for rs in recs:
                 config = JudgeConfig(
@@ -109,16 +100,13 @@ def main() -> None:
                     local_temperature=local,
                     estimate=est,
                     rule="mixture" if rule == "select" else rule,
-                    copy_kernel=ck,
-                    hedge=hedge,
                 )
                 right, n, per, env = replay(rs, config, select=rule == "select")
                 accs.append(right / n)
                 bests.append(max(per.values()) / n)
                 envs.append(env / n)
             print(
-                f"{folder.name} {rule} bandwidth {bw:g} prior {prior:g} local T {int(local)} {est} copy kernel {ck:g} hedge {int(hedge)}: "
-                f"judged {statistics.median(accs):.3f} "
+                f"{folder.name} {rule} bandwidth {bw:g} prior {prior:g} local T {int(local)} {est}: judged {statistics.median(accs):.3f} "
                 f"{[round(a, 3) for a in accs]}  best expert {statistics.median(bests):.3f}  "
                 f"envelope {statistics.median(envs):.3f}"
             )

@@ -174,37 +174,6 @@ def test_weights_are_even_before_any_check_and_bad_config_is_refused():
         JudgeConfig(rule="vibes")
 
 
-def test_the_measured_and_not_adopted_weight_options_do_what_they_say():
-    from icdistill.judge_checks import JudgeChecks
-
-    opts = ("a", "b", "c")
-    confident, guess = np.array([0.9, 0.05, 0.05]), np.array([0.4, 0.3, 0.3])
-
-    def checks(config):
-        c = JudgeChecks(2, config)
-        for i in range(12):  # the ICL reading right where it did not copy the vote, wrong where it did
-            copied = i % 2 == 0
-            icl = np.roll(confident, 1) if copied else confident
-            vote = icl if copied else np.roll(confident, 2)
-            c.add_met(opts, 0, 0.5, icl, guess, vote)
-        return c
-
-    pooled = checks(JudgeConfig()).weights(opts, 0.5, copies=True)[0]
-    split = checks(JudgeConfig(copy_kernel=0.05))
-    # copy_kernel: the checks where the ICL reading behaved as it does now count most
-    assert (
-        split.weights(opts, 0.5, copies=True)[0][0] < pooled[0] < split.weights(opts, 0.5, copies=False)[0][0]
-    )
-    # hedge: the even distribution takes the insurance role a guessing expert took without it
-    plain, hedged = (
-        checks(JudgeConfig()).weights(opts, 0.5)[0],
-        checks(JudgeConfig(hedge=True)).weights(opts, 0.5)[0],
-    )
-    assert hedged[1] < plain[1] and hedged.sum() == pytest.approx(1.0)
-    with pytest.raises(Exception, match="copy_kernel"):
-        JudgeConfig(copy_kernel=0)
-
-
 def test_the_summary_reports_each_expert_and_the_envelope(colours):
     from icdistill.run_metrics import judge_summary
 
@@ -311,6 +280,11 @@ def test_open_questions_get_the_answer_of_the_expert_most_often_right_near_their
     near = [r["student_details"]["judge"] for r in judged if r["label"] in ("red", "green") and r["demo_ids"]]
     assert any(j.get("chosen") == "icl" and "zero_shot_answer" not in j for j in near)
     assert _accuracy(judged, {"red", "green"}) >= _accuracy(plain, {"red", "green"})
+    # reading every zero-shot answer (--judge full) changes no answer, nor the uncertainty the gate sees
+    full = _run(open_qs, taught, CopyingColourStudent(), judge="full")
+    assert [(r["answer"], r["uncertainty"]) for r in full] == [
+        (r["answer"], r["uncertainty"]) for r in judged
+    ]
     # before any check the student answers as it always did
     first = next(r for r in judged if r["demo_ids"])
     assert first["student_details"]["judge"]["chosen"] == "icl"
@@ -395,6 +369,14 @@ def test_a_sharp_vote_of_near_demos_outweighs_a_hesitant_generation_that_does_no
     assert reads == [0] and "zero_shot_answer" in split.details["judge"]
     # the teacher's answer checks each expert at the similarity met: p(answer) per expert
     judge.teach(q, {}, again, "rocket", None, True)
+    # an earlier version's checks replay: right / wrong per expert, and p without the vote's verdict
+    judge.apply(["open-teach", 0.4, [False, True, None]])
+    judge.apply(["open-check", 0.5, [0.1, None, 0.6]])
+    assert judge.checks.p[-2:] == [
+        [0.0, 1.0, pytest.approx(np.nan, nan_ok=True)],
+        [0.1, pytest.approx(np.nan, nan_ok=True), 0.6],
+    ]
+    assert judge.checks.vote_right[-1] == 1.0 and np.isnan(judge.checks.vote_right[-2])
     kind, sim, p, vote_right = events[-1]
     # the vote's p is its confidence there (the checks near 0.9) times its softmax share
     assert kind == "open-check" and sim == 0.88 and vote_right and p[2] > 0.7

@@ -46,17 +46,6 @@ class JudgeConfig:
     local_temperature: bool = False
     # the weights: the posterior mean over the grid ("mean") or its mode ("map")
     estimate: str = "mean"
-    # how much a check in which the ICL reading did (not) copy the vote's answer counts for a query in
-    # which it does not (does): 1 pools them; below 1 the weights near a query are learned mostly from
-    # the checks where the ICL reading behaved as it does there (a small LM that copies a far demo is
-    # as wrong as that demo; where it reads for itself it is not)
-    copy_kernel: float = 1.0
-    # a fourth component in the weights' fit: the even distribution over the options. A likelihood fit
-    # rewards a hedge: without one, a near-flat expert (a student that merely guesses) takes weight as
-    # insurance against the confident misses of the others, and then flips their answers where it
-    # leans. With it the hedge is the even distribution, which flips nothing; the answer mixes the
-    # three experts by their fitted weights, renormalised
-    hedge: bool = False
     # how the experts combine: "mixture" (their distributions mixed) or "bayes" (each expert's answer
     # weighed by how often it was right near this similarity, naive Bayes over their answers; measured
     # below the mixture on the photos and textile, benchmarks/judge_replay.py)
@@ -65,25 +54,19 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.bandwidth <= 0 or self.prior <= 0 or self.grid < 2:
             raise ICDError("judge: temperature, bandwidth and prior must be > 0 and grid >= 2")
-        if not 0 < self.copy_kernel <= 1:
-            raise ICDError("judge: copy_kernel must be in (0, 1]")
         if self.rule not in ("bayes", "mixture") or self.estimate not in ("mean", "map"):
             raise ICDError("judge: rule must be bayes or mixture, estimate mean or map")
 
 
-def _simplex(steps: int, dims: int = 3) -> np.ndarray:
-    """Every weight vector on a grid of ``1/steps``, summing to 1: (G, dims)."""
-    pts = [
-        (*head, steps - sum(head))
-        for head in itertools.product(range(steps + 1), repeat=dims - 1)
-        if sum(head) <= steps
-    ]
+def simplex_grid(steps: int) -> np.ndarray:
+    """Every weight triple on a grid of ``1/steps``, summing to 1: (G, 3)."""
+    pts = [(i, j, steps - i - j) for i, j in itertools.product(range(steps + 1), repeat=2) if i + j <= steps]
     return np.asarray(pts, dtype=np.float64) / steps
 
 
 def grid_log_prior(grid: np.ndarray, config: JudgeConfig) -> np.ndarray:
     """(G,): the prior over the weight grid, ``config.prior`` pseudo-checks pulling it to even."""
-    return config.prior * np.log(grid + 1.0 / config.grid).sum(axis=1) / grid.shape[1]
+    return config.prior * np.log(grid + 1.0 / config.grid).sum(axis=1) / 3
 
 
 def grid_log_lik(grid: np.ndarray, P: np.ndarray) -> np.ndarray:
@@ -100,19 +83,12 @@ def grid_log_lik(grid: np.ndarray, P: np.ndarray) -> np.ndarray:
 
 
 def grid_weights(
-    grid: np.ndarray,
-    log_prior: np.ndarray,
-    ll: np.ndarray,
-    sims: np.ndarray,
-    s: float,
-    config: JudgeConfig,
-    kern: np.ndarray | None = None,
+    grid: np.ndarray, log_prior: np.ndarray, ll: np.ndarray, sims: np.ndarray, s: float, config: JudgeConfig
 ) -> np.ndarray:
     """The weights at similarity ``s``: the posterior mean (or mode, ``config.estimate``) over the
     grid under the checks' log-likelihoods ``ll`` (G, n), each check weighted by a Gaussian kernel
-    in its similarity (or by ``kern``)."""
-    if kern is None:
-        kern = np.exp(-0.5 * ((sims - s) / config.bandwidth) ** 2)
+    in its similarity."""
+    kern = np.exp(-0.5 * ((sims - s) / config.bandwidth) ** 2)
     score = ll @ kern + log_prior
     if config.estimate == "map":
         return grid[int(np.argmax(score))]
@@ -137,7 +113,7 @@ class JudgeChecks:
 
     def __init__(self, shots: int, config: JudgeConfig) -> None:
         self.config = config
-        self._grid = _simplex(config.grid, 4 if config.hedge else 3)
+        self._grid = simplex_grid(config.grid)
         self._log_prior = grid_log_prior(self._grid, config)
         self._synthetic = SimilarityMixture(shots=shots, temperature=config.temperature)
         self._met: dict[tuple[str, ...], _Met] = {}
@@ -168,13 +144,9 @@ class JudgeChecks:
         met.answers.append(y)
         self._fits.pop(options, None)
 
-    def weights(
-        self, options: tuple[str, ...], similarity: float | None, copies: bool | None = None
-    ) -> tuple[np.ndarray, float, float]:
+    def weights(self, options: tuple[str, ...], similarity: float | None) -> tuple[np.ndarray, float, float]:
         """``(w_icl, w_zero_shot, w_vote)`` at the nearest demo's ``similarity`` (even before any
-        check), and the temperatures of the ICL and zero-shot readings. ``copies``: whether this
-        query's ICL reading says the vote's answer (None: not read yet); a met check where it behaved
-        otherwise counts ``copy_kernel`` times."""
+        check), and the temperatures of the ICL and zero-shot readings."""
         fit = self._fit(options)
         if fit is None:
             return np.full(3, 1.0 / 3), 1.0, 1.0
@@ -182,8 +154,6 @@ class JudgeChecks:
         s = 0.0 if similarity is None else similarity
         kern = np.exp(-0.5 * ((sims - s) / self.config.bandwidth) ** 2)
         met = self._met[options]
-        if copies is not None and self.config.copy_kernel < 1:
-            kern = kern * self._copy_factor(met, len(sims), copies)
         icl_rows = [i for i, r in enumerate(met.icl) if r is not None]
         if self.config.local_temperature and icl_rows:
             y = np.asarray(met.answers)[icl_rows]
@@ -195,17 +165,7 @@ class JudgeChecks:
                 np.stack([temper(p, t_icl)[yi] for p, yi in zip(probs, y, strict=True)]), _P_FLOOR
             )
             ll[:, icl_rows] = self._met_ll(p_icl, icl_rows, options)
-        w = grid_weights(self._grid, self._log_prior, ll, sims, s, self.config, kern)
-        return w[:3] / w[:3].sum(), t_icl, t_zs
-
-    def _copy_factor(self, met: _Met, n: int, copies: bool) -> np.ndarray:
-        """Per check (met, then synthetic): 1, or ``copy_kernel`` for a met check whose ICL reading
-        copied the vote's answer where this one does not (or the reverse)."""
-        f = np.ones(n)
-        for i, (icl, v) in enumerate(zip(met.icl, met.vote, strict=True)):
-            if icl is not None and v is not None and (int(np.argmax(icl)) == int(np.argmax(v))) != copies:
-                f[i] = self.config.copy_kernel
-        return f
+        return grid_weights(self._grid, self._log_prior, ll, sims, s, self.config), t_icl, t_zs
 
     def reliabilities(self, options: tuple[str, ...], similarity: float | None) -> np.ndarray:
         """How often each expert's answer was the teacher's on the met checks near ``similarity``
@@ -258,27 +218,18 @@ class JudgeChecks:
             return None
         P = np.asarray(rows_p, dtype=np.float64)
         self._checks[options] = P
-        fit = (
-            np.asarray(rows_s, dtype=np.float64),
-            self._log_lik(P, len(options)),
-            float(t_icl),
-            float(t_zs),
-        )
+        fit = (np.asarray(rows_s, dtype=np.float64), self._log_lik(P), float(t_icl), float(t_zs))
         self._fits[options] = fit
         return fit
 
-    def _log_lik(self, P: np.ndarray, k: int) -> np.ndarray:
-        """(G, n) over the checks ``P`` of ``k`` options; with the hedge, the even distribution is a
-        fourth expert present in every check."""
-        if self.config.hedge:
-            P = np.hstack([P, np.full((len(P), 1), 1.0 / k)])
+    def _log_lik(self, P: np.ndarray) -> np.ndarray:
         return grid_log_lik(self._grid, P)
 
     def _met_ll(self, p_icl: np.ndarray, rows: list[int], options: tuple[str, ...]) -> np.ndarray:
         """The log-likelihood columns of the met checks ``rows`` with their ICL column replaced."""
         P = self._checks[options][rows].copy()
         P[:, 0] = p_icl
-        return self._log_lik(P, len(options))
+        return self._log_lik(P)
 
 
 def _normalised(p: Sequence[float]) -> np.ndarray:

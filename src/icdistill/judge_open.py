@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from icdistill.judge_checks import JudgeConfig, _simplex, grid_log_lik, grid_log_prior, grid_weights
+from icdistill.judge_checks import JudgeConfig, grid_log_lik, grid_log_prior, grid_weights, simplex_grid
 from icdistill.mixture import vote
 from icdistill.protocols import Pool
 from icdistill.select import nearest_demos
@@ -97,7 +97,7 @@ class OpenChecks:
 
     def __init__(self, config: JudgeConfig) -> None:
         self.config = config
-        self._grid = _simplex(config.grid)
+        self._grid = simplex_grid(config.grid)
         self._log_prior = grid_log_prior(self._grid, config)
         self.sims: list[float] = []
         self.p: list[list[float]] = []
@@ -282,7 +282,9 @@ class OpenJudge:
             r.add_zero_shot(zs)
         cands = list(r.raw)
         best = cands[int(np.argmax(r.mix(w)))]  # a tie goes to the ICL answer, the first candidate
-        chosen = "icl" if best == r.icl else "zero-shot" if best == r.zs else "vote"
+        # the expert whose answer it is; the zero-shot one only where no other gave it (whether it was
+        # read then does not change the answer, nor the uncertainty the gate sees)
+        chosen = "icl" if best == r.icl else "vote" if best in r.voted else "zero-shot"
         details: dict[str, Any] = {
             "by": "judge-open",
             "similarity": round(s, 5),
@@ -340,12 +342,8 @@ class OpenJudge:
         shown = [d for d, _ in others]
         icl = self._read(query, shown[::-1] if best_last else shown)
         sim = max(x for _, x in others)
-        r = _Readings.of(
-            icl,
-            (shown, np.asarray([x for _, x in others])),
-            self.checks.vote_reliability(sim),
-            self.config.temperature,
-        )
+        # a vote of other answers gives the teacher's answer 0, whatever its confidence
+        r = _Readings.of(icl, (shown, np.asarray([x for _, x in others])), 1.0, self.config.temperature)
         r.add_zero_shot(self.zero_shot(query))
         self._record(["open-check", round(sim, 5), r.p_of(answer), False])
 

@@ -472,6 +472,12 @@ def open_pool(cfg: RunConfig, out: Path) -> SQLitePool | PostgresPool:
     )
 
 
+def student_dtype(student: Any) -> str | None:
+    """The dtype a local or ``hf:`` student runs in (None for an API student)."""
+    dtype = getattr(student, "dtype", None) or getattr(getattr(student, "model", None), "dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def run_icd(
     cfg: RunConfig,
     out: str | Path,
@@ -578,6 +584,9 @@ def _run_locked(
     summary["wall_seconds_this_session"] = time.perf_counter() - t0
     summary["resumed_at"] = start if resume else None
     summary["config"] = asdict(cfg)
+    # the precision the student ran in: bf16 where the hardware multiplies it (models/precision.py), so
+    # the same command can read a near-tie differently on another machine
+    summary["student_dtype"] = student_dtype(parts.student)
     write_json_atomic(out / "summary.json", summary)
     plot_run(distiller.records, out / "run.png")
     return summary

@@ -268,6 +268,7 @@ def test_s_per_query_reports_the_first_seed_apart_from_the_warm_ones():
     notes = "\n".join(report.summary_notes(rows))
     assert "**s/query (first seed)**" in notes and "**(other seeds)** may read the readings" in notes
 
+
 def test_the_judge_section_shows_each_expert_and_the_midpoint_test():
     from icdistill.eval.judge_report import judge_rows, judge_section
 
@@ -288,8 +289,10 @@ def test_the_judge_section_shows_each_expert_and_the_midpoint_test():
     rows = [
         {"method": "icd:judge=full", "budget": 0.05, "seed": s, "judge": judge(0.6, 0.7, 0.5, j, 0.9, 100)}
         for s, j in ((0, 0.85), (1, 0.75))
-    ] + [{"method": "icd", "budget": 0.05, "seed": 0, "judge": judge(0.6, 0.7, 0.5, 0.8, None, 40)},
-         {"method": "knn-pool", "budget": 0.05, "seed": 0, "judge": None}]
+    ] + [
+        {"method": "icd", "budget": 0.05, "seed": 0, "judge": judge(0.6, 0.7, 0.5, 0.8, None, 40)},
+        {"method": "knn-pool", "budget": 0.05, "seed": 0, "judge": None},
+    ]
     entries = {e["series"]: e for e in judge_rows(rows)}
     assert set(entries) == {"icd:judge=full @ 5%", "icd @ 5%"}
     full = entries["icd:judge=full @ 5%"]
@@ -298,3 +301,26 @@ def test_the_judge_section_shows_each_expert_and_the_midpoint_test():
     assert entries["icd @ 5%"]["zero-shot_read"] == 0.4 and entries["icd @ 5%"].get("envelope") is None
     text = "\n".join(judge_section(rows))
     assert "| icd:judge=full @ 5% | 0.600 | 0.700 | 0.500 | 0.800 |" in text and "(1 of 2)" in text
+
+
+def test_the_open_question_table_reads_summaries_from_before_the_open_vote():
+    from icdistill.eval.judge_report import open_lines
+
+    def summary(name):
+        experts = {
+            n: {"read": 10, "first_pass_accuracy": a}
+            for n, a in (("icl", 0.3), ("zero-shot", 0.1), (name, 0.5))
+        }
+        return {
+            "judged_queries": 10,
+            "first_pass_accuracy": 0.5,
+            "experts": experts,
+            "chosen": {"icl": 5, "zero-shot": 0, name: 5},
+            "all_read": 10,
+            "envelope": 0.6,
+        }
+
+    old = [{"method": "icd", "budget": 0.05, "seed": 0, "judge": {"open": summary("nearest")}}]
+    new = [{"method": "icd", "budget": 0.05, "seed": 0, "judge": {"open": summary("vote")}}]
+    assert open_lines(old) == open_lines(new)
+    assert "| icd @ 5% | 0.300 | 0.100 | 0.500 | 0.50 / 0.00 / 0.50 | 0.500 | 0.600 |" in open_lines(new)

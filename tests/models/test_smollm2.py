@@ -136,6 +136,7 @@ def test_model_loads_once_per_instance_and_tags_are_cached(lm, monkeypatch):
 
 def test_the_student_loads_in_the_dtype_asked_for_and_refuses_an_unknown_one(monkeypatch):
     from icdistill.models import precision
+    from icdistill.runner import student_dtype
 
     class Model:
         def to(self, device, dtype=None):
@@ -145,11 +146,16 @@ def test_the_student_loads_in_the_dtype_asked_for_and_refuses_an_unknown_one(mon
     monkeypatch.setattr(smollm2, "load_smollm2", lambda cache_dir=None: (Model(), None))
     assert SmolLM2Student(FakeTagger(), dtype="bfloat16").lm()[0].dtype == torch.bfloat16
     assert SmolLM2Student(FakeTagger(), dtype="float32").lm()[0].dtype == torch.float32
-    # the default: bf16 where this CPU multiplies it in hardware (AMX), else fp32
-    expected = torch.bfloat16 if precision.cpu_has_bf16_matmul() else torch.float32
-    assert SmolLM2Student(FakeTagger()).lm()[0].dtype == expected
-    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
-    assert precision.default_dtype("cpu") == torch.float32
+    # the default: bf16 where the CPU multiplies it in hardware (AMX), else fp32
+    for amx, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda amx=amx: amx)
+        student = SmolLM2Student(FakeTagger())
+        assert student.lm()[0].dtype == expected and student_dtype(student) == str(expected)[6:]
+    # a GPU: bf16 where it has it natively, else fp16
+    for native, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert precision.default_dtype("cuda:0") == expected
+    assert precision.default_dtype("mps") == torch.float16
     with pytest.raises(SpecError, match="dtype=half is not one of float32, bfloat16, float16"):
         SmolLM2Student(FakeTagger(), dtype="half")
 

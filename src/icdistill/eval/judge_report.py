@@ -55,12 +55,23 @@ def judge_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _open_summary(j: dict[str, Any]) -> dict[str, Any]:
+    """An open-question summary, its ``nearest`` expert (as summaries before the open vote named it)
+    renamed ``vote``."""
+    rename = {"nearest": "vote"}
+    return {
+        **j,
+        "experts": {rename.get(k, k): v for k, v in j["experts"].items()},
+        "chosen": {rename.get(k, k): v for k, v in j["chosen"].items()},
+    }
+
+
 def open_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The judge's open questions (``icdistill.judge_open``): per method, medians over seeds of each
     expert's first-pass accuracy where read, how often each was chosen, and the judged first pass."""
     lines = []
     for (method, budget), rs in _groups(rows).items():
-        judged = [r["judge"]["open"] for r in rs if (r.get("judge") or {}).get("open")]
+        judged = [_open_summary(r["judge"]["open"]) for r in rs if (r.get("judge") or {}).get("open")]
         if not judged:
             continue
         acc = [_fmt(_median([j["experts"][n]["first_pass_accuracy"] for j in judged])) for n in EXPERTS]
@@ -75,7 +86,7 @@ def open_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [
         "### The judge on open questions (first passes it judged; medians over seeds)",
         "",
-        "| method | ICL | zero-shot | nearest demo | chosen ICL / zero-shot / nearest | judged | envelope |",
+        "| method | ICL | zero-shot | vote of the nearest demos | chosen ICL / zero-shot / vote | judged | envelope |",
         "|---|---|---|---|---|---|---|",
         *lines,
         "",

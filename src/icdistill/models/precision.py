@@ -27,17 +27,17 @@ def cpu_has_bf16_matmul() -> bool:
 
 def default_dtype(device: str) -> torch.dtype:
     """bf16 (fp16 without it) on a GPU, fp16 on Apple's MPS, bf16 on an AMX CPU, fp32 on other CPUs."""
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.startswith("cuda"):  # emulated bf16 (e.g. a V100 or T4) is slower than fp16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device == "mps":
         return torch.float16
     return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
 
 
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
-    """``float32`` / ``bfloat16`` / ``float16``, or ``None`` / ``"default"`` for ``default_dtype``."""
-    if name is None or name == "default":
+    """``float32`` / ``bfloat16`` / ``float16``, or ``None`` for ``default_dtype``."""
+    if name is None:
         return default_dtype(device)
     if name not in DTYPES:
-        raise ValueError(f"dtype={name} is not one of {', '.join(DTYPES)}, default")
+        raise ValueError(f"dtype={name} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -201,8 +201,9 @@ class SmolLM2Student:
     Open queries are answered by greedy generation with the demos in the prompt, up to the end of
     the line. The model loads on the first ``predict`` (once per instance, thread-safe), unless a
     loaded ``lm=(model, tokenizer)`` is given to share one model between instances. It loads in
-    ``dtype`` (``float32``, ``bfloat16``; default: bf16 where the hardware multiplies it natively, an
-    AMX CPU or a GPU, else fp32: ``icdistill.models.precision``); a given ``lm`` is used as it is.
+    ``dtype`` (``float32``, ``bfloat16``, ``float16``; default: bf16 where the hardware multiplies it
+    natively, an AMX CPU or a GPU, else fp32: ``icdistill.models.precision``); a given ``lm`` is used
+    as it is.
 
     The calibration's updates are kept as events (``drain_events``) that a resumed run replays
     (``replay_events``), so a resumed run answers exactly as the uninterrupted one. BENCHMARKS.md has
