@@ -34,11 +34,15 @@ def test_config_json_says_the_split_a_hugging_face_set_was_read_from(tmp_path, m
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     ds = datasets.Dataset.from_dict(
         {"image": [Image.new("RGB", (8, 8), (60 * i, 0, 0)) for i in range(4)], "label": [0, 1, 0, 1]},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}
+        ),
     )
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))  # only a train split
     out = tmp_path / "o"
-    run_icd(RunConfig(dataset=f"hf:{tmp_path / 'saved'}", n=2), out, parts=_parts())  # --split test, the default
+    run_icd(
+        RunConfig(dataset=f"hf:{tmp_path / 'saved'}", n=2), out, parts=_parts()
+    )  # --split test, the default
     assert json.loads((out / "config.json").read_text())["split"] == "train"
     run_icd(RunConfig(dataset=f"hf:{tmp_path / 'saved'}", n=4), out, resume=True, parts=_parts())
     assert len(read_records(out / "log.jsonl")) == 4
@@ -53,3 +57,32 @@ def test_a_resume_refused_for_a_changed_flag_names_replace(tmp_path, monkeypatch
     assert main(["run", "--resume", "--out", str(out), "--budget", "0.3"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "--budget 0.3" in err and "run the same command with --replace instead of --resume" in err
+
+
+class _TypedStudent(FakeStudent):
+    """A FakeStudent that reports the dtype it runs in, as local:smollm2 and hf: students do."""
+
+    def __init__(self, dtype: str) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+
+def test_a_resume_in_another_dtype_than_the_run_started_in_is_warned(tmp_path, monkeypatch, capsys):
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    out = tmp_path / "o"
+    student = _TypedStudent("bfloat16")
+    monkeypatch.setattr(
+        "icdistill.runner.build_parts",
+        lambda cfg, ctx=None: Parts(student, ReferenceTeacher(), FakeEmbedder()),
+    )
+    assert main(["run", "--dataset", str(root), "--n", "4", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["student_dtype"] == "bfloat16"
+    assert json.loads((out / "summary.json").read_text())["student_dtype"] == "bfloat16"
+    capsys.readouterr()
+    assert main(["run", "--resume", "--out", str(out), "--n", "6", "--quiet"]) == 0  # the same machine
+    assert "resumes in" not in "".join(capsys.readouterr())
+    student.dtype = "float32"  # another machine's default
+    assert main(["run", "--resume", "--out", str(out), "--n", "8", "--quiet"]) == 0
+    said = " ".join("".join(capsys.readouterr()).split())
+    assert "started with its student in bfloat16 and resumes in float32" in said and "dtype=bfloat16" in said
+    assert len(read_records(out / "log.jsonl")) == 8

@@ -26,6 +26,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         check_parts_reachable,
         clear_run,
         lock_run,
+        precision_warning,
         preflight,
         run_icd,
         run_warnings,
@@ -83,6 +84,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     raise UsageError(str(e)) from e
             with console.status("checking that the teacher answers", spinner="dots"):
                 check_parts_reachable(parts)
+            changed = precision_warning(out, parts.student) if args.resume else None
+            if changed:
+                console.print(f"icd: warning: {changed}", style="yellow", markup=False, highlight=False, soft_wrap=True)
             if args.replace:
                 clear_run(out)
         except BaseException:
