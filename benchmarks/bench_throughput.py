@@ -253,6 +253,7 @@ def bench_vlm(args: argparse.Namespace) -> None:
         path = Path(tmp) / "smolvlm-256m-random"
         build_full_size_smolvlm(path)
         spec = f"hf:{path}?dtype={args.dtype}&device={args.device}&split=0&max_side=512"
+        spec += f"&image_cache={args.image_cache}"
         student = resolve_student(spec, ModelContext())
         rng = np.random.default_rng(0)
 
@@ -261,13 +262,24 @@ def bench_vlm(args: argparse.Namespace) -> None:
 
         q = "What item of clothing is shown?"
         queries = [Query(id=f"q{i}", image=image(), prompt=q, options=LABELS) for i in range(args.queries)]
-        demos = [[Demo(id=j, query_id=f"d{i}{j}", image=image(), prompt=q, answer=LABELS[j]) for j in range(args.shots)]
-                 for i in range(args.queries)]  # fmt: skip
+        if args.pool:  # a stream's pool: each query is shown `shots` of its `pool` demos
+            pool = [
+                Demo(id=j, query_id=f"d{j}", image=image(), prompt=q, answer=LABELS[j % 10])
+                for j in range(args.pool)
+            ]
+            demos = [
+                [pool[int(j)] for j in rng.choice(args.pool, args.shots, replace=False)] for _ in queries
+            ]
+        else:  # every query its own demos: no image is shown twice
+            demos = [[Demo(id=j, query_id=f"d{i}{j}", image=image(), prompt=q, answer=LABELS[j]) for j in range(args.shots)]
+                     for i in range(args.queries)]  # fmt: skip
         student.predict(queries[0], demos[0])  # warm-up
         rows = []
         for b in batches:
             times = []
             for _rep in range(args.repeats):
+                if student.image_cache is not None:  # every timing starts with no image computed
+                    student.image_cache._cache.clear()
                 t0 = time.perf_counter()
                 for i in range(0, len(queries), b):
                     if b == 1:
@@ -291,7 +303,8 @@ def bench_vlm(args: argparse.Namespace) -> None:
     import torch
 
     device = args.device if args.device == "cpu" else torch.cuda.get_device_name(0)
-    _write(f"vlm_{args.device}", {"args": vars(args), "device": device, "rows": rows})
+    tag = f"vlm_{args.device}" + (f"_pool{args.pool}_cache{args.image_cache}" if args.pool else "")
+    _write(tag, {"args": vars(args), "device": device, "rows": rows})
 
 
 # -- a slow loopback teacher -----------------------------------------------------------------------------
@@ -451,6 +464,10 @@ def main() -> None:
     v.add_argument("--device", default="cpu")
     v.add_argument("--dtype", default="float32")
     v.add_argument("--shots", type=int, default=2, help="demos (each with its image) per query")
+    v.add_argument(
+        "--pool", type=int, default=0, help="demos drawn from a pool of this many (0: each query its own)"
+    )
+    v.add_argument("--image-cache", type=int, default=256, help="the hf: image_cache option (0: off)")
     t = sub.add_parser("teacher")
     t.add_argument("--n", type=int, default=200)
     t.add_argument("--latency", type=float, default=3.0)

@@ -20,13 +20,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from icdistill.report import print_summary, progress_callbacks
+    from icdistill.run_dtype import precision_warning
     from icdistill.runner import (
         RunConfig,
         build_parts,
         check_parts_reachable,
         clear_run,
         lock_run,
-        precision_warning,
         preflight,
         run_icd,
         run_warnings,

@@ -34,6 +34,7 @@ from icdistill.pool import (
     shared_index_from_env,
 )
 from icdistill.protocols import Gate
+from icdistill.run_dtype import keep_student_dtype, student_dtype
 from icdistill.run_metrics import never_pooled, summarize
 from icdistill.run_summary import plot_run, summary_details
 from icdistill.runlog import FolderLock, RunLog, write_json_atomic
@@ -472,35 +473,6 @@ def open_pool(cfg: RunConfig, out: Path) -> SQLitePool | PostgresPool:
     )
 
 
-def student_dtype(student: Any) -> str | None:
-    """The dtype a local or ``hf:`` student runs in (None for an API student)."""
-    dtype = getattr(student, "dtype", None) or getattr(getattr(student, "model", None), "dtype", None)
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def precision_warning(out: str | Path, student: Any) -> str | None:
-    """A warning where a resumed run's student runs in another dtype than the run started in (another
-    machine's default, ``icdistill.models.precision``): its answers to near ties can differ."""
-    path = Path(out) / "config.json"
-    before = _read_config_file(Path(out)).get("student_dtype") if path.exists() else None
-    now = student_dtype(student)
-    if before is None or before == now:
-        return None
-    return (
-        f"the run in {out} started with its student in {before} and resumes in {now} (this machine's "
-        f"default): answers to near ties can differ from the interrupted run's; add dtype={before} to the "
-        "student spec to keep it"
-    )
-
-
-def _keep_student_dtype(out: Path, student: Any) -> None:
-    """Record the student's dtype in config.json, where ``precision_warning`` finds it on a resume."""
-    data = _read_config_file(out)
-    dtype = student_dtype(student)
-    if data.get("student_dtype") != dtype:
-        write_json_atomic(out / "config.json", {**data, "student_dtype": dtype})
-
-
 def run_icd(
     cfg: RunConfig,
     out: str | Path,
@@ -545,7 +517,7 @@ def _run_locked(
     if parts is None:
         parts = build_parts(cfg)
         check_parts_reachable(parts)
-    _keep_student_dtype(out, parts.student)
+    keep_student_dtype(out, parts.student)
     if cfg.max_cost_usd is not None and getattr(parts.teacher, "price_known", True) is False:
         raise ICDError(
             f"--max-cost cannot hold: the price of teacher {cfg.teacher} is unknown; add price_in= and "

@@ -136,7 +136,7 @@ def test_model_loads_once_per_instance_and_tags_are_cached(lm, monkeypatch):
 
 def test_the_student_loads_in_the_dtype_asked_for_and_refuses_an_unknown_one(monkeypatch):
     from icdistill.models import precision
-    from icdistill.runner import student_dtype
+    from icdistill.run_dtype import student_dtype
 
     class Model:
         def to(self, device, dtype=None):

@@ -57,6 +57,8 @@ OPTIONS = MappingProxyType(
         "max_batch": "option continuations per batched forward (default 64)",
         "max_context": "prompt + answer token limit (default: the model's max_position_embeddings); "
         "demos are dropped to fit",
+        "image_cache": "Idefics3/SmolVLM only: images whose vision features are kept, each computed once "
+        "(default 256; 0: none)",
     }
 )
 
@@ -92,6 +94,7 @@ class HFOptions:
     split: bool | None = None
     max_batch: int = 64
     max_context: int | None = None
+    image_cache: int = 256
 
     @classmethod
     def from_spec(cls, spec: Spec) -> HFOptions:
@@ -114,6 +117,7 @@ class HFOptions:
             split=spec.opt("split", None, _flag),
             max_batch=spec.opt("max_batch", 64, int),
             max_context=spec.opt("max_context", None, int),
+            image_cache=spec.opt("image_cache", 256, int),
         )
         if opts.dtype is not None and opts.dtype not in (*DTYPES, "auto"):
             raise SpecError(f"spec {spec.raw!r}: dtype={opts.dtype} is not one of {', '.join(DTYPES)}, auto")
@@ -123,6 +127,8 @@ class HFOptions:
                 raise SpecError(f"spec {spec.raw!r}: {name} must be at least 1")
         if opts.temperature < 0:
             raise SpecError(f"spec {spec.raw!r}: temperature must be >= 0")
+        if opts.image_cache < 0:
+            raise SpecError(f"spec {spec.raw!r}: image_cache must be >= 0")
         if not 0 < opts.top_p <= 1:
             raise SpecError(f"spec {spec.raw!r}: top_p must be in (0, 1]")
         return opts

@@ -35,6 +35,7 @@ from icdistill.models.scoring import (
     last_token_logits,
     score_after_prefixes,
 )
+from icdistill.models.vision_cache import cache_image_features
 from icdistill.teacher import match_option
 from icdistill.types import Demo, Prediction, Query, TeacherResponse, Usage
 
@@ -77,6 +78,10 @@ class HFVisionLanguageModel:
         self.family = loaded.family
         self._ahead = ReadAhead()
         self.model = loaded.model
+        # a demo's image is in every prompt that shows the demo: its vision features are computed once
+        self.image_cache = (
+            cache_image_features(self.model, opts.image_cache) if self.family == "idefics3" else None
+        )
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
         self._answer_lead, self._turn_end = self._template_answer_frame()
