@@ -1,7 +1,10 @@
-"""Each image through the vision tower once (``hf:`` Idefics3 / SmolVLM): the cached features give the
-answers the model gives without the cache, and a demo's image shown again is not computed again."""
+"""Each image through the vision tower once (``hf:`` Idefics3 / SmolVLM, Qwen2-VL): the cached features
+give the answers the model gives without the cache, and a demo's image shown again is not computed
+again."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from icdistill.types import Query
 from tiny_vlms import FAMILIES
 
 
-@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm", "qwen2_vl"])
 def test_cached_image_features_answer_as_the_model_without_them(family, tmp_path):
     torch.manual_seed(0)
     FAMILIES[family][0](tmp_path)
@@ -43,8 +46,12 @@ def test_cached_image_features_answer_as_the_model_without_them(family, tmp_path
     lists = [demos, [], demos[:1]]
     for w, g in zip(plain.predict_batch(asked, lists), cached.predict_batch(asked, lists), strict=True):
         assert g.option_scores == pytest.approx(w.option_scores, abs=1e-4)
+    # generate() hands the encoder the inputs its signature names (the grids, the pixel masks)
+    params = inspect.signature(cached.image_cache).parameters
+    assert ("image_grid_thw" if family == "qwen2_vl" else "pixel_attention_mask") in params
     open_q = Query(id="o", image=queries[0].image, prompt="Which colour is this image?")
-    assert cached.predict(open_q, demos).answer == plain.predict(open_q, demos).answer
+    want, got = plain.predict(open_q, demos), cached.predict(open_q, demos)
+    assert got.answer == want.answer and got.token_logprobs == pytest.approx(want.token_logprobs, abs=1e-4)
 
 
 def test_the_cache_keeps_at_most_its_size_and_refuses_a_negative_one(tmp_path):
@@ -56,5 +63,16 @@ def test_the_cache_keeps_at_most_its_size_and_refuses_a_negative_one(tmp_path):
     for q in queries:
         student.predict(Query(id=q.id, image=q.image, prompt="Which colour?", options=("red", "blue")), [])
     assert len(student.image_cache._cache) == 1 and student.image_cache.misses == len(queries)
+    # a prompt with more images than the cache keeps still gets all of them
+    demos = sample_demos(queries)[:2]
+    q = Query(id="q", image=queries[2].image, prompt="Which colour?", options=("red", "blue"))
+    want = resolve_student(spec + "&image_cache=0", ModelContext()).predict(q, demos)
+    assert student.predict(q, demos).option_scores == pytest.approx(want.option_scores, abs=1e-4)
+    # a family without a cache (LLaVA-OneVision) runs without one
+    FAMILIES["llava_onevision"][0](tmp_path / "llava")
+    assert (
+        resolve_student(f"hf:{tmp_path / 'llava'}?dtype=float32&device=cpu", ModelContext()).image_cache
+        is None
+    )
     with pytest.raises(SpecError, match="image_cache must be >= 0"):
         resolve_student(spec + "&image_cache=-1", ModelContext())

@@ -57,8 +57,8 @@ OPTIONS = MappingProxyType(
         "max_batch": "option continuations per batched forward (default 64)",
         "max_context": "prompt + answer token limit (default: the model's max_position_embeddings); "
         "demos are dropped to fit",
-        "image_cache": "Idefics3/SmolVLM only: images whose vision features are kept, each computed once "
-        "(default 256; 0: none)",
+        "image_cache": "Idefics3/SmolVLM and Qwen2-VL: images whose vision features are kept, each computed "
+        "once (default 256; 0: none)",
     }
 )
 

@@ -79,9 +79,7 @@ class HFVisionLanguageModel:
         self._ahead = ReadAhead()
         self.model = loaded.model
         # a demo's image is in every prompt that shows the demo: its vision features are computed once
-        self.image_cache = (
-            cache_image_features(self.model, opts.image_cache) if self.family == "idefics3" else None
-        )
+        self.image_cache = cache_image_features(self.model, opts.image_cache, self.family)
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
         self._answer_lead, self._turn_end = self._template_answer_frame()
