@@ -201,9 +201,9 @@ class _Readings:
                 out += wi * d
         return out
 
-    def vote_says(self, answer: str) -> bool:
-        """Whether the vote's answer is ``answer``."""
-        return list(self.raw)[int(np.argmax(self.dists()[2]))] == normalise_answer(answer)
+    def vote_answer(self) -> str:
+        """The (normalised) candidate the vote puts most on."""
+        return list(self.raw)[int(np.argmax(self.dists()[2]))]
 
     def p_of(self, answer: str) -> list[float | None]:
         """Each expert's probability of ``answer`` (None: not read; 0 where no expert gave it)."""
@@ -219,7 +219,7 @@ class _Readings:
             "vote_confidence": round(self.vote_conf, 4),
             "voted": self.voted_raw,
             "vote_similarities": [round(float(x), 5) for x in self.sims],
-            "vote_answer": self.raw[list(self.raw)[int(np.argmax(self.dists()[2]))]],
+            "vote_answer": self.raw[self.vote_answer()],
         }
         if self.zs is not None:
             out["zero_shot_confidence"] = round(self.zs_conf, 4)
@@ -328,7 +328,7 @@ class OpenJudge:
             met = _Readings.from_details(j, self.config.temperature)
             if met.zs is None:
                 met.add_zero_shot(self.zero_shot(query))
-            self._record(["open-check", j["similarity"], met.p_of(answer), met.vote_says(answer)])
+            self._record(["open-check", j["similarity"], met.p_of(answer), met.vote_answer() == want])
         found = nearest_demos(query, emb, pool, 4 * self.shots + 1, key=IMAGE) if pool is not None else None
         if found is None:
             return
