@@ -2,7 +2,7 @@
 with other settings, without any model: what each setting of the judge would have answered on the
 same stream, pool and teacher calls (the coverage gate's calls do not depend on the answers).
 
-    python benchmarks/judge_replay.py runs/b24-photos runs/b24-fmnist --bandwidth 0.05,0.1,0.2 --prior 0.5,1,4
+    python benchmarks/judge_replay.py runs/b24-photos runs/b24-fmnist --bandwidth 0.05,0.1,0.2 --prior 0.5,1,4 --reweight 1,0
 
 Prints, per eval folder and setting, the judged first-pass accuracy over the seeds' full cells, beside
 the best single expert and the envelope (the share of queries any expert gets right).
@@ -70,10 +70,11 @@ def replay(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("evals", nargs="+", type=Path)
-    ap.add_argument("--bandwidth", default="0.1")
+    ap.add_argument("--bandwidth", default="0.2")
     ap.add_argument("--prior", default="1")
-    ap.add_argument("--local-temperature", default="1", help="1, 0 or 1,0 (both)")
+    ap.add_argument("--local-temperature", default="0", help="1, 0 or 1,0 (both)")
     ap.add_argument("--estimate", default="mean", help="mean, map or mean,map")
+    ap.add_argument("--reweight", default="1", help="1, 0 or 1,0: the checks weighed to the pooled/unpooled mix")
     ap.add_argument("--rule", default="bayes,mixture", help="bayes, mixture, select (a learned switch), comma-separated")
     args = ap.parse_args()
     grid = list(
@@ -83,6 +84,7 @@ def main() -> None:
             [x == "1" for x in args.local_temperature.split(",")],
             args.estimate.split(","),
             args.rule.split(","),
+            [x == "1" for x in args.reweight.split(",")],
         )
     )
     for folder in args.evals:
@@ -91,7 +93,7 @@ def main() -> None:
             print(f"{folder}: no icd:judge=full cell")
             continue
         recs = [_records(p) for p in logs]
-        for bw, prior, local, est, rule in grid:
+        for bw, prior, local, est, rule, reweight in grid:
             accs, bests, envs = [], [], []
             for rs in recs:
                 config = JudgeConfig(
@@ -100,13 +102,14 @@ def main() -> None:
                     local_temperature=local,
                     estimate=est,
                     rule="mixture" if rule == "select" else rule,
+                    reweight=reweight,
                 )
                 right, n, per, env = replay(rs, config, select=rule == "select")
                 accs.append(right / n)
                 bests.append(max(per.values()) / n)
                 envs.append(env / n)
             print(
-                f"{folder.name} {rule} bandwidth {bw:g} prior {prior:g} local T {int(local)} {est}: judged {statistics.median(accs):.3f} "
+                f"{folder.name} {rule} bandwidth {bw:g} prior {prior:g} local T {int(local)} {est} reweight {int(reweight)}: judged {statistics.median(accs):.3f} "
                 f"{[round(a, 3) for a in accs]}  best expert {statistics.median(bests):.3f}  "
                 f"envelope {statistics.median(envs):.3f}"
             )

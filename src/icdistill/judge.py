@@ -425,7 +425,7 @@ class Judge:
             _, options_l, answer, sim, icl, zs, voted = ev
             options = tuple(options_l)
             self.checks.add_met(
-                options, options.index(answer), sim, icl, np.asarray(zs, dtype=np.float64), voted
+                options, options.index(answer), sim, icl, np.asarray(zs, dtype=np.float64), voted, unpooled=True
             )
             return
         if ev[0] != "teach":
@@ -434,8 +434,9 @@ class Judge:
         options = tuple(options_l)
         y = options.index(answer)
         zs_a = np.asarray(zs, dtype=np.float64)
+        first_of_label = self.checks.count_answer(options, answer)
         if sim is not None and icl is not None:  # a met check: demos were shown at its first pass
-            self.checks.add_met(options, y, sim, icl, zs_a, voted)
+            self.checks.add_met(options, y, sim, icl, zs_a, voted, unpooled=first_of_label)
         if sketch is not None:
             self.checks.teach_synthetic(options, decode_sketch(sketch).astype(np.float32), zs_a, answer)
 

@@ -12,6 +12,7 @@ left out of it) and the LM readings' temperatures; or each expert's reliability 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,11 @@ class JudgeConfig:
     # weighed by how often it was right near this similarity, naive Bayes over their answers; measured
     # below the mixture on the photos and textile, benchmarks/judge_replay.py)
     rule: str = "mixture"
+    # weigh the checks to the stream's mix of queries whose class is pooled and queries whose class
+    # is not (the Good-Turing estimate of the unseen classes' mass from the teacher's answers): the
+    # gate asks where the student is unsure, often a new class, and every teacher answer adds a check
+    # with its label left out, so most checks stand for the unpooled case, rare once every class is in
+    reweight: bool = True
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.bandwidth <= 0 or self.prior <= 0 or self.grid < 2:
@@ -82,13 +88,44 @@ def grid_log_lik(grid: np.ndarray, P: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(lik, _P_FLOOR))
 
 
+def unseen_mass(labels: Counter[str], n_options: int) -> float:
+    """The chance that the next query is of a label the teacher has not answered yet, in [0.02, 0.98]:
+    the larger of the Good-Turing estimate (the share of answers whose label was seen once) and the
+    posterior predictive of a uniform Dirichlet over the ``n_options`` labels (the unseen labels'
+    share, ``(options unseen) / (answers + options)``: the gate may never have reached a class)."""
+    n = sum(labels.values())
+    once = sum(1 for c in labels.values() if c == 1)
+    good_turing = once / n if n else 1.0
+    dirichlet = max(n_options - len(labels), 0) / (n + n_options) if n_options else 0.0
+    return float(np.clip(max(good_turing, dirichlet), 0.02, 0.98))
+
+
+def regime_weights(unpooled: np.ndarray, mass: float) -> np.ndarray:
+    """Per check, the weight that makes the checks of the unpooled case (``unpooled``: the query's
+    label was not pooled, or was left out) carry ``mass`` of the total, the others the rest; the
+    total stays the number of checks (ones where every check is of one case)."""
+    n = len(unpooled)
+    share = float(unpooled.mean()) if n else 0.0
+    if share in (0.0, 1.0):
+        return np.ones(n)
+    return np.where(unpooled, mass / share, (1.0 - mass) / (1.0 - share))
+
+
 def grid_weights(
-    grid: np.ndarray, log_prior: np.ndarray, ll: np.ndarray, sims: np.ndarray, s: float, config: JudgeConfig
+    grid: np.ndarray,
+    log_prior: np.ndarray,
+    ll: np.ndarray,
+    sims: np.ndarray,
+    s: float,
+    config: JudgeConfig,
+    check_weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """The weights at similarity ``s``: the posterior mean (or mode, ``config.estimate``) over the
     grid under the checks' log-likelihoods ``ll`` (G, n), each check weighted by a Gaussian kernel
-    in its similarity."""
+    in its similarity (times ``check_weights``, if given)."""
     kern = np.exp(-0.5 * ((sims - s) / config.bandwidth) ** 2)
+    if check_weights is not None:
+        kern = kern * check_weights
     score = ll @ kern + log_prior
     if config.estimate == "map":
         return grid[int(np.argmax(score))]
@@ -106,6 +143,9 @@ class _Met:
     zero_shot: list[np.ndarray]
     vote: list[np.ndarray | None]
     answers: list[int]
+    # whether the query's label was not pooled at the check: a label-left-out check, or the first
+    # teacher answer of its label
+    unpooled: list[bool]
 
 
 class JudgeChecks:
@@ -117,7 +157,10 @@ class JudgeChecks:
         self._log_prior = grid_log_prior(self._grid, config)
         self._synthetic = SimilarityMixture(shots=shots, temperature=config.temperature)
         self._met: dict[tuple[str, ...], _Met] = {}
-        self._fits: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, float, float]] = {}
+        self._labels: dict[tuple[str, ...], Counter[str]] = {}  # the teacher's answers per option set
+        # per option set: the checks' similarities, their log-likelihoods (G, n), the regime weights
+        # and the two temperatures
+        self._fits: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = {}
         self._checks: dict[tuple[str, ...], np.ndarray] = {}  # (n, 3) p(teacher's answer) per check
 
     @property
@@ -133,15 +176,30 @@ class JudgeChecks:
         self._synthetic.teach(options, features, zs, answer)
         self._fits.pop(options, None)
 
+    def count_answer(self, options: tuple[str, ...], answer: str) -> bool:
+        """Count a teacher answer of ``options``; whether it is the first of its label."""
+        labels = self._labels.setdefault(options, Counter())
+        labels[answer] += 1
+        self._fits.pop(options, None)
+        return labels[answer] == 1
+
     def add_met(
-        self, options: tuple[str, ...], y: int, sim: float, icl: Sequence[float], zs: np.ndarray, voted: Any
+        self,
+        options: tuple[str, ...],
+        y: int,
+        sim: float,
+        icl: Sequence[float],
+        zs: np.ndarray,
+        voted: Any,
+        unpooled: bool = False,
     ) -> None:
-        met = self._met.setdefault(options, _Met([], [], [], [], []))
+        met = self._met.setdefault(options, _Met([], [], [], [], [], []))
         met.sims.append(float(sim))
         met.icl.append(_normalised(icl))
         met.zero_shot.append(zs)
         met.vote.append(None if voted is None else _normalised(voted))
         met.answers.append(y)
+        met.unpooled.append(bool(unpooled))
         self._fits.pop(options, None)
 
     def weights(self, options: tuple[str, ...], similarity: float | None) -> tuple[np.ndarray, float, float]:
@@ -150,7 +208,7 @@ class JudgeChecks:
         fit = self._fit(options)
         if fit is None:
             return np.full(3, 1.0 / 3), 1.0, 1.0
-        sims, ll, t_icl, t_zs = fit
+        sims, ll, rw, t_icl, t_zs = fit
         s = 0.0 if similarity is None else similarity
         kern = np.exp(-0.5 * ((sims - s) / self.config.bandwidth) ** 2)
         met = self._met[options]
@@ -158,14 +216,14 @@ class JudgeChecks:
         if self.config.local_temperature and icl_rows:
             y = np.asarray(met.answers)[icl_rows]
             probs = np.stack([met.icl[i] for i in icl_rows])  # type: ignore[misc]
-            t_icl = fit_temperature(probs, y, weights=kern[icl_rows], center=t_icl)
+            t_icl = fit_temperature(probs, y, weights=(kern * rw)[icl_rows], center=t_icl)
             ll = ll.copy()
             # the met checks' ICL column at that temperature: their likelihood under every grid point
             p_icl = np.maximum(
                 np.stack([temper(p, t_icl)[yi] for p, yi in zip(probs, y, strict=True)]), _P_FLOOR
             )
             ll[:, icl_rows] = self._met_ll(p_icl, icl_rows, options)
-        return grid_weights(self._grid, self._log_prior, ll, sims, s, self.config), t_icl, t_zs
+        return grid_weights(self._grid, self._log_prior, ll, sims, s, self.config, rw), t_icl, t_zs
 
     def reliabilities(self, options: tuple[str, ...], similarity: float | None) -> np.ndarray:
         """How often each expert's answer was the teacher's on the met checks near ``similarity``
@@ -175,6 +233,9 @@ class JudgeChecks:
             return np.full(3, 0.5)
         s = 0.0 if similarity is None else similarity
         kern = np.exp(-0.5 * ((np.asarray(met.sims) - s) / self.config.bandwidth) ** 2)
+        fit = self._fit(options)
+        if fit is not None:
+            kern = kern * fit[2][: len(kern)]
         right = np.full((len(met.answers), 3), np.nan)
         for i, y in enumerate(met.answers):
             for e, r in enumerate((met.icl[i], met.zero_shot[i], met.vote[i])):
@@ -186,9 +247,12 @@ class JudgeChecks:
         prior = self.config.prior
         return np.clip((hits + prior / 2) / (seen + prior), 0.02, 0.98)
 
-    def _fit(self, options: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, float, float] | None:
-        """The checks' similarities and their log-likelihood under each grid point (G, n), cached
-        until the next teach."""
+    def _fit(
+        self, options: tuple[str, ...]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float] | None:
+        """The checks' similarities, their log-likelihood under each grid point (G, n), their regime
+        weights (``regime_weights``; ones with ``config.reweight`` off) and the two temperatures,
+        cached until the next teach."""
         if options in self._fits:
             return self._fits[options]
         met = self._met.get(options)
@@ -196,8 +260,19 @@ class JudgeChecks:
             return None
         y = np.asarray(met.answers)
         t_zs = self._synthetic.zero_shot_temperature(options)
+        near, p2 = self._synthetic.checks(options)  # (n, 2): vote, zero-shot
+        unpooled = np.concatenate([np.asarray(met.unpooled, dtype=bool), self._synthetic.label_left_out(options)])
+        rw = (
+            regime_weights(unpooled, unseen_mass(self._labels.get(options, Counter()), len(options)))
+            if self.config.reweight
+            else np.ones(len(unpooled))
+        )
         icl_rows = [i for i, r in enumerate(met.icl) if r is not None]
-        t_icl = fit_temperature(np.stack([met.icl[i] for i in icl_rows]), y[icl_rows]) if icl_rows else 1.0
+        t_icl = (
+            fit_temperature(np.stack([met.icl[i] for i in icl_rows]), y[icl_rows], weights=rw[icl_rows])
+            if icl_rows
+            else 1.0
+        )
         rows_p, rows_s = [], []
         for i, yi in enumerate(y):
             icl = met.icl[i]
@@ -210,7 +285,6 @@ class JudgeChecks:
                 ]
             )
             rows_s.append(met.sims[i])
-        near, p2 = self._synthetic.checks(options)  # (n, 2): vote, zero-shot
         for s, (pv, pz) in zip(near, p2, strict=True):
             rows_p.append([np.nan, pz, pv])
             rows_s.append(float(s))
@@ -218,7 +292,7 @@ class JudgeChecks:
             return None
         P = np.asarray(rows_p, dtype=np.float64)
         self._checks[options] = P
-        fit = (np.asarray(rows_s, dtype=np.float64), self._log_lik(P), float(t_icl), float(t_zs))
+        fit = (np.asarray(rows_s, dtype=np.float64), self._log_lik(P), rw, float(t_icl), float(t_zs))
         self._fits[options] = fit
         return fit
 

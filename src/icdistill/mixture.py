@@ -52,6 +52,7 @@ class _Taught:
     loo: tuple[np.ndarray, np.ndarray] | None = None
     llo: tuple[np.ndarray, np.ndarray] | None = None
     checks: tuple[np.ndarray, np.ndarray] | None = None  # (similarity, p_true (n, 2)), cached
+    label_left_out: np.ndarray | None = None  # per check: leave-label-out (True) or leave-one-out, cached
     temperature: float | None = None  # of the zero-shot reading, fitted to the taught answers, cached
 
 
@@ -261,7 +262,16 @@ class SimilarityMixture:
             near_all = np.stack(near, axis=1).ravel()[keep]
             p_all = np.stack(p, axis=1).reshape(-1, 2)[keep]
             t.checks = (near_all, np.maximum(p_all, _P_FLOOR))
+            t.label_left_out = np.stack([np.zeros(n, bool), np.ones(n, bool)], axis=1).ravel()[keep]
         return t.checks
+
+    def label_left_out(self, options: Sequence[str]) -> np.ndarray:
+        """Per check of ``checks(options)``, in order: whether it left the query's label out."""
+        self.checks(options)
+        t = self._taught.get(tuple(options))
+        if t is None or t.label_left_out is None:
+            return np.zeros(0, dtype=bool)
+        return t.label_left_out
 
     def vote_weight(self, options: Sequence[str], similarity: float) -> float:
         """``w(s)``: the vote's weight at ``similarity`` (0.5 before any check)."""
