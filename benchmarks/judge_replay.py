@@ -74,8 +74,12 @@ def main() -> None:
     ap.add_argument("--prior", default="1")
     ap.add_argument("--local-temperature", default="0", help="1, 0 or 1,0 (both)")
     ap.add_argument("--estimate", default="mean", help="mean, map or mean,map")
-    ap.add_argument("--reweight", default="1", help="1, 0 or 1,0: the checks weighed to the pooled/unpooled mix")
-    ap.add_argument("--rule", default="bayes,mixture", help="bayes, mixture, select (a learned switch), comma-separated")
+    ap.add_argument(
+        "--reweight", default="1", help="1, 0 or 1,0: the checks weighed to the pooled/unpooled mix"
+    )
+    ap.add_argument(
+        "--rule", default="bayes,mixture", help="bayes, mixture, select (a learned switch), comma-separated"
+    )
     args = ap.parse_args()
     grid = list(
         itertools.product(

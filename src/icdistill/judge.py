@@ -425,7 +425,13 @@ class Judge:
             _, options_l, answer, sim, icl, zs, voted = ev
             options = tuple(options_l)
             self.checks.add_met(
-                options, options.index(answer), sim, icl, np.asarray(zs, dtype=np.float64), voted, unpooled=True
+                options,
+                options.index(answer),
+                sim,
+                icl,
+                np.asarray(zs, dtype=np.float64),
+                voted,
+                unpooled=True,
             )
             return
         if ev[0] != "teach":

@@ -261,7 +261,9 @@ class JudgeChecks:
         y = np.asarray(met.answers)
         t_zs = self._synthetic.zero_shot_temperature(options)
         near, p2 = self._synthetic.checks(options)  # (n, 2): vote, zero-shot
-        unpooled = np.concatenate([np.asarray(met.unpooled, dtype=bool), self._synthetic.label_left_out(options)])
+        unpooled = np.concatenate(
+            [np.asarray(met.unpooled, dtype=bool), self._synthetic.label_left_out(options)]
+        )
         rw = (
             regime_weights(unpooled, unseen_mass(self._labels.get(options, Counter()), len(options)))
             if self.config.reweight
