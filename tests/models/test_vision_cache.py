@@ -16,7 +16,7 @@ from icdistill.types import Query
 from tiny_vlms import FAMILIES
 
 
-@pytest.mark.parametrize("family", ["idefics3", "smolvlm", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm", "qwen2_vl", "llava_onevision"])
 def test_cached_image_features_answer_as_the_model_without_them(family, tmp_path):
     torch.manual_seed(0)
     FAMILIES[family][0](tmp_path)
@@ -46,9 +46,11 @@ def test_cached_image_features_answer_as_the_model_without_them(family, tmp_path
     lists = [demos, [], demos[:1]]
     for w, g in zip(plain.predict_batch(asked, lists), cached.predict_batch(asked, lists), strict=True):
         assert g.option_scores == pytest.approx(w.option_scores, abs=1e-4)
-    # generate() hands the encoder the inputs its signature names (the grids, the pixel masks)
+    # generate() hands the encoder the inputs its signature names (the grids, the pixel masks, the
+    # images per prompt)
     params = inspect.signature(cached.image_cache).parameters
-    assert ("image_grid_thw" if family == "qwen2_vl" else "pixel_attention_mask") in params
+    named = {"qwen2_vl": "image_grid_thw", "llava_onevision": "batch_num_images"}
+    assert named.get(family, "pixel_attention_mask") in params
     open_q = Query(id="o", image=queries[0].image, prompt="Which colour is this image?")
     want, got = plain.predict(open_q, demos), cached.predict(open_q, demos)
     assert got.answer == want.answer and got.token_logprobs == pytest.approx(want.token_logprobs, abs=1e-4)
@@ -68,11 +70,5 @@ def test_the_cache_keeps_at_most_its_size_and_refuses_a_negative_one(tmp_path):
     q = Query(id="q", image=queries[2].image, prompt="Which colour?", options=("red", "blue"))
     want = resolve_student(spec + "&image_cache=0", ModelContext()).predict(q, demos)
     assert student.predict(q, demos).option_scores == pytest.approx(want.option_scores, abs=1e-4)
-    # a family without a cache (LLaVA-OneVision) runs without one
-    FAMILIES["llava_onevision"][0](tmp_path / "llava")
-    assert (
-        resolve_student(f"hf:{tmp_path / 'llava'}?dtype=float32&device=cpu", ModelContext()).image_cache
-        is None
-    )
     with pytest.raises(SpecError, match="image_cache must be >= 0"):
         resolve_student(spec + "&image_cache=-1", ModelContext())

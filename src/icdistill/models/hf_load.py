@@ -57,7 +57,7 @@ OPTIONS = MappingProxyType(
         "max_batch": "option continuations per batched forward (default 64)",
         "max_context": "prompt + answer token limit (default: the model's max_position_embeddings); "
         "demos are dropped to fit",
-        "image_cache": "Idefics3/SmolVLM and Qwen2-VL: images whose vision features are kept, each computed "
+        "image_cache": "Idefics3/SmolVLM, Qwen2-VL, LLaVA-OneVision: images whose vision features are kept, each computed "
         "once (default 256; 0: none)",
     }
 )

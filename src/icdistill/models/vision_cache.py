@@ -1,4 +1,4 @@
-"""Each image through the vision tower once (``hf:`` Idefics3 / SmolVLM and Qwen2-VL): a demo's image is
+"""Each image through the vision tower once (``hf:`` Idefics3 / SmolVLM, Qwen2-VL, LLaVA-OneVision): a demo's image is
 in the prompt of every query shown that demo, and on a CPU the vision tower is most of a forward.
 ``cache_image_features`` wraps the model's ``get_image_features`` so that the features of an image
 already seen (the same pixels, the same size) come from an LRU cache, and only the new images of a
@@ -8,6 +8,9 @@ prompt or a batch go through the tower, together.
   the model skips and so does the cache; an image's unit is one tile.
 - Qwen2-VL: ``pixel_values`` is every image's patches, one after another, ``image_grid_thw`` their
   grids; each image attends only to itself, so computing it alone gives its features in a batch.
+- LLaVA-OneVision: ``pixel_values`` is (images, patches, C, H, W), padded; an image alone in its prompt
+  is split into anyres patches, one among several is not (``batch_num_images``), so an image's unit is
+  its pixels, its size and whether it was split. The tower (SigLIP) reads each patch alone.
 
 Features computed alone and in a batch agree within float rounding (the tests compare the answers).
 """
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("idefics3", "qwen2_vl")
+FAMILIES = ("idefics3", "qwen2_vl", "llava_onevision")
 
 
 def _key(*tensors: torch.Tensor | None) -> str:
@@ -37,9 +40,10 @@ def _key(*tensors: torch.Tensor | None) -> str:
 
 
 class ImageFeatureCache:
-    """``get_image_features`` of an Idefics3 or Qwen2-VL model, computed once per image (module doc)."""
+    """``get_image_features`` of an Idefics3, Qwen2-VL or LLaVA-OneVision model, computed once per image
+    (module doc)."""
 
-    def __init__(self, compute: Any, size: int, family: str) -> None:
+    def __init__(self, compute: Any, size: int, family: str, config: Any = None) -> None:
         if family not in FAMILIES:
             raise ValueError(f"no image feature cache for the {family} family")
         self._compute = compute  # the model's own get_image_features
@@ -47,6 +51,7 @@ class ImageFeatureCache:
         self.__signature__ = inspect.signature(compute)
         self.size = size
         self.family = family
+        self._config = config  # the model's (LLaVA-OneVision: its anyres grid)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -59,6 +64,10 @@ class ImageFeatureCache:
         if self.family == "qwen2_vl":
             return BaseModelOutputWithPooling(
                 pooler_output=tuple(self._qwen2_vl(pixel_values, *args, **kwargs))
+            )
+        if self.family == "llava_onevision":
+            return BaseModelOutputWithPooling(
+                pooler_output=self._llava_onevision(pixel_values, *args, **kwargs)
             )
         return BaseModelOutputWithPooling(pooler_output=self._idefics3(pixel_values, *args, **kwargs))
 
@@ -124,6 +133,56 @@ class ImageFeatureCache:
 
         return self._features([_key(p, g) for p, g in zip(parts, image_grid_thw, strict=True)], compute)
 
+    def _llava_onevision(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        *args: Any,
+        batch_num_images: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> list[torch.Tensor]:
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        if pixel_values.dim() != 5:  # never from the processor: the model's own path
+            kwargs = {**kwargs, "batch_num_images": batch_num_images}
+            return list(self._compute(pixel_values, image_sizes, *args, **kwargs).pooler_output)
+        counts = [1] * len(image_sizes) if batch_num_images is None else [int(n) for n in batch_num_images]
+        split = [n == 1 for n in counts for _ in range(n)]
+        cfg = self._config
+        patches = [
+            image_size_to_num_patches(
+                image_size=size,
+                grid_pinpoints=cfg.image_grid_pinpoints,
+                patch_size=cfg.vision_config.image_size,
+            )
+            if alone
+            else 1
+            for size, alone in zip(image_sizes, split, strict=True)
+        ]
+        units = [pixel_values[i, : patches[i]] for i in range(len(patches))]
+
+        def run(idx: list[int], alone: bool) -> list[torch.Tensor]:
+            # one pass for images split alike; a lone unsplit image goes twice (a prompt of two)
+            chosen = idx if alone or len(idx) > 1 else idx * 2
+            width = max(patches[i] for i in chosen)
+            batch = pixel_values.new_zeros((len(chosen), width, *pixel_values.shape[2:]))
+            for row, i in enumerate(chosen):
+                batch[row, : patches[i]] = units[i]
+            nums = torch.tensor([1] * len(chosen) if alone else [len(chosen)])
+            out = self._compute(batch, image_sizes[chosen], *args, batch_num_images=nums, **kwargs)
+            return list(out.pooler_output)[: len(idx)]
+
+        def compute(idx: list[int]) -> list[torch.Tensor]:
+            got: dict[int, torch.Tensor] = {}
+            for alone in (True, False):
+                group = [i for i in idx if split[i] == alone]
+                if group:
+                    got.update(zip(group, run(group, alone), strict=True))
+            return [got[i] for i in idx]
+
+        keys = [_key(u, image_sizes[i]) + ("-split" if split[i] else "") for i, u in enumerate(units)]
+        return self._features(keys, compute)
+
 
 def cache_image_features(model: Any, size: int, family: str) -> ImageFeatureCache | None:
     """Wrap the model's ``get_image_features`` (``size``: images kept; 0, or a family without a cache:
@@ -134,6 +193,6 @@ def cache_image_features(model: Any, size: int, family: str) -> ImageFeatureCach
     current = inner.get_image_features
     if isinstance(current, ImageFeatureCache):
         return current
-    cache = ImageFeatureCache(current, size, family)
+    cache = ImageFeatureCache(current, size, family, getattr(inner, "config", None))
     inner.get_image_features = cache
     return cache
