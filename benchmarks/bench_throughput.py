@@ -10,6 +10,9 @@ flight (``--teacher-concurrency``). Ratios are measured within one run of this s
     # a full-size random-weight SmolVLM-256M-Instruct (hf:, built from its published config values,
     # no download) scoring the 10 Fashion-MNIST options with 2 demos: queries a second at each batch
     python benchmarks/bench_throughput.py vlm --queries 16 --batches 1,4,8,16 [--device cuda]
+    # the same for a full-size llava-onevision-qwen2-0.5b, each query shown 2 of a pool of 8 demos,
+    # without and with the vision cache
+    python benchmarks/bench_throughput.py vlm --model llava-onevision-0.5b --pool 8 --image-cache 0|256
 
     # a loopback OpenAI-compatible teacher that sleeps --latency s a call, at 5%, C=1 vs C=4: how much
     # of the teacher's latency the stream hides ((wall slow - wall instant) vs 0.2 x calls x latency)
@@ -241,6 +244,73 @@ def build_full_size_smolvlm(path: Path) -> None:
     _save_processor(path, tok, ip, IDEFICS3_TEMPLATE, {"image_seq_len": seq_len})
 
 
+# llava-hf/llava-onevision-qwen2-0.5b-ov-hf's published config.json, the values that set its size: the
+# SigLIP-so400m tower at 384 px (729 tokens an image), Qwen2-0.5B, and the anyres grid up to 6x6 tiles
+LLAVA_OV_05B = {
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 16,
+        "image_size": 384,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+    "text_config": {
+        "model_type": "qwen2",
+        "vocab_size": 152000,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+    },
+    "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+    "vision_feature_select_strategy": "full",
+    "vision_feature_layer": -1,
+}
+
+
+def build_full_size_llava_onevision(path: Path) -> None:
+    """A random-weight LLaVA-OneVision model with llava-onevision-qwen2-0.5b-ov's sizes and a processor in
+    its shape (an image among several: 729 tokens; alone: anyres tiles too), saved as an hf: folder."""
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_vlms import LLAVA_OV_TEMPLATE, _save_processor, _tokenizer
+
+    tok = _tokenizer(["<image>", "<video>"])
+    cfg = json.loads(json.dumps(LLAVA_OV_05B))
+    ip = LlavaOnevisionImageProcessorPil(
+        size={"height": 384, "width": 384}, image_grid_pinpoints=cfg["image_grid_pinpoints"]
+    )
+    processor_config = {
+        "processor_class": "LlavaOnevisionProcessor",
+        "num_image_tokens": 729,
+        "vision_feature_select_strategy": "full",
+    }
+    _save_processor(path, tok, ip, LLAVA_OV_TEMPLATE, processor_config)
+    cfg["text_config"] |= {"pad_token_id": tok.pad_token_id}
+    config = LlavaOnevisionConfig(
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        **cfg,
+    )
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(config).eval().save_pretrained(path)
+
+
+VLMS = {"smolvlm-256m": build_full_size_smolvlm, "llava-onevision-0.5b": build_full_size_llava_onevision}
+
+
 def bench_vlm(args: argparse.Namespace) -> None:
     from PIL import Image
 
@@ -250,9 +320,11 @@ def bench_vlm(args: argparse.Namespace) -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "smolvlm-256m-random"
-        build_full_size_smolvlm(path)
-        spec = f"hf:{path}?dtype={args.dtype}&device={args.device}&split=0&max_side=512"
+        path = Path(tmp) / f"{args.model}-random"
+        VLMS[args.model](path)
+        spec = f"hf:{path}?dtype={args.dtype}&device={args.device}"
+        if args.model == "smolvlm-256m":
+            spec += "&split=0&max_side=512"
         spec += f"&image_cache={args.image_cache}"
         student = resolve_student(spec, ModelContext())
         rng = np.random.default_rng(0)
@@ -303,7 +375,7 @@ def bench_vlm(args: argparse.Namespace) -> None:
     import torch
 
     device = args.device if args.device == "cpu" else torch.cuda.get_device_name(0)
-    tag = f"vlm_{args.device}" + (f"_pool{args.pool}_cache{args.image_cache}" if args.pool else "")
+    tag = f"vlm_{args.device}" + ("" if args.model == "smolvlm-256m" else f"_{args.model}") + (f"_pool{args.pool}_cache{args.image_cache}" if args.pool else "")
     _write(tag, {"args": vars(args), "device": device, "rows": rows})
 
 
@@ -458,6 +530,7 @@ def main() -> None:
     s.add_argument("--batched-orders", type=int, default=1, help="how many of the orders run at B > 1 too")
     s.add_argument("--student", default="local:smollm2", help="e.g. local:smollm2?dtype=float32")
     v = sub.add_parser("vlm")
+    v.add_argument("--model", choices=sorted(VLMS), default="smolvlm-256m", help="the published sizes built")
     v.add_argument("--queries", type=int, default=16)
     v.add_argument("--batches", default="1,4,8,16")
     v.add_argument("--repeats", type=int, default=3)
