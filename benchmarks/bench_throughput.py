@@ -375,7 +375,11 @@ def bench_vlm(args: argparse.Namespace) -> None:
     import torch
 
     device = args.device if args.device == "cpu" else torch.cuda.get_device_name(0)
-    tag = f"vlm_{args.device}" + ("" if args.model == "smolvlm-256m" else f"_{args.model}") + (f"_pool{args.pool}_cache{args.image_cache}" if args.pool else "")
+    tag = (
+        f"vlm_{args.device}"
+        + ("" if args.model == "smolvlm-256m" else f"_{args.model}")
+        + (f"_pool{args.pool}_cache{args.image_cache}" if args.pool else "")
+    )
     _write(tag, {"args": vars(args), "device": device, "rows": rows})
 
 
