@@ -351,7 +351,7 @@ def bench_vlm(args: argparse.Namespace) -> None:
             times = []
             for _rep in range(args.repeats):
                 if student.image_cache is not None:  # every timing starts with no image computed
-                    student.image_cache._cache.clear()
+                    student.image_cache.clear()
                 t0 = time.perf_counter()
                 for i in range(0, len(queries), b):
                     if b == 1:

@@ -1,4 +1,4 @@
-"""Each image through the vision tower once (``hf:`` Idefics3 / SmolVLM, Qwen2-VL): the cached features
+"""Each image through the vision tower once (``hf:`` Idefics3 / SmolVLM, Qwen2-VL, LLaVA-OneVision): the cached features
 give the answers the model gives without the cache, and a demo's image shown again is not computed
 again."""
 
@@ -11,6 +11,7 @@ import torch
 
 from icdistill.conformance import sample_demos, sample_queries
 from icdistill.errors import SpecError
+from icdistill.models import vision_cache
 from icdistill.models.registry import ModelContext, resolve_student
 from icdistill.types import Query
 from tiny_vlms import FAMILIES
@@ -56,7 +57,7 @@ def test_cached_image_features_answer_as_the_model_without_them(family, tmp_path
     assert got.answer == want.answer and got.token_logprobs == pytest.approx(want.token_logprobs, abs=1e-4)
 
 
-def test_the_cache_keeps_at_most_its_size_and_refuses_a_negative_one(tmp_path):
+def test_the_cache_keeps_at_most_its_size_and_refuses_a_negative_one(tmp_path, monkeypatch):
     torch.manual_seed(0)
     FAMILIES["idefics3"][0](tmp_path)
     spec = f"hf:{tmp_path}?dtype=float32&device=cpu&local_files_only=1"
@@ -70,5 +71,12 @@ def test_the_cache_keeps_at_most_its_size_and_refuses_a_negative_one(tmp_path):
     q = Query(id="q", image=queries[2].image, prompt="Which colour?", options=("red", "blue"))
     want = resolve_student(spec + "&image_cache=0", ModelContext()).predict(q, demos)
     assert student.predict(q, demos).option_scores == pytest.approx(want.option_scores, abs=1e-4)
+    # and at most size x TOKENS_PER_IMAGE feature tokens (a LLaVA-OneVision image alone is ~8.7k)
+    monkeypatch.setattr(vision_cache, "TOKENS_PER_IMAGE", 1)
+    small = resolve_student(spec + "&image_cache=4", ModelContext())
+    for q in queries:
+        small.predict(Query(id=q.id, image=q.image, prompt="Which colour?", options=("red", "blue")), [])
+    assert len(small.image_cache._cache) == 1 < len(queries)
+    assert small.image_cache.tokens == next(iter(small.image_cache._cache.values())).shape[0]
     with pytest.raises(SpecError, match="image_cache must be >= 0"):
         resolve_student(spec + "&image_cache=-1", ModelContext())

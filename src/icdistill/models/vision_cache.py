@@ -27,6 +27,10 @@ from typing import Any
 import torch
 
 FAMILIES = ("idefics3", "qwen2_vl", "llava_onevision")
+# feature tokens kept per image of the cache's size: an image alone in a LLaVA-OneVision prompt is up to
+# ~8.7k tokens (anyres), one among several 730, an Idefics3 tile 64; the cache keeps at most ``size``
+# images and ``size * TOKENS_PER_IMAGE`` tokens (256 images: ~0.5 GB of bf16 features at width 896)
+TOKENS_PER_IMAGE = 1024
 
 
 def _key(*tensors: torch.Tensor | None) -> str:
@@ -53,6 +57,7 @@ class ImageFeatureCache:
         self.family = family
         self._config = config  # the model's (LLaVA-OneVision: its anyres grid)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.tokens = 0  # feature tokens held (each entry's first dimension)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -71,6 +76,11 @@ class ImageFeatureCache:
             )
         return BaseModelOutputWithPooling(pooler_output=self._idefics3(pixel_values, *args, **kwargs))
 
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self.tokens = 0
+
     def _features(
         self, keys: Sequence[str], compute: Callable[[list[int]], list[torch.Tensor]]
     ) -> list[torch.Tensor]:
@@ -82,12 +92,16 @@ class ImageFeatureCache:
             if todo:
                 for k, f in zip(todo, compute([keys.index(k) for k in todo]), strict=True):
                     self._cache[k] = f
+                    self.tokens += int(f.shape[0])
             out = []
             for k in keys:
                 out.append(self._cache[k])
                 self._cache.move_to_end(k)
-            while len(self._cache) > self.size:  # after this call's units are taken
-                self._cache.popitem(last=False)
+            # after this call's units are taken
+            while len(self._cache) > self.size or (
+                self.tokens > self.size * TOKENS_PER_IMAGE and len(self._cache) > 1
+            ):
+                self.tokens -= int(self._cache.popitem(last=False)[1].shape[0])
             return out
 
     def _idefics3(
