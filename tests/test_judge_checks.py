@@ -56,3 +56,19 @@ def test_once_every_label_is_pooled_the_label_left_out_checks_stop_outvoting_the
     # experts right where the label is pooled carry the mixture
     assert w[0] + w[2] > 0.8 and w[1] < 0.2
     assert t_icl < 1.0  # and the ICL reading, right there, is sharpened, not flattened
+
+
+def test_the_judge_marks_a_label_s_first_answer_and_every_label_left_out_check_unpooled():
+    from fakes import FakeStudent
+    from icdistill.judge import Judge
+
+    judge = Judge(FakeStudent(), 2)
+    p = [0.6, 0.2, 0.2]
+    for answer in ("a", "a", "b"):  # teach events as the log holds them (no sketch: no synthetic check)
+        judge.replay({"judge_events": [["teach", list(OPTIONS), answer, None, 0.5, p, p, p]]})
+    judge.replay({"judge_events": [["check", list(OPTIONS), "a", 0.4, p, p, p]]})
+    assert judge.checks._met[OPTIONS].unpooled == [True, False, True, True]
+    # a teach without a met check (no demos shown) still counts its label
+    judge.replay({"judge_events": [["teach", list(OPTIONS), "c", None, None, None, p, None]]})
+    assert judge.checks._labels[OPTIONS] == Counter(a=2, b=1, c=1)
+    assert unseen_mass(judge.checks._labels[OPTIONS], 3) == pytest.approx(2 / 4)

@@ -52,9 +52,12 @@ class JudgeConfig:
     # below the mixture on the photos and textile, benchmarks/judge_replay.py)
     rule: str = "mixture"
     # weigh the checks to the stream's mix of queries whose class is pooled and queries whose class
-    # is not (the Good-Turing estimate of the unseen classes' mass from the teacher's answers): the
-    # gate asks where the student is unsure, often a new class, and every teacher answer adds a check
-    # with its label left out, so most checks stand for the unpooled case, rare once every class is in
+    # is not (``unseen_mass``: Good-Turing, or the share of option labels never answered): the gate
+    # asks where the student is unsure, often a new class, and every teacher answer adds a check with
+    # its label left out, so most checks stand for the unpooled case, rare once every class is in. A
+    # met check is "unpooled" when it was its label's first teacher answer in this judge (labels
+    # another worker of a shared pool bought count as new here: the unpooled case keeps more weight).
+    # Measured with benchmarks/judge_replay.py --reweight 1,0 and fresh evals (BENCHMARKS.md §1)
     reweight: bool = True
 
     def __post_init__(self) -> None:
