@@ -114,6 +114,15 @@ def regime_weights(unpooled: np.ndarray, mass: float) -> np.ndarray:
     return np.where(unpooled, mass / share, (1.0 - mass) / (1.0 - share))
 
 
+def local_weights(kern: np.ndarray, check_weights: np.ndarray) -> np.ndarray:
+    """The kernel times the checks' own weights, rescaled to the kernel's total: the checks near a
+    similarity keep their strength against the prior, shared between them by ``check_weights`` (where
+    the checks near ``s`` are all of one case, as without them)."""
+    out = kern * check_weights
+    total = out.sum()
+    return out * (kern.sum() / total) if total > 0 else out
+
+
 def grid_weights(
     grid: np.ndarray,
     log_prior: np.ndarray,
@@ -125,10 +134,10 @@ def grid_weights(
 ) -> np.ndarray:
     """The weights at similarity ``s``: the posterior mean (or mode, ``config.estimate``) over the
     grid under the checks' log-likelihoods ``ll`` (G, n), each check weighted by a Gaussian kernel
-    in its similarity (times ``check_weights``, if given)."""
+    in its similarity (times ``check_weights``, if given: ``local_weights``)."""
     kern = np.exp(-0.5 * ((sims - s) / config.bandwidth) ** 2)
     if check_weights is not None:
-        kern = kern * check_weights
+        kern = local_weights(kern, check_weights)
     score = ll @ kern + log_prior
     if config.estimate == "map":
         return grid[int(np.argmax(score))]
@@ -219,7 +228,7 @@ class JudgeChecks:
         if self.config.local_temperature and icl_rows:
             y = np.asarray(met.answers)[icl_rows]
             probs = np.stack([met.icl[i] for i in icl_rows])  # type: ignore[misc]
-            t_icl = fit_temperature(probs, y, weights=(kern * rw)[icl_rows], center=t_icl)
+            t_icl = fit_temperature(probs, y, weights=local_weights(kern, rw)[icl_rows], center=t_icl)
             ll = ll.copy()
             # the met checks' ICL column at that temperature: their likelihood under every grid point
             p_icl = np.maximum(
@@ -238,7 +247,7 @@ class JudgeChecks:
         kern = np.exp(-0.5 * ((np.asarray(met.sims) - s) / self.config.bandwidth) ** 2)
         fit = self._fit(options)
         if fit is not None:
-            kern = kern * fit[2][: len(kern)]
+            kern = local_weights(kern, fit[2][: len(kern)])
         right = np.full((len(met.answers), 3), np.nan)
         for i, y in enumerate(met.answers):
             for e, r in enumerate((met.icl[i], met.zero_shot[i], met.vote[i])):
