@@ -72,3 +72,22 @@ def test_the_judge_marks_a_label_s_first_answer_and_every_label_left_out_check_u
     judge.replay({"judge_events": [["teach", list(OPTIONS), "c", None, None, None, p, None]]})
     assert judge.checks._labels[OPTIONS] == Counter(a=2, b=1, c=1)
     assert unseen_mass(judge.checks._labels[OPTIONS], 3) == pytest.approx(2 / 4)
+
+
+def test_where_the_near_checks_are_all_of_one_case_they_keep_their_strength():
+    """Far from the pool (cosine 0.2) every check is of the unpooled case, near it (0.95) every one is
+    pooled: the stream's mix shares the checks between the cases, not the evidence near a query."""
+
+    def checks(reweight: bool) -> JudgeChecks:
+        c = JudgeChecks(2, JudgeConfig(reweight=reweight))
+        right, wrong = np.array([0.8, 0.1, 0.1]), np.array([0.1, 0.8, 0.1])
+        for i in range(12):
+            first = c.count_answer(OPTIONS, OPTIONS[i % 3])
+            c.add_met(OPTIONS, 0, 0.95, right, wrong, np.eye(3)[0], unpooled=first)  # ICL and vote right
+            c.add_met(OPTIONS, 0, 0.2, wrong, right, np.eye(3)[1], unpooled=True)  # the zero-shot reading
+        return c
+
+    flat, weighed = checks(False), checks(True)
+    far_flat, far = flat.weights(OPTIONS, 0.2)[0], weighed.weights(OPTIONS, 0.2)[0]
+    assert far[1] > 0.6 and np.allclose(far, far_flat, atol=0.05)  # the zero-shot reading, as before
+    assert weighed.weights(OPTIONS, 0.95)[0][1] < 0.2
