@@ -236,6 +236,29 @@ def test_ctrl_c_names_the_folder(tmp_path, with_fakes, capsys):
     assert f"--resume --out {out}" in capsys.readouterr().err
 
 
+def test_a_run_whose_every_input_is_skipped_is_not_a_success(tmp_path, with_fakes, capsys):
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    for png in root.rglob("*.png"):
+        png.write_bytes(b"not an image")
+    out = tmp_path / "o"
+    assert main(["run", "--dataset", str(root), "--out", str(out), "--quiet"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "every one of the 8 inputs was skipped" in err and "Traceback" not in err
+    assert json.loads((out / "summary.json").read_text())["skipped_inputs"] == 8
+
+
+def test_ctrl_c_in_an_eval_names_its_folder(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("icdistill.eval.harness.run_eval", interrupted)
+    root = colour_folder(tmp_path / "c", n_per_class=2)
+    out = tmp_path / "e"
+    args = ["eval", "--dataset", str(root), "--methods", "icd", "--seeds", "0", "--n", "4", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 130
+    assert f"continue with: icd eval --resume --out {out}" in capsys.readouterr().err
+
+
 def test_warnings_for_settings_that_cannot_be_meant(tmp_path, with_fakes, capsys):
     root = colour_folder(tmp_path / "c", n_per_class=2)
     manifest = tmp_path / "m.jsonl"

@@ -120,6 +120,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    skipped = summary.get("skipped_inputs", 0)
+    if not summary.get("n_queries") and skipped:
+        print(
+            f"icd: error: every one of the {skipped} inputs was skipped, so nothing was answered (the "
+            f"reasons are the bad_input records in {out / 'log.jsonl'})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

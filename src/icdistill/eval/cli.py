@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -124,15 +125,19 @@ def cmd_eval(cfg: Any, args: argparse.Namespace) -> int:
     def warn(text: str) -> None:
         console.print(f"icd: warning: {text}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
-    with _ray_runner(args) as runner:
-        with _progress(console, args.quiet, len(plan(cfg)), queries=runner is None) as callbacks:
-            rows = run_eval(cfg, out, resume=args.resume, runner=runner, on_warning=warn, **callbacks)
-        if runner is not None and runner.workers:
-            w = runner.workers
-            console.print(
-                f"ran on {len(w)} Ray actors on {len({x['node'] for x in w})} node(s), "
-                f"{w[0]['torch_threads']} torch thread(s) each"
-            )
+    try:
+        with _ray_runner(args) as runner:
+            with _progress(console, args.quiet, len(plan(cfg)), queries=runner is None) as callbacks:
+                rows = run_eval(cfg, out, resume=args.resume, runner=runner, on_warning=warn, **callbacks)
+            if runner is not None and runner.workers:
+                w = runner.workers
+                console.print(
+                    f"ran on {len(w)} Ray actors on {len({x['node'] for x in w})} node(s), "
+                    f"{w[0]['torch_threads']} torch thread(s) each"
+                )
+    except KeyboardInterrupt:  # the cells done so far are kept: name the folder to resume
+        print(f"icd: interrupted; continue with: icd eval --resume --out {out}", file=sys.stderr)
+        return 130
     # a table that fits the terminal (80 columns in a file or a pipe), the per-class drops below the
     # student alone and the teacher warning; every column and figure is in report.md
     print_screen(rows, out, Console(highlight=False))
