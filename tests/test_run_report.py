@@ -29,6 +29,16 @@ def test_worst_labels_stay_on_one_line_and_the_never_pooled_label_is_warned_abou
     assert [r.split("label: ")[1].split("│")[0].strip() for r in rows[:3]] == ["Pullover", "T-shirt/top", "Trouser"]
     assert "0.273" in rows[1] and "33" in rows[1]
     assert "label 'Pullover' came 30 times but never entered the pool" in text.replace("\n", " ")
+    # with the run's config, the warning names the whole icd eval command that compares it
+    from dataclasses import asdict
+
+    from icdistill.runner import RunConfig
+
+    summary["config"] = asdict(RunConfig(dataset="fashion-mnist", n=300))
+    out = io.StringIO()
+    print_groups(summary, Console(file=out, width=80, force_terminal=False, color_system=None))
+    warning = " ".join(out.getvalue().split()).split("never entered the pool")[1]
+    assert "icd eval --dataset fashion-mnist" in warning and "--methods student-zero-shot,icd" in warning
 
 
 def test_an_always_wrong_teacher_on_a_short_stream_is_warned_about_with_its_counts(tmp_path, monkeypatch, capsys):

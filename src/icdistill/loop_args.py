@@ -41,9 +41,10 @@ def add_loop_args(
         "--judge",
         default=getattr(d, "judge", "on"),
         choices=["on", "full", "off"],
-        help="option questions: weigh the student's reading with its demos, its zero-shot reading and the "
-        "nearest demos' vote, learned from the teacher's answers (full: every reading of every query, to "
-        "measure each; off: the reading with demos alone)",
+        help="weigh the student's reading with its demos, its zero-shot reading and the nearest demos' vote, "
+        "learned from the teacher's answers (option questions: their option distributions; open questions: "
+        "their answers); on: the zero-shot reading only where it can change the answer; full: every reading "
+        "of every query, to measure each; off: the reading with demos alone",
     )
     demos.add_argument(
         "--pool-max", type=int, default=d.pool_max, help="cap the pool, evicting the oldest demos"

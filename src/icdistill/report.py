@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -199,11 +200,12 @@ def print_groups(summary: dict[str, Any], console: Console) -> None:
                 str(g["teacher_calls"]),
             )
         console.print(table)
+    hint = eval_hint(summary) or "icd eval --methods student-zero-shot,icd"
     for label, n in (summary.get("never_pooled_labels") or {}).items():
         console.print(
             f"[yellow]warning:[/yellow] label {label!r} came {n} times but never entered the pool: its queries "
             "only had demos of other labels (per-label figures in summary.json; compare with the student "
-            "alone: icd eval --methods student-zero-shot,icd)",
+            f"alone: {escape(hint)})",
             soft_wrap=True,
         )
 
