@@ -461,7 +461,14 @@ def test_progress_says_models_load_before_the_first_query():
         on_start(0, 40)
         on_record({"event": "query", "correct": True, "teacher_asked": True, "pool_size": 1})
     last = buf.getvalue().rsplit("\r", 1)[-1]
-    assert "1/40" in last and "acc 1.000" in last and STARTING not in last
+    assert "1/40" in last and "acc 1.000" in last and STARTING not in last and "this session" not in last
+    # a resumed run: the bar counts the whole run, its accuracy and calls are this session's, and say so
+    buf = io.StringIO()
+    with progress_callbacks(Console(file=buf, force_terminal=True, width=140)) as (on_start, on_record):
+        on_start(30, 40)
+        on_record({"event": "query", "correct": False, "teacher_asked": False, "pool_size": 9})
+    last = buf.getvalue().rsplit("\r", 1)[-1]
+    assert "31/40" in last and "acc 0.000  teacher 0 (0.0%) this session  pool 9" in last
 
 
 def test_serve_model_says_what_it_serves(monkeypatch, capsys):

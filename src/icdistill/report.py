@@ -45,10 +45,12 @@ def progress_callbacks(
         disable=disabled,
     )
     state = {"task": None, "n": 0, "correct": 0, "labelled": 0, "calls": 0, "pool": 0, "in_flight": 0}
+    resumed = [False]
 
     def on_start(start: int, total: int) -> None:
         # models load lazily: the first query can take tens of seconds, say so instead of a still bar
         state["task"] = progress.add_task("icd", total=total, completed=start, stats=STARTING)
+        resumed[0] = start > 0  # the bar counts the whole run; its accuracy and calls, this session's
 
     def on_record(rec: dict[str, Any]) -> None:
         if rec.get("event") == "query":
@@ -62,7 +64,8 @@ def progress_callbacks(
             state["in_flight"] = rec.get("in_flight", 0)
         acc = state["correct"] / state["labelled"] if state["labelled"] else 0.0
         rate = state["calls"] / state["n"] if state["n"] else 0.0
-        stats = f"acc {acc:.3f}  teacher {state['calls']} ({rate:.1%})  pool {state['pool']}"
+        stats = f"acc {acc:.3f}  teacher {state['calls']} ({rate:.1%})"
+        stats += f" this session  pool {state['pool']}" if resumed[0] else f"  pool {state['pool']}"
         if state["in_flight"]:
             stats += f"  in flight {state['in_flight']}"
         if state["task"] is not None:
