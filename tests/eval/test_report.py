@@ -74,7 +74,7 @@ def test_first_pass_and_not_asked_accuracy_leave_out_the_taught_copies():
     assert "**first pass**" in notes and "**not asked**" in notes
 
 
-def test_cells_whose_gate_chose_no_call_are_flagged_and_compare_no_gate():
+def test_cells_whose_gate_chose_no_call_are_flagged_and_compare_no_gate(tmp_path):
     # n=40 at 10%: 5 warm-up calls each, identical labels, printed as "0.000, 0/2 wins"
     rows = [
         _row(m, 0.1, s, teacher_calls=5, gate_chosen_calls=0, accuracy=0.3)
@@ -88,6 +88,17 @@ def test_cells_whose_gate_chose_no_call_are_flagged_and_compare_no_gate():
     assert "No gate-chosen call" in notes and "`icd @ 10%` (seeds 0, 1)" in notes
     assert "`icd-random-gate @ 10%` (seeds 0, 1)" in notes and "icd @ 30%" not in notes
     assert "Not matched to `icd`'s call count" in notes  # these rows have no matched_calls
+    # the end of `icd eval` on the terminal says it too, not only report.md
+    import io
+
+    from rich.console import Console
+
+    from icdistill.eval.screen import print_screen
+
+    buf = io.StringIO()
+    print_screen(rows, tmp_path, Console(file=buf, width=300, color_system=None))
+    warned = [x for x in buf.getvalue().splitlines() if x.startswith("warning: no gate-chosen")]
+    assert any("icd @ 10% (seeds 0, 1)" in x for x in warned) and not any("icd @ 30%" in x for x in warned)
     paired = report.paired_table(rows, "icd")
     line = next(x for x in paired.splitlines() if x.startswith("| icd-random-gate | 10% |"))
     assert "0 / 2 / 0" in line and "(no gate compared)" in line  # ties are not losses

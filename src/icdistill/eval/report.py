@@ -11,7 +11,7 @@ from typing import Any
 from icdistill.eval.per_class import class_results, class_section, class_table
 from icdistill.eval.plots import plot_reliability, plot_running, plot_tradeoff
 from icdistill.eval.rows import _budget, _groups, series_label, spread
-from icdistill.eval.screen import teacher_note
+from icdistill.eval.screen import teacher_note, ungated_cells
 
 __all__ = ["class_results", "class_section", "class_table", "paired_table", "summary_table", "write_report"]
 
@@ -158,11 +158,7 @@ def summary_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
             "- **Not matched to `icd`'s call count** (held the target rate instead: `icd` was not in the "
             "grid, or had not finished when the cell started, e.g. on Ray): " + ", ".join(unmatched) + "."
         )
-    empty = [
-        f"`{series_label(m, b)}` (seeds {', '.join(str(r['seed']) for r in rs if r.get('gate_chosen_calls') == 0)})"
-        for (m, b), rs in _groups(rows).items()
-        if _gated(rs) and any(r.get("gate_chosen_calls") == 0 for r in rs)
-    ]
+    empty = [f"`{label}` (seeds {', '.join(map(str, seeds))})" for label, seeds in ungated_cells(rows)]
     if empty:
         notes.append(
             "- **No gate-chosen call** in "

@@ -101,12 +101,32 @@ def class_lines(rows: Sequence[dict[str, Any]], out: Path) -> list[str]:
     return lines
 
 
+def ungated_cells(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[int]]]:
+    """Per gated method and budget, the seeds whose teacher calls were all forced (warm-up, pacing):
+    those cells compare no gates."""
+    out = []
+    for (m, b), rs in _groups(rows).items():
+        seeds = [r["seed"] for r in rs if r.get("gate_chosen_calls") == 0]
+        if seeds and any(r.get("gate_chosen_calls") is not None for r in rs):
+            out.append((series_label(m, b), seeds))
+    return out
+
+
 def print_screen(rows: Sequence[dict[str, Any]], out: Path, console: Any) -> None:
     """The end of ``icd eval`` on ``console``."""
     console.print(screen_table(rows))
     for line in class_lines(rows, out):
         style = "bold red" if line.startswith("VIOLATION") else "yellow" if line.startswith("below") else None
         console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
+    for label, seeds in ungated_cells(rows):
+        console.print(
+            f"warning: no gate-chosen teacher call in {label} (seeds {', '.join(map(str, seeds))}): every "
+            "call was forced by the warm-up or pacing; lengthen the stream or raise the budget (report.md)",
+            style="yellow",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     note = teacher_note(rows)
     if note:
         # whole lines (a file or a pipe is not cut at 80 columns; a terminal wraps them itself)
