@@ -114,6 +114,11 @@ def regime_weights(unpooled: np.ndarray, mass: float) -> np.ndarray:
     return np.where(unpooled, mass / share, (1.0 - mass) / (1.0 - share))
 
 
+def kernel(sims: Sequence[float] | np.ndarray, s: float, bandwidth: float) -> np.ndarray:
+    """Each check's Gaussian weight by how near its similarity is to ``s``."""
+    return np.exp(-0.5 * ((np.asarray(sims, dtype=np.float64) - s) / bandwidth) ** 2)
+
+
 def local_weights(kern: np.ndarray, check_weights: np.ndarray) -> np.ndarray:
     """The kernel times the checks' own weights, rescaled to the kernel's total: the checks near a
     similarity keep their strength against the prior, shared between them by ``check_weights`` (where
@@ -135,7 +140,7 @@ def grid_weights(
     """The weights at similarity ``s``: the posterior mean (or mode, ``config.estimate``) over the
     grid under the checks' log-likelihoods ``ll`` (G, n), each check weighted by a Gaussian kernel
     in its similarity (times ``check_weights``, if given: ``local_weights``)."""
-    kern = np.exp(-0.5 * ((sims - s) / config.bandwidth) ** 2)
+    kern = kernel(sims, s, config.bandwidth)
     if check_weights is not None:
         kern = local_weights(kern, check_weights)
     score = ll @ kern + log_prior
@@ -222,7 +227,7 @@ class JudgeChecks:
             return np.full(3, 1.0 / 3), 1.0, 1.0
         sims, ll, rw, t_icl, t_zs = fit
         s = 0.0 if similarity is None else similarity
-        kern = np.exp(-0.5 * ((sims - s) / self.config.bandwidth) ** 2)
+        kern = kernel(sims, s, self.config.bandwidth)
         met = self._met[options]
         icl_rows = [i for i, r in enumerate(met.icl) if r is not None]
         if self.config.local_temperature and icl_rows:
@@ -244,7 +249,7 @@ class JudgeChecks:
         if met is None or not met.answers:
             return np.full(3, 0.5)
         s = 0.0 if similarity is None else similarity
-        kern = np.exp(-0.5 * ((np.asarray(met.sims) - s) / self.config.bandwidth) ** 2)
+        kern = kernel(met.sims, s, self.config.bandwidth)
         fit = self._fit(options)
         if fit is not None:
             kern = local_weights(kern, fit[2][: len(kern)])

@@ -40,7 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from icdistill.judge_checks import JudgeConfig, grid_log_lik, grid_log_prior, grid_weights, simplex_grid
+from icdistill.judge_checks import (
+    JudgeConfig,
+    grid_log_lik,
+    grid_log_prior,
+    grid_weights,
+    kernel,
+    simplex_grid,
+)
 from icdistill.mixture import vote
 from icdistill.protocols import Pool
 from icdistill.select import nearest_demos
@@ -120,7 +127,7 @@ class OpenChecks:
         prior = self.config.prior
         if not seen.any():
             return 1.0
-        kern = np.exp(-0.5 * ((np.asarray(self.sims)[seen] - s) / self.config.bandwidth) ** 2)
+        kern = kernel(np.asarray(self.sims)[seen], s, self.config.bandwidth)
         return float((kern @ right[seen] + prior) / (kern.sum() + prior))
 
     def weights(self, s: float) -> np.ndarray:
