@@ -2,10 +2,12 @@
 with other settings, without any model: what each setting of the judge would have answered on the
 same stream, pool and teacher calls (the coverage gate's calls do not depend on the answers).
 
-    python benchmarks/judge_replay.py runs/b24-photos runs/b24-fmnist --bandwidth 0.05,0.1,0.2 --prior 0.5,1,4 --reweight 1,0
+    python benchmarks/judge_replay.py runs/b24-photos runs/b24-fmnist --bandwidth 0.05,0.1,0.2 --prior 0.5,1,4 --reweight 1,0 --likelihood 1,0
 
 Prints, per eval folder and setting, the judged first-pass accuracy over the seeds' full cells, beside
-the best single expert and the envelope (the share of queries any expert gets right).
+the best single expert and the envelope (the share of queries any expert gets right). The likelihood
+ratio (``--likelihood 1``) needs each query's image features, which the log does not keep: the eval's
+dataset is opened and its images embedded again with the eval's embedder (``eval.json``).
 """
 
 from __future__ import annotations
@@ -18,20 +20,43 @@ from pathlib import Path
 
 import numpy as np
 
+from icdistill.data.stream import load_dataset
 from icdistill.judge import ICL, VOTE, ZERO_SHOT, Judge, JudgeConfig
 from icdistill.judge_checks import _bayes, _even, _mix
 from icdistill.mixture import temper
+from icdistill.models.registry import resolve_embedder
+from icdistill.types import IMAGE
 
 
 def _records(log: Path) -> list[dict]:
     return [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
 
 
+def _features(folder: Path, records: list[list[dict]]) -> dict[str, np.ndarray]:
+    """The image features of every query of ``records``, embedded again as the eval embedded them."""
+    base = json.loads((folder / "eval.json").read_text())["base"]
+    dataset = load_dataset(base["dataset"], split=base["split"])
+    need = {r["query_id"] for rs in records for r in rs if r.get("event") == "query"}
+    queries = [q for q in (dataset.item(i) for i in range(len(dataset))) if q.id in need]
+    embedder = resolve_embedder(base["embedder"])
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, len(queries), 32):
+        batch = queries[start : start + 32]
+        for q, emb in zip(batch, embedder.embed_queries(batch), strict=True):
+            if IMAGE in emb:
+                out[q.id] = np.asarray(emb[IMAGE], dtype=np.float32)
+    return out
+
+
 def replay(
-    records: list[dict], config: JudgeConfig, select: bool = False
+    records: list[dict],
+    config: JudgeConfig,
+    select: bool = False,
+    features: dict[str, np.ndarray] | None = None,
 ) -> tuple[int, int, dict[str, int], int]:
     """(right, judged, right per expert, any expert right) over the judged first passes. ``select``: the
-    expert right most often near the query's similarity answers (a learned switch), not a combination."""
+    expert right most often near the query's similarity answers (a learned switch), not a combination.
+    ``features``: the queries' image features, for the likelihood ratio (``config.likelihood``)."""
     judge = Judge(student=None, shots=2, config=config)  # type: ignore[arg-type]  # never asked: all is logged
     right = judged = envelope = 0
     per = dict.fromkeys((ICL, ZERO_SHOT, VOTE), 0)
@@ -50,6 +75,8 @@ def replay(
             p = _mix({k: v if v is not None or k == VOTE else _even(options) for k, v in readings.items()}, w)
             if config.rule == "bayes":
                 p = _bayes(readings, judge.checks.reliabilities(tuple(options), j["similarity"]), p)
+            if config.likelihood and features is not None and r["query_id"] in features:
+                p = p * judge._ratios(tuple(options), {IMAGE: features[r["query_id"]]})
             if select:  # the expert most often right near s answers
                 rel = judge.checks.reliabilities(tuple(options), j["similarity"])
                 names = [k for k in (ICL, ZERO_SHOT, VOTE) if readings[k] is not None]
@@ -80,6 +107,11 @@ def main() -> None:
     ap.add_argument(
         "--rule", default="bayes,mixture", help="bayes, mixture, select (a learned switch), comma-separated"
     )
+    ap.add_argument(
+        "--likelihood", default="1", help="1, 0 or 1,0: the answer times the labels' likelihood ratios"
+    )
+    ap.add_argument("--likelihood-bandwidth", default="0.1")
+    ap.add_argument("--likelihood-prior", default="10")
     args = ap.parse_args()
     grid = list(
         itertools.product(
@@ -89,6 +121,9 @@ def main() -> None:
             args.estimate.split(","),
             args.rule.split(","),
             [x == "1" for x in args.reweight.split(",")],
+            [x == "1" for x in args.likelihood.split(",")],
+            map(float, args.likelihood_bandwidth.split(",")),
+            map(float, args.likelihood_prior.split(",")),
         )
     )
     for folder in args.evals:
@@ -97,7 +132,8 @@ def main() -> None:
             print(f"{folder}: no icd:judge=full cell")
             continue
         recs = [_records(p) for p in logs]
-        for bw, prior, local, est, rule, reweight in grid:
+        features = _features(folder, recs) if any(g[6] for g in grid) else None
+        for bw, prior, local, est, rule, reweight, likelihood, lik_bw, lik_prior in grid:
             accs, bests, envs = [], [], []
             for rs in recs:
                 config = JudgeConfig(
@@ -107,13 +143,17 @@ def main() -> None:
                     estimate=est,
                     rule="mixture" if rule == "select" else rule,
                     reweight=reweight,
+                    likelihood=likelihood,
+                    likelihood_bandwidth=lik_bw,
+                    likelihood_prior=lik_prior,
                 )
-                right, n, per, env = replay(rs, config, select=rule == "select")
+                right, n, per, env = replay(rs, config, select=rule == "select", features=features)
                 accs.append(right / n)
                 bests.append(max(per.values()) / n)
                 envs.append(env / n)
             print(
-                f"{folder.name} {rule} bandwidth {bw:g} prior {prior:g} local T {int(local)} {est} reweight {int(reweight)}: judged {statistics.median(accs):.3f} "
+                f"{folder.name} {rule} bandwidth {bw:g} prior {prior:g} local T {int(local)} {est} reweight {int(reweight)} "
+                f"likelihood {int(likelihood)} ({lik_bw:g}, {lik_prior:g}): judged {statistics.median(accs):.3f} "
                 f"{[round(a, 3) for a in accs]}  best expert {statistics.median(bests):.3f}  "
                 f"envelope {statistics.median(envs):.3f}"
             )

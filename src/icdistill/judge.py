@@ -51,6 +51,7 @@ import numpy as np
 
 from icdistill.coverage import decode_sketch, encode_sketch
 from icdistill.judge_checks import EXPERTS, JudgeChecks, JudgeConfig, _bayes, _even, _mix, _swing
+from icdistill.judge_likelihood import SimilarityLikelihood
 from icdistill.judge_open import OpenJudge, same_image
 from icdistill.mixture import temper, vote
 from icdistill.protocols import Pool, Student
@@ -116,6 +117,7 @@ class Judge:
 
     def _reset(self) -> None:
         self.checks = JudgeChecks(self.shots, self.config)
+        self.likelihood = SimilarityLikelihood(self.config.likelihood_bandwidth, self.config.likelihood_prior)
         self._ahead = 0.0  # read-ahead time of the readings of the query being answered
         # judged queries and those that read the zero-shot reading, decayed (what to read ahead)
         self._zs_rate = (0.0, 0.0)
@@ -170,12 +172,25 @@ class Judge:
         return mixed if rel is None else _bayes(readings, rel, mixed)
 
     def _second_needed(
-        self, p: np.ndarray, rel: np.ndarray | None, strength: np.ndarray, second: str
+        self, p: np.ndarray, rel: np.ndarray | None, strength: np.ndarray, second: str, ratio: np.ndarray
     ) -> bool:
-        """Whether the reading not read yet can change the argmax of ``p``: its weight to one option
-        (mixture), or its log-odds (bayes), against the margin of the two best."""
-        top2 = np.sort(np.log(np.maximum(p, 1e-300)) if rel is not None else p)[-2:]
-        return not self.config.skip or bool(top2[1] - top2[0] <= strength[0 if second == ICL else 1])
+        """Whether the reading not read yet can change the argmax of ``p`` times the likelihood
+        ``ratio``: its weight to one option (mixture; times the largest ratio), or its log-odds (bayes),
+        against the margin of the two best."""
+        room = strength[0 if second == ICL else 1]
+        if rel is not None:
+            top2 = np.sort(np.log(np.maximum(p, 1e-300)) + np.log(ratio))[-2:]
+        else:
+            top2, room = np.sort(p * ratio)[-2:], room * float(ratio.max())
+        return not self.config.skip or bool(top2[1] - top2[0] <= room)
+
+    def _ratios(self, options: tuple[str, ...], emb: Embeddings) -> np.ndarray:
+        """Per option, the likelihood ratio of the query's nearest cosine to the option's taught images
+        (``icdistill.judge_likelihood``); all 1 when it is off or the query has no image."""
+        features = emb.get(IMAGE)
+        if not self.config.likelihood or features is None:
+            return np.ones(len(options))
+        return self.likelihood.ratios(options, np.asarray(features, dtype=np.float32))
 
     def _remember_zero_shot(self, key: str, p: np.ndarray) -> np.ndarray:
         """Cache a zero-shot reading, as an event: a resumed run finds it where it was (a student
@@ -268,10 +283,12 @@ class Judge:
             readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
             return self._combine(options, readings, w, rel)
 
+        ratio = self._ratios(options, emb)
         p = combined()
-        if self._second_needed(p, rel, strength, second):
+        if self._second_needed(p, rel, strength, second, ratio):
             read(second)
             p = combined()
+        p = p * ratio / float((p * ratio).sum())
         judged, read_zs = self._zs_rate
         self._zs_rate = (0.95 * judged + 1.0, 0.95 * read_zs + float(raw[ZERO_SHOT] is not None))
         readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
@@ -286,6 +303,8 @@ class Judge:
             "zero_shot": None if raw[ZERO_SHOT] is None else _round(raw[ZERO_SHOT]),  # type: ignore[arg-type]
             "vote": None if voted is None else _round(voted[0]),
             "temperatures": [round(t_icl, 4), round(t_zs, 4)],
+            # per option, the likelihood ratio of the query's nearest cosine to its taught images
+            "likelihood": [round(float(x), 4) for x in ratio],
             # the student's time on each reading of this query
             "seconds": {ICL: round(spent[ICL], 6), ZERO_SHOT: round(spent[ZERO_SHOT], 6)},
         }
@@ -444,7 +463,9 @@ class Judge:
         if sim is not None and icl is not None:  # a met check: demos were shown at its first pass
             self.checks.add_met(options, y, sim, icl, zs_a, voted, unpooled=first_of_label)
         if sketch is not None:
-            self.checks.teach_synthetic(options, decode_sketch(sketch).astype(np.float32), zs_a, answer)
+            features = decode_sketch(sketch).astype(np.float32)
+            self.checks.teach_synthetic(options, features, zs_a, answer)
+            self.likelihood.teach(options, features, answer)
 
     def drain_events(self) -> list[list[Any]]:
         events, self._events = self._events, []

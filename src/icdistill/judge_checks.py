@@ -59,10 +59,19 @@ class JudgeConfig:
     # another worker of a shared pool bought count as new here: the unpooled case keeps more weight).
     # Measured with benchmarks/judge_replay.py --reweight 1,0 and fresh evals (BENCHMARKS.md §1)
     reweight: bool = True
+    # multiply the answer by each option's likelihood ratio of the query's nearest cosine to its taught
+    # images (``icdistill.judge_likelihood``): a label whose images are all far is unlikely, even as
+    # the only one pooled. Its kernel width and uniform pseudo-samples; measured with
+    # benchmarks/judge_replay.py --likelihood 1,0 and fresh evals (BENCHMARKS.md §1)
+    likelihood: bool = True
+    likelihood_bandwidth: float = 0.1
+    likelihood_prior: float = 10.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.bandwidth <= 0 or self.prior <= 0 or self.grid < 2:
             raise ICDError("judge: temperature, bandwidth and prior must be > 0 and grid >= 2")
+        if self.likelihood_bandwidth <= 0 or self.likelihood_prior <= 0:
+            raise ICDError("judge: likelihood_bandwidth and likelihood_prior must be > 0")
         if self.rule not in ("bayes", "mixture") or self.estimate not in ("mean", "map"):
             raise ICDError("judge: rule must be bayes or mixture, estimate mean or map")
 
