@@ -1,0 +1,196 @@
+"""The labels' likelihood ratios (``icdistill.judge_likelihood``): how far a query is from each label's
+taught images, as evidence for or against that label, read from the teacher's answers themselves; and
+the judge that multiplies its answer by them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from fakes import ColourStudent, FakeEmbedder, FakeTeacher, colour_folder
+from icdistill.data.stream import load_dataset, stream_order
+from icdistill.distiller import Distiller, LoopConfig
+from icdistill.errors import ICDError
+from icdistill.judge import Judge, JudgeConfig
+from icdistill.judge_likelihood import SimilarityLikelihood
+from icdistill.pool import SQLitePool
+from icdistill.runner import query_stream
+from icdistill.select import make_selector
+from icdistill.teacher import TestTimeScaling
+from icdistill.types import Demo, GateContext, GateDecision, Prediction, Query
+
+OPTIONS = ("a", "b", "c")
+
+
+def _cluster(rng: np.random.Generator, centre: np.ndarray, n: int, spread: float) -> np.ndarray:
+    x = centre[None, :] + spread * rng.normal(size=(n, centre.size))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _axes(d: int = 32) -> np.ndarray:
+    return np.eye(d)
+
+
+def test_apart_classes_make_a_near_label_likely_and_a_far_one_unlikely():
+    rng = np.random.default_rng(0)
+    e = _axes()
+    lik = SimilarityLikelihood()
+    for x in _cluster(rng, e[0], 20, 0.1):
+        lik.teach(OPTIONS, x, "a")
+    for x in _cluster(rng, e[1], 20, 0.1):
+        lik.teach(OPTIONS, x, "b")
+    near_a = lik.ratios(OPTIONS, _cluster(rng, e[0], 1, 0.1)[0])
+    assert near_a[0] > 3.0 and near_a[1] < 0.5
+    assert near_a[2] == 1.0  # never answered: nothing is known of its images
+    # far from every taught image: both taught labels are unlikely, the untaught one keeps 1
+    far = lik.ratios(OPTIONS, e[5])
+    assert far[0] < 0.5 and far[1] < 0.5 and far[2] == 1.0
+
+
+def test_one_label_pooled_alone_is_unlikely_for_a_far_query_and_stays_likely_for_a_near_one():
+    """The photos' case: the only pooled class is at cosine 0.2; its images sit at 0.9 from each other."""
+    rng = np.random.default_rng(1)
+    e = _axes()
+    lik = SimilarityLikelihood()
+    for x in _cluster(rng, e[0], 30, 0.1):
+        lik.teach(OPTIONS, x, "a")
+    far = 0.2 * e[0] + np.sqrt(1 - 0.04) * e[3]
+    assert lik.ratios(OPTIONS, far)[0] < 0.3
+    assert lik.ratios(OPTIONS, _cluster(rng, e[0], 1, 0.1)[0])[0] > 1.0
+
+
+def test_overlapping_classes_leave_the_ratios_near_one():
+    """Labels that do not follow the images (Fashion-MNIST in an ImageNet CNN's space, at worst): the
+    same-label and other-label cosines have one density, and no label is pushed far either way."""
+    rng = np.random.default_rng(2)
+    centre = _axes()[0]
+    lik = SimilarityLikelihood()
+    for i, x in enumerate(_cluster(rng, centre, 60, 0.3)):
+        lik.teach(OPTIONS, x, OPTIONS[i % 3])
+    ratios = np.array([lik.ratios(OPTIONS, q) for q in _cluster(rng, centre, 20, 0.3)])
+    assert np.all((ratios > 0.5) & (ratios < 2.0))
+
+
+def test_nothing_known_gives_one_and_answers_outside_the_options_are_ignored():
+    lik = SimilarityLikelihood()
+    assert list(lik.ratios(OPTIONS, np.ones(4))) == [1.0, 1.0, 1.0]
+    lik.teach(OPTIONS, np.ones(4), "z")  # not an option: not remembered
+    assert lik.taught(OPTIONS) == 0
+    lik.teach(OPTIONS, np.ones(4), "a")
+    assert list(lik.ratios(OPTIONS, np.ones(4))) == [1.0, 1.0, 1.0]  # one image: no cosine between two
+    with pytest.raises(ICDError):
+        SimilarityLikelihood(bandwidth=0)
+    with pytest.raises(ICDError):
+        JudgeConfig(likelihood_prior=0)
+
+
+def _brute_best(features: np.ndarray, labels: Sequence[int], k: int) -> np.ndarray:
+    sims = features @ features.T
+    np.fill_diagonal(sims, -np.inf)
+    out = np.full((len(labels), k), -np.inf)
+    for i in range(len(labels)):
+        for j, y in enumerate(labels):
+            out[i, y] = max(out[i, y], sims[i, j])
+    return out
+
+
+def test_kept_up_one_answer_at_a_time_and_after_forgetting_as_if_computed_afresh():
+    rng = np.random.default_rng(3)
+    x = _cluster(rng, _axes(8)[0], 25, 0.5)
+    labels = [int(v) for v in rng.integers(0, 3, size=25)]
+    lik = SimilarityLikelihood(max_taught=20)
+    for f, y in zip(x[:20], labels[:20], strict=True):
+        lik.teach(OPTIONS, f, OPTIONS[y])
+    t = lik._images[OPTIONS]
+    assert np.allclose(t.best[:20], _brute_best(x[:20].astype(np.float32), labels[:20], 3), atol=1e-5)
+    for f, y in zip(x[20:], labels[20:], strict=True):
+        lik.teach(OPTIONS, f, OPTIONS[y])
+    # at 21 answers the oldest 2 (a tenth of 20) are forgotten: 25 taught leave the last 19, and they
+    # are as if taught alone
+    kept = list(range(6, 25))
+    assert lik.taught(OPTIONS) == len(kept)
+    fresh = SimilarityLikelihood(max_taught=20)
+    for i in kept:
+        fresh.teach(OPTIONS, x[i], OPTIONS[labels[i]])
+    q = x[0]
+    assert np.allclose(lik.ratios(OPTIONS, q), fresh.ratios(OPTIONS, q), atol=1e-6)
+    assert np.allclose(t.best[: len(kept)], fresh._images[OPTIONS].best[: len(kept)], atol=1e-5)
+
+
+# ---------------------------------------------------------------- in the judge
+
+
+class TaughtPositions:
+    """Asks the teacher at the given stream positions only."""
+
+    def __init__(self, positions: set[int]) -> None:
+        self.positions = positions
+
+    def decide(self, uncertainty: float, ctx: GateContext) -> GateDecision:
+        return GateDecision(ctx.position in self.positions, "scripted")
+
+    def observe(self, uncertainty: float, ctx: GateContext, asked: bool) -> None:
+        pass
+
+
+class HesitantCopyingStudent:
+    """Reads a colour right alone but barely (a small margin), and with demos copies the nearest one:
+    the student that follows the only pooled class wherever it is shown it."""
+
+    name = "hesitant-copying-student"
+
+    def predict(self, query: Query, demos: Sequence[Demo]) -> Prediction:
+        assert query.options is not None
+        if demos:
+            scores = dict.fromkeys(query.options, 0.0)
+            scores[demos[-1].answer] = 3.0
+        else:
+            alone = ColourStudent().predict(query, demos).option_scores or {}
+            scores = {o: 0.02 * s for o, s in alone.items()}
+        return Prediction(max(scores, key=scores.__getitem__), option_scores=scores)
+
+
+def _run(queries: list[Query], taught: set[int], likelihood: bool) -> list[dict]:
+    return Distiller(
+        student=HesitantCopyingStudent(),
+        annotator=TestTimeScaling(FakeTeacher()),
+        embedder=FakeEmbedder(),
+        selector=make_selector("image"),
+        gate=TaughtPositions(taught),
+        pool=SQLitePool(None),
+        config=LoopConfig(shots=2, judge="on"),
+        judge=Judge(HesitantCopyingStudent(), shots=2, config=JudgeConfig(likelihood=likelihood)),
+    ).run(queries)
+
+
+def test_the_judge_does_not_follow_the_only_pooled_class_to_a_query_far_from_all_its_images(tmp_path):
+    """Only red is pooled (the teacher answered red queries only): shown red demos, the student copies
+    them, the vote says red, and with no check of another label the weights stay even, so the mixture
+    answers red for a blue query. Red's images sit at cosine ~0.99 from each other and at ~0.3 from
+    a blue query: the ratio makes red unlikely there, and the student's own hesitant reading wins."""
+    ds = load_dataset(str(colour_folder(tmp_path / "colours", n_per_class=40, seed=5)))
+    queries = [q for q in query_stream(ds, stream_order(len(ds), None, seed=2)) if isinstance(q, Query)]
+    red = sorted(q.position for q in queries if q.label == "red")
+    taught = set(red[:30])
+    late_blue = [i for i, q in enumerate(queries) if q.label == "blue" and q.position > red[29]]
+    assert len(late_blue) >= 5
+    plain = _run(queries, taught, likelihood=False)
+    judged = _run(queries, taught, likelihood=True)
+    assert all(plain[i]["first_answer"] == "red" for i in late_blue)
+    assert all(judged[i]["first_answer"] == "blue" for i in late_blue)
+    details = judged[late_blue[0]]["student_details"]["judge"]
+    ratio = dict(zip(queries[late_blue[0]].options or (), details["likelihood"], strict=True))
+    assert ratio["red"] < 0.5 and ratio["blue"] == 1.0  # blue was never answered
+    # a red query is not pushed off red: its ratio is above 1 and it is answered red
+    late_red = [i for i, q in enumerate(queries) if q.label == "red" and q.position > red[29]]
+    for i in late_red:
+        j = judged[i]["student_details"]["judge"]
+        if j.get("by") == "judge":
+            options = queries[i].options or ()
+            assert j["likelihood"][options.index("red")] > 1.0
+        assert judged[i]["first_answer"] == "red"
+    # the answer is the mixture times the ratios: the logged probabilities carry them
+    probs = judged[late_blue[0]]["option_probs"]
+    assert probs["blue"] > probs["red"]
