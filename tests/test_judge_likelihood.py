@@ -38,9 +38,9 @@ def test_apart_classes_make_a_near_label_likely_and_a_far_one_unlikely():
     e = _axes()
     lik = SimilarityLikelihood()
     for x in _cluster(rng, e[0], 20, 0.1):
-        lik.teach(OPTIONS, x, "a")
+        lik.teach(x, "a")
     for x in _cluster(rng, e[1], 20, 0.1):
-        lik.teach(OPTIONS, x, "b")
+        lik.teach(x, "b")
     near_a = lik.ratios(OPTIONS, _cluster(rng, e[0], 1, 0.1)[0])
     assert near_a[0] > 3.0 and near_a[1] < 0.5
     assert near_a[2] == 1.0  # never answered: nothing is known of its images
@@ -55,7 +55,7 @@ def test_one_label_pooled_alone_is_unlikely_for_a_far_query_and_stays_likely_for
     e = _axes()
     lik = SimilarityLikelihood()
     for x in _cluster(rng, e[0], 30, 0.1):
-        lik.teach(OPTIONS, x, "a")
+        lik.teach(x, "a")
     far = 0.2 * e[0] + np.sqrt(1 - 0.04) * e[3]
     assert lik.ratios(OPTIONS, far)[0] < 0.3
     assert lik.ratios(OPTIONS, _cluster(rng, e[0], 1, 0.1)[0])[0] > 1.0
@@ -68,7 +68,7 @@ def test_overlapping_classes_leave_the_ratios_near_one():
     centre = _axes()[0]
     lik = SimilarityLikelihood()
     for i, x in enumerate(_cluster(rng, centre, 60, 0.3)):
-        lik.teach(OPTIONS, x, OPTIONS[i % 3])
+        lik.teach(x, OPTIONS[i % 3])
     ratios = np.array([lik.ratios(OPTIONS, q) for q in _cluster(rng, centre, 20, 0.3)])
     assert np.all((ratios > 0.5) & (ratios < 2.0))
 
@@ -76,9 +76,9 @@ def test_overlapping_classes_leave_the_ratios_near_one():
 def test_nothing_known_gives_one_and_answers_outside_the_options_are_ignored():
     lik = SimilarityLikelihood()
     assert list(lik.ratios(OPTIONS, np.ones(4))) == [1.0, 1.0, 1.0]
-    lik.teach(OPTIONS, np.ones(4), "z")  # not an option: not remembered
+    lik.teach(np.ones(4), "z")  # not an option: not remembered
     assert lik.taught(OPTIONS) == 0
-    lik.teach(OPTIONS, np.ones(4), "a")
+    lik.teach(np.ones(4), "a")
     assert list(lik.ratios(OPTIONS, np.ones(4))) == [1.0, 1.0, 1.0]  # one image: no cosine between two
     with pytest.raises(ICDError):
         SimilarityLikelihood(bandwidth=0)
@@ -102,18 +102,18 @@ def test_kept_up_one_answer_at_a_time_and_after_forgetting_as_if_computed_afresh
     labels = [int(v) for v in rng.integers(0, 3, size=25)]
     lik = SimilarityLikelihood(max_taught=20)
     for f, y in zip(x[:20], labels[:20], strict=True):
-        lik.teach(OPTIONS, f, OPTIONS[y])
-    t = lik._images[OPTIONS]
+        lik.teach(f, OPTIONS[y])
+    t = lik._view(OPTIONS)
     assert np.allclose(t.best[:20], _brute_best(x[:20].astype(np.float32), labels[:20], 3), atol=1e-5)
     for f, y in zip(x[20:], labels[20:], strict=True):
-        lik.teach(OPTIONS, f, OPTIONS[y])
+        lik.teach(f, OPTIONS[y])
     # at 21 answers the oldest 2 (a tenth of 20) are forgotten: 25 taught leave the last 19, and they
     # are as if taught alone
     kept = list(range(6, 25))
     assert lik.taught(OPTIONS) == len(kept)
     fresh = SimilarityLikelihood(max_taught=20)
     for i in kept:
-        fresh.teach(OPTIONS, x[i], OPTIONS[labels[i]])
+        fresh.teach(x[i], OPTIONS[labels[i]])
     q = x[0]
     assert np.allclose(lik.ratios(OPTIONS, q), fresh.ratios(OPTIONS, q), atol=1e-6)
     assert np.allclose(t.best[: len(kept)], fresh._images[OPTIONS].best[: len(kept)], atol=1e-5)
@@ -194,3 +194,54 @@ def test_the_judge_does_not_follow_the_only_pooled_class_to_a_query_far_from_all
     # the answer is the mixture times the ratios: the logged probabilities carry them
     probs = judged[late_blue[0]]["option_probs"]
     assert probs["blue"] > probs["red"]
+
+
+def test_every_answer_that_names_an_option_counts_whatever_its_question():
+    """An open answer "Rocket." names the option "rocket"; an answer to one option set names the same
+    option of another; letters stay options (the article "a" is not dropped)."""
+    rng = np.random.default_rng(4)
+    e = _axes()
+    lik = SimilarityLikelihood()
+    for x in _cluster(rng, e[0], 5, 0.1):
+        lik.teach(x, "Rocket.")  # an open question's answer
+    for x in _cluster(rng, e[1], 5, 0.1):
+        lik.teach(x, "cat")  # an answer to ("cat", "dog")
+    lik.teach(e[2], "a rocket launching at night")  # names no option: not a labelled image of one
+    assert lik.taught(("rocket", "cat", "mug")) == 10
+    assert lik.taught(("cat", "dog")) == 5
+    assert lik.taught(("A", "B")) == 0
+    lik.teach(e[3], "A")
+    lik.teach(e[3], "a")
+    assert lik.taught(("A", "B")) == 2
+    near_rocket = lik.ratios(("rocket", "cat", "mug"), _cluster(rng, e[0], 1, 0.1)[0])
+    assert near_rocket[0] > 3.0 and near_rocket[1] < 0.5 and near_rocket[2] == 1.0
+    # an option set first asked after the answers were given sees them all, answers kept in order
+    late = SimilarityLikelihood()
+    for f, a in [(x, "Rocket.") for x in _cluster(rng, e[0], 3, 0.1)]:
+        late.teach(f, a)
+    assert late.taught(("rocket",)) == 3
+    late.teach(e[0], "rocket")
+    assert late.taught(("rocket",)) == 4
+
+
+def test_the_judge_logs_an_open_answer_s_image_and_a_resumed_judge_counts_it():
+    from icdistill.coverage import encode_sketch
+    from icdistill.types import IMAGE
+
+    rng = np.random.default_rng(5)
+    images = _cluster(rng, _axes()[0], 4, 0.1).astype(np.float32)
+    judge = Judge(HesitantCopyingStudent(), shots=2)
+    for i, f in enumerate(images):
+        judge.teach(
+            Query(f"q{i}", None, "What is this?"),
+            {IMAGE: f},
+            Prediction("rocket", token_logprobs=[-0.1], token_entropies=[0.1]),
+            "rocket",
+        )
+    events = judge.drain_events()
+    assert [ev[0] for ev in events] == ["labelled-image"] * 4
+    assert judge.likelihood.taught(("rocket", "cat")) == 4
+    resumed = Judge(HesitantCopyingStudent(), shots=2)
+    resumed.replay({"judge_events": events})
+    assert resumed.likelihood.taught(("rocket", "cat")) == 4
+    assert events[0][2] == encode_sketch(images[0])

@@ -374,6 +374,11 @@ class Judge:
         where the pool lacks the query's class."""
         if not query.options:
             self.open.teach(query, emb, first, answer, pool, self.best_last)
+            features = emb.get(IMAGE)
+            if features is not None:  # an image the teacher named: the likelihood ratios' too
+                self._record(
+                    ["labelled-image", answer, encode_sketch(np.asarray(features, dtype=np.float32))]
+                )
             return
         if answer not in query.options:
             return
@@ -453,6 +458,9 @@ class Judge:
                 unpooled=True,
             )
             return
+        if ev[0] == "labelled-image":
+            self.likelihood.teach(decode_sketch(ev[2]).astype(np.float32), ev[1])
+            return
         if ev[0] != "teach":
             return
         _, options_l, answer, sketch, sim, icl, zs, voted = ev
@@ -465,7 +473,7 @@ class Judge:
         if sketch is not None:
             features = decode_sketch(sketch).astype(np.float32)
             self.checks.teach_synthetic(options, features, zs_a, answer)
-            self.likelihood.teach(options, features, answer)
+            self.likelihood.teach(features, answer)
 
     def drain_events(self) -> list[list[Any]]:
         events, self._events = self._events, []

@@ -14,7 +14,9 @@ answers themselves: for every taught image, its highest cosine to the other taug
 label (a ``same`` sample) and to those of each other label (an ``other`` sample). Each density is a
 Gaussian kernel estimate (``bandwidth`` in cosine units) mixed with ``prior`` pseudo-samples of the
 uniform density on [0, 1], so the ratio stays near 1 until the answers say otherwise. An option the
-teacher has never answered gets 1: nothing is known of its images. Where the classes are compact
+teacher has never answered gets 1: nothing is known of its images. Every teacher answer that names an
+option counts as a labelled image of it, an open question's too (a manifest that asks "what is this?"
+of some photos and gives options for others labels both). Where the classes are compact
 and apart in the embedder's space (photos of distinct things) the ratio is decisive; where they
 overlap (Fashion-MNIST in an ImageNet CNN's space) the two densities overlap and it stays near 1.
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from icdistill.errors import ICDError
+from icdistill.teacher import plain_answer
 
 _SQRT_2PI = float(np.sqrt(2.0 * np.pi))
 
@@ -40,13 +43,17 @@ class _Images:
     labels: list[int] = field(default_factory=list)
     best: np.ndarray | None = None  # (capacity, n_options)
     samples: tuple[np.ndarray, np.ndarray] | None = None  # (same, other) cosines, cached
+    seen: int = 0  # the teacher answers (``SimilarityLikelihood._answers``, by number) looked at so far
 
 
 class SimilarityLikelihood:
-    """Per option set, the teacher's answered images; ``ratios`` gives each option's likelihood ratio.
+    """The teacher's answered images; ``ratios`` gives each option's likelihood ratio.
 
-    ``max_ratio`` clips the ratio (and its inverse); ``max_taught`` bounds the images kept per option set
-    (the oldest tenth is forgotten at once when it is reached)."""
+    Every teacher answer with an image counts, whatever its question: an option set's images are the
+    answers that name one of its options (lower case, no punctuation: an open answer "Rocket." names the option
+    "rocket"; answers to another option set with that option too). ``max_ratio`` clips the ratio (and
+    its inverse); ``max_taught`` bounds the answers kept, and the images kept per option set (the
+    oldest tenth is forgotten at once when it is reached)."""
 
     def __init__(
         self,
@@ -61,31 +68,53 @@ class SimilarityLikelihood:
         self.prior = prior
         self.max_ratio = max_ratio
         self.max_taught = max_taught
+        # the teacher's answers in order: unit features and the normalised answer; the first one kept
+        # is answer number ``_first``
+        self._answers: list[tuple[np.ndarray, str]] = []
+        self._first = 0
         self._images: dict[tuple[str, ...], _Images] = {}
 
-    def teach(self, options: Sequence[str], features: np.ndarray, answer: str) -> None:
-        """Remember an image the teacher answered ``answer`` (one of ``options``)."""
-        options = tuple(options)
-        if answer not in options:
+    def teach(self, features: np.ndarray, answer: str) -> None:
+        """Remember an image the teacher answered ``answer`` (to any question)."""
+        key = plain_answer(answer)
+        if not key:
             return
         f = np.asarray(features, dtype=np.float32).ravel()
-        f = f / max(float(np.linalg.norm(f)), 1e-12)
+        self._answers.append((f / max(float(np.linalg.norm(f)), 1e-12), key))
+        if len(self._answers) > self.max_taught:
+            drop = self.max_taught // 10
+            del self._answers[:drop]
+            self._first += drop
+
+    def _view(self, options: tuple[str, ...]) -> _Images:
+        """The option set's images, brought up to date with the answers taught since it last looked."""
         t = self._images.setdefault(options, _Images())
+        index: dict[str, int] = {}
+        for i, o in enumerate(options):
+            index.setdefault(plain_answer(o), i)
+        index.pop("", None)
+        for f, key in self._answers[max(0, t.seen - self._first) :]:
+            y = index.get(key)
+            if y is not None:
+                self._add(t, f, y, len(options))
+        t.seen = self._first + len(self._answers)
+        return t
+
+    def _add(self, t: _Images, f: np.ndarray, y: int, k: int) -> None:
         if t.features is None or t.best is None:
             t.features = np.zeros((16, f.size), dtype=np.float32)
-            t.best = np.full((16, len(options)), -np.inf)
+            t.best = np.full((16, k), -np.inf)
         n = len(t.labels)
         if n == len(t.features):
             t.features = np.concatenate([t.features, np.zeros_like(t.features)])
             t.best = np.concatenate([t.best, np.full_like(t.best, -np.inf)])
-        y = options.index(answer)
         sims = (t.features[:n] @ f).astype(np.float64)
         t.best[:n, y] = np.maximum(t.best[:n, y], sims)
-        t.best[n] = self._per_label(sims, t.labels, len(options))
+        t.best[n] = self._per_label(sims, t.labels, k)
         t.features[n] = f
         t.labels.append(y)
         if len(t.labels) > self.max_taught:
-            self._forget_oldest(t, len(options))
+            self._forget_oldest(t, k)
         t.samples = None
 
     @staticmethod
@@ -109,8 +138,8 @@ class SimilarityLikelihood:
         t.best[n:] = -np.inf
 
     def taught(self, options: Sequence[str]) -> int:
-        t = self._images.get(tuple(options))
-        return 0 if t is None else len(t.labels)
+        """How many of the answers kept name one of ``options``."""
+        return len(self._view(tuple(options)).labels)
 
     def _samples(self, t: _Images) -> tuple[np.ndarray, np.ndarray]:
         if t.samples is None:
@@ -132,8 +161,8 @@ class SimilarityLikelihood:
     def nearest(self, options: Sequence[str], features: np.ndarray) -> np.ndarray:
         """Per option, the query's highest cosine to a taught image of it (-inf: none taught)."""
         options = tuple(options)
-        t = self._images.get(options)
-        if t is None or t.features is None or not t.labels:
+        t = self._view(options)
+        if t.features is None or not t.labels:
             return np.full(len(options), -np.inf)
         f = np.asarray(features, dtype=np.float32).ravel()
         f = f / max(float(np.linalg.norm(f)), 1e-12)
@@ -142,11 +171,11 @@ class SimilarityLikelihood:
 
     def ratios(self, options: Sequence[str], features: np.ndarray) -> np.ndarray:
         """Per option, ``f_same(s_o) / f_other(s_o)`` clipped to ``max_ratio``; 1 where the option was
-        never answered or nothing is taught yet."""
+        never answered or fewer than two of the option set's images are taught."""
         options = tuple(options)
         out = np.ones(len(options))
-        t = self._images.get(options)
-        if t is None or len(t.labels) < 2:
+        t = self._view(options)
+        if len(t.labels) < 2:
             return out
         s = self.nearest(options, features)
         known = np.isfinite(s)

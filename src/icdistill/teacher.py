@@ -24,7 +24,7 @@ def normalise_answer(text: str) -> str:
     return " ".join(t.split())
 
 
-def _plain(text: str) -> str:
+def plain_answer(text: str) -> str:
     """Lower case, no punctuation, single spaces; articles kept (an option may be the letter "A")."""
     return " ".join(text.strip().lower().translate(_PUNCT).split())
 
@@ -69,11 +69,11 @@ def match_option(text: str, options: Sequence[str]) -> str | None:
     "Ankle boot"); a close spelling of exactly one option ("gren" -> "green"). An empty answer names
     nothing, and so does one whose best matches tie between options.
     """
-    plain = _plain(text)
+    plain = plain_answer(text)
     if not plain:
         return None
     # 1. the same normal form (with and without articles)
-    same = [o for o in options if _plain(o) == plain]
+    same = [o for o in options if plain_answer(o) == plain]
     if not same:
         norm = normalise_answer(text)
         same = [o for o in options if norm and normalise_answer(o) == norm]
