@@ -25,6 +25,10 @@ nearest pooled demos of other labels (one more ICL reading), what it meets where
 class. ``JudgeConfig.rule="bayes"`` combines the experts' answers by their reliability near ``s``
 instead (measured below the mixture). What the checks give lives in ``icdistill.judge_checks``.
 
+The mixture is then multiplied, per option, by the likelihood ratio of the query's nearest cosine to
+that option's taught images (``icdistill.judge_likelihood``): the vote says which label is near, the
+ratio also says which labels are far (``JudgeConfig.likelihood``).
+
 Each LM reading enters at a temperature fitted to the teacher's answers (small LMs' option
 distributions are far too flat where they read right). An expert is only computed when it can
 change the answer: the LM reading of more weight is read first (on a tie the zero-shot one, read once
