@@ -111,7 +111,7 @@ def main() -> None:
         "--likelihood", default="1", help="1, 0 or 1,0: the answer times the labels' likelihood ratios"
     )
     ap.add_argument("--likelihood-bandwidth", default="0.1")
-    ap.add_argument("--likelihood-prior", default="10")
+    ap.add_argument("--likelihood-prior", default="30")
     args = ap.parse_args()
     grid = list(
         itertools.product(

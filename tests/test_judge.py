@@ -381,3 +381,35 @@ def test_a_sharp_vote_of_near_demos_outweighs_a_hesitant_generation_that_does_no
     # the vote's p is its confidence there (the checks near 0.9) times its softmax share
     assert kind == "open-check" and sim == 0.88 and vote_right and p[2] > 0.7
     assert p[0] == 0.0 and p[1] == 0.0  # neither generation said it
+
+
+@pytest.mark.parametrize("with_vote", [True, False])
+def test_a_skipped_reading_could_never_have_changed_the_answer(with_vote):
+    """The skip rule against what the reading could have said: where it skips, no distribution in the
+    reading's place (random ones and the one-hots) changes the answer, the likelihood ratio applied;
+    without a vote the mixture renormalises over the two LM readings (a text-only option question)."""
+    from icdistill.judge import ICL, VOTE, ZERO_SHOT
+
+    judge = Judge(student=None, shots=2)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    skipped = 0
+    for _ in range(400):
+        k = int(rng.integers(2, 7))
+        options = tuple(f"o{i}" for i in range(k))
+        w = rng.dirichlet(np.ones(3))
+        ratio = np.exp(rng.normal(0, 1.5, size=k))
+        second = ZERO_SHOT if rng.random() < 0.5 else ICL
+        first = ICL if second == ZERO_SHOT else ZERO_SHOT
+        readings = {
+            first: rng.dirichlet(np.full(k, 0.3)),
+            second: None,
+            VOTE: rng.dirichlet(np.full(k, 0.3)) if with_vote else None,
+        }
+        if judge._second_needed(options, readings, w, None, second, ratio):
+            continue
+        skipped += 1
+        now = int(np.argmax(judge._combine(options, readings, w, None) * ratio))
+        for said in [*rng.dirichlet(np.full(k, 0.2), size=30), *np.eye(k)]:
+            full = judge._combine(options, {**readings, second: said}, w, None) * ratio
+            assert int(np.argmax(full)) == now
+    assert skipped > 50  # the rule does skip

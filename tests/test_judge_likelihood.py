@@ -54,9 +54,11 @@ def test_one_label_pooled_alone_is_unlikely_for_a_far_query_and_stays_likely_for
     rng = np.random.default_rng(1)
     e = _axes()
     lik = SimilarityLikelihood()
-    for x in _cluster(rng, e[0], 30, 0.1):
+    for x in _cluster(rng, e[0], 90, 0.1):
         lik.teach(x, "a")
     far = 0.2 * e[0] + np.sqrt(1 - 0.04) * e[3]
+    # no other label: the only evidence is how far the query is from where "a"'s images are; it
+    # weighs as much as the images against the uniform's 30 pseudo-images (a quarter here)
     assert lik.ratios(OPTIONS, far)[0] < 0.3
     assert lik.ratios(OPTIONS, _cluster(rng, e[0], 1, 0.1)[0])[0] > 1.0
 
@@ -83,6 +85,8 @@ def test_nothing_known_gives_one_and_answers_outside_the_options_are_ignored():
     with pytest.raises(ICDError):
         SimilarityLikelihood(bandwidth=0)
     with pytest.raises(ICDError):
+        JudgeConfig(likelihood_bandwidth=0)
+    with pytest.raises(ICDError):
         JudgeConfig(likelihood_prior=0)
 
 
@@ -96,27 +100,80 @@ def _brute_best(features: np.ndarray, labels: Sequence[int], k: int) -> np.ndarr
     return out
 
 
-def test_kept_up_one_answer_at_a_time_and_after_forgetting_as_if_computed_afresh():
+def test_kept_up_one_answer_at_a_time_as_if_computed_afresh():
     rng = np.random.default_rng(3)
-    x = _cluster(rng, _axes(8)[0], 25, 0.5)
-    labels = [int(v) for v in rng.integers(0, 3, size=25)]
-    lik = SimilarityLikelihood(max_taught=20)
-    for f, y in zip(x[:20], labels[:20], strict=True):
+    x = _cluster(rng, _axes(8)[0], 20, 0.5)
+    labels = [int(v) for v in rng.integers(0, 3, size=20)]
+    lik = SimilarityLikelihood()
+    for f, y in zip(x[:10], labels[:10], strict=True):
         lik.teach(f, OPTIONS[y])
-    t = lik._view(OPTIONS)
-    assert np.allclose(t.best[:20], _brute_best(x[:20].astype(np.float32), labels[:20], 3), atol=1e-5)
-    for f, y in zip(x[20:], labels[20:], strict=True):
+    lik.ratios(OPTIONS, x[0])  # looked at half-way: the rest is caught up later
+    for f, y in zip(x[10:], labels[10:], strict=True):
         lik.teach(f, OPTIONS[y])
-    # at 21 answers the oldest 2 (a tenth of 20) are forgotten: 25 taught leave the last 19, and they
-    # are as if taught alone
-    kept = list(range(6, 25))
-    assert lik.taught(OPTIONS) == len(kept)
-    fresh = SimilarityLikelihood(max_taught=20)
-    for i in kept:
-        fresh.teach(x[i], OPTIONS[labels[i]])
-    q = x[0]
-    assert np.allclose(lik.ratios(OPTIONS, q), fresh.ratios(OPTIONS, q), atol=1e-6)
-    assert np.allclose(t.best[: len(kept)], fresh._images[OPTIONS].best[: len(kept)], atol=1e-5)
+    t = lik._view(lik._names(OPTIONS)[0])
+    assert np.allclose(t.best[:20], _brute_best(x.astype(np.float32), labels, 3), atol=1e-5)
+
+
+def test_what_a_set_of_labels_holds_depends_only_on_the_answers_kept():
+    """A resumed run replays the answers and looks at each set of labels later than the live run did:
+    after the oldest answers are forgotten (among them answers that name none of the set), both read
+    the same ratios, those of a judge taught only the answers kept."""
+    rng = np.random.default_rng(6)
+    e = _axes()
+    a, b = _cluster(rng, e[0], 7, 0.2), _cluster(rng, e[1], 7, 0.2)
+    answers = [(a[i], "a") for i in range(5)] + [(b[i], "b") for i in range(5)]
+    answers += [(_cluster(rng, e[4], 1, 0.2)[0], "z") for _ in range(15)]  # open answers of no option
+    answers += [(a[5], "a"), (b[5], "b"), (a[6], "a"), (b[6], "b")]
+    query = 0.6 * e[0] + 0.8 * e[2]
+    live, replayed = SimilarityLikelihood(max_taught=20), SimilarityLikelihood(max_taught=20)
+    for i, (f, answer) in enumerate(answers):
+        live.teach(f, answer)
+        replayed.teach(f, answer)
+        if i in (9, 12):
+            live.ratios(OPTIONS, query)  # the live run asked in between
+    kept = SimilarityLikelihood(max_taught=20)
+    for f, answer in answers[len(answers) - len(live._answers) :]:
+        kept.teach(f, answer)
+    assert live._first > 0  # answers were forgotten
+    assert np.array_equal(live.ratios(OPTIONS, query), replayed.ratios(OPTIONS, query))
+    assert np.array_equal(live.ratios(OPTIONS, query), kept.ratios(OPTIONS, query))
+    assert live.taught(OPTIONS) == kept.taught(OPTIONS) < 14
+    # the least recently asked set of labels goes, and is the same when rebuilt
+    few = SimilarityLikelihood(max_sets=1)
+    for f, answer in answers[:10]:
+        few.teach(f, answer)
+    first = few.ratios(("a", "b"), query)
+    few.ratios(("b", "c"), query)
+    assert list(few._sets) == [("b", "c")]
+    assert np.array_equal(few.ratios(("a", "b"), query), first)
+
+
+def test_a_query_far_from_every_image_gets_no_evidence_however_many_labels_are_taught():
+    """Each image weighs as much in both densities: far from every sample the ratio is 1, not the
+    ratio of the sample counts (one same-label sample an image against one per other label)."""
+    rng = np.random.default_rng(7)
+    e = _axes()
+    labels = [f"l{i}" for i in range(10)]
+    lik = SimilarityLikelihood()
+    for i, label in enumerate(labels):
+        for x in _cluster(rng, e[i], 30, 0.05):
+            lik.teach(x, label)
+    far = -e[0]  # cosine about -1 to every image of l0: below every sample
+    assert lik.ratios(labels, far)[0] == pytest.approx(1.0, abs=1e-6)
+    # and the labels' own images still tell near from far
+    assert lik.ratios(labels, e[0])[0] > 3.0 and lik.ratios(labels, e[0])[1] < 0.5
+
+
+def test_options_that_share_a_name_get_no_evidence():
+    rng = np.random.default_rng(8)
+    lik = SimilarityLikelihood()
+    for x in _cluster(rng, _axes()[0], 5, 0.1):
+        lik.teach(x, "A")
+    for x in _cluster(rng, _axes()[1], 5, 0.1):
+        lik.teach(x, "b")
+    ratios = lik.ratios(("A", "a.", "b"), _axes()[0])
+    assert ratios[0] == ratios[1] == 1.0  # which of the two an answer "A" names is unknown
+    assert ratios[2] < 1.0
 
 
 # ---------------------------------------------------------------- in the judge
@@ -170,11 +227,11 @@ def test_the_judge_does_not_follow_the_only_pooled_class_to_a_query_far_from_all
     them, the vote says red, and with no check of another label the weights stay even, so the mixture
     answers red for a blue query. Red's images sit at cosine ~0.99 from each other and at ~0.3 from
     a blue query: the ratio makes red unlikely there, and the student's own hesitant reading wins."""
-    ds = load_dataset(str(colour_folder(tmp_path / "colours", n_per_class=40, seed=5)))
+    ds = load_dataset(str(colour_folder(tmp_path / "colours", n_per_class=100, seed=5)))
     queries = [q for q in query_stream(ds, stream_order(len(ds), None, seed=2)) if isinstance(q, Query)]
     red = sorted(q.position for q in queries if q.label == "red")
-    taught = set(red[:30])
-    late_blue = [i for i, q in enumerate(queries) if q.label == "blue" and q.position > red[29]]
+    taught = set(red[:90])
+    late_blue = [i for i, q in enumerate(queries) if q.label == "blue" and q.position > red[89]]
     assert len(late_blue) >= 5
     plain = _run(queries, taught, likelihood=False)
     judged = _run(queries, taught, likelihood=True)
@@ -184,7 +241,7 @@ def test_the_judge_does_not_follow_the_only_pooled_class_to_a_query_far_from_all
     ratio = dict(zip(queries[late_blue[0]].options or (), details["likelihood"], strict=True))
     assert ratio["red"] < 0.5 and ratio["blue"] == 1.0  # blue was never answered
     # a red query is not pushed off red: its ratio is above 1 and it is answered red
-    late_red = [i for i, q in enumerate(queries) if q.label == "red" and q.position > red[29]]
+    late_red = [i for i, q in enumerate(queries) if q.label == "red" and q.position > red[89]]
     for i in late_red:
         j = judged[i]["student_details"]["judge"]
         if j.get("by") == "judge":
@@ -202,13 +259,13 @@ def test_every_answer_that_names_an_option_counts_whatever_its_question():
     rng = np.random.default_rng(4)
     e = _axes()
     lik = SimilarityLikelihood()
-    for x in _cluster(rng, e[0], 5, 0.1):
+    for x in _cluster(rng, e[0], 20, 0.1):
         lik.teach(x, "Rocket.")  # an open question's answer
-    for x in _cluster(rng, e[1], 5, 0.1):
+    for x in _cluster(rng, e[1], 20, 0.1):
         lik.teach(x, "cat")  # an answer to ("cat", "dog")
     lik.teach(e[2], "a rocket launching at night")  # names no option: not a labelled image of one
-    assert lik.taught(("rocket", "cat", "mug")) == 10
-    assert lik.taught(("cat", "dog")) == 5
+    assert lik.taught(("rocket", "cat", "mug")) == 40
+    assert lik.taught(("cat", "dog")) == 20
     assert lik.taught(("A", "B")) == 0
     lik.teach(e[3], "A")
     lik.teach(e[3], "a")

@@ -176,17 +176,26 @@ class Judge:
         return mixed if rel is None else _bayes(readings, rel, mixed)
 
     def _second_needed(
-        self, p: np.ndarray, rel: np.ndarray | None, strength: np.ndarray, second: str, ratio: np.ndarray
+        self,
+        options: tuple[str, ...],
+        readings: dict[str, np.ndarray | None],
+        w: np.ndarray,
+        rel: np.ndarray | None,
+        second: str,
+        ratio: np.ndarray,
     ) -> bool:
-        """Whether the reading not read yet can change the argmax of ``p`` times the likelihood
-        ``ratio``: its weight to one option (mixture; times the largest ratio), or its log-odds (bayes),
-        against the margin of the two best."""
-        room = strength[0 if second == ICL else 1]
-        if rel is not None:
-            top2 = np.sort(np.log(np.maximum(p, 1e-300)) + np.log(ratio))[-2:]
-        else:
-            top2, room = np.sort(p * ratio)[-2:], room * float(ratio.max())
-        return not self.config.skip or bool(top2[1] - top2[0] <= room)
+        """Whether the reading not read yet (None in ``readings``) can change the answer (the combination
+        times the likelihood ``ratio``): the answer with each option's one-hot in its place against the
+        answer now. The mixture is linear in the reading, so its one-hots are its extremes and the check
+        is exact; the bayes rule reads the reading's argmax (exact) and breaks ties by the mixture."""
+        if not self.config.skip:
+            return True
+        now = int(np.argmax(self._combine(options, readings, w, rel) * ratio))
+        for corner in np.eye(len(options)):
+            probe = {**readings, second: corner}
+            if int(np.argmax(self._combine(options, probe, w, rel) * ratio)) != now:
+                return True
+        return False
 
     def _ratios(self, options: tuple[str, ...], emb: Embeddings) -> np.ndarray:
         """Per option, the likelihood ratio of the query's nearest cosine to the option's taught images
@@ -283,16 +292,14 @@ class Judge:
         second = ZERO_SHOT if first == ICL else ICL
         read(first)
 
-        def combined() -> np.ndarray:
-            readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
-            return self._combine(options, readings, w, rel)
+        def readings_now() -> dict[str, np.ndarray | None]:
+            return {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
 
         ratio = self._ratios(options, emb)
-        p = combined()
-        if self._second_needed(p, rel, strength, second, ratio):
+        if self._second_needed(options, readings_now(), w, rel, second, ratio):
             read(second)
-            p = combined()
-        p = p * ratio / float((p * ratio).sum())
+        p = self._combine(options, readings_now(), w, rel) * ratio
+        p = p / float(p.sum())
         judged, read_zs = self._zs_rate
         self._zs_rate = (0.95 * judged + 1.0, 0.95 * read_zs + float(raw[ZERO_SHOT] is not None))
         readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}

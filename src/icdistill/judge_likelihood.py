@@ -12,8 +12,10 @@ the density of that cosine among taught images of the *same* label over its dens
 images of *other* labels (naive Bayes over the labels' nearest cosines), both read from the teacher's
 answers themselves: for every taught image, its highest cosine to the other taught images of its own
 label (a ``same`` sample) and to those of each other label (an ``other`` sample). Each density is a
-Gaussian kernel estimate (``bandwidth`` in cosine units) mixed with ``prior`` pseudo-samples of the
-uniform density on [0, 1], so the ratio stays near 1 until the answers say otherwise. An option the
+Gaussian kernel estimate (``bandwidth`` in cosine units; an image's other-label samples share one
+unit of weight, so each image weighs as much in both densities), mixed with the uniform density on
+[0, 1] in the same share on both sides, ``prior / (images + prior)``: the ratio is 1 where neither
+density has samples near, and stays near 1 until the answers say otherwise. An option the
 teacher has never answered gets 1: nothing is known of its images. Every teacher answer that names an
 option counts as a labelled image of it, an open question's too (a manifest that asks "what is this?"
 of some photos and gives options for others labels both). Where the classes are compact
@@ -23,6 +25,7 @@ overlap (Fashion-MNIST in an ImageNet CNN's space) the two densities overlap and
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,67 +39,86 @@ _SQRT_2PI = float(np.sqrt(2.0 * np.pi))
 
 @dataclass
 class _Images:
-    """The taught images of one option set, and per image the highest cosine to the others of each
-    label (``best[i, k]``; -inf where there is none)."""
+    """The taught images that name one of a set of labels, and per image the highest cosine to the
+    others of each label (``best[i, k]``; -inf where there is none)."""
 
     features: np.ndarray | None = None  # (capacity, d) unit rows; the first len(labels) are used
     labels: list[int] = field(default_factory=list)
-    best: np.ndarray | None = None  # (capacity, n_options)
-    samples: tuple[np.ndarray, np.ndarray] | None = None  # (same, other) cosines, cached
-    seen: int = 0  # the teacher answers (``SimilarityLikelihood._answers``, by number) looked at so far
+    best: np.ndarray | None = None  # (capacity, n_labels)
+    # the densities' samples: same-label cosines, other-label cosines and their weights; cached
+    samples: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    first: int = 0  # the number (in ``SimilarityLikelihood``'s answers) of the first answer looked at
+    seen: int = 0  # and of the next one to look at
+
+
+def label_names(options: Sequence[str]) -> list[str | None]:
+    """Per option, the name its answers are matched by (lower case, no punctuation); None where two
+    options share a name (an answer could not say which it names)."""
+    names = [plain_answer(o) or None for o in options]
+    return [n if n is not None and names.count(n) == 1 else None for n in names]
 
 
 class SimilarityLikelihood:
     """The teacher's answered images; ``ratios`` gives each option's likelihood ratio.
 
     Every teacher answer with an image counts, whatever its question: an option set's images are the
-    answers that name one of its options (lower case, no punctuation: an open answer "Rocket." names the option
-    "rocket"; answers to another option set with that option too). ``max_ratio`` clips the ratio (and
-    its inverse); ``max_taught`` bounds the answers kept, and the images kept per option set (the
-    oldest tenth is forgotten at once when it is reached)."""
+    answers that name one of its options (lower case, no punctuation: an open answer "Rocket." names
+    the option "rocket"; answers to another option set with that option too). What a set of labels
+    holds depends only on the answers kept, so a resumed run (its answers replayed) reads the same.
+    ``max_ratio`` clips the ratio (and its inverse); ``max_taught`` bounds the answers kept (the oldest
+    tenth is forgotten at once when it is reached; a set of labels that held one of them is rebuilt
+    from those kept); ``max_sets`` bounds the sets of labels kept (the least recently asked goes, to be
+    rebuilt when asked again)."""
 
     def __init__(
         self,
         bandwidth: float = 0.1,
-        prior: float = 10.0,
+        prior: float = 30.0,
         max_ratio: float = float(np.exp(6.0)),
         max_taught: int = 5000,
+        max_sets: int = 64,
     ) -> None:
-        if bandwidth <= 0 or prior <= 0 or max_ratio < 1 or max_taught < 10:
-            raise ICDError("likelihood: bandwidth and prior > 0, max_ratio >= 1, max_taught >= 10")
+        if bandwidth <= 0 or prior <= 0 or max_ratio < 1 or max_taught < 10 or max_sets < 1:
+            raise ICDError(
+                "likelihood: bandwidth and prior > 0, max_ratio >= 1, max_taught >= 10, max_sets >= 1"
+            )
         self.bandwidth = bandwidth
         self.prior = prior
         self.max_ratio = max_ratio
         self.max_taught = max_taught
-        # the teacher's answers in order: unit features and the normalised answer; the first one kept
-        # is answer number ``_first``
+        self.max_sets = max_sets
+        # the teacher's answers in order: unit features and the answer's name; the first one kept is
+        # answer number ``_first``
         self._answers: list[tuple[np.ndarray, str]] = []
         self._first = 0
-        self._images: dict[tuple[str, ...], _Images] = {}
+        self._sets: OrderedDict[tuple[str, ...], _Images] = OrderedDict()
 
     def teach(self, features: np.ndarray, answer: str) -> None:
         """Remember an image the teacher answered ``answer`` (to any question)."""
-        key = plain_answer(answer)
-        if not key:
+        name = plain_answer(answer)
+        if not name:
             return
         f = np.asarray(features, dtype=np.float32).ravel()
-        self._answers.append((f / max(float(np.linalg.norm(f)), 1e-12), key))
+        self._answers.append((f / max(float(np.linalg.norm(f)), 1e-12), name))
         if len(self._answers) > self.max_taught:
             drop = self.max_taught // 10
             del self._answers[:drop]
             self._first += drop
 
-    def _view(self, options: tuple[str, ...]) -> _Images:
-        """The option set's images, brought up to date with the answers taught since it last looked."""
-        t = self._images.setdefault(options, _Images())
-        index: dict[str, int] = {}
-        for i, o in enumerate(options):
-            index.setdefault(plain_answer(o), i)
-        index.pop("", None)
-        for f, key in self._answers[max(0, t.seen - self._first) :]:
-            y = index.get(key)
+    def _view(self, names: tuple[str, ...]) -> _Images:
+        """The images of the labels ``names`` (sorted), brought up to date with the answers kept."""
+        t = self._sets.get(names)
+        if t is None or t.first < self._first:  # new, or it holds answers forgotten since: rebuild
+            t = _Images(first=self._first, seen=self._first)
+        self._sets[names] = t
+        self._sets.move_to_end(names)
+        while len(self._sets) > self.max_sets:
+            self._sets.popitem(last=False)
+        index = {n: i for i, n in enumerate(names)}
+        for f, name in self._answers[t.seen - self._first :]:
+            y = index.get(name)
             if y is not None:
-                self._add(t, f, y, len(options))
+                self._add(t, f, y, len(names))
         t.seen = self._first + len(self._answers)
         return t
 
@@ -110,38 +132,25 @@ class SimilarityLikelihood:
             t.best = np.concatenate([t.best, np.full_like(t.best, -np.inf)])
         sims = (t.features[:n] @ f).astype(np.float64)
         t.best[:n, y] = np.maximum(t.best[:n, y], sims)
-        t.best[n] = self._per_label(sims, t.labels, k)
+        t.best[n] = -np.inf
+        if n:
+            np.maximum.at(t.best[n], np.asarray(t.labels, dtype=np.int64), sims)
         t.features[n] = f
         t.labels.append(y)
-        if len(t.labels) > self.max_taught:
-            self._forget_oldest(t, k)
         t.samples = None
 
     @staticmethod
-    def _per_label(sims: np.ndarray, labels: Sequence[int], k: int) -> np.ndarray:
-        """The highest of ``sims`` per label (-inf for a label with none)."""
-        out = np.full(k, -np.inf)
-        if len(labels):
-            np.maximum.at(out, np.asarray(labels, dtype=np.int64), sims)
-        return out
-
-    def _forget_oldest(self, t: _Images, k: int) -> None:
-        assert t.features is not None and t.best is not None
-        drop = self.max_taught // 10
-        n = len(t.labels) - drop
-        t.features[:n] = t.features[drop : drop + n].copy()
-        del t.labels[:drop]
-        for i in range(n):  # each kept image's best cosines, over the kept images only
-            sims = (t.features[:n] @ t.features[i]).astype(np.float64)
-            sims[i] = -np.inf
-            t.best[i] = self._per_label(sims, t.labels, k)
-        t.best[n:] = -np.inf
+    def _names(options: Sequence[str]) -> tuple[tuple[str, ...], list[int | None]]:
+        """The sorted label names of ``options`` and, per option, its index among them (None: shared)."""
+        per = label_names(options)
+        names = tuple(sorted({n for n in per if n is not None}))
+        return names, [None if n is None else names.index(n) for n in per]
 
     def taught(self, options: Sequence[str]) -> int:
         """How many of the answers kept name one of ``options``."""
-        return len(self._view(tuple(options)).labels)
+        return len(self._view(self._names(options)[0]).labels)
 
-    def _samples(self, t: _Images) -> tuple[np.ndarray, np.ndarray]:
+    def _samples(self, t: _Images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if t.samples is None:
             assert t.best is not None
             n = len(t.labels)
@@ -149,37 +158,55 @@ class SimilarityLikelihood:
             own = np.zeros_like(best, dtype=bool)
             own[np.arange(n), t.labels] = True
             ok = np.isfinite(best)
-            t.samples = (best[own & ok], best[~own & ok])
+            other = ~own & ok
+            # an image's other-label samples share one unit of weight
+            weight = np.broadcast_to(1.0 / np.maximum(other.sum(axis=1, keepdims=True), 1), best.shape)
+            t.samples = (best[own & ok], best[other], weight[other])
         return t.samples
 
-    def _density(self, samples: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """The kernel estimate at each of ``s``, mixed with ``prior`` pseudo-samples of density 1."""
+    def _density(self, samples: np.ndarray, weights: np.ndarray, s: np.ndarray, share: float) -> np.ndarray:
+        """The weighted kernel estimate at each of ``s``, mixed with the uniform density on [0, 1] in
+        ``share`` (all of it where there is no sample)."""
+        if not len(samples):
+            return np.ones(len(s))
         z = (s[:, None] - samples[None, :]) / self.bandwidth
-        kern = np.exp(-0.5 * z * z).sum(axis=1) / (self.bandwidth * _SQRT_2PI)
-        return (kern + self.prior) / (len(samples) + self.prior)
+        kern = (np.exp(-0.5 * z * z) * weights).sum(axis=1) / (weights.sum() * self.bandwidth * _SQRT_2PI)
+        return (1.0 - share) * kern + share
 
     def nearest(self, options: Sequence[str], features: np.ndarray) -> np.ndarray:
-        """Per option, the query's highest cosine to a taught image of it (-inf: none taught)."""
-        options = tuple(options)
-        t = self._view(options)
+        """Per option, the query's highest cosine to a taught image of it (-inf: none taught, or the
+        option shares its name with another)."""
+        names, where = self._names(options)
+        return self._nearest(self._view(names), where, features)
+
+    @staticmethod
+    def _nearest(t: _Images, where: list[int | None], features: np.ndarray) -> np.ndarray:
+        out = np.full(len(where), -np.inf)
         if t.features is None or not t.labels:
-            return np.full(len(options), -np.inf)
+            return out
         f = np.asarray(features, dtype=np.float32).ravel()
         f = f / max(float(np.linalg.norm(f)), 1e-12)
         sims = (t.features[: len(t.labels)] @ f).astype(np.float64)
-        return self._per_label(sims, t.labels, len(options))
+        per = np.full(int(max(t.labels)) + 1, -np.inf)
+        np.maximum.at(per, np.asarray(t.labels, dtype=np.int64), sims)
+        for j, i in enumerate(where):
+            if i is not None and i < len(per):
+                out[j] = per[i]
+        return out
 
     def ratios(self, options: Sequence[str], features: np.ndarray) -> np.ndarray:
         """Per option, ``f_same(s_o) / f_other(s_o)`` clipped to ``max_ratio``; 1 where the option was
-        never answered or fewer than two of the option set's images are taught."""
-        options = tuple(options)
-        out = np.ones(len(options))
-        t = self._view(options)
+        never answered, shares its name with another, or fewer than two images are taught."""
+        names, where = self._names(options)
+        t = self._view(names)
+        out = np.ones(len(where))
         if len(t.labels) < 2:
             return out
-        s = self.nearest(options, features)
+        s = self._nearest(t, where, features)
         known = np.isfinite(s)
-        same, other = self._samples(t)
-        ratio = self._density(same, s[known]) / self._density(other, s[known])
+        same, other, weights = self._samples(t)
+        share = self.prior / (len(t.labels) + self.prior)
+        num = self._density(same, np.ones(len(same)), s[known], share)
+        ratio = num / self._density(other, weights, s[known], share)
         out[known] = np.clip(ratio, 1.0 / self.max_ratio, self.max_ratio)
         return out
