@@ -32,8 +32,9 @@ ratio also says which labels are far (``JudgeConfig.likelihood``).
 Each LM reading enters at a temperature fitted to the teacher's answers (small LMs' option
 distributions are far too flat where they read right). An expert is only computed when it can
 change the answer: the LM reading of more weight is read first (on a tie the zero-shot one, read once
-per image), and the other is skipped when the weighted margin of those read exceeds its weight (then
-no distribution it could give changes the argmax); it then enters the mixture as the even
+per image), and the other is skipped when no distribution it could give changes the answer (the
+mixture is linear in it: checked at its one-hot extremes, the likelihood ratios applied); it then
+enters the mixture as the even
 distribution, so the gate's uncertainty still carries its weight. A taught query's skipped
 readings are read when it is taught (its checks need them).
 
