@@ -311,6 +311,27 @@ def build_full_size_llava_onevision(path: Path) -> None:
 VLMS = {"smolvlm-256m": build_full_size_smolvlm, "llava-onevision-0.5b": build_full_size_llava_onevision}
 
 
+def _time_vision_tower(model: Any) -> dict[str, float]:
+    """Wrap the model's vision tower's forward to add its wall time to the returned dict's ``s``."""
+    tower = next(
+        m
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in ("vision_model", "vision_tower", "visual")
+    )
+    spent = {"s": 0.0}
+    forward = tower.forward
+
+    def timed(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return forward(*a, **k)
+        finally:
+            spent["s"] += time.perf_counter() - t0
+
+    tower.forward = timed
+    return spent
+
+
 def bench_vlm(args: argparse.Namespace) -> None:
     from PIL import Image
 
@@ -346,10 +367,12 @@ def bench_vlm(args: argparse.Namespace) -> None:
             demos = [[Demo(id=j, query_id=f"d{i}{j}", image=image(), prompt=q, answer=LABELS[j]) for j in range(args.shots)]
                      for i in range(args.queries)]  # fmt: skip
         student.predict(queries[0], demos[0])  # warm-up
+        tower = _time_vision_tower(student.loaded.model)
         rows = []
         for b in batches:
-            times = []
+            times, tower_s = [], []
             for _rep in range(args.repeats):
+                tower["s"] = 0.0
                 if student.image_cache is not None:  # every timing starts with no image computed
                     student.image_cache.clear()
                 t0 = time.perf_counter()
@@ -359,19 +382,27 @@ def bench_vlm(args: argparse.Namespace) -> None:
                     else:
                         student.predict_batch(queries[i : i + b], demos[i : i + b])
                 times.append(time.perf_counter() - t0)
+                tower_s.append(tower["s"])
             qps = [len(queries) / t for t in times]
             rows.append(
                 {
                     "batch": b,
                     "queries_per_s": [round(x, 3) for x in qps],
                     "median_qps": statistics.median(qps),
+                    # where the time went: the vision tower's share of each repeat's wall time
+                    "vision_tower_share": [round(v / t, 3) for v, t in zip(tower_s, times, strict=True)],
+                    "vision_tower_s_per_query": statistics.median(tower_s) / len(queries),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["median_qps"]
-    print("\nbatch  queries/s (median)  ratio vs B=1")
+    print("\nbatch  queries/s (median)  ratio vs B=1  vision tower s/query  rest s/query")
     for r in rows:
-        print(f"{r['batch']:>5}  {r['median_qps']:>19.3f}  {r['median_qps'] / base:>12.2f}")
+        tower_q = r["vision_tower_s_per_query"]
+        print(
+            f"{r['batch']:>5}  {r['median_qps']:>19.3f}  {r['median_qps'] / base:>12.2f}"
+            f"  {tower_q:>20.3f}  {1 / r['median_qps'] - tower_q:>12.3f}"
+        )
     import torch
 
     device = args.device if args.device == "cpu" else torch.cuda.get_device_name(0)
