@@ -34,9 +34,8 @@ distributions are far too flat where they read right). An expert is only compute
 change the answer: the LM reading of more weight is read first (on a tie the zero-shot one, read once
 per image), and the other is skipped when no distribution it could give changes the answer (the
 mixture is linear in it: checked at its one-hot extremes, the likelihood ratios applied); it then
-enters the mixture as the even
-distribution, so the gate's uncertainty still carries its weight. A taught query's skipped
-readings are read when it is taught (its checks need them).
+enters the mixture as the even distribution, so the gate's uncertainty still carries its weight. A
+taught query's skipped readings are read when it is taught (its checks need them).
 
 Everything the judge learns is an event (``drain_events``), logged per query and replayed on resume
 (``replay``), so a resumed run answers as an uninterrupted one. The zero-shot readings it read

@@ -61,9 +61,9 @@ class JudgeConfig:
     reweight: bool = True
     # multiply the answer by each option's likelihood ratio of the query's nearest cosine to its taught
     # images (``icdistill.judge_likelihood``): a label whose images are all far is unlikely, even as
-    # the only one pooled. Its kernel width, and the images the uniform density counts as (30 over 10:
-    # Fashion-MNIST -0.002 against -0.024 with the ratio off, photos +0.042 against +0.054; measured
-    # with benchmarks/judge_replay.py --likelihood 1,0 and fresh evals, BENCHMARKS.md §1)
+    # the only one pooled. Its kernel width, and the images the uniform density counts as (30, not 10:
+    # against the ratio off, Fashion-MNIST's worst order -0.006 with 30 and -0.024 with 10, the photos
+    # +0.042 and +0.054; benchmarks/judge_replay.py --likelihood 1,0 and fresh evals, BENCHMARKS.md §1)
     likelihood: bool = True
     likelihood_bandwidth: float = 0.1
     likelihood_prior: float = 30.0
