@@ -10,7 +10,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from icdistill.errors import TeacherError
-from icdistill.types import IMAGE, IMAGE_TEXT, TEXT, Demo, Prediction, Query, TeacherResponse, Usage
+from icdistill.types import (
+    IMAGE,
+    IMAGE_TEXT,
+    TEXT,
+    Demo,
+    GateContext,
+    GateDecision,
+    Prediction,
+    Query,
+    TeacherResponse,
+    Usage,
+)
 
 
 def _text_vec(text: str, dim: int = 16) -> np.ndarray:
@@ -224,6 +235,19 @@ class CopyingColourStudent:
         scores = dict.fromkeys(query.options, 0.0)
         scores[demos[-1].answer] = 3.0
         return Prediction(max(scores, key=scores.__getitem__), option_scores=scores)
+
+
+class PositionsGate:
+    """Asks the teacher exactly at the given stream positions."""
+
+    def __init__(self, positions: set[int]) -> None:
+        self.positions = positions
+
+    def decide(self, uncertainty: float, ctx: GateContext) -> GateDecision:
+        return GateDecision(ctx.position in self.positions, "scripted")
+
+    def observe(self, uncertainty: float, ctx: GateContext, asked: bool) -> None:
+        pass
 
 
 class GatedTeacher(FakeTeacher):

@@ -9,7 +9,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fakes import ColourStudent, CopyingColourStudent, FakeEmbedder, FakeStudent, FakeTeacher, colour_folder
+from fakes import (
+    ColourStudent,
+    CopyingColourStudent,
+    FakeEmbedder,
+    FakeStudent,
+    FakeTeacher,
+    PositionsGate,
+    colour_folder,
+)
 from icdistill.data.stream import load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.judge import Judge, JudgeConfig
@@ -19,20 +27,7 @@ from icdistill.runlog import RunLog
 from icdistill.runner import query_stream
 from icdistill.select import make_selector
 from icdistill.teacher import TestTimeScaling
-from icdistill.types import Annotation, Demo, GateContext, GateDecision, Prediction, Query
-
-
-class PositionsGate:
-    """Asks the teacher exactly at the given stream positions."""
-
-    def __init__(self, positions: set[int]) -> None:
-        self.positions = positions
-
-    def decide(self, uncertainty: float, ctx: GateContext) -> GateDecision:
-        return GateDecision(ctx.position in self.positions, "scripted")
-
-    def observe(self, uncertainty: float, ctx: GateContext, asked: bool) -> None:
-        pass
+from icdistill.types import Annotation, Demo, Prediction, Query
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from fakes import ColourStudent, FakeEmbedder, FakeTeacher, colour_folder
+from fakes import ColourStudent, FakeEmbedder, FakeTeacher, PositionsGate, colour_folder
 from icdistill.data.stream import load_dataset, stream_order
 from icdistill.distiller import Distiller, LoopConfig
 from icdistill.errors import ICDError
@@ -19,7 +19,7 @@ from icdistill.pool import SQLitePool
 from icdistill.runner import query_stream
 from icdistill.select import make_selector
 from icdistill.teacher import TestTimeScaling
-from icdistill.types import Demo, GateContext, GateDecision, Prediction, Query
+from icdistill.types import Demo, Prediction, Query
 
 OPTIONS = ("a", "b", "c")
 
@@ -179,19 +179,6 @@ def test_options_that_share_a_name_get_no_evidence():
 # ---------------------------------------------------------------- in the judge
 
 
-class TaughtPositions:
-    """Asks the teacher at the given stream positions only."""
-
-    def __init__(self, positions: set[int]) -> None:
-        self.positions = positions
-
-    def decide(self, uncertainty: float, ctx: GateContext) -> GateDecision:
-        return GateDecision(ctx.position in self.positions, "scripted")
-
-    def observe(self, uncertainty: float, ctx: GateContext, asked: bool) -> None:
-        pass
-
-
 class HesitantCopyingStudent:
     """Reads a colour right alone but barely (a small margin), and with demos copies the nearest one:
     the student that follows the only pooled class wherever it is shown it."""
@@ -215,7 +202,7 @@ def _run(queries: list[Query], taught: set[int], likelihood: bool) -> list[dict]
         annotator=TestTimeScaling(FakeTeacher()),
         embedder=FakeEmbedder(),
         selector=make_selector("image"),
-        gate=TaughtPositions(taught),
+        gate=PositionsGate(taught),
         pool=SQLitePool(None),
         config=LoopConfig(shots=2, judge="on"),
         judge=Judge(HesitantCopyingStudent(), shots=2, config=JudgeConfig(likelihood=likelihood)),

@@ -302,7 +302,7 @@ class Judge:
         p = p / float(p.sum())
         judged, read_zs = self._zs_rate
         self._zs_rate = (0.95 * judged + 1.0, 0.95 * read_zs + float(raw[ZERO_SHOT] is not None))
-        readings = {ICL: tempered(ICL), ZERO_SHOT: tempered(ZERO_SHOT), VOTE: voted[0] if voted else None}
+        readings = readings_now()
         icl_pred = raw[ICL] if isinstance(raw[ICL], Prediction) else None
         details = {
             "by": "judge",
